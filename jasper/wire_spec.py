@@ -1,0 +1,119 @@
+"""The Jasper data header layout, written once: the Python codec and the C header derive from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAGIC = 0x4A53  # "JS"
+VERSION = 1
+
+# Flags (bit values in the `flags` byte).
+FLAG_HEDGE_COPY = 0x01
+"""The copy was sent by a relay to a sibling's child (a hedge), not by the node's own parent."""
+FLAG_RETRANSMIT = 0x02
+"""The message was sent again by the publisher; receivers treat it like any other copy."""
+FLAG_HEARTBEAT = 0x04
+"""No market data: a keep-alive that carries send time and sequence only; never delivered to MPs."""
+KNOWN_FLAGS = FLAG_HEDGE_COPY | FLAG_RETRANSMIT | FLAG_HEARTBEAT
+
+# Largest datagram we send: Ethernet MTU minus the IPv4 and UDP headers.
+MTU = 1500
+IPV4_HEADER = 20
+UDP_HEADER = 8
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of the header."""
+
+    name: str
+    """Field name, the same in Python and C."""
+    ctype: str
+    """Fixed-width C type: one of __u8, __u16, __u32, __u64 (network byte order on the wire)."""
+    doc: str
+    """One line for the wire-format document and the C header."""
+
+    @property
+    def size(self) -> int:
+        return {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8}[self.ctype]
+
+    @property
+    def struct_code(self) -> str:
+        return {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}[self.ctype]
+
+
+# The layout. Every field sits at an offset that is a multiple of its size, so the C struct has no
+# implicit padding and eBPF can load each field with one aligned access.
+FIELDS: tuple[Field, ...] = (
+    Field("magic", "__u16", "0x4A53 ('JS'); anything else is not a Jasper datagram"),
+    Field("version", "__u8", "header version, 1; other versions are rejected"),
+    Field("flags", "__u8", "bit 0 hedge copy, bit 1 retransmit, bit 2 heartbeat; others zero"),
+    Field("stream_id", "__u32", "market-data stream"),
+    Field("session", "__u32", "publisher session (epoch); a restarted publisher takes a new one"),
+    Field("plan_epoch", "__u32", "tree plan the message was sent under (make-before-break)"),
+    Field("seq", "__u64", "sequence number within (stream, session), from 1"),
+    Field("send_time_ns", "__u64", "root send time, ns since the Unix epoch on the root's clock"),
+    Field("deadline_ns", "__u64", "release time, ns since the Unix epoch; 0 = deliver at once"),
+    Field("payload_len", "__u16", "bytes of payload that follow the header"),
+    Field("reserved0", "__u16", "zero on send, ignored on receive"),
+    Field("reserved1", "__u32", "zero on send, ignored on receive"),
+)
+
+
+def offsets() -> dict[str, int]:
+    """Offset of every field from the start of the header, in bytes."""
+    out: dict[str, int] = {}
+    at = 0
+    for f in FIELDS:
+        if at % f.size:
+            raise AssertionError(f"field {f.name} at {at} is not aligned to {f.size}")
+        out[f.name] = at
+        at += f.size
+    return out
+
+
+HEADER_LEN = sum(f.size for f in FIELDS)
+STRUCT_FORMAT = "!" + "".join(f.struct_code for f in FIELDS)
+MAX_PAYLOAD = MTU - IPV4_HEADER - UDP_HEADER - HEADER_LEN
+MAX_DATAGRAM = HEADER_LEN + MAX_PAYLOAD
+
+
+def c_header() -> str:
+    """The C header the eBPF programs include; `jasper gen-header` writes it to ebpf/include/."""
+    lines = [
+        "/* jasper_wire.h: the Jasper data header, shared by the eBPF programs and user space. */",
+        "/* GENERATED from jasper/wire_spec.py by `python -m jasper.wire_spec`; do not edit. */",
+        "#ifndef JASPER_WIRE_H",
+        "#define JASPER_WIRE_H",
+        "",
+        "#include <linux/types.h>",
+        "",
+        f"#define JASPER_MAGIC 0x{MAGIC:04X}",
+        f"#define JASPER_VERSION {VERSION}",
+        f"#define JASPER_FLAG_HEDGE_COPY 0x{FLAG_HEDGE_COPY:02X}",
+        f"#define JASPER_FLAG_RETRANSMIT 0x{FLAG_RETRANSMIT:02X}",
+        f"#define JASPER_FLAG_HEARTBEAT 0x{FLAG_HEARTBEAT:02X}",
+        f"#define JASPER_HEADER_LEN {HEADER_LEN}",
+        f"#define JASPER_MAX_PAYLOAD {MAX_PAYLOAD}",
+        "",
+        "/* All multi-byte fields are in network byte order. */",
+        "struct jasper_hdr {",
+    ]
+    for f in FIELDS:
+        lines.append(f"\t{f.ctype} {f.name}; /* {f.doc} */")
+    lines.append("} __attribute__((packed));")
+    lines.append("")
+    lines.append(f"_Static_assert(sizeof(struct jasper_hdr) == {HEADER_LEN}, \"jasper_hdr size\");")
+    for name, off in offsets().items():
+        lines.append(
+            f"_Static_assert(__builtin_offsetof(struct jasper_hdr, {name}) == {off}, "
+            f'"jasper_hdr.{name} offset");'
+        )
+    lines += ["", "#endif /* JASPER_WIRE_H */", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - generator entry point
+    import sys
+
+    sys.stdout.write(c_header())

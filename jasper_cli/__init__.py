@@ -1,0 +1,1 @@
+"""The `jasper` command line: one subcommand module per daemon or tool."""
