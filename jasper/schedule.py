@@ -1,0 +1,113 @@
+"""Release schedule: messages held per endpoint until their deadline, in deadline order."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Generic[T]):
+    """One message due for delivery to one endpoint."""
+
+    deadline_ns: int
+    """The release time in force (never earlier than a previous deadline of the stream)."""
+    stream_id: int
+    """Stream of the message."""
+    seq: int
+    """Sequence number of the message."""
+    endpoint: int
+    """Index of the delivery endpoint within this receiver, 0..endpoints-1."""
+    item: T
+    """What to deliver (the payload, or whatever the caller keeps)."""
+
+
+@dataclass
+class ScheduleCounters:
+    """Outcomes counted by the schedule."""
+
+    scheduled: int = 0
+    """Entries accepted into the schedule."""
+    overflow: int = 0
+    """Entries refused because the schedule was full."""
+    clamped: int = 0
+    """Entries whose deadline was raised to keep the stream's deadlines non-decreasing."""
+    released: int = 0
+    """Entries handed out by pop_due."""
+
+
+@dataclass(order=True, slots=True)
+class _Entry(Generic[T]):
+    deadline_ns: int
+    stream_id: int
+    seq: int
+    rank: int
+    endpoint: int = field(compare=False)
+    item: T = field(compare=False)
+
+
+class ReleaseSchedule(Generic[T]):
+    """A bounded min-heap of (deadline, stream, seq, rotated endpoint rank).
+
+    Driven like aioquic: `push` entries, ask `get_timer()` for the next deadline, and call
+    `pop_due(now_ns)` at or after it. Endpoints that share a message's deadline come out in an
+    order that rotates with the sequence number, so no endpoint is always first.
+    """
+
+    def __init__(self, *, capacity: int, endpoints: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if endpoints < 1:
+            raise ValueError(f"endpoints must be >= 1, got {endpoints}")
+        self.capacity = capacity
+        self.endpoints = endpoints
+        self.counters = ScheduleCounters()
+        self._heap: list[_Entry[T]] = []
+        self._last_deadline: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, *, deadline_ns: int, stream_id: int, seq: int, endpoint: int, item: T) -> bool:
+        """Hold `item` for `endpoint` until the deadline. False (and counted) when full."""
+        if not 0 <= endpoint < self.endpoints:
+            raise ValueError(f"endpoint {endpoint} out of range 0..{self.endpoints - 1}")
+        if len(self._heap) >= self.capacity:
+            self.counters.overflow += 1
+            return False
+        # A shrinking hold must not let a later message overtake an earlier one.
+        floor = self._last_deadline.get(stream_id, 0)
+        if deadline_ns < floor:
+            deadline_ns = floor
+            self.counters.clamped += 1
+        else:
+            self._last_deadline[stream_id] = deadline_ns
+        rank = (endpoint - seq) % self.endpoints
+        heapq.heappush(self._heap, _Entry(deadline_ns, stream_id, seq, rank, endpoint, item))
+        self.counters.scheduled += 1
+        return True
+
+    def get_timer(self) -> int | None:
+        """The earliest deadline held, or None when empty."""
+        return self._heap[0].deadline_ns if self._heap else None
+
+    def pop_due(self, now_ns: int) -> list[Release[T]]:
+        """Remove and return every entry whose deadline is at or before `now_ns`, in order."""
+        out: list[Release[T]] = []
+        heap = self._heap
+        while heap and heap[0].deadline_ns <= now_ns:
+            e = heapq.heappop(heap)
+            out.append(Release(e.deadline_ns, e.stream_id, e.seq, e.endpoint, e.item))
+        self.counters.released += len(out)
+        return out
+
+    def pop_next(self) -> Release[T] | None:
+        """Remove and return the earliest entry regardless of time (for draining on shutdown)."""
+        if not self._heap:
+            return None
+        e = heapq.heappop(self._heap)
+        self.counters.released += 1
+        return Release(e.deadline_ns, e.stream_id, e.seq, e.endpoint, e.item)
