@@ -1,0 +1,246 @@
+"""Tree shapes for the relay overlay: levels, fan-out, sibling hedging, forwarding tables."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+RELAY_PREFIX = "r"
+LEAF_PREFIX = "e"
+
+# A deeper tree than this is never useful (F >= 2 covers any realistic N far earlier) and
+# would only let a typo build a huge chain of single relays.
+MAX_DEPTH = 64
+
+
+def relay_name(level: int, index: int) -> str:
+    """Name of relay `index` at `level`: "r0.0" is the root, "r1.3" the 4th relay of level 1."""
+    if level < 0 or index < 0:
+        raise ValueError(f"relay level and index must be >= 0, got level={level} index={index}")
+    return f"{RELAY_PREFIX}{level}.{index}"
+
+
+def leaf_name(index: int) -> str:
+    """Name of leaf `index`: "e0".."e{N-1}" are the market participants' endpoints."""
+    if index < 0:
+        raise ValueError(f"leaf index must be >= 0, got {index}")
+    return f"{LEAF_PREFIX}{index}"
+
+
+def parse_node(name: str) -> tuple[int | None, int]:
+    """Split a node name into (level, index); level is None for a leaf ("e7" -> (None, 7))."""
+    try:
+        if name.startswith(LEAF_PREFIX):
+            return None, int(name[len(LEAF_PREFIX) :])
+        if name.startswith(RELAY_PREFIX):
+            level, index = name[len(RELAY_PREFIX) :].split(".")
+            return int(level), int(index)
+    except ValueError:
+        pass
+    raise ValueError(f"not a relay or leaf name: {name!r}")
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One entry of a relay's forwarding table."""
+
+    target: str
+    """Relay or leaf name the copy goes to."""
+    hedge: bool
+    """True when sent as a sibling hedge copy, False for the relay's own child."""
+
+
+@dataclass(frozen=True)
+class TreePlan:
+    """A relay tree for `leaves` endpoints: who sends to whom, and in which order.
+
+    The publisher sends to the root relay "r0.0". Relays sit at levels 0..depth-1, leaves
+    (endpoints) at level `depth`. Forwarding tables list own children first, then hedge
+    copies, which is also the order a relay sends them in.
+    """
+
+    leaves: int
+    """Number of leaves N (endpoints)."""
+    fanout: int
+    """Requested fan-out F; see `level_fanouts` for what each level actually got."""
+    hedge: int
+    """Sibling hedging H: each relay also feeds the children of H of its siblings."""
+    depth: int
+    """Hops from the root to a leaf (D)."""
+    levels: tuple[tuple[str, ...], ...]
+    """Relay names per level; levels[0] == ("r0.0",)."""
+    forwarding: Mapping[str, tuple[Forward, ...]]
+    """Relay -> targets in send order: own children first, then hedge copies."""
+    parents: Mapping[str, tuple[str, ...]]
+    """Node (relay or leaf) -> the relays that send it a copy, own parent first."""
+    graph: nx.DiGraph = field(compare=False, repr=False)
+    """Edges relay -> target with attribute `hedge: bool`; node attribute `level`."""
+    level_fanouts: tuple[int, ...] = ()
+    """Most own children of any relay, per relay level (length `depth`)."""
+
+    def children(self, relay: str) -> tuple[str, ...]:
+        """Own children of `relay`, without hedge targets."""
+        return tuple(f.target for f in self.forwarding[relay] if not f.hedge)
+
+    def leaf_names(self) -> tuple[str, ...]:
+        """All leaves "e0".."e{N-1}" in index order."""
+        return tuple(leaf_name(i) for i in range(self.leaves))
+
+    def relays(self) -> tuple[str, ...]:
+        """All relays, level by level."""
+        return tuple(r for level in self.levels for r in level)
+
+    def level_of(self, node: str) -> int:
+        """Level of a relay, or `depth` for a leaf."""
+        level, index = parse_node(node)
+        if level is None:
+            if index >= self.leaves:
+                raise ValueError(f"no leaf {node!r} in a tree of {self.leaves} leaves")
+            return self.depth
+        if level >= self.depth or index >= len(self.levels[level]):
+            raise ValueError(f"no relay {node!r} in this tree")
+        return level
+
+    def sends_per_message(self, relay: str) -> int:
+        """Copies `relay` sends for each message (own children plus hedge copies)."""
+        return len(self.forwarding[relay])
+
+
+def default_depth(leaves: int, fanout: int) -> int:
+    """The paper's depth for N leaves and fan-out F: D = round(log_F N), at least 1.
+
+    Computed in integers (round half up on the exponent), so N = F**k gives exactly k.
+    """
+    _check_counts(leaves, fanout)
+    # round(log_F N) = k  <=>  F**(k - 1/2) <= N < F**(k + 1/2)  <=>  F**(2k-1) <= N**2 < F**(2k+1)
+    k = 0
+    while fanout ** (2 * k + 1) <= leaves * leaves:
+        k += 1
+    return max(1, k)
+
+
+def _check_counts(leaves: int, fanout: int) -> None:
+    if leaves < 1:
+        raise ValueError(f"leaves must be >= 1, got {leaves}")
+    if fanout < 2:
+        raise ValueError(f"fanout must be >= 2, got {fanout}")
+
+
+def _integer_root_ceil(n: int, depth: int) -> int:
+    """Smallest f with f**depth >= n."""
+    f = max(1, round(math.pow(n, 1.0 / depth)))
+    while f**depth < n:
+        f += 1
+    while f > 1 and (f - 1) ** depth >= n:
+        f -= 1
+    return f
+
+
+def _spread(children: int, parents: int) -> list[range]:
+    """Split child indices 0..children-1 into `parents` contiguous blocks differing by <= 1."""
+    return [range(p * children // parents, (p + 1) * children // parents) for p in range(parents)]
+
+
+def tree_shape(
+    leaves: int, *, fanout: int = 10, hedge: int = 2, depth: int | None = None
+) -> TreePlan:
+    """Build the relay tree for `leaves` endpoints.
+
+    Shape: the per-level fan-out is F, raised to the smallest f with f**D >= N when F**D does
+    not cover N (depth given explicitly, or the rounding of the default depth). Levels are
+    filled from the bottom: level D-1 has ceil(N/f) relays, each level above ceil(count
+    below / f), so the root is the one relay that may have fewer children (N=1000, D=4, F=6
+    gives 1, 5, 28, 167 relays). Children are spread evenly over the relays of a level
+    (contiguous blocks whose sizes differ by at most one).
+
+    Hedging: siblings are the relays with the same parent, numbered 0..s-1 in that group.
+    Relay i also sends to the children of siblings i+1..i+H (cyclically), after its own
+    children, so each node below level 1 gets copies from H+1 distinct parents, all one
+    level up (equal-length paths); with a sibling group of s < H+1 relays it gets s copies.
+    The root has no siblings, so its children (level 1) get a single copy. Each relay sends
+    (H+1)*F copies per message when all its siblings have F children.
+
+    Pure and deterministic: the same arguments always give the same plan.
+    """
+    _check_counts(leaves, fanout)
+    if hedge < 0:
+        raise ValueError(f"hedge must be >= 0, got {hedge}")
+    if depth is None:
+        depth = default_depth(leaves, fanout)
+    elif depth < 1 or depth > MAX_DEPTH:
+        raise ValueError(f"depth must be in 1..{MAX_DEPTH}, got {depth}")
+
+    import networkx as nx
+
+    per_level = max(fanout, _integer_root_ceil(leaves, depth))
+    # counts[l] = number of nodes at level l; counts[depth] = leaves.
+    counts = [leaves]
+    for _ in range(depth):
+        counts.append(-(-counts[-1] // per_level))
+    counts.reverse()
+    assert counts[0] == 1
+
+    levels = tuple(
+        tuple(relay_name(level, i) for i in range(counts[level])) for level in range(depth)
+    )
+
+    def name(level: int, index: int) -> str:
+        return leaf_name(index) if level == depth else relay_name(level, index)
+
+    # own[l][p] = indices at level l+1 of the own children of relay p at level l
+    own = [_spread(counts[level + 1], counts[level]) for level in range(depth)]
+    level_fanouts = tuple(max(len(block) for block in own[level]) for level in range(depth))
+
+    forwarding: dict[str, tuple[Forward, ...]] = {}
+    parents: dict[str, list[str]] = {levels[0][0]: []}
+    graph = nx.DiGraph()
+    graph.add_node(levels[0][0], level=0)
+    for level in range(depth):
+        for i in range(counts[level + 1]):
+            graph.add_node(name(level + 1, i), level=level + 1)
+            parents[name(level + 1, i)] = []
+        # Sibling groups at this level: the own children of each relay one level up.
+        groups = [range(1)] if level == 0 else own[level - 1]
+        for group in groups:
+            size = len(group)
+            reach = min(hedge, size - 1)
+            for pos, relay_index in enumerate(group):
+                relay = name(level, relay_index)
+                table = [Forward(name(level + 1, c), False) for c in own[level][relay_index]]
+                for step in range(1, reach + 1):
+                    sibling = group[(pos + step) % size]
+                    table.extend(Forward(name(level + 1, c), True) for c in own[level][sibling])
+                forwarding[relay] = tuple(table)
+        # Parents of each node at level+1: own parent first, then the hedging siblings in
+        # order of distance (i-1, i-2, ...), which is also the order in which their copies are
+        # queued behind the senders' own children.
+        for group in groups:
+            size = len(group)
+            reach = min(hedge, size - 1)
+            for pos, relay_index in enumerate(group):
+                for c in own[level][relay_index]:
+                    child = name(level + 1, c)
+                    parents[child].append(name(level, relay_index))
+                    for step in range(1, reach + 1):
+                        parents[child].append(name(level, group[(pos - step) % size]))
+    for relay, sends in forwarding.items():
+        for fwd in sends:
+            graph.add_edge(relay, fwd.target, hedge=fwd.hedge)
+
+    return TreePlan(
+        leaves=leaves,
+        fanout=fanout,
+        hedge=hedge,
+        depth=depth,
+        levels=levels,
+        forwarding=MappingProxyType(forwarding),
+        parents=MappingProxyType({node: tuple(ps) for node, ps in parents.items()}),
+        graph=graph,
+        level_fanouts=level_fanouts,
+    )
