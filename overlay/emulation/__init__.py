@@ -1,0 +1,1 @@
+"""Emulated cloud on one machine: network namespaces, scheduled faults, the run orchestrator."""
