@@ -50,11 +50,13 @@ class DedupRing:
                 return Verdict.STALE
             self.session = session
             self._slots = [0] * (self._mask + 1)
+        if seq == 0:
+            return Verdict.STALE
         slot = seq & self._mask
         held = self._slots[slot]
         if held == seq:
             return Verdict.DUPLICATE
-        if held > seq or seq == 0:
+        if held > seq:
             return Verdict.STALE
         self._slots[slot] = seq
         return Verdict.ACCEPT

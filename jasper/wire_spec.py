@@ -103,7 +103,7 @@ def c_header() -> str:
         lines.append(f"\t{f.ctype} {f.name}; /* {f.doc} */")
     lines.append("} __attribute__((packed));")
     lines.append("")
-    lines.append(f"_Static_assert(sizeof(struct jasper_hdr) == {HEADER_LEN}, \"jasper_hdr size\");")
+    lines.append(f'_Static_assert(sizeof(struct jasper_hdr) == {HEADER_LEN}, "jasper_hdr size");')
     for name, off in offsets().items():
         lines.append(
             f"_Static_assert(__builtin_offsetof(struct jasper_hdr, {name}) == {off}, "
