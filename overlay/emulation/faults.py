@@ -1,0 +1,245 @@
+"""Scheduled faults for an emulation: kill a relay or a receiver host, pause a relay in bursts,
+step a node's emulated clock, lose packets on one link; and what each fault cost."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+FaultKind = Literal["kill-relay", "kill-host", "pause-relay", "clock-step", "link-loss"]
+FAULT_KINDS: tuple[FaultKind, ...] = (
+    "kill-relay",
+    "kill-host",
+    "pause-relay",
+    "clock-step",
+    "link-loss",
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault in a block, at an offset from the block's first message."""
+
+    kind: FaultKind
+    """What happens."""
+    target: str
+    """Node it happens to: a relay ("r1.3"), a receiver host ("h7"), or a link "a->b"."""
+    at_s: float
+    """Seconds after the block's publisher started sending."""
+    bursts: int = 1
+    """pause-relay: how many SIGSTOP/SIGCONT bursts."""
+    burst_min_ns: int = 300_000
+    """pause-relay: shortest pause."""
+    burst_max_ns: int = 10_000_000
+    """pause-relay: longest pause (durations are log-uniform between the two)."""
+    burst_gap_s: float = 0.2
+    """pause-relay: time between the starts of two bursts."""
+    step_ns: int = 0
+    """clock-step: how far the node's emulated clock jumps (signed)."""
+    loss: float = 0.0
+    """link-loss: probability that a datagram on the link is dropped."""
+    seed: int = 0
+    """Seed of the burst durations."""
+
+    def describe(self) -> str:
+        if self.kind == "pause-relay":
+            return (
+                f"pause {self.target}: {self.bursts} bursts "
+                f"{self.burst_min_ns / 1e3:g} µs..{self.burst_max_ns / 1e6:g} ms"
+            )
+        if self.kind == "clock-step":
+            return f"step clock of {self.target} by {self.step_ns / 1e3:+g} µs"
+        if self.kind == "link-loss":
+            return f"loss {100 * self.loss:g}% on {self.target}"
+        return f"{self.kind} {self.target}"
+
+    def needs_config(self) -> bool:
+        """True when the fault is applied through the nodes' configuration at start, not by a
+        signal during the block (link loss rides on the link model)."""
+        return self.kind == "link-loss"
+
+
+@dataclass
+class FaultEvent:
+    """What a fault actually did, stamped with CLOCK_REALTIME (the clock of the records)."""
+
+    fault: Fault
+    start_ns: int = 0
+    """When it started (kill: the signal; pause: the first SIGSTOP)."""
+    end_ns: int = 0
+    """When it ended (kill: same as start; pause: the last SIGCONT)."""
+    pauses_ns: list[int] = field(default_factory=list)
+    """pause-relay: measured length of each burst."""
+    pid: int = 0
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.fault.kind,
+            "target": self.fault.target,
+            "description": self.fault.describe(),
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "pid": self.pid,
+            "pauses_us": [round(p / 1e3, 1) for p in self.pauses_ns],
+            "error": self.error,
+        }
+
+
+def burst_durations_ns(fault: Fault) -> list[int]:
+    """Log-uniform pause lengths between burst_min_ns and burst_max_ns, from the fault's seed."""
+    rng = random.Random(fault.seed)
+    lo, hi = math.log(fault.burst_min_ns), math.log(fault.burst_max_ns)
+    return [int(math.exp(rng.uniform(lo, hi))) for _ in range(fault.bursts)]
+
+
+def _spin_until(deadline_ns: int) -> None:
+    # Sleep most of the way, spin the rest: a 300 µs pause must not become 1 ms.
+    while True:
+        left = deadline_ns - time.monotonic_ns()
+        if left <= 0:
+            return
+        if left > 200_000:
+            time.sleep((left - 150_000) / 1e9)
+
+
+def _signal(pid: int, sig: int) -> None:
+    os.kill(pid, sig)
+
+
+class FaultInjector:
+    """Runs a block's faults on a thread, on the schedule, against the block's processes."""
+
+    def __init__(
+        self,
+        faults: Sequence[Fault],
+        pids: Mapping[str, int],
+        *,
+        clock_step: Callable[[str, int], None] | None = None,
+        send: Callable[[int, int], None] = _signal,
+    ) -> None:
+        self.faults = [f for f in faults if not f.needs_config()]
+        self.pids = dict(pids)
+        self.clock_step = clock_step
+        self.send = send
+        self.events: list[FaultEvent] = [FaultEvent(f) for f in faults if f.needs_config()]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the schedule now (time zero = the block's publisher start)."""
+        self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        for fault in sorted(self.faults, key=lambda f: f.at_s):
+            if self._stop.wait(max(0.0, t0 + fault.at_s - time.monotonic())):
+                return
+            event = FaultEvent(fault)
+            try:
+                self._apply(fault, event)
+            except (OSError, KeyError, RuntimeError) as exc:
+                event.error = f"{type(exc).__name__}: {exc}"
+            self.events.append(event)
+
+    def _apply(self, fault: Fault, event: FaultEvent) -> None:
+        if fault.kind in ("kill-relay", "kill-host"):
+            event.pid = self.pids[fault.target]
+            event.start_ns = event.end_ns = time.time_ns()
+            self.send(event.pid, signal.SIGKILL)
+        elif fault.kind == "pause-relay":
+            event.pid = self.pids[fault.target]
+            gap_ns = int(fault.burst_gap_s * 1e9)
+            start = time.monotonic_ns()
+            for i, length in enumerate(burst_durations_ns(fault)):
+                _spin_until(start + i * gap_ns)
+                if self._stop.is_set():
+                    break
+                t_stop = time.monotonic_ns()
+                if i == 0:
+                    event.start_ns = time.time_ns()
+                self.send(event.pid, signal.SIGSTOP)
+                try:
+                    _spin_until(t_stop + length)
+                finally:
+                    self.send(event.pid, signal.SIGCONT)
+                event.pauses_ns.append(time.monotonic_ns() - t_stop)
+            event.end_ns = time.time_ns()
+        elif fault.kind == "clock-step":
+            if self.clock_step is None:
+                raise RuntimeError("the data plane offers no way to step a node's clock")
+            event.start_ns = event.end_ns = time.time_ns()
+            self.clock_step(fault.target, fault.step_ns)
+        else:  # pragma: no cover - needs_config() faults never reach here
+            raise RuntimeError(f"fault {fault.kind} is applied through config")
+
+
+@dataclass(frozen=True)
+class FaultCost:
+    """What one fault block lost, compared with its own messages before the fault."""
+
+    fault: str
+    """Human description."""
+    messages: int
+    """Messages sent in the block (after warm-up)."""
+    late_pairs: int
+    lost_pairs: int
+    affected_messages: int
+    """Messages of the block with at least one late or lost pair."""
+    recovery_ms: float | None
+    """Send time of the last affected message minus the fault's start; 0 if none affected,
+    None when the fault never started."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fault": self.fault,
+            "messages": self.messages,
+            "late_pairs": self.late_pairs,
+            "lost_pairs": self.lost_pairs,
+            "affected_messages": self.affected_messages,
+            "recovery_ms": self.recovery_ms,
+        }
+
+
+def fault_cost(
+    event: FaultEvent,
+    send_ns: np.ndarray,
+    late: np.ndarray,
+    lost: np.ndarray,
+) -> FaultCost:
+    """Cost of a fault from the block's pair matrix: send_ns (m,), late and lost (m, e) bools.
+
+    Endpoints of a killed receiver host are the fault's victims by definition: callers drop
+    their columns from `lost` before asking, and report them separately.
+    """
+    # Messages already in flight when the fault hit count too, so no cut at the start time.
+    affected = (late | lost).any(axis=1)
+    if event.start_ns == 0:
+        recovery: float | None = None
+    elif affected.any():
+        recovery = max(0.0, float(send_ns[affected].max() - event.start_ns) / 1e6)
+    else:
+        recovery = 0.0
+    return FaultCost(
+        fault=event.fault.describe(),
+        messages=len(send_ns),
+        late_pairs=int(late.sum()),
+        lost_pairs=int(lost.sum()),
+        affected_messages=int(affected.sum()),
+        recovery_ms=recovery,
+    )
