@@ -96,8 +96,13 @@ class LemonVMs:
     """Share of VMs (relays and endpoints) that are lemons, drawn once per run."""
     extra_us: float = 0.0
     """Extra latency in microseconds added to every copy a lemon VM receives."""
+    endpoints_per_vm: int = 1
+    """Endpoints hosted on one receiver VM (the paper emulated 10-20 per VM); endpoints
+    e0..e{k-1} share the first VM, and so share its bias."""
 
     def __post_init__(self) -> None:
+        if self.endpoints_per_vm < 1:
+            raise ValueError(f"endpoints_per_vm must be >= 1, got {self.endpoints_per_vm}")
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"lemon fraction must be in [0, 1], got {self.fraction}")
         if self.extra_us < 0:
@@ -109,10 +114,18 @@ class LemonVMs:
             return np.zeros(count)
         return np.where(rng.random(count) < self.fraction, self.extra_us, 0.0)
 
+    def endpoint_bias(self, rng: np.random.Generator, endpoints: int) -> FloatArray:
+        """Receive-side bias (µs) of `endpoints` endpoints, grouped endpoints_per_vm per VM."""
+        vms = -(-endpoints // self.endpoints_per_vm)
+        return np.repeat(self.bias(rng, vms), self.endpoints_per_vm)[:endpoints]
+
     def describe(self) -> str:
         if self.fraction <= 0 or self.extra_us <= 0:
             return "no lemon VMs"
-        return f"{self.fraction:.1%} lemon VMs +{self.extra_us:g} µs"
+        return (
+            f"{self.fraction:.1%} lemon VMs +{self.extra_us:g} µs, "
+            f"{self.endpoints_per_vm} endpoint(s) per receiver VM"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

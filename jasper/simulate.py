@@ -288,11 +288,17 @@ class _Scorer:
 def _level_biases(scenario: Scenario, counts: Sequence[int]) -> list[FloatArray]:
     """Lemon bias per node, level by level; the same VM keeps its bias in every scheme."""
     out = []
+    lemons = scenario.link.lemons
+    leaf_level = len(counts) - 1
     for level, count in enumerate(counts):
-        is_leaf = level == len(counts) - 1
-        key = (scenario.seed, 0xB1A5, 1 if is_leaf else 0, level)
-        bias = scenario.link.lemons.bias(np.random.default_rng(key), count)
-        out.append(np.zeros(count) if level == 0 else bias)
+        # Leaves are keyed apart from relays so unicast and trees of any depth share them.
+        rng = np.random.default_rng((scenario.seed, 0xB1A5, int(level == leaf_level), level))
+        if level == 0:
+            out.append(np.zeros(count))  # the root's receipt is time 0
+        elif level == leaf_level:
+            out.append(lemons.endpoint_bias(np.random.default_rng((scenario.seed, 0xB1A5)), count))
+        else:
+            out.append(lemons.bias(rng, count))
     return out
 
 
