@@ -1,0 +1,465 @@
+"""Placement of relay VMs and MP endpoints onto a tree shape, using measured link latencies."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from jasper.tree import Forward, relay_name, tree_shape
+
+# Cost model of the paper (c5.2xlarge): a level costs about 30 µs, each copy a relay sends
+# before the one in question costs about 2.7 µs more.
+HOP_NS = 30_000
+"""Latency of one hop (link plus relay processing) when nothing was measured, in ns."""
+SEND_NS = 2_700
+"""Cost of one send at a relay, in ns; the k-th copy leaves k*SEND_NS after the first."""
+
+ROOT_SLOT = "r0.0"
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """Summary of the one-way delay measured on one directed link."""
+
+    owd_ns: int
+    """Median one-way delay, in nanoseconds."""
+    jitter_ns: int
+    """Mean absolute difference of successive one-way delays, in nanoseconds."""
+    samples: int = 1
+    """Probes the summary is based on."""
+
+
+@dataclass(frozen=True)
+class LatencyMatrix:
+    """Measured links between nodes (relays, receiver hosts, publishers) by name."""
+
+    links: Mapping[tuple[str, str], LinkStats] = field(default_factory=dict)
+    """(source, destination) -> stats; directed, missing when never measured."""
+
+    def owd_ns(self, src: str, dst: str, default: int = HOP_NS) -> int:
+        """Measured one-way delay src -> dst, or `default` when that link was never probed."""
+        stats = self.links.get((src, dst))
+        return default if stats is None else stats.owd_ns
+
+    def node_scores(self, nodes: Iterable[str]) -> dict[str, float | None]:
+        """Per node: median over its measured links (both directions) of owd + 2 * jitter.
+
+        Both directions count because a lemon VM (noisy neighbour, bad NIC queue) slows what
+        it sends and what it receives alike. None when no link of the node was measured.
+        """
+        wanted = set(nodes)
+        per_node: dict[str, list[float]] = {n: [] for n in wanted}
+        for (src, dst), s in self.links.items():
+            cost = float(s.owd_ns + 2 * s.jitter_ns)
+            if src in wanted:
+                per_node[src].append(cost)
+            if dst in wanted:
+                per_node[dst].append(cost)
+        return {n: (statistics.median(c) if c else None) for n, c in per_node.items()}
+
+
+@dataclass(frozen=True)
+class RelayRanking:
+    """Relays ordered for placement: best first, lemons set apart."""
+
+    ranked: tuple[str, ...]
+    """Relays fit for relay roles, lowest latency and jitter first."""
+    lemons: tuple[str, ...]
+    """Outliers kept out of relay roles."""
+    scores: Mapping[str, float]
+    """Score used for the ranking (unmeasured relays get the median), in ns."""
+
+
+def rank_relays(
+    relays: Sequence[str],
+    matrix: LatencyMatrix,
+    *,
+    lemon_factor: float = 2.0,
+    lemon_floor_ns: int = 20_000,
+) -> RelayRanking:
+    """Rank relays by measured latency and jitter; a relay whose score exceeds both
+    `lemon_factor` times the median score and the median plus `lemon_floor_ns` is a lemon.
+
+    The absolute floor keeps noise on fast links (a few µs) from branding healthy VMs. If every
+    relay would be a lemon none is, since a tree needs relays. Ties keep the given order.
+    """
+    raw = matrix.node_scores(relays)
+    measured = [v for v in raw.values() if v is not None]
+    median = statistics.median(measured) if measured else 0.0
+    scores = {r: (raw[r] if raw[r] is not None else median) for r in relays}
+    order = {r: i for i, r in enumerate(relays)}
+    limit = max(median * lemon_factor, median + lemon_floor_ns)
+    lemons = tuple(r for r in relays if measured and (scores[r] or 0.0) > limit)
+    good = [r for r in relays if r not in set(lemons)] or list(relays)
+    if len(good) == len(relays):
+        lemons = ()
+    good.sort(key=lambda r: (scores[r], order[r]))
+    return RelayRanking(
+        ranked=tuple(good),
+        lemons=lemons,
+        scores={r: float(v) for r, v in scores.items() if v is not None},
+    )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One MP endpoint to place: a leaf of the tree."""
+
+    key: str
+    """Endpoint name in the topology, unique within a stream."""
+    host: str
+    """Receiver host (node name) the endpoint lives on; used for latency lookups."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Relay levels of a tree, without its leaves."""
+
+    fanout: int
+    """Own children per relay (the last level may take more under incremental growth)."""
+    hedge: int
+    """Sibling hedging H."""
+    levels: tuple[tuple[str, ...], ...]
+    """Relay slot names per level ("r<level>.<i>"); empty when the publisher feeds leaves."""
+    inner: Mapping[str, tuple[Forward, ...]]
+    """Forwarding between relay slots, for every level but the last."""
+    groups: Mapping[str, tuple[str, ...]]
+    """Last-level slot -> its sibling group in order (the slot itself included)."""
+
+    @property
+    def leaf_slots(self) -> tuple[str, ...]:
+        return self.levels[-1] if self.levels else ()
+
+    def hedgers(self, slot: str) -> tuple[str, ...]:
+        """Siblings that send hedge copies of `slot`'s leaves, nearest first (i-1, i-2..)."""
+        group = self.groups[slot]
+        pos = group.index(slot)
+        reach = min(self.hedge, len(group) - 1)
+        return tuple(group[(pos - step) % len(group)] for step in range(1, reach + 1))
+
+    def hedged(self, slot: str) -> tuple[str, ...]:
+        """Siblings whose leaves `slot` also feeds, in send order (i+1, i+2..)."""
+        group = self.groups[slot]
+        pos = group.index(slot)
+        reach = min(self.hedge, len(group) - 1)
+        return tuple(group[(pos + step) % len(group)] for step in range(1, reach + 1))
+
+
+def _root_ceil(n: int, depth: int) -> int:
+    f: int = max(1, round(float(n) ** (1.0 / depth)))
+    while f**depth < n:
+        f += 1
+    while f > 1 and (f - 1) ** depth >= n:
+        f -= 1
+    return f
+
+
+def _relay_counts(leaves: int, fanout: int, depth: int) -> list[int]:
+    """Relays per level of `tree_shape(leaves, fanout=fanout, depth=depth)`, computed alone."""
+    per_level = max(fanout, _root_ceil(leaves, depth))
+    counts = [leaves]
+    for _ in range(depth):
+        counts.append(-(-counts[-1] // per_level))
+    counts.reverse()
+    return counts[:-1]
+
+
+def choose_depth(leaves: int, relays: int, *, fanout: int = 10) -> int:
+    """The paper's depth round(log_F N), reduced until the tree needs at most `relays` relays.
+
+    With fewer relays than the ideal tree needs, a shallower tree with a larger fan-out costs
+    more per hop but uses only VMs we have. 0 means no relay at all (publisher sends direct).
+    """
+    if relays <= 0:
+        return 0
+    from jasper.tree import default_depth
+
+    depth = default_depth(max(1, leaves), fanout)
+    while depth > 1 and sum(_relay_counts(max(1, leaves), fanout, depth)) > relays:
+        depth -= 1
+    return depth
+
+
+def build_shape(leaves: int, *, fanout: int, hedge: int, depth: int) -> Shape:
+    """Relay levels for `leaves` endpoints at `depth` (see `jasper.tree.tree_shape`).
+
+    Only the relay skeleton is built: the last relay level is planned as the leaves of a tree
+    one level shallower, so a 10,000-endpoint plan costs as much as a 1,000-leaf tree_shape.
+    """
+    if depth <= 0:
+        return Shape(fanout=fanout, hedge=hedge, levels=(), inner={}, groups={})
+    leaves = max(1, leaves)
+    counts = _relay_counts(leaves, fanout, depth)
+    if depth == 1:
+        return Shape(
+            fanout=fanout,
+            hedge=hedge,
+            levels=((ROOT_SLOT,),),
+            inner={},
+            groups={ROOT_SLOT: (ROOT_SLOT,)},
+        )
+    per_level = max(fanout, _root_ceil(leaves, depth))
+    upper = tree_shape(counts[-1], fanout=per_level, hedge=hedge, depth=depth - 1)
+    last = depth - 1
+
+    def slot(node: str) -> str:
+        # Leaves "e<i>" of the upper tree are the last relay level "r<depth-1>.<i>".
+        return relay_name(last, int(node[1:])) if node.startswith("e") else node
+
+    inner = {
+        r: tuple(Forward(slot(f.target), f.hedge) for f in fwd)
+        for r, fwd in upper.forwarding.items()
+    }
+    groups: dict[str, tuple[str, ...]] = {}
+    for parent in upper.levels[-1]:
+        group = tuple(slot(c) for c in upper.children(parent))
+        for member in group:
+            groups[member] = group
+    levels = (*upper.levels, tuple(relay_name(last, i) for i in range(counts[-1])))
+    return Shape(fanout=per_level, hedge=hedge, levels=levels, inner=inner, groups=groups)
+
+
+@dataclass
+class Placement:
+    """A placed tree for one stream: which VM fills each relay slot and where each endpoint
+    hangs. Mutable only through `attach`/`detach`, which never move an existing endpoint."""
+
+    shape: Shape
+    slot_node: dict[str, str]
+    """Relay slot -> relay node name."""
+    publisher: str
+    """Publisher node name; it sends to the root slot, or to the leaves when there is none."""
+    epoch: int = 1
+    """Plan epoch stamped into the header; a full re-plan takes a larger one."""
+    children: dict[str, list[str]] = field(default_factory=dict)
+    """Leaf slot (or the publisher when there is no relay) -> endpoint keys in attach order."""
+    where: dict[str, str] = field(default_factory=dict)
+    """Endpoint key -> leaf slot."""
+    hosts: dict[str, str] = field(default_factory=dict)
+    """Endpoint key -> receiver host."""
+
+    def __post_init__(self) -> None:
+        for s in self.leaf_slots():
+            self.children.setdefault(s, [])
+
+    def leaf_slots(self) -> tuple[str, ...]:
+        return self.shape.leaf_slots or (self.publisher,)
+
+    def node_of(self, slot: str) -> str:
+        """Node filling a slot (the publisher stands for itself)."""
+        return self.publisher if slot == self.publisher else self.slot_node[slot]
+
+    def load(self, slot: str) -> int:
+        return len(self.children[slot])
+
+    def least_loaded(self) -> str:
+        """Leaf slot with fewest endpoints; ties go to the earlier (better ranked) slot."""
+        return min(self.leaf_slots(), key=lambda s: len(self.children[s]))
+
+    def attach(self, ep: Endpoint, slot: str | None = None) -> str:
+        """Hang `ep` under the least-loaded leaf relay (or `slot`); nobody else moves."""
+        if ep.key in self.where:
+            return self.where[ep.key]
+        chosen = slot if slot is not None else self.least_loaded()
+        self.children[chosen].append(ep.key)
+        self.where[ep.key] = chosen
+        self.hosts[ep.key] = ep.host
+        return chosen
+
+    def detach(self, key: str) -> None:
+        slot = self.where.pop(key, None)
+        if slot is not None:
+            self.children[slot].remove(key)
+            self.hosts.pop(key, None)
+
+    def endpoints(self) -> list[str]:
+        return [k for s in self.leaf_slots() for k in self.children[s]]
+
+    def parents(self, key: str) -> tuple[str, ...]:
+        """Nodes that send `key` a copy: own relay first, then the hedging siblings."""
+        slot = self.where[key]
+        if not self.shape.levels:
+            return (self.publisher,)
+        return tuple(self.node_of(s) for s in (slot, *self.shape.hedgers(slot)))
+
+    def forwarding(self) -> dict[str, tuple[Forward, ...]]:
+        """Node -> targets in send order (own children first, then hedge copies), by node
+        name; includes the publisher."""
+        out: dict[str, tuple[Forward, ...]] = {}
+        if not self.shape.levels:
+            out[self.publisher] = tuple(Forward(k, False) for k in self.children[self.publisher])
+            return out
+        out[self.publisher] = (Forward(self.node_of(ROOT_SLOT), False),)
+        for slot, fwd in self.shape.inner.items():
+            out[self.node_of(slot)] = tuple(Forward(self.node_of(f.target), f.hedge) for f in fwd)
+        for slot in self.shape.leaf_slots:
+            table = [Forward(k, False) for k in self.children[slot]]
+            for sibling in self.shape.hedged(slot):
+                table.extend(Forward(k, True) for k in self.children[sibling])
+            out[self.node_of(slot)] = tuple(table)
+        return out
+
+    def relay_nodes(self) -> tuple[str, ...]:
+        return tuple(self.slot_node[s] for level in self.shape.levels for s in level)
+
+    def to_dict(self) -> dict[str, object]:
+        """Everything needed to rebuild this placement exactly (see `from_dict`)."""
+        return {
+            "epoch": self.epoch,
+            "publisher": self.publisher,
+            "fanout": self.shape.fanout,
+            "hedge": self.shape.hedge,
+            "levels": [list(level) for level in self.shape.levels],
+            "inner": {s: [[f.target, f.hedge] for f in fwd] for s, fwd in self.shape.inner.items()},
+            "groups": {s: list(g) for s, g in self.shape.groups.items()},
+            "slot_node": dict(self.slot_node),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, object]) -> Placement:
+        """Rebuild the relay part saved by `to_dict`; endpoints are attached afterwards."""
+        levels = tuple(tuple(level) for level in doc["levels"])  # type: ignore[attr-defined]
+        inner = {
+            s: tuple(Forward(str(t), bool(h)) for t, h in fwd)
+            for s, fwd in doc["inner"].items()  # type: ignore[attr-defined]
+        }
+        groups = {s: tuple(g) for s, g in doc["groups"].items()}  # type: ignore[attr-defined]
+        shape = Shape(
+            fanout=int(doc["fanout"]),  # type: ignore[call-overload]
+            hedge=int(doc["hedge"]),  # type: ignore[call-overload]
+            levels=levels,
+            inner=inner,
+            groups=groups,
+        )
+        return cls(
+            shape=shape,
+            slot_node=dict(doc["slot_node"]),  # type: ignore[call-overload]
+            publisher=str(doc["publisher"]),
+            epoch=int(doc["epoch"]),  # type: ignore[call-overload]
+        )
+
+
+def full_plan(
+    endpoints: Sequence[Endpoint],
+    relays: Sequence[str],
+    *,
+    publisher: str,
+    matrix: LatencyMatrix | None = None,
+    fanout: int = 10,
+    hedge: int = 2,
+    epoch: int = 1,
+    lemon_factor: float = 2.0,
+) -> Placement:
+    """Plan a tree from scratch.
+
+    Relays are ranked by measured latency and jitter: the best fill the upper levels (a slow
+    VM near the root delays every endpoint, one at the last level only its own leaves), lemons
+    are left out. Endpoints are grouped by host and spread evenly (loads differ by at most
+    one) over the last-level relays.
+    """
+    matrix = matrix or LatencyMatrix()
+    ranking = rank_relays(relays, matrix, lemon_factor=lemon_factor)
+    usable = ranking.ranked
+    depth = choose_depth(len(endpoints), len(usable), fanout=fanout)
+    shape = build_shape(len(endpoints), fanout=fanout, hedge=hedge, depth=depth)
+    slots = [s for level in shape.levels for s in level]
+    placement = Placement(
+        shape=shape,
+        slot_node=dict(zip(slots, usable, strict=False)),
+        publisher=publisher,
+        epoch=epoch,
+    )
+    _spread_endpoints(placement, endpoints)
+    return placement
+
+
+def _spread_endpoints(placement: Placement, endpoints: Sequence[Endpoint]) -> None:
+    leaf_slots = placement.leaf_slots()
+    ordered = sorted(endpoints, key=lambda e: (e.host, e.key))
+    k, n = len(leaf_slots), len(ordered)
+    for i, slot in enumerate(leaf_slots):
+        for ep in ordered[i * n // k : (i + 1) * n // k]:
+            placement.attach(ep, slot)
+
+
+def random_plan(
+    endpoints: Sequence[Endpoint],
+    relays: Sequence[str],
+    *,
+    publisher: str,
+    rng: random.Random,
+    fanout: int = 10,
+    hedge: int = 2,
+) -> Placement:
+    """Baseline: the same shape as `full_plan`, relays (lemons included) and endpoints
+    shuffled; what a placement blind to measurements would do."""
+    depth = choose_depth(len(endpoints), len(relays), fanout=fanout)
+    shape = build_shape(len(endpoints), fanout=fanout, hedge=hedge, depth=depth)
+    slots = [s for level in shape.levels for s in level]
+    pool = list(relays)
+    rng.shuffle(pool)
+    placement = Placement(
+        shape=shape, slot_node=dict(zip(slots, pool, strict=False)), publisher=publisher
+    )
+    eps = list(endpoints)
+    rng.shuffle(eps)
+    leaf_slots = placement.leaf_slots()
+    k, n = len(leaf_slots), len(eps)
+    for i, slot in enumerate(leaf_slots):
+        for ep in eps[i * n // k : (i + 1) * n // k]:
+            placement.attach(ep, slot)
+    return placement
+
+
+@dataclass(frozen=True)
+class OmlPrediction:
+    """Predicted delivery times of one placement under the cost model."""
+
+    oml_ns: int
+    """Overall multicast latency: first copy at the slowest endpoint, in ns."""
+    median_ns: int
+    """Median over endpoints of the first copy's arrival, in ns."""
+    arrival_ns: Mapping[str, int]
+    """Endpoint key -> first copy's arrival after the publisher's send, in ns."""
+
+
+def predict_oml(
+    placement: Placement,
+    matrix: LatencyMatrix | None = None,
+    *,
+    hop_ns: int = HOP_NS,
+    send_ns: int = SEND_NS,
+) -> OmlPrediction:
+    """Arrival of the first of each endpoint's copies, hop by hop.
+
+    A copy leaves a node `send_ns` times its position in the send order after the node got
+    its own first copy, and takes the measured one-way delay of the link (`hop_ns` when the
+    link was never measured). The same model as `jasper.simulate` without the random draws.
+    """
+    matrix = matrix or LatencyMatrix()
+    fwd = placement.forwarding()
+    hosts = placement.hosts
+    arrival: dict[str, int] = {placement.publisher: 0}
+    # Breadth-first from the publisher: every relay of level l is reached from level l-1 only.
+    frontier = [placement.publisher]
+    while frontier:
+        nxt: list[str] = []
+        for node in frontier:
+            start = arrival[node]
+            for pos, f in enumerate(fwd.get(node, ())):
+                dst_node = hosts.get(f.target, f.target)
+                t = start + (pos + 1) * send_ns + matrix.owd_ns(node, dst_node, hop_ns)
+                if f.target not in arrival or t < arrival[f.target]:
+                    if f.target not in arrival and f.target in fwd:
+                        nxt.append(f.target)
+                    arrival[f.target] = t
+        frontier = nxt
+    eps = {k: arrival[k] for k in placement.where if k in arrival}
+    times = sorted(eps.values())
+    return OmlPrediction(
+        oml_ns=times[-1] if times else 0,
+        median_ns=times[len(times) // 2] if times else 0,
+        arrival_ns=eps,
+    )
