@@ -3,14 +3,20 @@ step a node's emulated clock, lose packets on one link; and what each fault cost
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import math
 import os
 import random
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +53,8 @@ class Fault:
     """clock-step: how far the node's emulated clock jumps (signed)."""
     loss: float = 0.0
     """link-loss: probability that a datagram on the link is dropped."""
+    duration_s: float = 2.0
+    """link-loss: how long the link stays lossy."""
     seed: int = 0
     """Seed of the burst durations."""
 
@@ -59,13 +67,8 @@ class Fault:
         if self.kind == "clock-step":
             return f"step clock of {self.target} by {self.step_ns / 1e3:+g} µs"
         if self.kind == "link-loss":
-            return f"loss {100 * self.loss:g}% on {self.target}"
+            return f"loss {100 * self.loss:g}% on link {self.target} for {self.duration_s:g} s"
         return f"{self.kind} {self.target}"
-
-    def needs_config(self) -> bool:
-        """True when the fault is applied through the nodes' configuration at start, not by a
-        signal during the block (link loss rides on the link model)."""
-        return self.kind == "link-loss"
 
 
 @dataclass
@@ -125,13 +128,16 @@ class FaultInjector:
         pids: Mapping[str, int],
         *,
         clock_step: Callable[[str, int], None] | None = None,
+        link_loss: Callable[[str, str, float], Callable[[], None]] | None = None,
         send: Callable[[int, int], None] = _signal,
     ) -> None:
-        self.faults = [f for f in faults if not f.needs_config()]
+        self.faults = list(faults)
         self.pids = dict(pids)
         self.clock_step = clock_step
+        self.link_loss = link_loss
+        """Starts loss on link (src, dst) and returns the function that ends it."""
         self.send = send
-        self.events: list[FaultEvent] = [FaultEvent(f) for f in faults if f.needs_config()]
+        self.events: list[FaultEvent] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -185,8 +191,79 @@ class FaultInjector:
                 raise RuntimeError("the data plane offers no way to step a node's clock")
             event.start_ns = event.end_ns = time.time_ns()
             self.clock_step(fault.target, fault.step_ns)
-        else:  # pragma: no cover - needs_config() faults never reach here
-            raise RuntimeError(f"fault {fault.kind} is applied through config")
+        else:
+            if self.link_loss is None:
+                raise RuntimeError("no link-loss injector was given")
+            src, _, dst = fault.target.partition("->")
+            end = self.link_loss(src, dst, fault.loss)
+            event.start_ns = time.time_ns()
+            try:
+                self._stop.wait(fault.duration_s)
+            finally:
+                end()
+                event.end_ns = time.time_ns()
+
+
+_LINKLOSS_SOURCE = Path(__file__).with_name("linkloss.bpf.c")
+_CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "jasper-emulate"
+
+
+def _tc(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "tc", *args], capture_output=True, text=True, check=False
+    )
+
+
+def compile_linkloss(src_addr: str, loss: float) -> Path:
+    """Compile the link-loss program for one source address and probability (cached by hash)."""
+    if not 0.0 <= loss <= 1.0:
+        raise ValueError(f"loss must be in 0..1, got {loss}")
+    clang = shutil.which("clang")
+    if clang is None:
+        raise RuntimeError("clang is needed for link-loss faults (apt-get install clang)")
+    # The address as the u32 the kernel compares: network byte order read in host order.
+    addr_u32 = int.from_bytes(ipaddress.IPv4Address(src_addr).packed, sys.byteorder)
+    threshold = min(2**32 - 1, int(loss * 2**32))
+    source = _LINKLOSS_SOURCE.read_bytes()
+    key = hashlib.sha256(source + f"{addr_u32}:{threshold}".encode()).hexdigest()[:16]
+    _CACHE.mkdir(parents=True, exist_ok=True)
+    obj = _CACHE / f"linkloss-{key}.o"
+    if not obj.exists():
+        arch = os.uname().machine
+        tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+        proc = subprocess.run(
+            [
+                clang, "-O2", "-g", "-target", "bpf",
+                f"-I/usr/include/{arch}-linux-gnu",
+                f"-DSRC_ADDR={addr_u32}U", f"-DDROP_THRESHOLD={threshold}U",
+                "-c", str(_LINKLOSS_SOURCE), "-o", str(tmp),
+            ],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"clang failed on {_LINKLOSS_SOURCE.name}: {proc.stderr[-500:]}")
+        tmp.replace(obj)
+    return obj
+
+
+def attach_linkloss(netns: str, ifname: str, src_addr: str, loss: float) -> Callable[[], None]:
+    """Drop packets from `src_addr` arriving on `ifname` in `netns` with probability `loss`,
+    until the returned function is called (which removes the filter and the clsact qdisc)."""
+    obj = compile_linkloss(src_addr, loss)
+    _tc(netns, "qdisc", "add", "dev", ifname, "clsact")
+    proc = _tc(
+        netns, "filter", "add", "dev", ifname, "ingress", "pref", "7", "bpf", "da",
+        "obj", str(obj), "sec", "tc",
+    )  # fmt: skip
+    if proc.returncode != 0:
+        _tc(netns, "qdisc", "del", "dev", ifname, "clsact")
+        raise RuntimeError(f"tc could not attach the link-loss program: {proc.stderr.strip()}")
+
+    def detach() -> None:
+        _tc(netns, "filter", "del", "dev", ifname, "ingress", "pref", "7")
+        _tc(netns, "qdisc", "del", "dev", ifname, "clsact")
+
+    return detach
 
 
 @dataclass(frozen=True)

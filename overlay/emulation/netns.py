@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PREFIX = "jemu-"
 """Every namespace of an emulation starts with this; `cleanup()` removes exactly these."""
@@ -206,8 +207,8 @@ def write_manifest(tag: str, doc: dict[str, object]) -> Path:
     return path
 
 
-def _manifests(prefix: str) -> list[tuple[Path, dict[str, object]]]:
-    out: list[tuple[Path, dict[str, object]]] = []
+def _manifests(prefix: str) -> list[tuple[Path, dict[str, Any]]]:
+    out: list[tuple[Path, dict[str, Any]]] = []
     if not MANIFEST_DIR.is_dir():
         return out
     for path in sorted(MANIFEST_DIR.glob("*.json")):
@@ -238,7 +239,7 @@ def cleanup(prefix: str = PREFIX) -> CleanupReport:
     bpf_nodes: list[str] = []
     manifests = _manifests(prefix)
     for _, doc in manifests:
-        for pid in doc.get("pids", []) or []:  # type: ignore[union-attr]
+        for pid in doc.get("pids", []) or []:
             if isinstance(pid, int) and pid > 1 and _kill_pid(pid):
                 killed.append(pid)
     names = list_namespaces(prefix)
@@ -258,7 +259,7 @@ def cleanup(prefix: str = PREFIX) -> CleanupReport:
             check=False,
         )
     for path, doc in manifests:
-        for node in doc.get("bpf_nodes", []) or []:  # type: ignore[union-attr]
+        for node in doc.get("bpf_nodes", []) or []:
             if _remove_bpf_node(str(node)):
                 bpf_nodes.append(str(node))
         path.unlink(missing_ok=True)
