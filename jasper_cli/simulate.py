@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"  P(F) = share of messages with no late endpoint and DWS <= τ = {scenario.tau_us:g} "
-        "µs; times in µs after the send"
+        "µs, with its Wilson 95% interval; times in µs after the send"
     )
     print()
     header = (
