@@ -1,0 +1,484 @@
+"""The emulation's report: per-message pair matrices, the side-by-side table, JSON, and an HTML
+page with matplotlib plots embedded as PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jasper.metrics import FairnessReport, fairness_report
+
+NO_DEADLINE_NS = np.iinfo(np.int64).max
+"""Deadline given to the metrics for schemes that have none: nothing is late, and their release
+error is not reported (it would measure nothing)."""
+
+
+@dataclass(frozen=True)
+class PairMatrix:
+    """Messages x endpoints of one configuration, from the records (the lead's definitions)."""
+
+    endpoints: tuple[str, ...]
+    send_ns: np.ndarray
+    """(m,) root send time of each message."""
+    deadline_ns: np.ndarray
+    """(m,) deadline stamped in the header (0 = none)."""
+    arrival_ns: np.ndarray
+    """(m, e) first accepted arrival, -1 when lost."""
+    release_ns: np.ndarray
+    """(m, e) release time, -1 when lost."""
+
+    @property
+    def got(self) -> np.ndarray:
+        return np.asarray(self.arrival_ns >= 0)
+
+    def late(self, has_deadline: bool) -> np.ndarray:
+        if not has_deadline:
+            return np.zeros(self.arrival_ns.shape, dtype=bool)
+        return np.asarray(self.got & (self.arrival_ns > self.deadline_ns[:, None]))
+
+    def oml_ns(self) -> np.ndarray:
+        """Slowest endpoint's first arrival − send time, messages delivered everywhere."""
+        complete = self.got.all(axis=1)
+        return np.asarray((self.arrival_ns[complete] - self.send_ns[complete, None]).max(axis=1))
+
+    def dws_ns(self) -> np.ndarray:
+        """Latest − earliest release, messages delivered everywhere."""
+        complete = self.got.all(axis=1)
+        r = self.release_ns[complete]
+        return np.asarray(r.max(axis=1) - r.min(axis=1)) if len(r) else np.zeros(0, np.int64)
+
+    def release_error_ns(self, has_deadline: bool) -> np.ndarray:
+        if not has_deadline:
+            return np.zeros(0, dtype=np.int64)
+        on_time = self.got & ~self.late(True)
+        return np.asarray((self.release_ns - self.deadline_ns[:, None])[on_time])
+
+
+def pair_matrix(sent: np.ndarray, deliveries: np.ndarray, endpoints: Sequence[str]) -> PairMatrix:
+    """Build the matrix; `sent` rows in send order define the messages (session, seq)."""
+    sent = sent[np.argsort(sent["send_time_ns"], kind="stable")]
+    names = tuple(endpoints)
+    col = {n: j for j, n in enumerate(names)}
+    m, e = len(sent), len(names)
+    arrival = np.full((m, e), -1, dtype=np.int64)
+    release = np.full((m, e), -1, dtype=np.int64)
+    if m and e and len(deliveries):
+        key_sent = (sent["session"].astype(np.uint64) << np.uint64(40)) | sent["seq"].astype(
+            np.uint64
+        )
+        order = np.argsort(key_sent)
+        sorted_keys = key_sent[order]
+        key_rec = (deliveries["session"].astype(np.uint64) << np.uint64(40)) | deliveries[
+            "seq"
+        ].astype(np.uint64)
+        pos = np.searchsorted(sorted_keys, key_rec)
+        pos = np.minimum(pos, m - 1)
+        found = sorted_keys[pos] == key_rec
+        rows = order[pos]
+        cols = np.array([col.get(str(n), -1) for n in deliveries["endpoint"]], dtype=np.int64)
+        ok = found & (cols >= 0)
+        # Earliest arrival wins when a pair has several records (there should be one).
+        recs = deliveries[ok]
+        r_i, c_i = rows[ok], cols[ok]
+        by_arrival = np.argsort(-recs["arrival_ns"], kind="stable")
+        arrival[r_i[by_arrival], c_i[by_arrival]] = recs["arrival_ns"][by_arrival]
+        release[r_i[by_arrival], c_i[by_arrival]] = recs["release_ns"][by_arrival]
+    return PairMatrix(
+        endpoints=names,
+        send_ns=sent["send_time_ns"].astype(np.int64),
+        deadline_ns=sent["deadline_ns"].astype(np.int64),
+        arrival_ns=arrival,
+        release_ns=release,
+    )
+
+
+def config_fairness(
+    sent: np.ndarray,
+    deliveries: np.ndarray,
+    endpoints: Sequence[str],
+    *,
+    stream_id: int,
+    has_deadline: bool,
+    tau_ns: int,
+) -> FairnessReport:
+    """The lead's fairness report; schemes without a deadline get NO_DEADLINE_NS so that
+    nothing counts as late (their release error is then meaningless and dropped)."""
+    if not has_deadline:
+        sent = sent.copy()
+        sent["deadline_ns"] = NO_DEADLINE_NS
+        deliveries = deliveries.copy()
+        deliveries["deadline_ns"] = NO_DEADLINE_NS
+    return fairness_report(sent, deliveries, {stream_id: list(endpoints)}, tau_ns=tau_ns)
+
+
+@dataclass
+class ConfigResult:
+    """One configuration's blocks, merged."""
+
+    name: str
+    """unicast, tree-h0, tree-nohold, jasper (the simulator's names)."""
+    description: str
+    has_deadline: bool
+    fairness: FairnessReport
+    matrix: PairMatrix
+    blocks: int
+    offered_rate: float
+    """Messages per second the publisher was asked for."""
+    achieved_rate: float
+    """Messages sent / time from first to last send, averaged over blocks."""
+    cpu_fraction: float
+    """Machine CPU busy fraction (all cores, softirq included) during the blocks."""
+    per_endpoint_late: dict[str, int] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        f = self.fairness
+        rel = f.release_error_ns if self.has_deadline else None
+        return {
+            "config": self.name,
+            "description": self.description,
+            "blocks": self.blocks,
+            "messages": f.messages,
+            "tau_us": f.tau_ns / 1e3,
+            "p_fair": f.p_fair,
+            "p_fair_ci": list(f.p_fair_ci),
+            "oml_p50_us": _us(f.oml_ns.p50),
+            "oml_p99_us": _us(f.oml_ns.p99),
+            "dws_p50_us": _us(f.dws_ns.p50),
+            "dws_p99_us": _us(f.dws_ns.p99),
+            "late_pairs": f.late_pairs if self.has_deadline else None,
+            "late_fraction": f.late_fraction if self.has_deadline else None,
+            "lost_pairs": f.lost_pairs,
+            "expected_pairs": f.expected_pairs,
+            "release_err_p50_us": _us(rel.p50) if rel else None,
+            "release_err_p99_us": _us(rel.p99) if rel else None,
+            "offered_rate": round(self.offered_rate, 2),
+            "achieved_rate": round(self.achieved_rate, 2),
+            "cpu_percent": round(100 * self.cpu_fraction, 1),
+        }
+
+
+def _us(ns: float | None) -> float | None:
+    return None if ns is None else round(ns / 1e3, 1)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The side-by-side table as plain text."""
+    head = (
+        f"{'config':<12} {'n':>6} {'P(F)':>7} {'95% CI':>15} {'tau µs':>7} "
+        f"{'OML p50/p99 µs':>16} {'DWS p50/p99 µs':>16} {'late':>8} {'lost':>6} "
+        f"{'rel.err p50/p99 µs':>19} {'rate off/ach':>13} {'CPU%':>5}"
+    )
+    lines = [head, "-" * len(head)]
+
+    def pair(a: Any, b: Any) -> str:
+        def one(x: Any) -> str:
+            return "-" if x is None else f"{x:.0f}"
+
+        return f"{one(a)}/{one(b)}"
+
+    for r in rows:
+        pf = "-" if r["p_fair"] is None else f"{100 * r['p_fair']:.1f}%"
+        lo, hi = r["p_fair_ci"]
+        late = "-" if r["late_pairs"] is None else str(r["late_pairs"])
+        rate = f"{r['offered_rate']:g}/{r['achieved_rate']:g}"
+        lines.append(
+            f"{r['config']:<12} {r['messages']:>6} {pf:>7} "
+            f"{f'{100 * lo:.1f}–{100 * hi:.1f}%':>15} {r['tau_us']:>7g} "
+            f"{pair(r['oml_p50_us'], r['oml_p99_us']):>16} "
+            f"{pair(r['dws_p50_us'], r['dws_p99_us']):>16} {late:>8} {r['lost_pairs']:>6} "
+            f"{pair(r['release_err_p50_us'], r['release_err_p99_us']):>19} "
+            f"{rate:>13} {r['cpu_percent']:>5}"
+        )
+    return "\n".join(lines)
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+_COLOURS = {
+    "unicast": "#7f7f7f",
+    "tree-h0": "#ff7f0e",
+    "tree-nohold": "#1f77b4",
+    "jasper": "#2ca02c",
+}
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _cdf(ax: Any, values_ns: np.ndarray, label: str, colour: str | None) -> None:
+    if len(values_ns) == 0:
+        return
+    x = np.sort(np.asarray(values_ns, dtype=np.float64)) / 1e3
+    y = np.arange(1, len(x) + 1) / len(x)
+    ax.plot(x, y, label=f"{label} (n={len(x)})", color=colour)
+
+
+def plot_cdfs(configs: Sequence[ConfigResult]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    plots: tuple[tuple[str, str, Callable[[ConfigResult], np.ndarray]], ...] = (
+        ("oml", "OML per message (µs)", lambda c: c.matrix.oml_ns()),
+        ("dws", "DWS per message (µs)", lambda c: c.matrix.dws_ns()),
+        (
+            "release_error",
+            "release error, on-time pairs (µs)",
+            lambda c: c.matrix.release_error_ns(c.has_deadline),
+        ),
+    )
+    for key, title, getter in plots:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for c in configs:
+            _cdf(ax, getter(c), c.name, _COLOURS.get(c.name))
+        ax.set_xlabel(title)
+        ax.set_ylabel("CDF")
+        if key == "dws":
+            ax.set_xscale("symlog", linthresh=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out[key] = _png(fig)
+    return out
+
+
+def plot_pfair(configs: Sequence[ConfigResult]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    names = [c.name for c in configs]
+    p = np.array([100 * (c.fairness.p_fair or 0.0) for c in configs])
+    lo = np.array([100 * c.fairness.p_fair_ci[0] for c in configs])
+    hi = np.array([100 * c.fairness.p_fair_ci[1] for c in configs])
+    ax.bar(names, p, color=[_COLOURS.get(n, "#999") for n in names])
+    ax.errorbar(names, p, yerr=[p - lo, hi - p], fmt="none", ecolor="black", capsize=6)
+    tau = configs[0].fairness.tau_ns / 1e3 if configs else 0
+    ax.set_ylabel(f"P(F) %, tau = {tau:g} µs, 95% Wilson CI")
+    ax.set_ylim(0, 100)
+    for i, c in enumerate(configs):
+        ax.text(i, p[i] + 1, f"{p[i]:.1f}%\nn={c.fairness.messages}", ha="center", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def plot_hold(configs: Sequence[ConfigResult]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for c in configs:
+        if not c.has_deadline:
+            continue
+        m = c.matrix
+        if not len(m.send_ns):
+            continue
+        t = (m.send_ns - m.send_ns[0]) / 1e9
+        ax.plot(
+            t,
+            (m.deadline_ns - m.send_ns) / 1e3,
+            ".",
+            ms=2,
+            label=c.name,
+            color=_COLOURS.get(c.name),
+        )
+        oml = np.where(m.got.all(axis=1), (m.arrival_ns - m.send_ns[:, None]).max(axis=1), -1)
+        sel = oml >= 0
+        ax.plot(t[sel], oml[sel] / 1e3, ",", alpha=0.4, color=_COLOURS.get(c.name))
+    ax.set_xlabel("time since the configuration's first message, s (blocks concatenated)")
+    ax.set_ylabel("hold = deadline − send (µs); dots: OML")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_lateness(configs: Sequence[ConfigResult]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    for c in configs:
+        if not c.has_deadline:
+            continue
+        late = c.matrix.late(True)
+        frac = 100 * late.mean(axis=0) if late.size else np.zeros(0)
+        ax.plot(np.arange(len(frac)), frac, ".", ms=3, label=c.name, color=_COLOURS.get(c.name))
+    ax.set_xlabel("endpoint index (e0..)")
+    ax.set_ylabel("late pairs, % of messages")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_tree(
+    levels: Sequence[Sequence[str]],
+    edges: Sequence[tuple[str, str, bool]],
+    leaves: Sequence[str],
+    host_of: Mapping[str, str],
+    lemons: set[str],
+    killed: set[str],
+) -> str:
+    """The relay tree by level; hedge edges faint; lemon VMs red; killed nodes crossed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = len(levels)
+    pos: dict[str, tuple[float, float]] = {}
+    for lvl, names in enumerate(levels):
+        for i, n in enumerate(names):
+            pos[n] = ((i + 0.5) / len(names), float(depth - lvl))
+    for i, n in enumerate(leaves):
+        pos[n] = ((i + 0.5) / max(1, len(leaves)), 0.0)
+    fig, ax = plt.subplots(figsize=(12, 5))
+    for hedge in (True, False):
+        segs = [(pos[a], pos[b]) for a, b, h in edges if h == hedge and a in pos and b in pos]
+        if not segs:
+            continue
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(
+            LineCollection(
+                segs,
+                colors="#bbbbbb" if hedge else "#444444",
+                linewidths=0.2 if hedge else 0.5,
+                alpha=0.35 if hedge else 0.8,
+            )
+        )
+    relays = [n for lvl in levels for n in lvl]
+    for group, colour, size in ((relays, "#1f77b4", 18), (list(leaves), "#2ca02c", 3)):
+        xs = [pos[n][0] for n in group]
+        ys = [pos[n][1] for n in group]
+        cs = ["#d62728" if (n in lemons or host_of.get(n, "") in lemons) else colour for n in group]
+        ax.scatter(xs, ys, s=size, c=cs, zorder=3)
+    for n in killed:
+        if n in pos:
+            ax.scatter([pos[n][0]], [pos[n][1]], s=80, marker="x", c="black", zorder=4)
+    ax.set_yticks(range(depth + 1))
+    ax.set_yticklabels(["endpoints"] + [f"level {depth - 1 - i}" for i in range(depth)])
+    ax.set_xticks([])
+    ax.set_title(
+        "relay tree (dark: own-child edges; light: hedge edges; red: lemon VMs; x: killed)"
+    )
+    return _png(fig)
+
+
+# --- HTML -----------------------------------------------------------------------------------
+
+
+def _table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            elif isinstance(v, list | tuple):
+                v = ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v)
+            cells.append(f"<td>{html.escape('-' if v is None else str(v))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def write_report(out_dir: Path, doc: Mapping[str, Any], images: Mapping[str, str]) -> Path:
+    """Write report.json (doc) and report.html (doc's tables + the PNG images)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(doc, indent=2, default=_json_default))
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Jasper emulation</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:3px 6px;text-align:right}th{background:#eee}.bad{color:#b00}"
+        "pre{background:#f6f6f6;padding:8px;overflow:auto}</style></head><body>",
+        "<h1>Jasper emulation on network namespaces</h1>",
+    ]
+    summary = doc.get("summary", {})
+    parts.append("<pre>" + html.escape(json.dumps(summary, indent=2, default=_json_default)))
+    parts.append("</pre>")
+    if not doc.get("timing_valid", True):
+        parts.append(
+            "<p class='bad'><b>Not valid for timing figures:</b> machine CPU stayed above "
+            f"{doc.get('cpu_limit_percent', 60)}% during the measured blocks.</p>"
+        )
+    parts.append("<h2>Configurations side by side</h2>")
+    parts.append("<pre>" + html.escape(str(doc.get("table_text", ""))) + "</pre>")
+    for key, title in (
+        ("pfair", "P(F) per configuration (95% Wilson CI)"),
+        ("oml", "CDF of OML"),
+        ("dws", "CDF of DWS"),
+        ("release_error", "CDF of release error"),
+        ("hold", "Hold over time"),
+        ("lateness", "Lateness per endpoint"),
+        ("tree", "The tree"),
+    ):
+        if key in images:
+            parts.append(f"<h2>{html.escape(title)}</h2>")
+            parts.append(f"<img src='data:image/png;base64,{images[key]}'>")
+    faults = doc.get("faults", [])
+    if faults:
+        parts.append("<h2>Faults and what they cost</h2>")
+        parts.append(
+            _table_html(
+                faults,
+                [
+                    "fault",
+                    "config",
+                    "messages",
+                    "late_pairs",
+                    "lost_pairs",
+                    "victim_pairs",
+                    "affected_messages",
+                    "recovery_ms",
+                    "error",
+                ],
+            )
+        )
+    procs = doc.get("processes", [])
+    if procs:
+        parts.append("<h2>Processes (CPU and peak memory)</h2>")
+        parts.append(
+            _table_html(procs, ["role", "count", "cpu_s_total", "cpu_s_max", "maxrss_mb_max"])
+        )
+    parts.append("<h2>Settings</h2><pre>")
+    parts.append(html.escape(json.dumps(doc.get("settings", {}), indent=2)) + "</pre>")
+    parts.append("</body></html>")
+    path = out_dir / "report.html"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
