@@ -1,0 +1,310 @@
+#!/bin/bash
+# First-boot setup of a Jasper node on EC2: packages, chrony on the Amazon Time Sync Service
+# (plus the ENA PTP hardware clock where the instance has one), the Jasper package, the node
+# token from SSM Parameter Store, and the systemd units of the node's role.
+#
+# Inputs: /etc/jasper/deploy.env (written by the user data that Terraform renders) and the
+# repository files the user data unpacked under /opt/jasper/{units,chrony}. Idempotent: a rerun
+# converges to the same state. Runs as root from cloud-init; output lands in
+# /var/log/cloud-init-output.log.
+set -euo pipefail
+
+DEPLOY_ENV=${JASPER_DEPLOY_ENV:-/etc/jasper/deploy.env}
+STAGE=${JASPER_STAGE_DIR:-/opt/jasper}
+VENV=/opt/jasper/venv
+AWSCLI_VENV=/opt/jasper/awscli
+IMDS=http://169.254.169.254
+
+log() { printf 'jasper-setup: %s\n' "$*" >&2; }
+die() {
+	log "error: $*"
+	exit 1
+}
+
+# shellcheck source=/dev/null
+. "$DEPLOY_ENV"
+
+: "${JASPER_ROLE:?deploy.env lacks JASPER_ROLE}"
+: "${JASPER_NODE_NAME:?deploy.env lacks JASPER_NODE_NAME}"
+: "${JASPER_PUBLISHER_NAME:?deploy.env lacks JASPER_PUBLISHER_NAME}"
+: "${JASPER_PACKAGE:?deploy.env lacks JASPER_PACKAGE}"
+: "${JASPER_CONTROLLER_URL:?deploy.env lacks JASPER_CONTROLLER_URL}"
+: "${JASPER_CONTROLLER_PORT:?deploy.env lacks JASPER_CONTROLLER_PORT}"
+: "${JASPER_NODE_TOKEN_PARAMETER:?deploy.env lacks JASPER_NODE_TOKEN_PARAMETER}"
+: "${JASPER_ADMIN_TOKEN_PARAMETER:?deploy.env lacks JASPER_ADMIN_TOKEN_PARAMETER}"
+: "${JASPER_RELAY_PORT:?deploy.env lacks JASPER_RELAY_PORT}"
+: "${JASPER_RECEIVER_PORT_BASE:?deploy.env lacks JASPER_RECEIVER_PORT_BASE}"
+: "${JASPER_ENDPOINTS:?deploy.env lacks JASPER_ENDPOINTS}"
+: "${JASPER_FAST_PATH:?deploy.env lacks JASPER_FAST_PATH}"
+: "${JASPER_PUBLISHER_STREAM:?deploy.env lacks JASPER_PUBLISHER_STREAM}"
+: "${JASPER_PUBLISHER_RATE:?deploy.env lacks JASPER_PUBLISHER_RATE}"
+: "${JASPER_UNITS:?deploy.env lacks JASPER_UNITS}"
+
+case "$JASPER_ROLE" in
+controller | relay | receiver) ;;
+*) die "unknown role '$JASPER_ROLE'" ;;
+esac
+
+# Retry a command a few times: IAM credentials, package mirrors and PyPI can lag right after
+# boot.
+retry() {
+	local attempts=$1 delay=$2 n=1
+	shift 2
+	until "$@"; do
+		if [ "$n" -ge "$attempts" ]; then
+			return 1
+		fi
+		log "retrying ($n/$attempts): $1"
+		sleep "$delay"
+		n=$((n + 1))
+	done
+}
+
+install_packages() {
+	if command -v apt-get >/dev/null 2>&1; then
+		export DEBIAN_FRONTEND=noninteractive
+		retry 5 10 apt-get update -qq
+		retry 3 10 apt-get install -y -qq --no-install-recommends \
+			chrony curl ca-certificates python3 python3-venv python3-pip iproute2 ethtool
+		if [ "$JASPER_ROLE" != controller ]; then
+			# The kernel fast path compiles its programs on the node; without the toolchain the
+			# daemons fall back to the user-space path (fast_path = auto).
+			apt-get install -y -qq --no-install-recommends clang llvm libbpf-dev bpftool ||
+				log "eBPF toolchain not installed; relays and receivers use the user-space path"
+		fi
+	elif command -v dnf >/dev/null 2>&1; then
+		retry 3 10 dnf install -y -q chrony python3.11 python3.11-pip iproute ethtool
+		command -v curl >/dev/null 2>&1 || retry 3 10 dnf install -y -q curl-minimal
+		if [ "$JASPER_ROLE" != controller ]; then
+			dnf install -y -q clang llvm libbpf-devel bpftool ||
+				log "eBPF toolchain not installed; relays and receivers use the user-space path"
+		fi
+	else
+		die "neither apt-get nor dnf found: use Debian 12, Ubuntu 22.04/24.04 or Amazon Linux 2023"
+	fi
+}
+
+# Jasper needs Python 3.11 or later; the distributions name it differently.
+find_python() {
+	local candidate
+	for candidate in python3.13 python3.12 python3.11 python3; do
+		if command -v "$candidate" >/dev/null 2>&1 &&
+			"$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+			command -v "$candidate"
+			return 0
+		fi
+	done
+	return 1
+}
+
+imds_token() {
+	curl -fsS -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 600' "$IMDS/latest/api/token"
+}
+
+imds_get() {
+	curl -fsS -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" "$IMDS/latest/meta-data/$1"
+}
+
+create_user() {
+	if ! id jasper >/dev/null 2>&1; then
+		local nologin
+		nologin=$(command -v nologin || echo /bin/false)
+		useradd --system --user-group --home-dir /var/lib/jasper --shell "$nologin" jasper
+	fi
+	install -d -m 0750 -o jasper -g jasper /var/lib/jasper
+	install -d -m 0755 /etc/jasper /etc/jasper/chrony.d
+}
+
+tune_kernel() {
+	# Large fan-outs overflow the default neighbour table (gc_thresh3 = 1024); bursts of
+	# market data need larger socket buffers than the defaults.
+	cat >/etc/sysctl.d/60-jasper.conf <<'SYSCTL'
+net.core.rmem_max = 33554432
+net.core.wmem_max = 33554432
+net.core.rmem_default = 4194304
+net.core.wmem_default = 4194304
+net.core.netdev_max_backlog = 10000
+net.ipv4.neigh.default.gc_thresh1 = 4096
+net.ipv4.neigh.default.gc_thresh2 = 8192
+net.ipv4.neigh.default.gc_thresh3 = 16384
+SYSCTL
+	sysctl -q -p /etc/sysctl.d/60-jasper.conf || log "some sysctl settings were not applied"
+}
+
+check_ena() {
+	local iface driver
+	iface=$(ip -o -4 route show default | awk '{print $5; exit}')
+	driver=$(ethtool -i "$iface" 2>/dev/null | awk '/^driver:/ {print $2}')
+	if [ "$driver" != ena ]; then
+		log "warning: $iface uses driver '${driver:-unknown}', not ena: enhanced networking is off"
+	fi
+}
+
+# The ENA PTP hardware clock, if the instance exposes one: prefer a clock the ENA driver
+# registered, else /dev/ptp0.
+find_phc() {
+	local dev name
+	for dev in /sys/class/ptp/ptp*; do
+		[ -e "$dev/clock_name" ] || continue
+		name=$(cat "$dev/clock_name")
+		case "$name" in
+		*ena*)
+			echo "/dev/$(basename "$dev")"
+			return 0
+			;;
+		esac
+	done
+	if [ -e /dev/ptp0 ]; then
+		echo /dev/ptp0
+		return 0
+	fi
+	return 1
+}
+
+configure_chrony() {
+	local conf phc
+	if [ -d /etc/chrony ]; then
+		conf=/etc/chrony/chrony.conf # Debian, Ubuntu
+	else
+		conf=/etc/chrony.conf # Amazon Linux
+	fi
+	if [ -f "$conf" ] && [ ! -f "$conf.orig" ]; then
+		cp -p "$conf" "$conf.orig"
+	fi
+	install -m 0644 "$STAGE/chrony/chrony.conf" "$conf"
+
+	# Newer ENA drivers expose the PHC only with phc_enable=1; it takes effect on the next
+	# load of the driver (reboot), so the first boot may run on the Time Sync Service alone.
+	if lsmod 2>/dev/null | grep -q '^ena '; then
+		echo 'options ena phc_enable=1' >/etc/modprobe.d/jasper-ena-phc.conf
+	fi
+	rm -f /etc/jasper/chrony.d/jasper-phc.conf
+	if phc=$(find_phc); then
+		sed "s#/dev/ptp0#$phc#" "$STAGE/chrony/jasper-phc.conf" >/etc/jasper/chrony.d/jasper-phc.conf
+		log "chrony: PTP hardware clock $phc as preferred refclock"
+	else
+		log "chrony: no PTP hardware clock; Amazon Time Sync Service at 169.254.169.123 only"
+	fi
+
+	local service=chrony
+	if ! systemctl cat chrony.service >/dev/null 2>&1; then
+		service=chronyd
+	fi
+	systemctl enable "$service"
+	systemctl restart "$service"
+	# chrony-wait holds time-sync.target until the clock is synchronized, so the daemons
+	# (ordered after time-sync.target) never stamp deadlines from an unsynchronized clock.
+	if systemctl cat chrony-wait.service >/dev/null 2>&1; then
+		systemctl enable chrony-wait.service
+	fi
+	chronyc waitsync 60 0.001 0 1 || log "warning: chrony not yet synchronized"
+}
+
+install_jasper() {
+	local python
+	python=$(find_python) || die "no Python 3.11 or later found"
+	if [ ! -x "$VENV/bin/python" ]; then
+		"$python" -m venv "$VENV"
+	fi
+	retry 3 10 "$VENV/bin/pip" install -q --upgrade pip
+	retry 3 10 "$VENV/bin/pip" install -q "$JASPER_PACKAGE"
+	"$VENV/bin/jasper" --help >/dev/null
+}
+
+install_aws_cli() {
+	if command -v aws >/dev/null 2>&1; then
+		command -v aws
+		return 0
+	fi
+	local python
+	python=$(find_python) || die "no Python 3.11 or later found"
+	if [ ! -x "$AWSCLI_VENV/bin/aws" ]; then
+		"$python" -m venv "$AWSCLI_VENV"
+		retry 3 10 "$AWSCLI_VENV/bin/pip" install -q awscli >&2
+	fi
+	echo "$AWSCLI_VENV/bin/aws"
+}
+
+# Prints the decrypted value of an SSM SecureString parameter. The instance role may take a
+# few seconds to become usable after launch, hence the retries.
+read_parameter() {
+	local name=$1 value
+	value=$(retry 20 6 "$AWS" ssm get-parameter --region "$REGION" --name "$name" \
+		--with-decryption --query Parameter.Value --output text) ||
+		die "cannot read SSM parameter $name (does it exist, and may this role read it?)"
+	# Tokens go into EnvironmentFile= lines and files as they are; refuse anything that would
+	# need quoting there.
+	if ! [[ $value =~ ^[A-Za-z0-9._~+/=-]{32,}$ ]]; then
+		die "SSM parameter $name must hold at least 32 characters of [A-Za-z0-9._~+/=-]"
+	fi
+	printf '%s' "$value"
+}
+
+write_secret() {
+	local path=$1 content=$2
+	install -m 0640 -o root -g jasper /dev/null "$path"
+	printf '%s\n' "$content" >"$path"
+}
+
+write_node_env() {
+	cat >/etc/jasper/node.env <<NODEENV
+JASPER_CONTROLLER_URL=$JASPER_CONTROLLER_URL
+JASPER_CONTROLLER_PORT=$JASPER_CONTROLLER_PORT
+JASPER_NODE_NAME=$JASPER_NODE_NAME
+JASPER_PUBLISHER_NAME=$JASPER_PUBLISHER_NAME
+JASPER_DATA_ADDR=$DATA_ADDR
+JASPER_RELAY_PORT=$JASPER_RELAY_PORT
+JASPER_RECEIVER_PORT_BASE=$JASPER_RECEIVER_PORT_BASE
+JASPER_ENDPOINTS=$JASPER_ENDPOINTS
+JASPER_FAST_PATH=$JASPER_FAST_PATH
+JASPER_PUBLISHER_STREAM=$JASPER_PUBLISHER_STREAM
+JASPER_PUBLISHER_RATE=$JASPER_PUBLISHER_RATE
+NODEENV
+	chmod 0644 /etc/jasper/node.env
+}
+
+start_units() {
+	local units unit
+	read -r -a units <<<"$JASPER_UNITS"
+	for unit in "${units[@]}"; do
+		install -m 0644 "$STAGE/units/$unit" "/etc/systemd/system/$unit"
+	done
+	systemctl daemon-reload
+	for unit in "${units[@]}"; do
+		systemctl enable "$unit"
+		systemctl restart "$unit"
+		log "started $unit"
+	done
+}
+
+main() {
+	log "node $JASPER_NODE_NAME, role $JASPER_ROLE, controller $JASPER_CONTROLLER_URL"
+	install_packages
+	create_user
+	tune_kernel
+	check_ena
+	configure_chrony
+
+	IMDS_TOKEN=$(imds_token)
+	DATA_ADDR=$(imds_get local-ipv4)
+	REGION=$(imds_get placement/region)
+
+	AWS=$(install_aws_cli)
+	# Assignments, not arguments: a failed read then stops the script (set -e).
+	local node_token admin_token
+	node_token=$(read_parameter "$JASPER_NODE_TOKEN_PARAMETER")
+	write_secret /etc/jasper/node-token "$node_token"
+	if [ "$JASPER_ROLE" = controller ]; then
+		admin_token=$(read_parameter "$JASPER_ADMIN_TOKEN_PARAMETER")
+		write_secret /etc/jasper/controller.env \
+			"$(printf 'JASPER_ADMIN_TOKEN=%s\nJASPER_NODE_TOKEN=%s' "$admin_token" "$node_token")"
+	fi
+
+	install_jasper
+	write_node_env
+	start_units
+	touch /var/lib/jasper/setup-done
+	log "done"
+}
+
+main "$@"
