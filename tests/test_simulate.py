@@ -12,6 +12,7 @@ import pytest
 from jasper.latency_model import LemonVMs, LinkModel, LognormalLatency, UniformLatency
 from jasper.simulate import (
     PAPER_HEDGING,
+    BaselineResult,
     CostModel,
     HoldPolicy,
     Scenario,
@@ -35,7 +36,7 @@ def zero_biases(counts: tuple[int, ...]) -> list[np.ndarray]:
     return [np.zeros(c) for c in counts]
 
 
-def by_name(results: tuple) -> dict:  # type: ignore[type-arg]
+def by_name(results: tuple[BaselineResult, ...]) -> dict[str, BaselineResult]:
     return {r.name: r for r in results}
 
 
