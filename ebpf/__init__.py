@@ -1,0 +1,1 @@
+"""Kernel fast path of Jasper: eBPF programs (C, in this folder), their build and their loader."""

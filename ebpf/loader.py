@@ -1,0 +1,873 @@
+"""Load, pin, attach and detach the Jasper eBPF programs (libbpf through ctypes, TC via pyroute2)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ebpf.build import BuildError, build
+
+log = logging.getLogger(__name__)
+
+BPFFS = Path("/sys/fs/bpf")
+BPF_FS_MAGIC = 0xCAFE4A11
+PIN_SUBDIR = "jasper"
+STATE_DIR = Path(os.environ.get("JASPER_EBPF_STATE_DIR", "/run/jasper/ebpf"))
+"""Where each attached node records its interface, netns and pid, so `cleanup` can undo a crash."""
+
+# TC filter priorities of our filters on clsact ingress: fixed, so detaching (and cleaning up
+# after a crash) removes exactly our filter and leaves anyone else's alone.
+RELAY_TC_PRIO = 0x4A53
+RECEIVER_TC_PRIO = 0x4A54
+TC_HANDLE = 1
+TC_INGRESS_PARENT = 0xFFFFFFF2  # "ffff:fff2", clsact ingress
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+# Counter names in the order of the C enums in jasper_consts.h.
+RELAY_COUNTERS = (
+    "in",
+    "copies",
+    "duplicates",
+    "malformed",
+    "no_neighbour",
+    "fib_fallback",
+    "clone_failed",
+    "no_targets",
+    "passed",
+    "clone_seen",
+)
+RECEIVER_COUNTERS = ("in", "accepted", "duplicates", "not_parent", "malformed", "passed")
+
+# struct jasper_target / jasper_target_table / jasper_parent_key from jasper_structs.h. Addresses
+# and ports are packed as raw network-order bytes; ifindex and count are host order.
+TARGET = struct.Struct("=I4s4s2s2s6s6sB3x")
+TABLE_HEAD = struct.Struct("=2sHI")
+PARENT_KEY = struct.Struct("=4s2s2x")
+TARGET_HEDGE = 0x01
+TARGET_FIB = 0x02
+
+# Neighbour states whose MAC we trust enough to write into the target table.
+_NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERM
+
+
+class FastPathError(RuntimeError):
+    """The fast path could not be set up or torn down (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# libbpf through ctypes
+
+
+class _TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts of libbpf 1.x."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    """The leading fields of struct bpf_map_info."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_lib: ctypes.CDLL | None = None
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libbpf_log: list[str] = []
+
+
+@_PRINT_FN
+def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
+    # libbpf hands us printf arguments as a va_list; vsnprintf formats them.
+    buf = ctypes.create_string_buffer(4096)
+    _libc.vsnprintf(buf, ctypes.c_size_t(len(buf)), fmt, ctypes.c_void_p(args))
+    text = buf.value.decode(errors="replace")
+    _libbpf_log.append(text)
+    del _libbpf_log[:-400]
+    return 0
+
+
+def _libbpf() -> ctypes.CDLL:
+    global _lib
+    if _lib is not None:
+        return _lib
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as e:
+        raise FastPathError(f"libbpf not loadable ({e}); install libbpf1 / libbpf-dev") from e
+    vp, ci, cu32, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_char_p
+    sigs: dict[str, tuple[Any, list[Any]]] = {
+        "bpf_object__open_file": (vp, [cp, vp]),
+        "bpf_object__load": (ci, [vp]),
+        "bpf_object__close": (None, [vp]),
+        "bpf_object__find_program_by_name": (vp, [vp, cp]),
+        "bpf_object__find_map_by_name": (vp, [vp, cp]),
+        "bpf_object__pin_maps": (ci, [vp, cp]),
+        "bpf_program__fd": (ci, [vp]),
+        "bpf_map__fd": (ci, [vp]),
+        "bpf_map_update_elem": (ci, [ci, vp, vp, ctypes.c_uint64]),
+        "bpf_map_lookup_elem": (ci, [ci, vp, vp]),
+        "bpf_map_delete_elem": (ci, [ci, vp]),
+        "bpf_map_get_next_key": (ci, [ci, vp, vp]),
+        "bpf_map_update_batch": (ci, [ci, vp, vp, ctypes.POINTER(cu32), vp]),
+        "bpf_obj_get": (ci, [cp]),
+        "bpf_obj_get_info_by_fd": (ci, [ci, vp, ctypes.POINTER(cu32)]),
+        "bpf_prog_test_run_opts": (ci, [ci, ctypes.POINTER(_TestRunOpts)]),
+        "libbpf_num_possible_cpus": (ci, []),
+        "libbpf_set_print": (vp, [_PRINT_FN]),
+    }
+    for fn, (res, args) in sigs.items():
+        f = getattr(lib, fn)
+        f.restype = res
+        f.argtypes = args
+    lib.libbpf_set_print(_on_libbpf_print)
+    _lib = lib
+    return lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        code = -rc if rc != -1 else ctypes.get_errno()
+        raise FastPathError(f"{what}: {os.strerror(code)} (errno {code})")
+    return rc
+
+
+class BpfMap:
+    """A map by file descriptor: fixed-size keys and values as bytes (per-CPU values summed)."""
+
+    def __init__(self, fd: int, *, owned: bool = False) -> None:
+        lib = _libbpf()
+        info = _MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+        self.fd = fd
+        self.owned = owned
+        self.name = info.name.decode()
+        self.key_size = info.key_size
+        self.value_size = info.value_size
+        self.max_entries = info.max_entries
+        # BPF_MAP_TYPE_PERCPU_HASH = 5, PERCPU_ARRAY = 6: user space sees one value per CPU.
+        self.ncpus = lib.libbpf_num_possible_cpus() if info.type in (5, 6) else 1
+        self._stride = (self.value_size + 7) // 8 * 8 if self.ncpus > 1 else self.value_size
+
+    @classmethod
+    def from_pin(cls, path: Path) -> BpfMap:
+        fd = _libbpf().bpf_obj_get(str(path).encode())
+        _check(fd, f"open pinned map {path}")
+        return cls(fd, owned=True)
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        kb = ctypes.create_string_buffer(key, self.key_size)
+        vb = ctypes.create_string_buffer(value, self._stride * self.ncpus)
+        _check(_libbpf().bpf_map_update_elem(self.fd, kb, vb, flags), f"update {self.name}")
+
+    def lookup(self, key: bytes) -> list[bytes] | None:
+        """The value (one per possible CPU for per-CPU maps), or None when the key is absent."""
+        kb = ctypes.create_string_buffer(key, self.key_size)
+        vb = ctypes.create_string_buffer(self._stride * self.ncpus)
+        if _libbpf().bpf_map_lookup_elem(self.fd, kb, vb) < 0:
+            return None
+        raw = vb.raw
+        return [raw[i * self._stride : i * self._stride + self.value_size] for i in range(self.ncpus)]
+
+    def delete(self, key: bytes) -> None:
+        kb = ctypes.create_string_buffer(key, self.key_size)
+        _libbpf().bpf_map_delete_elem(self.fd, kb)
+
+    def keys(self) -> Iterator[bytes]:
+        lib = _libbpf()
+        cur: ctypes.Array[ctypes.c_char] | None = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        while lib.bpf_map_get_next_key(self.fd, cur, nxt) == 0:
+            yield nxt.raw
+            cur = ctypes.create_string_buffer(nxt.raw, self.key_size)
+
+    def zero_array(self) -> None:
+        """Zero every entry of an array map in one batch (the duplicate rings, the counters)."""
+        n = self.max_entries
+        keys = (ctypes.c_uint32 * n)(*range(n))
+        values = ctypes.create_string_buffer(self._stride * self.ncpus * n)
+        count = ctypes.c_uint32(n)
+        rc = _libbpf().bpf_map_update_batch(self.fd, keys, values, ctypes.byref(count), None)
+        _check(rc, f"zero {self.name}")
+
+    def sum_u64(self, index: int) -> int:
+        vals = self.lookup(struct.pack("=I", index))
+        return sum(struct.unpack("=Q", v)[0] for v in vals) if vals else 0
+
+    def close(self) -> None:
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BpfObject:
+    """One compiled ELF object loaded into the kernel (programs verified, maps created)."""
+
+    def __init__(self, path: Path) -> None:
+        lib = _libbpf()
+        del _libbpf_log[:]
+        obj = lib.bpf_object__open_file(str(path).encode(), None)
+        if not obj:
+            raise FastPathError(f"open {path}: {os.strerror(ctypes.get_errno())}")
+        rc = lib.bpf_object__load(obj)
+        if rc < 0:
+            lib.bpf_object__close(obj)
+            tail = "".join(_libbpf_log[-30:])
+            raise FastPathError(f"load {path.name}: {os.strerror(-rc)}\n{tail}")
+        self._obj: int | None = obj
+
+    def _ptr(self) -> int:
+        if self._obj is None:
+            raise FastPathError("object closed")
+        return self._obj
+
+    def prog_fd(self, name: str) -> int:
+        prog = _libbpf().bpf_object__find_program_by_name(self._ptr(), name.encode())
+        if not prog:
+            raise FastPathError(f"no program {name}")
+        return int(_check(_libbpf().bpf_program__fd(prog), f"fd of {name}"))
+
+    def map(self, name: str) -> BpfMap:
+        m = _libbpf().bpf_object__find_map_by_name(self._ptr(), name.encode())
+        if not m:
+            raise FastPathError(f"no map {name}")
+        return BpfMap(_check(_libbpf().bpf_map__fd(m), f"fd of {name}"))
+
+    def pin_maps(self, folder: Path) -> None:
+        _check(_libbpf().bpf_object__pin_maps(self._ptr(), str(folder).encode()), f"pin {folder}")
+
+    def close(self) -> None:
+        if self._obj is not None:
+            _libbpf().bpf_object__close(self._obj)
+            self._obj = None
+
+
+@dataclass(frozen=True)
+class TestRun:
+    """Outcome of one BPF_PROG_TEST_RUN."""
+
+    retval: int
+    """The program's return code (TC_ACT_* or XDP_*)."""
+    data: bytes
+    """The packet as the program left it."""
+
+
+def prog_test_run(prog_fd: int, packet: bytes) -> TestRun:
+    """Run a loaded program once on `packet` (BPF_PROG_TEST_RUN). Clones leave for real."""
+    out = ctypes.create_string_buffer(len(packet) + 512)
+    inp = ctypes.create_string_buffer(packet, len(packet))
+    opts = _TestRunOpts(
+        sz=ctypes.sizeof(_TestRunOpts),
+        data_in=ctypes.cast(inp, ctypes.c_void_p),
+        data_out=ctypes.cast(out, ctypes.c_void_p),
+        data_size_in=len(packet),
+        data_size_out=len(out),
+        repeat=1,
+    )
+    _check(_libbpf().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
+    return TestRun(retval=opts.retval, data=out.raw[: opts.data_size_out])
+
+
+# ---------------------------------------------------------------------------------------------
+# bpffs, pins and crash records
+
+
+def _is_bpffs(mountinfo: Path, where: str) -> bool:
+    try:
+        for line in mountinfo.read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == where and right.split()[0] == "bpf":
+                return True
+    except OSError:
+        return False
+    return False
+
+
+def bpffs_root() -> Path:
+    """A bpffs that every process of this host sees; mounted at /sys/fs/bpf when none is.
+
+    `ip netns exec` gives a process a fresh /sys without bpffs; a bpffs mounted there would be a
+    private instance, so we reach the host's instance through /proc/1/root instead.
+    """
+    if _is_bpffs(Path("/proc/self/mountinfo"), str(BPFFS)):
+        return BPFFS
+    host = Path("/proc/1/root") / "sys/fs/bpf"
+    if _is_bpffs(Path("/proc/1/mountinfo"), str(BPFFS)) and host.is_dir():
+        return host
+    BPFFS.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        ["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True, check=False
+    )
+    if res.returncode != 0:
+        raise FastPathError(f"cannot mount bpffs at {BPFFS}: {res.stderr.strip()}")
+    return BPFFS
+
+
+def pin_dir(node: str) -> Path:
+    """/sys/fs/bpf/jasper/<node>: the node's pinned maps."""
+    if not node or "/" in node or node.startswith("."):
+        raise ValueError(f"bad node name {node!r}")
+    return bpffs_root() / PIN_SUBDIR / node
+
+
+def _netns_inode(pid: int | str = "self") -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _write_state(node: str, record: dict[str, Any]) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = STATE_DIR / f".{node}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, STATE_DIR / f"{node}.json")
+
+
+def _owner_alive(record: dict[str, Any]) -> bool:
+    pid = int(record.get("pid", 0))
+    return pid > 0 and _start_time(pid) == record.get("start_time")
+
+
+def _find_netns(inode: int) -> str | None:
+    """A path that opens the network namespace with this inode, if one still exists."""
+    candidates = [Path("/proc/self/ns/net"), Path("/proc/1/ns/net")]
+    for d in (Path("/run/netns"), Path("/var/run/netns")):
+        if d.is_dir():
+            candidates += sorted(d.iterdir())
+    for c in candidates:
+        try:
+            if c.stat().st_ino == inode:
+                return str(c)
+        except OSError:
+            continue
+    return None
+
+
+def _detach_foreign(record: dict[str, Any]) -> bool:
+    """Remove a crashed process's filter or XDP program, entering its netns with nsenter."""
+    ns = _find_netns(int(record["netns_inode"]))
+    if ns is None:
+        return False  # the namespace is gone, and its interfaces and filters with it
+    ifname = record["ifname"]
+    if record.get("hook") == "xdp":
+        cmd = ["ip", "link", "set", "dev", ifname, "xdp", "off"]
+    else:
+        prio = str(record["tc_prio"])
+        cmd = ["tc", "filter", "del", "dev", ifname, "ingress", "pref", prio]
+    res = subprocess.run(["nsenter", f"--net={ns}", *cmd], capture_output=True, check=False)
+    return res.returncode == 0
+
+
+def _unpin(folder: Path) -> list[str]:
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        entry.unlink(missing_ok=True)
+        removed.append(str(entry))
+    folder.rmdir()
+    removed.append(str(folder))
+    return removed
+
+
+def cleanup(node: str | None = None, *, force: bool = False) -> list[str]:
+    """Remove what crashed fast-path processes left: TC filters, XDP programs, pins, records.
+
+    Nodes whose owning process still runs are left alone unless `force`. Returns what it removed.
+    """
+    removed: list[str] = []
+    records: dict[str, dict[str, Any]] = {}
+    if STATE_DIR.is_dir():
+        for f in STATE_DIR.glob("*.json"):
+            try:
+                records[f.stem] = json.loads(f.read_text())
+            except (OSError, ValueError):
+                records[f.stem] = {}
+    root = bpffs_root() / PIN_SUBDIR
+    pinned = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    names = sorted(set(records) | pinned)
+    if node is not None:
+        names = [n for n in names if n == node]
+    for name in names:
+        record = records.get(name)
+        if record and _owner_alive(record) and not force:
+            log.info("fast path of %s still owned by pid %s; left alone", name, record["pid"])
+            continue
+        if record and record.get("ifname") and _detach_foreign(record):
+            removed.append(f"{record.get('hook', 'tc')} program on {record['ifname']}")
+        removed += _unpin(root / name)
+        state = STATE_DIR / f"{name}.json"
+        if state.exists():
+            state.unlink()
+            removed.append(str(state))
+    return removed
+
+
+def status() -> list[dict[str, Any]]:
+    """Every node with pinned maps: its record and current counters."""
+    out: list[dict[str, Any]] = []
+    root = bpffs_root() / PIN_SUBDIR
+    if not root.is_dir():
+        return out
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        rec: dict[str, Any] = {"node": folder.name}
+        state = STATE_DIR / f"{folder.name}.json"
+        if state.exists():
+            rec.update(json.loads(state.read_text()))
+            rec["owner_alive"] = _owner_alive(rec)
+        for stats, names in (("relay_stats", RELAY_COUNTERS), ("recv_stats", RECEIVER_COUNTERS)):
+            if (folder / stats).exists():
+                m = BpfMap.from_pin(folder / stats)
+                try:
+                    rec["counters"] = {n: m.sum_u64(i) for i, n in enumerate(names)}
+                finally:
+                    m.close()
+        out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability
+
+_available: tuple[bool, str] | None = None
+
+
+def fast_path_available() -> tuple[bool, str]:
+    """(usable, reason when not): root, libbpf, clang, bpffs, and both programs pass the verifier."""
+    global _available
+    if _available is not None:
+        return _available
+    try:
+        if os.geteuid() != 0:
+            raise FastPathError("needs root (CAP_BPF and CAP_NET_ADMIN)")
+        _libbpf()
+        bpffs_root()
+        for program in ("relay", "receiver"):
+            BpfObject(build(program)).close()
+        _available = (True, "")
+    except (FastPathError, BuildError, OSError) as e:
+        _available = (False, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return _available
+
+
+# ---------------------------------------------------------------------------------------------
+# Attaching
+
+
+def _ipr() -> Any:
+    from pyroute2 import IPRoute  # only where something is attached: keeps imports light
+
+    return IPRoute()
+
+
+def _ifindex(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise FastPathError(f"no interface {ifname} in this network namespace")
+    return int(found[0])
+
+
+def _tc_attach(ifname: str, prog_fd: int, name: str, prio: int) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with _ipr() as ipr:
+        idx = _ifindex(ipr, ifname)
+        try:
+            ipr.tc("add", "clsact", idx)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise FastPathError(f"add clsact on {ifname}: {e}") from e
+        try:
+            ipr.tc(
+                "add-filter",
+                "bpf",
+                idx,
+                TC_HANDLE,
+                fd=prog_fd,
+                name=name,
+                parent=TC_INGRESS_PARENT,
+                prio=prio,
+                direct_action=True,
+                protocol=socket.htons(0x0003),  # ETH_P_ALL
+            )
+        except NetlinkError as e:
+            raise FastPathError(f"attach {name} to {ifname} ingress: {e}") from e
+
+
+def _tc_detach(ifname: str, prio: int) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return
+        idx = found[0]
+        try:
+            ipr.tc(
+                "del-filter",
+                "bpf",
+                idx,
+                TC_HANDLE,
+                parent=TC_INGRESS_PARENT,
+                prio=prio,
+                protocol=socket.htons(0x0003),
+            )
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise FastPathError(f"detach from {ifname}: {e}") from e
+        # Drop the clsact qdisc too when nothing else hangs on it.
+        try:
+            left = list(ipr.get_filters(idx, parent=0xFFFFFFF2)) + list(
+                ipr.get_filters(idx, parent=0xFFFFFFF3)
+            )
+            if not left:
+                ipr.tc("del", "clsact", idx)
+        except NetlinkError:
+            pass
+
+
+class _Attachment:
+    """What both fast paths share: object, pins, crash record, detach."""
+
+    role = ""
+    prog_name = ""
+    tc_prio = 0
+
+    def __init__(self, *, node: str, ifname: str, hook: str = "tc") -> None:
+        self.node = node
+        self.ifname = ifname
+        self.hook = hook
+        self._obj: BpfObject | None = None
+        self._maps: dict[str, BpfMap] = {}
+        self._attached = False
+        self._pins: Path | None = None
+        self._recorded = False
+
+    def _load(self) -> None:
+        """Load, record ownership, pin. The record is written before pinning, so a crash never
+        leaves pins that `cleanup` cannot attribute."""
+        folder = pin_dir(self.node)
+        record = STATE_DIR / f"{self.node}.json"
+        if folder.exists() or record.exists():
+            cleanup(self.node)
+            if folder.exists():
+                raise FastPathError(f"node {self.node} is already attached by a live process")
+        obj = BpfObject(build(self.role))
+        self._obj = obj
+        _write_state(
+            self.node,
+            {
+                "node": self.node,
+                "role": self.role,
+                "pid": os.getpid(),
+                "start_time": _start_time(os.getpid()),
+                "netns_inode": _netns_inode(),
+                "ifname": self.ifname,
+                "hook": self.hook,
+                "tc_prio": self.tc_prio,
+                "pin_dir": str(folder),
+                "attached_at_unix_s": int(time.time()),
+            },
+        )
+        self._recorded = True
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        obj.pin_maps(folder)
+        self._pins = folder
+
+    def _map(self, name: str) -> BpfMap:
+        if name not in self._maps:
+            if self._obj is None:
+                raise FastPathError(f"{self.role} fast path of {self.node} is not attached")
+            self._maps[name] = self._obj.map(name)
+        return self._maps[name]
+
+    @property
+    def prog_fd(self) -> int:
+        """File descriptor of the loaded program (for BPF_PROG_TEST_RUN)."""
+        if self._obj is None:
+            raise FastPathError("not loaded")
+        return self._obj.prog_fd(self.prog_name)
+
+    def _hook_on(self) -> None:
+        if self.hook == "xdp":
+            with _ipr() as ipr:
+                idx = _ifindex(ipr, self.ifname)
+                ipr.link("set", index=idx, xdp_fd=self.prog_fd)
+        else:
+            _tc_attach(self.ifname, self.prog_fd, self.prog_name, self.tc_prio)
+        self._attached = True
+
+    def close(self) -> None:
+        """Detach, unpin, remove the node's folder and record. Safe to call twice."""
+        if self._attached:
+            try:
+                if self.hook == "xdp":
+                    with _ipr() as ipr:
+                        found = ipr.link_lookup(ifname=self.ifname)
+                        if found:
+                            ipr.link("set", index=found[0], xdp_fd=-1)
+                else:
+                    _tc_detach(self.ifname, self.tc_prio)
+            finally:
+                self._attached = False
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+        if self._pins is not None:
+            shutil.rmtree(self._pins, ignore_errors=True)
+            self._pins = None
+        if self._recorded:
+            (STATE_DIR / f"{self.node}.json").unlink(missing_ok=True)
+            self._recorded = False
+
+    def _counters(self, stats: str, names: Sequence[str]) -> dict[str, int]:
+        m = self._map(stats)
+        return {n: m.sum_u64(i) for i, n in enumerate(names)}
+
+    def __enter__(self) -> _Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """One relay target as written into the kernel's target table."""
+
+    ip: str
+    """Destination IPv4."""
+    port: int
+    """Destination UDP port."""
+    hedge: bool
+    """Copies carry the hedge-copy flag."""
+    ifindex: int
+    """Egress interface."""
+    saddr: str
+    """Relay's source address toward the target."""
+    dmac: str | None
+    """Next-hop MAC from the neighbour table, or None: looked up per packet (bpf_fib_lookup)."""
+    smac: str
+    """Egress interface MAC."""
+
+
+def _mac_bytes(mac: str | None) -> bytes:
+    return bytes.fromhex(mac.replace(":", "")) if mac else bytes(6)
+
+
+def resolve_target(ipr: Any, ip: str, port: int, hedge: bool) -> ResolvedTarget | None:
+    """Route and neighbour lookup for one target in this netns; None when it has no route."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        route = ipr.route("get", dst=ip)[0]
+    except (NetlinkError, IndexError):
+        return None
+    oif = int(route.get_attr("RTA_OIF"))
+    nexthop = route.get_attr("RTA_GATEWAY") or ip
+    saddr = route.get_attr("RTA_PREFSRC")
+    if saddr is None:
+        addrs = ipr.get_addr(index=oif, family=socket.AF_INET)
+        if not addrs:
+            return None
+        saddr = addrs[0].get_attr("IFA_ADDRESS")
+    link = ipr.get_links(oif)[0]
+    smac = link.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
+    dmac = None
+    for neigh in ipr.get_neighbours(ifindex=oif, dst=nexthop, family=socket.AF_INET):
+        if neigh["state"] & _NUD_USABLE and neigh.get_attr("NDA_LLADDR"):
+            dmac = neigh.get_attr("NDA_LLADDR")
+            break
+    return ResolvedTarget(ip, port, hedge, oif, str(saddr), dmac, str(smac))
+
+
+class RelayFastPath(_Attachment):
+    """The relay's kernel replication: TC ingress on `ifname`, copies to every target."""
+
+    role = "relay"
+    prog_name = "jasper_relay"
+    tc_prio = RELAY_TC_PRIO
+
+    def __init__(self, *, node: str, ifname: str, listen_port: int) -> None:
+        super().__init__(node=node, ifname=ifname, hook="tc")
+        if not 0 < listen_port < 65536:
+            raise ValueError(f"listen_port {listen_port} out of range")
+        self.listen_port = listen_port
+        self.targets: tuple[ResolvedTarget, ...] = ()
+        """The table last written, with how each MAC was found."""
+        self.unroutable: tuple[tuple[str, int, bool], ...] = ()
+        """Targets left out because this namespace has no route to them."""
+
+    @property
+    def max_targets(self) -> int:
+        return (self._map("relay_targets").value_size - TABLE_HEAD.size) // TARGET.size
+
+    def attach(self) -> None:
+        """Load, pin under /sys/fs/bpf/jasper/<node>/, set an empty table, attach at ingress."""
+        try:
+            self._load()
+            self._write_table([])
+            self._hook_on()
+        except BaseException:
+            self.close()
+            raise
+        log.info("relay fast path of %s attached on %s", self.node, self.ifname)
+
+    def _write_table(self, targets: Sequence[ResolvedTarget]) -> None:
+        m = self._map("relay_targets")
+        if len(targets) > self.max_targets:
+            raise ValueError(f"{len(targets)} targets; the program holds {self.max_targets}")
+        body = TABLE_HEAD.pack(struct.pack("!H", self.listen_port), len(targets), 0)
+        for t in targets:
+            flags = (TARGET_HEDGE if t.hedge else 0) | (0 if t.dmac else TARGET_FIB)
+            body += TARGET.pack(
+                t.ifindex,
+                ipaddress.IPv4Address(t.ip).packed,
+                ipaddress.IPv4Address(t.saddr).packed,
+                struct.pack("!H", t.port),
+                struct.pack("!H", self.listen_port),
+                _mac_bytes(t.dmac),
+                _mac_bytes(t.smac),
+                flags,
+            )
+        # One element holds the whole table: the kernel swaps it in one step.
+        m.update(struct.pack("=I", 0), body.ljust(m.value_size, b"\0"))
+        self.targets = tuple(targets)
+
+    def set_targets(self, targets: Sequence[tuple[str, int, bool]]) -> None:
+        """Replace the copy targets: (IPv4, UDP port, is_hedge) each, resolved here and now.
+
+        A target whose next-hop MAC is not in the neighbour table is resolved per packet with
+        bpf_fib_lookup (counted as fib_fallback, or no_neighbour when that fails too).
+        """
+        resolved: list[ResolvedTarget] = []
+        unroutable: list[tuple[str, int, bool]] = []
+        with _ipr() as ipr:
+            for ip, port, hedge in targets:
+                r = resolve_target(ipr, ip, int(port), bool(hedge))
+                if r is None:
+                    unroutable.append((ip, port, hedge))
+                else:
+                    resolved.append(r)
+        if unroutable:
+            log.warning("relay %s: no route to %d targets: %s", self.node, len(unroutable), unroutable)
+        self.unroutable = tuple(unroutable)
+        self._write_table(resolved)
+
+    def counters(self) -> dict[str, int]:
+        """Kernel counters summed over CPUs, plus how the current targets were resolved."""
+        c = self._counters("relay_stats", RELAY_COUNTERS)
+        c["targets"] = len(self.targets)
+        c["targets_fib"] = sum(1 for t in self.targets if t.dmac is None)
+        c["targets_unroutable"] = len(self.unroutable)
+        return c
+
+    def reset(self) -> None:
+        """Forget every message seen and zero the counters (between test fixtures)."""
+        self._map("relay_ring").zero_array()
+        self._map("relay_stats").zero_array()
+
+
+class ReceiverFastPath(_Attachment):
+    """The receiver host's filter: duplicate copies and non-parents dropped before user space."""
+
+    role = "receiver"
+    tc_prio = RECEIVER_TC_PRIO
+
+    def __init__(
+        self, *, node: str, ifname: str, ports: Sequence[int], hook: str = "tc"
+    ) -> None:
+        if hook not in ("tc", "xdp"):
+            raise ValueError(f"hook must be tc or xdp, not {hook!r}")
+        super().__init__(node=node, ifname=ifname, hook=hook)
+        self.prog_name = "jasper_receiver_xdp" if hook == "xdp" else "jasper_receiver_tc"
+        self.ports = tuple(int(p) for p in ports)
+        for p in self.ports:
+            if not 0 < p < 65536:
+                raise ValueError(f"port {p} out of range")
+
+    def attach(self) -> None:
+        try:
+            self._load()
+            m = self._map("recv_ports")
+            for p in self.ports:
+                m.update(struct.pack("!H", p), b"\1")
+            self._hook_on()
+        except BaseException:
+            self.close()
+            raise
+        log.info("receiver fast path of %s attached on %s (%s)", self.node, self.ifname, self.hook)
+
+    def set_parents(self, parents: Sequence[tuple[str, int]]) -> None:
+        """Allow-list of (source IPv4, source port or 0 for any). New entries go in before stale
+        ones leave, so a parent present in both lists is never refused in between."""
+        m = self._map("recv_parents")
+        wanted = {
+            PARENT_KEY.pack(ipaddress.IPv4Address(ip).packed, struct.pack("!H", int(port)))
+            for ip, port in parents
+        }
+        if len(wanted) > m.max_entries:
+            raise ValueError(f"{len(wanted)} parents; the map holds {m.max_entries}")
+        for key in wanted:
+            m.update(key, b"\1")
+        for key in list(m.keys()):
+            if key not in wanted:
+                m.delete(key)
+
+    def counters(self) -> dict[str, int]:
+        return self._counters("recv_stats", RECEIVER_COUNTERS)
+
+    def reset(self) -> None:
+        """Forget every message seen and zero the counters (between test fixtures)."""
+        self._map("recv_ring").zero_array()
+        self._map("recv_stats").zero_array()
