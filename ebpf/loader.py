@@ -1,4 +1,4 @@
-"""Load, pin, attach and detach the Jasper eBPF programs (libbpf through ctypes, TC via pyroute2)."""
+"""Load, pin, attach and detach the Jasper eBPF programs (libbpf via ctypes, TC via pyroute2)."""
 
 from __future__ import annotations
 
@@ -116,8 +116,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libbpf_log: list[str] = []
 
 
-@_PRINT_FN
-def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
+def _libbpf_print(level: int, fmt: bytes, args: int) -> int:
     # libbpf hands us printf arguments as a va_list; vsnprintf formats them.
     buf = ctypes.create_string_buffer(4096)
     _libc.vsnprintf(buf, ctypes.c_size_t(len(buf)), fmt, ctypes.c_void_p(args))
@@ -125,6 +124,9 @@ def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
     _libbpf_log.append(text)
     del _libbpf_log[:-400]
     return 0
+
+
+_on_libbpf_print = _PRINT_FN(_libbpf_print)
 
 
 def _libbpf() -> ctypes.CDLL:
@@ -209,7 +211,8 @@ class BpfMap:
         if _libbpf().bpf_map_lookup_elem(self.fd, kb, vb) < 0:
             return None
         raw = vb.raw
-        return [raw[i * self._stride : i * self._stride + self.value_size] for i in range(self.ncpus)]
+        step, size = self._stride, self.value_size
+        return [raw[i * step : i * step + size] for i in range(self.ncpus)]
 
     def delete(self, key: bytes) -> None:
         kb = ctypes.create_string_buffer(key, self.key_size)
@@ -480,7 +483,7 @@ _available: tuple[bool, str] | None = None
 
 
 def fast_path_available() -> tuple[bool, str]:
-    """(usable, reason when not): root, libbpf, clang, bpffs, and both programs pass the verifier."""
+    """(usable, reason when not): root, libbpf, clang, bpffs, both programs pass the verifier."""
     global _available
     if _available is not None:
         return _available
@@ -750,7 +753,7 @@ class RelayFastPath(_Attachment):
 
     @property
     def max_targets(self) -> int:
-        return (self._map("relay_targets").value_size - TABLE_HEAD.size) // TARGET.size
+        return int(self._map("relay_targets").value_size - TABLE_HEAD.size) // TARGET.size
 
     def attach(self) -> None:
         """Load, pin under /sys/fs/bpf/jasper/<node>/, set an empty table, attach at ingress."""
@@ -800,7 +803,7 @@ class RelayFastPath(_Attachment):
                 else:
                     resolved.append(r)
         if unroutable:
-            log.warning("relay %s: no route to %d targets: %s", self.node, len(unroutable), unroutable)
+            log.warning("relay %s: no route to targets %s", self.node, unroutable)
         self.unroutable = tuple(unroutable)
         self._write_table(resolved)
 
@@ -824,9 +827,7 @@ class ReceiverFastPath(_Attachment):
     role = "receiver"
     tc_prio = RECEIVER_TC_PRIO
 
-    def __init__(
-        self, *, node: str, ifname: str, ports: Sequence[int], hook: str = "tc"
-    ) -> None:
+    def __init__(self, *, node: str, ifname: str, ports: Sequence[int], hook: str = "tc") -> None:
         if hook not in ("tc", "xdp"):
             raise ValueError(f"hook must be tc or xdp, not {hook!r}")
         super().__init__(node=node, ifname=ifname, hook=hook)
