@@ -1,0 +1,134 @@
+"""Node clocks: the kernel clock, and a software clock with injected skew that sync corrects."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Protocol
+
+from jasper.clockbound import (
+    DEFAULT_MAX_DRIFT_PPM,
+    UNKNOWN_BOUND,
+    ClockBound,
+    ClockStatus,
+)
+
+
+class NodeClock(Protocol):
+    """What the data plane and the sync path need from a clock."""
+
+    def now_ns(self) -> int:
+        """The node's best estimate of UTC, ns since the epoch."""
+        ...
+
+    def bound(self) -> ClockBound:
+        """The error bound of `now_ns` readings."""
+        ...
+
+
+class SystemClock:
+    """CLOCK_REALTIME as is; its bound comes from whoever reads chrony or ClockBound.
+
+    `set_bound` is how a reader (overlay.clocksync) publishes what it learned.
+    """
+
+    def __init__(self) -> None:
+        self._bound = UNKNOWN_BOUND
+
+    def now_ns(self) -> int:
+        return time.time_ns()
+
+    def true_ns(self) -> int:
+        return time.time_ns()
+
+    def bound(self) -> ClockBound:
+        return self._bound
+
+    def set_bound(self, bound: ClockBound) -> None:
+        self._bound = bound
+
+
+class SoftwareClock:
+    """An emulated node clock over the shared kernel clock, which stands for true time.
+
+    reading = true + offset_ns + drift_ppm * (true - epoch) / 1e6 + correction_ns
+
+    All namespaces on one machine share CLOCK_REALTIME, so skew exists only here, and only
+    the node's own sync path (NTP exchanges timestamped with `now_ns`) can remove it:
+    `apply_correction` is the only way the correction changes.
+    """
+
+    def __init__(
+        self,
+        *,
+        offset_ns: int = 0,
+        drift_ppm: float = 0.0,
+        max_drift_ppm: float = DEFAULT_MAX_DRIFT_PPM,
+        name: str = "",
+    ) -> None:
+        self.name = name
+        self.offset_ns = offset_ns
+        self.drift_ppm = drift_ppm
+        self.max_drift_ppm = max_drift_ppm
+        self._epoch_true_ns = time.time_ns()
+        self._correction_ns = 0
+        self._bound = ClockBound(
+            status=ClockStatus.UNKNOWN,
+            as_of_ns=0,
+            base_bound_ns=0,
+            max_drift_ppm=max_drift_ppm,
+            source="unsynchronized",
+        )
+        # Release threads read the clock while the sync task corrects it.
+        self._lock = threading.Lock()
+
+    def _skew_ns(self, true_ns: int) -> int:
+        return self.offset_ns + int((true_ns - self._epoch_true_ns) * self.drift_ppm / 1e6)
+
+    def true_ns(self) -> int:
+        """The kernel clock: true time in this emulation."""
+        return time.time_ns()
+
+    def raw_ns(self) -> int:
+        """The uncorrected emulated clock (offset and drift, no correction)."""
+        return self.reading_at(time.time_ns(), corrected=False)
+
+    def now_ns(self) -> int:
+        """The node's corrected clock."""
+        return self.reading_at(time.time_ns())
+
+    def reading_at(self, true_ns: int, *, corrected: bool = True) -> int:
+        """What the clock reads at kernel time `true_ns` (one kernel read gives both)."""
+        reading = true_ns + self._skew_ns(true_ns)
+        return reading + self._correction_ns if corrected else reading
+
+    def sample(self) -> tuple[int, int]:
+        """(true_ns, now_ns) from one kernel read, so the error is exact."""
+        true_ns = time.time_ns()
+        return true_ns, self.reading_at(true_ns)
+
+    def error_ns(self) -> int:
+        """now_ns - true_ns at this instant: the error a bound must cover."""
+        true_ns, now = self.sample()
+        return now - true_ns
+
+    @property
+    def correction_ns(self) -> int:
+        return self._correction_ns
+
+    def apply_correction(self, *, delta_ns: int, bound: ClockBound) -> None:
+        """Step the clock by `delta_ns` and install the bound valid after the step."""
+        with self._lock:
+            self._correction_ns += delta_ns
+            self._bound = bound
+
+    def bound(self) -> ClockBound:
+        return self._bound
+
+    def status(self) -> ClockStatus:
+        return self._bound.status_at(self.now_ns())
+
+    def bound_now_ns(self) -> int:
+        """The bound at this instant, ns (0 when unknown)."""
+        b = self._bound
+        return b.bound_ns(self.now_ns()) if b.status is not ClockStatus.UNKNOWN else 0

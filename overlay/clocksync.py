@@ -1,0 +1,360 @@
+"""Clock sync I/O: chrony tracking via chronyc, the ClockBound shm reader, and an SNTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jasper.clockbound import (
+    DEFAULT_MAX_DRIFT_PPM,
+    UNKNOWN_BOUND,
+    ClockBound,
+    ClockStatus,
+    ShmParseError,
+    TrackingParseError,
+    TrackingReport,
+    bound_from_shm,
+    bound_from_tracking,
+    parse_clockbound_shm,
+    parse_tracking_csv,
+)
+from jasper.ntp import NtpError, NtpSample, OffsetEstimate, encode_request, min_delay_estimate
+from jasper.ntp import sample_from_reply as _sample_from_reply
+from overlay.clocks import SoftwareClock
+
+log = logging.getLogger(__name__)
+
+CLOCKBOUND_SHM_PATH = "/var/run/clockbound/shm0"
+# Linux's CLOCK_MONOTONIC_COARSE (6), which ClockBound stamps its segment with.
+_CLOCK_MONOTONIC_COARSE: int = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)
+
+
+# --- chrony ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChronyTarget:
+    """Which chronyd to ask. All None = chronyc's default (the system daemon)."""
+
+    host: str | None = None
+    """Command address, or the path of chronyd's Unix command socket."""
+    port: int | None = None
+    """Command port (chrony's cmdport, 323 by default)."""
+
+    def argv(self, chronyc: str) -> list[str]:
+        argv = [chronyc, "-c", "-n"]
+        if self.host:
+            argv += ["-h", self.host]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        return [*argv, "tracking"]
+
+    def label(self) -> str:
+        if self.host and self.host.startswith("/"):
+            return f"chrony {self.host}"
+        return f"chrony {self.host or 'local'}:{self.port or 323}"
+
+
+class ChronyUnavailable(RuntimeError):
+    """chronyc is missing, or no chronyd answered."""
+
+
+def _chronyc() -> str:
+    exe = shutil.which("chronyc")
+    if exe is None:
+        raise ChronyUnavailable("chronyc not found (apt-get install chrony)")
+    return exe
+
+
+def read_tracking(target: ChronyTarget | None = None, *, timeout_s: float = 3.0) -> TrackingReport:
+    """Run `chronyc -c tracking` against `target` and parse it."""
+    target = target or ChronyTarget()
+    try:
+        out = subprocess.run(
+            target.argv(_chronyc()), capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ChronyUnavailable(f"chronyc timed out against {target.label()}") from exc
+    if out.returncode != 0:
+        detail = (out.stderr or out.stdout).strip()
+        raise ChronyUnavailable(f"{target.label()}: {detail or f'exit {out.returncode}'}")
+    try:
+        return parse_tracking_csv(out.stdout)
+    except TrackingParseError as exc:
+        raise ChronyUnavailable(f"{target.label()}: {exc}") from exc
+
+
+async def read_tracking_async(
+    target: ChronyTarget | None = None, *, timeout_s: float = 3.0
+) -> TrackingReport:
+    """`read_tracking` without blocking the loop."""
+    target = target or ChronyTarget()
+    proc = await asyncio.create_subprocess_exec(
+        *target.argv(_chronyc()), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError as exc:
+        proc.kill()
+        await proc.wait()
+        raise ChronyUnavailable(f"chronyc timed out against {target.label()}") from exc
+    if proc.returncode != 0:
+        detail = (stderr or stdout).decode(errors="replace").strip()
+        raise ChronyUnavailable(f"{target.label()}: {detail or f'exit {proc.returncode}'}")
+    try:
+        return parse_tracking_csv(stdout.decode())
+    except TrackingParseError as exc:
+        raise ChronyUnavailable(f"{target.label()}: {exc}") from exc
+
+
+def chrony_bound(
+    target: ChronyTarget | None = None, *, max_drift_ppm: float = DEFAULT_MAX_DRIFT_PPM
+) -> ClockBound:
+    """The bound of the system clock as a chronyd reports it (raises ChronyUnavailable)."""
+    target = target or ChronyTarget()
+    report = read_tracking(target)
+    return bound_from_tracking(
+        report, read_at_ns=time.time_ns(), max_drift_ppm=max_drift_ppm, source=target.label()
+    )
+
+
+# --- AWS ClockBound shared memory -----------------------------------------------------------
+
+
+def read_clockbound_shm(path: str = CLOCKBOUND_SHM_PATH, *, retries: int = 10) -> ClockBound:
+    """Read the ClockBound daemon's segment the way its client does (seqlock on generation)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ShmParseError(f"{path} is empty")
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+            for _ in range(retries):
+                first = parse_clockbound_shm(bytes(mm[:size]))
+                if first.generation % 2 == 1:
+                    continue  # the daemon is mid-update
+                mono = time.clock_gettime_ns(_CLOCK_MONOTONIC_COARSE)
+                real = time.time_ns()
+                again = parse_clockbound_shm(bytes(mm[:size]))
+                if again.generation != first.generation:
+                    continue
+                return bound_from_shm(first, now_mono_ns=mono, now_realtime_ns=real)
+    raise ShmParseError(f"{path}: no consistent snapshot after {retries} reads")
+
+
+def local_clock_bound(
+    *, shm_path: str = CLOCKBOUND_SHM_PATH, chrony: ChronyTarget | None = None
+) -> tuple[ClockBound, str]:
+    """The best bound for the system clock: ClockBound's shm where present, else chrony.
+
+    Returns the bound and a human note on where it came from or why it is unknown.
+    """
+    if Path(shm_path).exists():
+        try:
+            return read_clockbound_shm(shm_path), f"ClockBound shm {shm_path}"
+        except (OSError, ShmParseError) as exc:
+            log.warning("ClockBound shm unreadable, falling back to chrony: %s", exc)
+    try:
+        target = chrony or ChronyTarget()
+        return chrony_bound(target), target.label()
+    except ChronyUnavailable as exc:
+        return UNKNOWN_BOUND, f"no clock source: {exc}"
+
+
+# --- SNTP client over the emulated clock ------------------------------------------------------
+
+
+class _SntpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, clock: Callable[[], int]) -> None:
+        self.clock = clock
+        self.waiter: asyncio.Future[tuple[bytes, int]] | None = None
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        t4 = self.clock()  # first thing: the receive timestamp
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result((data, t4))
+
+    def error_received(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+
+class SntpClient:
+    """SNTP exchanges with one server, timestamped with the node's clock (`clock()` in ns)."""
+
+    def __init__(
+        self, *, server: tuple[str, int], clock: Callable[[], int], timeout_s: float = 0.5
+    ) -> None:
+        self.server = server
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self.errors: dict[str, int] = {}
+        self._transport: asyncio.DatagramTransport | None = None
+        self._proto: _SntpProtocol | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: _SntpProtocol(self.clock), remote_addr=self.server
+        )
+        self._transport, self._proto = transport, proto
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _count(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    async def exchange(self) -> NtpSample | None:
+        """One request/reply; None (and counted) on timeout or a bad reply."""
+        if self._transport is None or self._proto is None:
+            await self.open()
+        assert self._transport is not None and self._proto is not None
+        waiter: asyncio.Future[tuple[bytes, int]] = asyncio.get_running_loop().create_future()
+        self._proto.waiter = waiter
+        t1 = self.clock()
+        self._transport.sendto(encode_request(t1))
+        try:
+            data, t4 = await asyncio.wait_for(waiter, self.timeout_s)
+        except TimeoutError:
+            self._count("timeout")
+            return None
+        except OSError:
+            self._count("socket")
+            return None
+        finally:
+            self._proto.waiter = None
+        try:
+            return _sample_from_reply(data, t1_ns=t1, t4_ns=t4)
+        except NtpError as exc:
+            self._count(exc.reason)
+            return None
+
+    async def burst(self, count: int, *, gap_s: float = 0.002) -> list[NtpSample]:
+        """`count` exchanges `gap_s` apart; the valid samples."""
+        samples: list[NtpSample] = []
+        for i in range(count):
+            if i:
+                await asyncio.sleep(gap_s)
+            s = await self.exchange()
+            if s is not None:
+                samples.append(s)
+        return samples
+
+
+@dataclass
+class SyncRecord:
+    """One correction made by a ClockDiscipline."""
+
+    at_ns: int
+    """Corrected clock reading right after the correction."""
+    offset_ns: int
+    """Measured server-minus-client offset (the step applied when correcting)."""
+    bound_ns: int
+    """Bound installed with the correction."""
+    delay_ns: int
+    """Round-trip delay of the chosen sample."""
+    samples: int
+    """Valid samples in the burst."""
+
+
+@dataclass
+class ClockDiscipline:
+    """Keeps a SoftwareClock corrected by periodic SNTP bursts against a reference server.
+
+    Each round: a burst of `samples` exchanges, min-delay selection, then a step of the
+    clock by the measured offset with the estimate's bound (grown at the clock's max drift
+    from the chosen sample to the step). With `correct=False` the exchanges still run (and
+    `history` records the measured offsets) but the clock is left alone: the negative control.
+    """
+
+    clock: SoftwareClock
+    server: tuple[str, int]
+    interval_s: float = 1.0
+    """Time between bursts."""
+    samples: int = 8
+    """Exchanges per burst."""
+    correct: bool = True
+    """Apply the corrections (False = measure only)."""
+    client_precision_ns: int = 1_000
+    """Bound on our own timestamping error beyond the measured delay, ns."""
+    history: list[SyncRecord] = field(default_factory=list)
+    failures: int = 0
+
+    def __post_init__(self) -> None:
+        self._client = SntpClient(server=self.server, clock=self.clock.now_ns)
+        self._task: asyncio.Task[None] | None = None
+
+    async def sync_once(self) -> OffsetEstimate | None:
+        """One burst and (unless measuring only) one correction."""
+        samples = await self._client.burst(self.samples)
+        if not samples:
+            self.failures += 1
+            return None
+        est = min_delay_estimate(
+            samples,
+            client_precision_ns=self.client_precision_ns,
+            max_drift_ppm=self.clock.max_drift_ppm,
+        )
+        before = self.clock.now_ns()
+        if self.correct:
+            # The estimate held at est.as_of_ns; the clock may have drifted since, at most at
+            # max_drift_ppm, until the step lands.
+            age_ns = max(0, before - est.as_of_ns)
+            base = est.bound_ns + int(age_ns * self.clock.max_drift_ppm / 1e6 + 0.999999)
+            bound = ClockBound(
+                status=ClockStatus.SYNCHRONIZED,
+                as_of_ns=before + est.offset_ns,
+                base_bound_ns=base,
+                max_drift_ppm=self.clock.max_drift_ppm,
+                source=f"sntp {self.server[0]}:{self.server[1]}",
+            )
+            self.clock.apply_correction(delta_ns=est.offset_ns, bound=bound)
+            bound_ns = base
+        else:
+            bound_ns = est.bound_ns
+        self.history.append(
+            SyncRecord(
+                at_ns=self.clock.now_ns(),
+                offset_ns=est.offset_ns,
+                bound_ns=bound_ns,
+                delay_ns=est.delay_ns,
+                samples=est.samples,
+            )
+        )
+        return est
+
+    async def run(self) -> None:
+        """Sync every `interval_s` until cancelled."""
+        try:
+            while True:
+                try:
+                    await self.sync_once()
+                except OSError as exc:
+                    self.failures += 1
+                    log.warning("sntp sync against %s failed: %s", self.server, exc)
+                await asyncio.sleep(self.interval_s)
+        finally:
+            self._client.close()
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._client.close()
