@@ -74,6 +74,9 @@ class Scenario:
     """Seed of every random draw."""
     tau_us: float = 1.0
     """Fairness threshold: a message is fair when no endpoint is late and DWS <= tau_us."""
+    interval_us: float | None = None
+    """Time between messages at the publisher in µs (1e6 / rate); with it, a message waits
+    while a relay is still sending the previous one. None: messages never queue."""
     cost: CostModel = field(default_factory=CostModel)
     """Relay processing and per-copy send times."""
     link: LinkModel = field(default_factory=LinkModel)
@@ -91,6 +94,8 @@ class Scenario:
             )
         if self.tau_us < 0:
             raise ValueError(f"tau_us must be >= 0, got {self.tau_us}")
+        if self.interval_us is not None and not self.interval_us > 0:
+            raise ValueError(f"interval_us must be > 0, got {self.interval_us}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,11 @@ class CompiledTree:
     send_slot: tuple[IntArray, ...]
     """send_slot[l][i, j]: position (1-based) of that copy in the parent's send order, 0 where
     padded."""
+
+    def sends_per_relay(self, level: int) -> IntArray:
+        """Copies each relay of `level` sends per message (own children plus hedges)."""
+        valid = self.send_slot[level] > 0
+        return np.bincount(self.parent_index[level][valid], minlength=self.counts[level])
 
     def offsets_us(self, cost: CostModel) -> tuple[FloatArray, ...]:
         """Departure of each copy after its parent's first arrival (inf where padded)."""
@@ -167,6 +177,16 @@ def tree_first_arrivals(
     return arrival
 
 
+def unicast_tree(receivers: int) -> CompiledTree:
+    """Direct unicast as a one-level "tree": the publisher sends N copies, e0 first."""
+    return CompiledTree(
+        depth=1,
+        counts=(1, receivers),
+        parent_index=(np.zeros((receivers, 1), dtype=np.intp),),
+        send_slot=(np.arange(1, receivers + 1, dtype=np.intp).reshape(receivers, 1),),
+    )
+
+
 def unicast_arrivals(
     receivers: int,
     cost: CostModel,
@@ -176,10 +196,67 @@ def unicast_arrivals(
     batch: int,
 ) -> FloatArray:
     """Direct unicast: the publisher sends N copies back to back, e0 first: (batch, N)."""
-    offsets = cost.level_processing_us + np.arange(1, receivers + 1) * cost.per_send_us
-    out = link.body.sample(rng, (batch, receivers))
-    out += offsets + leaf_bias_us
-    return out
+    tree = unicast_tree(receivers)
+    biases = [np.zeros(1), leaf_bias_us]
+    return tree_first_arrivals(tree, tree.offsets_us(cost), link, biases, rng, batch)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Where the senders' queues stand between two batches of messages."""
+
+    busy_until_us: tuple[FloatArray, ...]
+    """Per relay level, the absolute time (µs) each relay finishes sending the last message."""
+    next_message: int
+    """Index of the next message; message m is sent at m * interval_us."""
+
+    @classmethod
+    def idle(cls, tree: CompiledTree) -> QueueState:
+        """Every relay idle before the first message."""
+        return cls(tuple(np.full(c, -np.inf) for c in tree.counts[:-1]), 0)
+
+
+def queued_first_arrivals(
+    tree: CompiledTree,
+    cost: CostModel,
+    link: LinkModel,
+    biases_us: Sequence[FloatArray],
+    rng: np.random.Generator,
+    batch: int,
+    *,
+    interval_us: float,
+    state: QueueState,
+) -> tuple[FloatArray, QueueState]:
+    """Like `tree_first_arrivals`, but messages leave every interval_us and queue at relays.
+
+    A relay is a single sender: it starts a message's copies at max(first arrival +
+    level_processing_us, the end of its previous message's copies) and is then busy for
+    (its copies) * per_send_us. Processing itself overlaps (it is latency, not sender time).
+    Link draws are taken in the same order as `tree_first_arrivals`, so with a long interval
+    the two agree. Returns first arrivals relative to each message's send time.
+    """
+    send_us = (state.next_message + np.arange(batch, dtype=np.float64)) * interval_us
+    arrival: FloatArray = send_us[:, None].copy()
+    step = np.arange(batch, dtype=np.float64)[:, None]
+    busy_after: list[FloatArray] = []
+    for level in range(tree.depth):
+        ready = arrival + cost.level_processing_us
+        busy_per_message = tree.sends_per_relay(level) * cost.per_send_us
+        # Lindley recursion start[m] = max(ready[m], start[m-1] + busy), solved for all m at
+        # once: start[m] - m*busy is the running max of ready[m] - m*busy.
+        shifted = ready - step * busy_per_message
+        shifted[0] = np.maximum(shifted[0], state.busy_until_us[level])
+        start = np.maximum.accumulate(shifted, axis=0) + step * busy_per_message
+        busy_after.append(start[-1] + busy_per_message)
+        slots = tree.send_slot[level]
+        depart = np.where(slots > 0, slots * cost.per_send_us, np.inf)
+        cand = start[:, tree.parent_index[level]]
+        cand += depart
+        cand += link.body.sample(rng, cand.shape)
+        arrival = cand.min(axis=2)
+        arrival += biases_us[level + 1]
+    arrival -= send_us[:, None]
+    return arrival, QueueState(tuple(busy_after), state.next_message + batch)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -305,8 +382,9 @@ def _level_biases(scenario: Scenario, counts: Sequence[int]) -> list[FloatArray]
 def simulate_baselines(scenario: Scenario) -> tuple[BaselineResult, ...]:
     """Run direct unicast, tree H=0, tree without hold and Jasper on one scenario.
 
-    Messages are independent (no queueing between messages at a relay). The tree without
-    hold and Jasper share the same random draws, so they differ only in the hold. Jasper's
+    Without `interval_us` messages are independent; with it, they queue behind each other
+    at every sender (`queued_first_arrivals`). The tree without hold and Jasper share the
+    same random draws, so they differ only in the hold. Jasper's
     deadline for window w is send + max over endpoints of the `percentile` of their OWDs
     in window w-1, plus extra_hold_us; delivery is at max(deadline, first arrival), so on-time
     endpoints deliver at the deadline exactly and DWS is 0 unless someone is late. The first
@@ -315,12 +393,37 @@ def simulate_baselines(scenario: Scenario) -> tuple[BaselineResult, ...]:
     s = scenario
     jasper_plan = tree_shape(s.receivers, fanout=s.fanout, hedge=s.hedge, depth=s.depth)
     plain_plan = tree_shape(s.receivers, fanout=s.fanout, hedge=0, depth=jasper_plan.depth)
-    jasper_tree, plain_tree = compile_tree(jasper_plan), compile_tree(plain_plan)
-    biases = _level_biases(s, jasper_tree.counts)
-    jasper_off, plain_off = jasper_tree.offsets_us(s.cost), plain_tree.offsets_us(s.cost)
-    rng_unicast = np.random.default_rng((s.seed, 1))
-    rng_plain = np.random.default_rng((s.seed, 2))
-    rng_jasper = np.random.default_rng((s.seed, 3))
+    trees = {
+        "unicast": unicast_tree(s.receivers),
+        "tree-h0": compile_tree(plain_plan),
+        "tree-nohold": compile_tree(jasper_plan),
+    }
+    tree_biases = _level_biases(s, trees["tree-nohold"].counts)
+    biases = {
+        "unicast": [np.zeros(1), tree_biases[-1]],
+        "tree-h0": tree_biases,
+        "tree-nohold": tree_biases,
+    }
+    offsets = {name: tree.offsets_us(s.cost) for name, tree in trees.items()}
+    rngs = {name: np.random.default_rng((s.seed, k)) for k, name in enumerate(trees, start=1)}
+    queues = {name: QueueState.idle(tree) for name, tree in trees.items()}
+
+    def arrivals(name: str, batch: int) -> FloatArray:
+        if s.interval_us is None:
+            return tree_first_arrivals(
+                trees[name], offsets[name], s.link, biases[name], rngs[name], batch
+            )
+        out, queues[name] = queued_first_arrivals(
+            trees[name],
+            s.cost,
+            s.link,
+            biases[name],
+            rngs[name],
+            batch,
+            interval_us=s.interval_us,
+            state=queues[name],
+        )
+        return out
 
     h = jasper_plan.hedge
     shape = f"D={jasper_plan.depth} F={s.fanout}"
@@ -341,9 +444,9 @@ def simulate_baselines(scenario: Scenario) -> tuple[BaselineResult, ...]:
     estimate_us: float | None = None
     for start in range(0, s.messages, window):
         batch = min(window, s.messages - start)
-        uni = unicast_arrivals(s.receivers, s.cost, s.link, biases[-1], rng_unicast, batch)
-        plain = tree_first_arrivals(plain_tree, plain_off, s.link, biases, rng_plain, batch)
-        hedged = tree_first_arrivals(jasper_tree, jasper_off, s.link, biases, rng_jasper, batch)
+        uni = arrivals("unicast", batch)
+        plain = arrivals("tree-h0", batch)
+        hedged = arrivals("tree-nohold", batch)
         if estimate_us is not None:
             scorers["unicast"].add(uni, None)
             scorers["tree-h0"].add(plain, None)

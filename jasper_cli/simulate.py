@@ -28,6 +28,13 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--messages", type=int, default=1000, help="messages incl. warm-up (1000)")
     g.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     g.add_argument("--tau-us", type=float, default=1.0, help="fairness threshold τ (1 µs)")
+    g.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="messages per second at the publisher; copies then queue at busy senders "
+        "(default: messages never queue)",
+    )
     c = p.add_argument_group("cost model")
     c.add_argument("--level-us", type=float, default=30.0, help="relay processing (30 µs)")
     c.add_argument("--send-us", type=float, default=2.7, help="per copy sent (2.7 µs)")
@@ -114,12 +121,13 @@ def run(args: argparse.Namespace) -> int:
             messages=args.messages,
             seed=args.seed,
             tau_us=args.tau_us,
+            interval_us=None if args.rate is None else 1e6 / args.rate,
             cost=cost,
             link=link,
             hold=hold,
         )
         plan = tree_shape(args.receivers, fanout=args.fanout, hedge=args.hedge, depth=args.depth)
-    except ValueError as exc:
+    except (ValueError, ZeroDivisionError) as exc:
         print(f"jasper simulate: {exc}")
         return 2
 
@@ -134,7 +142,13 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"  cost model: {cost.level_processing_us:g} µs per relay before sending, "
-        f"{cost.per_send_us:g} µs per copy sent back to back; messages do not queue"
+        f"{cost.per_send_us:g} µs per copy sent back to back; "
+        + (
+            "messages do not queue"
+            if scenario.interval_us is None
+            else f"{args.rate:g} msg/s, one every {scenario.interval_us:g} µs, queueing "
+            "at busy senders"
+        )
     )
     print(f"  links: {link.describe()}")
     print(
@@ -147,16 +161,16 @@ def run(args: argparse.Namespace) -> int:
     )
     print()
     header = (
-        f"{'scheme':<12} {'P(F)':>6}  {'95% CI':<15} {'n':>5} {'OML p50':>8} {'OML p99':>8} "
-        f"{'DWS p50':>8} {'DWS p99':>8} {'late':>9} {'last p50':>9}"
+        f"{'scheme':<12} {'P(F)':>6}  {'95% CI':<15} {'n':>5} {'OML p50':>9} {'OML p99':>9} "
+        f"{'DWS p50':>8} {'DWS p99':>8} {'late':>8} {'last p50':>9}"
     )
     print(header)
     for r in baselines:
         late = "-" if r.late_fraction is None else f"{r.late_fraction:.3%}"
         ci = f"[{r.p_fair_ci[0]:.3f}, {r.p_fair_ci[1]:.3f}]"
         print(
-            f"{r.name:<12} {r.p_fair:>6.3f}  {ci:<15} {r.messages:>5} {r.oml_p50_us:>8.1f} "
-            f"{r.oml_p99_us:>8.1f} {r.dws_p50_us:>8.1f} {r.dws_p99_us:>8.1f} {late:>9} "
+            f"{r.name:<12} {r.p_fair:>6.3f}  {ci:<15} {r.messages:>5} {r.oml_p50_us:>9.1f} "
+            f"{r.oml_p99_us:>9.1f} {r.dws_p50_us:>8.1f} {r.dws_p99_us:>8.1f} {late:>8} "
             f"{r.last_delivery_p50_us:>9.1f}"
         )
     for r in baselines:

@@ -15,14 +15,17 @@ from jasper.simulate import (
     BaselineResult,
     CostModel,
     HoldPolicy,
+    QueueState,
     Scenario,
     compile_tree,
     hedging_monte_carlo,
     hedging_recursion,
+    queued_first_arrivals,
     simulate_baselines,
     table1_shapes,
     tree_first_arrivals,
     unicast_arrivals,
+    unicast_tree,
     wilson_interval,
 )
 from jasper.tree import parse_node, tree_shape
@@ -96,6 +99,56 @@ def test_hedge_copy_wins_only_when_it_is_earlier() -> None:
 def test_unicast_sends_back_to_back() -> None:
     arr = unicast_arrivals(5, COST, FIXED_LINK, np.zeros(5), np.random.default_rng(0), 2)
     assert arr[0] == pytest.approx([30 + 4 + k * 2.7 for k in range(1, 6)])
+
+
+def test_queued_sender_waits_for_its_previous_message() -> None:
+    # One sender, 3 receivers, a message every 1 µs: each message's 3 copies take 8.1 µs.
+    tree = unicast_tree(3)
+    biases = [np.zeros(1), np.zeros(3)]
+    rng = np.random.default_rng(0)
+    state = QueueState.idle(tree)
+    arr, state = queued_first_arrivals(
+        tree, COST, FIXED_LINK, biases, rng, 3, interval_us=1.0, state=state
+    )
+    starts = [30.0, 30.0 + 8.1, 30.0 + 16.2]
+    for m, start in enumerate(starts):
+        assert arr[m] == pytest.approx([start + k * 2.7 + 4 - m for k in (1, 2, 3)])
+    assert state.next_message == 3
+    assert state.busy_until_us[0] == pytest.approx([30.0 + 3 * 8.1])
+    # The queue carries over to the next batch.
+    more, _ = queued_first_arrivals(
+        tree, COST, FIXED_LINK, biases, rng, 1, interval_us=1.0, state=state
+    )
+    assert more[0, 0] == pytest.approx(30 + 3 * 8.1 + 2.7 + 4 - 3)
+
+
+def test_queueing_with_a_long_interval_is_the_independent_model() -> None:
+    tree = compile_tree(tree_shape(300, fanout=6, hedge=2))
+    link = LinkModel()
+    biases = zero_biases(tree.counts)
+    free = tree_first_arrivals(
+        tree, tree.offsets_us(COST), link, biases, np.random.default_rng(9), 20
+    )
+    queued, _ = queued_first_arrivals(
+        tree,
+        COST,
+        link,
+        biases,
+        np.random.default_rng(9),
+        20,
+        interval_us=1e5,
+        state=QueueState.idle(tree),
+    )
+    assert queued == pytest.approx(free, abs=1e-6)
+
+
+def test_overload_grows_latency_and_breaks_fairness() -> None:
+    # A hedged relay sends (H+1)*F = 30 copies, 81 µs per message: 5 µs apart overloads it.
+    fine = by_name(simulate_baselines(Scenario(receivers=300, messages=300, interval_us=1e3)))
+    jammed = by_name(simulate_baselines(Scenario(receivers=300, messages=300, interval_us=5.0)))
+    assert fine["tree-nohold"].oml_p99_us < 300
+    assert jammed["tree-nohold"].oml_p50_us > 10 * fine["tree-nohold"].oml_p50_us
+    assert jammed["jasper"].p_fair < fine["jasper"].p_fair
 
 
 def test_deterministic_links_make_jasper_perfectly_fair() -> None:
@@ -233,7 +286,7 @@ def test_wilson_interval() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"receivers": 0}, {"messages": 100}, {"tau_us": -1.0}],
+    [{"receivers": 0}, {"messages": 100}, {"tau_us": -1.0}, {"interval_us": 0.0}],
 )
 def test_scenario_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
