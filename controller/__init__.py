@@ -1,0 +1,1 @@
+"""Jasper controller: FastAPI service for nodes, streams, MPs, subscriptions and tree plans."""

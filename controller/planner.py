@@ -1,0 +1,621 @@
+"""Planner service: the placements of every stream, their storage, configs and node liveness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from controller import store
+from controller.errors import Conflict, NotFound, Unprocessable
+from controller.metrics import ControllerMetrics
+from controller.settings import Settings
+from controller.store import Database, NodeRow, StreamRow, SubscriptionRow
+from jasper.placement import (
+    Endpoint,
+    LatencyMatrix,
+    LinkStats,
+    OmlPrediction,
+    Placement,
+    full_plan,
+    predict_oml,
+    rank_relays,
+)
+from jasper.topology import SCHEMA_VERSION
+
+log = logging.getLogger("jasper.controller")
+
+ACTIVE, PENDING = "active", "pending"
+# Placeholder publisher name in a plan made before any publisher registered; configs always
+# carry the publisher registered at the time they are built.
+NO_PUBLISHER = "publisher"
+
+
+def hash_token(token: str) -> str:
+    """MP tokens are 256-bit random strings, so one SHA-256 round is enough to store them."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def endpoint_key(sub_id: int) -> str:
+    """Name of a subscription's endpoint in topologies."""
+    return f"s{sub_id}"
+
+
+@dataclass
+class StreamPlans:
+    """The plans of one stream: the one traffic follows and, during a switch, the next."""
+
+    active: Placement
+    pending: Placement | None = None
+    pending_version: int = 0
+    """Config version at which the pending plan was published to its nodes."""
+    pending_since: float = 0.0
+    """time.monotonic() when the pending plan was published."""
+
+
+class Planner:
+    """Owns the in-memory placements and keeps them equal to what the database holds.
+
+    Every method that changes state runs inside one database transaction and is called from
+    the event loop thread without awaiting in between, so requests never interleave inside it.
+    """
+
+    def __init__(self, *, database: Database, settings: Settings, metrics: ControllerMetrics):
+        self.database = database
+        self.settings = settings
+        self.metrics = metrics
+        self.plans: dict[int, StreamPlans] = {}
+        self.matrix: dict[tuple[str, str], LinkStats] = {}
+        self.last_seen: dict[str, float] = {}
+        self.version = 0
+        self._wake: asyncio.Event | None = None
+        self._docs: dict[tuple[int, str, int], dict[str, Any]] = {}
+        self._predictions: dict[tuple[int, int], OmlPrediction] = {}
+        self.dead_reports: dict[str, set[str]] = {}
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Rebuild the placements exactly as stored; every node gets a fresh heartbeat grace."""
+        db = self.database.conn
+        self.version = store.get_meta(db=db, key="config_version")
+        subs = {s.id: s for s in store.list_subscriptions(db=db)}
+        for stream_id, state, _epoch, doc, leaves in store.load_plans(db=db):
+            placement = Placement.from_dict(doc)
+            for sub_id, slot in sorted(leaves.items()):
+                sub = subs.get(sub_id)
+                if sub is not None:
+                    placement.attach(Endpoint(endpoint_key(sub_id), sub.host), slot)
+            if state == ACTIVE:
+                self.plans.setdefault(stream_id, StreamPlans(active=placement)).active = placement
+            else:
+                plans = self.plans.setdefault(stream_id, StreamPlans(active=placement))
+                plans.pending = placement
+                plans.pending_version = self.version
+                plans.pending_since = time.monotonic()
+        for src, dst, owd, jitter, samples in store.list_latency(db=db):
+            self.matrix[(src, dst)] = LinkStats(owd, jitter, samples)
+        now = time.monotonic()
+        for node in store.list_nodes(db=db):
+            self.last_seen[node.name] = now
+
+    # --- change notification ----------------------------------------------------------------
+
+    def _bump(self, db: Any) -> None:
+        self.version += 1
+        store.set_meta(db=db, key="config_version", value=self.version)
+        self._docs.clear()
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    async def wait_change(self, seen_version: int, timeout_s: float) -> None:
+        """Return when the config version exceeds `seen_version`, or after `timeout_s`."""
+        if self.version > seen_version:
+            return
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        wake = self._wake
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout_s)
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    def register_node(
+        self,
+        *,
+        name: str,
+        role: str,
+        data_addr: str,
+        port: int,
+        capacity: int,
+        probe_port: int | None,
+    ) -> NodeRow:
+        span = capacity if role == "receiver" else 1
+        with self.database.transaction() as db:
+            for other in store.list_nodes(db=db):
+                if other.name == name or other.data_addr != data_addr:
+                    continue
+                other_span = other.capacity if other.role == "receiver" else 1
+                if other.role == "publisher" or role == "publisher":
+                    continue
+                if port < other.port + other_span and other.port < port + span:
+                    raise Conflict(
+                        f"ports {port}..{port + span - 1} on {data_addr} overlap node "
+                        f"{other.name!r} ({other.port}..{other.port + other_span - 1})",
+                        field=("body", "port"),
+                    )
+            previous = store.get_node(db=db, name=name)
+            node = store.upsert_node(
+                db=db,
+                name=name,
+                role=role,
+                data_addr=data_addr,
+                port=port,
+                capacity=capacity,
+                probe_port=probe_port,
+                now_ns=time.time_ns(),
+            )
+            self.last_seen[name] = time.monotonic()
+            fields = ("role", "data_addr", "port", "capacity", "probe_port", "alive")
+            if previous is None or any(getattr(previous, f) != getattr(node, f) for f in fields):
+                self._bump(db)
+            self._plan_new_streams_if_needed(db, node)
+        return node
+
+    def _plan_new_streams_if_needed(self, db: Any, node: NodeRow) -> None:
+        # A stream planned before any relay existed is fed by the publisher directly; the
+        # first relays to register get a real tree.
+        if node.role != "relay":
+            return
+        for stream_id, plans in self.plans.items():
+            if not plans.active.shape.levels and plans.pending is None:
+                self._replan(db, stream_id, reason="relay_joined")
+
+    def heartbeat(
+        self,
+        *,
+        name: str,
+        applied_version: int,
+        clock: dict[str, Any],
+        status: dict[str, Any],
+        latency: list[tuple[str, int, int, int]],
+        dead_neighbours: list[str],
+    ) -> NodeRow:
+        now_ns = time.time_ns()
+        with self.database.transaction() as db:
+            node = store.get_node(db=db, name=name)
+            if node is None:
+                raise NotFound(f"node {name!r} is not registered")
+            store.record_heartbeat(
+                db=db, name=name, applied_version=applied_version, clock=clock, status=status
+            )
+            for peer, owd, jitter, samples in latency:
+                store.upsert_latency(
+                    db=db,
+                    src=name,
+                    dst=peer,
+                    owd_ns=owd,
+                    jitter_ns=jitter,
+                    samples=samples,
+                    now_ns=now_ns,
+                )
+                self.matrix[(name, peer)] = LinkStats(owd, jitter, samples)
+            self.last_seen[name] = time.monotonic()
+            self.dead_reports.pop(name, None)
+            for peer in dead_neighbours:
+                self.dead_reports.setdefault(peer, set()).add(name)
+            if not node.alive:
+                log.info("node %s is back", name)
+                self._bump(db)
+            self.metrics.heartbeats.inc()
+        self.check_switches()
+        return store.get_node(db=self.database.conn, name=name) or node
+
+    def check_liveness(self) -> list[str]:
+        """Declare dead the nodes silent for longer than the timeout (or reported dead by two
+        neighbours and silent for half of it); re-plan the streams they relay for."""
+        now = time.monotonic()
+        timeout = self.settings.heartbeat_timeout_s
+        died: list[str] = []
+        with self.database.transaction() as db:
+            for node in store.list_nodes(db=db):
+                if not node.alive:
+                    continue
+                silent = now - self.last_seen.get(node.name, now)
+                reported = len(self.dead_reports.get(node.name, ())) >= 2
+                if silent > timeout or (reported and silent > timeout / 2):
+                    store.set_node_alive(db=db, name=node.name, alive=False)
+                    died.append(node.name)
+            if died:
+                log.warning("nodes declared dead: %s", ", ".join(died))
+                self._bump(db)
+                for stream_id, plans in list(self.plans.items()):
+                    used = set(plans.active.relay_nodes())
+                    if plans.pending is not None:
+                        used |= set(plans.pending.relay_nodes())
+                    if used & set(died):
+                        self._replan(db, stream_id, reason="relay_dead")
+        return died
+
+    def node_alive(self, name: str) -> bool:
+        node = store.get_node(db=self.database.conn, name=name)
+        return node is not None and node.alive
+
+    # --- streams ----------------------------------------------------------------------------
+
+    def create_stream(self, row: StreamRow) -> StreamRow:
+        with self.database.transaction() as db:
+            if store.get_stream(db=db, stream_id=row.id) is not None:
+                raise Conflict(f"stream {row.id} exists", field=("body", "id"))
+            store.insert_stream(db=db, row=row, now_ns=time.time_ns())
+            self.plans.pop(row.id, None)
+            self._replan(db, row.id, reason="stream_created")
+        return row
+
+    def update_stream(self, row: StreamRow) -> StreamRow:
+        with self.database.transaction() as db:
+            old = store.get_stream(db=db, stream_id=row.id)
+            if old is None:
+                raise NotFound(f"stream {row.id} not found")
+            store.update_stream(db=db, row=row)
+            if (old.hedge, old.fanout) != (row.hedge, row.fanout):
+                self._replan(db, row.id, reason="stream_changed")
+            else:
+                self._bump(db)
+        return row
+
+    # --- MPs --------------------------------------------------------------------------------
+
+    def create_mp(self, name: str) -> tuple[store.MpRow, str]:
+        """(MP, token): the token exists only in this answer; the database keeps its hash."""
+        token = new_token()
+        with self.database.transaction() as db:
+            if store.get_mp_by_name(db=db, name=name) is not None:
+                raise Conflict(f"MP {name!r} exists", field=("body", "name"))
+            mp = store.insert_mp(
+                db=db, name=name, token_hash=hash_token(token), now_ns=time.time_ns()
+            )
+        return mp, token
+
+    # --- subscriptions ----------------------------------------------------------------------
+
+    def subscribe(
+        self, *, mp_id: int, stream_id: int, addr: str, port: int, deliver: str | None
+    ) -> tuple[SubscriptionRow, bool]:
+        """(subscription, created): an identical repeat returns the existing one."""
+        with self.database.transaction() as db:
+            if store.get_stream(db=db, stream_id=stream_id) is None:
+                raise NotFound(f"stream {stream_id} not found")
+            existing = store.subscription_at(db=db, stream_id=stream_id, addr=addr, port=port)
+            if existing is not None:
+                if existing.mp_id != mp_id:
+                    raise Conflict(
+                        f"endpoint {addr}:{port} is subscribed to stream {stream_id} by another MP"
+                    )
+                if existing.deliver != deliver:
+                    raise Conflict(
+                        f"endpoint {addr}:{port} is already subscribed with deliver="
+                        f"{existing.deliver!r}; delete that subscription first"
+                    )
+                return existing, False
+            host = self._receiver_for(db, addr, port)
+            if deliver is not None and deliver.startswith("udp:"):
+                target = deliver[4:].rsplit(":", 1)[0]
+                if target != addr:
+                    # Released data may only go to the MP's own host, never to a third party.
+                    raise Unprocessable(
+                        f"deliver address {target} is not the endpoint's host {addr}",
+                        field=("body", "deliver"),
+                    )
+            sub = store.insert_subscription(
+                db=db,
+                mp_id=mp_id,
+                stream_id=stream_id,
+                addr=addr,
+                port=port,
+                host=host.name,
+                deliver=deliver,
+                now_ns=time.time_ns(),
+            )
+            started = time.perf_counter()
+            self._attach(db, sub)
+            self.metrics.attach_seconds.observe(time.perf_counter() - started)
+            self._bump(db)
+        return sub, True
+
+    def _receiver_for(self, db: Any, addr: str, port: int) -> NodeRow:
+        for node in store.list_nodes(db=db):
+            if (
+                node.role == "receiver"
+                and node.data_addr == addr
+                and node.port <= port < node.port + node.capacity
+            ):
+                return node
+        raise Unprocessable(
+            f"{addr}:{port} is not an endpoint port of any registered receiver host",
+            field=("body", "endpoint"),
+        )
+
+    def _attach(self, db: Any, sub: SubscriptionRow) -> None:
+        plans = self.plans[sub.stream_id]
+        ep = Endpoint(endpoint_key(sub.id), sub.host)
+        for state, placement in ((ACTIVE, plans.active), (PENDING, plans.pending)):
+            if placement is None:
+                continue
+            slot = placement.attach(ep)
+            store.set_leaf(db=db, stream_id=sub.stream_id, state=state, sub_id=sub.id, slot=slot)
+        # Incremental attach never moves anyone; when the leaf relays are full and idle relays
+        # exist, a full re-plan spreads the load (make-before-break, so nothing is lost).
+        target = plans.pending or plans.active
+        slot = target.least_loaded()
+        full = bool(target.shape.levels) and target.load(slot) > 2 * target.shape.fanout
+        if full and len(self._usable_relays(db)) > len(target.relay_nodes()):
+            self._replan(db, sub.stream_id, reason="leaf_relays_full")
+
+    def unsubscribe(self, sub: SubscriptionRow) -> None:
+        with self.database.transaction() as db:
+            store.delete_subscription(db=db, sub_id=sub.id)
+            plans = self.plans.get(sub.stream_id)
+            if plans is not None:
+                plans.active.detach(endpoint_key(sub.id))
+                if plans.pending is not None:
+                    plans.pending.detach(endpoint_key(sub.id))
+            self._bump(db)
+
+    # --- planning ---------------------------------------------------------------------------
+
+    def _usable_relays(self, db: Any) -> list[str]:
+        return [n.name for n in store.list_nodes(db=db) if n.role == "relay" and n.alive]
+
+    def _publisher_of(self, db: Any, stream: StreamRow) -> NodeRow | None:
+        nodes = store.list_nodes(db=db)
+        if stream.publisher is not None:
+            return next((n for n in nodes if n.name == stream.publisher), None)
+        pubs = [n for n in nodes if n.role == "publisher"]
+        alive = [n for n in pubs if n.alive]
+        chosen = alive or pubs
+        return chosen[0] if chosen else None
+
+    def replan(self, stream_id: int, *, reason: str = "requested") -> Placement:
+        with self.database.transaction() as db:
+            if store.get_stream(db=db, stream_id=stream_id) is None:
+                raise NotFound(f"stream {stream_id} not found")
+            return self._replan(db, stream_id, reason=reason)
+
+    def _replan(self, db: Any, stream_id: int, *, reason: str) -> Placement:
+        stream = store.get_stream(db=db, stream_id=stream_id)
+        assert stream is not None
+        subs = store.list_subscriptions(db=db, stream_id=stream_id)
+        pub = self._publisher_of(db, stream)
+        plans = self.plans.get(stream_id)
+        epoch = 1
+        if plans is not None:
+            epoch = max(plans.active.epoch, plans.pending.epoch if plans.pending else 0) + 1
+        started = time.perf_counter()
+        placement = full_plan(
+            [Endpoint(endpoint_key(s.id), s.host) for s in subs],
+            self._usable_relays(db),
+            publisher=pub.name if pub else NO_PUBLISHER,
+            matrix=LatencyMatrix(self.matrix),
+            fanout=stream.fanout,
+            hedge=stream.hedge,
+            epoch=epoch,
+            lemon_factor=self.settings.lemon_factor,
+        )
+        self.metrics.plan_seconds.observe(time.perf_counter() - started)
+        self.metrics.replans.labels(reason=reason).inc()
+        leaves = {int(k[1:]): s for k, s in placement.where.items()}
+        now_ns = time.time_ns()
+        if plans is None or not plans.active.where:
+            # Nothing flows yet, so there is nothing to keep alive while switching.
+            store.drop_plan(db=db, stream_id=stream_id, state=PENDING)
+            store.save_plan(
+                db=db,
+                stream_id=stream_id,
+                state=ACTIVE,
+                epoch=epoch,
+                doc=placement.to_dict(),
+                leaves=leaves,
+                now_ns=now_ns,
+            )
+            self.plans[stream_id] = StreamPlans(active=placement)
+        else:
+            store.save_plan(
+                db=db,
+                stream_id=stream_id,
+                state=PENDING,
+                epoch=epoch,
+                doc=placement.to_dict(),
+                leaves=leaves,
+                now_ns=now_ns,
+            )
+            plans.pending = placement
+            plans.pending_since = time.monotonic()
+        self._bump(db)
+        if plans is not None and plans.pending is placement:
+            plans.pending_version = self.version
+        log.info("stream %d re-planned (%s): epoch %d", stream_id, reason, epoch)
+        return placement
+
+    def check_switches(self) -> list[int]:
+        """Make-before-break, second half: move a stream to its pending plan once every live
+        node of that plan runs it (or the switch timeout passed)."""
+        switched = []
+        now = time.monotonic()
+        for stream_id, plans in self.plans.items():
+            pending = plans.pending
+            if pending is None:
+                continue
+            ready = all(
+                n.applied_version >= plans.pending_version
+                for n in self._nodes_of(pending)
+                if n.alive
+            )
+            if ready or now - plans.pending_since > self.settings.switch_timeout_s:
+                with self.database.transaction() as db:
+                    store.drop_plan(db=db, stream_id=stream_id, state=ACTIVE)
+                    db.execute(
+                        "UPDATE plans SET state = ? WHERE stream_id = ? AND state = ?",
+                        (ACTIVE, stream_id, PENDING),
+                    )
+                    db.execute(
+                        "UPDATE plan_leaves SET state = ? WHERE stream_id = ? AND state = ?",
+                        (ACTIVE, stream_id, PENDING),
+                    )
+                    plans.active, plans.pending = pending, None
+                    self._bump(db)
+                switched.append(stream_id)
+                log.info("stream %d switched to epoch %d", stream_id, pending.epoch)
+        return switched
+
+    def _nodes_of(self, placement: Placement) -> list[NodeRow]:
+        db = self.database.conn
+        names = set(placement.relay_nodes()) | set(placement.hosts.values())
+        return [n for n in store.list_nodes(db=db) if n.name in names]
+
+    # --- views ------------------------------------------------------------------------------
+
+    def prediction(self, stream_id: int) -> OmlPrediction:
+        plans = self.plans[stream_id]
+        key = (stream_id, self.version)
+        if key not in self._predictions:
+            self._predictions = {key: predict_oml(plans.active, LatencyMatrix(self.matrix))}
+        return self._predictions[key]
+
+    def lemons(self) -> tuple[str, ...]:
+        relays = [n.name for n in store.list_nodes(db=self.database.conn) if n.role == "relay"]
+        return rank_relays(
+            relays, LatencyMatrix(self.matrix), lemon_factor=self.settings.lemon_factor
+        ).lemons
+
+    def topology_doc(
+        self, stream_id: int, variant: str = ACTIVE, *, previous: bool = False
+    ) -> dict[str, Any]:
+        """The topology document (jasper.topology schema) of a stream's active or pending plan.
+
+        For the pending plan with `previous`, receivers accept copies from the parents of both
+        plans and the old plan rides along as "x-previous", so a data plane that keys
+        forwarding by plan epoch keeps old-epoch messages flowing until the switch.
+        """
+        key = (stream_id, variant + ("+prev" if previous else ""), self.version)
+        if key in self._docs:
+            return self._docs[key]
+        db = self.database.conn
+        stream = store.get_stream(db=db, stream_id=stream_id)
+        if stream is None:
+            raise NotFound(f"stream {stream_id} not found")
+        plans = self.plans[stream_id]
+        placement = plans.active if variant == ACTIVE else plans.pending
+        assert placement is not None
+        nodes = {n.name: n for n in store.list_nodes(db=db)}
+        subs = {s.id: s for s in store.list_subscriptions(db=db, stream_id=stream_id)}
+        mps = {m.id: m.name for m in store.list_mps(db=db)}
+        pub = self._publisher_of(db, stream)
+        pub_name = pub.name if pub else placement.publisher
+        old = plans.active if previous and variant == PENDING else None
+
+        def rename(node: str) -> str:
+            return pub_name if node == placement.publisher else node
+
+        fwd = placement.forwarding()
+        relays = []
+        for name in placement.relay_nodes():
+            node = nodes.get(name)
+            if node is None:
+                continue
+            relays.append(
+                {
+                    "name": name,
+                    "addr": node.data_addr,
+                    "port": node.port,
+                    "targets": [{"node": f.target, "hedge": f.hedge} for f in fwd.get(name, ())],
+                }
+            )
+        hosts: dict[str, list[dict[str, Any]]] = {
+            n.name: [] for n in nodes.values() if n.role == "receiver"
+        }
+        for key_ in placement.endpoints():
+            sub = subs.get(int(key_[1:]))
+            if sub is None:
+                continue
+            parents = [rename(p) for p in placement.parents(key_)]
+            if old is not None and key_ in old.where:
+                parents += [p for p in map(rename, old.parents(key_)) if p not in parents]
+            hosts.setdefault(sub.host, []).append(
+                {
+                    "name": key_,
+                    "port": sub.port,
+                    "parents": parents,
+                    "deliver": sub.deliver,
+                    "mp": mps.get(sub.mp_id),
+                }
+            )
+        receivers = [
+            {"name": h, "addr": nodes[h].data_addr, "endpoints": eps}
+            for h, eps in sorted(hosts.items())
+            if h in nodes
+        ]
+        doc: dict[str, Any] = {
+            "version": SCHEMA_VERSION,
+            "plan_epoch": placement.epoch,
+            "stream": {
+                "id": stream.id,
+                "name": stream.name,
+                "hedge": stream.hedge,
+                "hold_ns": stream.hold_ns,
+            },
+            "publisher": {
+                "name": pub_name,
+                "addr": pub.data_addr if pub else "0.0.0.0",
+                "targets": [
+                    {"node": f.target, "hedge": f.hedge} for f in fwd.get(placement.publisher, ())
+                ],
+            },
+            "relays": relays,
+            "receivers": receivers,
+            "link_model": None,
+            "x-hold-policy": stream.hold_policy,
+            "x-rate-hint": stream.rate_hint,
+        }
+        if old is not None:
+            doc["x-previous"] = self.topology_doc(stream_id, ACTIVE)
+        self._docs[key] = doc
+        return doc
+
+    def node_streams(self, name: str) -> list[tuple[int, int, dict[str, Any]]]:
+        """(stream id, plan epoch, topology) for each stream whose plan involves `name`.
+
+        During a switch the publisher and relays that only the old plan uses keep the old
+        plan; everyone else already gets the new one (make before break).
+        """
+        node = store.get_node(db=self.database.conn, name=name)
+        if node is None:
+            raise NotFound(f"node {name!r} is not registered")
+        out = []
+        for stream_id, plans in sorted(self.plans.items()):
+            doc = self.topology_doc(stream_id, ACTIVE)
+            pending = plans.pending
+            if pending is not None:
+                in_new = name in set(pending.relay_nodes()) or node.role == "receiver"
+                if in_new and node.role != "publisher":
+                    doc = self.topology_doc(stream_id, PENDING, previous=True)
+            out.append((stream_id, int(doc["plan_epoch"]), doc))
+        return out
+
+    def peers_of(self, name: str) -> list[NodeRow]:
+        """Nodes the agent `name` should probe: every other live node with a probe port."""
+        return [
+            n
+            for n in store.list_nodes(db=self.database.conn)
+            if n.name != name and n.alive and n.probe_port is not None
+        ]

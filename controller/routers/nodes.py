@@ -1,0 +1,108 @@
+"""Nodes: agents register their VM, send heartbeats and long-poll their config."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from controller import store
+from controller.deps import AdminDep, DbDep, NodeAuthDep, PlannerDep, SettingsDep
+from controller.errors import NotFound
+from controller.schemas import (
+    Heartbeat,
+    HeartbeatReply,
+    NodeConfig,
+    NodeCreate,
+    NodeName,
+    NodePublic,
+    Peer,
+    StreamPlan,
+)
+from controller.store import NodeRow
+
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+
+NamePath = Annotated[NodeName, Path(description="Node name")]
+
+
+def public(node: NodeRow) -> NodePublic:
+    return NodePublic(
+        name=node.name,
+        role=node.role,  # type: ignore[arg-type]
+        data_addr=node.data_addr,
+        port=node.port,
+        capacity=node.capacity,
+        probe_port=node.probe_port,
+        alive=node.alive,
+        applied_version=node.applied_version,
+        clock=node.clock,
+        status=node.status,
+    )
+
+
+@router.post("", response_model=NodePublic, summary="Register (or re-register) a node")
+async def register(body: NodeCreate, planner: PlannerDep, _: NodeAuthDep) -> NodePublic:
+    node = planner.register_node(
+        name=body.name,
+        role=body.role,
+        data_addr=str(body.data_addr),
+        port=body.port,
+        capacity=body.capacity,
+        probe_port=body.probe_port,
+    )
+    return public(node)
+
+
+@router.get("", response_model=list[NodePublic], summary="List nodes")
+async def list_nodes(db: DbDep, _: AdminDep) -> list[NodePublic]:
+    return [public(n) for n in store.list_nodes(db=db)]
+
+
+@router.get("/{name}", response_model=NodePublic, summary="One node")
+async def get_node(name: NamePath, db: DbDep, _: NodeAuthDep) -> NodePublic:
+    node = store.get_node(db=db, name=name)
+    if node is None:
+        raise NotFound(f"node {name!r} not found")
+    return public(node)
+
+
+@router.post("/{name}/heartbeat", response_model=HeartbeatReply, summary="Heartbeat")
+async def heartbeat(
+    name: NamePath, body: Heartbeat, planner: PlannerDep, _: NodeAuthDep
+) -> HeartbeatReply:
+    node = planner.heartbeat(
+        name=name,
+        applied_version=body.applied_version,
+        clock=body.clock.model_dump(),
+        status=body.status,
+        latency=[(p.peer, p.owd_ns, p.jitter_ns, p.samples) for p in body.latency],
+        dead_neighbours=body.dead_neighbours,
+    )
+    return HeartbeatReply(version=planner.version, alive=node.alive)
+
+
+@router.get("/{name}/config", response_model=NodeConfig, summary="Long-poll the node's config")
+async def get_config(
+    name: NamePath,
+    planner: PlannerDep,
+    settings: SettingsDep,
+    _: NodeAuthDep,
+    version: Annotated[
+        int, Query(ge=0, le=2**62, description="Answer once the config is newer than this")
+    ] = 0,
+    wait: Annotated[float, Query(ge=0, le=3600, description="Longest wait, seconds")] = 25.0,
+) -> NodeConfig:
+    if store.get_node(db=planner.database.conn, name=name) is None:
+        raise NotFound(f"node {name!r} is not registered")
+    await planner.wait_change(version, min(wait, settings.long_poll_max_s))
+    streams = [
+        StreamPlan(stream_id=sid, plan_epoch=epoch, topology=doc)
+        for sid, epoch, doc in planner.node_streams(name)
+    ]
+    peers = [
+        Peer(name=p.name, addr=p.data_addr, probe_port=p.probe_port)
+        for p in planner.peers_of(name)
+        if p.probe_port is not None
+    ]
+    return NodeConfig(version=planner.version, node=name, streams=streams, peers=peers)

@@ -1,0 +1,73 @@
+"""Streams: the market-data streams an exchange publishes (admin only)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
+
+from controller import store
+from controller.deps import AdminDep, DbDep, PlannerDep, PrincipalDep, SettingsDep
+from controller.errors import NotFound
+from controller.schemas import StreamCreate, StreamPublic, StreamUpdate
+from controller.store import StreamRow
+
+router = APIRouter(prefix="/v1/streams", tags=["streams"])
+
+StreamPath = Annotated[int, Path(ge=0, le=2**32 - 1, description="Stream id")]
+
+
+def public(row: StreamRow) -> StreamPublic:
+    return StreamPublic(
+        id=row.id,
+        name=row.name,
+        rate_hint=row.rate_hint,
+        hedge=row.hedge,
+        fanout=row.fanout,
+        hold_ns=row.hold_ns,
+        hold_policy=row.hold_policy,  # type: ignore[arg-type]
+        publisher=row.publisher,
+    )
+
+
+@router.post("", response_model=StreamPublic, status_code=status.HTTP_201_CREATED, summary="Create")
+async def create_stream(
+    body: StreamCreate, planner: PlannerDep, settings: SettingsDep, _: AdminDep
+) -> StreamPublic:
+    row = StreamRow(
+        id=body.id,
+        name=body.name,
+        rate_hint=body.rate_hint,
+        hedge=body.hedge,
+        fanout=body.fanout or settings.default_fanout,
+        hold_ns=body.hold_ns,
+        hold_policy=body.hold_policy,
+        publisher=body.publisher,
+    )
+    return public(planner.create_stream(row))
+
+
+@router.get("", response_model=list[StreamPublic], summary="List streams")
+async def list_streams(db: DbDep, _: PrincipalDep) -> list[StreamPublic]:
+    # Any authenticated caller may see which streams exist: MPs need it to subscribe.
+    return [public(s) for s in store.list_streams(db=db)]
+
+
+@router.get("/{stream_id}", response_model=StreamPublic, summary="One stream")
+async def get_stream(stream_id: StreamPath, db: DbDep, _: PrincipalDep) -> StreamPublic:
+    row = store.get_stream(db=db, stream_id=stream_id)
+    if row is None:
+        raise NotFound(f"stream {stream_id} not found")
+    return public(row)
+
+
+@router.patch("/{stream_id}", response_model=StreamPublic, summary="Change a stream")
+async def update_stream(
+    stream_id: StreamPath, body: StreamUpdate, db: DbDep, planner: PlannerDep, _: AdminDep
+) -> StreamPublic:
+    row = store.get_stream(db=db, stream_id=stream_id)
+    if row is None:
+        raise NotFound(f"stream {stream_id} not found")
+    changes = body.model_dump(exclude_unset=True, exclude_none=True)
+    return public(planner.update_stream(replace(row, **changes)))

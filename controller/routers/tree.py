@@ -1,0 +1,90 @@
+"""Tree: the current plan of a stream, with predicted OML; re-plan on demand."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from controller import store
+from controller.deps import AdminDep, DbDep, PlannerDep, PrincipalDep
+from controller.errors import NotFound
+from controller.planner import Planner
+from controller.schemas import TreeEndpoint, TreePublic, TreeSlot
+
+router = APIRouter(prefix="/v1/streams", tags=["tree"])
+
+StreamPath = Annotated[int, Path(ge=0, le=2**32 - 1, description="Stream id")]
+
+
+def tree_of(planner: Planner, stream_id: int) -> TreePublic:
+    db = planner.database.conn
+    plans = planner.plans.get(stream_id)
+    if plans is None or store.get_stream(db=db, stream_id=stream_id) is None:
+        raise NotFound(f"stream {stream_id} not found")
+    p = plans.active
+    doc = planner.topology_doc(stream_id)
+    prediction = planner.prediction(stream_id)
+    fwd = p.forwarding()
+    parents: dict[str, list[str]] = {}
+    hedge_edges: list[tuple[str, str]] = []
+    for src, targets in fwd.items():
+        for f in targets:
+            parents.setdefault(f.target, [])
+            if f.hedge:
+                hedge_edges.append((src, f.target))
+    for src, targets in fwd.items():
+        for f in targets:
+            if not f.hedge:
+                parents[f.target].insert(0, src)
+            else:
+                parents[f.target].append(src)
+    subs = {s.id: s for s in store.list_subscriptions(db=db, stream_id=stream_id)}
+    mps = {m.id: m.name for m in store.list_mps(db=db)}
+    endpoints = []
+    for key in p.endpoints():
+        sub = subs.get(int(key[1:]))
+        if sub is None:
+            continue
+        endpoints.append(
+            TreeEndpoint(
+                name=key,
+                subscription_id=sub.id,
+                mp=mps.get(sub.mp_id),
+                host=sub.host,
+                addr=sub.addr,
+                port=sub.port,
+                parents=list(p.parents(key)),
+                predicted_arrival_ns=prediction.arrival_ns.get(key, 0),
+            )
+        )
+    return TreePublic(
+        stream_id=stream_id,
+        plan_epoch=p.epoch,
+        pending_epoch=plans.pending.epoch if plans.pending else None,
+        depth=len(p.shape.levels),
+        fanout=p.shape.fanout,
+        hedge=p.shape.hedge,
+        publisher=doc["publisher"]["name"],
+        levels=[[TreeSlot(slot=s, node=p.slot_node[s]) for s in level] for level in p.shape.levels],
+        parents=parents,
+        hedge_edges=hedge_edges,
+        endpoints=endpoints,
+        lemons=list(planner.lemons()),
+        predicted_oml_ns=prediction.oml_ns,
+        predicted_median_ns=prediction.median_ns,
+        topology=doc,
+    )
+
+
+@router.get("/{stream_id}/tree", response_model=TreePublic, summary="Current tree of a stream")
+async def get_tree(stream_id: StreamPath, planner: PlannerDep, _: PrincipalDep) -> TreePublic:
+    return tree_of(planner, stream_id)
+
+
+@router.post(
+    "/{stream_id}/replan", response_model=TreePublic, summary="Full re-plan (make-before-break)"
+)
+async def replan(stream_id: StreamPath, planner: PlannerDep, db: DbDep, _: AdminDep) -> TreePublic:
+    planner.replan(stream_id, reason="requested")
+    return tree_of(planner, stream_id)

@@ -1,0 +1,216 @@
+"""Request and response bodies of the REST API: XCreate/XUpdate in, XPublic out."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NodeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$", examples=["relay-1"])]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Role = Literal["relay", "receiver", "publisher"]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- nodes ---------------------------------------------------------------------------------
+
+
+class NodeCreate(Body):
+    """An agent registering its VM (repeating it updates the record)."""
+
+    name: NodeName
+    role: Role
+    data_addr: IPv4Address = Field(description="Address data-plane copies are sent to")
+    port: Port = Field(
+        description="Relay: data port. Receiver: first endpoint port. Publisher: source port."
+    )
+    capacity: int = Field(
+        1, ge=1, le=65535, description="Receiver: endpoint ports from `port`. Relay: hint."
+    )
+    probe_port: Port | None = Field(None, description="UDP port of the latency prober")
+
+
+class NodePublic(BaseModel):
+    name: str
+    role: Role
+    data_addr: str
+    port: int
+    capacity: int
+    probe_port: int | None
+    alive: bool
+    applied_version: int
+    clock: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
+
+
+class ClockStatus(Body):
+    """The node's clock as the clock service sees it."""
+
+    status: Annotated[str, Field(max_length=32)] = "unknown"
+    bound_ns: int | None = Field(None, ge=0, le=10**12, description="Error bound, ns")
+    offset_ns: int | None = Field(None, ge=-(10**15), le=10**15, description="Offset, ns")
+
+
+class PeerLatency(Body):
+    """Summary of probes from this node to one peer."""
+
+    peer: NodeName
+    owd_ns: int = Field(ge=-(10**12), le=10**12, description="Median one-way delay, ns")
+    jitter_ns: int = Field(0, ge=0, le=10**12, description="Mean |successive OWD change|, ns")
+    samples: int = Field(0, ge=0, le=10**9)
+    rtt_ns: int | None = Field(None, ge=0, le=10**12)
+    lost: int = Field(0, ge=0, le=10**9)
+
+
+class Heartbeat(Body):
+    applied_version: int = Field(0, ge=0, le=2**62, description="Config version in force")
+    clock: ClockStatus = Field(default_factory=lambda: ClockStatus(bound_ns=None, offset_ns=None))
+    latency: list[PeerLatency] = Field(default_factory=list, max_length=4096)
+    dead_neighbours: list[NodeName] = Field(default_factory=list, max_length=4096)
+    status: dict[Annotated[str, Field(max_length=64)], float] = Field(
+        default_factory=dict, max_length=256, description="Daemon counters"
+    )
+
+
+class HeartbeatReply(BaseModel):
+    version: int = Field(description="Latest config version; poll when newer than yours")
+    alive: bool
+
+
+class StreamPlan(BaseModel):
+    stream_id: int
+    plan_epoch: int
+    topology: dict[str, Any] = Field(description="Topology document (jasper.topology schema)")
+
+
+class Peer(BaseModel):
+    name: str
+    addr: str
+    probe_port: int
+
+
+class NodeConfig(BaseModel):
+    version: int
+    node: str
+    streams: list[StreamPlan]
+    peers: list[Peer]
+
+
+# --- streams -------------------------------------------------------------------------------
+
+HoldPolicy = Literal["fixed", "adaptive"]
+
+
+class StreamCreate(Body):
+    id: int = Field(ge=0, le=2**32 - 1, description="Stream id on the wire (u32)")
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    rate_hint: float = Field(100.0, ge=0, le=1e7, description="Expected messages per second")
+    hedge: int = Field(2, ge=0, le=16, description="Sibling hedging H")
+    fanout: int | None = Field(None, ge=2, le=1000, description="Fan-out F (default 10)")
+    hold_ns: int = Field(500_000, ge=0, le=10_000_000_000, description="Extra hold, ns")
+    hold_policy: HoldPolicy = "adaptive"
+    publisher: NodeName | None = None
+
+
+class StreamUpdate(Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    rate_hint: float | None = Field(None, ge=0, le=1e7)
+    hedge: int | None = Field(None, ge=0, le=16)
+    fanout: int | None = Field(None, ge=2, le=1000)
+    hold_ns: int | None = Field(None, ge=0, le=10_000_000_000)
+    hold_policy: HoldPolicy | None = None
+    publisher: NodeName | None = None
+
+
+class StreamPublic(BaseModel):
+    id: int
+    name: str
+    rate_hint: float
+    hedge: int
+    fanout: int
+    hold_ns: int
+    hold_policy: HoldPolicy
+    publisher: str | None
+
+
+# --- MPs and subscriptions -----------------------------------------------------------------
+
+
+class MpCreate(Body):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+
+
+class MpPublic(BaseModel):
+    id: int
+    name: str
+
+
+class MpCreated(MpPublic):
+    token: str = Field(description="Bearer token of this MP; shown once, stored hashed")
+
+
+class EndpointAddr(Body):
+    addr: IPv4Address
+    port: Port
+
+
+Deliver = Annotated[str, Field(pattern=r"^(udp:[0-9.]+:[0-9]{1,5}|unix:/[^\x00]{1,200})$")]
+
+
+class SubscriptionCreate(Body):
+    stream_id: int = Field(ge=0, le=2**32 - 1)
+    endpoint: EndpointAddr = Field(description="Must be a port of a registered receiver host")
+    deliver: (
+        Annotated[str, Field(pattern=r"^(udp:[0-9.]+:[0-9]{1,5}|unix:/[^\x00]{1,200})$")] | None
+    ) = None
+
+
+class SubscriptionPublic(BaseModel):
+    id: int
+    mp_id: int
+    stream_id: int
+    endpoint: EndpointAddr
+    host: str
+    deliver: str | None
+    parents: list[str] = Field(description="Relays sending this endpoint a copy, own first")
+
+
+# --- tree ----------------------------------------------------------------------------------
+
+
+class TreeSlot(BaseModel):
+    slot: str
+    node: str
+
+
+class TreeEndpoint(BaseModel):
+    name: str
+    subscription_id: int
+    mp: str | None
+    host: str
+    addr: str
+    port: int
+    parents: list[str]
+    predicted_arrival_ns: int
+
+
+class TreePublic(BaseModel):
+    stream_id: int
+    plan_epoch: int
+    pending_epoch: int | None
+    depth: int
+    fanout: int
+    hedge: int
+    publisher: str
+    levels: list[list[TreeSlot]]
+    parents: dict[str, list[str]] = Field(description="Relay or endpoint -> senders, own first")
+    hedge_edges: list[tuple[str, str]]
+    endpoints: list[TreeEndpoint]
+    lemons: list[str]
+    predicted_oml_ns: int = Field(description="Cost-model OML: slowest endpoint's first copy")
+    predicted_median_ns: int
+    topology: dict[str, Any]
