@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--depth", type=int, default=None, help="tree depth (default round(log_F N))")
     g.add_argument("--messages", type=int, default=1000, help="messages incl. warm-up (1000)")
     g.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    g.add_argument("--tau-us", type=float, default=1.0, help="fairness threshold τ (1 µs)")
+    g.add_argument("--tau-us", type=float, default=0.0, help="fairness threshold τ (0 µs)")
     g.add_argument(
         "--rate",
         type=float,
