@@ -1,0 +1,655 @@
+"""The emulation orchestrator: namespaces, daemons, interleaved configuration blocks, faults,
+records, and the table.
+
+One run builds one emulated region (a namespace per relay VM, per receiver host, for the
+publisher and for the controller), then measures the configurations in interleaved blocks on
+the same endpoints: direct unicast from the publisher, tree H=0, tree without hold, Jasper.
+Each block starts its daemons (forked from a preloaded spawner into their namespaces), lets the
+publisher send a fixed number of messages at a fixed rate, stops the daemons so they write
+their ground-truth records, and keeps those records. Fault blocks run Jasper with one fault
+each. Everything is torn down in `close()`, which the CLI calls from `finally` and from its
+signal handlers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jasper.records import DELIVERY_DTYPE, SENT_DTYPE
+from jasper.topology import Topology, parse_topology
+from overlay.emulation.faults import Fault, FaultEvent, FaultInjector, attach_linkloss
+from overlay.emulation.netns import EmulatedNetwork, write_manifest
+from overlay.emulation.spawner import Spawner
+
+log = logging.getLogger(__name__)
+
+STREAM_ID = 1
+RELAY_PORT = 7000
+ENDPOINT_PORT_BASE = 20000
+CONFIG_NAMES = ("unicast", "tree-h0", "tree-nohold", "jasper")
+
+DEFAULT_LINK_MODEL: dict[str, Any] = {
+    "seed": 7,
+    "median_ns": 40_000,
+    "p99_ns": 120_000,
+    "spike_prob": 0.001,
+    "spike_min_ns": 300_000,
+    "spike_max_ns": 1_000_000,
+    "loss": 0.0,
+    "lemon_fraction": 0.02,
+    "lemon_factor": 2.5,
+}
+"""Cloud-like links (intra-region one-way delays of tens of µs, rare stalls, 2% lemon VMs)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigSpec:
+    """One configuration measured in the run."""
+
+    name: str
+    """unicast, tree-h0, tree-nohold or jasper (the simulator's names)."""
+    description: str
+    hedge: int | None
+    """Sibling hedging of the tree; None = no tree (the publisher sends to every endpoint)."""
+    hold: bool
+    """True when the root stamps a release deadline; otherwise endpoints deliver at arrival."""
+
+
+def config_specs(hedge: int) -> dict[str, ConfigSpec]:
+    return {
+        "unicast": ConfigSpec(
+            name="unicast",
+            description="publisher sends one copy to every endpoint, deliver at arrival",
+            hedge=None,
+            hold=False,
+        ),
+        "tree-h0": ConfigSpec(
+            name="tree-h0", description="tree H=0, deliver at first arrival", hedge=0, hold=False
+        ),
+        "tree-nohold": ConfigSpec(
+            name="tree-nohold",
+            description=f"tree H={hedge}, deliver at first arrival",
+            hedge=hedge,
+            hold=False,
+        ),
+        "jasper": ConfigSpec(
+            name="jasper",
+            description=f"tree H={hedge}, hold to the root's deadline",
+            hedge=hedge,
+            hold=True,
+        ),
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmulationSettings:
+    """Everything one run is parameterized by."""
+
+    receivers: int = 1000
+    """MP endpoints (leaves of the tree)."""
+    endpoints_per_host: int = 15
+    """Endpoints hosted by one receiver process / namespace (the paper: 10–20 per VM)."""
+    fanout: int = 10
+    hedge: int = 2
+    depth: int | None = None
+    rate: float = 10.0
+    """Messages per second the publisher is asked to send."""
+    messages: int = 3000
+    """Scored messages per configuration (blocks x (block_messages − warmup))."""
+    block_messages: int = 500
+    """Messages per block, warm-up included."""
+    warmup_messages: int = 10
+    """Messages at the start of every block that are not scored."""
+    tau_ns: int = 100_000
+    """DWS threshold of P(F)."""
+    hold_percentile: float = 97.0
+    """Jasper's hold: max over endpoints of this OWD percentile (from the previous tree block)."""
+    extra_hold_ns: int = 100_000
+    """Added on top of the measured percentile (covers release jitter and clock bounds)."""
+    min_hold_ns: int = 300_000
+    configs: tuple[str, ...] = CONFIG_NAMES
+    faults: bool = True
+    fault_block_messages: int = 150
+    link_model: Mapping[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_LINK_MODEL))
+    controller: bool = True
+    """Start the controller and subscribe MPs through its REST API when it is available."""
+    fast_path: str = "user"
+    seed: int = 1
+    cpu_limit: float = 0.60
+    """A run whose machine CPU stayed above this during scored blocks is not valid for timing."""
+    tag: str = ""
+    out_dir: str = "emulation-out"
+    settle_s: float = 1.0
+    """Pause after starting a block's daemons before the publisher starts."""
+
+    def blocks_per_config(self) -> int:
+        per_block = self.block_messages - self.warmup_messages
+        return max(1, -(-self.messages // per_block))
+
+
+# --- topology --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every node lives in the emulated region."""
+
+    publisher: str
+    """Publisher host address."""
+    relays: Mapping[str, str]
+    """Relay name -> host address."""
+    hosts: Mapping[str, tuple[str, tuple[str, ...]]]
+    """Receiver host name -> (address, endpoint names)."""
+
+    def host_of(self) -> dict[str, str]:
+        return {e: h for h, (_, eps) in self.hosts.items() for e in eps}
+
+
+def endpoint_hosts(receivers: int, per_host: int) -> dict[str, tuple[str, ...]]:
+    """Receiver host "h<k>" -> endpoints, consecutive leaves together (siblings of one relay)."""
+    hosts: dict[str, tuple[str, ...]] = {}
+    for k, start in enumerate(range(0, receivers, per_host)):
+        hosts[f"h{k}"] = tuple(f"e{i}" for i in range(start, min(receivers, start + per_host)))
+    return hosts
+
+
+def build_topology(
+    layout: Layout,
+    *,
+    plan: Any | None,
+    hold_ns: int,
+    hedge: int,
+    link_model: Mapping[str, Any] | None,
+    plan_epoch: int = 1,
+) -> Topology:
+    """The static topology of one configuration. `plan` is a TreePlan, or None for direct
+    unicast (the publisher's targets are then every endpoint)."""
+    host_eps = layout.hosts
+    if plan is None:
+        pub_targets = [{"node": e, "hedge": False} for _, eps in host_eps.values() for e in eps]
+        relays: list[dict[str, Any]] = []
+        parents: dict[str, list[str]] = {e["node"]: ["pub"] for e in pub_targets}
+    else:
+        pub_targets = [{"node": plan.levels[0][0], "hedge": False}]
+        relays = [
+            {
+                "name": r,
+                "addr": layout.relays[r],
+                "port": RELAY_PORT,
+                "targets": [{"node": f.target, "hedge": f.hedge} for f in plan.forwarding[r]],
+            }
+            for r in plan.relays()
+        ]
+        parents = {e: list(plan.parents[e]) for _, eps in host_eps.values() for e in eps}
+    doc: dict[str, Any] = {
+        "version": 1,
+        "plan_epoch": plan_epoch,
+        "stream": {"id": STREAM_ID, "name": "md", "hedge": hedge, "hold_ns": hold_ns},
+        "publisher": {"name": "pub", "addr": layout.publisher, "targets": pub_targets},
+        "relays": relays,
+        "receivers": [
+            {
+                "name": h,
+                "addr": addr,
+                "endpoints": [
+                    {
+                        "name": e,
+                        "port": ENDPOINT_PORT_BASE + j,
+                        "parents": parents[e],
+                        "mp": f"mp-{e}",
+                    }
+                    for j, e in enumerate(eps)
+                ],
+            }
+            for h, (addr, eps) in host_eps.items()
+        ],
+        "link_model": dict(link_model) if link_model else None,
+    }
+    return parse_topology(doc)
+
+
+# --- machine figures -------------------------------------------------------------------------
+
+
+def cpu_sample() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat (softirq counts as busy)."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    return sum(parts) - idle, sum(parts)
+
+
+def cpu_fraction(a: tuple[int, int], b: tuple[int, int]) -> float:
+    busy, total = b[0] - a[0], b[1] - a[1]
+    return busy / total if total > 0 else 0.0
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockResult:
+    """One block: which configuration, its records, and what the machine did."""
+
+    index: int
+    config: str
+    fault: Fault | None
+    sent: np.ndarray
+    deliveries: np.ndarray
+    hold_ns: int
+    offered_rate: float
+    achieved_rate: float
+    cpu_fraction: float
+    wall_s: float
+    events: list[FaultEvent] = field(default_factory=list)
+    daemon_errors: list[str] = field(default_factory=list)
+
+    def scored(self, warmup: int) -> tuple[np.ndarray, np.ndarray]:
+        """Records without the block's warm-up messages."""
+        sent = self.sent[np.argsort(self.sent["send_time_ns"], kind="stable")]
+        keep = sent[warmup:]
+        if len(self.deliveries) == 0 or len(keep) == 0:
+            return keep, self.deliveries[:0]
+        ok = np.isin(self.deliveries["seq"], keep["seq"]) & np.isin(
+            self.deliveries["session"], keep["session"]
+        )
+        return keep, self.deliveries[ok]
+
+
+@dataclass
+class ProcessStat:
+    role: str
+    node: str
+    block: int
+    status: int
+    cpu_s: float
+    maxrss_kb: int
+
+
+class Emulation:
+    """One run. Use as a context manager, or call close() yourself (idempotent)."""
+
+    def __init__(
+        self,
+        settings: EmulationSettings,
+        *,
+        progress: Callable[[str, float], None] | None = None,
+    ) -> None:
+        from jasper.tree import tree_shape
+
+        self.s = settings
+        self.tag = settings.tag or f"{os.getpid() % 100000:05d}"
+        self.out = Path(settings.out_dir).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress or (lambda text, frac: None)
+        self.net = EmulatedNetwork(tag=self.tag)
+        self.plans = {
+            h: tree_shape(settings.receivers, fanout=settings.fanout, hedge=h, depth=settings.depth)
+            for h in sorted({settings.hedge, 0})
+        }
+        self.plan = self.plans[settings.hedge]
+        self.specs = config_specs(settings.hedge)
+        for name in settings.configs:
+            if name not in self.specs:
+                raise ValueError(f"unknown configuration {name!r}; choose from {CONFIG_NAMES}")
+        host_eps = endpoint_hosts(settings.receivers, settings.endpoints_per_host)
+        pub = self.net.add_host("pub")
+        ctl = self.net.add_host("ctl")
+        relays = {r: self.net.add_host(r).addr for r in self.plan.relays()}
+        hosts = {h: (self.net.add_host(h).addr, eps) for h, eps in host_eps.items()}
+        self.ctl_addr = ctl.addr
+        self.layout = Layout(publisher=pub.addr, relays=relays, hosts=hosts)
+        self.spawner: Spawner | None = None
+        self.live: dict[str, int] = {}
+        self.blocks: list[BlockResult] = []
+        self.processes: list[ProcessStat] = []
+        self.notes: list[str] = []
+        self.closed = False
+        self._progress_state: tuple[str, int, int, int] = ("", 0, 1, 1)
+        self._detach: list[Callable[[], None]] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Emulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _manifest(self) -> None:
+        write_manifest(
+            self.tag,
+            {
+                "tag": self.tag,
+                "pid": os.getpid(),
+                "pids": sorted(self.live.values())
+                + ([self.spawner.proc.pid] if self.spawner else []),
+                "bpf_nodes": sorted(self.layout.relays) + sorted(self.layout.hosts),
+                "out": str(self.out),
+            },
+        )
+
+    def setup(self) -> None:
+        """Build the namespaces and start the spawner."""
+        self._manifest()
+        self.progress(f"building {len(self.net.hosts)} namespaces", 0.0)
+        self.net.build()
+        self.spawner = Spawner(
+            [
+                "numpy",
+                "jasper_cli.main",
+                "jasper_cli.relay",
+                "jasper_cli.receiver",
+                "jasper_cli.publisher",
+                "overlay.relay",
+                "overlay.receiver",
+                "overlay.publisher",
+            ]
+        )
+        self._manifest()
+
+    def close(self) -> None:
+        """Stop every daemon, the spawner, and delete every namespace. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        for detach in self._detach:
+            try:
+                detach()
+            except Exception:
+                log.exception("detaching a link-loss program")
+        for pid in self.live.values():
+            _kill(pid, signal.SIGCONT)
+            _kill(pid, signal.SIGKILL)
+        if self.spawner is not None:
+            self.spawner.close()
+        self.net.teardown()
+
+    # -- daemons ------------------------------------------------------------------------------
+
+    def _spawn(self, key: str, netns: str, argv: Sequence[str], block_dir: Path) -> int:
+        assert self.spawner is not None
+        pid = self.spawner.spawn(netns, list(argv), str(block_dir / f"{key}.log"))
+        self.live[key] = pid
+        return pid
+
+    def _start_block_daemons(self, topo_path: Path, block_dir: Path, spec: ConfigSpec) -> None:
+        """Start receivers (and relays unless unicast); wait for each one's ready file."""
+        ready: list[Path] = []
+
+        def argv(kind: str, node: str) -> list[str]:
+            flag = block_dir / f"ready-{node}"
+            ready.append(flag)
+            return [
+                kind,
+                "--topology",
+                str(topo_path),
+                "--node-name",
+                node,
+                "--records",
+                str(block_dir),
+                "--ready-file",
+                str(flag),
+                "--fast-path",
+                self.s.fast_path,
+            ]
+
+        for h in self.layout.hosts:
+            self._spawn(h, self.net.hosts[h].netns, argv("receiver", h), block_dir)
+        if spec.hedge is not None:
+            for r in self.layout.relays:
+                self._spawn(r, self.net.hosts[r].netns, argv("relay", r), block_dir)
+        self._manifest()
+        assert self.spawner is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(f.exists() for f in ready):
+                return
+            dead = [k for k, pid in self.live.items() if not self.spawner.alive(pid)]
+            if dead:
+                log_tail = (block_dir / f"{dead[0]}.log").read_text()[-2000:]
+                raise RuntimeError(f"daemon {dead[0]} exited at start:\n{log_tail}")
+            time.sleep(0.05)
+        missing = [f.name for f in ready if not f.exists()]
+        raise RuntimeError(f"daemons not ready after 60 s: {missing[:5]}")
+
+    def _stop_daemons(self, block: int, timeout_s: float = 30.0) -> list[str]:
+        assert self.spawner is not None
+        errors: list[str] = []
+        for pid in self.live.values():
+            _kill(pid, signal.SIGCONT)
+            _kill(pid, signal.SIGTERM)
+        if not self.spawner.wait(list(self.live.values()), timeout_s):
+            for key, pid in self.live.items():
+                if self.spawner.alive(pid):
+                    errors.append(f"{key} did not stop within {timeout_s:g} s; killed")
+                    _kill(pid, signal.SIGKILL)
+            self.spawner.wait(list(self.live.values()), 5.0)
+        for key, pid in self.live.items():
+            ex = self.spawner.exits.get(pid)
+            role = "publisher" if key == "pub" else "relay" if key.startswith("r") else "receiver"
+            if ex is None:
+                continue
+            self.processes.append(
+                ProcessStat(role, key, block, ex.status, ex.utime_s + ex.stime_s, ex.maxrss_kb)
+            )
+        self.live.clear()
+        self._manifest()
+        return errors
+
+    # -- blocks -------------------------------------------------------------------------------
+
+    def _hold_for_next_jasper(self) -> int:
+        """Max over endpoints of their OWD percentile in the latest H=hedge tree block (the
+        simulator's rule, one block behind instead of one window behind), plus extra."""
+        for b in reversed(self.blocks):
+            if b.config in ("tree-nohold", "jasper") and b.fault is None and len(b.deliveries):
+                d = b.deliveries
+                sent = b.sent
+                order = np.argsort(sent["seq"])
+                idx = np.searchsorted(sent["seq"][order], d["seq"])
+                idx = np.minimum(idx, len(sent) - 1)
+                send = sent["send_time_ns"][order][idx]
+                owd = d["arrival_ns"] - send
+                per_ep: dict[str, list[int]] = {}
+                for e, v in zip(d["endpoint"].tolist(), owd.tolist(), strict=True):
+                    per_ep.setdefault(e, []).append(v)
+                est = max(float(np.percentile(v, self.s.hold_percentile)) for v in per_ep.values())
+                return max(self.s.min_hold_ns, int(est) + self.s.extra_hold_ns)
+        return max(self.s.min_hold_ns, 2_000_000)
+
+    def run_block(
+        self, config: str, messages: int, *, fault: Fault | None = None, index: int = 0
+    ) -> BlockResult:
+        assert self.spawner is not None
+        spec = self.specs[config]
+        hold_ns = self._hold_for_next_jasper() if spec.hold else 0
+        plan = None if spec.hedge is None else self.plans[spec.hedge]
+        topo = build_topology(
+            self.layout,
+            plan=plan,
+            hold_ns=hold_ns,
+            hedge=spec.hedge or 0,
+            link_model=self.s.link_model,
+            plan_epoch=index + 1,
+        )
+        block_dir = self.out / "blocks" / f"{index:03d}-{config}"
+        block_dir.mkdir(parents=True, exist_ok=True)
+        topo_path = block_dir / "topology.json"
+        topo_path.write_text(json.dumps(topo.to_dict()))
+        self._start_block_daemons(topo_path, block_dir, spec)
+        time.sleep(self.s.settle_s)
+        t0 = time.monotonic()
+        cpu0 = cpu_sample()
+        self._spawn(
+            "pub",
+            self.net.hosts["pub"].netns,
+            [
+                "publisher",
+                "--topology",
+                str(topo_path),
+                "--node-name",
+                "pub",
+                "--rate",
+                f"{self.s.rate:g}",
+                "--duration",
+                f"{messages / self.s.rate:.3f}",
+                "--records",
+                str(block_dir),
+            ],
+            block_dir,
+        )
+        injector = None
+        if fault is not None:
+            injector = FaultInjector(
+                [fault], dict(self.live), link_loss=self._link_loss, clock_step=None
+            )
+            injector.start()
+        pub_pid = self.live["pub"]
+        expected_s = messages / self.s.rate
+        progress_file = block_dir / "progress"
+        while not self.spawner.wait([pub_pid], 0.5):
+            try:
+                sent_so_far = int(progress_file.read_text() or 0)
+            except (OSError, ValueError):
+                sent_so_far = 0
+            self._tick(min(1.0, sent_so_far / messages))
+            if time.monotonic() - t0 > 3 * expected_s + 60:
+                _kill(pub_pid, signal.SIGTERM)
+                self.notes.append(f"block {index}: publisher overran; stopped")
+                self.spawner.wait([pub_pid], 10)
+                break
+        cpu1 = cpu_sample()
+        if injector is not None:
+            injector.stop()
+        # Let the last messages clear the tree and the hold before stopping.
+        time.sleep(0.3 + hold_ns / 1e9)
+        errors = self._stop_daemons(index)
+        sent, deliveries = load_records(block_dir)
+        achieved = 0.0
+        if len(sent) > 1:
+            span = float(sent["send_time_ns"].max() - sent["send_time_ns"].min()) / 1e9
+            achieved = (len(sent) - 1) / span if span > 0 else 0.0
+        result = BlockResult(
+            index=index,
+            config=config,
+            fault=fault,
+            sent=sent,
+            deliveries=deliveries,
+            hold_ns=hold_ns,
+            offered_rate=self.s.rate,
+            achieved_rate=achieved,
+            cpu_fraction=cpu_fraction(cpu0, cpu1),
+            wall_s=time.monotonic() - t0,
+            events=list(injector.events) if injector else [],
+            daemon_errors=errors,
+        )
+        self.blocks.append(result)
+        return result
+
+    def _link_loss(self, src: str, dst: str, loss: float) -> Callable[[], None]:
+        detach = attach_linkloss(self.net.hosts[dst].netns, "eth0", self.net.hosts[src].addr, loss)
+        self._detach.append(detach)
+        return detach
+
+    # -- the whole run ------------------------------------------------------------------------
+
+    def schedule(self) -> list[tuple[str, int, Fault | None]]:
+        """Blocks in order: rounds of every configuration (order rotating each round, the
+        tree-without-hold block before Jasper's in the first round so Jasper has a hold), then
+        one fault block per fault."""
+        s = self.s
+        configs = list(s.configs)
+        if "jasper" in configs and "tree-nohold" in configs:
+            configs.remove("tree-nohold")
+            configs.insert(0, "tree-nohold")
+        out: list[tuple[str, int, Fault | None]] = []
+        for k in range(s.blocks_per_config()):
+            rot = configs[k % len(configs) :] + configs[: k % len(configs)] if k else configs
+            out += [(c, s.block_messages, None) for c in rot]
+        if s.faults:
+            out += [("jasper", s.fault_block_messages, f) for f in self.default_faults()]
+        return out
+
+    def default_faults(self) -> list[Fault]:
+        """One of each: kill a level-1 relay, kill a receiver host, pause a relay in bursts,
+        loss on one relay-to-host link (the clock step needs the clock engineer's hook)."""
+        s = self.s
+        at = 0.4 * s.fault_block_messages / s.rate
+        level1 = self.plan.levels[1] if self.plan.depth > 1 else self.plan.levels[0]
+        lower = self.plan.levels[-1]
+        victim_relay = level1[len(level1) // 2]
+        paused = lower[len(lower) // 3]
+        last_hosts = list(self.layout.hosts)
+        victim_host = last_hosts[len(last_hosts) // 2]
+        # A link that carries own-child copies: from a last-level relay to one of its hosts.
+        child = self.plan.children(lower[len(lower) // 4])[0]
+        lossy_host = self.layout.host_of()[child] if child.startswith("e") else child
+        loss_src = lower[len(lower) // 4]
+        return [
+            Fault(kind="kill-relay", target=victim_relay, at_s=at),
+            Fault(kind="kill-host", target=victim_host, at_s=at),
+            Fault(
+                kind="pause-relay",
+                target=paused,
+                at_s=at,
+                bursts=12,
+                burst_gap_s=0.25,
+                seed=s.seed,
+            ),
+            Fault(
+                kind="link-loss",
+                target=f"{loss_src}->{lossy_host}",
+                at_s=at,
+                loss=0.3,
+                duration_s=min(5.0, 0.4 * s.fault_block_messages / s.rate),
+            ),
+        ]
+
+    def run(self) -> list[BlockResult]:
+        plan = self.schedule()
+        total = sum(m for _, m, _ in plan)
+        done = 0
+        for i, (config, messages, fault) in enumerate(plan):
+            label = config if fault is None else f"{config}+{fault.kind}"
+            self._progress_state = (f"block {i + 1}/{len(plan)} {label}", done, messages, total)
+            b = self.run_block(config, messages, fault=fault, index=i)
+            done += messages
+            if b.daemon_errors:
+                self.notes += [f"block {i}: {e}" for e in b.daemon_errors]
+        return self.blocks
+
+    def _tick(self, frac: float) -> None:
+        label, done, messages, total = self._progress_state
+        self.progress(label, (done + frac * messages) / max(1, total))
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def load_records(block_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All sent and delivery records (.npy) the block's daemons wrote."""
+    sent = [np.load(p) for p in sorted(block_dir.glob("*sent*.npy"))]
+    deliv = [np.load(p) for p in sorted(block_dir.glob("*deliver*.npy"))]
+    sent_arr = np.concatenate(sent) if sent else np.zeros(0, dtype=SENT_DTYPE)
+    deliv_arr = np.concatenate(deliv) if deliv else np.zeros(0, dtype=DELIVERY_DTYPE)
+    return sent_arr.astype(SENT_DTYPE), deliv_arr.astype(DELIVERY_DTYPE)
+
+
+def settings_dict(s: EmulationSettings) -> dict[str, Any]:
+    d = asdict(s)
+    d["configs"] = list(s.configs)
+    return d
