@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jasper.latency_model import LemonVMs, LinkModel, LognormalLatency, UniformLatency
-from jasper.metrics import wilson_interval
+from jasper.metrics import fairness_report, wilson_interval
+from jasper.records import DELIVERY_DTYPE, SENT_DTYPE
 from jasper.simulate import (
     PAPER_HEDGING,
     BaselineResult,
@@ -183,10 +184,21 @@ def test_jasper_hold_matches_an_independent_recount() -> None:
     offsets = tree.offsets_us(scenario.cost)
     fair = late_pairs = 0
     estimate = None
-    for _ in range(5):
+    sent, deliveries = [], []
+    for window in range(5):
         arr = tree_first_arrivals(tree, offsets, link, zero_biases(tree.counts), rng, 40)
+        # Ground-truth records in ns, as the data plane would log them (1 s between messages).
+        deadline = 0.0 if estimate is None else estimate + 2.0
+        for i, row in enumerate(arr):
+            seq = window * 40 + i + 1
+            send_ns = seq * 10**9
+            deadline_ns = send_ns + round(deadline * 1000)
+            sent.append((1, 1, seq, send_ns, deadline_ns))
+            for e, t in enumerate(row):
+                arrival_ns = send_ns + round(t * 1000)
+                release_ns = max(arrival_ns, deadline_ns)
+                deliveries.append((f"e{e}", 1, 1, seq, arrival_ns, release_ns, deadline_ns, "", 1))
         if estimate is not None:
-            deadline = estimate + 2.0
             for row in arr:
                 late = int((row > deadline).sum())
                 late_pairs += late
@@ -196,6 +208,22 @@ def test_jasper_hold_matches_an_independent_recount() -> None:
     assert jasper.fair == fair
     assert jasper.late_fraction == pytest.approx(late_pairs / (160 * 120))
     assert 0 < jasper.fair < 160, "the model should make some messages late"
+
+    # The reference metrics (docs/metrics.md) agree, computed from the records alone.
+    report = fairness_report(
+        np.array(sent, dtype=SENT_DTYPE),
+        np.array(deliveries, dtype=DELIVERY_DTYPE),
+        {1: [f"e{e}" for e in range(120)]},
+        tau_ns=500,
+        warmup_messages=40,
+    )
+    assert report.messages == jasper.messages == 160
+    assert report.fair_messages == jasper.fair
+    assert report.late_pairs == late_pairs
+    assert report.p_fair_ci == pytest.approx(jasper.p_fair_ci)
+    assert report.oml_ns.p50 is not None and report.oml_ns.p99 is not None
+    assert report.oml_ns.p50 / 1000 == pytest.approx(jasper.oml_p50_us, abs=0.01)
+    assert report.oml_ns.p99 / 1000 == pytest.approx(jasper.oml_p99_us, abs=0.01)
 
 
 def test_jasper_beats_the_baselines_on_fairness_by_default() -> None:
