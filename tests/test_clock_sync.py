@@ -1,0 +1,220 @@
+"""Real chronyd on loopback: a real clock bound read through our code, and emulated skew
+corrected by real SNTP exchanges (with the negative control)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from jasper.clockbound import ClockStatus
+from jasper_cli.main import main as jasper_main
+from overlay.clocks import SoftwareClock
+from overlay.clocksync import (
+    ChronyTarget,
+    ChronyUnavailable,
+    ClockDiscipline,
+    SntpClient,
+    chrony_bound,
+    local_clock_bound,
+    read_tracking,
+)
+from overlay.refclock import ChronyConfig, ReferenceChrony, chronyd_path
+from tests.conftest import require_privileged
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[ReferenceChrony]:
+    require_privileged("chronyd", chronyd_path() is not None)
+    ref = ReferenceChrony(ChronyConfig(exit_after_s=600))
+    ref.start()
+    try:
+        yield ref
+    finally:
+        ref.cleanup()
+
+
+@pytest.fixture(scope="module")
+def follower(reference: ReferenceChrony) -> Iterator[ReferenceChrony]:
+    """A second chronyd (-x) that follows the reference, so it has a real, nonzero bound."""
+    f = ReferenceChrony(
+        ChronyConfig(
+            local_stratum=0, upstream=[("127.0.0.1", reference.ntp_port)], exit_after_s=600
+        )
+    )
+    f.start(timeout_s=20)  # ready = it serves synchronized time
+    try:
+        yield f
+    finally:
+        f.cleanup()
+
+
+def test_reads_real_bound_from_chronyd(follower: ReferenceChrony) -> None:
+    for target in (
+        ChronyTarget(host="127.0.0.1", port=follower.cmd_port),
+        ChronyTarget(host=str(follower.socket_path)),
+    ):
+        report = read_tracking(target)
+        assert report.synchronized
+        assert report.stratum == 2
+        assert report.ref_name == "127.0.0.1"
+        bound = chrony_bound(target)
+        assert bound.status is ClockStatus.SYNCHRONIZED
+        # A real bound from a real exchange: nonzero, and small on loopback.
+        assert 0 < bound.base_bound_ns < 5_000_000
+        expected = (
+            abs(report.system_time_offset_s) + report.root_dispersion_s + report.root_delay_s / 2
+        ) * 1e9
+        # chrony recomputes dispersion per request; the two reads are moments apart.
+        assert bound.base_bound_ns == pytest.approx(expected, rel=0.5, abs=2_000)
+        now = time.time_ns()
+        assert bound.earliest_ns(now) < now < bound.latest_ns(now)
+
+
+def test_clock_status_cli_reads_chronyd(
+    follower: ReferenceChrony, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = jasper_main(
+        [
+            "clock",
+            "status",
+            "--chrony-host",
+            str(follower.socket_path),
+            "--shm",
+            "/nonexistent",
+            "--json",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["status"] == "synchronized"
+    assert out["bound_ns"] > 0
+    assert out["earliest_ns"] < out["now_ns"] < out["latest_ns"]
+
+
+def test_no_daemon_means_unknown(tmp_path: object) -> None:
+    bound, note = local_clock_bound(
+        shm_path="/nonexistent/shm0", chrony=ChronyTarget(host="127.0.0.1", port=1)
+    )
+    assert bound.status is ClockStatus.UNKNOWN
+    assert "no clock source" in note
+    with pytest.raises(ChronyUnavailable):
+        read_tracking(ChronyTarget(host="127.0.0.1", port=1), timeout_s=5)
+
+
+async def test_sntp_exchange_against_reference(reference: ReferenceChrony) -> None:
+    clock = SoftwareClock(offset_ns=-300_000)
+    client = SntpClient(server=("127.0.0.1", reference.ntp_port), clock=clock.now_ns)
+    try:
+        samples = await client.burst(5)
+    finally:
+        client.close()
+    assert len(samples) == 5
+    for s in samples:
+        assert s.stratum == 1
+        # The server is the true clock, so the offset is minus our error, within the bound.
+        assert abs(s.offset_ns - 300_000) <= s.bound_ns()
+
+
+@dataclass
+class Release:
+    deadline_ns: int
+    true_ns: int
+    reading_ns: int
+    bound_ns: int
+    status: ClockStatus
+
+
+async def _release_loop(clock: SoftwareClock, *, seconds: float, lead_ns: int) -> list[Release]:
+    """Release a message at a deadline `lead_ns` ahead on the node's clock, over and over."""
+    out: list[Release] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        deadline = clock.now_ns() + lead_ns
+        await asyncio.sleep(max(0.0, (lead_ns - 300_000) / 1e9))
+        while clock.now_ns() < deadline:
+            pass
+        true_ns, reading = clock.sample()
+        b = clock.bound()
+        status = b.status_at(reading)
+        out.append(Release(deadline, true_ns, reading, b.bound_ns(reading), status))
+        await asyncio.sleep(0.005)
+    return out
+
+
+NODES = [(500_000, 20.0), (-500_000, -20.0), (500_000, -20.0), (-500_000, 20.0)]
+"""(injected offset ns, injected drift ppm) per emulated node."""
+
+
+@pytest.mark.slow
+async def test_skew_corrected_by_ntp_stays_inside_bound(reference: ReferenceChrony) -> None:
+    clocks = [
+        SoftwareClock(offset_ns=o, drift_ppm=d, name=f"n{i}") for i, (o, d) in enumerate(NODES)
+    ]
+    discs = [
+        ClockDiscipline(clock=c, server=("127.0.0.1", reference.ntp_port), interval_s=0.25)
+        for c in clocks
+    ]
+    for d in discs:
+        await d.sync_once()  # first correction before any release
+        d.start()
+    try:
+        results = await asyncio.gather(
+            *(_release_loop(c, seconds=3.0, lead_ns=2_000_000) for c in clocks)
+        )
+    finally:
+        for d in discs:
+            await d.stop()
+    checked = 0
+    for clock, disc, releases in zip(clocks, discs, results, strict=True):
+        assert len(disc.history) >= 8, "the clock was corrected periodically"
+        assert abs(disc.history[0].offset_ns + clock.offset_ns) < 100_000
+        for r in releases:
+            assert r.status is ClockStatus.SYNCHRONIZED
+            true_error = r.true_ns - r.deadline_ns  # when, in true time, it went out
+            local_lateness = r.reading_ns - r.deadline_ns  # what the node itself saw
+            # The part of the release error that the node cannot see is its clock error;
+            # it must lie within the bound the node reported at that moment.
+            assert abs(true_error - local_lateness) <= r.bound_ns, (clock.name, r)
+            assert r.bound_ns < 300_000, "a bound that means something (well under 500 µs)"
+            checked += 1
+    assert checked >= 4 * 100
+
+
+@pytest.mark.slow
+async def test_negative_control_without_correction(reference: ReferenceChrony) -> None:
+    clocks = [SoftwareClock(offset_ns=o, drift_ppm=d) for o, d in NODES]
+    discs = [
+        ClockDiscipline(
+            clock=c, server=("127.0.0.1", reference.ntp_port), interval_s=0.25, correct=False
+        )
+        for c in clocks
+    ]
+    for d in discs:
+        d.start()
+    try:
+        results = await asyncio.gather(
+            *(_release_loop(c, seconds=1.5, lead_ns=2_000_000) for c in clocks)
+        )
+    finally:
+        for d in discs:
+            await d.stop()
+    for clock, disc, releases in zip(clocks, discs, results, strict=True):
+        assert disc.history, "the exchanges ran and measured the offset"
+        assert abs(disc.history[-1].offset_ns + clock.offset_ns) < 100_000
+        for r in releases:
+            assert r.status is ClockStatus.UNKNOWN
+            true_error = r.true_ns - r.deadline_ns
+            local_lateness = r.reading_ns - r.deadline_ns
+            drift_ns = (r.true_ns - clock._epoch_true_ns) * clock.drift_ppm / 1e6
+            # Uncorrected, the true release error is the injected offset (plus its drift).
+            assert true_error - local_lateness == pytest.approx(
+                -(clock.offset_ns + drift_ns), abs=2
+            )
+            assert abs(true_error - local_lateness) >= 450_000
