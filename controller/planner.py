@@ -268,7 +268,7 @@ class Planner:
             if old is None:
                 raise NotFound(f"stream {row.id} not found")
             store.update_stream(db=db, row=row)
-            if (old.hedge, old.fanout) != (row.hedge, row.fanout):
+            if (old.hedge, old.fanout, old.depth) != (row.hedge, row.fanout, row.depth):
                 self._replan(db, row.id, reason="stream_changed")
             else:
                 self._bump(db)
@@ -411,6 +411,7 @@ class Planner:
             hedge=stream.hedge,
             epoch=epoch,
             lemon_factor=self.settings.lemon_factor,
+            depth=stream.depth,
         )
         self.metrics.plan_seconds.observe(time.perf_counter() - started)
         self.metrics.replans.labels(reason=reason).inc()

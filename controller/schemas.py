@@ -111,6 +111,7 @@ class StreamCreate(Body):
     rate_hint: float = Field(100.0, ge=0, le=1e7, description="Expected messages per second")
     hedge: int = Field(2, ge=0, le=16, description="Sibling hedging H")
     fanout: int | None = Field(None, ge=2, le=1000, description="Fan-out F (default 10)")
+    depth: int | None = Field(None, ge=1, le=8, description="Levels D (default round(log_F N))")
     hold_ns: int = Field(500_000, ge=0, le=10_000_000_000, description="Extra hold, ns")
     hold_policy: HoldPolicy = "adaptive"
     publisher: NodeName | None = None
@@ -121,6 +122,7 @@ class StreamUpdate(Body):
     rate_hint: float | None = Field(None, ge=0, le=1e7)
     hedge: int | None = Field(None, ge=0, le=16)
     fanout: int | None = Field(None, ge=2, le=1000)
+    depth: int | None = Field(None, ge=1, le=8)
     hold_ns: int | None = Field(None, ge=0, le=10_000_000_000)
     hold_policy: HoldPolicy | None = None
     publisher: NodeName | None = None
@@ -132,6 +134,7 @@ class StreamPublic(BaseModel):
     rate_hint: float
     hedge: int
     fanout: int
+    depth: int | None
     hold_ns: int
     hold_policy: HoldPolicy
     publisher: str | None

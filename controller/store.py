@@ -31,6 +31,7 @@ SCHEMA = (
         rate_hint REAL NOT NULL,
         hedge INTEGER NOT NULL,
         fanout INTEGER NOT NULL,
+        depth INTEGER,
         hold_ns BIGINT NOT NULL,
         hold_policy TEXT NOT NULL,
         publisher TEXT,
@@ -147,6 +148,7 @@ class StreamRow:
     hold_ns: int
     hold_policy: str
     publisher: str | None
+    depth: int | None = None
 
 
 @dataclass(frozen=True)
@@ -286,15 +288,16 @@ def list_latency(*, db: sqlite3.Connection) -> list[tuple[str, str, int, int, in
 
 def insert_stream(*, db: sqlite3.Connection, row: StreamRow, now_ns: int) -> StreamRow:
     db.execute(
-        """INSERT INTO streams (id, name, rate_hint, hedge, fanout, hold_ns, hold_policy,
-                                publisher, created_ns)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        """INSERT INTO streams (id, name, rate_hint, hedge, fanout, depth, hold_ns,
+                                hold_policy, publisher, created_ns)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             row.id,
             row.name,
             row.rate_hint,
             row.hedge,
             row.fanout,
+            row.depth,
             row.hold_ns,
             row.hold_policy,
             row.publisher,
@@ -306,13 +309,14 @@ def insert_stream(*, db: sqlite3.Connection, row: StreamRow, now_ns: int) -> Str
 
 def update_stream(*, db: sqlite3.Connection, row: StreamRow) -> StreamRow:
     db.execute(
-        """UPDATE streams SET name = ?, rate_hint = ?, hedge = ?, fanout = ?, hold_ns = ?,
-                              hold_policy = ?, publisher = ? WHERE id = ?""",
+        """UPDATE streams SET name = ?, rate_hint = ?, hedge = ?, fanout = ?, depth = ?,
+                              hold_ns = ?, hold_policy = ?, publisher = ? WHERE id = ?""",
         (
             row.name,
             row.rate_hint,
             row.hedge,
             row.fanout,
+            row.depth,
             row.hold_ns,
             row.hold_policy,
             row.publisher,

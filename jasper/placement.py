@@ -166,17 +166,19 @@ def _relay_counts(leaves: int, fanout: int, depth: int) -> list[int]:
     return counts[:-1]
 
 
-def choose_depth(leaves: int, relays: int, *, fanout: int = 10) -> int:
+def choose_depth(leaves: int, relays: int, *, fanout: int = 10, depth: int | None = None) -> int:
     """The paper's depth round(log_F N), reduced until the tree needs at most `relays` relays.
 
     With fewer relays than the ideal tree needs, a shallower tree with a larger fan-out costs
     more per hop but uses only VMs we have. 0 means no relay at all (publisher sends direct).
+    An explicit `depth` replaces the paper's (e.g. 2 on a small demo, for hedged copies).
     """
     if relays <= 0:
         return 0
     from jasper.tree import default_depth
 
-    depth = default_depth(max(1, leaves), fanout)
+    if depth is None:
+        depth = default_depth(max(1, leaves), fanout)
     while depth > 1 and sum(_relay_counts(max(1, leaves), fanout, depth)) > relays:
         depth -= 1
     return depth
@@ -351,6 +353,7 @@ def full_plan(
     hedge: int = 2,
     epoch: int = 1,
     lemon_factor: float = 2.0,
+    depth: int | None = None,
 ) -> Placement:
     """Plan a tree from scratch.
 
@@ -362,7 +365,7 @@ def full_plan(
     matrix = matrix or LatencyMatrix()
     ranking = rank_relays(relays, matrix, lemon_factor=lemon_factor)
     usable = ranking.ranked
-    depth = choose_depth(len(endpoints), len(usable), fanout=fanout)
+    depth = choose_depth(len(endpoints), len(usable), fanout=fanout, depth=depth)
     shape = build_shape(len(endpoints), fanout=fanout, hedge=hedge, depth=depth)
     slots = [s for level in shape.levels for s in level]
     placement = Placement(

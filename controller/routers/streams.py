@@ -25,6 +25,7 @@ def public(row: StreamRow) -> StreamPublic:
         rate_hint=row.rate_hint,
         hedge=row.hedge,
         fanout=row.fanout,
+        depth=row.depth,
         hold_ns=row.hold_ns,
         hold_policy=row.hold_policy,  # type: ignore[arg-type]
         publisher=row.publisher,
@@ -41,6 +42,7 @@ async def create_stream(
         rate_hint=body.rate_hint,
         hedge=body.hedge,
         fanout=body.fanout or settings.default_fanout,
+        depth=body.depth,
         hold_ns=body.hold_ns,
         hold_policy=body.hold_policy,
         publisher=body.publisher,

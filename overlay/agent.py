@@ -1,0 +1,578 @@
+"""Node agent: registers with the controller, heartbeats, long-polls plans and applies them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from jasper.topology import Topology, TopologyError, parse_topology
+from overlay.prober import Prober
+
+log = logging.getLogger("jasper.agent")
+
+
+class AppliesTopology(Protocol):
+    """What the agent drives: a relay, receiver or publisher daemon object."""
+
+    def apply_topology(self, topo: Topology) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class ControllerUnavailable(Exception):
+    """The controller could not be reached or answered with a server error."""
+
+
+class ControllerRefused(Exception):
+    """The controller answered 4xx: our request is wrong (token, name, body)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+class ControllerClient:
+    """A small HTTP/1.1 JSON client on asyncio streams.
+
+    The agent runs inside data-plane daemons, hundreds of them per machine in emulation, so
+    it avoids importing an HTTP library (httpx pulls in ~15 MB); one request per connection.
+    """
+
+    def __init__(self, url: str, token: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"controller URL must be http://HOST[:PORT], got {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.prefix = parts.path.rstrip("/")
+        self.token = token
+
+    async def request(
+        self, method: str, path: str, body: Any = None, *, timeout_s: float = 5.0
+    ) -> Any:
+        try:
+            return await asyncio.wait_for(self._request(method, path, body), timeout_s)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            raise ControllerUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+
+    async def _request(self, method: str, path: str, body: Any) -> Any:
+        payload = b"" if body is None else json.dumps(body).encode()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            head = (
+                f"{method} {self.prefix}{path} HTTP/1.1\r\n"
+                f"Host: {self.host}:{self.port}\r\n"
+                f"Authorization: Bearer {self.token}\r\n"
+                "Accept: application/json\r\n"
+                "Connection: close\r\n"
+            )
+            if body is not None:
+                head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            writer.write(head.encode() + b"\r\n" + payload)
+            await writer.drain()
+            status_line = await reader.readline()
+            parts = status_line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+                raise ValueError(f"bad status line {status_line!r}")
+            status = int(parts[1])
+            length: int | None = None
+            chunked = False
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip())
+                elif name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
+                    chunked = True
+            if chunked:
+                data = b""
+                while True:
+                    size = int((await reader.readline()).strip() or b"0", 16)
+                    if size == 0:
+                        break
+                    data += await reader.readexactly(size)
+                    await reader.readline()
+            elif length is not None:
+                data = await reader.readexactly(length)
+            else:
+                data = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        doc = json.loads(data) if data else None
+        if status >= 500:
+            raise ControllerUnavailable(f"{method} {path}: HTTP {status}")
+        if status >= 400:
+            raise ControllerRefused(status, doc)
+        return doc
+
+
+@dataclass
+class AgentCounters:
+    """What the agent did so far; reported in heartbeats and status."""
+
+    registrations: int = 0
+    heartbeats: int = 0
+    heartbeat_failures: int = 0
+    polls: int = 0
+    poll_failures: int = 0
+    configs_applied: int = 0
+    apply_errors: int = 0
+    disconnects: int = 0
+
+
+def _unknown_clock() -> dict[str, Any]:
+    return {"status": "unknown"}
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, float], limit: int = 256) -> None:
+    if len(out) >= limit:
+        return
+    if isinstance(value, (bool, int | float)):
+        out[prefix] = float(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out, limit)
+
+
+class Agent:
+    """Keeps one node in step with the controller.
+
+    Three loops: register (retried with backoff until it succeeds), heartbeat every
+    `heartbeat_s`, and a long poll of the config by version. A new plan goes to the daemon's
+    `apply_topology`; when the controller is unreachable the daemon simply keeps its last plan,
+    and the agent retries with exponential backoff (capped at `max_backoff_s`).
+    """
+
+    def __init__(
+        self,
+        *,
+        controller: str,
+        token: str,
+        node_name: str,
+        role: str,
+        data_addr: str,
+        port: int,
+        capacity: int = 1,
+        stream_id: int | None = None,
+        probe_port: int | None = None,
+        heartbeat_s: float = 1.0,
+        poll_wait_s: float = 20.0,
+        max_backoff_s: float = 5.0,
+        clock_status: Callable[[], dict[str, Any]] = _unknown_clock,
+        daemon: AppliesTopology | None = None,
+    ) -> None:
+        self.client = ControllerClient(controller, token)
+        self.node_name = node_name
+        self.role = role
+        self.data_addr = data_addr
+        self.port = port
+        self.capacity = capacity
+        self.stream_id = stream_id
+        self.heartbeat_s = heartbeat_s
+        self.poll_wait_s = poll_wait_s
+        self.max_backoff_s = max_backoff_s
+        self.clock_status = clock_status
+        self.daemon = daemon
+        self.prober = (
+            Prober(name=node_name, addr=data_addr, port=probe_port)
+            if probe_port is not None
+            else None
+        )
+        self.version = 0
+        """Config version last received from the controller."""
+        self.applied_version = 0
+        """Config version whose plan is in force here."""
+        self.topology: Topology | None = None
+        self.topology_doc: dict[str, Any] | None = None
+        self.connected = False
+        self.registered = asyncio.Event()
+        self.counters = AgentCounters()
+        self._have_topology = asyncio.Event()
+        self._ack = asyncio.Event()
+
+    # --- public -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until `stop` is set (or the task is cancelled)."""
+        stop = stop or asyncio.Event()
+        if self.prober is not None:
+            await self.prober.start()
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._poll_loop()),
+        ]
+        try:
+            await self._register()
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            if self.prober is not None:
+                self.prober.close()
+
+    async def wait_topology(self) -> Topology:
+        """The first plan that names this node (relays wait here until they are used)."""
+        await self._have_topology.wait()
+        assert self.topology is not None
+        return self.topology
+
+    def attach(self, daemon: AppliesTopology) -> None:
+        """Hand plans to `daemon` from now on; it already runs the current one."""
+        self.daemon = daemon
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "version": self.version,
+            "applied_version": self.applied_version,
+            "plan_epoch": self.topology.plan_epoch if self.topology else None,
+            **vars(self.counters),
+        }
+
+    # --- loops ------------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.max_backoff_s, 0.1 * 2.0 ** min(attempt, 10))
+        return base * (0.5 + random.random() / 2)  # jitter: agents do not retry in lockstep
+
+    async def _register(self) -> None:
+        body = {
+            "name": self.node_name,
+            "role": self.role,
+            "data_addr": self.data_addr,
+            "port": self.port,
+            "capacity": self.capacity,
+            "probe_port": self.prober.port if self.prober else None,
+        }
+        attempt = 0
+        while True:
+            try:
+                await self.client.request("POST", "/v1/nodes", body)
+                self.counters.registrations += 1
+                self._set_connected(True)
+                self.registered.set()
+                log.info("%s registered with the controller", self.node_name)
+                return
+            except ControllerRefused as exc:
+                # A wrong token or a port clash will not fix itself; keep trying slowly so an
+                # operator can correct the controller side without restarting us.
+                log.error("registration of %s refused: %s", self.node_name, exc)
+                await asyncio.sleep(self.max_backoff_s)
+            except ControllerUnavailable as exc:
+                self._set_connected(False)
+                log.debug("registration failed: %s", exc)
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+
+    def _set_connected(self, ok: bool) -> None:
+        if self.connected and not ok:
+            self.counters.disconnects += 1
+            log.warning("controller unreachable; %s keeps its last plan", self.node_name)
+        self.connected = ok
+
+    def _heartbeat_body(self) -> dict[str, Any]:
+        status: dict[str, float] = {}
+        if self.daemon is not None:
+            try:
+                _flatten("", self.daemon.status(), status)
+            except Exception:
+                log.exception("daemon status failed")
+        _flatten("agent", vars(self.counters), status)
+        latency = []
+        dead: list[str] = []
+        if self.prober is not None:
+            latency = [
+                {
+                    "peer": s.peer,
+                    "owd_ns": s.owd_ns,
+                    "jitter_ns": s.jitter_ns,
+                    "samples": s.samples,
+                    "rtt_ns": s.rtt_ns,
+                    "lost": s.lost,
+                }
+                for s in self.prober.summaries()
+            ]
+            dead = self.prober.dead_peers()
+        return {
+            "applied_version": self.applied_version,
+            "clock": self.clock_status(),
+            "latency": latency,
+            "dead_neighbours": dead,
+            "status": status,
+        }
+
+    async def _heartbeat_loop(self) -> None:
+        await self.registered.wait()
+        attempt = 0
+        while True:
+            try:
+                await self.client.request(
+                    "POST", f"/v1/nodes/{self.node_name}/heartbeat", self._heartbeat_body()
+                )
+                self.counters.heartbeats += 1
+                self._set_connected(True)
+                attempt = 0
+                delay = self.heartbeat_s
+            except ControllerRefused as exc:
+                self.counters.heartbeat_failures += 1
+                if exc.status == 404:
+                    # The controller lost us (new database): register again.
+                    await self._register()
+                delay = self.heartbeat_s
+            except ControllerUnavailable:
+                self.counters.heartbeat_failures += 1
+                self._set_connected(False)
+                delay = min(self.heartbeat_s, self._backoff(attempt))
+                attempt += 1
+            self._ack.clear()
+            # Wake early after applying a plan: the ack lets the controller switch sooner.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ack.wait(), delay)
+
+    async def _poll_loop(self) -> None:
+        await self.registered.wait()
+        attempt = 0
+        while True:
+            path = (
+                f"/v1/nodes/{self.node_name}/config?version={self.version}&wait={self.poll_wait_s}"
+            )
+            try:
+                doc = await self.client.request("GET", path, timeout_s=self.poll_wait_s + 5)
+                self.counters.polls += 1
+                self._set_connected(True)
+                attempt = 0
+            except ControllerRefused as exc:
+                self.counters.poll_failures += 1
+                if exc.status == 404:
+                    await self._register()
+                else:
+                    await asyncio.sleep(self.max_backoff_s)
+                continue
+            except ControllerUnavailable:
+                self.counters.poll_failures += 1
+                self._set_connected(False)
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+                continue
+            self._take_config(doc)
+
+    # --- plans ------------------------------------------------------------------------------
+
+    def _mine(self, doc: dict[str, Any]) -> bool:
+        name = self.node_name
+        if self.role == "publisher":
+            return bool(doc.get("publisher", {}).get("name") == name)
+        key = "relays" if self.role == "relay" else "receivers"
+        return any(n.get("name") == name for n in doc.get(key, ()))
+
+    def _take_config(self, config: dict[str, Any]) -> None:
+        version = int(config.get("version", 0))
+        if version <= self.version and self.topology is not None:
+            return
+        chosen: dict[str, Any] | None = None
+        for entry in config.get("streams", ()):
+            doc = entry.get("topology") or {}
+            if self.stream_id is not None and entry.get("stream_id") != self.stream_id:
+                continue
+            if self._mine(doc):
+                chosen = doc
+                break
+        if self.prober is not None:
+            self.prober.set_peers(
+                (p["name"], p["addr"], int(p["probe_port"])) for p in config.get("peers", ())
+            )
+        self.version = version
+        if chosen is None:
+            # Not in any plan (a spare relay, or a stream not planned yet): keep what we run.
+            self.applied_version = version
+            self._ack.set()
+            return
+        if chosen == self.topology_doc:
+            self.applied_version = version
+            self._ack.set()
+            return
+        try:
+            topo = parse_topology(chosen)
+        except TopologyError as exc:
+            self.counters.apply_errors += 1
+            log.error("plan from the controller rejected: %s", exc)
+            return
+        if self.daemon is not None:
+            try:
+                self.daemon.apply_topology(topo)
+            except Exception:
+                self.counters.apply_errors += 1
+                log.exception("applying plan epoch %d failed; keeping the last", topo.plan_epoch)
+                return
+        self.topology, self.topology_doc = topo, chosen
+        self.applied_version = version
+        self.counters.configs_applied += 1
+        self._have_topology.set()
+        self._ack.set()
+        log.info("%s runs plan epoch %d (config %d)", self.node_name, topo.plan_epoch, version)
+
+
+# --- running a daemon under an agent (jasper relay/receiver/publisher --controller URL) ---------
+
+
+def read_token(path: str | None) -> str:
+    """The node token from --token-file, else from JASPER_NODE_TOKEN."""
+    if path:
+        return Path(path).read_text().strip()
+    token = os.environ.get("JASPER_NODE_TOKEN", "")
+    if not token:
+        raise SystemExit("a node token is needed: --token-file FILE or JASPER_NODE_TOKEN")
+    return token
+
+
+class ReceiverHost:
+    """Runs a Receiver under the agent; rebuilds it when a plan brings endpoints it lacks.
+
+    overlay.receiver.Receiver.apply_topology keeps existing endpoints but cannot open sockets
+    for new ones, and MPs subscribe while the receiver runs. Rebuilding keeps the delivery
+    records; messages held for release at that instant are lost, so the rebuild happens only
+    when the endpoint set grows.
+    """
+
+    def __init__(self, topo: Topology, args: argparse.Namespace) -> None:
+        self.args = args
+        self.loop = asyncio.get_running_loop()
+        self.rx = self._build(topo, records=None)
+
+    def _build(self, topo: Topology, records: Any) -> Any:
+        from overlay.receiver import Receiver
+
+        deliver: str | None = None if getattr(self.args, "deliver", "") == "memory" else "topology"
+        rx = Receiver(
+            topo,
+            self.args.node_name,
+            link_model=not getattr(self.args, "no_link_model", False),
+            spin_ns=int(getattr(self.args, "spin_us", 150) * 1000),
+            realtime=not getattr(self.args, "no_realtime", False),
+            deliver=deliver,
+            records=records,
+        )
+        rx.start(self.loop)
+        rx.enable_fast_path(getattr(self.args, "fast_path", "user") or "user")
+        return rx
+
+    def apply_topology(self, topo: Topology) -> None:
+        try:
+            wanted = {e.name for e in topo.receiver(self.args.node_name).endpoints}
+        except KeyError:
+            return
+        if wanted - set(self.rx.by_name):
+            old = self.rx
+            old.stop()
+            old.close()
+            self.rx = self._build(topo, records=old.records)
+            log.info("receiver rebuilt for %d endpoints", len(wanted))
+        else:
+            self.rx.apply_topology(topo)
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.rx.status()
+        return status
+
+
+def serve_daemon(kind: str, args: argparse.Namespace) -> int:
+    """Entry of `jasper relay|receiver|publisher --controller URL`: the daemon and its agent
+    in one process. Waits until the controller's plan names this node, then runs the daemon
+    on that plan and applies every later plan in place."""
+    return asyncio.run(_serve(kind, args))
+
+
+async def _serve(kind: str, args: argparse.Namespace) -> int:
+    from overlay.daemon import _ready, _stop_on_signals
+    from overlay.release import tune_interpreter
+
+    tune_interpreter()
+    data_addr = args.data_addr or "127.0.0.1"
+    port = {"relay": getattr(args, "port", 7000), "receiver": getattr(args, "port_base", 7100)}
+    capacity = getattr(args, "endpoints", 1) if kind == "receiver" else 1
+    probe_port = getattr(args, "probe_port", None)
+    agent = Agent(
+        controller=args.controller,
+        token=read_token(args.token_file),
+        node_name=args.node_name,
+        role=kind,
+        data_addr=data_addr,
+        port=port.get(kind, 1),
+        capacity=capacity,
+        stream_id=getattr(args, "stream", None) if kind == "publisher" else None,
+        probe_port=probe_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    _stop_on_signals(loop, stop)
+    agent_task = asyncio.create_task(agent.run(stop))
+    waiter = asyncio.create_task(agent.wait_topology())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not waiter.done():
+        waiter.cancel()
+        await agent_task
+        return 0
+    topo = waiter.result()
+    daemon: Any
+    status: dict[str, Any] = {}
+    try:
+        if kind == "relay":
+            from overlay.relay import Relay
+
+            daemon = Relay(topo, [args.node_name], link_model=not args.no_link_model)
+            daemon.start(loop)
+            daemon.enable_fast_path(getattr(args, "fast_path", "user") or "user")
+        elif kind == "receiver":
+            daemon = ReceiverHost(topo, args)
+        else:
+            from overlay.publisher import Publisher
+
+            hold = getattr(args, "hold_us", None)
+            daemon = Publisher(topo, hold_ns=None if hold is None else int(hold * 1000))
+        agent.attach(daemon)
+        _ready(args.ready_file)
+        log.info("%s %s up under the controller at %s", kind, args.node_name, args.controller)
+        if kind == "publisher":
+            await daemon.run(rate=args.rate, duration_s=args.duration, stop=stop)
+        else:
+            await stop.wait()
+    finally:
+        stop.set()
+        await agent_task
+        if "daemon" in locals():
+            status = daemon.status()
+            status["agent"] = agent.status()
+            closer = getattr(daemon, "rx", daemon)
+            if kind == "receiver":
+                closer.stop()
+            closer.close()
+    if getattr(args, "records", None):
+        from overlay.common import write_json
+
+        out = Path(args.records)
+        if kind == "receiver":
+            daemon.rx.records.save(out / f"deliveries-{args.node_name}.npy")
+        elif kind == "publisher":
+            daemon.records.save(out / "sent.npy")
+        write_json(out / f"status-{kind}-{args.node_name}.json", status)
+    return 0
