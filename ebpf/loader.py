@@ -297,8 +297,15 @@ class TestRun:
     """The packet as the program left it."""
 
 
-def prog_test_run(prog_fd: int, packet: bytes) -> TestRun:
-    """Run a loaded program once on `packet` (BPF_PROG_TEST_RUN). Clones leave for real."""
+SK_BUFF_CTX_SIZE = 192
+"""sizeof(struct __sk_buff); `mark` sits at offset 8."""
+
+
+def prog_test_run(prog_fd: int, packet: bytes, *, mark: int = 0) -> TestRun:
+    """Run a loaded program once on `packet` (BPF_PROG_TEST_RUN). Clones leave for real.
+
+    `mark` (TC programs only) presets skb->mark through the __sk_buff context.
+    """
     out = ctypes.create_string_buffer(len(packet) + 512)
     inp = ctypes.create_string_buffer(packet, len(packet))
     opts = _TestRunOpts(
@@ -309,6 +316,11 @@ def prog_test_run(prog_fd: int, packet: bytes) -> TestRun:
         data_size_out=len(out),
         repeat=1,
     )
+    if mark:
+        ctx = ctypes.create_string_buffer(SK_BUFF_CTX_SIZE)
+        struct.pack_into("=I", ctx, 8, mark)
+        opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
+        opts.ctx_size_in = SK_BUFF_CTX_SIZE
     _check(_libbpf().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
     return TestRun(retval=opts.retval, data=out.raw[: opts.data_size_out])
 
@@ -328,23 +340,51 @@ def _is_bpffs(mountinfo: Path, where: str) -> bool:
     return False
 
 
+_bpffs_fd: int | None = None
+
+
+def _ancestors() -> Iterator[int]:
+    pid = os.getppid()
+    seen = {os.getpid()}
+    while pid > 0 and pid not in seen:
+        seen.add(pid)
+        yield pid
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return
+    yield 1
+
+
 def bpffs_root() -> Path:
     """A bpffs that every process of this host sees; mounted at /sys/fs/bpf when none is.
 
-    `ip netns exec` gives a process a fresh /sys without bpffs; a bpffs mounted there would be a
-    private instance, so we reach the host's instance through /proc/1/root instead.
+    `ip netns exec` gives a process a fresh /sys without bpffs, and a bpffs mounted there would
+    be a private instance. So we look for the host's instance through the root of an ancestor
+    that still sees it (the shell that ran `ip netns exec`), and hold it open by a descriptor.
     """
+    global _bpffs_fd
     if _is_bpffs(Path("/proc/self/mountinfo"), str(BPFFS)):
         return BPFFS
-    host = Path("/proc/1/root") / "sys/fs/bpf"
-    if _is_bpffs(Path("/proc/1/mountinfo"), str(BPFFS)) and host.is_dir():
-        return host
+    if _bpffs_fd is not None:
+        return Path(f"/proc/self/fd/{_bpffs_fd}")
+    for pid in _ancestors():
+        if not _is_bpffs(Path(f"/proc/{pid}/mountinfo"), str(BPFFS)):
+            continue
+        try:
+            _bpffs_fd = os.open(f"/proc/{pid}/root/sys/fs/bpf", os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            continue
+        log.info("using the host bpffs through the root of pid %d", pid)
+        return Path(f"/proc/self/fd/{_bpffs_fd}")
     BPFFS.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(
         ["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True, check=False
     )
     if res.returncode != 0:
         raise FastPathError(f"cannot mount bpffs at {BPFFS}: {res.stderr.strip()}")
+    log.warning("mounted bpffs at %s; under `ip netns exec` it is private to the process", BPFFS)
     return BPFFS
 
 
@@ -615,7 +655,7 @@ class _Attachment:
                 "ifname": self.ifname,
                 "hook": self.hook,
                 "tc_prio": self.tc_prio,
-                "pin_dir": str(folder),
+                "pin_dir": str(BPFFS / PIN_SUBDIR / self.node),
                 "attached_at_unix_s": int(time.time()),
             },
         )

@@ -107,8 +107,11 @@ static __always_inline int relay_resolve_l2(struct __sk_buff *skb, const struct 
 	fib.tot_len = s->ip_tot_len;
 	fib.ipv4_src = t->saddr;
 	fib.ipv4_dst = t->daddr;
-	fib.ifindex = skb->ingress_ifindex;
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
+	/* An egress lookup from the relay's own address, like the route its socket would take; an
+	 * ingress-perspective lookup would also demand IP forwarding on the relay. */
+	fib.ifindex = t->ifindex;
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT) !=
+	    BPF_FIB_LKUP_RET_SUCCESS) {
 		n->no_neighbour++;
 		return -1;
 	}

@@ -1,0 +1,520 @@
+"""BPF_PROG_TEST_RUN fixtures: Scapy-built input -> expected output packets and action."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from ebpf.loader import ReceiverFastPath, RelayFastPath
+from jasper import wire
+from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY, FLAG_RETRANSMIT, HEADER_LEN
+from tests.conftest import require_privileged
+
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+XDP_DROP, XDP_PASS = 1, 2
+CLONE_MARK = 0x4A530001
+LISTEN_PORT = 7000
+RELAY_IP, SENDER_IP = "10.9.0.1", "10.9.0.9"
+ETH_P_ALL = 0x0003
+
+pytestmark = pytest.mark.privileged
+
+
+def _available() -> tuple[bool, str]:
+    from ebpf.loader import fast_path_available
+
+    return fast_path_available()
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    ok, why = _available()
+    require_privileged(f"eBPF fast path ({why})", ok)
+    from ebpf.loader import ReceiverFastPath, RelayFastPath
+    from ebpf.netlab import entered, mac, sh
+
+    ns = f"jt-ebpf-{os.getpid()}-fx"
+    sh("ip", "netns", "add", ns)
+    relay = receiver = None
+    try:
+        sh("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", ns=ns)
+        sh("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1", ns=ns)
+        sh(
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            "ja",
+            "address",
+            mac(9, 1),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "jb",
+            "address",
+            mac(9, 2),
+        )
+        for dev in ("lo", "ja", "jb"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{RELAY_IP}/24", "dev", "ja")
+        for i in range(2, 60):
+            sh(
+                "ip",
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                f"10.9.0.{i}",
+                "lladdr",
+                mac(10, i),
+                "dev",
+                "ja",
+                "nud",
+                "permanent",
+            )
+
+        with entered(ns):
+            relay = RelayFastPath(
+                node=f"jt-fx-relay-{os.getpid()}", ifname="ja", listen_port=LISTEN_PORT
+            )
+            relay.attach()
+            receiver = ReceiverFastPath(
+                node=f"jt-fx-recv-{os.getpid()}", ifname="jb", ports=[9000, 9001]
+            )
+            receiver.attach()
+            cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            cap.bind(("jb", 0))
+            cap.setblocking(False)
+        yield Lab(ns=ns, relay=relay, receiver=receiver, cap=cap, entered=entered)
+        cap.close()
+    finally:
+        for fp in (relay, receiver):
+            if fp is not None:
+                with entered(ns):
+                    fp.close()
+        sh("ip", "netns", "del", ns, check=False)
+
+
+@dataclass
+class Lab:
+    """The fixture namespace: relay on ja, receiver filter on jb, a capture socket on jb."""
+
+    ns: str
+    relay: RelayFastPath
+    receiver: ReceiverFastPath
+    cap: socket.socket
+    entered: Callable[[str], AbstractContextManager[None]]
+
+    def drain(self, wait_s: float = 0.05) -> list[bytes]:
+        """Frames that arrived on jb (the far end of the relay's target interface)."""
+        frames: list[bytes] = []
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            r, _, _ = select.select([self.cap], [], [], left)
+            if not r:
+                break
+            while True:
+                try:
+                    frames.append(self.cap.recv(4096))
+                except BlockingIOError:
+                    break
+        return [f for f in frames if len(f) > 23 and f[12:14] == b"\x08\x00" and f[23] == 17]
+
+
+def jasper_packet(
+    *,
+    seq: int = 1,
+    stream: int = 7,
+    session: int = 3,
+    flags: int = 0,
+    payload: bytes = b"market-data",
+    dport: int = LISTEN_PORT,
+    src: str = SENDER_IP,
+    sport: int = 5555,
+    dst: str = RELAY_IP,
+    udp_chksum: int | None = None,
+) -> Any:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    body = wire.encode(
+        wire.Header(
+            stream_id=stream, session=session, seq=seq, send_time_ns=11, deadline_ns=22, flags=flags
+        ),
+        payload,
+    )
+    udp = (
+        UDP(sport=sport, dport=dport)
+        if udp_chksum is None
+        else UDP(sport=sport, dport=dport, chksum=udp_chksum)
+    )
+    return (
+        Ether(src="02:00:00:00:00:09", dst="02:4a:53:00:09:01")
+        / IP(src=src, dst=dst, ttl=33, id=4321)
+        / udp
+        / body
+    )
+
+
+def expected_copy(inp: Any, ip: str, port: int, hedge: bool, zero_csum: bool = False) -> bytes:
+    """What the relay must send for one target: built from scratch, checksums by Scapy."""
+    from scapy.compat import raw
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    from ebpf.netlab import mac
+
+    body = bytearray(bytes(inp[UDP].payload))
+    body[3] = (body[3] & ~FLAG_HEDGE_COPY) | (FLAG_HEDGE_COPY if hedge else 0)
+    last = int(ip.rsplit(".", 1)[1])
+    udp = (
+        UDP(sport=LISTEN_PORT, dport=port, chksum=0)
+        if zero_csum
+        else UDP(sport=LISTEN_PORT, dport=port)
+    )
+    pkt = (
+        Ether(dst=mac(10, last), src=mac(9, 1))
+        / IP(src=RELAY_IP, dst=ip, ttl=33, id=4321)
+        / udp
+        / bytes(body)
+    )
+    return raw(pkt)
+
+
+def raw_packet(**kw: Any) -> bytes:
+    from scapy.compat import raw
+
+    return bytes(raw(jasper_packet(**kw)))
+
+
+def run(lab: Lab, prog_fd: int, pkt: Any, mark: int = 0) -> int:
+    from scapy.compat import raw
+
+    from ebpf.loader import prog_test_run
+
+    with lab.entered(lab.ns):
+        return prog_test_run(
+            prog_fd, raw(pkt) if not isinstance(pkt, bytes) else pkt, mark=mark
+        ).retval
+
+
+@pytest.fixture
+def relay(lab: Lab) -> Iterator[Lab]:
+    with lab.entered(lab.ns):
+        lab.relay.reset()
+        lab.relay.set_targets([])
+    lab.drain(0.01)
+    yield lab
+
+
+def set_targets(lab: Lab, targets: list[tuple[str, int, bool]]) -> None:
+    with lab.entered(lab.ns):
+        lab.relay.set_targets(targets)
+
+
+def counters(lab: Lab) -> dict[str, int]:
+    return lab.relay.counters()
+
+
+def test_relay_copies_to_every_target_with_exact_headers(relay: Lab) -> None:
+    targets = [("10.9.0.2", 9000, False), ("10.9.0.3", 9001, False), ("10.9.0.4", 9002, True)]
+    set_targets(relay, targets)
+    pkt = jasper_packet(flags=FLAG_RETRANSMIT)
+    assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
+    got = relay.drain()
+    want = [expected_copy(pkt, ip, port, hedge) for ip, port, hedge in targets]
+    assert sorted(got) == sorted(want)
+    c = counters(relay)
+    assert (c["in"], c["copies"], c["duplicates"], c["malformed"]) == (1, 3, 0, 0)
+
+
+def test_relay_clears_hedge_flag_for_own_children(relay: Lab) -> None:
+    """A copy that reached this relay as a hedge goes on to its own children as a normal copy."""
+    set_targets(relay, [("10.9.0.2", 9000, False), ("10.9.0.3", 9000, True)])
+    pkt = jasper_packet(flags=FLAG_HEDGE_COPY)
+    assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
+    got = sorted(relay.drain())
+    assert got == sorted(
+        [expected_copy(pkt, "10.9.0.2", 9000, False), expected_copy(pkt, "10.9.0.3", 9000, True)]
+    )
+
+
+def test_relay_forwards_only_first_copy_of_a_message(relay: Lab) -> None:
+    set_targets(relay, [("10.9.0.2", 9000, False)])
+    fd = relay.relay.prog_fd
+    assert run(relay, fd, jasper_packet(seq=5)) == TC_ACT_SHOT
+    assert run(relay, fd, jasper_packet(seq=5, flags=FLAG_HEDGE_COPY)) == TC_ACT_SHOT
+    assert run(relay, fd, jasper_packet(seq=5, session=4)) == TC_ACT_SHOT  # new session: new msg
+    assert run(relay, fd, jasper_packet(seq=5, flags=FLAG_HEARTBEAT)) == TC_ACT_SHOT  # own space
+    assert len(relay.drain()) == 3
+    c = counters(relay)
+    assert (c["in"], c["copies"], c["duplicates"]) == (4, 3, 1)
+
+
+def test_relay_reaches_thirty_and_more_targets(relay: Lab) -> None:
+    """F·(H+1) = 10·3 = 30 targets and beyond: the bounded loop goes to 56 here."""
+    targets = [(f"10.9.0.{2 + i // 2}", 9000 + i % 2, i % 3 != 0) for i in range(56)]
+    set_targets(relay, targets)
+    pkt = jasper_packet(payload=b"x" * 300)
+    assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
+    got = relay.drain(0.2)
+    assert sorted(got) == sorted(expected_copy(pkt, ip, p, h) for ip, p, h in targets)
+    assert counters(relay)["copies"] == 56
+
+
+def test_relay_keeps_zero_udp_checksum_zero(relay: Lab) -> None:
+    set_targets(relay, [("10.9.0.2", 9000, True), ("10.9.0.5", 9001, False)])
+    pkt = jasper_packet(udp_chksum=0)
+    assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
+    assert sorted(relay.drain()) == sorted(
+        [
+            expected_copy(pkt, "10.9.0.2", 9000, True, zero_csum=True),
+            expected_copy(pkt, "10.9.0.5", 9001, False, zero_csum=True),
+        ]
+    )
+
+
+def test_relay_uses_fib_lookup_when_neighbour_was_unknown(relay: Lab) -> None:
+    """No neighbour entry at set_targets time: resolved per packet, counted; none at all: counted
+    as no_neighbour and skipped."""
+    from ebpf.netlab import sh
+
+    sh("ip", "-n", relay.ns, "neigh", "del", "10.9.0.77", "dev", "ja", check=False)
+    sh("ip", "-n", relay.ns, "neigh", "del", "10.9.0.78", "dev", "ja", check=False)
+    # The kernel answers FIB lookups from BPF only on interfaces that forward.
+    sh("sysctl", "-qw", "net.ipv4.conf.ja.forwarding=1", ns=relay.ns)
+    set_targets(relay, [("10.9.0.77", 9000, False), ("10.9.0.78", 9000, False)])
+    c = counters(relay)
+    assert c["targets_fib"] == 2
+    sh(
+        "ip",
+        "-n",
+        relay.ns,
+        "neigh",
+        "replace",
+        "10.9.0.77",
+        "lladdr",
+        "02:4a:53:00:0a:4d",
+        "dev",
+        "ja",
+        "nud",
+        "permanent",
+    )
+    try:
+        pkt = jasper_packet()
+        assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
+        assert relay.drain() == [expected_copy(pkt, "10.9.0.77", 9000, False)]
+        c = counters(relay)
+        assert (c["copies"], c["fib_fallback"], c["no_neighbour"]) == (1, 1, 1)
+    finally:
+        sh("ip", "-n", relay.ns, "neigh", "del", "10.9.0.77", "dev", "ja", check=False)
+        sh("sysctl", "-qw", "net.ipv4.conf.ja.forwarding=0", ns=relay.ns)
+
+
+def test_relay_passes_what_is_not_its_own(relay: Lab) -> None:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import ARP, Ether
+
+    set_targets(relay, [("10.9.0.2", 9000, False)])
+    fd = relay.relay.prog_fd
+    assert run(relay, fd, jasper_packet(dport=7001)) == TC_ACT_OK
+    assert run(relay, fd, Ether() / ARP(pdst=RELAY_IP)) == TC_ACT_OK
+    assert run(relay, fd, Ether() / IP(dst=RELAY_IP) / TCP(dport=LISTEN_PORT)) == TC_ACT_OK
+    # One of our own clones looping back is passed untouched, never copied again.
+    assert run(relay, fd, jasper_packet(), mark=CLONE_MARK) == TC_ACT_OK
+    assert relay.drain() == []
+    c = counters(relay)
+    assert (c["passed"], c["clone_seen"], c["in"], c["copies"]) == (3, 1, 0, 0)
+
+
+def malformed_packets() -> list[tuple[str, bytes]]:
+    from scapy.compat import raw
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    good = raw(jasper_packet())
+    eth_ip_udp = 14 + 20 + 8
+    out: list[tuple[str, bytes]] = []
+
+    def patched(offset: int, value: bytes) -> bytes:
+        # Patch the Jasper header and recompute checksums, so only the header is wrong.
+        b = bytearray(good)
+        b[eth_ip_udp + offset : eth_ip_udp + offset + len(value)] = value
+        p = Ether(bytes(b))
+        del p[IP].chksum
+        del p[UDP].chksum
+        return raw(p)
+
+    out.append(("bad magic", patched(0, b"\x4a\x54")))
+    out.append(("bad version", patched(2, b"\x02")))
+    out.append(("unknown flag", patched(3, b"\x80")))
+    out.append(("payload_len too long", patched(40, b"\x00\x63")))
+    out.append(("payload_len too short", patched(40, b"\x00\x01")))
+    cut = good[eth_ip_udp : eth_ip_udp + HEADER_LEN - 1]
+    out.append(("header cut short", raw(Ether() / IP(dst=RELAY_IP) / UDP(dport=LISTEN_PORT) / cut)))
+    out.append(("empty datagram", raw(Ether() / IP(dst=RELAY_IP) / UDP(dport=LISTEN_PORT))))
+    out.append(("truncated frame", good[:-5]))
+    out.append(("truncated in header", good[: eth_ip_udp + 20]))
+    p = jasper_packet()
+    p[UDP].len = len(p[UDP]) + 4
+    out.append(("udp length lies", raw(p)))
+    p = jasper_packet()
+    p[IP].flags = "MF"
+    out.append(("first fragment", raw(p)))
+    return out
+
+
+def test_relay_counts_and_drops_malformed_never_forwards(relay: Lab) -> None:
+    set_targets(relay, [("10.9.0.2", 9000, False), ("10.9.0.3", 9000, True)])
+    fd = relay.relay.prog_fd
+    cases = malformed_packets()
+    for name, pkt in cases:
+        assert run(relay, fd, pkt) == TC_ACT_SHOT, name
+    assert relay.drain(0.1) == []
+    c = counters(relay)
+    assert (c["malformed"], c["copies"], c["in"]) == (len(cases), 0, len(cases))
+    # Truncated below the UDP header: cannot be ours, the stack drops it itself.
+    assert run(relay, fd, raw_packet()[:40]) == TC_ACT_OK
+
+
+def test_relay_with_no_targets_still_swallows_data(relay: Lab) -> None:
+    assert run(relay, relay.relay.prog_fd, jasper_packet()) == TC_ACT_SHOT
+    assert counters(relay)["no_targets"] == 1
+
+
+def test_relay_replaces_table_in_one_step(relay: Lab) -> None:
+    set_targets(relay, [("10.9.0.2", 9000, False)])
+    set_targets(relay, [("10.9.0.3", 9001, True), ("10.9.0.4", 9001, False)])
+    pkt = jasper_packet()
+    run(relay, relay.relay.prog_fd, pkt)
+    assert sorted(relay.drain()) == sorted(
+        [expected_copy(pkt, "10.9.0.3", 9001, True), expected_copy(pkt, "10.9.0.4", 9001, False)]
+    )
+
+
+# --- receiver ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def receiver(lab: Lab) -> Iterator[Lab]:
+    with lab.entered(lab.ns):
+        lab.receiver.reset()
+        lab.receiver.set_parents([("10.9.0.1", 7000), ("10.9.0.50", 0)])
+    yield lab
+
+
+def to_receiver(**kw: Any) -> Any:
+    kw.setdefault("src", "10.9.0.1")
+    kw.setdefault("sport", 7000)
+    kw.setdefault("dst", "10.9.0.2")
+    kw.setdefault("dport", 9000)
+    return jasper_packet(**kw)
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_receiver_outcomes(receiver: Lab, hook: str) -> None:
+    from scapy.compat import raw
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    from ebpf.build import build
+    from ebpf.loader import BpfObject
+
+    if hook == "tc":
+        fd = receiver.receiver.prog_fd
+        ok, drop = TC_ACT_OK, TC_ACT_SHOT
+        stats = receiver.receiver
+        obj = None
+    else:
+        # The XDP flavour of the same filter, loaded on its own (maps of its own).
+        obj = BpfObject(build("receiver"))
+        fd = obj.prog_fd("jasper_receiver_xdp")
+        ok, drop = XDP_PASS, XDP_DROP
+        import struct
+
+        obj.map("recv_ports").update(struct.pack("!H", 9000), b"\1")
+        obj.map("recv_ports").update(struct.pack("!H", 9001), b"\1")
+        for ip, port in (("10.9.0.1", 7000), ("10.9.0.50", 0)):
+            key = socket.inet_aton(ip) + struct.pack("!H", port) + b"\0\0"
+            obj.map("recv_parents").update(key, b"\1")
+        stats = None
+    try:
+        assert run(receiver, fd, to_receiver(seq=1)) == ok
+        assert run(receiver, fd, to_receiver(seq=1, flags=FLAG_HEDGE_COPY)) == drop  # hedge dup
+        assert run(receiver, fd, to_receiver(seq=1, dport=9001)) == ok  # other endpoint
+        assert run(receiver, fd, to_receiver(seq=2, src="10.9.0.50", sport=1234)) == ok  # any port
+        assert run(receiver, fd, to_receiver(seq=3, sport=7001)) == drop  # wrong source port
+        assert run(receiver, fd, to_receiver(seq=4, src="10.9.0.66")) == drop  # stranger
+        assert run(receiver, fd, to_receiver(seq=1, flags=FLAG_HEARTBEAT)) == ok  # own space
+        assert run(receiver, fd, to_receiver(seq=5, dport=9100)) == ok  # not an endpoint port
+        for name, pkt in malformed_packets():
+            p = Ether(pkt)
+            if UDP in p:
+                # Re-address to an endpoint; the malformation stays (checksums are not checked).
+                p[IP].src, p[IP].dst = "10.9.0.1", "10.9.0.2"
+                p[UDP].sport, p[UDP].dport = 7000, 9000
+                pkt = raw(p)
+            assert run(receiver, fd, pkt) == drop, name
+        if stats is not None:
+            c = stats.counters()
+            n_bad = len(malformed_packets())
+            assert c == {
+                "in": 7 + n_bad,
+                "accepted": 4,
+                "duplicates": 1,
+                "not_parent": 2,
+                "malformed": n_bad,
+                "passed": 1,
+            }
+    finally:
+        if obj is not None:
+            obj.close()
+
+
+def test_cleanup_removes_crashed_relay_leftovers() -> None:
+    """A process that attaches and dies without close(): cleanup() removes filter and pins."""
+    ok, why = _available()
+    require_privileged(f"eBPF fast path ({why})", ok)
+    from ebpf import loader
+    from ebpf.netlab import sh
+
+    ns = f"jt-ebpf-{os.getpid()}-crash"
+    node = f"jt-crash-{os.getpid()}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "add", "ca", "type", "veth", "peer", "name", "cb")
+        sh("ip", "-n", ns, "link", "set", "ca", "up")
+        code = (
+            "import os; from ebpf.loader import RelayFastPath; "
+            f"r = RelayFastPath(node='{node}', ifname='ca', listen_port=7000); r.attach(); "
+            "os._exit(0)"
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "python3", "-c", code],
+            check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        assert "jasper_relay" in sh("tc", "filter", "show", "dev", "ca", "ingress", ns=ns)
+        assert (loader.pin_dir(node) / "relay_ring").exists()
+        removed = loader.cleanup(node)
+        assert any("ca" in r for r in removed)
+        assert not loader.pin_dir(node).exists()
+        assert "jasper_relay" not in sh("tc", "filter", "show", "dev", "ca", "ingress", ns=ns)
+        assert loader.cleanup(node) == []
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+        loader.cleanup(node, force=True)
