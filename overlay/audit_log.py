@@ -95,10 +95,12 @@ class AuditLogWriter:
 
     def flush(self) -> None:
         if self._buf:
-            view = memoryview(self._buf)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            with memoryview(self._buf) as whole:
+                view = whole
+                while view:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+                view.release()
             self.written += self._pending
             self._buf.clear()
             self._pending = 0
