@@ -15,7 +15,7 @@ def add_parser(sub: Any) -> None:
         description=(
             "Simulate direct unicast, a tree without hedging, a hedged tree without hold and "
             "Jasper (hedged tree, release at a deadline) under the paper's cost model and a "
-            "link latency model. Prints P(F) with its Wilson 95%% interval, OML and DWS "
+            "link latency model. Prints P(F) with its Wilson 95% interval, OML and DWS "
             "percentiles and the late fraction for each, then the paper's hedging Monte Carlo "
             "and Table 1 shapes beside the paper's figures. All times in microseconds."
         ),
