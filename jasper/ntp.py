@@ -82,8 +82,17 @@ def encode_request(transmit_ns: int, *, version: int = 4) -> bytes:
 
     The server echoes that field as its origin timestamp, which is how a reply is matched.
     """
+    return encode_request_cookie(ns_to_ntp(transmit_ns), version=version)
+
+
+def encode_request_cookie(cookie: int, *, version: int = 4) -> bytes:
+    """A client request carrying an opaque 64-bit `cookie` in its transmit timestamp field.
+
+    As chrony's own client does, the real t1 then stays local: it can be read after the
+    packet is built, right before the send, and the reply is matched by the echoed cookie.
+    """
     first = (0 << 6) | (version << 3) | MODE_CLIENT
-    return _PACKET.pack(first, 0, 0, 0, 0, 0, b"\0\0\0\0", 0, 0, 0, ns_to_ntp(transmit_ns))
+    return _PACKET.pack(first, 0, 0, 0, 0, 0, b"\0\0\0\0", 0, 0, 0, cookie)
 
 
 def decode_packet(data: bytes) -> NtpPacket:
@@ -157,12 +166,17 @@ class NtpSample:
         )
 
 
-def sample_from_reply(data: bytes, *, t1_ns: int, t4_ns: int) -> NtpSample:
-    """Check a server reply against our request sent at `t1_ns` and reduce it to a sample."""
+def sample_from_reply(
+    data: bytes, *, t1_ns: int, t4_ns: int, cookie: int | None = None
+) -> NtpSample:
+    """Check a server reply against our request sent at `t1_ns` and reduce it to a sample.
+
+    The reply must echo `cookie` (when the request carried one) or else t1 itself.
+    """
     pkt = decode_packet(data)
     if pkt.mode != MODE_SERVER:
         raise NtpError("mode", f"mode {pkt.mode}")
-    if pkt.origin_ts != ns_to_ntp(t1_ns):
+    if pkt.origin_ts != (ns_to_ntp(t1_ns) if cookie is None else cookie):
         raise NtpError("origin", "reply does not echo our transmit timestamp")
     if pkt.stratum == 0:
         raise NtpError("kod", f"kiss-o'-death {pkt.ref_id!r}")

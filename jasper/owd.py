@@ -239,3 +239,69 @@ def max_reduce(reports: Iterable[OwdReport]) -> OwdReport:
         worst_late_fraction=max(r.worst_late_fraction for r in items),
         reporters=sum(r.reporters for r in items),
     )
+
+
+class OwdCollector:
+    """All endpoints of one receiver: a tracker per (endpoint, stream), closed windows kept
+    until the next heartbeat drains them, max-reduced per stream.
+
+    Memory: one histogram per (endpoint, stream) plus at most `max_pending` closed reports;
+    beyond that the oldest are dropped and counted in `dropped_reports`.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_samples: int = 1_000,
+        window_ns: int = 200_000_000,
+        max_pending: int = 4_096,
+    ) -> None:
+        self.window_samples = window_samples
+        self.window_ns = window_ns
+        self.max_pending = max_pending
+        self.dropped_reports = 0
+        self._trackers: dict[tuple[int, int], OwdTracker] = {}
+        self._pending: list[OwdReport] = []
+
+    def _keep(self, report: OwdReport | None) -> None:
+        if report is None:
+            return
+        if len(self._pending) >= self.max_pending:
+            self._pending.pop(0)
+            self.dropped_reports += 1
+        self._pending.append(report)
+
+    def record(
+        self,
+        *,
+        endpoint: int,
+        stream_id: int,
+        send_ns: int,
+        arrival_ns: int,
+        deadline_ns: int,
+        now_ns: int,
+    ) -> None:
+        """One accepted message at one endpoint; times on the endpoint's corrected clock."""
+        key = (endpoint, stream_id)
+        t = self._trackers.get(key)
+        if t is None:
+            t = self._trackers[key] = OwdTracker(
+                stream_id=stream_id, window_samples=self.window_samples, window_ns=self.window_ns
+            )
+        self._keep(
+            t.record(send_ns=send_ns, arrival_ns=arrival_ns, deadline_ns=deadline_ns, now_ns=now_ns)
+        )
+
+    def poll(self, now_ns: int) -> None:
+        """Close windows whose time is up (call before draining)."""
+        for t in self._trackers.values():
+            self._keep(t.poll(now_ns))
+
+    def drain(self, now_ns: int) -> list[OwdReport]:
+        """Closed windows since the last drain, max-reduced per stream (one report each)."""
+        self.poll(now_ns)
+        by_stream: dict[int, list[OwdReport]] = {}
+        for r in self._pending:
+            by_stream.setdefault(r.stream_id, []).append(r)
+        self._pending = []
+        return [max_reduce(rs) for _, rs in sorted(by_stream.items())]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ class AuditLogWriter:
 
     Records collect in memory and go out in one write() per `flush_records` (O_APPEND, so a
     crash loses at most the unflushed tail and never corrupts what is on disk). An existing
-    file is appended to after its header is checked.
+    file is appended to after its header is checked. Thread-safe: a receiver appends from its
+    release thread and from the event loop (late arrivals).
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class AuditLogWriter:
         self.written = 0
         self._buf = bytearray()
         self._pending = 0
+        self._lock = threading.Lock()
         meta: dict[str, Any] = {
             "node": node,
             "endpoints": endpoints,
@@ -61,10 +64,12 @@ class AuditLogWriter:
             os.write(self._fd, encode_header(meta))
 
     def append(self, rec: AuditRecord) -> None:
-        self._buf += encode_record(rec)
-        self._pending += 1
-        if self._pending >= self.flush_records:
-            self.flush()
+        data = encode_record(rec)
+        with self._lock:
+            self._buf += data
+            self._pending += 1
+            if self._pending >= self.flush_records:
+                self._flush_locked()
 
     def release(
         self,
@@ -94,6 +99,10 @@ class AuditLogWriter:
         )
 
     def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         if self._buf:
             with memoryview(self._buf) as whole:
                 view = whole

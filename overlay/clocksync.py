@@ -7,12 +7,16 @@ import contextlib
 import logging
 import mmap
 import os
+import random
 import shutil
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from jasper.clockbound import (
     DEFAULT_MAX_DRIFT_PPM,
@@ -27,9 +31,15 @@ from jasper.clockbound import (
     parse_clockbound_shm,
     parse_tracking_csv,
 )
-from jasper.ntp import NtpError, NtpSample, OffsetEstimate, encode_request, min_delay_estimate
+from jasper.ntp import (
+    NtpError,
+    NtpSample,
+    OffsetEstimate,
+    encode_request_cookie,
+    min_delay_estimate,
+)
 from jasper.ntp import sample_from_reply as _sample_from_reply
-from overlay.clocks import SoftwareClock
+from overlay.clocks import SoftwareClock, SystemClock
 
 log = logging.getLogger(__name__)
 
@@ -172,59 +182,91 @@ def local_clock_bound(
 # --- SNTP client over the emulated clock ------------------------------------------------------
 
 
-class _SntpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, clock: Callable[[], int]) -> None:
-        self.clock = clock
-        self.waiter: asyncio.Future[tuple[bytes, int]] | None = None
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        t4 = self.clock()  # first thing: the receive timestamp
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result((data, t4))
-
-    def error_received(self, exc: Exception) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
 
 
 class SntpClient:
-    """SNTP exchanges with one server, timestamped with the node's clock (`clock()` in ns)."""
+    """SNTP exchanges with one server, timestamped with the node's clock (`clock()` in ns).
+
+    The receive time t4 is the kernel's receive timestamp (SO_TIMESTAMPNS) mapped onto the
+    node's clock by `clock_at` (for a SoftwareClock, its `reading_at`: what the node's clock
+    read at that kernel instant), so event-loop latency does not widen the measured delay.
+    Without `clock_at`, or when the kernel gives no timestamp, t4 is `clock()` on receipt.
+    """
 
     def __init__(
-        self, *, server: tuple[str, int], clock: Callable[[], int], timeout_s: float = 0.5
+        self,
+        *,
+        server: tuple[str, int],
+        clock: Callable[[], int],
+        clock_at: Callable[[int], int] | None = None,
+        timeout_s: float = 0.5,
     ) -> None:
         self.server = server
         self.clock = clock
+        self.clock_at = clock_at
         self.timeout_s = timeout_s
         self.errors: dict[str, int] = {}
-        self._transport: asyncio.DatagramTransport | None = None
-        self._proto: _SntpProtocol | None = None
+        self._sock: socket.socket | None = None
+        self._waiter: asyncio.Future[tuple[bytes, int]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: _SntpProtocol(self.clock), remote_addr=self.server
-        )
-        self._transport, self._proto = transport, proto
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.connect(self.server)
+        loop.add_reader(sock.fileno(), self._on_readable)
+        self._sock, self._loop = sock, loop
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data, anc, _flags, _src = self._sock.recvmsg(512, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if self._waiter is not None and not self._waiter.done():
+                    self._waiter.set_exception(exc)
+                return
+            t4 = self.clock()
+            if self.clock_at is not None:
+                for level, kind, body in anc:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                        sec, nsec = _TIMESPEC.unpack_from(body)
+                        t4 = self.clock_at(sec * 1_000_000_000 + nsec)
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result((data, t4))
+            else:
+                self._count("stray")
 
     def _count(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
 
     async def exchange(self) -> NtpSample | None:
         """One request/reply; None (and counted) on timeout or a bad reply."""
-        if self._transport is None or self._proto is None:
+        if self._sock is None:
             await self.open()
-        assert self._transport is not None and self._proto is not None
+        assert self._sock is not None
         waiter: asyncio.Future[tuple[bytes, int]] = asyncio.get_running_loop().create_future()
-        self._proto.waiter = waiter
-        t1 = self.clock()
-        self._transport.sendto(encode_request(t1))
+        self._waiter = waiter
+        cookie = random.getrandbits(64)
+        request = encode_request_cookie(cookie)
+        sock_send = self._sock.send
+        clock = self.clock
         try:
+            t1 = clock()
+            sock_send(request)
             data, t4 = await asyncio.wait_for(waiter, self.timeout_s)
         except TimeoutError:
             self._count("timeout")
@@ -233,9 +275,9 @@ class SntpClient:
             self._count("socket")
             return None
         finally:
-            self._proto.waiter = None
+            self._waiter = None
         try:
-            return _sample_from_reply(data, t1_ns=t1, t4_ns=t4)
+            return _sample_from_reply(data, t1_ns=t1, t4_ns=t4, cookie=cookie)
         except NtpError as exc:
             self._count(exc.reason)
             return None
@@ -291,8 +333,16 @@ class ClockDiscipline:
     history: list[SyncRecord] = field(default_factory=list)
     failures: int = 0
 
+    @property
+    def last_offset_ns(self) -> int | None:
+        """Node clock minus reference at the last burst, before its correction (chrony's
+        sign: positive = fast)."""
+        return -self.history[-1].offset_ns if self.history else None
+
     def __post_init__(self) -> None:
-        self._client = SntpClient(server=self.server, clock=self.clock.now_ns)
+        self._client = SntpClient(
+            server=self.server, clock=self.clock.now_ns, clock_at=self.clock.reading_at
+        )
         self._task: asyncio.Task[None] | None = None
 
     async def sync_once(self) -> OffsetEstimate | None:
@@ -358,3 +408,62 @@ class ClockDiscipline:
                 await self._task
             self._task = None
         self._client.close()
+
+
+@dataclass
+class ChronyWatcher:
+    """Keeps a SystemClock's bound fresh from a chronyd (real hosts: the system daemon)."""
+
+    clock: SystemClock
+    target: ChronyTarget = field(default_factory=ChronyTarget)
+    interval_s: float = 1.0
+    max_drift_ppm: float = DEFAULT_MAX_DRIFT_PPM
+    last: TrackingReport | None = None
+    failures: int = 0
+
+    @property
+    def last_offset_ns(self) -> int | None:
+        """chrony's system time offset (positive = fast), ns."""
+        return None if self.last is None else round(self.last.system_time_offset_s * 1e9)
+
+    async def read_once(self) -> ClockBound:
+        try:
+            report = await read_tracking_async(self.target)
+        except ChronyUnavailable as exc:
+            self.failures += 1
+            log.warning("chrony unavailable: %s", exc)
+            # Keep the last bound: it goes on growing, and turns free-running when stale.
+            return self.clock.bound()
+        self.last = report
+        bound = bound_from_tracking(
+            report,
+            read_at_ns=self.clock.now_ns(),
+            max_drift_ppm=self.max_drift_ppm,
+            source=self.target.label(),
+        )
+        self.clock.set_bound(bound)
+        return bound
+
+    async def run(self) -> None:
+        while True:
+            await self.read_once()
+            await asyncio.sleep(self.interval_s)
+
+
+def clock_heartbeat(
+    clock: SoftwareClock | SystemClock, sync: ClockDiscipline | ChronyWatcher | None = None
+) -> dict[str, Any]:
+    """The `clock` part of a node heartbeat: {status, bound_ns, offset_ns, source}.
+
+    bound_ns is the bound at this instant (None when unknown); offset_ns is the node clock
+    minus its reference at the last measurement (None when never measured).
+    """
+    now = clock.now_ns()
+    b = clock.bound()
+    status = b.status_at(now)
+    return {
+        "status": status.label,
+        "bound_ns": b.bound_ns(now) if status is not ClockStatus.UNKNOWN else None,
+        "offset_ns": None if sync is None else sync.last_offset_ns,
+        "source": b.source,
+    }

@@ -20,6 +20,7 @@ from overlay.clocksync import (
     ClockDiscipline,
     SntpClient,
     chrony_bound,
+    clock_heartbeat,
     local_clock_bound,
     read_tracking,
 )
@@ -185,6 +186,10 @@ async def test_skew_corrected_by_ntp_stays_inside_bound(reference: ReferenceChro
             assert r.bound_ns < 300_000, "a bound that means something (well under 500 µs)"
             checked += 1
     assert checked >= 4 * 100
+    hb = clock_heartbeat(clocks[0], discs[0])
+    assert hb["status"] == "synchronized"
+    assert 0 < hb["bound_ns"] < 300_000
+    assert abs(hb["offset_ns"]) < 100_000  # residual measured at the last burst
 
 
 @pytest.mark.slow

@@ -111,3 +111,24 @@ def test_max_reduce_takes_the_slowest_endpoint() -> None:
         max_reduce([a, _report(2, 1, 0)])
     with pytest.raises(ValueError):
         max_reduce([])
+
+
+def test_collector_reduces_per_stream_and_bounds_pending() -> None:
+    from jasper.owd import OwdCollector
+
+    c = OwdCollector(window_samples=10, window_ns=10**12, max_pending=3)
+    for ep, delay in ((0, 100_000), (1, 250_000)):
+        for i in range(10):
+            c.record(endpoint=ep, stream_id=1, send_ns=i, arrival_ns=i + delay,
+                     deadline_ns=i + 200_000, now_ns=i + delay)  # fmt: skip
+    (r,) = c.drain(10**6)
+    assert r.reporters == 2 and r.count == 20 and r.late == 10
+    assert r.p97_ns == pytest.approx(250_000, rel=1 / 64)
+    assert r.worst_late_fraction == 1.0
+    assert c.drain(10**6) == []
+    for ep in range(5):
+        for i in range(10):
+            c.record(endpoint=ep, stream_id=2, send_ns=i, arrival_ns=i + 1,
+                     deadline_ns=0, now_ns=i)  # fmt: skip
+    (r2,) = c.drain(10**6)
+    assert r2.reporters == 3 and c.dropped_reports == 2
