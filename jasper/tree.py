@@ -84,6 +84,10 @@ class TreePlan:
     level_fanouts: tuple[int, ...] = ()
     """Most own children of any relay, per relay level (length `depth`)."""
 
+    def __hash__(self) -> int:
+        # The plan is a pure function of these four numbers.
+        return hash((self.leaves, self.fanout, self.hedge, self.depth))
+
     def children(self, relay: str) -> tuple[str, ...]:
         """Own children of `relay`, without hedge targets."""
         return tuple(f.target for f in self.forwarding[relay] if not f.hedge)
@@ -190,48 +194,46 @@ def tree_shape(
         tuple(relay_name(level, i) for i in range(counts[level])) for level in range(depth)
     )
 
-    def name(level: int, index: int) -> str:
-        return leaf_name(index) if level == depth else relay_name(level, index)
+    names = [*levels, tuple(leaf_name(i) for i in range(leaves))]
+    # One Forward per (node, own/hedge), shared by every relay that sends it that way.
+    own_copy = [tuple(Forward(n, False) for n in level_names) for level_names in names]
+    hedge_copy = [tuple(Forward(n, True) for n in level_names) for level_names in names]
 
     # own[l][p] = indices at level l+1 of the own children of relay p at level l
     own = [_spread(counts[level + 1], counts[level]) for level in range(depth)]
     level_fanouts = tuple(max(len(block) for block in own[level]) for level in range(depth))
 
     forwarding: dict[str, tuple[Forward, ...]] = {}
-    parents: dict[str, list[str]] = {levels[0][0]: []}
-    graph = nx.DiGraph()
-    graph.add_node(levels[0][0], level=0)
+    parents: dict[str, list[str]] = {n: [] for level_names in names for n in level_names}
     for level in range(depth):
-        for i in range(counts[level + 1]):
-            graph.add_node(name(level + 1, i), level=level + 1)
-            parents[name(level + 1, i)] = []
+        here, below = names[level], names[level + 1]
         # Sibling groups at this level: the own children of each relay one level up.
         groups = [range(1)] if level == 0 else own[level - 1]
         for group in groups:
             size = len(group)
             reach = min(hedge, size - 1)
             for pos, relay_index in enumerate(group):
-                relay = name(level, relay_index)
-                table = [Forward(name(level + 1, c), False) for c in own[level][relay_index]]
+                table = [own_copy[level + 1][c] for c in own[level][relay_index]]
                 for step in range(1, reach + 1):
                     sibling = group[(pos + step) % size]
-                    table.extend(Forward(name(level + 1, c), True) for c in own[level][sibling])
-                forwarding[relay] = tuple(table)
-        # Parents of each node at level+1: own parent first, then the hedging siblings in
-        # order of distance (i-1, i-2, ...), which is also the order in which their copies are
-        # queued behind the senders' own children.
-        for group in groups:
-            size = len(group)
-            reach = min(hedge, size - 1)
-            for pos, relay_index in enumerate(group):
+                    table.extend(hedge_copy[level + 1][c] for c in own[level][sibling])
+                forwarding[here[relay_index]] = tuple(table)
+                # Parents of each own child: this relay first, then the hedging siblings in
+                # order of distance (i-1, i-2, ...), which is also the order in which their
+                # copies are queued behind those senders' own children.
+                hedgers = [here[group[(pos - step) % size]] for step in range(1, reach + 1)]
                 for c in own[level][relay_index]:
-                    child = name(level + 1, c)
-                    parents[child].append(name(level, relay_index))
-                    for step in range(1, reach + 1):
-                        parents[child].append(name(level, group[(pos - step) % size]))
-    for relay, sends in forwarding.items():
-        for fwd in sends:
-            graph.add_edge(relay, fwd.target, hedge=fwd.hedge)
+                    parents[below[c]] = [here[relay_index], *hedgers]
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(
+        (n, {"level": level}) for level, level_names in enumerate(names) for n in level_names
+    )
+    graph.add_edges_from(
+        (relay, fwd.target, {"hedge": fwd.hedge})
+        for relay, sends in forwarding.items()
+        for fwd in sends
+    )
 
     return TreePlan(
         leaves=leaves,
