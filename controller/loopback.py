@@ -1,15 +1,19 @@
-"""A controller process on 127.0.0.1 with a small REST client: for the demo, tests and benches."""
+"""Loopback control path for the demo, tests and benches: controller, daemons, MP sinks."""
 
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -206,3 +210,126 @@ class LoopbackController:
             if time.monotonic() > deadline:
                 raise TimeoutError("nodes did not apply the current config in time")
             time.sleep(0.05)
+
+
+def free_udp_block(n: int) -> int:
+    """First of `n` consecutive UDP ports on 127.0.0.1 that are free right now."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 60_000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free UDP port block")
+
+
+class DeliverySink:
+    """UDP sockets standing in for MP applications: count released messages with times."""
+
+    def __init__(self, n: int) -> None:
+        self.socks = []
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(0.1)
+            self.socks.append(s)
+        self.times: dict[int, list[float]] = defaultdict(list)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._drain, args=(i,), daemon=True) for i in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def port(self, i: int) -> int:
+        port: int = self.socks[i].getsockname()[1]
+        return port
+
+    def _drain(self, i: int) -> None:
+        s = self.socks[i]
+        while not self._stop.is_set():
+            try:
+                s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.times[i].append(time.monotonic())
+
+    def count_between(self, i: int, start: float, end: float) -> int:
+        return sum(1 for t in list(self.times[i]) if start <= t <= end)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(2)
+        for s in self.socks:
+            s.close()
+
+
+class DaemonSet:
+    """`jasper relay|receiver|publisher --controller URL` processes."""
+
+    def __init__(self, ctl: LoopbackController, workdir: Path) -> None:
+        self.ctl = ctl
+        self.workdir = workdir
+        self.token_file = ctl.write_token_file(workdir / "node-token")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, kind: str, name: str, *extra: str) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "jasper_cli.main",
+            kind,
+            "--controller",
+            self.ctl.url,
+            "--node-name",
+            name,
+            "--token-file",
+            str(self.token_file),
+            "--data-addr",
+            "127.0.0.1",
+            *extra,
+        ]
+        log = (self.workdir / f"{name}.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+
+    def alive(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def stop(self) -> dict[str, int | None]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        for name, p in self.procs.items():
+            try:
+                codes[name] = p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[name] = p.wait(5)
+        return codes
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+
+def wait_for(cond: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

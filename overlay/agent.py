@@ -508,7 +508,8 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
     data_addr = args.data_addr or "127.0.0.1"
     port = {"relay": getattr(args, "port", 7000), "receiver": getattr(args, "port_base", 7100)}
     capacity = getattr(args, "endpoints", 1) if kind == "receiver" else 1
-    probe_port = getattr(args, "probe_port", None)
+    # Probes go out from an ephemeral port unless told otherwise; the agent registers it.
+    probe_port = getattr(args, "probe_port", 0)
     agent = Agent(
         controller=args.controller,
         token=read_token(args.token_file),

@@ -1,0 +1,127 @@
+"""Restart: kill -9 the controller under live traffic, restart it on the same SQLite file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from controller.loopback import (
+    DaemonSet,
+    DeliverySink,
+    LoopbackController,
+    free_udp_block,
+    wait_for,
+)
+
+RELAYS = [f"relay{i}" for i in range(4)]
+HOSTS = ["rx0", "rx1"]
+PER_HOST = 4
+
+
+def snapshot(ctl: LoopbackController, mp_tokens: list[str]) -> dict[str, object]:
+    tree = ctl.tree(1)
+    # Predicted times depend on latency measurements that keep arriving; the plan must not.
+    for e in tree["endpoints"]:
+        e.pop("predicted_arrival_ns")
+    for key in ("predicted_oml_ns", "predicted_median_ns", "lemons"):
+        tree.pop(key)
+    return {
+        "mps": ctl.call("GET", "/v1/mps"),
+        "subscriptions": ctl.call("GET", "/v1/subscriptions"),
+        "own": [ctl.call("GET", "/v1/subscriptions", token=t) for t in mp_tokens],
+        "streams": ctl.call("GET", "/v1/streams"),
+        "tree": tree,
+    }
+
+
+@pytest.mark.slow
+def test_restart_keeps_state_and_traffic_flows(tmp_path: Path) -> None:
+    n = len(HOSTS) * PER_HOST
+    ctl = LoopbackController(db_path=tmp_path / "controller.db", heartbeat_timeout_s=5)
+    ctl.start()
+    daemons = DaemonSet(ctl, tmp_path)
+    sink = DeliverySink(n)
+    try:
+        # depth 2, fan-out 3: a root and three leaf relays, so every endpoint gets H+1 = 3
+        # copies even in this small tree.
+        ctl.create_stream(1, "md", depth=2, fanout=3, hold_ns=2_000_000)
+        base = free_udp_block(len(RELAYS))
+        for i, name in enumerate(RELAYS):
+            daemons.start("relay", name, "--port", str(base + i), "--fast-path", "user")
+        bases = {}
+        for h in HOSTS:
+            bases[h] = free_udp_block(PER_HOST)
+            daemons.start(
+                "receiver",
+                h,
+                "--port-base",
+                str(bases[h]),
+                "--endpoints",
+                str(PER_HOST),
+                "--fast-path",
+                "user",
+                "--no-realtime",
+            )
+        daemons.start("publisher", "pub", "--stream", "1", "--rate", "100")
+        ctl.wait_nodes({*RELAYS, *HOSTS, "pub"}, 60)
+
+        tokens = []
+        for i in range(n):
+            _, token = ctl.create_mp(f"mp{i}")
+            tokens.append(token)
+            host = HOSTS[i // PER_HOST]
+            ctl.subscribe(
+                token,
+                1,
+                "127.0.0.1",
+                bases[host] + i % PER_HOST,
+                deliver=f"udp:127.0.0.1:{sink.port(i)}",
+            )
+        # Every endpoint receives before the controller goes away.
+        wait_for(lambda: all(len(sink.times[i]) > 20 for i in range(n)), 60, "first deliveries")
+        ctl.wait_applied({*RELAYS, *HOSTS, "pub"}, 30)
+        tree = ctl.tree(1)
+        assert tree["pending_epoch"] is None
+        assert all(len(set(e["parents"])) == 3 for e in tree["endpoints"])
+        before = snapshot(ctl, tokens)
+        beats_before = {node["name"]: node["status"]["agent.heartbeats"] for node in ctl.nodes()}
+
+        ctl.kill()
+        down_at = time.monotonic()
+        time.sleep(3.0)
+        up_at = time.monotonic()
+        # Traffic kept flowing to every endpoint while nobody answered the agents.
+        during = [sink.count_between(i, down_at + 0.5, up_at) for i in range(n)]
+        assert all(c >= 50 for c in during), during
+        assert sorted(daemons.alive()) == sorted([*RELAYS, *HOSTS, "pub"])
+
+        ctl.start()
+        after = snapshot(ctl, tokens)
+        assert after == before
+
+        # Agents reconnect: fresh heartbeats arrive, each counted a lost controller.
+        def reconnected() -> bool:
+            nodes = {node["name"]: node for node in ctl.nodes()}
+            return all(
+                nodes[name]["alive"]
+                and nodes[name]["status"]["agent.heartbeats"] > beats_before[name]
+                and nodes[name]["status"]["agent.disconnects"] >= 1
+                for name in nodes
+            )
+
+        wait_for(reconnected, 30, "agents to reconnect")
+        ctl.wait_applied({*RELAYS, *HOSTS, "pub"}, 30)
+        mark = time.monotonic()
+        wait_for(
+            lambda: all(sink.count_between(i, mark, time.monotonic()) > 10 for i in range(n)),
+            30,
+            "deliveries after the restart",
+        )
+        assert snapshot(ctl, tokens) == before
+    finally:
+        codes = daemons.stop()
+        sink.close()
+        ctl.close()
+    assert all(code == 0 for code in codes.values()), codes
