@@ -1,0 +1,119 @@
+"""`jasper demo`: a publisher, a hedged relay tree and N endpoints as real processes on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Pure-Python data plane on this 2-core budget: about 3.3·N sends and receives per message.
+FULL_RATE_ENDPOINTS = 100
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run publisher, relays and endpoints on loopback and print a fairness report",
+        description=(
+            "Start a publisher, a tree of relays (fan-out F, hedging H) and N endpoints as real "
+            "processes on loopback with an emulated cloud link model, stream synthetic "
+            "order-book updates, stop everything and print the fairness report. Records and a "
+            "JSON summary go to the output folder."
+        ),
+    )
+    p.add_argument("--receivers", type=int, default=100, help="MP endpoints N (default 100)")
+    p.add_argument("--fanout", type=int, default=10, help="tree fan-out F (default 10)")
+    p.add_argument("--hedge", type=int, default=2, help="sibling hedging H (default 2)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help=f"messages/s (default 100, scaled down as 100*{FULL_RATE_ENDPOINTS}/N above "
+        f"{FULL_RATE_ENDPOINTS} endpoints)",
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (10)")
+    p.add_argument(
+        "--hold-us",
+        type=float,
+        default=None,
+        help="deadline − send time in µs (default 5000; 20000 for deeper trees)",
+    )
+    p.add_argument("--tau-us", type=float, default=50.0, help="DWS threshold of P(F), µs (50)")
+    p.add_argument("--warmup", type=int, default=0, help="messages excluded at the start (0)")
+    p.add_argument("--no-link-model", action="store_true", help="turn the link model off")
+    p.add_argument("--seed", type=int, default=1, help="link-model seed (1)")
+    p.add_argument("--loss", type=float, default=0.0, help="link-model loss per copy (0)")
+    p.add_argument(
+        "--deliver",
+        choices=("memory", "udp"),
+        default="memory",
+        help="hand messages over in process (default) or to a local UDP port per endpoint",
+    )
+    p.add_argument(
+        "--endpoints-per-receiver", type=int, default=20, help="endpoints per receiver process"
+    )
+    p.add_argument("--relays-per-process", type=int, default=12, help="relay nodes per process")
+    p.add_argument(
+        "--fast-path", choices=("auto", "ebpf", "user"), default="auto", help="eBPF or user space"
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="output folder (default ./jasper-out/demo-<UTC timestamp>)",
+    )
+    p.add_argument("--json", action="store_true", help="print the JSON summary instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from overlay.demo import DEMO_LINK_MODEL, DemoConfig, run_demo
+
+    n = args.receivers
+    if n < 1:
+        print("--receivers must be >= 1", file=sys.stderr)
+        return 2
+    rate = args.rate
+    if rate is None:
+        rate = 100.0 if n <= FULL_RATE_ENDPOINTS else max(1.0, 100.0 * FULL_RATE_ENDPOINTS / n)
+        if n > FULL_RATE_ENDPOINTS:
+            print(
+                f"rate defaults to {rate:g} msg/s for {n} endpoints (pure-Python data plane on "
+                "this CPU budget); pass --rate to override",
+                file=sys.stderr,
+            )
+    hold_us = args.hold_us
+    if hold_us is None:
+        hold_us = 5000.0 if n <= 200 else 20000.0
+    link_model = None
+    if not args.no_link_model:
+        link_model = dict(DEMO_LINK_MODEL, seed=args.seed, loss=args.loss)
+    out = args.output or Path("jasper-out") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
+    cfg = DemoConfig(
+        receivers=n,
+        fanout=args.fanout,
+        hedge=args.hedge,
+        rate=rate,
+        duration_s=args.duration,
+        hold_ns=int(hold_us * 1000),
+        tau_ns=int(args.tau_us * 1000),
+        warmup_messages=args.warmup,
+        link_model=link_model,
+        endpoints_per_receiver=args.endpoints_per_receiver,
+        relays_per_process=args.relays_per_process,
+        fast_path=args.fast_path,
+        deliver=args.deliver,
+    )
+    summary = run_demo(cfg, out)
+    if args.json:
+        import json
+
+        print(json.dumps({k: v for k, v in summary.items() if k != "text"}, indent=2, default=str))
+    else:
+        print(summary["text"])
+        print(f"records and summary.json in {out}")
+    if summary.get("interrupted"):
+        return 130
+    return 0

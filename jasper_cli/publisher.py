@@ -1,0 +1,32 @@
+"""`jasper publisher`: publish synthetic order-book updates into the tree."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "publisher",
+        help="publish synthetic order-book updates at a rate",
+        description=(
+            "Publisher (the exchange's side). Stamps session, sequence, send time and "
+            "deadline = send time + hold, and sends each message to the root relay."
+        ),
+    )
+    from overlay.daemon import add_common_arguments
+
+    add_common_arguments(p, kind="publisher")
+    p.add_argument("--stream", type=int, default=1, help="stream id (controller mode)")
+    p.add_argument("--rate", type=float, default=100.0, help="messages per second")
+    p.add_argument("--duration", type=float, default=None, help="seconds (default: until stopped)")
+    p.add_argument("--hold-us", type=float, default=None, help="hold in µs (default: topology's)")
+    p.add_argument("--start-at", type=float, default=None, help="start at this Unix time (seconds)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from overlay.daemon import run_publisher
+
+    return run_publisher(args)

@@ -1,0 +1,51 @@
+"""`jasper receiver`: host the MP endpoints of one receiver host in this process."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "receiver",
+        help="run a receiver host: dedup, hold until the deadline, deliver to MPs",
+        description=(
+            "Receiver daemon. Hosts many MP endpoints (one UDP port each), keeps the first of "
+            "the H+1 copies, holds it until the root's deadline and delivers it."
+        ),
+    )
+    from overlay.daemon import add_common_arguments
+
+    add_common_arguments(p, kind="receiver")
+    p.add_argument(
+        "--port-base", type=int, default=7100, help="first endpoint port (controller mode)"
+    )
+    p.add_argument("--endpoints", type=int, default=20, help="endpoints hosted (controller mode)")
+    p.add_argument(
+        "--fast-path",
+        choices=("auto", "ebpf", "user"),
+        default="auto",
+        help="eBPF dedup and source filtering (auto falls back to user space, saying why)",
+    )
+    p.add_argument(
+        "--deliver",
+        choices=("topology", "memory"),
+        default="topology",
+        help="deliver to each endpoint's target from the topology, or in memory only",
+    )
+    p.add_argument(
+        "--spin-us", type=int, default=150, help="busy-wait this long before each deadline (µs)"
+    )
+    p.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="do not ask for SCHED_FIFO on the release thread",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from overlay.daemon import run_receiver
+
+    return run_receiver(args)

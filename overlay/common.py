@@ -1,0 +1,69 @@
+"""Pieces every daemon shares: topology files, process figures, malformed-datagram counting."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from jasper.linkmodel import LinkModel, parse_link_model
+from jasper.topology import Topology, TopologyError, parse_topology
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read a topology file (.json or .toml) and validate it; TopologyError names the problem."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        doc = tomllib.loads(raw.decode()) if path.suffix.lower() == ".toml" else json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TopologyError(
+            f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
+        ) from exc
+    return parse_topology(doc)
+
+
+def link_model_of(topo: Topology) -> LinkModel | None:
+    """The topology's link model, validated (None when off)."""
+    try:
+        return parse_link_model(topo.link_model)
+    except ValueError as exc:
+        raise TopologyError(str(exc)) from exc
+
+
+def process_figures(started_ns: int) -> dict[str, Any]:
+    """CPU seconds, peak RSS and wall time of this process so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "cpu_user_s": ru.ru_utime,
+        "cpu_system_s": ru.ru_stime,
+        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "peak_rss_kb": peak_rss_kb(),
+        "wall_s": (time.time_ns() - started_ns) / 1e9,
+    }
+
+
+def peak_rss_kb() -> int:
+    """Peak resident set of this process image (VmHWM).
+
+    ru_maxrss survives fork and exec, so a daemon started by a big parent would report the
+    parent's peak; VmHWM belongs to the current address space only.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def write_json(path: str | Path, doc: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)

@@ -1,0 +1,202 @@
+"""Running a daemon as a process: arguments, signals, ready file, status and records at exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from overlay.common import load_topology, write_json
+from overlay.release import tune_interpreter
+
+log = logging.getLogger(__name__)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, kind: str) -> None:
+    """The arguments of /work/notes/cli-contract.md shared by relay, receiver and publisher."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--topology", metavar="FILE", help="static topology file (.json or .toml)")
+    src.add_argument("--controller", metavar="URL", help="controller to take plans from")
+    p.add_argument(
+        "--node-name",
+        required=True,
+        metavar="NAME",
+        help=(
+            "node name in the topology"
+            + ("; several relays may share one process: r1.0,r1.1" if kind == "relay" else "")
+        ),
+    )
+    p.add_argument("--token-file", metavar="FILE", help="node token (controller mode)")
+    p.add_argument("--data-addr", metavar="IP", help="data-plane address (controller mode)")
+    p.add_argument(
+        "--records",
+        metavar="DIR",
+        help="write ground-truth records (.npy) and a status JSON here at exit",
+    )
+    p.add_argument("--ready-file", metavar="FILE", help="create FILE once the sockets are bound")
+    p.add_argument(
+        "--no-link-model",
+        action="store_true",
+        help="ignore the topology's link model (it is applied when the topology has one)",
+    )
+
+
+def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def _ready(path: str | None) -> None:
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.replace(path)
+
+
+def controller_mode(kind: str, args: argparse.Namespace) -> int:
+    """Hand the process to the node agent (overlay/agent.py), which takes plans from URL."""
+    try:
+        from overlay import agent
+    except ImportError:
+        print("controller mode needs overlay/agent.py, which is not installed", file=sys.stderr)
+        return 2
+    serve = getattr(agent, "serve_daemon", None)
+    if serve is None:
+        print("overlay.agent has no serve_daemon(kind, args)", file=sys.stderr)
+        return 2
+    return int(serve(kind, args) or 0)
+
+
+def run_relay(args: argparse.Namespace) -> int:
+    from overlay.relay import Relay
+
+    if args.controller:
+        return controller_mode("relay", args)
+    topo = load_topology(args.topology)
+    names = [n for n in args.node_name.split(",") if n]
+
+    async def main() -> int:
+        tune_interpreter()
+        relay = Relay(topo, names, link_model=not args.no_link_model)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        _stop_on_signals(loop, stop)
+        try:
+            relay.start(loop)
+            mode = relay.enable_fast_path(args.fast_path)
+            log.info("relay %s up (%s path)", ",".join(names), mode)
+            _ready(args.ready_file)
+            await stop.wait()
+            relay.flush()
+        finally:
+            status = relay.status()
+            relay.close()
+        if args.records:
+            write_json(Path(args.records) / f"status-relay-{names[0]}.json", status)
+        return 0
+
+    return asyncio.run(main())
+
+
+def run_receiver(args: argparse.Namespace) -> int:
+    from overlay.receiver import Receiver
+
+    if args.controller:
+        return controller_mode("receiver", args)
+    topo = load_topology(args.topology)
+
+    async def main() -> int:
+        tune_interpreter()
+        deliver: str | None = "topology"
+        if args.deliver == "memory":
+            deliver = None
+        rx = Receiver(
+            topo,
+            args.node_name,
+            link_model=not args.no_link_model,
+            spin_ns=args.spin_us * 1000,
+            realtime=not args.no_realtime,
+            deliver=deliver,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        _stop_on_signals(loop, stop)
+        try:
+            rx.start(loop)
+            mode = rx.enable_fast_path(args.fast_path)
+            log.info(
+                "receiver %s up: %d endpoints (%s path)", args.node_name, len(rx.endpoints), mode
+            )
+            _ready(args.ready_file)
+            await stop.wait()
+            rx.stop()
+        finally:
+            status = rx.status()
+            rx.close()
+        if args.records:
+            out = Path(args.records)
+            rx.records.save(out / f"deliveries-{args.node_name}.npy")
+            write_json(out / f"status-receiver-{args.node_name}.json", status)
+        return 0
+
+    return asyncio.run(main())
+
+
+def run_publisher(args: argparse.Namespace) -> int:
+    from overlay.publisher import Publisher
+
+    if args.controller:
+        return controller_mode("publisher", args)
+    topo = load_topology(args.topology)
+
+    async def main() -> int:
+        tune_interpreter()
+        pub = Publisher(topo, hold_ns=None if args.hold_us is None else int(args.hold_us * 1000))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        _stop_on_signals(loop, stop)
+        if args.start_at:
+            # Start on a shared wall-clock instant (the demo waits for every process first).
+            delay = args.start_at - time.time()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        _ready(args.ready_file)
+        started = time.monotonic()
+        progress_path = Path(args.records) / "progress" if args.records else None
+
+        def progress(n: int) -> None:
+            if progress_path is not None:
+                progress_path.write_text(str(n))
+
+        n = 0
+        try:
+            if not stop.is_set():
+                n = await pub.run(
+                    rate=args.rate,
+                    duration_s=args.duration,
+                    stop=stop,
+                    progress=progress,
+                )
+        finally:
+            elapsed = time.monotonic() - started
+            status: dict[str, Any] = pub.status()
+            status["messages"] = n
+            status["offered_rate"] = args.rate
+            status["achieved_rate"] = n / elapsed if elapsed > 0 else 0.0
+            status["elapsed_s"] = elapsed
+            pub.close()
+        if args.records:
+            out = Path(args.records)
+            pub.records.save(out / "sent.npy")
+            write_json(out / "status-publisher.json", status)
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,457 @@
+"""Receiver daemon: many MP endpoints per process; dedup, hold until the deadline, deliver."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jasper.dedup import DedupRing, Verdict
+from jasper.schedule import Release
+from jasper.topology import EndpointConfig, Topology
+from jasper.wire import HEADER_LEN, WireError
+from jasper.wire_spec import FLAG_HEARTBEAT
+from overlay.common import link_model_of, process_figures
+from overlay.delayline import DelayLine, SenderNames
+from overlay.fastwire import peek
+from overlay.kernel import drain, open_udp
+from overlay.recordlog import RecordLog, delivery_log
+from overlay.release import DEFAULT_SPIN_NS, PreciseRelease
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to an MP (what the async iterator yields)."""
+
+    endpoint: str
+    """Endpoint name."""
+    stream_id: int
+    """Stream of the message."""
+    session: int
+    """Publisher session."""
+    seq: int
+    """Sequence number."""
+    deadline_ns: int
+    """Release time stamped by the root (ns since the epoch)."""
+    release_ns: int
+    """When it was handed over (true time, ns since the epoch)."""
+    late: bool
+    """True when it arrived after its deadline and was delivered at once."""
+    payload: bytes
+    """The market-data bytes."""
+
+
+@dataclass
+class EndpointCounters:
+    """What one endpoint saw and did."""
+
+    received: int = 0
+    """Datagrams received on the endpoint's socket (before the link model)."""
+    malformed: Counter[str] = field(default_factory=Counter)
+    """Datagrams dropped as not Jasper, by WireError.reason."""
+    accepted: int = 0
+    """First copies kept."""
+    duplicates: int = 0
+    """Later hedged copies dropped."""
+    stale: int = 0
+    """Copies older than the dedup window or from an older session."""
+    heartbeats: int = 0
+    """Heartbeats received (never delivered)."""
+    delivered: int = 0
+    """Messages handed to the MP (on time or late)."""
+    late: int = 0
+    """Messages that arrived after their deadline and were delivered at once."""
+    hold_overflow: int = 0
+    """Messages refused by a full release schedule, delivered at once instead."""
+    deliver_dropped: Counter[str] = field(default_factory=Counter)
+    """Deliveries the MP could not take: its queue full, or the socket refusing (by errno)."""
+    copies_from: Counter[str] = field(default_factory=Counter)
+    """Valid copies received per parent name."""
+    kept_from: Counter[str] = field(default_factory=Counter)
+    """First copies kept per parent name."""
+    kernel_drops: int = 0
+    """Datagrams the kernel dropped for a full receive buffer (SO_RXQ_OVFL)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "malformed": dict(self.malformed),
+            "malformed_total": sum(self.malformed.values()),
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "stale": self.stale,
+            "heartbeats": self.heartbeats,
+            "delivered": self.delivered,
+            "late": self.late,
+            "hold_overflow": self.hold_overflow,
+            "deliver_dropped": dict(self.deliver_dropped),
+            "copies_from": dict(self.copies_from),
+            "kept_from": dict(self.kept_from),
+            "distinct_parents": len(self.copies_from),
+            "kernel_drops": self.kernel_drops,
+        }
+
+
+_Held = tuple[int, int, int, int, bytes, int, str]
+"""What waits in the release schedule: stream, session, seq, deadline ns, payload, arrival ns,
+parent kept."""
+
+
+class Endpoint:
+    """One MP endpoint: its socket, dedup rings, delivery target and counters."""
+
+    def __init__(
+        self, config: EndpointConfig, index: int, addr: str, *, ring_size: int, queue_len: int
+    ) -> None:
+        self.name = config.name
+        self.index = index
+        self.config = config
+        self.sock = open_udp(addr, config.port)
+        self.counters = EndpointCounters()
+        self.rings: dict[int, DedupRing] = {}
+        self.ring_size = ring_size
+        self.queue: collections.deque[Delivery] = collections.deque()
+        self.queue_len = queue_len
+        self.consumer: asyncio.Event | None = None
+        self.handle: Callable[[bytes, tuple[str, int], int], None] = lambda d, s, t: None
+        """What the event loop calls per datagram (set by the receiver)."""
+        self._out: socket.socket | None = None
+        self._out_addr: Any = None
+        self.set_deliver(config.deliver)
+
+    def set_deliver(self, target: str | None) -> None:
+        """Open the delivery socket for "udp:HOST:PORT" or "unix:/path"; None = in-process."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if target is None:
+            self._out_addr = None
+        elif target.startswith("udp:"):
+            host, _, port = target[4:].rpartition(":")
+            self._out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._out_addr = (host or "127.0.0.1", int(port))
+        elif target.startswith("unix:"):
+            self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._out_addr = target[5:]
+        else:
+            raise ValueError(f"delivery target {target!r} must start with udp: or unix:")
+        if self._out is not None:
+            self._out.setblocking(False)
+
+    def hand_over(self, payload: bytes) -> bool:
+        """Give one message to the MP; False (and counted) when it cannot take it."""
+        out = self._out
+        if out is not None:
+            try:
+                out.sendto(payload, self._out_addr)
+            except OSError as exc:
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                self.counters.deliver_dropped[name] += 1
+                return False
+            return True
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._out is not None:
+            self._out.close()
+
+
+class Receiver:
+    """A receiver process: hosts the endpoints of one receiver host of a topology.
+
+    Receive path (event loop): socket -> link model -> decode -> per-endpoint dedup -> hold.
+    Release path (its own thread): sleep to ~spin_ns before the deadline, spin, hand over.
+    """
+
+    def __init__(
+        self,
+        topo: Topology,
+        host: str,
+        *,
+        link_model: bool = True,
+        clock: Callable[[], int] = time.time_ns,
+        synced: Callable[[], bool] = lambda: True,
+        ring_size: int = 4096,
+        hold_capacity: int = 65536,
+        queue_len: int = 4096,
+        spin_ns: int = DEFAULT_SPIN_NS,
+        realtime: bool = True,
+        deliver: str | None = "topology",
+        records: RecordLog | None = None,
+    ) -> None:
+        self.topo = topo
+        self.host = topo.receiver(host)
+        self.clock = clock
+        self.synced = synced
+        self.started_ns = time.time_ns()
+        self._use_link_model = link_model
+        self.delay = DelayLine(link_model_of(topo) if link_model else None, clock=clock)
+        self.senders = SenderNames(topo)
+        self.records = records if records is not None else delivery_log()
+        self.endpoints: list[Endpoint] = []
+        self.by_name: dict[str, Endpoint] = {}
+        self._deliver_override = deliver
+        try:
+            for i, cfg in enumerate(self.host.endpoints):
+                ep = Endpoint(cfg, i, self.host.addr, ring_size=ring_size, queue_len=queue_len)
+                if deliver != "topology":
+                    ep.set_deliver(deliver)
+                ep.handle = self._handler(ep)
+                self.endpoints.append(ep)
+                self.by_name[ep.name] = ep
+        except BaseException:
+            for ep in self.endpoints:
+                ep.close()
+            raise
+        self.release: PreciseRelease[_Held] = PreciseRelease(
+            endpoints=max(1, len(self.endpoints)),
+            deliver=self._release_batch,
+            capacity=hold_capacity,
+            clock=clock,
+            spin_ns=spin_ns,
+            name=f"release-{host}",
+            realtime=realtime,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.fast_path_mode = "user"
+        self.fast_path: Any = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        loop = loop or asyncio.get_running_loop()
+        self._loop = loop
+        self.delay.start(loop)
+        self.release.start()
+        for ep in self.endpoints:
+            loop.add_reader(ep.sock.fileno(), self._on_readable, ep)
+
+    def stop(self) -> None:
+        """Stop receiving, process copies the link model still holds, release what is held."""
+        if self._loop is not None:
+            for ep in self.endpoints:
+                self._loop.remove_reader(ep.sock.fileno())
+                self._on_readable(ep)  # what the kernel already queued
+        self.delay.flush()
+        self.release.stop(drain=True)
+
+    def close(self) -> None:
+        self.delay.close()
+        for ep in self.endpoints:
+            ep.close()
+        if self.fast_path is not None:
+            try:
+                self.fast_path.close()
+            except Exception:
+                log.exception("closing fast path")
+            self.fast_path = None
+
+    def _on_readable(self, ep: Endpoint) -> None:
+        got, drops = drain(ep.sock, ep.handle)
+        ep.counters.received += got
+        if drops >= 0:
+            ep.counters.kernel_drops = drops
+
+    def _handler(self, ep: Endpoint) -> Callable[[bytes, tuple[str, int], int], None]:
+        admit = self.delay.admit
+        name = ep.name
+
+        def process(data: bytes, sender: str, arrival_ns: int) -> None:
+            self.process(ep, data, sender, arrival_ns)
+
+        def handle(data: bytes, src: tuple[str, int], rx_ns: int) -> None:
+            admit(name, self.senders(src), data, rx_ns, process)
+
+        return handle
+
+    # -- the receive path ---------------------------------------------------------------------
+
+    def process(self, ep: Endpoint, data: bytes, sender: str, arrival_ns: int) -> None:
+        """Handle one copy for `ep` at its (effective) arrival time."""
+        c = ep.counters
+        try:
+            flags, stream, session, _epoch, seq, _sent, deadline = peek(data)
+        except WireError as exc:
+            c.malformed[exc.reason] += 1
+            return
+        c.copies_from[sender] += 1
+        if flags & FLAG_HEARTBEAT:
+            c.heartbeats += 1
+            return
+        ring = ep.rings.get(stream)
+        if ring is None:
+            ring = ep.rings[stream] = DedupRing(size=ep.ring_size)
+        verdict = ring.check(session, seq)
+        if verdict is Verdict.DUPLICATE:
+            c.duplicates += 1
+            return
+        if verdict is Verdict.STALE:
+            c.stale += 1
+            return
+        c.accepted += 1
+        c.kept_from[sender] += 1
+        held: _Held = (stream, session, seq, deadline, data[HEADER_LEN:], arrival_ns, sender)
+        if deadline == 0 or deadline <= self.clock():
+            self._deliver_now(ep, held, late=deadline != 0)
+            return
+        if not self.release.hold(
+            deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index, item=held
+        ):
+            c.hold_overflow += 1
+            self._deliver_now(ep, held, late=False)
+
+    def _deliver_now(self, ep: Endpoint, held: _Held, *, late: bool) -> None:
+        ok = ep.hand_over(held[4])
+        release_ns = time.time_ns()
+        if late:
+            ep.counters.late += 1
+        self._after(ep, held, release_ns, late, ok)
+
+    def _release_batch(self, batch: Sequence[Release[_Held]]) -> None:
+        # Hand every endpoint its message first, bookkeeping after, so the last endpoint of
+        # the batch does not wait behind the others' records.
+        eps = self.endpoints
+        done: list[tuple[Endpoint, _Held, int, bool]] = []
+        now = time.time_ns
+        for r in batch:
+            ep = eps[r.endpoint]
+            ok = ep.hand_over(r.item[4])
+            done.append((ep, r.item, now(), ok))
+        for ep, held, release_ns, ok in done:
+            self._after(ep, held, release_ns, False, ok)
+
+    def _after(self, ep: Endpoint, held: _Held, release_ns: int, late: bool, ok: bool) -> None:
+        stream, session, seq, deadline, payload, arrival_ns, parent = held
+        if ok:
+            ep.counters.delivered += 1
+        self.records.append(
+            (ep.name, stream, session, seq, arrival_ns, release_ns, deadline, parent, self.synced())
+        )
+        if ep.consumer is not None and ok:
+            if len(ep.queue) >= ep.queue_len:
+                ep.counters.deliver_dropped["queue_full"] += 1
+                return
+            ep.queue.append(
+                Delivery(
+                    endpoint=ep.name,
+                    stream_id=stream,
+                    session=session,
+                    seq=seq,
+                    deadline_ns=deadline,
+                    release_ns=release_ns,
+                    late=late,
+                    payload=payload,
+                )
+            )
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(ep.consumer.set)
+
+    async def messages(self, endpoint: str) -> AsyncIterator[Delivery]:
+        """Released messages of one endpoint, as an async iterator (for Python MPs)."""
+        ep = self.by_name[endpoint]
+        event = ep.consumer = asyncio.Event()
+        try:
+            while True:
+                while ep.queue:
+                    yield ep.queue.popleft()
+                event.clear()
+                if ep.queue:
+                    continue
+                await event.wait()
+        finally:
+            ep.consumer = None
+
+    # -- control ------------------------------------------------------------------------------
+
+    def enable_fast_path(self, mode: str, *, ifname: str = "lo") -> str:
+        """Try in-kernel dedup and source filtering per `mode`; returns the mode used."""
+        if mode == "user":
+            return "user"
+        reason = ""
+        if self.delay.model is not None:
+            reason = "the link model runs in user space"
+        else:
+            try:
+                from ebpf import loader
+
+                ok, why = loader.fast_path_available()
+                if not ok:
+                    reason = str(why)
+                else:
+                    fp = loader.ReceiverFastPath(
+                        node=self.host.name,
+                        ifname=ifname,
+                        ports=[ep.config.port for ep in self.endpoints],
+                    )
+                    fp.attach()
+                    fp.set_parents(self._parent_rows())
+                    self.fast_path = fp
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                self.fast_path = None
+        if reason:
+            if mode == "ebpf":
+                raise RuntimeError(f"eBPF fast path unavailable: {reason}")
+            log.warning("eBPF fast path unavailable (%s); filtering in user space", reason)
+            return "user"
+        self.fast_path_mode = "ebpf"
+        return "ebpf"
+
+    def _parent_rows(self) -> list[tuple[str, int]]:
+        addrs = self.topo.addresses()
+        rows = {addrs[p] for ep in self.endpoints for p in ep.config.parents if p in addrs}
+        return sorted(rows)
+
+    def apply_topology(self, topo: Topology) -> None:
+        """Take a new plan: endpoints keep their sockets, dedup state and held messages."""
+        self.topo = topo
+        self.senders = SenderNames(topo)
+        if self._use_link_model:
+            self.delay.set_model(link_model_of(topo))
+        try:
+            host = topo.receiver(self.host.name)
+        except KeyError:
+            return
+        self.host = host
+        for cfg in host.endpoints:
+            ep = self.by_name.get(cfg.name)
+            if ep is None:
+                log.warning(
+                    "endpoint %s is new in plan %d; restart to host it", cfg.name, topo.plan_epoch
+                )
+                continue
+            if self._deliver_override == "topology" and cfg.deliver != ep.config.deliver:
+                ep.set_deliver(cfg.deliver)
+            ep.config = cfg
+        if self.fast_path is not None:
+            self.fast_path.set_parents(self._parent_rows())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": "receiver",
+            "host": self.host.name,
+            "endpoints": {ep.name: ep.counters.to_dict() for ep in self.endpoints},
+            "plan_epoch": self.topo.plan_epoch,
+            "fast_path": self.fast_path_mode,
+            "link_model": self.delay.model is not None,
+            "delay_line": vars(self.delay.counters).copy(),
+            "release": {
+                "batches": self.release.batches,
+                "errors": self.release.errors,
+                "held": len(self.release.schedule),
+                "realtime": self.release.realtime_ok,
+                **vars(self.release.schedule.counters),
+            },
+            "records": len(self.records),
+            "process": process_figures(self.started_ns),
+        }

@@ -1,0 +1,327 @@
+"""Relay daemon: forwards the first copy of each message to its children and hedge targets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jasper.dedup import DedupRing, Verdict
+from jasper.topology import RelayConfig, Topology
+from jasper.wire import WireError
+from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY
+from overlay.common import link_model_of, process_figures
+from overlay.delayline import DelayLine, SenderNames
+from overlay.fastwire import peek
+from overlay.kernel import drain, open_udp
+
+log = logging.getLogger(__name__)
+
+_FLAGS_AT = 3  # byte offset of `flags` in the header (jasper.wire_spec.offsets()["flags"])
+
+
+@dataclass
+class RelayCounters:
+    """What one relay node saw and did."""
+
+    received: int = 0
+    """Datagrams received on the node's socket (before the link model)."""
+    malformed: Counter[str] = field(default_factory=Counter)
+    """Datagrams dropped as not Jasper, by WireError.reason."""
+    accepted: int = 0
+    """First copies forwarded."""
+    duplicates: int = 0
+    """Later hedged copies dropped."""
+    stale: int = 0
+    """Copies older than the dedup window or from an older session, dropped."""
+    heartbeats: int = 0
+    """Heartbeats forwarded (newest per stream only)."""
+    sent: int = 0
+    """Copies sent to own children."""
+    sent_hedge: int = 0
+    """Copies sent as hedges to siblings' children."""
+    send_errors: Counter[str] = field(default_factory=Counter)
+    """Sends refused by the kernel, by errno name (a full buffer counts as ENOBUFS/EAGAIN)."""
+    copies_from: Counter[str] = field(default_factory=Counter)
+    """Valid copies received per sender (parent) name."""
+    kept_from: Counter[str] = field(default_factory=Counter)
+    """First copies kept per sender name."""
+    kernel_drops: int = 0
+    """Datagrams the kernel dropped for a full receive buffer (SO_RXQ_OVFL)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "malformed": dict(self.malformed),
+            "malformed_total": sum(self.malformed.values()),
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "stale": self.stale,
+            "heartbeats": self.heartbeats,
+            "sent": self.sent,
+            "sent_hedge": self.sent_hedge,
+            "send_errors": dict(self.send_errors),
+            "copies_from": dict(self.copies_from),
+            "kept_from": dict(self.kept_from),
+            "kernel_drops": self.kernel_drops,
+        }
+
+
+class RelayNode:
+    """One relay of the tree: its socket, forwarding table, dedup rings and counters."""
+
+    def __init__(self, config: RelayConfig, topo: Topology, *, ring_size: int = 4096) -> None:
+        self.name = config.name
+        self.config = config
+        self.sock = open_udp(config.addr, config.port)
+        self.counters = RelayCounters()
+        self.forward_user_space = True
+        """False when a kernel fast path replicates for this node."""
+        self._ring_size = ring_size
+        self._rings: dict[int, DedupRing] = {}
+        self._last_heartbeat: dict[int, int] = {}
+        self.handle: Callable[[bytes, tuple[str, int], int], None] = self.process_raw
+        """What the event loop calls per datagram (the relay process puts its link model here)."""
+        self.own: list[tuple[str, int]] = []
+        self.hedges: list[tuple[str, int]] = []
+        self.set_targets(config, topo)
+
+    def set_targets(self, config: RelayConfig, topo: Topology) -> None:
+        addrs = topo.addresses()
+        # Replace the lists in one assignment each: a send loop in progress keeps the old ones.
+        self.own = [addrs[t.node] for t in config.targets if not t.hedge]
+        self.hedges = [addrs[t.node] for t in config.targets if t.hedge]
+        self.config = config
+
+    def process_raw(self, data: bytes, src: tuple[str, int], rx_ns: int) -> None:
+        self.process(data, f"{src[0]}:{src[1]}", rx_ns)
+
+    def process(self, data: bytes, sender: str, _arrival_ns: int) -> None:
+        """Handle one copy at its (effective) arrival time."""
+        c = self.counters
+        try:
+            flags, stream, session, _epoch, seq, sent_ns, _deadline = peek(data)
+        except WireError as exc:
+            c.malformed[exc.reason] += 1
+            return
+        c.copies_from[sender] += 1
+        if flags & FLAG_HEARTBEAT:
+            # Heartbeats carry no sequence of their own; forward only the newest per stream so
+            # hedged copies do not multiply down the tree.
+            if sent_ns <= self._last_heartbeat.get(stream, -1):
+                c.duplicates += 1
+                return
+            self._last_heartbeat[stream] = sent_ns
+            c.heartbeats += 1
+        else:
+            ring = self._rings.get(stream)
+            if ring is None:
+                ring = self._rings[stream] = DedupRing(size=self._ring_size)
+            verdict = ring.check(session, seq)
+            if verdict is Verdict.DUPLICATE:
+                c.duplicates += 1
+                return
+            if verdict is Verdict.STALE:
+                c.stale += 1
+                return
+            c.accepted += 1
+        c.kept_from[sender] += 1
+        if self.forward_user_space:
+            self.forward(data, flags)
+
+    def forward(self, data: bytes, flags: int) -> None:
+        c = self.counters
+        sendto = self.sock.sendto
+        if flags & FLAG_HEDGE_COPY:
+            own = data[:_FLAGS_AT] + bytes((flags & ~FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
+            hedge = data
+        else:
+            own = data
+            hedge = data[:_FLAGS_AT] + bytes((flags | FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
+        for addr in self.own:
+            try:
+                sendto(own, addr)
+                c.sent += 1
+            except OSError as exc:
+                c.send_errors[_errno_name(exc)] += 1
+        for addr in self.hedges:
+            try:
+                sendto(hedge, addr)
+                c.sent_hedge += 1
+            except OSError as exc:
+                c.send_errors[_errno_name(exc)] += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _errno_name(exc: OSError) -> str:
+    import errno
+
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+class Relay:
+    """A relay process: hosts one or more relay nodes of a topology on one event loop."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        names: Sequence[str],
+        *,
+        link_model: bool = True,
+        clock: Callable[[], int] = time.time_ns,
+        ring_size: int = 4096,
+    ) -> None:
+        if not names:
+            raise ValueError("a relay process needs at least one relay name")
+        self.topo = topo
+        self.clock = clock
+        self.started_ns = time.time_ns()
+        self._use_link_model = link_model
+        self.delay = DelayLine(link_model_of(topo) if link_model else None, clock=clock)
+        self.senders = SenderNames(topo)
+        self.nodes: dict[str, RelayNode] = {}
+        try:
+            for name in names:
+                node = RelayNode(topo.relay(name), topo, ring_size=ring_size)
+                self.nodes[name] = node
+                node.handle = self._handler(node)
+        except BaseException:
+            self.close()
+            raise
+        self.fast_path: dict[str, Any] = {}
+        self.fast_path_mode = "user"
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Register the sockets with the running event loop."""
+        loop = loop or asyncio.get_running_loop()
+        self._loop = loop
+        self.delay.start(loop)
+        for node in self.nodes.values():
+            loop.add_reader(node.sock.fileno(), self._on_readable, node)
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if self._loop is not None:
+                self._loop.remove_reader(node.sock.fileno())
+            node.close()
+        self.delay.close()
+        for fp in self.fast_path.values():
+            try:
+                fp.close()
+            except Exception:
+                log.exception("closing fast path")
+        self.fast_path.clear()
+
+    def _on_readable(self, node: RelayNode) -> None:
+        got, drops = drain(node.sock, node.handle)
+        node.counters.received += got
+        if drops >= 0:
+            node.counters.kernel_drops = drops
+
+    def _handler(self, node: RelayNode) -> Callable[[bytes, tuple[str, int], int], None]:
+        admit = self.delay.admit
+        name = node.name
+        process = node.process
+
+        def handle(data: bytes, src: tuple[str, int], rx_ns: int) -> None:
+            admit(name, self.senders(src), data, rx_ns, process)
+
+        return handle
+
+    # -- control ------------------------------------------------------------------------------
+
+    def enable_fast_path(self, mode: str, *, ifname: str = "lo") -> str:
+        """Try the eBPF replication path per `mode` (auto, ebpf, user); returns the mode used."""
+        if mode == "user":
+            self.fast_path_mode = "user"
+            return "user"
+        reason = ""
+        if self.delay.model is not None:
+            reason = "the link model runs in user space"
+        else:
+            try:
+                from ebpf import loader
+
+                ok, why = loader.fast_path_available()
+                if not ok:
+                    reason = str(why)
+                else:
+                    for node in self.nodes.values():
+                        fp = loader.RelayFastPath(
+                            node=node.name, ifname=ifname, listen_port=node.config.port
+                        )
+                        fp.attach()
+                        fp.set_targets(_target_rows(node))
+                        self.fast_path[node.name] = fp
+                        node.forward_user_space = False
+            except Exception as exc:  # ImportError, or the loader failing to attach
+                reason = f"{type(exc).__name__}: {exc}"
+                for name, fp in list(self.fast_path.items()):
+                    try:
+                        fp.close()
+                    except Exception:
+                        log.exception("closing fast path of %s", name)
+                    self.nodes[name].forward_user_space = True
+                self.fast_path.clear()
+        if reason:
+            if mode == "ebpf":
+                raise RuntimeError(f"eBPF fast path unavailable: {reason}")
+            log.warning("eBPF fast path unavailable (%s); relaying in user space", reason)
+            self.fast_path_mode = "user"
+            return "user"
+        self.fast_path_mode = "ebpf"
+        return "ebpf"
+
+    def apply_topology(self, topo: Topology) -> None:
+        """Swap forwarding tables (and link model) in place; held copies are not dropped.
+
+        Relays named in this process but absent from the new topology keep their sockets and
+        last table until the process is told to stop (make-before-break is the caller's plan).
+        """
+        self.topo = topo
+        self.senders = SenderNames(topo)
+        if self._use_link_model:
+            self.delay.set_model(link_model_of(topo))
+        for node in self.nodes.values():
+            try:
+                cfg = topo.relay(node.name)
+            except KeyError:
+                continue
+            node.set_targets(cfg, topo)
+            fp = self.fast_path.get(node.name)
+            if fp is not None:
+                fp.set_targets(_target_rows(node))
+
+    def status(self) -> dict[str, Any]:
+        nodes = {name: n.counters.to_dict() for name, n in self.nodes.items()}
+        for name, fp in self.fast_path.items():
+            try:
+                nodes[name]["fast_path"] = fp.counters()
+            except Exception as exc:
+                nodes[name]["fast_path"] = {"error": str(exc)}
+        return {
+            "kind": "relay",
+            "nodes": nodes,
+            "plan_epoch": self.topo.plan_epoch,
+            "fast_path": self.fast_path_mode,
+            "link_model": self.delay.model is not None,
+            "delay_line": vars(self.delay.counters).copy(),
+            "process": process_figures(self.started_ns),
+        }
+
+    def flush(self) -> None:
+        """Process copies still held by the link model (at shutdown)."""
+        self.delay.flush()
+
+
+def _target_rows(node: RelayNode) -> list[tuple[str, int, bool]]:
+    return [(a, p, False) for a, p in node.own] + [(a, p, True) for a, p in node.hedges]

@@ -1,0 +1,160 @@
+"""Precise release: a thread that sleeps to just before each deadline, then spins to it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+from jasper.schedule import Release, ReleaseSchedule
+from overlay.kernel import set_timer_slack
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPIN_NS = 150_000
+"""Sleep ends this long before a deadline; the rest is a busy wait (sleep overshoot is tens of
+µs even with 1 ns timer slack, and its tail reaches the scheduler's)."""
+
+REALTIME_PRIORITY = 10
+"""SCHED_FIFO priority of release threads: above every ordinary process, below kernel
+threads that use 50+ (a spin lasts at most spin_ns, and RT throttling bounds the rest)."""
+
+DEFAULT_SWITCH_INTERVAL_S = 50e-6
+"""GIL switch interval while a release thread runs. The default (5 ms) lets the receive loop
+keep the GIL for up to 5 ms while the release thread waits to run its deadline."""
+
+
+def tune_interpreter(switch_interval_s: float = DEFAULT_SWITCH_INTERVAL_S) -> None:
+    """Shorten the GIL switch interval and the main thread's timer slack for this process."""
+    sys.setswitchinterval(switch_interval_s)
+    set_timer_slack(1)
+
+
+class PreciseRelease(Generic[T]):
+    """Holds items in a ReleaseSchedule and hands each batch due to `deliver` on time.
+
+    `deliver(batch)` runs on the release thread, never on the event loop, so a deadline does
+    not wait behind a burst of receives; it must be thread-safe with respect to the loop (the
+    receiver's delivery only sends on sockets and appends to records).
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoints: int,
+        deliver: Callable[[Sequence[Release[T]]], None],
+        capacity: int = 65536,
+        clock: Callable[[], int] = time.time_ns,
+        spin_ns: int = DEFAULT_SPIN_NS,
+        name: str = "release",
+        realtime: bool = True,
+    ) -> None:
+        self.schedule: ReleaseSchedule[T] = ReleaseSchedule(capacity=capacity, endpoints=endpoints)
+        self._deliver = deliver
+        self._clock = clock
+        self.spin_ns = spin_ns
+        self._cond = threading.Condition()
+        self._stop = False
+        self._stopping = False
+        self._drain_on_stop = True
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.realtime = realtime
+        """Ask for SCHED_FIFO on the release thread, so a wake-up does not queue behind
+        ordinary processes (falls back to normal scheduling without the privilege)."""
+        self.realtime_ok = False
+        """Whether the release thread got SCHED_FIFO."""
+        self.batches = 0
+        """Batches handed to `deliver`."""
+        self.errors = 0
+        """Exceptions raised by `deliver` (logged; the thread keeps going)."""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def hold(self, *, deadline_ns: int, stream_id: int, seq: int, endpoint: int, item: T) -> bool:
+        """Queue one item for `endpoint`; False when the schedule is full (counted there)."""
+        with self._cond:
+            earliest = self.schedule.get_timer()
+            ok = self.schedule.push(
+                deadline_ns=deadline_ns, stream_id=stream_id, seq=seq, endpoint=endpoint, item=item
+            )
+            # Wake the thread only when it may be sleeping past this deadline.
+            if ok and (earliest is None or deadline_ns < earliest):
+                self._cond.notify()
+        return ok
+
+    def stop(self, *, drain: bool = True, timeout: float = 5.0) -> None:
+        """Stop the thread.
+
+        With drain, the thread keeps releasing on time until nothing is held (up to
+        `timeout` seconds), then hands over whatever is left at once; without, held items are
+        dropped.
+        """
+        with self._cond:
+            self._stopping = True
+            self._drain_on_stop = drain
+            if not drain:
+                self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cond:
+                self._stop = True
+                self._cond.notify()
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        set_timer_slack(1)
+        if self.realtime:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+                self.realtime_ok = True
+            except (OSError, AttributeError) as exc:
+                log.info("release thread stays SCHED_OTHER: %s", exc)
+        cond = self._cond
+        clock = self._clock
+        schedule = self.schedule
+        while True:
+            with cond:
+                while not self._stop and not len(schedule):
+                    if self._stopping:
+                        self._stop = True
+                        break
+                    cond.wait()
+                if self._stop:
+                    break
+                deadline = schedule.get_timer()
+                assert deadline is not None
+                ahead = deadline - clock() - self.spin_ns
+                if ahead > 0:
+                    # Sleeping on the condition lets an earlier deadline cut the sleep short.
+                    cond.wait(ahead / 1e9)
+                    continue
+            while clock() < deadline:
+                pass
+            with cond:
+                due = schedule.pop_due(clock())
+            if due:
+                self._hand_over(due)
+        if self._drain_on_stop:
+            with cond:
+                rest = []
+                while (r := schedule.pop_next()) is not None:
+                    rest.append(r)
+            if rest:
+                self._hand_over(rest)
+
+    def _hand_over(self, batch: Sequence[Release[T]]) -> None:
+        self.batches += 1
+        try:
+            self._deliver(batch)
+        except Exception:
+            self.errors += 1
+            log.exception("release delivery failed")
