@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import networkx as nx
 import pytest
 from hypothesis import given, settings
@@ -150,6 +153,7 @@ def test_deterministic() -> None:
     a = tree_shape(777, fanout=7, hedge=2)
     b = tree_shape(777, fanout=7, hedge=2)
     assert a == b
+    assert hash(a) == hash(b)
     assert a.forwarding == b.forwarding
     assert nx.utils.graphs_equal(a.graph, b.graph)
 
@@ -206,3 +210,9 @@ def test_invariants_hold_for_any_shape(
             if all(len(c) == f for c in covered) and len(group) > hedge:
                 assert plan.sends_per_message(relay) == (hedge + 1) * f
             assert len(own) <= plan.sends_per_message(relay)
+
+
+def test_importing_the_names_does_not_load_networkx() -> None:
+    # Data-plane daemons use the naming helpers; networkx (40+ MB) loads only in tree_shape.
+    code = "import sys, jasper.tree; assert 'networkx' not in sys.modules, 'networkx loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)
