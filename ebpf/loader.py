@@ -15,6 +15,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -544,6 +545,26 @@ def fast_path_available() -> tuple[bool, str]:
 # Attaching
 
 
+CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def _in_netns(ns_fd: int | None) -> Iterator[None]:
+    """Run the body in the network namespace `ns_fd` (the one attach ran in), then come back.
+    A daemon lives in one namespace; this matters to callers that hop between several."""
+    if ns_fd is None or os.fstat(ns_fd).st_ino == _netns_inode("thread-self"):
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+            raise FastPathError(f"setns: {os.strerror(ctypes.get_errno())}")
+        yield
+    finally:
+        _libc.setns(home, CLONE_NEWNET)
+        os.close(home)
+
+
 def _ipr() -> Any:
     from pyroute2 import IPRoute  # only where something is attached: keeps imports light
 
@@ -578,7 +599,7 @@ def _tc_attach(ifname: str, prog_fd: int, name: str, prio: int) -> None:
                 parent=TC_INGRESS_PARENT,
                 prio=prio,
                 direct_action=True,
-                protocol=socket.htons(0x0003),  # ETH_P_ALL
+                protocol=0x0003,  # ETH_P_ALL; pyroute2 swaps the byte order itself
             )
         except NetlinkError as e:
             raise FastPathError(f"attach {name} to {ifname} ingress: {e}") from e
@@ -600,7 +621,7 @@ def _tc_detach(ifname: str, prio: int) -> None:
                 TC_HANDLE,
                 parent=TC_INGRESS_PARENT,
                 prio=prio,
-                protocol=socket.htons(0x0003),
+                protocol=0x0003,
             )
         except NetlinkError as e:
             if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
@@ -632,6 +653,7 @@ class _Attachment:
         self._attached = False
         self._pins: Path | None = None
         self._recorded = False
+        self._netns_fd: int | None = None
 
     def _load(self) -> None:
         """Load, record ownership, pin. The record is written before pinning, so a crash never
@@ -644,6 +666,7 @@ class _Attachment:
                 raise FastPathError(f"node {self.node} is already attached by a live process")
         obj = BpfObject(build(self.role))
         self._obj = obj
+        self._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         _write_state(
             self.node,
             {
@@ -651,7 +674,7 @@ class _Attachment:
                 "role": self.role,
                 "pid": os.getpid(),
                 "start_time": _start_time(os.getpid()),
-                "netns_inode": _netns_inode(),
+                "netns_inode": _netns_inode("thread-self"),
                 "ifname": self.ifname,
                 "hook": self.hook,
                 "tc_prio": self.tc_prio,
@@ -691,15 +714,19 @@ class _Attachment:
         """Detach, unpin, remove the node's folder and record. Safe to call twice."""
         if self._attached:
             try:
-                if self.hook == "xdp":
-                    with _ipr() as ipr:
-                        found = ipr.link_lookup(ifname=self.ifname)
-                        if found:
-                            ipr.link("set", index=found[0], xdp_fd=-1)
-                else:
-                    _tc_detach(self.ifname, self.tc_prio)
+                with _in_netns(self._netns_fd):
+                    if self.hook == "xdp":
+                        with _ipr() as ipr:
+                            found = ipr.link_lookup(ifname=self.ifname)
+                            if found:
+                                ipr.link("set", index=found[0], xdp_fd=-1)
+                    else:
+                        _tc_detach(self.ifname, self.tc_prio)
             finally:
                 self._attached = False
+        if self._netns_fd is not None:
+            os.close(self._netns_fd)
+            self._netns_fd = None
         for m in self._maps.values():
             m.close()
         self._maps.clear()
@@ -835,7 +862,7 @@ class RelayFastPath(_Attachment):
         """
         resolved: list[ResolvedTarget] = []
         unroutable: list[tuple[str, int, bool]] = []
-        with _ipr() as ipr:
+        with _in_netns(self._netns_fd), _ipr() as ipr:
             for ip, port, hedge in targets:
                 r = resolve_target(ipr, ip, int(port), bool(hedge))
                 if r is None:
