@@ -268,24 +268,32 @@ def attach_linkloss(netns: str, ifname: str, src_addr: str, loss: float) -> Call
 
 @dataclass(frozen=True)
 class FaultCost:
-    """What one fault block lost, compared with its own messages before the fault."""
+    """What one fault block lost: after the fault started, against the same block before it."""
 
     fault: str
     """Human description."""
     messages: int
     """Messages sent in the block (after warm-up)."""
+    messages_before: int
+    """Of those, sent before the fault started (the block's own noise floor)."""
+    late_pairs_before: int
+    """Late pairs among messages sent before the fault started."""
     late_pairs: int
+    """Late pairs among messages sent from the fault's start on."""
     lost_pairs: int
+    """Lost pairs in the whole block (0 with H >= 1 when one relay dies)."""
     affected_messages: int
-    """Messages of the block with at least one late or lost pair."""
+    """Messages from the fault's start on with at least one late or lost pair."""
     recovery_ms: float | None
-    """Send time of the last affected message minus the fault's start; 0 if none affected,
-    None when the fault never started."""
+    """From the fault's end to the first of `clean_run` consecutive clean messages; 0 when the
+    fault disturbed nothing; None when the block ended before such a run."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "fault": self.fault,
             "messages": self.messages,
+            "messages_before": self.messages_before,
+            "late_pairs_before": self.late_pairs_before,
             "late_pairs": self.late_pairs,
             "lost_pairs": self.lost_pairs,
             "affected_messages": self.affected_messages,
@@ -298,25 +306,42 @@ def fault_cost(
     send_ns: np.ndarray,
     late: np.ndarray,
     lost: np.ndarray,
+    *,
+    clean_run: int = 20,
 ) -> FaultCost:
-    """Cost of a fault from the block's pair matrix: send_ns (m,), late and lost (m, e) bools.
+    """Cost of a fault from the block's pair matrix: send_ns (m,) in send order, late and lost
+    (m, e) booleans.
 
     Endpoints of a killed receiver host are the fault's victims by definition: callers drop
-    their columns from `lost` before asking, and report them separately.
+    their columns before asking, and report them separately.
     """
-    # Messages already in flight when the fault hit count too, so no cut at the start time.
-    affected = (late | lost).any(axis=1)
+    bad = (late | lost).any(axis=1)
+    m = len(send_ns)
     if event.start_ns == 0:
-        recovery: float | None = None
-    elif affected.any():
-        recovery = max(0.0, float(send_ns[affected].max() - event.start_ns) / 1e6)
-    else:
-        recovery = 0.0
+        return FaultCost(
+            fault=event.fault.describe(),
+            messages=m,
+            messages_before=m,
+            late_pairs_before=int(late.sum()),
+            late_pairs=0,
+            lost_pairs=int(lost.sum()),
+            affected_messages=0,
+            recovery_ms=None,
+        )
+    first = int(np.searchsorted(send_ns, event.start_ns))
+    recovery: float | None = None
+    end_ns = max(event.end_ns, event.start_ns)
+    for i in range(first, max(first, m - clean_run + 1)):
+        if not bad[i : i + clean_run].any():
+            recovery = 0.0 if i == first else max(0.0, float(send_ns[i] - end_ns) / 1e6)
+            break
     return FaultCost(
         fault=event.fault.describe(),
-        messages=len(send_ns),
-        late_pairs=int(late.sum()),
-        lost_pairs=int(lost.sum()),
-        affected_messages=int(affected.sum()),
+        messages=m,
+        messages_before=first,
+        late_pairs_before=int(late[:first].sum()),
+        late_pairs=int(late[first:].sum()),
+        lost_pairs=int(lost[first:].sum()) + int(lost[:first].sum()),
+        affected_messages=int(bad[first:].sum()),
         recovery_ms=recovery,
     )

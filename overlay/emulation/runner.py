@@ -177,9 +177,10 @@ def build_topology(
     unicast (the publisher's targets are then every endpoint)."""
     host_eps = layout.hosts
     if plan is None:
-        pub_targets = [{"node": e, "hedge": False} for _, eps in host_eps.values() for e in eps]
+        leaves = [e for _, eps in host_eps.values() for e in eps]
+        pub_targets: list[dict[str, Any]] = [{"node": e, "hedge": False} for e in leaves]
         relays: list[dict[str, Any]] = []
-        parents: dict[str, list[str]] = {e["node"]: ["pub"] for e in pub_targets}
+        parents: dict[str, list[str]] = {e: ["pub"] for e in leaves}
     else:
         pub_targets = [{"node": plan.levels[0][0], "hedge": False}]
         relays = [
@@ -230,6 +231,20 @@ def cpu_sample() -> tuple[int, int]:
     return sum(parts) - idle, sum(parts)
 
 
+def process_cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) used so far by the live processes among `pids`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / tick
+
+
 def cpu_fraction(a: tuple[int, int], b: tuple[int, int]) -> float:
     busy, total = b[0] - a[0], b[1] - a[1]
     return busy / total if total > 0 else 0.0
@@ -251,6 +266,11 @@ class BlockResult:
     offered_rate: float
     achieved_rate: float
     cpu_fraction: float
+    """Whole machine busy fraction while the publisher sent (other users' load included)."""
+    own_cpu_fraction: float
+    """The emulation's daemons' CPU while the publisher sent, as a fraction of all cores."""
+    startup_s: float
+    """Time from the first daemon's fork to the last one's ready file."""
     wall_s: float
     events: list[FaultEvent] = field(default_factory=list)
     daemon_errors: list[str] = field(default_factory=list)
@@ -488,10 +508,14 @@ class Emulation:
         block_dir.mkdir(parents=True, exist_ok=True)
         topo_path = block_dir / "topology.json"
         topo_path.write_text(json.dumps(topo.to_dict()))
+        t_start = time.monotonic()
         self._start_block_daemons(topo_path, block_dir, spec)
+        startup_s = time.monotonic() - t_start
         time.sleep(self.s.settle_s)
         t0 = time.monotonic()
         cpu0 = cpu_sample()
+        daemons = list(self.live.values())
+        own0 = process_cpu_s(daemons)
         self._spawn(
             "pub",
             self.net.hosts["pub"].netns,
@@ -531,6 +555,12 @@ class Emulation:
                 self.spawner.wait([pub_pid], 10)
                 break
         cpu1 = cpu_sample()
+        # The publisher has exited (its CPU is gone from /proc): add it from wait4.
+        pub_exit = self.spawner.exits.get(pub_pid)
+        own_s = process_cpu_s(daemons) - own0
+        if pub_exit is not None:
+            own_s += pub_exit.utime_s + pub_exit.stime_s
+        t1 = time.monotonic()
         if injector is not None:
             injector.stop()
         # Let the last messages clear the tree and the hold before stopping.
@@ -551,7 +581,9 @@ class Emulation:
             offered_rate=self.s.rate,
             achieved_rate=achieved,
             cpu_fraction=cpu_fraction(cpu0, cpu1),
-            wall_s=time.monotonic() - t0,
+            own_cpu_fraction=own_s / max(1e-9, (t1 - t0) * (os.cpu_count() or 1)),
+            startup_s=startup_s,
+            wall_s=t1 - t0,
             events=list(injector.events) if injector else [],
             daemon_errors=errors,
         )
@@ -653,3 +685,191 @@ def settings_dict(s: EmulationSettings) -> dict[str, Any]:
     d = asdict(s)
     d["configs"] = list(s.configs)
     return d
+
+
+# --- analysis --------------------------------------------------------------------------------
+
+
+def _concat(parts: Sequence[np.ndarray], dtype: np.dtype[Any]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
+    """The report document and its plots (base64 PNG) from the blocks of a finished run."""
+    from jasper.linkmodel import parse_link_model
+    from overlay.emulation import report as rp
+    from overlay.emulation.faults import FaultCost, fault_cost
+
+    s = em.s
+    leaves = em.plan.leaf_names()
+    configs: list[rp.ConfigResult] = []
+    for name in s.configs:
+        spec = em.specs[name]
+        blocks = [b for b in em.blocks if b.config == name and b.fault is None]
+        scored = [b.scored(s.warmup_messages) for b in blocks]
+        sent = _concat([x[0] for x in scored], SENT_DTYPE)
+        deliv = _concat([x[1] for x in scored], DELIVERY_DTYPE)
+        fair = rp.config_fairness(
+            sent,
+            deliv,
+            leaves,
+            stream_id=STREAM_ID,
+            has_deadline=spec.hold,
+            tau_ns=s.tau_ns,
+        )
+        configs.append(
+            rp.ConfigResult(
+                name=name,
+                description=spec.description,
+                has_deadline=spec.hold,
+                fairness=fair,
+                matrix=rp.pair_matrix(sent, deliv, leaves),
+                blocks=len(blocks),
+                offered_rate=s.rate,
+                achieved_rate=float(np.mean([b.achieved_rate for b in blocks])) if blocks else 0,
+                cpu_fraction=float(np.mean([b.cpu_fraction for b in blocks])) if blocks else 0,
+            )
+        )
+    rows = [c.row() for c in configs]
+    for row, name in zip(rows, s.configs, strict=True):
+        blocks = [b for b in em.blocks if b.config == name and b.fault is None]
+        own = [b.own_cpu_fraction for b in blocks]
+        row["own_cpu_percent"] = round(100 * float(np.mean(own)), 1) if own else None
+        row["hold_us"] = [round(b.hold_ns / 1e3) for b in blocks] if em.specs[name].hold else None
+    table = rp.format_table(rows)
+
+    # Faults: what each cost.
+    host_of = em.layout.host_of()
+    fault_rows: list[dict[str, Any]] = []
+    killed: set[str] = set()
+    for b in em.blocks:
+        if b.fault is None:
+            continue
+        sent, deliv = b.scored(s.warmup_messages)
+        m = rp.pair_matrix(sent, deliv, leaves)
+        late, lost = m.late(True), ~m.got
+        victims = np.zeros(len(leaves), dtype=bool)
+        if b.fault.kind == "kill-host":
+            victims = np.array([host_of[e] == b.fault.target for e in leaves])
+        if b.fault.kind == "kill-relay":
+            killed.add(b.fault.target)
+        event = b.events[0] if b.events else FaultEvent(b.fault, error="fault did not run")
+        cost: FaultCost = fault_cost(event, m.send_ns, late[:, ~victims], lost[:, ~victims])
+        row = cost.to_dict()
+        row.update(
+            config=b.config,
+            victim_pairs=int(lost[:, victims].sum()),
+            victim_endpoints=int(victims.sum()),
+            error=event.error,
+            event=event.to_dict(),
+            hold_us=round(b.hold_ns / 1e3),
+            block=b.index,
+        )
+        fault_rows.append(row)
+
+    # Processes: CPU and peak memory per role.
+    procs: list[dict[str, Any]] = []
+    for role in ("publisher", "relay", "receiver"):
+        ps = [p for p in em.processes if p.role == role]
+        if not ps:
+            continue
+        procs.append(
+            {
+                "role": role,
+                "count": len({p.node for p in ps}),
+                "runs": len(ps),
+                "cpu_s_total": round(sum(p.cpu_s for p in ps), 2),
+                "cpu_s_max": round(max(p.cpu_s for p in ps), 3),
+                "maxrss_mb_max": round(max(p.maxrss_kb for p in ps) / 1024, 1),
+                "abnormal_exits": sum(1 for p in ps if p.status not in (0, -9)),
+            }
+        )
+    import resource
+
+    procs.append(
+        {
+            "role": "runner",
+            "count": 1,
+            "runs": 1,
+            "cpu_s_total": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_utime
+                + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
+                2,
+            ),
+            "cpu_s_max": None,
+            "maxrss_mb_max": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+    )
+
+    scored_blocks = [b for b in em.blocks if b.fault is None]
+    machine_cpu = max((b.cpu_fraction for b in scored_blocks), default=0.0)
+    timing_valid = machine_cpu <= s.cpu_limit
+    by_name = {c.name: c for c in configs}
+    comparisons = {}
+    if "jasper" in by_name:
+        j = by_name["jasper"].fairness
+        for c in configs:
+            if c.name == "jasper":
+                continue
+            comparisons[c.name] = {
+                "jasper_p_fair": j.p_fair,
+                "baseline_p_fair": c.fairness.p_fair,
+                "jasper_above": (j.p_fair or 0) > (c.fairness.p_fair or 0),
+                "cis_disjoint": j.p_fair_ci[0] > c.fairness.p_fair_ci[1],
+            }
+    model = parse_link_model(s.link_model) if s.link_model else None
+    lemon_nodes = sorted(
+        n for n in (*em.plan.relays(), *leaves) if model is not None and model.is_lemon(n)
+    )
+    summary = {
+        "receivers": s.receivers,
+        "receiver_hosts": len(em.layout.hosts),
+        "relays": len(em.layout.relays),
+        "namespaces": len(em.net.hosts) + 1,
+        "tree": {"depth": em.plan.depth, "fanout": s.fanout, "hedge": s.hedge},
+        "blocks": len(em.blocks),
+        "messages_scored_per_config": {c.name: c.fairness.messages for c in configs},
+        "offered_rate": s.rate,
+        "machine_cpu_max_percent": round(100 * machine_cpu, 1),
+        "timing_valid": timing_valid,
+        "tau_us": s.tau_ns / 1e3,
+        "jasper_vs_baselines": comparisons,
+        "lemons": lemon_nodes,
+        "notes": em.notes,
+    }
+    doc: dict[str, Any] = {
+        "summary": summary,
+        "timing_valid": timing_valid,
+        "cpu_limit_percent": round(100 * s.cpu_limit),
+        "table": rows,
+        "table_text": table,
+        "fairness": {c.name: c.fairness.to_dict() for c in configs},
+        "faults": fault_rows,
+        "processes": procs,
+        "blocks": [
+            {
+                "index": b.index,
+                "config": b.config,
+                "fault": b.fault.describe() if b.fault else None,
+                "sent": len(b.sent),
+                "deliveries": len(b.deliveries),
+                "hold_us": round(b.hold_ns / 1e3),
+                "achieved_rate": round(b.achieved_rate, 2),
+                "machine_cpu_percent": round(100 * b.cpu_fraction, 1),
+                "own_cpu_percent": round(100 * b.own_cpu_fraction, 1),
+                "startup_s": round(b.startup_s, 2),
+                "wall_s": round(b.wall_s, 2),
+            }
+            for b in em.blocks
+        ],
+        "settings": settings_dict(s),
+    }
+    images: dict[str, str] = {}
+    if configs:
+        images.update(rp.plot_cdfs(configs))
+        images["pfair"] = rp.plot_pfair(configs)
+        images["hold"] = rp.plot_hold(configs)
+        images["lateness"] = rp.plot_lateness(configs)
+    edges = [(a, b, bool(d.get("hedge"))) for a, b, d in em.plan.graph.edges(data=True)]
+    images["tree"] = rp.plot_tree(em.plan.levels, edges, leaves, host_of, set(lemon_nodes), killed)
+    return doc, images

@@ -1,0 +1,221 @@
+"""`jasper emulate`: a thousand MP endpoints on network namespaces, baselines side by side."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+# CPU per message per endpoint on this machine's pure-Python data plane (sends, receives, the
+# link model's delay line, dedup and release of a depth-3 tree with H=2), measured here; used
+# only to pick a default rate that leaves the machine mostly idle.
+_CPU_S_PER_MESSAGE_ENDPOINT = 100e-6
+_CPU_TARGET = 0.35
+
+
+def default_rate(receivers: int) -> float:
+    """Messages per second that keep the emulation near 35% of the machine's CPU."""
+    ncpu = os.cpu_count() or 1
+    rate = _CPU_TARGET * ncpu / (_CPU_S_PER_MESSAGE_ENDPOINT * max(1, receivers))
+    return float(max(1, min(200, round(rate))))
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "emulate",
+        help="emulate N MP endpoints on network namespaces; baselines interleaved; HTML report",
+        description=(
+            "Build an emulated cloud region on this machine (a network namespace per relay VM "
+            "and per receiver host, joined by veth pairs to one bridge), run the real relays, "
+            "receivers and publisher in it with the link model, and measure direct unicast, "
+            "tree H=0, tree without hold and Jasper in interleaved blocks on the same "
+            "endpoints, then inject faults. Writes report.json and report.html. Everything is "
+            "torn down at the end, on Ctrl-C and on SIGTERM; --cleanup removes what a killed "
+            "run left behind."
+        ),
+    )
+    p.add_argument("--receivers", type=int, default=1000, help="MP endpoints (default 1000)")
+    p.add_argument(
+        "--per-host", type=int, default=15, help="endpoints per receiver host (default 15)"
+    )
+    p.add_argument("--fanout", type=int, default=10, help="tree fan-out F (default 10)")
+    p.add_argument("--hedge", type=int, default=2, help="sibling hedging H (default 2)")
+    p.add_argument("--depth", type=int, default=None, help="tree depth (default round(log_F N))")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="messages per second (default: sized to this machine, ~35%% of its CPU)",
+    )
+    p.add_argument(
+        "--messages",
+        type=int,
+        default=None,
+        help="scored messages per configuration (default 3000 at >= 500 endpoints, else 600)",
+    )
+    p.add_argument(
+        "--block-messages", type=int, default=None, help="messages per block (default 500)"
+    )
+    p.add_argument("--warmup", type=int, default=10, help="unscored messages at each block's start")
+    p.add_argument("--tau-us", type=float, default=100.0, help="DWS threshold of P(F), µs")
+    p.add_argument(
+        "--extra-hold-us", type=float, default=100.0, help="added to Jasper's measured hold, µs"
+    )
+    p.add_argument(
+        "--configs",
+        default="unicast,tree-h0,tree-nohold,jasper",
+        help="comma-separated configurations to measure",
+    )
+    p.add_argument("--no-faults", action="store_true", help="skip the fault blocks")
+    p.add_argument("--fault-messages", type=int, default=None, help="messages per fault block")
+    p.add_argument("--no-link-model", action="store_true", help="links without delay or loss")
+    p.add_argument(
+        "--fast-path", choices=("auto", "ebpf", "user"), default="user", help="data-plane path"
+    )
+    p.add_argument("--out", default="emulation-out", help="output folder (default emulation-out)")
+    p.add_argument("--tag", default="", help="run tag in namespace names (default from pid)")
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove every jemu-* namespace, process and pinned object left by a killed run",
+    )
+    p.set_defaults(func=run)
+
+
+class _Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.start = time.monotonic()
+
+    def __call__(self, text: str, frac: float) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.25 and frac < 1.0:
+            return
+        self.last = now
+        width = 30
+        filled = int(width * max(0.0, min(1.0, frac)))
+        elapsed = now - self.start
+        eta = f" eta {elapsed / frac - elapsed:4.0f}s" if frac > 0.02 else ""
+        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * frac:5.1f}% {text[:40]:<40}"
+        sys.stderr.write(line + eta + "   ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGHUP arrived: unwind to the teardown."""
+
+
+def run(args: argparse.Namespace) -> int:
+    from overlay.emulation.netns import PREFIX, cleanup
+
+    if os.geteuid() != 0:
+        print("jasper emulate needs root (network namespaces)", file=sys.stderr)
+        return 2
+    if args.cleanup:
+        prefix = f"{PREFIX}{args.tag}-" if args.tag else PREFIX
+        rep = cleanup(prefix=prefix)
+        print(
+            f"removed {len(rep.namespaces)} namespaces, killed {len(rep.killed)} processes, "
+            f"removed {len(rep.bpf_nodes)} pinned BPF folders"
+        )
+        return 0
+
+    from overlay.emulation.report import write_report
+    from overlay.emulation.runner import Emulation, EmulationSettings, analyse
+
+    full = args.receivers >= 500
+    messages = args.messages if args.messages is not None else (3000 if full else 600)
+    block = args.block_messages or min(500, messages + args.warmup)
+    rate = args.rate or default_rate(args.receivers)
+    settings = EmulationSettings(
+        receivers=args.receivers,
+        endpoints_per_host=args.per_host,
+        fanout=args.fanout,
+        hedge=args.hedge,
+        depth=args.depth,
+        rate=rate,
+        messages=messages,
+        block_messages=block,
+        warmup_messages=args.warmup,
+        tau_ns=int(args.tau_us * 1000),
+        extra_hold_ns=int(args.extra_hold_us * 1000),
+        configs=tuple(c for c in args.configs.split(",") if c),
+        faults=not args.no_faults,
+        fault_block_messages=args.fault_messages or max(60, min(300, int(20 * rate))),
+        link_model=None if args.no_link_model else EmulationSettings().link_model,
+        fast_path=args.fast_path,
+        tag=args.tag,
+        out_dir=args.out,
+    )
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    progress = _Progress()
+    em = None
+    code = 0
+    try:
+        em = Emulation(settings, progress=progress)
+        n_blocks = len(em.schedule())
+        print(
+            f"emulating {settings.receivers} endpoints on {len(em.layout.hosts)} receiver hosts "
+            f"and {len(em.layout.relays)} relays (D={em.plan.depth} F={settings.fanout} "
+            f"H={settings.hedge}); {rate:g} msg/s; {n_blocks} blocks; "
+            f"{settings.messages} scored messages per configuration",
+            file=sys.stderr,
+        )
+        em.setup()
+        em.run()
+        progress("analysing", 1.0)
+        progress.done()
+        doc, images = analyse(em)
+        path = write_report(em.out, doc, images)
+        print(doc["table_text"])
+        print()
+        for f in doc["faults"]:
+            print(
+                f"fault: {f['fault']:<55} late {f['late_pairs']:>5}  lost {f['lost_pairs']:>5}"
+                f"  victims' pairs {f['victim_pairs']:>6}  recovery {f['recovery_ms']} ms"
+                + (f"  ERROR {f['error']}" if f["error"] else "")
+            )
+        summ = doc["summary"]
+        print(
+            f"machine CPU max {summ['machine_cpu_max_percent']}% -> "
+            + ("valid for timing" if summ["timing_valid"] else "NOT valid for timing figures")
+        )
+        for p in doc["processes"]:
+            print(
+                f"process {p['role']:<9} x{p['count']:<4} CPU total {p['cpu_s_total']} s, "
+                f"peak RSS max {p['maxrss_mb_max']} MB"
+            )
+        for note in summ["notes"]:
+            print(f"note: {note}")
+        print(f"report: {path}")
+    except (KeyboardInterrupt, _Stop) as exc:
+        progress.done()
+        print(f"interrupted ({type(exc).__name__} {exc}); tearing down", file=sys.stderr)
+        code = 130
+    finally:
+        # A second Ctrl-C must not cut the teardown short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            if em is not None:
+                em.close()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for s, h in old.items():
+                signal.signal(s, h)
+    return code
