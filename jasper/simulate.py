@@ -354,19 +354,18 @@ class _Scorer:
 
 
 def _level_biases(scenario: Scenario, counts: Sequence[int]) -> list[FloatArray]:
-    """Lemon bias per node, level by level; the same VM keeps its bias in every scheme."""
-    out = []
+    """Lemon bias per node, level by level; the same VM keeps its bias in every scheme.
+
+    Each level draws from its own stream, and the endpoints from one keyed apart from the
+    relays, so unicast and trees of any depth see the same lemon endpoints.
+    """
     lemons = scenario.link.lemons
-    leaf_level = len(counts) - 1
-    for level, count in enumerate(counts):
-        # Leaves are keyed apart from relays so unicast and trees of any depth share them.
-        rng = np.random.default_rng((scenario.seed, 0xB1A5, int(level == leaf_level), level))
-        if level == 0:
-            out.append(np.zeros(count))  # the root's receipt is time 0
-        elif level == leaf_level:
-            out.append(lemons.endpoint_bias(np.random.default_rng((scenario.seed, 0xB1A5)), count))
-        else:
-            out.append(lemons.bias(rng, count))
+    out = [np.zeros(counts[0])]  # the root's receipt is time 0
+    for level in range(1, len(counts) - 1):
+        rng = np.random.default_rng((scenario.seed, 0xB1A5, 0, level))
+        out.append(lemons.bias(rng, counts[level]))
+    leaf_rng = np.random.default_rng((scenario.seed, 0xB1A5))
+    out.append(lemons.endpoint_bias(leaf_rng, counts[-1]))
     return out
 
 
@@ -375,11 +374,11 @@ def simulate_baselines(scenario: Scenario) -> tuple[BaselineResult, ...]:
 
     Without `interval_us` messages are independent; with it, they queue behind each other
     at every sender (`queued_first_arrivals`). The tree without hold and Jasper share the
-    same random draws, so they differ only in the hold. Jasper's
-    deadline for window w is send + max over endpoints of the `percentile` of their OWDs
-    in window w-1, plus extra_hold_us; delivery is at max(deadline, first arrival), so on-time
-    endpoints deliver at the deadline exactly and DWS is 0 unless someone is late. The first
-    window is warm-up for every scheme and is not scored.
+    same random draws, so they differ only in the hold. Jasper's deadline for window w is
+    send + max over endpoints of the `percentile` of their OWDs in window w-1, plus
+    extra_hold_us; delivery is at max(deadline, first arrival), so on-time endpoints deliver
+    at the deadline exactly and DWS is 0 unless someone is late. The first window is warm-up
+    for every scheme and is not scored.
     """
     s = scenario
     jasper_plan = tree_shape(s.receivers, fanout=s.fanout, hedge=s.hedge, depth=s.depth)
