@@ -343,6 +343,19 @@ class Placement:
         )
 
 
+def _planned_leaves(endpoints: int, relays: int, *, fanout: int, depth: int | None) -> int:
+    """Leaves to shape the tree for. With an explicit depth, a tree full at that depth
+    (F**D leaves, if the relays suffice), so that the first subscribers already spread over
+    sibling groups and get H+1 copies, and later ones attach without a re-plan."""
+    n = max(1, endpoints)
+    if depth is None or fanout**depth > 100_000:
+        return n
+    planned = max(n, fanout**depth)
+    while planned > n and sum(_relay_counts(planned, fanout, depth)) > relays:
+        planned = max(n, planned // 2)
+    return planned
+
+
 def full_plan(
     endpoints: Sequence[Endpoint],
     relays: Sequence[str],
@@ -365,8 +378,9 @@ def full_plan(
     matrix = matrix or LatencyMatrix()
     ranking = rank_relays(relays, matrix, lemon_factor=lemon_factor)
     usable = ranking.ranked
-    depth = choose_depth(len(endpoints), len(usable), fanout=fanout, depth=depth)
-    shape = build_shape(len(endpoints), fanout=fanout, hedge=hedge, depth=depth)
+    planned = _planned_leaves(len(endpoints), len(usable), fanout=fanout, depth=depth)
+    depth = choose_depth(planned, len(usable), fanout=fanout, depth=depth)
+    shape = build_shape(planned, fanout=fanout, hedge=hedge, depth=depth)
     slots = [s for level in shape.levels for s in level]
     placement = Placement(
         shape=shape,
