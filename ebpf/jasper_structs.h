@@ -10,7 +10,7 @@
 struct jasper_target {
 	__u32 ifindex;  /* egress interface of the copy */
 	__u32 daddr;    /* destination IPv4 */
-	__u32 saddr;    /* source IPv4: the relay's address on the egress interface */
+	__u32 saddr;    /* source IPv4; 0 = the address the packet was sent to (the relay's own) */
 	__u16 dport;    /* destination UDP port */
 	__u16 sport;    /* source UDP port: the relay's listen port, as the user-space relay sends */
 	__u8 dmac[6];   /* next hop MAC (unused with JASPER_TARGET_FIB) */

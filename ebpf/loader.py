@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ PIN_SUBDIR = "jasper"
 STATE_DIR = Path(os.environ.get("JASPER_EBPF_STATE_DIR", "/run/jasper/ebpf"))
 """Where each attached node records its interface, netns and pid, so `cleanup` can undo a crash."""
 
-# TC filter priorities of our filters on clsact ingress: fixed, so detaching (and cleaning up
-# after a crash) removes exactly our filter and leaves anyone else's alone.
-RELAY_TC_PRIO = 0x4A53
-RECEIVER_TC_PRIO = 0x4A54
+# TC filter priorities of our filters on clsact ingress: one per node, derived from its name (and
+# recorded), so several nodes can share an interface (loopback) and detaching or cleaning up after
+# a crash removes exactly that node's filter and leaves anyone else's alone.
+TC_PRIO_BASE = 0x4000
+TC_PRIO_SPAN = 0x3000
 TC_HANDLE = 1
 TC_INGRESS_PARENT = 0xFFFFFFF2  # "ffff:fff2", clsact ingress
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -578,7 +580,13 @@ def _ifindex(ipr: Any, ifname: str) -> int:
     return int(found[0])
 
 
-def _tc_attach(ifname: str, prog_fd: int, name: str, prio: int) -> None:
+def tc_prio(role: str, node: str, attempt: int = 0) -> int:
+    """The TC filter priority of a node's program (attempt > 0 after a collision)."""
+    return TC_PRIO_BASE + (zlib.crc32(f"{role}/{node}".encode()) + attempt) % TC_PRIO_SPAN
+
+
+def _tc_attach(ifname: str, prog_fd: int, name: str, prios: Sequence[int]) -> int:
+    """Attach at clsact ingress under the first free priority of `prios`; returns it."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     with _ipr() as ipr:
@@ -588,21 +596,25 @@ def _tc_attach(ifname: str, prog_fd: int, name: str, prio: int) -> None:
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise FastPathError(f"add clsact on {ifname}: {e}") from e
-        try:
-            ipr.tc(
-                "add-filter",
-                "bpf",
-                idx,
-                TC_HANDLE,
-                fd=prog_fd,
-                name=name,
-                parent=TC_INGRESS_PARENT,
-                prio=prio,
-                direct_action=True,
-                protocol=0x0003,  # ETH_P_ALL; pyroute2 swaps the byte order itself
-            )
-        except NetlinkError as e:
-            raise FastPathError(f"attach {name} to {ifname} ingress: {e}") from e
+        for prio in prios:
+            try:
+                ipr.tc(
+                    "add-filter",
+                    "bpf",
+                    idx,
+                    TC_HANDLE,
+                    fd=prog_fd,
+                    name=name,
+                    parent=TC_INGRESS_PARENT,
+                    prio=prio,
+                    direct_action=True,
+                    protocol=0x0003,  # ETH_P_ALL; pyroute2 swaps the byte order itself
+                )
+                return prio
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise FastPathError(f"attach {name} to {ifname} ingress: {e}") from e
+        raise FastPathError(f"no free TC priority on {ifname} for {name}")
 
 
 def _tc_detach(ifname: str, prio: int) -> None:
@@ -642,7 +654,6 @@ class _Attachment:
 
     role = ""
     prog_name = ""
-    tc_prio = 0
 
     def __init__(self, *, node: str, ifname: str, hook: str = "tc") -> None:
         self.node = node
@@ -654,6 +665,8 @@ class _Attachment:
         self._pins: Path | None = None
         self._recorded = False
         self._netns_fd: int | None = None
+        self.tc_prio = tc_prio(self.role, node)
+        """TC filter priority actually used (set by attach)."""
 
     def _load(self) -> None:
         """Load, record ownership, pin. The record is written before pinning, so a crash never
@@ -667,6 +680,12 @@ class _Attachment:
         obj = BpfObject(build(self.role))
         self._obj = obj
         self._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        self._record()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        obj.pin_maps(folder)
+        self._pins = folder
+
+    def _record(self) -> None:
         _write_state(
             self.node,
             {
@@ -683,9 +702,6 @@ class _Attachment:
             },
         )
         self._recorded = True
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        obj.pin_maps(folder)
-        self._pins = folder
 
     def _map(self, name: str) -> BpfMap:
         if name not in self._maps:
@@ -707,8 +723,10 @@ class _Attachment:
                 idx = _ifindex(ipr, self.ifname)
                 ipr.link("set", index=idx, xdp_fd=self.prog_fd)
         else:
-            _tc_attach(self.ifname, self.prog_fd, self.prog_name, self.tc_prio)
+            prios = [tc_prio(self.role, self.node, i) for i in range(16)]
+            self.tc_prio = _tc_attach(self.ifname, self.prog_fd, self.prog_name, prios)
         self._attached = True
+        self._record()
 
     def close(self) -> None:
         """Detach, unpin, remove the node's folder and record. Safe to call twice."""
@@ -763,8 +781,8 @@ class ResolvedTarget:
     """Copies carry the hedge-copy flag."""
     ifindex: int
     """Egress interface."""
-    saddr: str
-    """Relay's source address toward the target."""
+    saddr: str | None
+    """Source address of the copies; None = the address each packet was sent to."""
     dmac: str | None
     """Next-hop MAC from the neighbour table, or None: looked up per packet (bpf_fib_lookup)."""
     smac: str
@@ -775,7 +793,14 @@ def _mac_bytes(mac: str | None) -> bytes:
     return bytes.fromhex(mac.replace(":", "")) if mac else bytes(6)
 
 
-def resolve_target(ipr: Any, ip: str, port: int, hedge: bool) -> ResolvedTarget | None:
+IFF_LOOPBACK = 0x8
+IFF_NOARP = 0x80
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+def resolve_target(
+    ipr: Any, ip: str, port: int, hedge: bool, saddr: str | None = None
+) -> ResolvedTarget | None:
     """Route and neighbour lookup for one target in this netns; None when it has no route."""
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -785,34 +810,37 @@ def resolve_target(ipr: Any, ip: str, port: int, hedge: bool) -> ResolvedTarget 
         return None
     oif = int(route.get_attr("RTA_OIF"))
     nexthop = route.get_attr("RTA_GATEWAY") or ip
-    saddr = route.get_attr("RTA_PREFSRC")
-    if saddr is None:
-        addrs = ipr.get_addr(index=oif, family=socket.AF_INET)
-        if not addrs:
-            return None
-        saddr = addrs[0].get_attr("IFA_ADDRESS")
     link = ipr.get_links(oif)[0]
-    smac = link.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
+    smac = link.get_attr("IFLA_ADDRESS") or ZERO_MAC
     dmac = None
-    for neigh in ipr.get_neighbours(ifindex=oif, dst=nexthop, family=socket.AF_INET):
-        if neigh["state"] & _NUD_USABLE and neigh.get_attr("NDA_LLADDR"):
-            dmac = neigh.get_attr("NDA_LLADDR")
-            break
-    return ResolvedTarget(ip, port, hedge, oif, str(saddr), dmac, str(smac))
+    if link["flags"] & (IFF_LOOPBACK | IFF_NOARP):
+        dmac = ZERO_MAC  # no link-layer addressing: any MAC does
+    else:
+        for neigh in ipr.get_neighbours(ifindex=oif, dst=nexthop, family=socket.AF_INET):
+            if neigh["state"] & _NUD_USABLE and neigh.get_attr("NDA_LLADDR"):
+                dmac = neigh.get_attr("NDA_LLADDR")
+                break
+    return ResolvedTarget(ip, port, hedge, oif, saddr, dmac, str(smac))
 
 
 class RelayFastPath(_Attachment):
-    """The relay's kernel replication: TC ingress on `ifname`, copies to every target."""
+    """The relay's kernel replication: TC ingress on `ifname`, copies to every target.
+
+    Copies leave from `listen_addr` when given, else from the address each packet was sent to
+    (what a user-space relay's socket bound to that address sends from), and from `listen_port`.
+    """
 
     role = "relay"
     prog_name = "jasper_relay"
-    tc_prio = RELAY_TC_PRIO
 
-    def __init__(self, *, node: str, ifname: str, listen_port: int) -> None:
+    def __init__(
+        self, *, node: str, ifname: str, listen_port: int, listen_addr: str | None = None
+    ) -> None:
         super().__init__(node=node, ifname=ifname, hook="tc")
         if not 0 < listen_port < 65536:
             raise ValueError(f"listen_port {listen_port} out of range")
         self.listen_port = listen_port
+        self.listen_addr = None if listen_addr in (None, "0.0.0.0") else listen_addr
         self.targets: tuple[ResolvedTarget, ...] = ()
         """The table last written, with how each MAC was found."""
         self.unroutable: tuple[tuple[str, int, bool], ...] = ()
@@ -843,7 +871,7 @@ class RelayFastPath(_Attachment):
             body += TARGET.pack(
                 t.ifindex,
                 ipaddress.IPv4Address(t.ip).packed,
-                ipaddress.IPv4Address(t.saddr).packed,
+                ipaddress.IPv4Address(t.saddr or "0.0.0.0").packed,
                 struct.pack("!H", t.port),
                 struct.pack("!H", self.listen_port),
                 _mac_bytes(t.dmac),
@@ -864,7 +892,7 @@ class RelayFastPath(_Attachment):
         unroutable: list[tuple[str, int, bool]] = []
         with _in_netns(self._netns_fd), _ipr() as ipr:
             for ip, port, hedge in targets:
-                r = resolve_target(ipr, ip, int(port), bool(hedge))
+                r = resolve_target(ipr, ip, int(port), bool(hedge), self.listen_addr)
                 if r is None:
                     unroutable.append((ip, port, hedge))
                 else:
@@ -892,7 +920,6 @@ class ReceiverFastPath(_Attachment):
     """The receiver host's filter: duplicate copies and non-parents dropped before user space."""
 
     role = "receiver"
-    tc_prio = RECEIVER_TC_PRIO
 
     def __init__(self, *, node: str, ifname: str, ports: Sequence[int], hook: str = "tc") -> None:
         if hook not in ("tc", "xdp"):

@@ -59,7 +59,9 @@ int jasper_receiver_tc(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, skb->len);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	return receiver_filter(data, data_end, skb->len) == VERDICT_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+	/* TC_ACT_UNSPEC: let later filters on the interface (other nodes' programs) see it too. */
+	return receiver_filter(data, data_end, skb->len) == VERDICT_DROP ? TC_ACT_SHOT
+									 : TC_ACT_UNSPEC;
 }
 
 SEC("xdp")

@@ -27,6 +27,7 @@ struct relay_tally {
 /* What the packet currently holds: clones are made from one skb rewritten target after target, so
  * each rewrite patches the checksums from these values to the target's. */
 struct relay_state {
+	__u32 orig_daddr; /* the relay's address the packet came to: source of copies by default */
 	__u32 l4_off;
 	__u32 jh_off;
 	__u32 saddr;
@@ -44,6 +45,8 @@ static __always_inline int relay_rewrite_l3l4(struct __sk_buff *skb, struct rela
 	/* BPF_F_MARK_MANGLED_0: a zero UDP checksum means "none" and stays zero; a computed zero is
 	 * written as 0xFFFF. */
 	__u64 l4_flags = BPF_F_MARK_MANGLED_0;
+	/* saddr 0: send from the address the packet came to, as a socket bound to it would. */
+	__u32 saddr = t->saddr ? t->saddr : s->orig_daddr;
 
 	if (t->daddr != s->daddr) {
 		if (bpf_l4_csum_replace(skb, udp_csum_off, s->daddr, t->daddr,
@@ -53,13 +56,13 @@ static __always_inline int relay_rewrite_l3l4(struct __sk_buff *skb, struct rela
 			return -1;
 		s->daddr = t->daddr;
 	}
-	if (t->saddr != s->saddr) {
-		if (bpf_l4_csum_replace(skb, udp_csum_off, s->saddr, t->saddr,
+	if (saddr != s->saddr) {
+		if (bpf_l4_csum_replace(skb, udp_csum_off, s->saddr, saddr,
 					l4_flags | BPF_F_PSEUDO_HDR | sizeof(__u32)) ||
-		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, s->saddr, t->saddr, sizeof(__u32)) ||
-		    bpf_skb_store_bytes(skb, IP_SADDR_OFF, &t->saddr, sizeof(__u32), 0))
+		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, s->saddr, saddr, sizeof(__u32)) ||
+		    bpf_skb_store_bytes(skb, IP_SADDR_OFF, &saddr, sizeof(__u32), 0))
 			return -1;
-		s->saddr = t->saddr;
+		s->saddr = saddr;
 	}
 	if (t->dport != s->dport) {
 		if (bpf_l4_csum_replace(skb, udp_csum_off, s->dport, t->dport,
@@ -105,7 +108,7 @@ static __always_inline int relay_resolve_l2(struct __sk_buff *skb, const struct 
 	fib.family = AF_INET_NUM;
 	fib.l4_protocol = IPPROTO_UDP_NUM;
 	fib.tot_len = s->ip_tot_len;
-	fib.ipv4_src = t->saddr;
+	fib.ipv4_src = t->saddr ? t->saddr : s->orig_daddr;
 	fib.ipv4_dst = t->daddr;
 	/* An egress lookup from the relay's own address, like the route its socket would take; an
 	 * ingress-perspective lookup would also demand IP forwarding on the relay. */
@@ -165,7 +168,9 @@ SEC("tc")
 int jasper_relay(struct __sk_buff *skb)
 {
 	struct relay_tally n = {};
-	int action = TC_ACT_OK;
+	/* TC_ACT_UNSPEC passes the packet on to the next filter (another relay node's or a
+	 * receiver's program on the same interface, e.g. on loopback) and then to the stack. */
+	int action = TC_ACT_UNSPEC;
 	__u32 zero = 0;
 
 	if (skb->mark == JASPER_CLONE_MARK) {
@@ -209,6 +214,7 @@ int jasper_relay(struct __sk_buff *skb)
 		goto out;
 	}
 	struct relay_state s = {
+		.orig_daddr = p.daddr,
 		.l4_off = p.l4_off,
 		.jh_off = p.jh_off,
 		.saddr = p.saddr,

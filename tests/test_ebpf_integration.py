@@ -87,7 +87,7 @@ def test_every_endpoint_gets_every_message_once_through_the_fast_path(lab: objec
             with entered(ep.ns):
                 fp = ReceiverFastPath(node=f"{ep.ns}-recv", ifname=ep.ifname, ports=PORTS)
                 fp.attach()
-                fp.set_parents([(lab.relay_out_ip, LISTEN_PORT)])
+                fp.set_parents([(lab.relay_in_ip, LISTEN_PORT)])
                 receivers.append(fp)
                 for port in PORTS:
                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -165,7 +165,8 @@ def test_every_endpoint_gets_every_message_once_through_the_fast_path(lab: objec
             del q[UDP].chksum
             q = Ether(raw(q))
             assert (q[IP].chksum, q[UDP].chksum) == (ip_sum, udp_sum)
-            assert (p[IP].src, p[UDP].sport) == (lab.relay_out_ip, LISTEN_PORT)
+            # From the address the relay was reached at, as its bound socket would send.
+            assert (p[IP].src, p[UDP].sport) == (lab.relay_in_ip, LISTEN_PORT)
             msg = wire.decode(bytes(p[UDP].payload))
             hedged[(p[UDP].dport, bool(msg.header.flags & FLAG_HEDGE_COPY))] += 1
         for port in PORTS:
@@ -183,3 +184,53 @@ def test_every_endpoint_gets_every_message_once_through_the_fast_path(lab: objec
 
     assert not loader.pin_dir(f"{lab.prefix}-relay").exists()
     assert "jasper" not in sh("tc", "filter", "show", "dev", lab.relay_in, "ingress", ns=lab.relay)
+
+
+def test_relays_and_receiver_share_loopback() -> None:
+    """The daemons' default: several relay nodes and a receiver filter on `lo` of one namespace.
+    Clones re-enter lo ingress marked; relays pass them on to the receiver filter."""
+    import os
+
+    from ebpf.loader import ReceiverFastPath, RelayFastPath, fast_path_available
+    from ebpf.netlab import entered, sh
+
+    ok, why = fast_path_available()
+    require_privileged(f"eBPF fast path ({why})", ok)
+    ns = f"jt-ebpf-{os.getpid()}-lo"
+    sh("ip", "netns", "add", ns)
+    paths: list[RelayFastPath | ReceiverFastPath] = []
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        with entered(ns):
+            a = RelayFastPath(node=f"{ns}-a", ifname="lo", listen_port=7000)
+            b = RelayFastPath(node=f"{ns}-b", ifname="lo", listen_port=7001)
+            rx = ReceiverFastPath(node=f"{ns}-rx", ifname="lo", ports=[9000, 9001])
+            for fp in (a, b, rx):
+                fp.attach()
+                paths.append(fp)
+            a.set_targets([("127.0.0.3", 9000, False), ("127.0.0.3", 9000, True)])
+            b.set_targets([("127.0.0.3", 9001, False)])
+            rx.set_parents([("127.0.0.2", 7000), ("127.0.0.4", 7001)])
+            socks = []
+            for port in (9000, 9001):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.bind(("127.0.0.3", port))
+                s.setblocking(False)
+                socks.append(s)
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for seq in range(1, 51):
+            hdr = wire.Header(stream_id=1, session=1, seq=seq, send_time_ns=1, deadline_ns=0)
+            tx.sendto(wire.encode(hdr, b"x"), ("127.0.0.2", 7000))
+            tx.sendto(wire.encode(hdr, b"y"), ("127.0.0.4", 7001))
+        got = _drain(socks, 0.2)
+        seqs = [sorted(wire.decode(d).header.seq for d in got[s.fileno()]) for s in socks]
+        assert seqs == [list(range(1, 51))] * 2
+        assert a.counters()["copies"] == 100 and b.counters()["copies"] == 50
+        assert rx.counters()["duplicates"] == 50 and rx.counters()["accepted"] == 100
+        assert a.tc_prio != b.tc_prio != rx.tc_prio
+        for s in (*socks, tx):
+            s.close()
+    finally:
+        for fp in paths:
+            fp.close()
+        sh("ip", "netns", "del", ns, check=False)

@@ -19,7 +19,7 @@ from jasper import wire
 from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY, FLAG_RETRANSMIT, HEADER_LEN
 from tests.conftest import require_privileged
 
-TC_ACT_OK, TC_ACT_SHOT = 0, 2
+TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # UNSPEC: pass on to later filters, then the stack
 XDP_DROP, XDP_PASS = 1, 2
 CLONE_MARK = 0x4A530001
 LISTEN_PORT = 7000
@@ -331,11 +331,11 @@ def test_relay_passes_what_is_not_its_own(relay: Lab) -> None:
 
     set_targets(relay, [("10.9.0.2", 9000, False)])
     fd = relay.relay.prog_fd
-    assert run(relay, fd, jasper_packet(dport=7001)) == TC_ACT_OK
-    assert run(relay, fd, Ether() / ARP(pdst=RELAY_IP)) == TC_ACT_OK
-    assert run(relay, fd, Ether() / IP(dst=RELAY_IP) / TCP(dport=LISTEN_PORT)) == TC_ACT_OK
+    assert run(relay, fd, jasper_packet(dport=7001)) == TC_ACT_UNSPEC
+    assert run(relay, fd, Ether() / ARP(pdst=RELAY_IP)) == TC_ACT_UNSPEC
+    assert run(relay, fd, Ether() / IP(dst=RELAY_IP) / TCP(dport=LISTEN_PORT)) == TC_ACT_UNSPEC
     # One of our own clones looping back is passed untouched, never copied again.
-    assert run(relay, fd, jasper_packet(), mark=CLONE_MARK) == TC_ACT_OK
+    assert run(relay, fd, jasper_packet(), mark=CLONE_MARK) == TC_ACT_UNSPEC
     assert relay.drain() == []
     c = counters(relay)
     assert (c["passed"], c["clone_seen"], c["in"], c["copies"]) == (3, 1, 0, 0)
@@ -388,7 +388,7 @@ def test_relay_counts_and_drops_malformed_never_forwards(relay: Lab) -> None:
     c = counters(relay)
     assert (c["malformed"], c["copies"], c["in"]) == (len(cases), 0, len(cases))
     # Truncated below the UDP header: cannot be ours, the stack drops it itself.
-    assert run(relay, fd, raw_packet()[:40]) == TC_ACT_OK
+    assert run(relay, fd, raw_packet()[:40]) == TC_ACT_UNSPEC
 
 
 def test_relay_with_no_targets_still_swallows_data(relay: Lab) -> None:
@@ -436,7 +436,7 @@ def test_receiver_outcomes(receiver: Lab, hook: str) -> None:
 
     if hook == "tc":
         fd = receiver.receiver.prog_fd
-        ok, drop = TC_ACT_OK, TC_ACT_SHOT
+        ok, drop = TC_ACT_UNSPEC, TC_ACT_SHOT
         stats = receiver.receiver
         obj = None
     else:
