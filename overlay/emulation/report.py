@@ -280,6 +280,52 @@ def plot_pfair(configs: Sequence[ConfigResult]) -> str:
     return _png(fig)
 
 
+TAU_LADDER_US = (10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+"""Thresholds at which P(F) is also reported, so no single choice of tau hides anything."""
+
+
+def p_fair_curve(c: ConfigResult, taus_ns: Sequence[int]) -> list[float]:
+    """P(F) at each tau from the pair matrix (no lost, no late, DWS <= tau), all messages."""
+    m = c.matrix
+    n = len(m.send_ns)
+    if n == 0:
+        return [0.0 for _ in taus_ns]
+    got = m.got
+    ok = got.all(axis=1) & ~m.late(c.has_deadline).any(axis=1)
+    rel = np.where(got, m.release_ns, 0)
+    big = np.iinfo(np.int64).max
+    lo = np.where(got, m.release_ns, big).min(axis=1)
+    dws = rel.max(axis=1) - lo
+    return [float((ok & (dws <= t)).sum()) / n for t in taus_ns]
+
+
+def plot_pfair_curve(configs: Sequence[ConfigResult], tau_ns: int) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jasper.metrics import wilson_interval
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    taus = np.logspace(1, 5.3, 60) * 1e3
+    for c in configs:
+        n = len(c.matrix.send_ns)
+        p = np.array(p_fair_curve(c, [int(t) for t in taus]))
+        lo = np.array([wilson_interval(round(x * n), n)[0] for x in p])
+        hi = np.array([wilson_interval(round(x * n), n)[1] for x in p])
+        colour = _COLOURS.get(c.name)
+        ax.plot(taus / 1e3, 100 * p, label=c.name, color=colour)
+        ax.fill_between(taus / 1e3, 100 * lo, 100 * hi, color=colour, alpha=0.2)
+    ax.axvline(tau_ns / 1e3, color="black", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("tau (µs): a message is fair when no endpoint is late or lost and DWS <= tau")
+    ax.set_ylabel("P(F) %, 95% CI band")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def plot_hold(configs: Sequence[ConfigResult]) -> str:
     import matplotlib
 
@@ -429,6 +475,7 @@ def write_report(out_dir: Path, doc: Mapping[str, Any], images: Mapping[str, str
     parts.append("<pre>" + html.escape(str(doc.get("table_text", ""))) + "</pre>")
     for key, title in (
         ("pfair", "P(F) per configuration (95% Wilson CI)"),
+        ("pfair_curve", "P(F) against tau (dotted: the table's tau)"),
         ("oml", "CDF of OML"),
         ("dws", "CDF of DWS"),
         ("release_error", "CDF of release error"),

@@ -844,6 +844,16 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         "table": rows,
         "table_text": table,
         "fairness": {c.name: c.fairness.to_dict() for c in configs},
+        "p_fair_by_tau_us": {
+            c.name: dict(
+                zip(
+                    [str(t) for t in rp.TAU_LADDER_US],
+                    rp.p_fair_curve(c, [t * 1000 for t in rp.TAU_LADDER_US]),
+                    strict=True,
+                )
+            )
+            for c in configs
+        },
         "faults": fault_rows,
         "processes": procs,
         "blocks": [
@@ -868,6 +878,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
     if configs:
         images.update(rp.plot_cdfs(configs))
         images["pfair"] = rp.plot_pfair(configs)
+        images["pfair_curve"] = rp.plot_pfair_curve(configs, s.tau_ns)
         images["hold"] = rp.plot_hold(configs)
         images["lateness"] = rp.plot_lateness(configs)
     edges = [(a, b, bool(d.get("hedge"))) for a, b, d in em.plan.graph.edges(data=True)]
