@@ -39,6 +39,7 @@ die() {
 : "${JASPER_PUBLISHER_STREAM:?deploy.env lacks JASPER_PUBLISHER_STREAM}"
 : "${JASPER_PUBLISHER_RATE:?deploy.env lacks JASPER_PUBLISHER_RATE}"
 : "${JASPER_UNITS:?deploy.env lacks JASPER_UNITS}"
+: "${JASPER_PROBE_PORTS:?deploy.env lacks JASPER_PROBE_PORTS}"
 
 case "$JASPER_ROLE" in
 controller | relay | receiver) ;;
@@ -117,8 +118,10 @@ create_user() {
 
 tune_kernel() {
 	# Large fan-outs overflow the default neighbour table (gc_thresh3 = 1024); bursts of
-	# market data need larger socket buffers than the defaults.
-	cat >/etc/sysctl.d/60-jasper.conf <<'SYSCTL'
+	# market data need larger socket buffers than the defaults. Latency probers bind
+	# ephemeral ports, which the security group opens to the VPC for exactly this range.
+	cat >/etc/sysctl.d/60-jasper.conf <<SYSCTL
+net.ipv4.ip_local_port_range = $JASPER_PROBE_PORTS
 net.core.rmem_max = 33554432
 net.core.wmem_max = 33554432
 net.core.rmem_default = 4194304

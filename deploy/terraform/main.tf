@@ -47,6 +47,7 @@ locals {
     JASPER_RECEIVER_PORT_BASE    = tostring(var.receiver_port_base)
     JASPER_ENDPOINTS             = tostring(var.endpoints_per_receiver)
     JASPER_FAST_PATH             = var.fast_path
+    JASPER_PROBE_PORTS           = "${var.probe_ports.from} ${var.probe_ports.to}"
     JASPER_PUBLISHER_STREAM      = tostring(var.publisher_stream)
     JASPER_PUBLISHER_RATE        = tostring(var.publisher_rate)
     JASPER_UNITS                 = ""
@@ -102,6 +103,7 @@ module "security" {
   relay_port          = var.relay_port
   receiver_port_base  = var.receiver_port_base
   receiver_port_count = var.endpoints_per_receiver
+  probe_ports         = var.probe_ports
   enable_ssh          = var.enable_ssh
   ssh_cidrs           = var.ssh_cidrs
   tags                = var.tags

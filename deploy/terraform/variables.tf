@@ -309,6 +309,27 @@ variable "receiver_port_base" {
   }
 }
 
+variable "probe_ports" {
+  description = "UDP range the agents' latency probers use: the nodes' ephemeral port range (net.ipv4.ip_local_port_range is set to it), open to the VPC only."
+  type = object({
+    from = number
+    to   = number
+  })
+  default = {
+    from = 32768
+    to   = 60999
+  }
+
+  validation {
+    condition = (
+      var.probe_ports.from >= 1024 && var.probe_ports.to <= 65535 && var.probe_ports.from < var.probe_ports.to &&
+      (var.probe_ports.from > max(var.relay_port, var.receiver_port_base + var.endpoints_per_receiver - 1) ||
+      var.probe_ports.to < min(var.relay_port, var.receiver_port_base))
+    )
+    error_message = "probe_ports must be a range within 1024-65535 that lies wholly above or below the relay and receiver ports."
+  }
+}
+
 variable "fast_path" {
   description = "Data path of relays and receivers: auto (eBPF when the kernel allows, else user space), ebpf or user."
   type        = string
@@ -416,6 +437,7 @@ variable "token_version" {
 variable "on_demand_usd_per_hour" {
   description = "On-demand Linux price per instance hour in USD, by instance type. Defaults: AWS EC2 On-Demand Pricing page, us-east-1, as last known (2024); not fetched here. Override with your region's prices."
   type        = map(number)
+  nullable    = false
   default = {
     "c5.large"    = 0.085
     "c5.xlarge"   = 0.17

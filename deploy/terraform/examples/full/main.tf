@@ -37,4 +37,6 @@ module "jasper" {
   relay_count              = var.relay_count
   receiver_count           = var.receiver_count
   endpoints_per_receiver   = var.endpoints_per_receiver
+
+  on_demand_usd_per_hour = var.on_demand_usd_per_hour
 }

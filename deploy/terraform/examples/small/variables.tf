@@ -86,6 +86,12 @@ variable "receiver_instance_type" {
   default     = "c5.large"
 }
 
+variable "on_demand_usd_per_hour" {
+  description = "On-demand price per instance hour in USD by instance type, for the hourly_cost_usd output; null keeps the module's us-east-1 defaults."
+  type        = map(number)
+  default     = null
+}
+
 variable "offline_plan" {
   description = "Plan without reaching AWS (CI): skip credential, account, metadata and region checks. Use with mock credentials; never for apply."
   type        = bool

@@ -27,6 +27,17 @@ resource "aws_vpc_security_group_ingress_rule" "receiver_udp" {
   cidr_ipv4         = var.vpc_cidr
 }
 
+# The agents' latency probers bind ephemeral ports and probe each other directly, so peers
+# need the nodes' ephemeral range; the setup script pins the kernel's range to exactly this.
+resource "aws_vpc_security_group_ingress_rule" "probe_udp" {
+  security_group_id = aws_security_group.data_plane.id
+  description       = "Latency probes between agents, from inside the VPC only"
+  ip_protocol       = "udp"
+  from_port         = var.probe_ports.from
+  to_port           = var.probe_ports.to
+  cidr_ipv4         = var.vpc_cidr
+}
+
 # Path MTU discovery and the latency prober's reachability checks need ICMP between nodes.
 resource "aws_vpc_security_group_ingress_rule" "icmp" {
   security_group_id = aws_security_group.data_plane.id

@@ -38,6 +38,14 @@ variable "receiver_port_count" {
   type        = number
 }
 
+variable "probe_ports" {
+  description = "UDP port range of the latency probers (the nodes' ephemeral port range)."
+  type = object({
+    from = number
+    to   = number
+  })
+}
+
 variable "enable_ssh" {
   description = "Create the SSH security group (TCP 22 from ssh_cidrs)."
   type        = bool
