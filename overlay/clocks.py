@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from typing import Protocol
@@ -12,6 +13,9 @@ from jasper.clockbound import (
     ClockBound,
     ClockStatus,
 )
+
+MAX_STEPS_KEPT = 65_536
+"""Corrections remembered for `reading_then` (18 hours at one per second)."""
 
 
 class NodeClock(Protocol):
@@ -81,6 +85,10 @@ class SoftwareClock:
         )
         # Release threads read the clock while the sync task corrects it.
         self._lock = threading.Lock()
+        # (true time of each step, correction after it, bound after it): lets ground truth
+        # replay what the clock read and claimed at any past instant. Bounded.
+        self._steps_true: list[int] = [self._epoch_true_ns]
+        self._steps: list[tuple[int, ClockBound]] = [(0, self._bound)]
 
     def _skew_ns(self, true_ns: int) -> int:
         return self.offset_ns + int((true_ns - self._epoch_true_ns) * self.drift_ppm / 1e6)
@@ -121,6 +129,24 @@ class SoftwareClock:
         with self._lock:
             self._correction_ns += delta_ns
             self._bound = bound
+            self._steps_true.append(time.time_ns())
+            self._steps.append((self._correction_ns, bound))
+            if len(self._steps) > MAX_STEPS_KEPT:
+                del self._steps_true[: MAX_STEPS_KEPT // 2]
+                del self._steps[: MAX_STEPS_KEPT // 2]
+
+    def _step_at(self, true_ns: int) -> tuple[int, ClockBound]:
+        i = bisect.bisect_right(self._steps_true, true_ns) - 1
+        return self._steps[max(i, 0)]
+
+    def reading_then(self, true_ns: int) -> int:
+        """What the corrected clock read at past kernel time `true_ns` (with the correction
+        in force then, not now): ground truth for records stamped with the kernel clock."""
+        return true_ns + self._skew_ns(true_ns) + self._step_at(true_ns)[0]
+
+    def bound_then(self, true_ns: int) -> ClockBound:
+        """The bound the clock reported at past kernel time `true_ns`."""
+        return self._step_at(true_ns)[1]
 
     def bound(self) -> ClockBound:
         return self._bound

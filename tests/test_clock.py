@@ -197,3 +197,19 @@ def test_software_clock_injects_offset_and_drift() -> None:
     assert c.correction_ns == -500_000
     true_ns = c.true_ns()
     assert c.reading_at(true_ns, corrected=False) - c.reading_at(true_ns) == 500_000
+
+
+def test_software_clock_replays_past_readings_and_bounds() -> None:
+    c = SoftwareClock(offset_ns=-500_000, drift_ppm=0.0)
+    before = c.true_ns()
+    time.sleep(0.001)
+    b1 = ClockBound(status=ClockStatus.SYNCHRONIZED, as_of_ns=c.now_ns(), base_bound_ns=9_000)
+    c.apply_correction(delta_ns=499_000, bound=b1)
+    time.sleep(0.001)
+    after = c.true_ns()
+    # Before the step, the clock read 500 µs behind and claimed nothing.
+    assert c.reading_then(before) == before - 500_000
+    assert c.bound_then(before).status is ClockStatus.UNKNOWN
+    # After it, 1 µs behind, with the bound that came with the step.
+    assert c.reading_then(after) == after - 1_000 == c.reading_at(after)
+    assert c.bound_then(after) is b1

@@ -1,0 +1,223 @@
+"""The data plane on emulated skewed clocks: a real publisher, relay and receiver on loopback,
+node clocks corrected by SNTP against a real chronyd, the audit log written from deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from jasper.audit import decode_records, summarize
+from jasper.clockbound import ClockStatus
+from jasper.topology import parse_topology
+from jasper_cli.main import main as jasper_main
+from overlay.audit_log import AuditLogWriter
+from overlay.clocks import SoftwareClock
+from overlay.clocksync import ClockDiscipline
+from overlay.refclock import ChronyConfig, ReferenceChrony, chronyd_path
+from tests.conftest import require_privileged
+
+pytestmark = [pytest.mark.privileged, pytest.mark.slow]
+
+ENDPOINTS = 4
+HOLD_NS = 2_000_000
+RATE = 200.0
+SECONDS = 2.0
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[ReferenceChrony]:
+    require_privileged("chronyd", chronyd_path() is not None)
+    ref = ReferenceChrony(ChronyConfig(exit_after_s=600))
+    ref.start()
+    try:
+        yield ref
+    finally:
+        ref.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _topology() -> Any:
+    names = [f"e{i}" for i in range(ENDPOINTS)]
+    return parse_topology(
+        {
+            "version": 1,
+            "stream": {"id": 1, "name": "book", "hedge": 0, "hold_ns": HOLD_NS},
+            "publisher": {"name": "pub", "addr": "127.0.0.1", "targets": ["r0"]},
+            "relays": [
+                {
+                    "name": "r0",
+                    "addr": "127.0.0.1",
+                    "port": _free_port(),
+                    "targets": [{"node": n} for n in names],
+                }
+            ],
+            "receivers": [
+                {
+                    "name": "h0",
+                    "addr": "127.0.0.1",
+                    "endpoints": [
+                        {"name": n, "port": _free_port(), "parents": ["r0"]} for n in names
+                    ],
+                }
+            ],
+        }
+    )
+
+
+async def _run(ref: ReferenceChrony, *, correct: bool, audit: Path | None) -> dict[str, Any]:
+    from overlay.publisher import Publisher
+    from overlay.receiver import Receiver
+    from overlay.relay import Relay
+
+    topo = _topology()
+    pub_clock = SoftwareClock(offset_ns=500_000, drift_ppm=20.0, name="pub")
+    rx_clock = SoftwareClock(offset_ns=-500_000, drift_ppm=-20.0, name="h0")
+    discs = [
+        ClockDiscipline(
+            clock=c, server=("127.0.0.1", ref.ntp_port), interval_s=0.25, correct=correct
+        )
+        for c in (pub_clock, rx_clock)
+    ]
+    for d in discs:
+        if correct:
+            await d.sync_once()
+        d.start()
+    loop = asyncio.get_running_loop()
+    relay = Relay(topo, ["r0"], link_model=False)
+    rx = Receiver(
+        topo,
+        "h0",
+        link_model=False,
+        clock=rx_clock.now_ns,
+        synced=lambda: rx_clock.status() is ClockStatus.SYNCHRONIZED,
+        realtime=False,
+        deliver=None,
+    )
+    pub = Publisher(topo, clock=pub_clock.now_ns, hold_ns=HOLD_NS)
+    writer = (
+        AuditLogWriter(
+            audit,
+            node="h0",
+            endpoints=[ep.name for ep in rx.endpoints],
+            clock_source=f"sntp 127.0.0.1:{ref.ntp_port}",
+        )
+        if audit is not None
+        else None
+    )
+    pub_bounds: list[int] = []
+    rx_bounds: list[int] = []
+
+    async def consume(ep_index: int, name: str) -> None:
+        async for d in rx.messages(name):
+            # The receiver stamps releases with the kernel clock; replay what the node's
+            # clock read and claimed at that instant.
+            b = rx_clock.bound_then(d.release_ns)
+            reading = rx_clock.reading_then(d.release_ns)
+            if b.status is not ClockStatus.UNKNOWN:
+                rx_bounds.append(b.bound_ns(reading))
+            if writer is not None:
+                writer.release(
+                    stream_id=d.stream_id, seq=d.seq, endpoint=ep_index,
+                    deadline_ns=d.deadline_ns, release_ns=reading, bound=b, late_arrival=d.late,
+                )  # fmt: skip
+
+    async def watch_pub_bound() -> None:
+        while True:
+            b = pub_clock.bound()
+            if b.status is not ClockStatus.UNKNOWN:
+                pub_bounds.append(b.bound_ns(pub_clock.now_ns()))
+            await asyncio.sleep(0.01)
+
+    consumers = [loop.create_task(consume(ep.index, ep.name)) for ep in rx.endpoints] + [
+        loop.create_task(watch_pub_bound())
+    ]
+    try:
+        relay.start(loop)
+        rx.start(loop)
+        await asyncio.sleep(0.05)
+        sent = await pub.run(rate=RATE, duration_s=SECONDS)
+        await asyncio.sleep(HOLD_NS / 1e9 + 0.1)
+        rx.stop()
+        await asyncio.sleep(0.05)
+    finally:
+        for t in consumers:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for d in discs:
+            await d.stop()
+        pub.close()
+        relay.close()
+        rx.close()
+        if writer is not None:
+            writer.close()
+    return {
+        "sent": sent,
+        "records": rx.records.array(),
+        "status": rx.status(),
+        "rx_clock": rx_clock,
+        "pub_bound_max": max(pub_bounds, default=0),
+        "rx_bound_max": max(rx_bounds, default=0),
+    }
+
+
+async def test_releases_on_corrected_clocks_land_on_true_deadline(
+    reference: ReferenceChrony, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audit = tmp_path / "h0.audit"
+    out = await _run(reference, correct=True, audit=audit)
+    recs = out["records"]
+    assert out["sent"] > 0
+    assert len(recs) == out["sent"] * ENDPOINTS, "every message at every endpoint"
+    assert recs["synced"].all()
+    clock: SoftwareClock = out["rx_clock"]
+    assert 0 < out["rx_bound_max"] < 300_000 and 0 < out["pub_bound_max"] < 300_000
+    for release, deadline in zip(
+        recs["release_ns"].tolist(), recs["deadline_ns"].tolist(), strict=True
+    ):
+        reading = clock.reading_then(release)
+        true_error = release - deadline
+        node_lateness = reading - deadline  # what the receiver itself saw (its release path)
+        bound = clock.bound_then(release)
+        assert bound.status is ClockStatus.SYNCHRONIZED
+        # The rest of the true release error is the receiver's clock error: inside its bound.
+        assert abs(true_error - node_lateness) <= bound.bound_ns(reading)
+
+    header, arr, tail = decode_records(audit.read_bytes())
+    assert tail == 0 and len(arr) == len(recs)
+    s = summarize([(header, arr, tail)])
+    assert s.unsynchronized == 0 and s.unknown_bound == 0
+    assert s.bound.max <= out["rx_bound_max"] + 1
+    rc = jasper_main(["audit", str(audit), "--threshold-us", "400"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert f"releases            {len(recs)} in 1 file(s), {ENDPOINTS} endpoints" in text
+
+
+async def test_negative_control_releases_off_by_the_injected_offset(
+    reference: ReferenceChrony,
+) -> None:
+    out = await _run(reference, correct=False, audit=None)
+    recs = out["records"]
+    clock: SoftwareClock = out["rx_clock"]
+    assert len(recs) == out["sent"] * ENDPOINTS
+    assert not recs["synced"].any(), "an uncorrected clock says it is not synchronized"
+    error = (recs["release_ns"] - recs["deadline_ns"]).astype(np.int64)
+    # The receiver's clock runs 500 µs (and 20 ppm) behind, so it releases that much late.
+    injected = np.array([t - clock.reading_then(t) for t in recs["release_ns"].tolist()])
+    assert float(np.median(injected)) >= 480_000
+    residual = error - injected  # what remains is the release path's own lateness
+    assert abs(float(np.median(residual))) < 50_000
+    assert float(np.median(error)) > 400_000
