@@ -146,6 +146,11 @@ class FaultInjector:
         self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
         self._thread.start()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the schedule to run to its end."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
