@@ -1,0 +1,106 @@
+"""`jasper demo` end to end: real processes, a report, records, a clean stop (also on Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (the run's unique output folder)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+def demo_argv(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "jasper_cli.main", "demo",
+        "--receivers", "20", "--fanout", "5", "--hold-us", "20000",
+        "--output", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_runs_reports_and_cleans_up(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        demo_argv(out, "--rate", "50", "--duration", "2"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout
+    for needle in (
+        "P(F)",
+        "OML",
+        "DWS",
+        "release error",
+        "late pairs",
+        "lost pairs",
+        "duplicates dropped",
+        "offered 50 msg/s",
+        "CPU used",
+        "peak_rss",
+    ):
+        assert needle in text, needle
+    assert "[####" in done.stderr  # the progress bar
+    summary = json.loads((out / "summary.json").read_text())
+    fair = summary["fairness"]
+    assert fair["messages"] == 100 and fair["lost_pairs"] == 0
+    assert fair["expected_pairs"] == 100 * 20
+    assert summary["counters"]["endpoints_with_h_plus_1_parents"] == 20
+    assert summary["counters"]["duplicates_dropped_endpoints"] == 100 * 20 * 2
+    assert set(summary["exit_codes"].values()) == {0}
+    assert len(np.load(out / "sent.npy")) == 100
+    assert (out / "topology.json").exists() and (out / "report.txt").exists()
+    assert processes_mentioning(str(out)) == []
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(
+        demo_argv(out, "--rate", "20", "--duration", "60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "progress").exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert len(processes_mentioning(str(out))) >= 3
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    assert processes_mentioning(str(out)) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert 0 < summary["fairness"]["messages"] < 1200
+    assert summary["fairness"]["lost_pairs"] == 0
