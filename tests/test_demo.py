@@ -92,7 +92,7 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         time.sleep(1.0)
         assert len(processes_mentioning(str(out))) >= 3
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        _stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
