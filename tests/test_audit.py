@@ -7,15 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jasper.audit import (
     AUDIT_DTYPE,
     BOUND_SATURATED,
     FLAG_LATE_ARRIVAL,
+    MAGIC,
     RECORD_SIZE,
     AuditFormatError,
     AuditRecord,
     decode_records,
+    encode_header,
     encode_record,
     record_at,
     summarize,
@@ -142,3 +146,14 @@ def test_jasper_audit_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad = tmp_path / "bad"
     bad.write_bytes(b"nope")
     assert jasper_main(["audit", str(bad)]) == 2
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_fuzzed_files_raise_only_the_format_error(data: bytes) -> None:
+    for blob in (data, MAGIC + data, encode_header({"node": "x"}) + data):
+        try:
+            _, arr, tail = decode_records(blob)
+        except AuditFormatError:
+            continue
+        assert tail < RECORD_SIZE and arr.dtype == AUDIT_DTYPE

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jasper.clockbound import (
     NS_PER_S,
+    SHM_MAGIC,
     ClockBound,
     ClockStatus,
     ShmParseError,
@@ -213,3 +215,20 @@ def test_software_clock_replays_past_readings_and_bounds() -> None:
     # After it, 1 µs behind, with the bound that came with the step.
     assert c.reading_then(after) == after - 1_000 == c.reading_at(after)
     assert c.bound_then(after) is b1
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=120))
+def test_fuzzed_segments_raise_only_the_parse_error(data: bytes) -> None:
+    for blob in (data, SHM_MAGIC + data):
+        try:
+            snap = parse_clockbound_shm(blob)
+        except ShmParseError:
+            continue
+        assert snap.version in (1, 2)
+
+
+@given(st.text(max_size=300))
+def test_fuzzed_tracking_text_raises_only_the_parse_error(text: str) -> None:
+    with contextlib.suppress(TrackingParseError):
+        parse_tracking_csv(text)

@@ -219,5 +219,5 @@ async def test_negative_control_releases_off_by_the_injected_offset(
     injected = np.array([t - clock.reading_then(t) for t in recs["release_ns"].tolist()])
     assert float(np.median(injected)) >= 480_000
     residual = error - injected  # what remains is the release path's own lateness
-    assert abs(float(np.median(residual))) < 50_000
+    assert abs(float(np.median(residual))) < 200_000
     assert float(np.median(error)) > 400_000

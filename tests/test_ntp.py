@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import ntplib
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jasper.ntp import (
@@ -133,3 +134,11 @@ def test_bound_always_covers_the_true_offset(legs: list[tuple[int, int]], offset
     samples = [_sample(T0 + i * 10**6, a, b, offset) for i, (a, b) in enumerate(legs)]
     est = min_delay_estimate(samples)
     assert abs(est.offset_ns - offset) <= est.bound_ns
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=100))
+def test_fuzzed_replies_raise_only_ntp_errors(data: bytes) -> None:
+    for blob in (data, _reply(t1=T0, t2=T0, t3=T0)[:2] + data):
+        with contextlib.suppress(NtpError):
+            sample_from_reply(blob, t1_ns=T0, t4_ns=T0 + 1)
