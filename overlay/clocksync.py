@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
@@ -330,8 +331,13 @@ class ClockDiscipline:
     """Apply the corrections (False = measure only)."""
     client_precision_ns: int = 1_000
     """Bound on our own timestamping error beyond the measured delay, ns."""
+    free_run_after: int = 3
+    """Consecutive failed bursts after which the clock reports free-running."""
+    timeout_s: float = 0.5
+    """Reply timeout of one exchange."""
     history: list[SyncRecord] = field(default_factory=list)
     failures: int = 0
+    failed_in_a_row: int = 0
 
     @property
     def last_offset_ns(self) -> int | None:
@@ -341,7 +347,10 @@ class ClockDiscipline:
 
     def __post_init__(self) -> None:
         self._client = SntpClient(
-            server=self.server, clock=self.clock.now_ns, clock_at=self.clock.reading_at
+            server=self.server,
+            clock=self.clock.now_ns,
+            clock_at=self.clock.reading_at,
+            timeout_s=self.timeout_s,
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -350,7 +359,15 @@ class ClockDiscipline:
         samples = await self._client.burst(self.samples)
         if not samples:
             self.failures += 1
+            self.failed_in_a_row += 1
+            b = self.clock.bound()
+            if self.failed_in_a_row >= self.free_run_after and b.status is ClockStatus.SYNCHRONIZED:
+                # Say so: the bound keeps growing from the last good sync, the status drops.
+                self.clock.apply_correction(
+                    delta_ns=0, bound=dataclasses.replace(b, status=ClockStatus.FREE_RUNNING)
+                )
             return None
+        self.failed_in_a_row = 0
         est = min_delay_estimate(
             samples,
             client_precision_ns=self.client_precision_ns,

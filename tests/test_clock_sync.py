@@ -223,3 +223,34 @@ async def test_negative_control_without_correction(reference: ReferenceChrony) -
                 -(clock.offset_ns + drift_ns), abs=2
             )
             assert abs(true_error - local_lateness) >= 450_000
+
+
+async def test_lost_reference_turns_free_running_and_the_bound_still_holds() -> None:
+    require_privileged("chronyd", chronyd_path() is not None)
+    clock = SoftwareClock(offset_ns=500_000, drift_ppm=20.0)
+    with ReferenceChrony(ChronyConfig(exit_after_s=120)) as ref:
+        disc = ClockDiscipline(
+            clock=clock, server=("127.0.0.1", ref.ntp_port), interval_s=0.05, samples=4,
+            timeout_s=0.05,
+        )  # fmt: skip
+        await disc.sync_once()
+        disc.start()
+        await asyncio.sleep(0.3)
+        assert clock.status() is ClockStatus.SYNCHRONIZED
+        ref.stop()  # the reference goes away
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if clock.status() is ClockStatus.FREE_RUNNING:
+                    break
+            assert clock.status() is ClockStatus.FREE_RUNNING
+            assert disc.failed_in_a_row >= disc.free_run_after
+            # Free-running, the bound keeps growing at 50 ppm and still covers 20 ppm drift.
+            await asyncio.sleep(0.5)
+            true_ns, reading = clock.sample()
+            b = clock.bound()
+            assert b.bound_ns(reading) >= b.base_bound_ns + 25_000
+            assert b.covers(reading_ns=reading, true_ns=true_ns)
+            assert clock_heartbeat(clock, disc)["status"] == "free-running"
+        finally:
+            await disc.stop()
