@@ -45,6 +45,7 @@ class LoopbackController:
         node_token: str | None = None,
         heartbeat_timeout_s: float = 5.0,
         log_path: str | Path | None = None,
+        settings_env: dict[str, str] | None = None,
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if db_path is None:
@@ -56,6 +57,8 @@ class LoopbackController:
         self.node_token = node_token or secrets.token_urlsafe(16)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.log_path = Path(log_path) if log_path else self.db_path.with_suffix(".log")
+        self.settings_env = dict(settings_env or {})
+        """Extra JASPER_* settings for the controller process (e.g. JASPER_LONG_POLL_MAX_S)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,6 +83,7 @@ class LoopbackController:
             **os.environ,
             "JASPER_ADMIN_TOKEN": self.admin_token,
             "JASPER_NODE_TOKEN": self.node_token,
+            **self.settings_env,
         }
         cmd = [
             sys.executable,

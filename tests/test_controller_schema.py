@@ -1,0 +1,65 @@
+"""Schemathesis against the controller's OpenAPI schema: no input makes it answer 5xx."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from controller.loopback import LoopbackController
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_errors(tmp_path: Path) -> None:
+    exe = shutil.which("schemathesis")
+    assert exe is not None, "schemathesis is a dev dependency"
+    # Long polls are cut short so generated `wait` values cannot stall the run.
+    with LoopbackController(
+        db_path=tmp_path / "c.db", settings_env={"JASPER_LONG_POLL_MAX_S": "0.2"}
+    ) as ctl:
+        ctl.call(
+            "POST",
+            "/v1/nodes",
+            token=ctl.node_token,
+            json={
+                "name": "rx0",
+                "role": "receiver",
+                "data_addr": "127.0.0.1",
+                "port": 7100,
+                "capacity": 10,
+            },
+        )
+        ctl.create_stream(1, "md")
+        _, mp_token = ctl.create_mp("fuzz")
+        # As admin (every admin and node route) and as an MP (subscriptions).
+        for token in (ctl.admin_token, mp_token):
+            run = subprocess.run(
+                [
+                    exe,
+                    "run",
+                    ctl.url + "/openapi.json",
+                    "-H",
+                    f"Authorization: Bearer {token}",
+                    "--checks",
+                    "not_a_server_error",
+                    "--max-examples",
+                    "10",
+                    "--seed",
+                    "1",
+                    "--phases",
+                    "examples,coverage,fuzzing",
+                    "--generation-database",
+                    "none",
+                    "--no-color",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=tmp_path,
+                timeout=240,
+            )
+            assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+            assert " passed" in run.stdout
+        log = ctl.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log[-4000:]
