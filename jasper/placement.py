@@ -348,9 +348,10 @@ def _planned_leaves(endpoints: int, relays: int, *, fanout: int, depth: int | No
     (F**D leaves, if the relays suffice), so that the first subscribers already spread over
     sibling groups and get H+1 copies, and later ones attach without a re-plan."""
     n = max(1, endpoints)
-    if depth is None or fanout**depth > 100_000:
+    full: int = fanout**depth if depth is not None else 0
+    if depth is None or full > 100_000:
         return n
-    planned = max(n, fanout**depth)
+    planned = max(n, full)
     while planned > n and sum(_relay_counts(planned, fanout, depth)) > relays:
         planned = max(n, planned // 2)
     return planned
