@@ -470,7 +470,8 @@ class ChronyWatcher:
 def clock_heartbeat(
     clock: SoftwareClock | SystemClock, sync: ClockDiscipline | ChronyWatcher | None = None
 ) -> dict[str, Any]:
-    """The `clock` part of a node heartbeat: {status, bound_ns, offset_ns, source}.
+    """The `clock` part of a node heartbeat: {status, bound_ns, offset_ns}, exactly the
+    controller's ClockStatus schema (which forbids other keys).
 
     bound_ns is the bound at this instant (None when unknown); offset_ns is the node clock
     minus its reference at the last measurement (None when never measured).
@@ -482,5 +483,4 @@ def clock_heartbeat(
         "status": status.label,
         "bound_ns": b.bound_ns(now) if status is not ClockStatus.UNKNOWN else None,
         "offset_ns": None if sync is None else sync.last_offset_ns,
-        "source": b.source,
     }

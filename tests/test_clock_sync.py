@@ -190,6 +190,9 @@ async def test_skew_corrected_by_ntp_stays_inside_bound(reference: ReferenceChro
     assert hb["status"] == "synchronized"
     assert 0 < hb["bound_ns"] < 300_000
     assert abs(hb["offset_ns"]) < 100_000  # residual measured at the last burst
+    from controller.schemas import ClockStatus as HeartbeatClock
+
+    assert HeartbeatClock(**hb).bound_ns == hb["bound_ns"]  # the controller takes it as is
 
 
 @pytest.mark.slow
