@@ -35,7 +35,7 @@ enum jasper_relay_counter {
 	RELAY_MALFORMED,     /* to the listen port but not a valid Jasper datagram, dropped */
 	RELAY_NO_NEIGHBOUR,  /* a target whose next hop MAC is unknown, copy skipped */
 	RELAY_FIB_FALLBACK,  /* copies whose MAC came from bpf_fib_lookup instead of the map */
-	RELAY_CLONE_FAILED,  /* bpf_clone_redirect returned an error */
+	RELAY_CLONE_FAILED,  /* bpf_clone_redirect made no clone (or a rewrite failed) */
 	RELAY_NO_TARGETS,    /* valid packet but no target table configured, dropped */
 	RELAY_PASSED,        /* not for us (other protocol or port), passed to the stack */
 	RELAY_CLONE_SEEN,    /* one of our own clones came back, passed untouched */

@@ -38,6 +38,7 @@ TC_PRIO_BASE = 0x4000
 TC_PRIO_SPAN = 0x3000
 TC_HANDLE = 1
 TC_INGRESS_PARENT = 0xFFFFFFF2  # "ffff:fff2", clsact ingress
+TC_EGRESS_PARENT = 0xFFFFFFF3  # "ffff:fff3", clsact egress
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 
@@ -446,7 +447,8 @@ def _detach_foreign(record: dict[str, Any]) -> bool:
         cmd = ["ip", "link", "set", "dev", ifname, "xdp", "off"]
     else:
         prio = str(record["tc_prio"])
-        cmd = ["tc", "filter", "del", "dev", ifname, "ingress", "pref", prio]
+        way = "egress" if record.get("hook") == "tc-egress" else "ingress"
+        cmd = ["tc", "filter", "del", "dev", ifname, way, "pref", prio]
     res = subprocess.run(["nsenter", f"--net={ns}", *cmd], capture_output=True, check=False)
     return res.returncode == 0
 
@@ -585,7 +587,9 @@ def tc_prio(role: str, node: str, attempt: int = 0) -> int:
     return TC_PRIO_BASE + (zlib.crc32(f"{role}/{node}".encode()) + attempt) % TC_PRIO_SPAN
 
 
-def _tc_attach(ifname: str, prog_fd: int, name: str, prios: Sequence[int]) -> int:
+def _tc_attach(
+    ifname: str, prog_fd: int, name: str, prios: Sequence[int], parent: int = TC_INGRESS_PARENT
+) -> int:
     """Attach at clsact ingress under the first free priority of `prios`; returns it."""
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -605,7 +609,7 @@ def _tc_attach(ifname: str, prog_fd: int, name: str, prios: Sequence[int]) -> in
                     TC_HANDLE,
                     fd=prog_fd,
                     name=name,
-                    parent=TC_INGRESS_PARENT,
+                    parent=parent,
                     prio=prio,
                     direct_action=True,
                     protocol=0x0003,  # ETH_P_ALL; pyroute2 swaps the byte order itself
@@ -617,7 +621,7 @@ def _tc_attach(ifname: str, prog_fd: int, name: str, prios: Sequence[int]) -> in
         raise FastPathError(f"no free TC priority on {ifname} for {name}")
 
 
-def _tc_detach(ifname: str, prio: int) -> None:
+def _tc_detach(ifname: str, prio: int, parent: int = TC_INGRESS_PARENT) -> None:
     from pyroute2.netlink.exceptions import NetlinkError
 
     with _ipr() as ipr:
@@ -631,7 +635,7 @@ def _tc_detach(ifname: str, prio: int) -> None:
                 "bpf",
                 idx,
                 TC_HANDLE,
-                parent=TC_INGRESS_PARENT,
+                parent=parent,
                 prio=prio,
                 protocol=0x0003,
             )
@@ -724,7 +728,8 @@ class _Attachment:
                 ipr.link("set", index=idx, xdp_fd=self.prog_fd)
         else:
             prios = [tc_prio(self.role, self.node, i) for i in range(16)]
-            self.tc_prio = _tc_attach(self.ifname, self.prog_fd, self.prog_name, prios)
+            parent = TC_EGRESS_PARENT if self.hook == "tc-egress" else TC_INGRESS_PARENT
+            self.tc_prio = _tc_attach(self.ifname, self.prog_fd, self.prog_name, prios, parent)
         self._attached = True
         self._record()
 
@@ -739,7 +744,8 @@ class _Attachment:
                             if found:
                                 ipr.link("set", index=found[0], xdp_fd=-1)
                     else:
-                        _tc_detach(self.ifname, self.tc_prio)
+                        parent = TC_EGRESS_PARENT if self.hook == "tc-egress" else TC_INGRESS_PARENT
+                        _tc_detach(self.ifname, self.tc_prio, parent)
             finally:
                 self._attached = False
         if self._netns_fd is not None:
@@ -922,8 +928,10 @@ class ReceiverFastPath(_Attachment):
     role = "receiver"
 
     def __init__(self, *, node: str, ifname: str, ports: Sequence[int], hook: str = "tc") -> None:
-        if hook not in ("tc", "xdp"):
-            raise ValueError(f"hook must be tc or xdp, not {hook!r}")
+        # "tc-egress" filters what leaves `ifname`: bench/fastpath.py uses it as a counting sink
+        # at a relay's wire (no parents allowed: every copy is counted and dropped there).
+        if hook not in ("tc", "xdp", "tc-egress"):
+            raise ValueError(f"hook must be tc, xdp or tc-egress, not {hook!r}")
         super().__init__(node=node, ifname=ifname, hook=hook)
         self.prog_name = "jasper_receiver_xdp" if hook == "xdp" else "jasper_receiver_tc"
         self.ports = tuple(int(p) for p in ports)

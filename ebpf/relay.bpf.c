@@ -148,7 +148,10 @@ static __always_inline void relay_fan_out(struct __sk_buff *skb, struct relay_st
 			n->clone_failed++;
 			break;
 		}
-		if (bpf_clone_redirect(skb, ifindex, 0))
+		/* Negative: no clone left (bad ifindex, no memory). A positive NET_XMIT_* code means
+		 * the clone was handed to the device and its queue dropped it, as a socket's send
+		 * would not notice either: that is a copy sent. */
+		if (bpf_clone_redirect(skb, ifindex, 0) < 0)
 			n->clone_failed++;
 		else
 			n->copies++;

@@ -1,0 +1,485 @@
+"""Fan-out 10 relay benchmark over veth: eBPF relay vs the Python relay vs a blocking loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ebpf import loader  # noqa: E402
+from ebpf.netlab import FanoutLab, entered, sh  # noqa: E402
+
+LISTEN_PORT = 7000
+SINK_PORTS = (9000, 9001)
+SO_RCVBUFFORCE = 33
+PAYLOAD = 100
+
+# A paced C sender keeps the publisher's CPU small next to the relays under test.
+PUBLISHER_C = r"""/* fastpath_publisher.c: paced Jasper datagram sender for bench/fastpath.py (sendmmsg batches). */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <endian.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include "jasper_wire.h"
+
+#define BATCH 10
+
+/* usage: SRC_IP DST_IP DST_PORT RATE_PER_S COUNT SESSION PAYLOAD_BYTES
+ * Sends COUNT messages seq 1..COUNT at RATE_PER_S in batches of BATCH; prints the number sent
+ * and its own CPU time in ns.
+ * A C sender keeps the publisher's own CPU small next to what the relays under test spend. */
+int main(int argc, char **argv)
+{
+	if (argc != 8) {
+		fprintf(stderr, "usage: %s SRC DST PORT RATE COUNT SESSION PAYLOAD\n", argv[0]);
+		return 2;
+	}
+	long rate = atol(argv[4]), count = atol(argv[5]);
+	uint32_t session = (uint32_t)atol(argv[6]);
+	int payload = atoi(argv[7]);
+	if (payload < 0 || payload > JASPER_MAX_PAYLOAD || rate <= 0)
+		return 2;
+	int fd = socket(AF_INET, SOCK_DGRAM, 0);
+	int sndbuf = 4 << 20;
+	setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+	struct sockaddr_in src = {.sin_family = AF_INET}, dst = {.sin_family = AF_INET};
+	inet_pton(AF_INET, argv[1], &src.sin_addr);
+	inet_pton(AF_INET, argv[2], &dst.sin_addr);
+	dst.sin_port = htons((uint16_t)atoi(argv[3]));
+	if (bind(fd, (struct sockaddr *)&src, sizeof(src)) || connect(fd, (struct sockaddr *)&dst, sizeof(dst))) {
+		perror("bind/connect");
+		return 1;
+	}
+	static unsigned char bufs[BATCH][JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD];
+	struct iovec iov[BATCH];
+	struct mmsghdr msgs[BATCH];
+	memset(msgs, 0, sizeof(msgs));
+	struct timespec next;
+	clock_gettime(CLOCK_MONOTONIC, &next);
+	long period_ns = 1000000000L / rate * BATCH, sent = 0;
+	for (long seq = 1; seq <= count;) {
+		int n = 0;
+		for (; n < BATCH && seq <= count; n++, seq++) {
+			struct jasper_hdr *h = (struct jasper_hdr *)bufs[n];
+			struct timespec now;
+			clock_gettime(CLOCK_REALTIME, &now);
+			memset(h, 0, sizeof(*h));
+			h->magic = htons(JASPER_MAGIC);
+			h->version = JASPER_VERSION;
+			h->stream_id = htonl(1);
+			h->session = htonl(session);
+			h->seq = htobe64((uint64_t)seq);
+			h->send_time_ns = htobe64((uint64_t)now.tv_sec * 1000000000ULL + now.tv_nsec);
+			h->payload_len = htons((uint16_t)payload);
+			memset(bufs[n] + JASPER_HEADER_LEN, 'x', payload);
+			iov[n].iov_base = bufs[n];
+			iov[n].iov_len = JASPER_HEADER_LEN + payload;
+			msgs[n].msg_hdr.msg_iov = &iov[n];
+			msgs[n].msg_hdr.msg_iovlen = 1;
+		}
+		int r = sendmmsg(fd, msgs, n, 0);
+		if (r > 0)
+			sent += r;
+		next.tv_nsec += period_ns;
+		while (next.tv_nsec >= 1000000000L) {
+			next.tv_nsec -= 1000000000L;
+			next.tv_sec++;
+		}
+		clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+	}
+	struct timespec cpu;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
+	/* Own CPU includes the softirq work done in this process's context (the relay ingress and,
+	 * in eBPF mode, every clone's trip to the sinks). */
+	printf("%ld %lld\n", sent, (long long)cpu.tv_sec * 1000000000LL + cpu.tv_nsec);
+	return 0;
+}
+"""
+
+# The plain baseline: one blocking socket, recvfrom, then one sendto per target.
+BLOCKING_LOOP = r"""
+import signal, socket, sys
+targets = [(a, int(p)) for a, p in (t.split(":") for t in sys.argv[3:])]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind((sys.argv[1], int(sys.argv[2])))
+n = sent = 0
+def stop(*_):
+    print(n, sent, flush=True)
+    raise SystemExit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+recv, send = s.recv, s.sendto
+while True:
+    d = recv(2048)
+    n += 1
+    for t in targets:
+        send(d, t)
+        sent += 1
+"""
+
+# Fallback when overlay.relay is missing: a minimal asyncio forwarding loop.
+ASYNCIO_LOOP = r"""
+import asyncio, signal, socket, sys
+targets = [(a, int(p)) for a, p in (t.split(":") for t in sys.argv[3:])]
+class P(asyncio.DatagramProtocol):
+    n = sent = 0
+    def connection_made(self, tr): self.tr = tr
+    def datagram_received(self, d, a):
+        P.n += 1
+        for t in targets:
+            self.tr.sendto(d, t); P.sent += 1
+async def main():
+    loop = asyncio.get_running_loop()
+    tr, _ = await loop.create_datagram_endpoint(P, local_addr=(sys.argv[1], int(sys.argv[2])))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    print(P.n, P.sent, flush=True)
+asyncio.run(main())
+"""
+
+
+def cpu_busy_ns() -> int:
+    """Busy CPU time of the whole machine from /proc/stat, in ns: user, system, irq and softirq
+    (where kernel packet work lands); idle, iowait and steal are not busy."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return sum(fields[:3] + fields[5:7]) * tick_ns
+
+
+def task_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of `pid` in ns (schedstat). Without IRQ time accounting (this
+    kernel) softirq work is charged to the thread it interrupted."""
+    total = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def ksoftirqd_pids() -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().startswith("ksoftirqd/"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+@dataclass
+class Result:
+    """One relay under test."""
+
+    name: str
+    offered: int
+    """Messages the publisher sent."""
+    relayed: int
+    """Copies the relay reports it sent."""
+    delivered: int
+    """Copies found in the sink sockets."""
+    sink_drops: int
+    """Copies the sinks' kernels dropped (receive buffer full, RcvbufErrors)."""
+    busy_ns: int
+    """System-wide busy CPU during the run (/proc/stat), softirq included; other load too."""
+    pipeline_ns: int
+    """CPU of the publisher, the relay process and ksoftirqd: the work of this pipeline only,
+    softirq included (charged to the thread it ran on)."""
+    seconds: float
+
+    @property
+    def copies_per_s(self) -> float:
+        return self.delivered / self.seconds
+
+    @property
+    def ns_per_copy(self) -> float:
+        return self.pipeline_ns / max(self.delivered, 1)
+
+    @property
+    def system_ns_per_copy(self) -> float:
+        return self.busy_ns / max(self.delivered, 1)
+
+
+class Bench:
+    def __init__(self, lab: FanoutLab, work: Path, rate: int, seconds: float) -> None:
+        self.wire_sink: loader.ReceiverFastPath | None = None
+        """When set, copies are counted and dropped as they leave the relay (relay cost alone)."""
+        self.lab = lab
+        self.work = work
+        self.rate = rate
+        self.count = int(rate * seconds)
+        self.session = 100
+        self.targets = [(ep.ip, port) for ep in lab.endpoints for port in SINK_PORTS]
+        self.sinks: list[tuple[str, socket.socket]] = []
+        for ep in lab.endpoints:
+            with entered(ep.ns):
+                for port in SINK_PORTS:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
+                    s.bind((ep.ip, port))
+                    s.setblocking(False)
+                    self.sinks.append((ep.ns, s))
+        self.publisher = work / "publisher"
+        (work / "publisher.c").write_text(PUBLISHER_C)
+        subprocess.run(
+            ["gcc", "-O2", "-I", str(ROOT / "ebpf" / "include"), str(work / "publisher.c"),
+             "-o", str(self.publisher)],
+            check=True,
+        )  # fmt: skip
+
+    def rcvbuf_errors(self) -> int:
+        total = 0
+        for ep in self.lab.endpoints:
+            lines = [ln.split() for ln in sh("cat", "/proc/net/snmp", ns=ep.ns).splitlines()]
+            udp = [ln for ln in lines if ln[0] == "Udp:"]
+            total += int(dict(zip(udp[0][1:], udp[1][1:], strict=True))["RcvbufErrors"])
+        return total
+
+    def drain_sinks(self) -> int:
+        if self.wire_sink is not None:
+            with entered(self.lab.relay):
+                n = self.wire_sink.counters()["not_parent"]
+                self.wire_sink.reset()
+            return n
+        n = 0
+        for _, s in self.sinks:
+            while True:
+                try:
+                    s.recv(4096)
+                    n += 1
+                except BlockingIOError:
+                    break
+        return n
+
+    def publish(self, relay_pid: int | None = None) -> tuple[int, int, int, float]:
+        """Run the publisher; returns (sent, system busy ns, pipeline ns, wall seconds) over
+        the sending window plus a short settle time for queues to empty."""
+        self.session += 1
+        self.drain_sinks()
+        errs0 = self.rcvbuf_errors()
+        soft = ksoftirqd_pids()
+        k0 = sum(task_cpu_ns(p) for p in soft)
+        r0 = task_cpu_ns(relay_pid) if relay_pid else 0
+        b0 = cpu_busy_ns()
+        t0 = time.monotonic()
+        out = sh(str(self.publisher), self.lab.pub_ip, self.lab.relay_in_ip, str(LISTEN_PORT),
+                 str(self.rate), str(self.count), str(self.session), str(PAYLOAD),
+                 ns=self.lab.pub)  # fmt: skip
+        time.sleep(0.3)  # let the relay and sinks finish what is queued
+        b1 = cpu_busy_ns()
+        r1 = task_cpu_ns(relay_pid) if relay_pid else 0
+        k1 = sum(task_cpu_ns(p) for p in soft)
+        secs = time.monotonic() - t0
+        self.last_drops = self.rcvbuf_errors() - errs0
+        sent, pub_cpu = (int(x) for x in out.split())
+        return sent, b1 - b0, pub_cpu + (r1 - r0) + (k1 - k0), secs
+
+    def run_ebpf(self, with_targets: bool = True) -> Result:
+        fp = loader.RelayFastPath(
+            node=f"{self.lab.prefix}-bench", ifname=self.lab.relay_in, listen_port=LISTEN_PORT
+        )
+        with entered(self.lab.relay):
+            fp.attach()
+            try:
+                fp.set_targets([(ip, p, False) for ip, p in self.targets] if with_targets else [])
+                sent, busy, pipe, secs = self.publish()
+                copies = fp.counters()["copies"]
+            finally:
+                fp.close()
+        name = "eBPF relay (TC clone_redirect)" if with_targets else "baseline: eBPF drop-all"
+        return Result(name, sent, copies, self.drain_sinks(), self.last_drops, busy, pipe, secs)
+
+    def _process_relay(self, cmd: list[str], name: str, ready: Path | None) -> Result:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.relay, *cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            if ready is not None:
+                while not ready.exists():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"{name} did not start: {proc.stderr.read()}")  # type: ignore[union-attr]
+                    time.sleep(0.05)
+            else:
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"{name} did not start: {proc.stderr.read()}")  # type: ignore[union-attr]
+            time.sleep(0.2)
+            sent, busy, pipe, secs = self.publish(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+        relayed = -1
+        if ready is None:
+            relayed = int(out.split()[1])
+        return Result(name, sent, relayed, self.drain_sinks(), self.last_drops, busy, pipe, secs)
+
+    def run_python_relay(self) -> Result:
+        """The project's relay daemon (overlay.relay) in user-space mode."""
+        topo = {
+            "version": 1,
+            "stream": {"id": 1, "hedge": 0},
+            "publisher": {"name": "pub", "addr": self.lab.pub_ip, "targets": [{"node": "r1"}]},
+            "relays": [
+                {
+                    "name": "r1",
+                    "addr": self.lab.relay_in_ip,
+                    "port": LISTEN_PORT,
+                    "targets": [{"node": f"e{i}"} for i in range(len(self.targets))],
+                }
+            ],
+            "receivers": [
+                {
+                    "name": f"h{j}",
+                    "addr": ep.ip,
+                    "endpoints": [
+                        {"name": f"e{j * len(SINK_PORTS) + k}", "port": port, "parents": ["r1"]}
+                        for k, port in enumerate(SINK_PORTS)
+                    ],
+                }
+                for j, ep in enumerate(self.lab.endpoints)
+            ],
+        }
+        path = self.work / "topology.json"
+        path.write_text(json.dumps(topo))
+        ready = self.work / "relay.ready"
+        ready.unlink(missing_ok=True)
+        records = self.work / "records"
+        records.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "jasper_cli.main", "relay", "--topology", str(path),
+               "--node-name", "r1", "--fast-path", "user", "--no-link-model",
+               "--ready-file", str(ready), "--records", str(records)]  # fmt: skip
+        r = self._process_relay(cmd, "Python relay (overlay.relay)", ready)
+        status = records / "status-relay-r1.json"
+        if status.exists():
+            node = json.loads(status.read_text())["nodes"]["r1"]
+            r.relayed = int(node.get("sent", 0)) + int(node.get("sent_hedge", 0))
+        return r
+
+    def run_script(self, script: str, name: str) -> Result:
+        args = [f"{ip}:{p}" for ip, p in self.targets]
+        cmd = [sys.executable, "-c", script, self.lab.relay_in_ip, str(LISTEN_PORT), *args]
+        return self._process_relay(cmd, name, None)
+
+
+def have_python_relay() -> bool:
+    try:
+        from overlay.relay import Relay  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rate", type=int, default=4000, help="offered messages per second")
+    ap.add_argument("--seconds", type=float, default=4.0, help="sending time per relay")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = ap.parse_args(argv)
+    ok, why = loader.fast_path_available()
+    if not ok:
+        print(f"eBPF fast path unavailable: {why}", file=sys.stderr)
+        return 2
+    # Fan-out 10: five MP namespaces with two endpoint ports each.
+    with FanoutLab(receivers=5) as lab, tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(lab, Path(tmp), args.rate, args.seconds)
+        print(f"fan-out {len(bench.targets)}, offered {args.rate} msg/s for {args.seconds} s, "
+              f"{PAYLOAD}-byte payload, {os.cpu_count()} CPUs")  # fmt: skip
+        print("ns/copy: CPU of publisher + relay process + ksoftirqd (schedstat; softirq is "
+              "charged to the thread it interrupts) per delivered copy; net: minus the "
+              "baseline run; sys: system-wide /proc/stat busy time (includes other load)")
+        rows = []
+        for title, wire in (
+            ("relay cost alone: copies counted and dropped at the relay's egress (TC)", True),
+            ("end to end: copies delivered into 10 UDP sockets in 5 MP namespaces", False),
+        ):
+            if wire:
+                sink = loader.ReceiverFastPath(
+                    node=f"{lab.prefix}-wire", ifname=lab.relay_out, ports=SINK_PORTS,
+                    hook="tc-egress",
+                )  # fmt: skip
+                with entered(lab.relay):
+                    sink.attach()
+                bench.wire_sink = sink
+            try:
+                results = [bench.run_ebpf(with_targets=False)]
+                results.append(bench.run_script(BLOCKING_LOOP, "blocking-socket loop"))
+                results.append(bench.run_ebpf())
+                if have_python_relay():
+                    results.append(bench.run_python_relay())
+                else:
+                    results.append(
+                        bench.run_script(ASYNCIO_LOOP, "asyncio loop (overlay.relay MISSING)")
+                    )
+            finally:
+                if bench.wire_sink is not None:
+                    bench.wire_sink.close()
+                    bench.wire_sink = None
+            print()
+            print(title)
+            rows += report(results, len(bench.targets), title)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def report(results: list[Result], fanout: int, title: str) -> list[dict[str, object]]:
+    base, block, ebpf, py = results
+
+    def net(r: Result) -> float:
+        # Minus the baseline run (publisher sends and relay ingress up to TC, no copies).
+        return (r.pipeline_ns - base.pipeline_ns) / max(r.delivered, 1)
+
+    print(f"{'relay':38} {'offered':>8} {'relayed':>8} {'delivered':>9} {'drops':>5} "
+          f"{'copies/s':>8} {'ns/copy':>7} {'net ns':>7} {'sys ns':>7} {'x block':>7}")  # fmt: skip
+    rows = []
+    for r in results:
+        ratio = block.ns_per_copy / r.ns_per_copy if r.delivered else float("nan")
+        print(f"{r.name:38} {r.offered * fanout:>8} {r.relayed:>8} {r.delivered:>9} "
+              f"{r.sink_drops:>5} {r.copies_per_s:>8.0f} "
+              f"{r.ns_per_copy if r.delivered else 0:>7.0f} "
+              f"{net(r) if r.delivered else 0:>7.0f} "
+              f"{r.system_ns_per_copy if r.delivered else 0:>7.0f} {ratio:>7.2f}")  # fmt: skip
+        rows.append({**vars(r), "copies_per_s": r.copies_per_s, "ns_per_copy": r.ns_per_copy,
+                     "net_ns_per_copy": net(r), "system_ns_per_copy": r.system_ns_per_copy,
+                     "ratio_vs_blocking": ratio, "table": title})  # fmt: skip
+    print(f"baseline run (no copies): pipeline {base.pipeline_ns / 1e6:.0f} ms CPU, "
+          f"system-wide busy {base.busy_ns / 1e6:.0f} ms in {base.seconds:.1f} s "
+          f"(other load on the machine shows here)")  # fmt: skip
+    print(f"{py.name} / eBPF relay, CPU ns per copy: {py.ns_per_copy / ebpf.ns_per_copy:.1f}x "
+          f"pipeline, {net(py) / max(net(ebpf), 1e-9):.1f}x net of baseline, "
+          f"{py.system_ns_per_copy / ebpf.system_ns_per_copy:.1f}x system-wide (goal >= 10x)")
+    print(f"blocking loop / eBPF relay: {block.ns_per_copy / ebpf.ns_per_copy:.1f}x pipeline, "
+          f"{net(block) / max(net(ebpf), 1e-9):.1f}x net")  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
