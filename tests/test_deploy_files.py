@@ -135,6 +135,62 @@ def test_setup_script_rejects_an_unknown_role(tmp_path: Path) -> None:
     assert "unknown role 'exchange'" in result.stderr
 
 
+def _call_setup_function(tmp_path: Path, call: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Source the setup script (which then runs nothing by itself) and call one function."""
+    deploy_env = tmp_path / "deploy.env"
+    deploy_env.write_text("\n".join(_complete_settings("relay")) + "\n")
+    return subprocess.run(
+        ["bash", "-c", f'source "$1"; {call}', "bash", str(SETUP)],
+        env={**os.environ, "JASPER_DEPLOY_ENV": str(deploy_env), **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_find_phc_prefers_the_ena_clock(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys"
+    for dev, name in (("ptp0", "KVM virtual PTP"), ("ptp1", "ena-ptp-0e")):
+        (sysfs / dev).mkdir(parents=True)
+        (sysfs / dev / "clock_name").write_text(name + "\n")
+    result = _call_setup_function(
+        tmp_path, "find_phc", JASPER_PTP_SYSFS=str(sysfs), JASPER_DEV_DIR="/dev"
+    )
+    assert (result.returncode, result.stdout) == (0, "/dev/ptp1\n"), result.stderr
+
+
+def test_find_phc_falls_back_to_ptp0_and_reports_none_without_it(tmp_path: Path) -> None:
+    sysfs, dev = tmp_path / "sys", tmp_path / "dev"
+    sysfs.mkdir()
+    dev.mkdir()
+    env = {"JASPER_PTP_SYSFS": str(sysfs), "JASPER_DEV_DIR": str(dev)}
+    assert _call_setup_function(tmp_path, "find_phc", **env).returncode == 1
+    (dev / "ptp0").touch()
+    result = _call_setup_function(tmp_path, "find_phc", **env)
+    assert (result.returncode, result.stdout) == (0, f"{dev}/ptp0\n")
+
+
+def test_find_python_picks_3_11_or_later(tmp_path: Path) -> None:
+    result = _call_setup_function(tmp_path, "find_python")
+    assert result.returncode == 0, result.stderr
+    python = result.stdout.strip()
+    version = subprocess.run(
+        [python, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+        capture_output=True,
+        text=True,
+    )
+    assert version.stdout.strip() == "True"
+
+
+def test_retry_gives_up_after_the_given_attempts(tmp_path: Path) -> None:
+    counter = tmp_path / "count"
+    failing = f"retry 3 0 sh -c 'echo x >> {counter}; exit 1'"
+    result = _call_setup_function(tmp_path, f"{failing} || echo gave-up")
+    assert result.stdout == "gave-up\n"
+    assert counter.read_text().count("x") == 3
+    assert _call_setup_function(tmp_path, "retry 3 0 true && echo ok").stdout == "ok\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # systemd units
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +349,21 @@ def test_unit_command_line_parses_with_the_jasper_cli(unit: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def chrony_include_dir() -> str:
+    """The folder chrony.conf includes *.conf from; the setup script puts the PHC file there."""
+    text = (DEPLOY / "chrony" / "chrony.conf").read_text()
+    (folder,) = re.findall(r"^include (\S+)/\*\.conf$", text, re.M)
+    return folder
+
+
+def test_setup_script_installs_the_phc_file_where_chrony_includes_it() -> None:
+    script = SETUP.read_text()
+    assert f"CHRONY_INCLUDE_DIR={chrony_include_dir()} " in script
+    assert '"$CHRONY_INCLUDE_DIR/jasper-phc.conf"' in script
+    # Ubuntu's AppArmor profile for chronyd reads configuration only below /etc/chrony.
+    assert chrony_include_dir().startswith("/etc/chrony/")
+
+
 def _chrony_effective_config(tmp_path: Path, with_phc: bool) -> list[str]:
     """`chronyd -p` of the repository's config with its include folder pointed at tmp_path."""
     include_dir = tmp_path / "chrony.d"
@@ -300,9 +371,8 @@ def _chrony_effective_config(tmp_path: Path, with_phc: bool) -> list[str]:
     if with_phc:
         shutil.copy(DEPLOY / "chrony" / "jasper-phc.conf", include_dir)
     text = (DEPLOY / "chrony" / "chrony.conf").read_text()
-    assert "include /etc/jasper/chrony.d/*.conf" in text
     conf = tmp_path / "chrony.conf"
-    conf.write_text(text.replace("/etc/jasper/chrony.d", str(include_dir)))
+    conf.write_text(text.replace(chrony_include_dir(), str(include_dir)))
     result = subprocess.run(
         [tool("chronyd"), "-p", "-f", str(conf)], capture_output=True, text=True, timeout=30
     )

@@ -13,7 +13,10 @@ DEPLOY_ENV=${JASPER_DEPLOY_ENV:-/etc/jasper/deploy.env}
 STAGE=${JASPER_STAGE_DIR:-/opt/jasper}
 VENV=/opt/jasper/venv
 AWSCLI_VENV=/opt/jasper/awscli
+CHRONY_INCLUDE_DIR=/etc/chrony/jasper.d # chrony.conf includes *.conf from here
 IMDS=http://169.254.169.254
+PTP_SYSFS=${JASPER_PTP_SYSFS:-/sys/class/ptp} # overridable so tests can present a PTP clock
+DEV_DIR=${JASPER_DEV_DIR:-/dev}
 
 log() { printf 'jasper-setup: %s\n' "$*" >&2; }
 die() {
@@ -61,6 +64,21 @@ retry() {
 	done
 }
 
+# The kernel fast path compiles its programs on the node. Each package is tried on its own,
+# since names differ between distributions (Ubuntu 22.04 has no bpftool package); without
+# them the daemons fall back to the user-space path (fast_path = auto).
+install_optional() {
+	local args=() pkg
+	while [ "$1" != -- ]; do
+		args+=("$1")
+		shift
+	done
+	shift
+	for pkg in "$@"; do
+		"${args[@]}" "$pkg" || log "optional package $pkg not installed"
+	done
+}
+
 install_packages() {
 	if command -v apt-get >/dev/null 2>&1; then
 		export DEBIAN_FRONTEND=noninteractive
@@ -68,17 +86,14 @@ install_packages() {
 		retry 3 10 apt-get install -y -qq --no-install-recommends \
 			chrony curl ca-certificates python3 python3-venv python3-pip iproute2 ethtool
 		if [ "$JASPER_ROLE" != controller ]; then
-			# The kernel fast path compiles its programs on the node; without the toolchain the
-			# daemons fall back to the user-space path (fast_path = auto).
-			apt-get install -y -qq --no-install-recommends clang llvm libbpf-dev bpftool ||
-				log "eBPF toolchain not installed; relays and receivers use the user-space path"
+			install_optional apt-get install -y -qq --no-install-recommends -- \
+				clang llvm libbpf-dev bpftool
 		fi
 	elif command -v dnf >/dev/null 2>&1; then
 		retry 3 10 dnf install -y -q chrony python3.11 python3.11-pip iproute ethtool
 		command -v curl >/dev/null 2>&1 || retry 3 10 dnf install -y -q curl-minimal
 		if [ "$JASPER_ROLE" != controller ]; then
-			dnf install -y -q clang llvm libbpf-devel bpftool ||
-				log "eBPF toolchain not installed; relays and receivers use the user-space path"
+			install_optional dnf install -y -q -- clang llvm libbpf-devel bpftool
 		fi
 	else
 		die "neither apt-get nor dnf found: use Debian 12, Ubuntu 22.04/24.04 or Amazon Linux 2023"
@@ -113,7 +128,7 @@ create_user() {
 		useradd --system --user-group --home-dir /var/lib/jasper --shell "$nologin" jasper
 	fi
 	install -d -m 0750 -o jasper -g jasper /var/lib/jasper
-	install -d -m 0755 /etc/jasper /etc/jasper/chrony.d
+	install -d -m 0755 /etc/jasper
 }
 
 tune_kernel() {
@@ -147,18 +162,18 @@ check_ena() {
 # registered, else /dev/ptp0.
 find_phc() {
 	local dev name
-	for dev in /sys/class/ptp/ptp*; do
+	for dev in "$PTP_SYSFS"/ptp*; do
 		[ -e "$dev/clock_name" ] || continue
 		name=$(cat "$dev/clock_name")
 		case "$name" in
 		*ena*)
-			echo "/dev/$(basename "$dev")"
+			echo "$DEV_DIR/$(basename "$dev")"
 			return 0
 			;;
 		esac
 	done
-	if [ -e /dev/ptp0 ]; then
-		echo /dev/ptp0
+	if [ -e "$DEV_DIR/ptp0" ]; then
+		echo "$DEV_DIR/ptp0"
 		return 0
 	fi
 	return 1
@@ -175,15 +190,16 @@ configure_chrony() {
 		cp -p "$conf" "$conf.orig"
 	fi
 	install -m 0644 "$STAGE/chrony/chrony.conf" "$conf"
+	install -d -m 0755 "$CHRONY_INCLUDE_DIR"
 
 	# Newer ENA drivers expose the PHC only with phc_enable=1; it takes effect on the next
 	# load of the driver (reboot), so the first boot may run on the Time Sync Service alone.
 	if lsmod 2>/dev/null | grep -q '^ena '; then
 		echo 'options ena phc_enable=1' >/etc/modprobe.d/jasper-ena-phc.conf
 	fi
-	rm -f /etc/jasper/chrony.d/jasper-phc.conf
+	rm -f "$CHRONY_INCLUDE_DIR/jasper-phc.conf"
 	if phc=$(find_phc); then
-		sed "s#/dev/ptp0#$phc#" "$STAGE/chrony/jasper-phc.conf" >/etc/jasper/chrony.d/jasper-phc.conf
+		sed "s#/dev/ptp0#$phc#" "$STAGE/chrony/jasper-phc.conf" >"$CHRONY_INCLUDE_DIR/jasper-phc.conf"
 		log "chrony: PTP hardware clock $phc as preferred refclock"
 	else
 		log "chrony: no PTP hardware clock; Amazon Time Sync Service at 169.254.169.123 only"
@@ -310,4 +326,7 @@ main() {
 	log "done"
 }
 
-main "$@"
+# Sourcing the script (tests) defines the functions without running anything.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+	main "$@"
+fi
