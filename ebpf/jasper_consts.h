@@ -18,6 +18,9 @@
 #endif
 #define JASPER_CAS_TRIES 4
 
+_Static_assert(JASPER_MAX_TARGETS >= 30, "a relay needs at least F*(H+1) = 30 targets");
+_Static_assert((JASPER_RING_SLOTS & (JASPER_RING_SLOTS - 1)) == 0, "ring slots: a power of two");
+
 /* Every clone the relay sends carries this mark, so that if it ever comes back through a TC hook
  * running this program (same namespace, loopback, a hairpin) it is passed, never copied again. */
 #define JASPER_CLONE_MARK 0x4A530001
