@@ -125,6 +125,8 @@ class EmulationSettings:
     controller: bool = True
     """Start the controller and subscribe MPs through its REST API when it is available."""
     fast_path: str = "user"
+    receiver_args: tuple[str, ...] = ()
+    """Extra arguments for every `jasper receiver` (e.g. --spin-us 20)."""
     seed: int = 1
     cpu_limit: float = 0.60
     """A run whose machine CPU stayed above this during scored blocks is not valid for timing."""
@@ -426,7 +428,8 @@ class Emulation:
             ]
 
         for h in self.layout.hosts:
-            self._spawn(h, self.net.hosts[h].netns, argv("receiver", h), block_dir)
+            rx = [*argv("receiver", h), *self.s.receiver_args]
+            self._spawn(h, self.net.hosts[h].netns, rx, block_dir)
         if spec.hedge is not None:
             for r in self.layout.relays:
                 self._spawn(r, self.net.hosts[r].netns, argv("relay", r), block_dir)
