@@ -85,13 +85,18 @@ def drain(
     got = 0
     drops = -1
     recvmsg = sock.recvmsg
+    errors = 0
     while got < limit:
         try:
             data, anc, _flags, src = recvmsg(RECV_BYTES, ANCILLARY_BYTES)
         except (BlockingIOError, InterruptedError):
             break
         except OSError:
-            # ICMP errors queued on the socket (e.g. port unreachable) surface here; skip them.
+            # ICMP errors queued on the socket (e.g. port unreachable) surface once each; a
+            # persistent error (a closed socket) must not spin here.
+            errors += 1
+            if errors > 8:
+                break
             continue
         ts = 0
         for level, kind, body in anc:

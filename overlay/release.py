@@ -25,7 +25,7 @@ REALTIME_PRIORITY = 10
 """SCHED_FIFO priority of release threads: above every ordinary process, below kernel
 threads that use 50+ (a spin lasts at most spin_ns, and RT throttling bounds the rest)."""
 
-DEFAULT_SWITCH_INTERVAL_S = 50e-6
+DEFAULT_SWITCH_INTERVAL_S = 20e-6
 """GIL switch interval while a release thread runs. The default (5 ms) lets the receive loop
 keep the GIL for up to 5 ms while the release thread waits to run its deadline."""
 

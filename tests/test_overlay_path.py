@@ -242,7 +242,7 @@ async def test_malformed_counted_by_reason_and_valid_still_delivered() -> None:
 
 
 async def test_full_release_schedule_overflow_is_counted() -> None:
-    topo = make_topology(hold_ns=50_000_000)
+    topo = make_topology(hold_ns=1_000_000_000)  # nothing leaves the schedule meanwhile
     o = Overlay(topo, hold_capacity=20)
     o.start()
     try:
@@ -318,3 +318,52 @@ async def test_one_hop_delay_percentiles_match_the_link_model() -> None:
     p50, p99 = np.percentile(owd, [50, 99])
     assert p50 == pytest.approx(20_000_000, rel=0.08)
     assert p99 == pytest.approx(60_000_000, rel=0.15)
+
+
+async def test_heartbeats_forwarded_once_and_never_delivered() -> None:
+    topo = make_topology()
+    o = Overlay(topo)
+    o.start()
+    try:
+        await o.publish(3)
+        o.pub.heartbeat()
+        o.pub.heartbeat()
+        await settle(o.rx, 3 * 20)
+        await asyncio.sleep(0.1)
+    finally:
+        o.close()
+    eps = o.rx.status()["endpoints"]
+    # Each endpoint gets each heartbeat from its 3 parents; none is delivered or recorded.
+    assert all(c["heartbeats"] == 2 * 3 for c in eps.values())
+    assert len(o.rx.records) == 3 * 20
+    assert o.relay.status()["nodes"]["r1.0"]["heartbeats"] == 2
+
+
+def test_topology_files_json_and_toml(tmp_path: Any) -> None:
+    from jasper.topology import TopologyError
+    from overlay.common import load_topology, write_json
+
+    topo = make_topology(n=4, fanout=2, hedge=1)
+    write_json(tmp_path / "t.json", topo.to_dict())
+    assert load_topology(tmp_path / "t.json") == topo
+    toml = tmp_path / "t.toml"
+    toml.write_text(
+        'version = 1\n[stream]\nid = 3\n[publisher]\nname = "pub"\naddr = "127.0.0.1"\n'
+        'targets = ["r0.0"]\n[[relays]]\nname = "r0.0"\naddr = "127.0.0.1"\nport = 9000\n'
+        'targets = ["e0"]\n[[receivers]]\nname = "h0"\naddr = "127.0.0.1"\n'
+        '[[receivers.endpoints]]\nname = "e0"\nport = 9001\nparents = ["r0.0"]\n'
+    )
+    t = load_topology(toml)
+    assert t.stream.id == 3 and t.relay("r0.0").targets[0].node == "e0"
+    (tmp_path / "bad.json").write_text('{"version": 1, "stream": {"id": 1}}')
+    with pytest.raises(TopologyError, match=r"\$\.publisher"):
+        load_topology(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(TopologyError, match="not valid"):
+        load_topology(tmp_path / "broken.json")
+    bad_model = dict(topo.to_dict(), link_model={"median_ns": -5})
+    write_json(tmp_path / "lm.json", bad_model)
+    from overlay.relay import Relay
+
+    with pytest.raises(TopologyError, match=r"link_model\.median_ns"):
+        Relay(load_topology(tmp_path / "lm.json"), ["r0.0"])
