@@ -643,6 +643,11 @@ def test_user_data_carries_chrony_units_and_agent_setup(
         assert heredoc(script, "/opt/jasper/jasper-node-setup.sh") == setup
         assert script.rstrip().endswith("exec /opt/jasper/jasper-node-setup.sh")
 
+    # AWS must not give the controller's address to another node launched beside it.
+    (reservation,) = creates(plan, "aws_ec2_subnet_cidr_reservation")
+    assert after(reservation)["cidr_block"] == f"{controller_ip}/32"
+    assert after(reservation)["reservation_type"] == "explicit"
+
     names = [after(rc)["tags"]["Name"] for rc in nodes]
     assert len(set(names)) == len(names), "node names must be unique"
 

@@ -118,6 +118,15 @@ resource "aws_placement_group" "this" {
   tags = var.tags
 }
 
+# The controller's fixed address is reserved for manual assignment, so that AWS never hands it
+# to a relay or receiver launched at the same time.
+resource "aws_ec2_subnet_cidr_reservation" "controller" {
+  subnet_id        = local.subnet_id
+  cidr_block       = "${local.controller_private_ip}/32"
+  reservation_type = "explicit"
+  description      = "Jasper controller ${local.controller_name}"
+}
+
 resource "aws_ssm_parameter" "node_token" {
   count = nonsensitive(var.node_token != null) ? 1 : 0
 
@@ -182,7 +191,11 @@ module "controller" {
   root_volume_size_gb  = var.root_volume_size_gb
   tags                 = var.tags
 
-  depends_on = [aws_ssm_parameter.node_token, aws_ssm_parameter.admin_token]
+  depends_on = [
+    aws_ssm_parameter.node_token,
+    aws_ssm_parameter.admin_token,
+    aws_ec2_subnet_cidr_reservation.controller,
+  ]
 }
 
 module "relays" {
@@ -202,7 +215,7 @@ module "relays" {
   root_volume_size_gb  = var.root_volume_size_gb
   tags                 = var.tags
 
-  depends_on = [aws_ssm_parameter.node_token]
+  depends_on = [aws_ssm_parameter.node_token, aws_ec2_subnet_cidr_reservation.controller]
 }
 
 module "receivers" {
@@ -222,7 +235,7 @@ module "receivers" {
   root_volume_size_gb  = var.root_volume_size_gb
   tags                 = var.tags
 
-  depends_on = [aws_ssm_parameter.node_token]
+  depends_on = [aws_ssm_parameter.node_token, aws_ec2_subnet_cidr_reservation.controller]
 }
 
 # ---------------------------------------------------------------------------------------------

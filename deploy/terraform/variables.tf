@@ -101,6 +101,11 @@ variable "assign_public_ip" {
   description = "Give every node a public IPv4 address, so it can download packages through the internet gateway. Inbound traffic stays limited by the security groups. Set false when the subnet of existing_network has a NAT gateway."
   type        = bool
   default     = true
+
+  validation {
+    condition     = var.assign_public_ip || var.existing_network != null
+    error_message = "The VPC this module creates has no NAT gateway: without public addresses the nodes cannot install packages. Keep assign_public_ip = true or use existing_network."
+  }
 }
 
 variable "controller_host_number" {
