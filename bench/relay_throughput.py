@@ -112,12 +112,13 @@ def run_one(kind: str, rate: float, seconds: float, tmp: Path) -> dict[str, floa
         path = tmp / f"topology-{kind}.json"
         write_json(path, topo.to_dict())
         ready = tmp / f"{kind}.ready"
-        relay_p = subprocess.Popen(
+        relay_p: subprocess.Popen[str] = subprocess.Popen(
             [sys.executable, "-m", "jasper_cli.main", "relay", "--topology", str(path),
              "--node-name", "r0.0", "--fast-path", "user", "--no-link-model",
              "--records", str(tmp), "--ready-file", str(ready)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            text=True,
         )  # fmt: skip
         while not ready.exists():
             time.sleep(0.05)

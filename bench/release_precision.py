@@ -79,7 +79,8 @@ async def jasper_run(udp: bool, messages: int, rate: float, hold_ns: int) -> np.
         s.close()
     recs = rx.records.array()
     recs = recs[recs["arrival_ns"] < recs["deadline_ns"]]
-    return (recs["release_ns"] - recs["deadline_ns"]).astype(np.float64)
+    errors: np.ndarray = (recs["release_ns"] - recs["deadline_ns"]).astype(np.float64)
+    return errors
 
 
 async def asyncio_run(messages: int, rate: float, hold_ns: int) -> np.ndarray:
