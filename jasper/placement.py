@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -242,9 +243,18 @@ class Placement:
     hosts: dict[str, str] = field(default_factory=dict)
     """Endpoint key -> receiver host."""
 
+    _heap: list[tuple[int, int, str]] = field(default_factory=list, repr=False, compare=False)
+    """(load, rank, slot) entries; stale ones (load changed since) are skipped lazily."""
+    _rank: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
     def __post_init__(self) -> None:
-        for s in self.leaf_slots():
+        for i, s in enumerate(self.leaf_slots()):
             self.children.setdefault(s, [])
+            self._rank[s] = i
+
+    def _push(self, slot: str) -> None:
+        if self._heap:
+            heapq.heappush(self._heap, (len(self.children[slot]), self._rank[slot], slot))
 
     def leaf_slots(self) -> tuple[str, ...]:
         return self.shape.leaf_slots or (self.publisher,)
@@ -257,8 +267,17 @@ class Placement:
         return len(self.children[slot])
 
     def least_loaded(self) -> str:
-        """Leaf slot with fewest endpoints; ties go to the earlier (better ranked) slot."""
-        return min(self.leaf_slots(), key=lambda s: len(self.children[s]))
+        """Leaf slot with fewest endpoints; ties go to the earlier (better ranked) slot.
+
+        O(log k) with a lazy heap, so an attach stays far below 1 ms at 1,000 leaf relays.
+        """
+        heap = self._heap
+        if not heap:
+            heap.extend((len(self.children[s]), self._rank[s], s) for s in self.leaf_slots())
+            heapq.heapify(heap)
+        while heap[0][0] != len(self.children[heap[0][2]]):
+            heapq.heappop(heap)
+        return heap[0][2]
 
     def attach(self, ep: Endpoint, slot: str | None = None) -> str:
         """Hang `ep` under the least-loaded leaf relay (or `slot`); nobody else moves."""
@@ -268,6 +287,7 @@ class Placement:
         self.children[chosen].append(ep.key)
         self.where[ep.key] = chosen
         self.hosts[ep.key] = ep.host
+        self._push(chosen)
         return chosen
 
     def detach(self, key: str) -> None:
@@ -275,6 +295,7 @@ class Placement:
         if slot is not None:
             self.children[slot].remove(key)
             self.hosts.pop(key, None)
+            self._push(slot)
 
     def endpoints(self) -> list[str]:
         return [k for s in self.leaf_slots() for k in self.children[s]]
@@ -375,20 +396,69 @@ def full_plan(
     VM near the root delays every endpoint, one at the last level only its own leaves), lemons
     are left out. Endpoints are grouped by host and spread evenly (loads differ by at most
     one) over the last-level relays.
+
+    When leaving the lemons out forces a shallower tree (fewer relays than the paper's depth
+    needs), the plan with the lemons at the last level, where hedged copies from healthy
+    siblings cover for them, is also built; the one with the lower predicted OML wins.
     """
     matrix = matrix or LatencyMatrix()
     ranking = rank_relays(relays, matrix, lemon_factor=lemon_factor)
-    usable = ranking.ranked
-    planned = _planned_leaves(len(endpoints), len(usable), fanout=fanout, depth=depth)
-    depth = choose_depth(planned, len(usable), fanout=fanout, depth=depth)
+    candidates = [_plan_with(endpoints, ranking.ranked, publisher, fanout, hedge, epoch, depth)]
+    if ranking.lemons:
+        least_bad = sorted(ranking.lemons, key=lambda r: ranking.scores.get(r, 0.0))
+        everyone = len(ranking.ranked) + len(least_bad)
+        n = _planned_leaves(len(endpoints), everyone, fanout=fanout, depth=depth)
+        if choose_depth(n, everyone, fanout=fanout, depth=depth) > len(candidates[0].shape.levels):
+            candidates.append(
+                _plan_with(
+                    endpoints, ranking.ranked, publisher, fanout, hedge, epoch, depth, least_bad
+                )
+            )
+    if len(candidates) == 1:
+        return candidates[0]
+    return min(candidates, key=lambda p: predict_oml(p, matrix).oml_ns)
+
+
+def _plan_with(
+    endpoints: Sequence[Endpoint],
+    ranked: Sequence[str],
+    publisher: str,
+    fanout: int,
+    hedge: int,
+    epoch: int,
+    depth: int | None,
+    lemons: Sequence[str] = (),
+) -> Placement:
+    """Place `ranked` relays best first, level by level; `lemons` only fill last-level slots
+    the good relays cannot, one per sibling group, so their siblings' hedge copies cover
+    for them."""
+    everyone = (*ranked, *lemons)
+    planned = _planned_leaves(len(endpoints), len(everyone), fanout=fanout, depth=depth)
+    depth = choose_depth(planned, len(everyone), fanout=fanout, depth=depth)
     shape = build_shape(planned, fanout=fanout, hedge=hedge, depth=depth)
     slots = [s for level in shape.levels for s in level]
-    placement = Placement(
-        shape=shape,
-        slot_node=dict(zip(slots, usable, strict=False)),
-        publisher=publisher,
-        epoch=epoch,
-    )
+    spare = max(0, len(slots) - len(ranked))
+    lemon_slots: list[str] = []
+    if spare and shape.levels:
+        groups = list(dict.fromkeys(shape.groups[s] for s in shape.leaf_slots))
+        depth_in_group = 0
+        while len(lemon_slots) < spare and depth_in_group < max(len(g) for g in groups):
+            for group in reversed(groups):
+                # Every third member from the end: a lemon's hedgers (i-1, i-2) stay healthy
+                # as long as a group holds few lemons.
+                pos = len(group) - 1 - 3 * depth_in_group
+                if pos >= 0 and len(lemon_slots) < spare and group[pos] not in lemon_slots:
+                    lemon_slots.append(group[pos])
+            depth_in_group += 1
+        for s in reversed(slots):
+            if len(lemon_slots) >= spare:
+                break
+            if s not in lemon_slots:
+                lemon_slots.append(s)
+    taken = set(lemon_slots)
+    slot_node = dict(zip([s for s in slots if s not in taken], ranked, strict=False))
+    slot_node.update(zip(lemon_slots, lemons, strict=False))
+    placement = Placement(shape=shape, slot_node=slot_node, publisher=publisher, epoch=epoch)
     _spread_endpoints(placement, endpoints)
     return placement
 
@@ -457,23 +527,47 @@ def predict_oml(
     link was never measured). The same model as `jasper.simulate` without the random draws.
     """
     matrix = matrix or LatencyMatrix()
-    fwd = placement.forwarding()
+    links = matrix.links
     hosts = placement.hosts
-    arrival: dict[str, int] = {placement.publisher: 0}
-    # Breadth-first from the publisher: every relay of level l is reached from level l-1 only.
-    frontier = [placement.publisher]
-    while frontier:
-        nxt: list[str] = []
-        for node in frontier:
-            start = arrival[node]
-            for pos, f in enumerate(fwd.get(node, ())):
-                dst_node = hosts.get(f.target, f.target)
-                t = start + (pos + 1) * send_ns + matrix.owd_ns(node, dst_node, hop_ns)
-                if f.target not in arrival or t < arrival[f.target]:
-                    if f.target not in arrival and f.target in fwd:
-                        nxt.append(f.target)
-                    arrival[f.target] = t
-        frontier = nxt
+    pub = placement.publisher
+    arrival: dict[str, int] = {}
+    owd_cache: dict[tuple[str, str], int] = {}
+
+    def owd(src: str, dst: str) -> int:
+        key = (src, dst)
+        v = owd_cache.get(key)
+        if v is None:
+            stats = links.get(key)
+            v = owd_cache[key] = hop_ns if stats is None else stats.owd_ns
+        return v
+
+    def send(src_node: str, start: int, targets: list[tuple[str, str]]) -> None:
+        # targets: (target key, node the link goes to), in send order.
+        for pos, (target, dst) in enumerate(targets, 1):
+            t = start + pos * send_ns + owd(src_node, dst)
+            if t < arrival.get(target, t + 1):
+                arrival[target] = t
+
+    shape = placement.shape
+    node_of = placement.node_of
+    # Level by level from the publisher: a relay of level l hears only from level l-1, so
+    # its first arrival is final before it sends. Works on slots to skip building tables.
+    if not shape.levels:
+        send(pub, 0, [(k, hosts[k]) for k in placement.children[pub]])
+    else:
+        send(pub, 0, [(ROOT_SLOT, node_of(ROOT_SLOT))])
+        for level in shape.levels[:-1]:
+            for slot in level:
+                targets = [(f.target, node_of(f.target)) for f in shape.inner[slot]]
+                send(node_of(slot), arrival[slot], targets)
+        children = placement.children
+        for slot in shape.leaf_slots:
+            if slot not in arrival:
+                continue
+            order = [(k, hosts[k]) for k in children[slot]]
+            for sibling in shape.hedged(slot):
+                order.extend((k, hosts[k]) for k in children[sibling])
+            send(node_of(slot), arrival[slot], order)
     eps = {k: arrival[k] for k in placement.where if k in arrival}
     times = sorted(eps.values())
     return OmlPrediction(

@@ -163,3 +163,22 @@ def test_bad_slot_rejected() -> None:
     plan = full_plan(endpoints(3), ["a"], publisher="pub")
     with pytest.raises(KeyError):
         plan.attach(Endpoint("x", "h"), "r9.9")
+
+
+def test_lemons_fill_only_last_level_slots_in_distinct_groups_when_short() -> None:
+    relays = [f"r{i}" for i in range(120)]
+    eps = endpoints(1000)
+    lemons = {f"r{i}" for i in range(0, 120, 10)}
+    m = matrix_with_lemons(relays, lemons, sorted({e.host for e in eps}))
+    plan = full_plan(eps, relays, publisher="pub", matrix=m)
+    # 108 healthy relays cannot fill the paper's 111-relay tree; a depth-2 tree would cost
+    # more than three lemons at the last level, covered by their siblings' hedge copies.
+    assert [len(level) for level in plan.shape.levels] == [1, 10, 100]
+    used = [s for s, r in plan.slot_node.items() if r in lemons]
+    assert len(used) == 3 and all(s.startswith("r2.") for s in used)
+    assert len({plan.shape.groups[s] for s in used}) == 3
+    for key, slot in plan.where.items():
+        if slot in used:
+            assert not set(plan.parents(key)[1:]) & lemons
+    rnd = predict_oml(random_plan(eps, relays, publisher="pub", rng=random.Random(1)), m)
+    assert predict_oml(plan, m).oml_ns < rnd.oml_ns
