@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,25 @@ class AgentCounters:
 
 def _unknown_clock() -> dict[str, Any]:
     return {"status": "unknown"}
+
+
+def clock_status_of(clock: Any) -> Callable[[], dict[str, Any]]:
+    """Heartbeat `clock` object from an overlay.clocks.NodeClock: status label, error bound
+    now, and the offset of the node's clock from the kernel clock (emulated skew left over)."""
+
+    def read() -> dict[str, Any]:
+        try:
+            now = int(clock.now_ns())
+            bound = clock.bound()
+            return {
+                "status": bound.status.label,
+                "bound_ns": max(0, min(int(bound.bound_ns(now)), 10**12)),
+                "offset_ns": now - time.time_ns(),
+            }
+        except Exception:  # a clock that cannot say is "unknown", never a failed heartbeat
+            return {"status": "unknown"}
+
+    return read
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float], limit: int = 256) -> None:
