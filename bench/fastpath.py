@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ SO_RCVBUFFORCE = 33
 PAYLOAD = 100
 
 # A paced C sender keeps the publisher's CPU small next to the relays under test.
-PUBLISHER_C = r"""/* fastpath_publisher.c: paced Jasper datagram sender for bench/fastpath.py (sendmmsg batches). */
+PUBLISHER_C = r"""/* Paced Jasper datagram sender for bench/fastpath.py (sendmmsg batches). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <endian.h>
@@ -47,69 +49,70 @@ PUBLISHER_C = r"""/* fastpath_publisher.c: paced Jasper datagram sender for benc
  * A C sender keeps the publisher's own CPU small next to what the relays under test spend. */
 int main(int argc, char **argv)
 {
-	if (argc != 8) {
-		fprintf(stderr, "usage: %s SRC DST PORT RATE COUNT SESSION PAYLOAD\n", argv[0]);
-		return 2;
-	}
-	long rate = atol(argv[4]), count = atol(argv[5]);
-	uint32_t session = (uint32_t)atol(argv[6]);
-	int payload = atoi(argv[7]);
-	if (payload < 0 || payload > JASPER_MAX_PAYLOAD || rate <= 0)
-		return 2;
-	int fd = socket(AF_INET, SOCK_DGRAM, 0);
-	int sndbuf = 4 << 20;
-	setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
-	struct sockaddr_in src = {.sin_family = AF_INET}, dst = {.sin_family = AF_INET};
-	inet_pton(AF_INET, argv[1], &src.sin_addr);
-	inet_pton(AF_INET, argv[2], &dst.sin_addr);
-	dst.sin_port = htons((uint16_t)atoi(argv[3]));
-	if (bind(fd, (struct sockaddr *)&src, sizeof(src)) || connect(fd, (struct sockaddr *)&dst, sizeof(dst))) {
-		perror("bind/connect");
-		return 1;
-	}
-	static unsigned char bufs[BATCH][JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD];
-	struct iovec iov[BATCH];
-	struct mmsghdr msgs[BATCH];
-	memset(msgs, 0, sizeof(msgs));
-	struct timespec next;
-	clock_gettime(CLOCK_MONOTONIC, &next);
-	long period_ns = 1000000000L / rate * BATCH, sent = 0;
-	for (long seq = 1; seq <= count;) {
-		int n = 0;
-		for (; n < BATCH && seq <= count; n++, seq++) {
-			struct jasper_hdr *h = (struct jasper_hdr *)bufs[n];
-			struct timespec now;
-			clock_gettime(CLOCK_REALTIME, &now);
-			memset(h, 0, sizeof(*h));
-			h->magic = htons(JASPER_MAGIC);
-			h->version = JASPER_VERSION;
-			h->stream_id = htonl(1);
-			h->session = htonl(session);
-			h->seq = htobe64((uint64_t)seq);
-			h->send_time_ns = htobe64((uint64_t)now.tv_sec * 1000000000ULL + now.tv_nsec);
-			h->payload_len = htons((uint16_t)payload);
-			memset(bufs[n] + JASPER_HEADER_LEN, 'x', payload);
-			iov[n].iov_base = bufs[n];
-			iov[n].iov_len = JASPER_HEADER_LEN + payload;
-			msgs[n].msg_hdr.msg_iov = &iov[n];
-			msgs[n].msg_hdr.msg_iovlen = 1;
-		}
-		int r = sendmmsg(fd, msgs, n, 0);
-		if (r > 0)
-			sent += r;
-		next.tv_nsec += period_ns;
-		while (next.tv_nsec >= 1000000000L) {
-			next.tv_nsec -= 1000000000L;
-			next.tv_sec++;
-		}
-		clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
-	}
-	struct timespec cpu;
-	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
-	/* Own CPU includes the softirq work done in this process's context (the relay ingress and,
-	 * in eBPF mode, every clone's trip to the sinks). */
-	printf("%ld %lld\n", sent, (long long)cpu.tv_sec * 1000000000LL + cpu.tv_nsec);
-	return 0;
+    if (argc != 8) {
+        fprintf(stderr, "usage: %s SRC DST PORT RATE COUNT SESSION PAYLOAD\n", argv[0]);
+        return 2;
+    }
+    long rate = atol(argv[4]), count = atol(argv[5]);
+    uint32_t session = (uint32_t)atol(argv[6]);
+    int payload = atoi(argv[7]);
+    if (payload < 0 || payload > JASPER_MAX_PAYLOAD || rate <= 0)
+        return 2;
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    int sndbuf = 4 << 20;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+    struct sockaddr_in src = {.sin_family = AF_INET}, dst = {.sin_family = AF_INET};
+    inet_pton(AF_INET, argv[1], &src.sin_addr);
+    inet_pton(AF_INET, argv[2], &dst.sin_addr);
+    dst.sin_port = htons((uint16_t)atoi(argv[3]));
+    if (bind(fd, (struct sockaddr *)&src, sizeof(src)) ||
+        connect(fd, (struct sockaddr *)&dst, sizeof(dst))) {
+        perror("bind/connect");
+        return 1;
+    }
+    static unsigned char bufs[BATCH][JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD];
+    struct iovec iov[BATCH];
+    struct mmsghdr msgs[BATCH];
+    memset(msgs, 0, sizeof(msgs));
+    struct timespec next;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    long period_ns = 1000000000L / rate * BATCH, sent = 0;
+    for (long seq = 1; seq <= count;) {
+        int n = 0;
+        for (; n < BATCH && seq <= count; n++, seq++) {
+            struct jasper_hdr *h = (struct jasper_hdr *)bufs[n];
+            struct timespec now;
+            clock_gettime(CLOCK_REALTIME, &now);
+            memset(h, 0, sizeof(*h));
+            h->magic = htons(JASPER_MAGIC);
+            h->version = JASPER_VERSION;
+            h->stream_id = htonl(1);
+            h->session = htonl(session);
+            h->seq = htobe64((uint64_t)seq);
+            h->send_time_ns = htobe64((uint64_t)now.tv_sec * 1000000000ULL + now.tv_nsec);
+            h->payload_len = htons((uint16_t)payload);
+            memset(bufs[n] + JASPER_HEADER_LEN, 'x', payload);
+            iov[n].iov_base = bufs[n];
+            iov[n].iov_len = JASPER_HEADER_LEN + payload;
+            msgs[n].msg_hdr.msg_iov = &iov[n];
+            msgs[n].msg_hdr.msg_iovlen = 1;
+        }
+        int r = sendmmsg(fd, msgs, n, 0);
+        if (r > 0)
+            sent += r;
+        next.tv_nsec += period_ns;
+        while (next.tv_nsec >= 1000000000L) {
+            next.tv_nsec -= 1000000000L;
+            next.tv_sec++;
+        }
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+    }
+    struct timespec cpu;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu);
+    /* Own CPU includes the softirq work done in this process's context (the relay ingress and,
+     * in eBPF mode, every clone's trip to the sinks). */
+    printf("%ld %lld\n", sent, (long long)cpu.tv_sec * 1000000000LL + cpu.tv_nsec);
+    return 0;
 }
 """
 
@@ -192,7 +195,7 @@ def ksoftirqd_pids() -> list[int]:
 
 @dataclass
 class Result:
-    """One relay under test."""
+    """One run of one relay under test."""
 
     name: str
     offered: int
@@ -200,7 +203,7 @@ class Result:
     relayed: int
     """Copies the relay reports it sent."""
     delivered: int
-    """Copies found in the sink sockets."""
+    """Copies that reached the sinks."""
     sink_drops: int
     """Copies the sinks' kernels dropped (receive buffer full, RcvbufErrors)."""
     busy_ns: int
@@ -208,22 +211,22 @@ class Result:
     pipeline_ns: int
     """CPU of the publisher, the relay process and ksoftirqd: the work of this pipeline only,
     softirq included (charged to the thread it ran on)."""
+    own_ns: int
+    """The relay's own CPU: its process (user-space relays) or its program's run time (eBPF,
+    kernel.bpf_stats_enabled); both end where a copy is handed to the egress device."""
     seconds: float
 
     @property
     def copies_per_s(self) -> float:
         return self.delivered / self.seconds
 
-    @property
-    def ns_per_copy(self) -> float:
-        return self.pipeline_ns / max(self.delivered, 1)
-
-    @property
-    def system_ns_per_copy(self) -> float:
-        return self.busy_ns / max(self.delivered, 1)
+    def per_copy(self, ns: float) -> float:
+        return ns / self.delivered if self.delivered else float("nan")
 
 
 class Bench:
+    """The lab, the sinks and the publisher binary, and one method per relay under test."""
+
     def __init__(self, lab: FanoutLab, work: Path, rate: int, seconds: float) -> None:
         self.wire_sink: loader.ReceiverFastPath | None = None
         """When set, copies are counted and dropped as they leave the relay (relay cost alone)."""
@@ -232,8 +235,9 @@ class Bench:
         self.rate = rate
         self.count = int(rate * seconds)
         self.session = 100
+        self.last_drops = 0
         self.targets = [(ep.ip, port) for ep in lab.endpoints for port in SINK_PORTS]
-        self.sinks: list[tuple[str, socket.socket]] = []
+        self.sinks: list[socket.socket] = []
         for ep in lab.endpoints:
             with entered(ep.ns):
                 for port in SINK_PORTS:
@@ -241,7 +245,7 @@ class Bench:
                     s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 256 << 20)
                     s.bind((ep.ip, port))
                     s.setblocking(False)
-                    self.sinks.append((ep.ns, s))
+                    self.sinks.append(s)
         self.publisher = work / "publisher"
         (work / "publisher.c").write_text(PUBLISHER_C)
         subprocess.run(
@@ -265,7 +269,7 @@ class Bench:
                 self.wire_sink.reset()
             return n
         n = 0
-        for _, s in self.sinks:
+        for s in self.sinks:
             while True:
                 try:
                     s.recv(4096)
@@ -274,9 +278,9 @@ class Bench:
                     break
         return n
 
-    def publish(self, relay_pid: int | None = None) -> tuple[int, int, int, float]:
-        """Run the publisher; returns (sent, system busy ns, pipeline ns, wall seconds) over
-        the sending window plus a short settle time for queues to empty."""
+    def publish(self, relay_pid: int | None = None) -> tuple[int, int, int, int, float]:
+        """Run the publisher. Returns (sent, system busy ns, pipeline ns, relay process ns, wall
+        seconds) over the sending window plus a short settle time for queues to empty."""
         self.session += 1
         self.drain_sinks()
         errs0 = self.rcvbuf_errors()
@@ -295,22 +299,50 @@ class Bench:
         secs = time.monotonic() - t0
         self.last_drops = self.rcvbuf_errors() - errs0
         sent, pub_cpu = (int(x) for x in out.split())
-        return sent, b1 - b0, pub_cpu + (r1 - r0) + (k1 - k0), secs
+        return sent, b1 - b0, pub_cpu + (r1 - r0) + (k1 - k0), r1 - r0, secs
 
-    def run_ebpf(self, with_targets: bool = True) -> Result:
+    def run_ebpf(self, with_targets: bool = True, hedged: bool = False) -> Result:
         fp = loader.RelayFastPath(
             node=f"{self.lab.prefix}-bench", ifname=self.lab.relay_in, listen_port=LISTEN_PORT
         )
+        hedges = (False, True) if hedged else (False,)
         with entered(self.lab.relay):
             fp.attach()
             try:
-                fp.set_targets([(ip, p, False) for ip, p in self.targets] if with_targets else [])
-                sent, busy, pipe, secs = self.publish()
+                if with_targets:
+                    fp.set_targets([(ip, p, h) for ip, p in self.targets for h in hedges])
+                t0, _ = fp.prog_stats()
+                sent, busy, pipe, _, secs = self.publish()
+                t1, _ = fp.prog_stats()
                 copies = fp.counters()["copies"]
             finally:
                 fp.close()
         name = "eBPF relay (TC clone_redirect)" if with_targets else "baseline: eBPF drop-all"
-        return Result(name, sent, copies, self.drain_sinks(), self.last_drops, busy, pipe, secs)
+        delivered = self.drain_sinks()
+        return Result(name, sent, copies, delivered, self.last_drops, busy, pipe, t1 - t0, secs)
+
+    def run_receiver_filter(self, hook: str) -> Result:
+        """eBPF relay sending every endpoint two copies (own + hedge); the MPs' filter at `hook`
+        (tc or xdp) drops the second. `own_ns` is the filters' program time."""
+        filters = []
+        try:
+            for ep in self.lab.endpoints:
+                with entered(ep.ns):
+                    f = loader.ReceiverFastPath(
+                        node=f"{ep.ns}-bench-rx", ifname=ep.ifname, ports=SINK_PORTS, hook=hook
+                    )
+                    f.attach()
+                    f.set_parents([(self.lab.relay_in_ip, LISTEN_PORT)])
+                    filters.append(f)
+            s0 = sum(f.prog_stats()[0] for f in filters)
+            r = self.run_ebpf(hedged=True)
+            r.own_ns = sum(f.prog_stats()[0] for f in filters) - s0
+            dups = sum(f.counters()["duplicates"] for f in filters)
+        finally:
+            for f in filters:
+                f.close()
+        r.name = f"MP filter at {hook} ({dups} duplicates dropped)"
+        return r
 
     def _process_relay(self, cmd: list[str], name: str, ready: Path | None) -> Result:
         proc = subprocess.Popen(
@@ -321,28 +353,28 @@ class Bench:
             cwd=ROOT,
         )
         try:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 30
             if ready is not None:
                 while not ready.exists():
                     if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"{name} did not start: {proc.stderr.read()}")  # type: ignore[union-attr]
+                        raise RuntimeError(f"{name} did not start")
                     time.sleep(0.05)
             else:
                 assert proc.stdout is not None
                 if proc.stdout.readline().strip() != "ready":
-                    raise RuntimeError(f"{name} did not start: {proc.stderr.read()}")  # type: ignore[union-attr]
+                    raise RuntimeError(f"{name} did not start")
             time.sleep(0.2)
-            sent, busy, pipe, secs = self.publish(proc.pid)
+            sent, busy, pipe, own, secs = self.publish(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=20)
-        relayed = -1
-        if ready is None:
-            relayed = int(out.split()[1])
-        return Result(name, sent, relayed, self.drain_sinks(), self.last_drops, busy, pipe, secs)
+            out, _ = proc.communicate(timeout=30)
+        relayed = int(out.split()[1]) if ready is None else -1
+        delivered = self.drain_sinks()
+        return Result(name, sent, relayed, delivered, self.last_drops, busy, pipe, own, secs)
 
     def run_python_relay(self) -> Result:
-        """The project's relay daemon (overlay.relay) in user-space mode."""
+        """The project's relay daemon (overlay.relay via `jasper relay`) in user-space mode."""
+        per_host = len(SINK_PORTS)
         topo = {
             "version": 1,
             "stream": {"id": 1, "hedge": 0},
@@ -360,7 +392,7 @@ class Bench:
                     "name": f"h{j}",
                     "addr": ep.ip,
                     "endpoints": [
-                        {"name": f"e{j * len(SINK_PORTS) + k}", "port": port, "parents": ["r1"]}
+                        {"name": f"e{j * per_host + k}", "port": port, "parents": ["r1"]}
                         for k, port in enumerate(SINK_PORTS)
                     ],
                 }
@@ -381,6 +413,7 @@ class Bench:
         if status.exists():
             node = json.loads(status.read_text())["nodes"]["r1"]
             r.relayed = int(node.get("sent", 0)) + int(node.get("sent_hedge", 0))
+            status.unlink()
         return r
 
     def run_script(self, script: str, name: str) -> Result:
@@ -397,88 +430,156 @@ def have_python_relay() -> bool:
     return True
 
 
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median pipeline CPU per copy (runs differ with the machine's load)."""
+    ordered = sorted(
+        runs, key=lambda r: r.per_copy(r.pipeline_ns) if r.delivered else r.pipeline_ns
+    )
+    return ordered[len(ordered) // 2]
+
+
+@contextmanager
+def bpf_stats() -> Iterator[None]:
+    """kernel.bpf_stats_enabled on for the run (programs' own run time), restored after."""
+    knob = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = knob.read_text().strip()
+    knob.write_text("1")
+    try:
+        yield
+    finally:
+        knob.write_text(before)
+
+
+RELAYS = ("baseline", "blocking", "ebpf", "python")
+
+
+def run_table(bench: Bench, rounds: int, python_relay: bool) -> dict[str, Result]:
+    """Every relay `rounds` times, interleaved so that load drifts hit all of them alike."""
+    runs: dict[str, list[Result]] = {k: [] for k in RELAYS}
+    for _ in range(rounds):
+        runs["baseline"].append(bench.run_ebpf(with_targets=False))
+        runs["blocking"].append(bench.run_script(BLOCKING_LOOP, "blocking-socket loop"))
+        runs["ebpf"].append(bench.run_ebpf())
+        if python_relay:
+            runs["python"].append(bench.run_python_relay())
+        else:
+            name = "asyncio loop (overlay.relay MISSING)"
+            runs["python"].append(bench.run_script(ASYNCIO_LOOP, name))
+    return {k: median_run(v) for k, v in runs.items()}
+
+
+def report(title: str, res: dict[str, Result], fanout: int) -> list[dict[str, object]]:
+    base, block, ebpf, py = (res[k] for k in RELAYS)
+
+    def net(r: Result) -> float:
+        # Minus the baseline run: the publisher's sends and the relay's ingress up to TC.
+        return r.per_copy(r.pipeline_ns - base.pipeline_ns)
+
+    print()
+    print(title)
+    print(f"{'relay':32} {'offered':>7} {'relayed':>7} {'deliver':>7} {'drops':>5} "
+          f"{'copy/s':>6} {'pipe ns':>7} {'net ns':>7} {'own ns':>7} {'sys ns':>7} "
+          f"{'x block':>7}")  # fmt: skip
+    rows: list[dict[str, object]] = []
+    for r in (base, block, ebpf, py):
+        d = r.delivered
+        ratio = block.per_copy(block.pipeline_ns) / r.per_copy(r.pipeline_ns) if d else 0.0
+        print(f"{r.name:32} {r.offered * fanout:>7} {r.relayed:>7} {d:>7} {r.sink_drops:>5} "
+              f"{r.copies_per_s:>6.0f} {r.per_copy(r.pipeline_ns) if d else 0:>7.0f} "
+              f"{net(r) if d else 0:>7.0f} {r.per_copy(r.own_ns) if d else 0:>7.0f} "
+              f"{r.per_copy(r.busy_ns) if d else 0:>7.0f} {ratio:>7.2f}")  # fmt: skip
+        rows.append({**vars(r), "table": title, "pipeline_ns_per_copy": r.per_copy(r.pipeline_ns),
+                     "net_ns_per_copy": net(r), "own_ns_per_copy": r.per_copy(r.own_ns),
+                     "system_ns_per_copy": r.per_copy(r.busy_ns),
+                     "ratio_vs_blocking_pipeline": ratio})  # fmt: skip
+    print(f"  baseline (no copies): pipeline {base.pipeline_ns / 1e6:.0f} ms CPU; system-wide "
+          f"busy {base.busy_ns / 1e6:.0f} ms of {2 * base.seconds * 1e3:.0f} ms "
+          f"(the rest of the machine's load shows here)")  # fmt: skip
+
+    def times(a: float, b: float) -> str:
+        return f"{a / b:.1f}x" if b > 0 else "n/a"
+
+    e = ebpf
+    for o in (py, block):
+        pipe = times(o.per_copy(o.pipeline_ns), e.per_copy(e.pipeline_ns))
+        own = times(o.per_copy(o.own_ns), e.per_copy(e.own_ns))
+        system = times(o.per_copy(o.busy_ns), e.per_copy(e.busy_ns))
+        print(f"  {o.name} / eBPF relay, CPU per copy: pipeline {pipe}, "
+              f"net {times(net(o), net(e))}, own {own}, system-wide {system}")  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rate", type=int, default=4000, help="offered messages per second")
-    ap.add_argument("--seconds", type=float, default=4.0, help="sending time per relay")
+    ap.add_argument("--seconds", type=float, default=3.0, help="sending time per run")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per relay; the median is shown")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     ok, why = loader.fast_path_available()
     if not ok:
         print(f"eBPF fast path unavailable: {why}", file=sys.stderr)
         return 2
+    python_relay = have_python_relay()
+    rows: list[dict[str, object]] = []
     # Fan-out 10: five MP namespaces with two endpoint ports each.
-    with FanoutLab(receivers=5) as lab, tempfile.TemporaryDirectory() as tmp:
+    with FanoutLab(receivers=5) as lab, tempfile.TemporaryDirectory() as tmp, bpf_stats():
         bench = Bench(lab, Path(tmp), args.rate, args.seconds)
-        print(f"fan-out {len(bench.targets)}, offered {args.rate} msg/s for {args.seconds} s, "
-              f"{PAYLOAD}-byte payload, {os.cpu_count()} CPUs")  # fmt: skip
-        print("ns/copy: CPU of publisher + relay process + ksoftirqd (schedstat; softirq is "
-              "charged to the thread it interrupts) per delivered copy; net: minus the "
-              "baseline run; sys: system-wide /proc/stat busy time (includes other load)")
-        rows = []
-        for title, wire in (
-            ("relay cost alone: copies counted and dropped at the relay's egress (TC)", True),
-            ("end to end: copies delivered into 10 UDP sockets in 5 MP namespaces", False),
-        ):
-            if wire:
-                sink = loader.ReceiverFastPath(
-                    node=f"{lab.prefix}-wire", ifname=lab.relay_out, ports=SINK_PORTS,
-                    hook="tc-egress",
-                )  # fmt: skip
-                with entered(lab.relay):
-                    sink.attach()
-                bench.wire_sink = sink
-            try:
-                results = [bench.run_ebpf(with_targets=False)]
-                results.append(bench.run_script(BLOCKING_LOOP, "blocking-socket loop"))
-                results.append(bench.run_ebpf())
-                if have_python_relay():
-                    results.append(bench.run_python_relay())
-                else:
-                    results.append(
-                        bench.run_script(ASYNCIO_LOOP, "asyncio loop (overlay.relay MISSING)")
-                    )
-            finally:
-                if bench.wire_sink is not None:
-                    bench.wire_sink.close()
-                    bench.wire_sink = None
-            print()
-            print(title)
-            rows += report(results, len(bench.targets), title)
+        fanout = len(bench.targets)
+        print(f"fan-out {fanout}, {args.rate} msg/s offered for {args.seconds} s per run, "
+              f"{PAYLOAD}-byte payload, {os.cpu_count()} CPUs, median of {args.rounds} "
+              f"interleaved runs")  # fmt: skip
+        if not python_relay:
+            print("overlay.relay is NOT importable: measuring a minimal asyncio loop instead")
+        print(
+            "pipe ns: CPU of publisher + relay process + ksoftirqd per delivered copy "
+            "(schedstat; softirq is charged to the thread it interrupts)"
+        )
+        print(
+            "net ns: pipe minus the baseline run (publisher and relay ingress, no copies); "
+            "own ns: relay process CPU, or the eBPF program's run time (bpf_stats); "
+            "sys ns: system-wide /proc/stat busy time (other load included)"
+        )
+        sink = loader.ReceiverFastPath(
+            node=f"{lab.prefix}-wire", ifname=lab.relay_out, ports=SINK_PORTS, hook="tc-egress"
+        )
+        with entered(lab.relay):
+            sink.attach()
+        bench.wire_sink = sink
+        try:
+            res = run_table(bench, args.rounds, python_relay)
+        finally:
+            with entered(lab.relay):
+                sink.close()
+            bench.wire_sink = None
+        rows += report("relay cost alone: copies counted and dropped at the relay's egress "
+                       "(TC counting sink)", res, fanout)  # fmt: skip
+        res = run_table(bench, args.rounds, python_relay)
+        rows += report("end to end: copies delivered into 10 UDP sockets in 5 MP namespaces",
+                       res, fanout)  # fmt: skip
+
+        # The MPs' filter: TC or XDP on their veth, measured side by side.
+        hooks = {h: median_run([bench.run_receiver_filter(h) for _ in range(args.rounds)])
+                 for h in ("tc", "xdp")}  # fmt: skip
+        print()
+        print("receiver filter: relay sends own + hedge copy to every endpoint, the MP drops one")
+        print(f"{'filter':48} {'copies':>7} {'deliver':>7} {'drops':>5} {'pipe ns/copy':>12} "
+              f"{'filter ns/copy':>14}")  # fmt: skip
+        for r in hooks.values():
+            per = r.pipeline_ns / max(r.relayed, 1)
+            own = r.own_ns / max(r.relayed, 1)
+            print(f"{r.name:48} {r.relayed:>7} {r.delivered:>7} {r.sink_drops:>5} {per:>12.0f} "
+                  f"{own:>14.0f}")  # fmt: skip
+            rows.append({**vars(r), "table": "receiver hook", "pipeline_ns_per_copy": per,
+                         "filter_ns_per_copy": own})  # fmt: skip
+        tc, xdp = hooks["tc"], hooks["xdp"]
+        print(
+            f"  XDP / TC, pipeline CPU per copy: "
+            f"{(xdp.pipeline_ns / max(xdp.relayed, 1)) / (tc.pipeline_ns / max(tc.relayed, 1)):.2f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
-
-
-def report(results: list[Result], fanout: int, title: str) -> list[dict[str, object]]:
-    base, block, ebpf, py = results
-
-    def net(r: Result) -> float:
-        # Minus the baseline run (publisher sends and relay ingress up to TC, no copies).
-        return (r.pipeline_ns - base.pipeline_ns) / max(r.delivered, 1)
-
-    print(f"{'relay':38} {'offered':>8} {'relayed':>8} {'delivered':>9} {'drops':>5} "
-          f"{'copies/s':>8} {'ns/copy':>7} {'net ns':>7} {'sys ns':>7} {'x block':>7}")  # fmt: skip
-    rows = []
-    for r in results:
-        ratio = block.ns_per_copy / r.ns_per_copy if r.delivered else float("nan")
-        print(f"{r.name:38} {r.offered * fanout:>8} {r.relayed:>8} {r.delivered:>9} "
-              f"{r.sink_drops:>5} {r.copies_per_s:>8.0f} "
-              f"{r.ns_per_copy if r.delivered else 0:>7.0f} "
-              f"{net(r) if r.delivered else 0:>7.0f} "
-              f"{r.system_ns_per_copy if r.delivered else 0:>7.0f} {ratio:>7.2f}")  # fmt: skip
-        rows.append({**vars(r), "copies_per_s": r.copies_per_s, "ns_per_copy": r.ns_per_copy,
-                     "net_ns_per_copy": net(r), "system_ns_per_copy": r.system_ns_per_copy,
-                     "ratio_vs_blocking": ratio, "table": title})  # fmt: skip
-    print(f"baseline run (no copies): pipeline {base.pipeline_ns / 1e6:.0f} ms CPU, "
-          f"system-wide busy {base.busy_ns / 1e6:.0f} ms in {base.seconds:.1f} s "
-          f"(other load on the machine shows here)")  # fmt: skip
-    print(f"{py.name} / eBPF relay, CPU ns per copy: {py.ns_per_copy / ebpf.ns_per_copy:.1f}x "
-          f"pipeline, {net(py) / max(net(ebpf), 1e-9):.1f}x net of baseline, "
-          f"{py.system_ns_per_copy / ebpf.system_ns_per_copy:.1f}x system-wide (goal >= 10x)")
-    print(f"blocking loop / eBPF relay: {block.ns_per_copy / ebpf.ns_per_copy:.1f}x pipeline, "
-          f"{net(block) / max(net(ebpf), 1e-9):.1f}x net")  # fmt: skip
-    return rows
 
 
 if __name__ == "__main__":

@@ -301,6 +301,11 @@ class TestRun:
     """The packet as the program left it."""
 
 
+# struct bpf_prog_info (linux/bpf.h): size and where run_time_ns and run_cnt sit;
+# tests/test_ebpf_wire_layout.py checks both against the C header.
+PROG_INFO_SIZE = 232
+PROG_INFO_RUN_TIME_AT = 192
+
 SK_BUFF_CTX_SIZE = 192
 """sizeof(struct __sk_buff); `mark` sits at offset 8."""
 
@@ -732,6 +737,16 @@ class _Attachment:
             self.tc_prio = _tc_attach(self.ifname, self.prog_fd, self.prog_name, prios, parent)
         self._attached = True
         self._record()
+
+    def prog_stats(self) -> tuple[int, int]:
+        """(run time in ns, runs) of the attached program; counted only while the sysctl
+        kernel.bpf_stats_enabled is 1 (bench/fastpath.py turns it on)."""
+        info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+        size = ctypes.c_uint32(PROG_INFO_SIZE)
+        rc = _libbpf().bpf_obj_get_info_by_fd(self.prog_fd, info, ctypes.byref(size))
+        _check(rc, "program info")
+        run_time, runs = struct.unpack_from("=QQ", info.raw, PROG_INFO_RUN_TIME_AT)
+        return int(run_time), int(runs)
 
     def close(self) -> None:
         """Detach, unpin, remove the node's folder and record. Safe to call twice."""

@@ -102,3 +102,21 @@ def test_loader_structs_match_c(tmp_path: Path) -> None:
     assert targets == loader.TABLE_HEAD.size
     assert key == loader.PARENT_KEY.size and sport == 4
     assert counters == len(loader.RELAY_COUNTERS) * 100 + len(loader.RECEIVER_COUNTERS)
+
+
+def test_kernel_struct_offsets_the_loader_uses(tmp_path: Path) -> None:
+    from ebpf import loader
+
+    src = (
+        "#include <stdio.h>\n#include <stddef.h>\n#include <linux/bpf.h>\n"
+        "int main(void) {\n"
+        '    printf("%zu %zu %zu %zu %zu\\n", sizeof(struct bpf_prog_info),\n'
+        "        offsetof(struct bpf_prog_info, run_time_ns),\n"
+        "        offsetof(struct bpf_prog_info, run_cnt), sizeof(struct __sk_buff),\n"
+        "        offsetof(struct __sk_buff, mark));\n"
+        "    return 0;\n}\n"
+    )
+    size, run_time, run_cnt, skb, mark = (int(x) for x in _compile_and_run(tmp_path, src).split())
+    assert size >= loader.PROG_INFO_SIZE
+    assert run_time == loader.PROG_INFO_RUN_TIME_AT and run_cnt == run_time + 8
+    assert skb == loader.SK_BUFF_CTX_SIZE and mark == 8
