@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from jasper.tree import tree_shape
 from tests.conftest import require_privileged
 
 REPO = Path(__file__).resolve().parent.parent
@@ -456,9 +457,13 @@ def test_instance_counts_and_types_match_variables(
 def test_example_sizes_are_the_documented_layouts(planned: dict[str, PlannedRun]) -> None:
     small, full = planned["small"].plan, planned["full"].plan
     assert (module_input(small, "relay_count"), module_input(small, "receiver_count")) == (3, 10)
-    # 1000 endpoints at fan-out 10 and depth 3: 1 + 10 + 100 relays.
+    # 1000 endpoints at fan-out 10 and depth 3: 1 + 10 + 100 relays, as the planner builds it.
     assert output(full, "endpoint_count") == 1000
     assert module_input(full, "relay_count") == 1 + 10 + 100
+    for plan in (small, full):
+        shape = tree_shape(output(plan, "endpoint_count"), fanout=10, hedge=2)
+        assert module_input(plan, "relay_count") >= len(shape.relays())
+    assert module_input(full, "relay_count") == len(tree_shape(1000, fanout=10, hedge=2).relays())
 
 
 @pytest.mark.slow

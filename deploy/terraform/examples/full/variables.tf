@@ -37,7 +37,7 @@ variable "admin_cidrs" {
 }
 
 variable "relay_count" {
-  description = "Number of relays: a tree of fan-out 10 and depth 3 over 1000 endpoints needs 1 + 10 + 100."
+  description = "Number of relays: the tree of fan-out 10 and depth 3 over 1000 endpoints needs 1 + 10 + 100 (jasper.tree.tree_shape)."
   type        = number
   default     = 111
 }

@@ -51,7 +51,7 @@ variable "admin_token" {
 }
 
 variable "relay_count" {
-  description = "Number of relays: a root and two children for ten receivers."
+  description = "Number of relays. The tree for 10 endpoints (fan-out 10) needs one; the other two are spares the controller can place instead of a slow (lemon) relay."
   type        = number
   default     = 3
 }
