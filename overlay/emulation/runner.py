@@ -338,6 +338,19 @@ class Emulation:
         self.processes: list[ProcessStat] = []
         self.notes: list[str] = []
         self.closed = False
+        self.ctl_pid = 0
+        self.control: Any = None
+        self.control_summary: dict[str, Any] = {}
+        self.tree_topos: dict[int, Topology] = {}
+        """Hedge -> the controller's plan (as a topology), when the control plane is on."""
+        from overlay.emulation.control import TreeView
+
+        self.static_view = TreeView.of(
+            build_topology(
+                self.layout, plan=self.plan, hold_ns=0, hedge=settings.hedge, link_model=None
+            )
+        )
+        self.view = self.static_view
         self._progress_state: tuple[str, int, int, int] = ("", 0, 1, 1)
         self._detach: list[Callable[[], None]] = []
 
@@ -356,7 +369,8 @@ class Emulation:
                 "tag": self.tag,
                 "pid": os.getpid(),
                 "pids": sorted(self.live.values())
-                + ([self.spawner.proc.pid] if self.spawner else []),
+                + ([self.spawner.proc.pid] if self.spawner else [])
+                + ([self.ctl_pid] if getattr(self, "ctl_pid", 0) else []),
                 "bpf_nodes": sorted(self.layout.relays) + sorted(self.layout.hosts),
                 "out": str(self.out),
             },
@@ -380,6 +394,121 @@ class Emulation:
             ]
         )
         self._manifest()
+        if self.s.controller:
+            try:
+                self._control_plane()
+            except Exception as exc:
+                log.exception("control plane")
+                self.notes.append(
+                    f"control plane failed ({type(exc).__name__}: {exc}); "
+                    "trees from jasper.tree.tree_shape instead"
+                )
+                self.tree_topos.clear()
+                self.view = self.static_view
+
+    def _control_plane(self) -> None:
+        """Controller in its namespace; nodes registered; one MP per endpoint subscribed over
+        REST to the Jasper stream (H) and, for the tree-H=0 baseline, to a second stream
+        (H=0); the controller's plans become the trees of every tree configuration."""
+        from overlay.emulation.control import (
+            ControlPlane,
+            SubscriptionStats,
+            TreeView,
+            topology_from_tree,
+        )
+
+        assert self.spawner is not None
+        ctl_host = self.net.hosts["ctl"]
+        self.control = ControlPlane(netns=ctl_host.netns, addr=ctl_host.addr)
+        ctl_dir = self.out / "controller"
+        ctl_dir.mkdir(parents=True, exist_ok=True)
+        db = ctl_dir / "controller.db"
+        for old in ctl_dir.glob("controller.db*"):
+            old.unlink()
+        self.progress("starting the controller", 0.0)
+        self.ctl_pid = self.spawner.spawn(
+            ctl_host.netns,
+            [
+                "controller",
+                "--host",
+                ctl_host.addr,
+                "--port",
+                "8080",
+                "--db",
+                str(db),
+                # Nodes are registered by the runner, not by heartbeating agents (see docs).
+                "--heartbeat-timeout",
+                "86400",
+            ],
+            str(ctl_dir / "controller.log"),
+            env=self.control.env(),
+        )
+        self._manifest()
+        spawner = self.spawner
+        self.control.wait_healthy(60, alive=lambda: spawner.alive(self.ctl_pid))
+        t0 = time.monotonic()
+        c = self.control
+        c.register(name="pub", role="publisher", addr=self.layout.publisher, port=1)
+        for r, addr in self.layout.relays.items():
+            c.register(name=r, role="relay", addr=addr, port=RELAY_PORT)
+        for h, (addr, eps) in self.layout.hosts.items():
+            c.register(
+                name=h, role="receiver", addr=addr, port=ENDPOINT_PORT_BASE, capacity=len(eps)
+            )
+        hedges = sorted({hd for n in self.s.configs if (hd := self.specs[n].hedge) is not None})
+        endpoints = [
+            (e, addr, ENDPOINT_PORT_BASE + j)
+            for _, (addr, eps) in self.layout.hosts.items()
+            for j, e in enumerate(eps)
+        ]
+        names = {(addr, port): e for e, addr, port in endpoints}
+        tokens: dict[str, str] = {}
+        for k, hedge in enumerate(hedges):
+            stream_id = STREAM_ID + k
+            c.create_stream(
+                id=stream_id,
+                name=f"md-h{hedge}",
+                hedge=hedge,
+                fanout=self.s.fanout,
+                depth=self.s.depth,
+                hold_ns=0,
+                hold_policy="fixed",
+                publisher="pub",
+                rate_hint=self.s.rate,
+            )
+            stats = SubscriptionStats()
+
+            def prog(f: float, _k: int = k) -> None:
+                self.progress(f"subscribing MPs over REST (stream {_k + 1})", f)
+
+            c.subscribe_all(stream_id, endpoints, stats, tokens, progress=prog)
+            if stats.failures:
+                raise RuntimeError(
+                    f"{len(stats.failures)} subscriptions failed, first: {stats.failures[0]}"
+                )
+            tree = c.settled_tree(stream_id)
+            (ctl_dir / f"tree-stream{stream_id}.json").write_text(json.dumps(tree))
+            topo = topology_from_tree(tree, names)
+            # The data plane carries stream 1 in every configuration.
+            doc = topo.to_dict()
+            doc["stream"]["id"] = STREAM_ID
+            self.tree_topos[hedge] = parse_topology(doc)
+            self.control_summary[f"stream_h{hedge}"] = {
+                "subscriptions": stats.summary(),
+                "depth": tree.get("depth"),
+                "fanout": tree.get("fanout"),
+                "hedge": tree.get("hedge"),
+                "relays_per_level": [len(level) for level in tree.get("levels", [])],
+                "lemons": tree.get("lemons"),
+                "predicted_oml_us": round((tree.get("predicted_oml_ns") or 0) / 1e3, 1),
+                "plan_epoch": tree.get("plan_epoch"),
+                "distinct_parents_min": min(
+                    len(set(e.parents)) for _, e in self.tree_topos[hedge].endpoints()
+                ),
+            }
+        self.control_summary["setup_s"] = round(time.monotonic() - t0, 2)
+        if self.s.hedge in self.tree_topos:
+            self.view = TreeView.of(self.tree_topos[self.s.hedge])
 
     def close(self) -> None:
         """Stop every daemon, the spawner, and delete every namespace. Safe to call twice."""
@@ -391,9 +520,15 @@ class Emulation:
                 detach()
             except Exception:
                 log.exception("detaching a link-loss program")
-        for pid in self.live.values():
-            _kill(pid, signal.SIGCONT)
-            _kill(pid, signal.SIGKILL)
+        for pid in [*self.live.values(), self.ctl_pid]:
+            if pid:
+                _kill(pid, signal.SIGCONT)
+                _kill(pid, signal.SIGKILL)
+        if self.control is not None:
+            try:
+                self.control.close()
+            except Exception:
+                log.exception("closing the controller client")
         if self.spawner is not None:
             self.spawner.close()
         self.net.teardown()
@@ -431,8 +566,10 @@ class Emulation:
             rx = [*argv("receiver", h), *self.s.receiver_args]
             self._spawn(h, self.net.hosts[h].netns, rx, block_dir)
         if spec.hedge is not None:
+            used = {r.name for r in load_topology_file(topo_path).relays}
             for r in self.layout.relays:
-                self._spawn(r, self.net.hosts[r].netns, argv("relay", r), block_dir)
+                if r in used:
+                    self._spawn(r, self.net.hosts[r].netns, argv("relay", r), block_dir)
         self._manifest()
         assert self.spawner is not None
         deadline = time.monotonic() + 60
@@ -498,15 +635,23 @@ class Emulation:
         assert self.spawner is not None
         spec = self.specs[config]
         hold_ns = self._hold_for_next_jasper() if spec.hold else 0
-        plan = None if spec.hedge is None else self.plans[spec.hedge]
-        topo = build_topology(
-            self.layout,
-            plan=plan,
-            hold_ns=hold_ns,
-            hedge=spec.hedge or 0,
-            link_model=self.s.link_model,
-            plan_epoch=index + 1,
-        )
+        planned = self.tree_topos.get(spec.hedge) if spec.hedge is not None else None
+        if planned is not None:
+            doc = planned.to_dict()
+            doc["stream"]["hold_ns"] = hold_ns
+            doc["plan_epoch"] = index + 1
+            doc["link_model"] = dict(self.s.link_model) if self.s.link_model else None
+            topo = parse_topology(doc)
+        else:
+            plan = None if spec.hedge is None else self.plans[spec.hedge]
+            topo = build_topology(
+                self.layout,
+                plan=plan,
+                hold_ns=hold_ns,
+                hedge=spec.hedge or 0,
+                link_model=self.s.link_model,
+                plan_epoch=index + 1,
+            )
         block_dir = self.out / "blocks" / f"{index:03d}-{config}"
         block_dir.mkdir(parents=True, exist_ok=True)
         topo_path = block_dir / "topology.json"
@@ -622,14 +767,15 @@ class Emulation:
         loss on one relay-to-host link (the clock step needs the clock engineer's hook)."""
         s = self.s
         at = 0.4 * s.fault_block_messages / s.rate
-        level1 = self.plan.levels[1] if self.plan.depth > 1 else self.plan.levels[0]
-        lower = self.plan.levels[-1]
+        levels = self.view.levels
+        level1 = levels[1] if len(levels) > 1 else levels[0]
+        lower = levels[-1]
         victim_relay = level1[len(level1) // 2]
         paused = lower[len(lower) // 3]
         last_hosts = list(self.layout.hosts)
         victim_host = last_hosts[len(last_hosts) // 2]
         # A link that carries own-child copies: from a last-level relay to one of its hosts.
-        child = self.plan.children(lower[len(lower) // 4])[0]
+        child = self.view.children[lower[len(lower) // 4]][0]
         lossy_host = self.layout.host_of()[child] if child.startswith("e") else child
         loss_src = lower[len(lower) // 4]
         return [
@@ -673,6 +819,10 @@ class Emulation:
 def _kill(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def load_topology_file(path: Path) -> Topology:
+    return parse_topology(json.loads(path.read_text()))
 
 
 def load_records(block_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -838,6 +988,8 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         "tau_us": s.tau_ns / 1e3,
         "jasper_vs_baselines": comparisons,
         "lemons": lemon_nodes,
+        "trees_from": "controller (REST)" if em.tree_topos else "jasper.tree.tree_shape",
+        "control_plane": em.control_summary,
         "notes": em.notes,
     }
     doc: dict[str, Any] = {

@@ -51,10 +51,11 @@ class Exit:
     """Peak resident set (includes pages shared copy-on-write with the spawner)."""
 
 
-def _child(netns: str, argv: list[str], log: str) -> None:
+def _child(netns: str, argv: list[str], log: str, env: dict[str, str]) -> None:
     """Runs in the forked child; never returns."""
     code = 1
     try:
+        os.environ.update(env)
         os.setsid()
         _die_with_parent()
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -119,7 +120,12 @@ def serve(preload: Sequence[str]) -> int:
                 if req["op"] == "spawn":
                     pid = os.fork()
                     if pid == 0:
-                        _child(req.get("netns", ""), list(req["argv"]), req["log"])
+                        _child(
+                            req.get("netns", ""),
+                            list(req["argv"]),
+                            req["log"],
+                            dict(req.get("env") or {}),
+                        )
                     children += 1
                     out.write(json.dumps({"op": "spawned", "id": req["id"], "pid": pid}) + "\n")
                     out.flush()
@@ -194,12 +200,21 @@ class Spawner:
         with self._cond:
             self._cond.notify_all()
 
-    def spawn(self, netns: str, argv: Sequence[str], log: str) -> int:
+    def spawn(
+        self, netns: str, argv: Sequence[str], log: str, env: dict[str, str] | None = None
+    ) -> int:
         """Fork a daemon running `jasper ARGV` inside `netns`; returns its pid."""
         with self._cond:
             self._next_id += 1
             rid = self._next_id
-            req = {"op": "spawn", "id": rid, "netns": netns, "argv": list(argv), "log": log}
+            req = {
+                "op": "spawn",
+                "id": rid,
+                "netns": netns,
+                "argv": list(argv),
+                "log": log,
+                "env": env or {},
+            }
             self._stdin.write((json.dumps(req) + "\n").encode())
             self._stdin.flush()
             if not self._cond.wait_for(
