@@ -25,6 +25,7 @@ from jasper.placement import (
     full_plan,
     predict_oml,
     rank_relays,
+    relays_needed,
 )
 from jasper.topology import SCHEMA_VERSION
 
@@ -358,9 +359,18 @@ class Planner:
         # exist, a full re-plan spreads the load (make-before-break, so nothing is lost).
         target = plans.pending or plans.active
         slot = target.least_loaded()
-        full = bool(target.shape.levels) and target.load(slot) > 2 * target.shape.fanout
-        if full and len(self._usable_relays(db)) > len(target.relay_nodes()):
-            self._replan(db, sub.stream_id, reason="leaf_relays_full")
+        if target.shape.levels and target.load(slot) > 2 * target.shape.fanout:
+            stream = store.get_stream(db=db, stream_id=sub.stream_id)
+            assert stream is not None
+            need = relays_needed(
+                len(target.where),
+                len(self._usable_relays(db)),
+                fanout=stream.fanout,
+                depth=stream.depth,
+            )
+            # Only when a fresh plan would spread over more relays than this one uses.
+            if need > len(target.relay_nodes()):
+                self._replan(db, sub.stream_id, reason="leaf_relays_full")
 
     def unsubscribe(self, sub: SubscriptionRow) -> None:
         with self.database.transaction() as db:

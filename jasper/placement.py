@@ -378,6 +378,17 @@ def _planned_leaves(endpoints: int, relays: int, *, fanout: int, depth: int | No
     return planned
 
 
+def relays_needed(
+    endpoints: int, relays: int, *, fanout: int = 10, depth: int | None = None
+) -> int:
+    """Relays a full plan of `endpoints` would use with `relays` available (lemons aside)."""
+    if relays <= 0:
+        return 0
+    planned = _planned_leaves(endpoints, relays, fanout=fanout, depth=depth)
+    d = choose_depth(planned, relays, fanout=fanout, depth=depth)
+    return sum(_relay_counts(planned, fanout, d))
+
+
 def full_plan(
     endpoints: Sequence[Endpoint],
     relays: Sequence[str],

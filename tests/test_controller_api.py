@@ -411,3 +411,18 @@ def test_healthz_and_metrics(client: TestClient) -> None:
     assert (
         'jasper_http_requests_total{method="POST",route="/v1/subscriptions",status="201"}' in text
     )
+
+
+def test_full_leaf_relays_replan_only_when_more_relays_help(client: TestClient) -> None:
+    alpha, _ = setup_world(client, relays=3)
+    for i in range(40):
+        client.post("/v1/subscriptions", json=sub_body(7100 + i), headers=bearer(alpha))
+    # Three relays cannot make a deeper tree for 40 endpoints: no re-plan churn.
+    assert "leaf_relays_full" not in client.get("/metrics").text
+    for i in range(3, 12):
+        register(client, f"relay{i}", "relay", 7000 + i)
+    client.post("/v1/subscriptions", json=sub_body(7140), headers=bearer(alpha))
+    text = client.get("/metrics").text
+    assert 'jasper_replans_total{reason="leaf_relays_full"} 1.0' in text
+    tree = client.get("/v1/streams/1/tree", headers=ADMIN).json()
+    assert tree["pending_epoch"] == tree["plan_epoch"] + 1
