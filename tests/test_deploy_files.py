@@ -7,8 +7,10 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -343,6 +345,119 @@ def test_unit_command_line_parses_with_the_jasper_cli(unit: Path) -> None:
         got = getattr(args, attr)
         # Numbers may parse as int or float; compare them as numbers.
         assert (got if isinstance(value, str) else float(got)) == value, attr
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.slow
+def test_daemons_started_as_the_units_say_join_the_controller(tmp_path: Path) -> None:
+    """Each unit's command line, with the settings the setup script writes, run for real on
+    loopback: the relay, receiver and publisher register with the controller."""
+    import httpx
+
+    jasper = installed_jasper()
+    require_privileged("the jasper package installed (pip install -e .)", jasper is not None)
+    assert jasper is not None
+    for command in ("controller", "relay", "receiver", "publisher"):
+        if importlib.util.find_spec(f"jasper_cli.{command}") is None:
+            pytest.xfail(f"`jasper {command}` is not implemented yet")
+
+    api_port = _free_port(socket.SOCK_STREAM)
+    token_file = tmp_path / "node-token"
+    token_file.write_text(SAMPLE_ENV["JASPER_NODE_TOKEN"] + "\n")
+    settings = {
+        **SAMPLE_ENV,
+        "JASPER_CONTROLLER_URL": f"http://127.0.0.1:{api_port}",
+        "JASPER_CONTROLLER_PORT": str(api_port),
+        "JASPER_DATA_ADDR": "127.0.0.1",
+        "JASPER_RELAY_PORT": str(_free_port(socket.SOCK_DGRAM)),
+        "JASPER_RECEIVER_PORT_BASE": str(_free_port(socket.SOCK_DGRAM)),
+        "JASPER_ENDPOINTS": "1",
+        "JASPER_FAST_PATH": "user",
+        "JASPER_PUBLISHER_RATE": "10",
+    }
+    # Paths of a real node, moved into tmp_path; the API binds loopback, not every address.
+    moved = {
+        INSTALLED_JASPER: jasper,
+        "/etc/jasper/node-token": str(token_file),
+        "/var/lib/jasper/controller.db": str(tmp_path / "controller.db"),
+        "0.0.0.0": "127.0.0.1",
+    }
+
+    def argv(unit: str, node_name: str) -> list[str]:
+        node_env = {**settings, "JASPER_NODE_NAME": node_name}
+        return [
+            re.sub(r"\$\{([A-Z_]+)\}", lambda m: node_env[m.group(1)], moved.get(word, word))
+            for word in exec_start(DEPLOY / "systemd" / unit)
+        ]
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("JASPER_")},
+        "JASPER_ADMIN_TOKEN": SAMPLE_ENV["JASPER_ADMIN_TOKEN"],
+        "JASPER_NODE_TOKEN": SAMPLE_ENV["JASPER_NODE_TOKEN"],
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+
+    def start(unit: str, node_name: str) -> None:
+        log = (tmp_path / f"{unit}.log").open("wb")
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                argv(unit, node_name),
+                env=env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+    url = settings["JASPER_CONTROLLER_URL"]
+    headers = {"Authorization": f"Bearer {SAMPLE_ENV['JASPER_ADMIN_TOKEN']}"}
+    wanted = {
+        "test-relay": "relay",
+        "test-receiver": "receiver",
+        "jasper-small-publisher": "publisher",
+    }
+    nodes: dict[str, str] = {}
+    try:
+        start("jasper-controller.service", "controller")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert procs[0].poll() is None, (tmp_path / "jasper-controller.service.log").read_text()
+            time.sleep(0.2)
+        start("jasper-relay.service", "test-relay")
+        start("jasper-receiver.service", "test-receiver")
+        start("jasper-publisher.service", "unused: the publisher unit names itself")
+        while time.monotonic() < deadline and not wanted.items() <= nodes.items():
+            reply = httpx.get(f"{url}/v1/nodes", headers=headers, timeout=2)
+            nodes = {n["name"]: n["role"] for n in reply.json()}
+            time.sleep(0.3)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    detail = "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in tmp_path.glob("*.log"))
+    assert wanted.items() <= nodes.items(), detail
 
 
 # ---------------------------------------------------------------------------------------------
