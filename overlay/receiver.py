@@ -24,6 +24,7 @@ from overlay.fastwire import peek
 from overlay.kernel import drain, open_udp
 from overlay.recordlog import RecordLog, delivery_log
 from overlay.release import DEFAULT_SPIN_NS, PreciseRelease
+from overlay.releasec import BatchSender, batch_sender, sockaddr
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ class Endpoint:
         """What the event loop calls per datagram (set by the receiver)."""
         self._out: socket.socket | None = None
         self._out_addr: Any = None
+        self.out_fd = -1
+        """File descriptor of the delivery socket (-1 when delivering in process)."""
+        self.out_sockaddr = b""
+        """The delivery address as a struct sockaddr, for the C release path."""
         self.set_deliver(config.deliver)
 
     def set_deliver(self, target: str | None) -> None:
@@ -146,6 +151,11 @@ class Endpoint:
             raise ValueError(f"delivery target {target!r} must start with udp: or unix:")
         if self._out is not None:
             self._out.setblocking(False)
+            self.out_fd = self._out.fileno()
+            self.out_sockaddr = sockaddr(self._out.family, self._out_addr)
+        else:
+            self.out_fd = -1
+            self.out_sockaddr = b""
 
     def hand_over(self, payload: bytes) -> bool:
         """Give one message to the MP; False (and counted) when it cannot take it."""
@@ -188,6 +198,7 @@ class Receiver:
         realtime: bool = True,
         deliver: str | None = "topology",
         records: RecordLog | None = None,
+        c_release: bool = True,
     ) -> None:
         self.topo = topo
         self.host = topo.receiver(host)
@@ -213,6 +224,9 @@ class Receiver:
             for ep in self.endpoints:
                 ep.close()
             raise
+        self._sender: BatchSender | None = None
+        if c_release and any(ep.out_fd >= 0 for ep in self.endpoints):
+            self._sender = batch_sender()
         self.release: PreciseRelease[_Held] = PreciseRelease(
             endpoints=max(1, len(self.endpoints)),
             deliver=self._release_batch,
@@ -221,6 +235,7 @@ class Receiver:
             spin_ns=spin_ns,
             name=f"release-{host}",
             realtime=realtime,
+            deliver_at=self._release_at if self._sender is not None else None,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.fast_path_mode = "user"
@@ -329,6 +344,28 @@ class Receiver:
             done.append((ep, r.item, now(), ok))
         for ep, held, release_ns, ok in done:
             self._after(ep, held, release_ns, False, ok)
+
+    def _release_at(self, batch: Sequence[Release[_Held]], deadline: int) -> bool:
+        """Hand a batch of socket deliveries to the C routine, which sends at the deadline."""
+        sender = self._sender
+        if sender is None:
+            return False
+        eps = self.endpoints
+        items = []
+        for r in batch:
+            ep = eps[r.endpoint]
+            if ep.out_fd < 0:
+                return False
+            items.append((ep.out_fd, ep.out_sockaddr, r.item[4]))
+        # The C side waits on CLOCK_REALTIME; the node clock may be offset from it.
+        true_deadline = deadline - (self.clock() - time.time_ns())
+        stamps, errs = sender.send_at(true_deadline, self.release.spin_ns, items)
+        for r, stamp, err in zip(batch, stamps, errs, strict=True):
+            ep = eps[r.endpoint]
+            if err:
+                ep.counters.deliver_dropped[errno.errorcode.get(err, str(err))] += 1
+            self._after(ep, r.item, stamp, False, err == 0)
+        return True
 
     def _after(self, ep: Endpoint, held: _Held, release_ns: int, late: bool, ok: bool) -> None:
         stream, session, seq, deadline, payload, arrival_ns, parent = held
@@ -450,6 +487,7 @@ class Receiver:
                 "errors": self.release.errors,
                 "held": len(self.release.schedule),
                 "realtime": self.release.realtime_ok,
+                "c_release": self._sender is not None,
                 **vars(self.release.schedule.counters),
             },
             "records": len(self.records),

@@ -144,7 +144,8 @@ async def test_late_messages_delivered_at_once_and_counted() -> None:
     assert (recs["arrival_ns"] >= recs["deadline_ns"]).all()
 
 
-async def test_async_iterator_and_udp_delivery() -> None:
+@pytest.mark.parametrize("c_release", [True, False])
+async def test_async_iterator_and_udp_delivery(c_release: bool) -> None:
     topo = make_topology(n=4, fanout=2, hedge=1, deliver=True)
     sinks = []
     for _, e in topo.endpoints():
@@ -154,7 +155,8 @@ async def test_async_iterator_and_udp_delivery() -> None:
         s.bind((host, int(port)))
         s.setblocking(False)
         sinks.append(s)
-    o = Overlay(topo)
+    o = Overlay(topo, c_release=c_release)
+    assert o.rx.status()["release"]["c_release"] is c_release
     o.start()
     got: list[int] = []
 
@@ -172,6 +174,9 @@ async def test_async_iterator_and_udp_delivery() -> None:
     finally:
         o.close()
     assert got == [1, 2, 3, 4, 5]
+    recs = o.rx.records.array()
+    on_time = recs[recs["arrival_ns"] < recs["deadline_ns"]]
+    assert (on_time["release_ns"] >= on_time["deadline_ns"]).all()
     for s in sinks:
         payloads = []
         while True:
