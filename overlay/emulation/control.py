@@ -72,8 +72,12 @@ class ControlPlane:
 
     def _http(self) -> Any:
         if self._client is None:
+            import logging
+
             import httpx
 
+            # One line per request would drown the progress bar (thousands of subscriptions).
+            logging.getLogger("httpx").setLevel(logging.WARNING)
             self._client = httpx.Client(base_url=self.url, timeout=30)
         return self._client
 
