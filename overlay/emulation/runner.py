@@ -821,6 +821,26 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def _group_processes(
+    processes: Sequence[ProcessStat],
+) -> dict[tuple[str, str], list[ProcessStat]]:
+    out: dict[tuple[str, str], list[ProcessStat]] = {}
+    for p in processes:
+        out.setdefault((p.node, p.role), []).append(p)
+    return out
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident set of a live process, MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def load_topology_file(path: Path) -> Topology:
     return parse_topology(json.loads(path.read_text()))
 
@@ -937,6 +957,17 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
                 "abnormal_exits": sum(1 for p in ps if p.status not in (0, -9)),
             }
         )
+    if em.ctl_pid and em.spawner is not None and em.spawner.alive(em.ctl_pid):
+        procs.append(
+            {
+                "role": "controller",
+                "count": 1,
+                "runs": 1,
+                "cpu_s_total": round(process_cpu_s([em.ctl_pid]), 2),
+                "cpu_s_max": None,
+                "maxrss_mb_max": _vm_hwm_mb(em.ctl_pid),
+            }
+        )
     import resource
 
     procs.append(
@@ -1011,6 +1042,17 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         },
         "faults": fault_rows,
         "processes": procs,
+        "process_list": [
+            {
+                "node": node,
+                "role": role,
+                "blocks": len(ps),
+                "cpu_s": round(sum(p.cpu_s for p in ps), 3),
+                "maxrss_mb": round(max(p.maxrss_kb for p in ps) / 1024, 1),
+                "exit_statuses": sorted({p.status for p in ps}),
+            }
+            for (node, role), ps in _group_processes(em.processes).items()
+        ],
         "blocks": [
             {
                 "index": b.index,
