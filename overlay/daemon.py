@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,13 @@ def add_common_arguments(p: argparse.ArgumentParser, *, kind: str) -> None:
     )
     p.add_argument("--ready-file", metavar="FILE", help="create FILE once the sockets are bound")
     p.add_argument(
+        "--status-interval",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="also write the status JSON into --records every S seconds while running",
+    )
+    p.add_argument(
         "--no-link-model",
         action="store_true",
         help="ignore the topology's link model (it is applied when the topology has one)",
@@ -58,6 +66,19 @@ def _ready(path: str | None) -> None:
         tmp = Path(path + ".tmp")
         tmp.write_text(str(os.getpid()))
         tmp.replace(path)
+
+
+async def _until_stopped(
+    stop: asyncio.Event, status: Callable[[], dict[str, Any]], path: Path | None, every_s: float
+) -> None:
+    """Wait for the stop signal, writing the status to `path` every `every_s` seconds."""
+    if path is None or every_s <= 0:
+        await stop.wait()
+        return
+    while not stop.is_set():
+        write_json(path, status())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
 
 
 def controller_mode(kind: str, args: argparse.Namespace) -> int:
@@ -93,7 +114,10 @@ def run_relay(args: argparse.Namespace) -> int:
             mode = relay.enable_fast_path(args.fast_path)
             log.info("relay %s up (%s path)", ",".join(names), mode)
             _ready(args.ready_file)
-            await stop.wait()
+            status_path = (
+                Path(args.records) / f"status-relay-{names[0]}.json" if args.records else None
+            )
+            await _until_stopped(stop, relay.status, status_path, args.status_interval)
             relay.flush()
         finally:
             status = relay.status()
@@ -135,7 +159,12 @@ def run_receiver(args: argparse.Namespace) -> int:
                 "receiver %s up: %d endpoints (%s path)", args.node_name, len(rx.endpoints), mode
             )
             _ready(args.ready_file)
-            await stop.wait()
+            status_path = (
+                Path(args.records) / f"status-receiver-{args.node_name}.json"
+                if args.records
+                else None
+            )
+            await _until_stopped(stop, rx.status, status_path, args.status_interval)
             rx.stop()
         finally:
             status = rx.status()

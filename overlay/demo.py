@@ -61,7 +61,8 @@ class DemoConfig:
     addr: str = "127.0.0.1"
     """Loopback address every node binds."""
     drain_s: float = 1.0
-    """Wait after the last message before stopping, on top of the hold, in seconds."""
+    """After the last message, stop once no endpoint has accepted anything for this long
+    (plus 2 s), in seconds; normally the run stops as soon as every pair is accepted."""
     fast_path: str = "auto"
     """--fast-path for relays and receivers."""
     deliver: str = "memory"
@@ -123,7 +124,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
     cluster = Cluster(topo_path, out)
     started = time.monotonic()
     try:
-        fp = ("--fast-path", cfg.fast_path)
+        fp = ("--fast-path", cfg.fast_path, "--status-interval", "0.5")
         for g in groups:
             cluster.add_relay(g, *fp)
         rx_extra = ("--deliver", "topology" if cfg.deliver == "udp" else "memory")
@@ -147,7 +148,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
             stream.flush()
             time.sleep(0.2)
         stream.write(_progress_bar(total, total, cfg.duration_s, cfg.duration_s) + "\n")
-        time.sleep(cfg.hold_ns / 1e9 + cfg.drain_s)
+        _drain(out, cfg, len(topo.endpoints()), stream)
     except _Interrupted:
         interrupted = True
         stream.write("\ninterrupted: stopping every process\n")
@@ -170,6 +171,45 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
     for s in locals().get("sinks", []):
         s.close()
     return summary
+
+
+def _accepted_pairs(out: Path) -> int:
+    n = 0
+    for p in glob.glob(str(out / "status-receiver-*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads(Path(p).read_text())
+            n += sum(int(c.get("accepted", 0)) for c in doc.get("endpoints", {}).values())
+    return n
+
+
+def _drain(out: Path, cfg: DemoConfig, endpoints: int, stream: Any) -> None:
+    """Wait until every endpoint has accepted every message sent, or progress stops.
+
+    On a busy host the tree can fall behind the publisher; stopping at a fixed time would cut
+    off messages still in flight and count them lost.
+    """
+    try:
+        sent = int(json.loads((out / "status-publisher.json").read_text())["messages"])
+    except (OSError, ValueError, KeyError):
+        sent = int(cfg.rate * cfg.duration_s)
+    expected = sent * endpoints
+    last, last_change = -1, time.monotonic()
+    give_up = time.monotonic() + max(60.0, 3 * cfg.duration_s)
+    while time.monotonic() < give_up:
+        got = _accepted_pairs(out)
+        if got >= expected:
+            break
+        if got != last:
+            last, last_change = got, time.monotonic()
+        elif time.monotonic() - last_change > cfg.drain_s + 2.0:
+            break
+        stream.write(f"\rdraining: {got}/{expected} (message, endpoint) pairs accepted")
+        stream.flush()
+        time.sleep(0.25)
+    if last >= 0:
+        stream.write("\n")
+    # The last accepted messages are held until their deadline; the stop releases the rest.
+    time.sleep(cfg.hold_ns / 1e9 + 0.2)
 
 
 def _open_sinks(addr: str, base: int, n: int) -> list[Any]:

@@ -162,7 +162,7 @@ class Cluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 c.proc.wait(max(0.0, deadline - time.monotonic()))
 
-    def stop(self, *, timeout_s: float = 20.0) -> None:
+    def stop(self, *, timeout_s: float = 60.0) -> None:
         """SIGTERM the publisher, then relays (their last copies go out), then receivers.
 
         Whatever is still alive after `timeout_s` gets SIGKILL; every child is reaped.
