@@ -438,6 +438,11 @@ class Agent:
         if self.daemon is not None:
             try:
                 self.daemon.apply_topology(topo)
+                set_hold = getattr(self.daemon, "set_hold_ns", None)
+                if set_hold is not None and chosen.get("x-hold-policy") == "fixed":
+                    # A fixed hold is the stream's setting; an adaptive one the publisher's
+                    # deadline policy tunes itself.
+                    set_hold(topo.stream.hold_ns)
             except Exception:
                 self.counters.apply_errors += 1
                 log.exception("applying plan epoch %d failed; keeping the last", topo.plan_epoch)
@@ -574,7 +579,21 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         _ready(args.ready_file)
         log.info("%s %s up under the controller at %s", kind, args.node_name, args.controller)
         if kind == "publisher":
-            await daemon.run(rate=args.rate, duration_s=args.duration, stop=stop)
+            start_at = getattr(args, "start_at", None)
+            if start_at:
+                # Start on a shared wall-clock instant, as with a static topology.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(0.0, start_at - time.time()))
+            progress_path = Path(args.records) / "progress" if args.records else None
+
+            def progress(n: int) -> None:
+                if progress_path is not None:
+                    progress_path.write_text(str(n))
+
+            if not stop.is_set():
+                await daemon.run(
+                    rate=args.rate, duration_s=args.duration, stop=stop, progress=progress
+                )
         else:
             await stop.wait()
     finally:
