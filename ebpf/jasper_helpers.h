@@ -38,6 +38,7 @@ struct jasper_parsed {
 	__u32 stream_id;  /* host order */
 	__u32 session;    /* host order */
 	__u64 seq;        /* host order */
+	__u64 msg_id;     /* what tells messages apart: seq, or the send time for heartbeats */
 };
 
 /* Stage 1: Ethernet, IPv4, UDP. pkt_len is the real length of the packet (skb->len at TC), which
@@ -112,6 +113,9 @@ static __always_inline int jasper_parse_header(void *data, void *data_end, __u32
 	p->stream_id = bpf_ntohl(jh->stream_id);
 	p->session = bpf_ntohl(jh->session);
 	p->seq = bpf_be64_to_cpu(jh->seq);
+	/* Heartbeats repeat the last data seq; each one is told apart by its send time, and the
+	 * heartbeat bit in the key keeps them from shadowing the data message with that seq. */
+	p->msg_id = (jh->flags & JASPER_FLAG_HEARTBEAT) ? bpf_be64_to_cpu(jh->send_time_ns) : p->seq;
 	return JASPER_OK;
 }
 
@@ -126,12 +130,12 @@ static __always_inline __u64 jasper_mix64(__u64 x)
 	return x;
 }
 
-/* Fingerprint of one message copy; never 0, since 0 marks an empty slot. `extra` carries the
- * destination port at receivers and the heartbeat bit, so heartbeats never shadow data. */
+/* Fingerprint of one message (stream, session, msg_id); never 0, since 0 marks an empty slot.
+ * `extra` carries the heartbeat bit, and the destination port at receivers. */
 static __always_inline __u64 jasper_fingerprint(const struct jasper_parsed *p, __u64 extra)
 {
 	__u64 id = ((__u64)p->stream_id << 32) | p->session;
-	__u64 fp = jasper_mix64(id ^ jasper_mix64(p->seq ^ (extra << 40)));
+	__u64 fp = jasper_mix64(id ^ jasper_mix64(p->msg_id ^ (extra << 40)));
 	return fp ? fp : 1;
 }
 
@@ -139,7 +143,7 @@ static __always_inline __u64 jasper_fingerprint(const struct jasper_parsed *p, _
 static __always_inline __u32 jasper_slot(const struct jasper_parsed *p, __u64 extra)
 {
 	__u64 id = ((__u64)p->stream_id << 32) | p->session;
-	return ((__u32)jasper_mix64(id ^ (extra << 20)) + (__u32)p->seq) & (JASPER_RING_SLOTS - 1);
+	return ((__u32)jasper_mix64(id ^ (extra << 20)) + (__u32)p->msg_id) & (JASPER_RING_SLOTS - 1);
 }
 
 /* Returns 1 when this copy was already seen. The slot is claimed with compare-and-swap because
