@@ -17,6 +17,7 @@ from jasper.audit import (
     encode_record,
 )
 from jasper.clockbound import ClockBound, ClockStatus
+from overlay.clocks import NodeClock
 
 
 class AuditLogWriter:
@@ -125,3 +126,40 @@ class AuditLogWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReleaseAuditor:
+    """What a receiver calls per release: maps its kernel-clock release stamp onto the node's
+    clock, takes the bound in force at that instant, and appends the record.
+
+    Receiver hook (overlay/receiver.py, `_after`):
+        auditor.on_release(endpoint=ep.index, stream_id=stream, seq=seq,
+                           deadline_ns=deadline, release_true_ns=release_ns, late=late)
+    """
+
+    def __init__(self, writer: AuditLogWriter, clock: NodeClock) -> None:
+        self.writer = writer
+        self.clock = clock
+
+    def on_release(
+        self,
+        *,
+        endpoint: int,
+        stream_id: int,
+        seq: int,
+        deadline_ns: int,
+        release_true_ns: int,
+        late: bool = False,
+    ) -> None:
+        self.writer.release(
+            stream_id=stream_id,
+            seq=seq,
+            endpoint=endpoint,
+            deadline_ns=deadline_ns,
+            release_ns=self.clock.reading_then(release_true_ns),
+            bound=self.clock.bound_then(release_true_ns),
+            late_arrival=late,
+        )
+
+    def close(self) -> None:
+        self.writer.close()

@@ -29,6 +29,14 @@ class NodeClock(Protocol):
         """The error bound of `now_ns` readings."""
         ...
 
+    def reading_then(self, true_ns: int) -> int:
+        """What `now_ns` read at kernel time `true_ns` (for kernel-stamped records)."""
+        ...
+
+    def bound_then(self, true_ns: int) -> ClockBound:
+        """The bound in force at kernel time `true_ns`."""
+        ...
+
 
 class SystemClock:
     """CLOCK_REALTIME as is; its bound comes from whoever reads chrony or ClockBound.
@@ -50,6 +58,17 @@ class SystemClock:
 
     def set_bound(self, bound: ClockBound) -> None:
         self._bound = bound
+
+    def reading_at(self, true_ns: int) -> int:
+        return true_ns
+
+    def reading_then(self, true_ns: int) -> int:
+        """The kernel clock is this node's clock: a kernel timestamp is its reading."""
+        return true_ns
+
+    def bound_then(self, true_ns: int) -> ClockBound:
+        """The bound in force (the last one read; past ones are not kept)."""
+        return self._bound
 
 
 class SoftwareClock:

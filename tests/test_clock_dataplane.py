@@ -17,7 +17,7 @@ from jasper.audit import decode_records, summarize
 from jasper.clockbound import ClockStatus
 from jasper.topology import parse_topology
 from jasper_cli.main import main as jasper_main
-from overlay.audit_log import AuditLogWriter
+from overlay.audit_log import AuditLogWriter, ReleaseAuditor
 from overlay.clocks import SoftwareClock
 from overlay.clocksync import ClockDiscipline
 from overlay.refclock import ChronyConfig, ReferenceChrony, chronyd_path
@@ -106,12 +106,15 @@ async def _run(ref: ReferenceChrony, *, correct: bool, audit: Path | None) -> di
         deliver=None,
     )
     pub = Publisher(topo, clock=pub_clock.now_ns, hold_ns=HOLD_NS)
-    writer = (
-        AuditLogWriter(
-            audit,
-            node="h0",
-            endpoints=[ep.name for ep in rx.endpoints],
-            clock_source=f"sntp 127.0.0.1:{ref.ntp_port}",
+    auditor = (
+        ReleaseAuditor(
+            AuditLogWriter(
+                audit,
+                node="h0",
+                endpoints=[ep.name for ep in rx.endpoints],
+                clock_source=f"sntp 127.0.0.1:{ref.ntp_port}",
+            ),
+            rx_clock,
         )
         if audit is not None
         else None
@@ -127,10 +130,10 @@ async def _run(ref: ReferenceChrony, *, correct: bool, audit: Path | None) -> di
             reading = rx_clock.reading_then(d.release_ns)
             if b.status is not ClockStatus.UNKNOWN:
                 rx_bounds.append(b.bound_ns(reading))
-            if writer is not None:
-                writer.release(
-                    stream_id=d.stream_id, seq=d.seq, endpoint=ep_index,
-                    deadline_ns=d.deadline_ns, release_ns=reading, bound=b, late_arrival=d.late,
+            if auditor is not None:
+                auditor.on_release(
+                    endpoint=ep_index, stream_id=d.stream_id, seq=d.seq,
+                    deadline_ns=d.deadline_ns, release_true_ns=d.release_ns, late=d.late,
                 )  # fmt: skip
 
     async def watch_pub_bound() -> None:
@@ -161,8 +164,8 @@ async def _run(ref: ReferenceChrony, *, correct: bool, audit: Path | None) -> di
         pub.close()
         relay.close()
         rx.close()
-        if writer is not None:
-            writer.close()
+        if auditor is not None:
+            auditor.close()
     return {
         "sent": sent,
         "records": rx.records.array(),
