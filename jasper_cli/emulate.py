@@ -112,6 +112,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="emulation-out", help="output folder (default emulation-out)")
     p.add_argument("--tag", default="", help="run tag in namespace names (default from pid)")
     p.add_argument(
+        "--reanalyse",
+        metavar="DIR",
+        help="rebuild report.json/report.html from a finished or killed run's folder",
+    )
+    p.add_argument(
         "--cleanup",
         action="store_true",
         help="remove every jemu-* namespace, process and pinned object left by a killed run",
@@ -170,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from overlay.emulation.report import write_report
-    from overlay.emulation.runner import Emulation, EmulationSettings, analyse
+    from overlay.emulation.runner import Emulation, EmulationSettings, analyse, reload_run
 
     full = args.receivers >= 500
     messages = args.messages if args.messages is not None else (3000 if full else 600)
@@ -204,6 +209,17 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
     )
 
+    if args.reanalyse:
+        from pathlib import Path
+
+        folder = Path(args.reanalyse)
+        done = reload_run(folder, None if (folder / "run.json").exists() else settings)
+        doc, images = analyse(done)
+        path = write_report(folder, doc, images)
+        _print_summary(doc)
+        print(f"report: {path}")
+        return 0
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         raise _Stop(signal.Signals(signum).name)
 
@@ -227,26 +243,7 @@ def run(args: argparse.Namespace) -> int:
         progress.done()
         doc, images = analyse(em)
         path = write_report(em.out, doc, images)
-        print(doc["table_text"])
-        print()
-        for f in doc["faults"]:
-            print(
-                f"fault: {f['fault']:<55} late {f['late_pairs']:>5}  lost {f['lost_pairs']:>5}"
-                f"  victims' pairs {f['victim_pairs']:>6}  recovery {f['recovery_ms']} ms"
-                + (f"  ERROR {f['error']}" if f["error"] else "")
-            )
-        summ = doc["summary"]
-        print(
-            f"machine CPU max {summ['machine_cpu_max_percent']}% -> "
-            + ("valid for timing" if summ["timing_valid"] else "NOT valid for timing figures")
-        )
-        for p in doc["processes"]:
-            print(
-                f"process {p['role']:<9} x{p['count']:<4} CPU total {p['cpu_s_total']} s, "
-                f"peak RSS max {p['maxrss_mb_max']} MB"
-            )
-        for note in summ["notes"]:
-            print(f"note: {note}")
+        _print_summary(doc)
         print(f"report: {path}")
     except (KeyboardInterrupt, _Stop) as exc:
         progress.done()
@@ -265,3 +262,27 @@ def run(args: argparse.Namespace) -> int:
             for s, h in old.items():
                 signal.signal(s, h)
     return code
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    print(doc["table_text"])
+    print()
+    for f in doc["faults"]:
+        print(
+            f"fault: {f['fault']:<52} late before {f.get('late_pairs_before', '-'):>4}/"
+            f"{f.get('messages_before', '-')} msgs, after {f['late_pairs']:>5}  "
+            f"lost {f['lost_pairs']:>4}  victims' pairs {f['victim_pairs']:>6}  "
+            f"recovery {f['recovery_ms']} ms" + (f"  ERROR {f['error']}" if f["error"] else "")
+        )
+    summ = doc["summary"]
+    print(
+        f"machine CPU max {summ['machine_cpu_max_percent']}% -> "
+        + ("valid for timing" if summ["timing_valid"] else "NOT valid for timing figures")
+    )
+    for p in doc["processes"]:
+        print(
+            f"process {p['role']:<9} x{p['count']:<4} CPU total {p['cpu_s_total']} s, "
+            f"peak RSS max {p['maxrss_mb_max']} MB"
+        )
+    for note in summ["notes"]:
+        print(f"note: {note}")

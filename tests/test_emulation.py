@@ -299,6 +299,12 @@ def test_small_emulation_runs_all_configurations_and_survives_a_killed_relay(
     assert 0 < fault["messages_before"] < fault["messages"]
     relay_exits = [p for p in em.processes if p.node == killed and p.block == fault["block"]]
     assert [p.status for p in relay_exits] == [-signal.SIGKILL]
+    # The run reads back from its folder to the same figures.
+    from overlay.emulation.runner import reload_run
+
+    again, _ = analyse(reload_run(em.out))
+    assert [r["p_fair"] for r in again["table"]] == [r["p_fair"] for r in doc["table"]]
+    assert again["faults"][0]["lost_pairs"] == 0
     # Report files with the plots.
     html = (em.out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 8

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -379,6 +380,9 @@ class Emulation:
     def setup(self) -> None:
         """Build the namespaces and start the spawner."""
         self._manifest()
+        (self.out / "run.json").write_text(
+            json.dumps({"settings": settings_dict(self.s), "tag": self.tag}, indent=1)
+        )
         self.progress(f"building {len(self.net.hosts)} namespaces", 0.0)
         self.net.build()
         self.spawner = Spawner(
@@ -507,6 +511,7 @@ class Emulation:
                 ),
             }
         self.control_summary["setup_s"] = round(time.monotonic() - t0, 2)
+        (ctl_dir / "control.json").write_text(json.dumps(self.control_summary, indent=1))
         if self.s.hedge in self.tree_topos:
             self.view = TreeView.of(self.tree_topos[self.s.hedge])
 
@@ -736,6 +741,14 @@ class Emulation:
             daemon_errors=errors,
         )
         self.blocks.append(result)
+        (block_dir / "block.json").write_text(
+            json.dumps(
+                {
+                    **block_meta(result),
+                    "processes": [asdict(p) for p in self.processes if p.block == index],
+                }
+            )
+        )
         return result
 
     def _link_loss(self, src: str, dst: str, loss: float) -> Callable[[], None]:
@@ -852,6 +865,126 @@ def load_records(block_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     sent_arr = np.concatenate(sent) if sent else np.zeros(0, dtype=SENT_DTYPE)
     deliv_arr = np.concatenate(deliv) if deliv else np.zeros(0, dtype=DELIVERY_DTYPE)
     return sent_arr.astype(SENT_DTYPE), deliv_arr.astype(DELIVERY_DTYPE)
+
+
+def block_meta(b: BlockResult) -> dict[str, Any]:
+    """What a block's records do not say about it, for reading a run back later."""
+    return {
+        "index": b.index,
+        "config": b.config,
+        "fault": asdict(b.fault) if b.fault else None,
+        "hold_ns": b.hold_ns,
+        "offered_rate": b.offered_rate,
+        "achieved_rate": b.achieved_rate,
+        "cpu_fraction": b.cpu_fraction,
+        "own_cpu_fraction": b.own_cpu_fraction,
+        "startup_s": b.startup_s,
+        "wall_s": b.wall_s,
+        "events": [{**asdict(e), "fault": asdict(e.fault)} for e in b.events],
+        "daemon_errors": b.daemon_errors,
+    }
+
+
+def reload_run(out_dir: Path, settings: EmulationSettings | None = None) -> Emulation:
+    """An Emulation whose blocks are read back from a finished (or killed) run's folder, for
+    `analyse` to report on again. Nothing is started."""
+    from overlay.emulation.control import TreeView
+
+    run_file = out_dir / "run.json"
+    if settings is None:
+        if not run_file.exists():
+            raise FileNotFoundError(f"{run_file} missing: pass the run's settings")
+        raw = json.loads(run_file.read_text())["settings"]
+        raw["configs"] = tuple(raw["configs"])
+        raw["receiver_args"] = tuple(raw.get("receiver_args", ()))
+        settings = EmulationSettings(**raw)
+    settings = EmulationSettings(**{**asdict(settings), "out_dir": str(out_dir)})
+    em = Emulation(settings)
+    ctl = out_dir / "controller" / "control.json"
+    if ctl.exists():
+        em.control_summary = json.loads(ctl.read_text())
+    # Runs written before block.json existed: take what their report.json said per block.
+    old_blocks: dict[int, dict[str, Any]] = {}
+    old_events: dict[int, dict[str, Any]] = {}
+    if (out_dir / "report.json").exists():
+        old = json.loads((out_dir / "report.json").read_text())
+        old_blocks = {int(b["index"]): b for b in old.get("blocks", [])}
+        old_events = {int(f["block"]): f["event"] for f in old.get("faults", []) if "event" in f}
+    for block_dir in sorted((out_dir / "blocks").glob("[0-9][0-9][0-9]-*")):
+        index_s, config = block_dir.name.split("-", 1)
+        meta_file = block_dir / "block.json"
+        meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        if not meta and int(index_s) in old_blocks:
+            ob = old_blocks[int(index_s)]
+            meta = {
+                "cpu_fraction": ob["machine_cpu_percent"] / 100,
+                "own_cpu_fraction": (ob.get("own_cpu_percent") or 0) / 100,
+                "startup_s": ob.get("startup_s", 0.0),
+                "wall_s": ob["wall_s"],
+                "hold_ns": ob["hold_us"] * 1000,
+            }
+        sent, deliv = load_records(block_dir)
+        if len(sent) == 0:
+            em.notes.append(f"block {block_dir.name}: no records (run stopped?)")
+            continue
+        topo = load_topology_file(block_dir / "topology.json")
+        fault = Fault(**meta["fault"]) if meta.get("fault") else None
+        if fault is None and int(index_s) in old_events:
+            e = old_events[int(index_s)]
+            fault = next(
+                (f for f in em.default_faults() if f.kind == e["kind"]),
+                Fault(kind=e["kind"], target=e["target"], at_s=0.0),
+            )
+            fault = Fault(**{**asdict(fault), "target": e["target"]})
+            meta["events"] = [
+                {
+                    "fault": asdict(fault),
+                    "start_ns": e["start_ns"],
+                    "end_ns": e["end_ns"],
+                    "pauses_ns": [int(p * 1000) for p in e["pauses_us"]],
+                    "pid": e["pid"],
+                    "error": e["error"],
+                }
+            ]
+        events = []
+        for e in meta.get("events", []):
+            ev = FaultEvent(Fault(**e["fault"]))
+            ev.start_ns, ev.end_ns, ev.pid, ev.error = (
+                e["start_ns"],
+                e["end_ns"],
+                e["pid"],
+                e["error"],
+            )
+            ev.pauses_ns = list(e["pauses_ns"])
+            events.append(ev)
+        span = float(sent["send_time_ns"].max() - sent["send_time_ns"].min()) / 1e9
+        em.blocks.append(
+            BlockResult(
+                index=int(index_s),
+                config=config,
+                fault=fault,
+                sent=sent,
+                deliveries=deliv,
+                hold_ns=int(meta.get("hold_ns", topo.stream.hold_ns)),
+                offered_rate=float(meta.get("offered_rate", settings.rate)),
+                achieved_rate=float(
+                    meta.get("achieved_rate", (len(sent) - 1) / span if span > 0 else 0.0)
+                ),
+                cpu_fraction=float(meta.get("cpu_fraction", math.nan)),
+                own_cpu_fraction=float(meta.get("own_cpu_fraction", 0.0)),
+                startup_s=float(meta.get("startup_s", 0.0)),
+                wall_s=float(meta.get("wall_s", span)),
+                events=events,
+                daemon_errors=list(meta.get("daemon_errors", [])),
+            )
+        )
+        em.processes += [ProcessStat(**p) for p in meta.get("processes", [])]
+        if config == "jasper" and topo.relays:
+            em.view = TreeView.of(topo)
+            if (out_dir / "controller" / "tree-stream1.json").exists():
+                em.tree_topos[settings.hedge] = topo
+    em.closed = True  # nothing to tear down
+    return em
 
 
 def settings_dict(s: EmulationSettings) -> dict[str, Any]:
@@ -986,8 +1119,11 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
     )
 
     scored_blocks = [b for b in em.blocks if b.fault is None]
-    machine_cpu = max((b.cpu_fraction for b in scored_blocks), default=0.0)
-    timing_valid = machine_cpu <= s.cpu_limit
+    known_cpu = [b.cpu_fraction for b in scored_blocks if not math.isnan(b.cpu_fraction)]
+    machine_cpu = max(known_cpu, default=0.0)
+    timing_valid = machine_cpu <= s.cpu_limit and len(known_cpu) == len(scored_blocks)
+    if len(known_cpu) < len(scored_blocks):
+        em.notes.append("machine CPU was not recorded for some blocks: timing not validated")
     by_name = {c.name: c for c in configs}
     comparisons = {}
     if "jasper" in by_name:
