@@ -372,3 +372,65 @@ def test_topology_files_json_and_toml(tmp_path: Any) -> None:
 
     with pytest.raises(TopologyError, match=r"link_model\.median_ns"):
         Relay(load_topology(tmp_path / "lm.json"), ["r0.0"])
+
+
+async def test_delay_line_processes_in_effective_arrival_order() -> None:
+    from jasper.linkmodel import LinkModel
+    from overlay.delayline import DelayLine
+
+    # Fixed 1 ms links; links out of "slow" take 3 ms.
+    model = LinkModel(median_ns=1_000_000, p99_ns=1_000_000, lemons=("slow",), lemon_factor=3.0)
+    line = DelayLine(model)
+    line.start(asyncio.get_running_loop())
+    seen: list[tuple[bytes, str, int]] = []
+    now = time.time_ns()
+    try:
+        line.admit("me", "slow", b"a", now, lambda d, s, t: seen.append((d, s, t)))
+        line.admit("me", "fast", b"b", now + 500_000, lambda d, s, t: seen.append((d, s, t)))
+        line.admit("me", "fast", b"c", now + 100_000, lambda d, s, t: seen.append((d, s, t)))
+        await asyncio.sleep(0.02)
+    finally:
+        line.close()
+    assert [d for d, _, _ in seen] == [b"c", b"b", b"a"]
+    # Effective arrival = receive time + link delay (to the ns, up to float rounding).
+    expected = [now + 1_100_000, now + 1_500_000, now + 3_000_000]
+    assert [t for _, _, t in seen] == pytest.approx(expected, abs=2)
+    assert line.counters.delayed == 3
+
+
+async def test_unix_datagram_delivery(tmp_path: Any) -> None:
+    topo = make_topology(n=2, fanout=2, hedge=0)
+    paths = [str(tmp_path / f"mp{i}.sock") for i in range(2)]
+    hosts = tuple(
+        dataclasses.replace(
+            h,
+            endpoints=tuple(
+                dataclasses.replace(e, deliver=f"unix:{paths[i]}")
+                for i, e in enumerate(h.endpoints)
+            ),
+        )
+        for h in topo.receivers
+    )
+    topo = dataclasses.replace(topo, receivers=hosts)
+    sinks = []
+    for p in paths:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(p)
+        s.setblocking(False)
+        sinks.append(s)
+    o = Overlay(topo)
+    o.start()
+    try:
+        await o.publish(3)
+        await settle(o.rx, 3 * 2)
+    finally:
+        o.close()
+    for s in sinks:
+        got = []
+        while True:
+            try:
+                got.append(s.recv(2048))
+            except BlockingIOError:
+                break
+        s.close()
+        assert got == [b"update 0", b"update 1", b"update 2"]
