@@ -527,3 +527,53 @@ def test_cleanup_removes_crashed_relay_leftovers() -> None:
     finally:
         sh("ip", "netns", "del", ns, check=False)
         loader.cleanup(node, force=True)
+
+
+def test_relay_parser_agrees_with_python_decoder(relay: Lab) -> None:
+    """Fuzz: random Jasper headers (IP/UDP kept consistent). The kernel forwards exactly the
+    datagrams jasper.wire.decode accepts, and counts every other one as malformed."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from scapy.compat import raw
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    set_targets(relay, [("10.9.0.2", 9000, False)])
+    fd = relay.relay.prog_fd
+    good = wire.encode(wire.Header(stream_id=1, session=1, seq=1, send_time_ns=1, deadline_ns=0))
+
+    @settings(
+        max_examples=100,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(
+        edits=st.lists(st.tuples(st.integers(0, HEADER_LEN - 1), st.integers(0, 255)), max_size=4),
+        extra=st.binary(max_size=40),
+        cut=st.integers(0, HEADER_LEN + 40),
+    )
+    def check(edits: list[tuple[int, int]], extra: bytes, cut: int) -> None:
+        body = bytearray(good + extra)
+        for at, value in edits:
+            body[at] = value
+        body = body[: max(len(body) - cut, 0)] if cut > 40 else body
+        with relay.entered(relay.ns):
+            relay.relay.reset()
+        pkt = (
+            Ether(dst="02:4a:53:00:09:01")
+            / IP(src=SENDER_IP, dst=RELAY_IP)
+            / UDP(sport=5555, dport=LISTEN_PORT)
+            / bytes(body)
+        )
+        assert run(relay, fd, raw(pkt)) == TC_ACT_SHOT
+        try:
+            wire.decode(bytes(body))
+            valid = True
+        except wire.WireError:
+            valid = False
+        c = counters(relay)
+        assert (c["copies"], c["malformed"]) == ((1, 0) if valid else (0, 1)), bytes(body).hex()
+        frames = relay.drain(0.05 if valid else 0.005)
+        assert len(frames) == (1 if valid else 0)
+
+    check()
