@@ -580,6 +580,19 @@ def _ipr() -> Any:
     return IPRoute()
 
 
+def interface_of(addr: str) -> str:
+    """Name of the interface in this netns that holds IPv4 `addr` (where a node bound to it
+    receives): the `ifname` to attach to. 127.0.0.0/8 is on `lo`."""
+    if ipaddress.IPv4Address(addr).is_loopback:
+        return "lo"
+    with _ipr() as ipr:
+        for a in ipr.get_addr(family=socket.AF_INET):
+            if a.get_attr("IFA_ADDRESS") == addr or a.get_attr("IFA_LOCAL") == addr:
+                link = ipr.get_links(a["index"])[0]
+                return str(link.get_attr("IFLA_IFNAME"))
+    raise FastPathError(f"no interface holds {addr} in this network namespace")
+
+
 def _ifindex(ipr: Any, ifname: str) -> int:
     found = ipr.link_lookup(ifname=ifname)
     if not found:

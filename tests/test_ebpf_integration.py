@@ -64,6 +64,7 @@ def test_every_endpoint_gets_every_message_once_through_the_fast_path(lab: objec
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
 
+    from ebpf import loader
     from ebpf.loader import ReceiverFastPath, RelayFastPath
     from ebpf.netlab import FanoutLab, entered, sh
 
@@ -74,6 +75,8 @@ def test_every_endpoint_gets_every_message_once_through_the_fast_path(lab: objec
     owner: dict[int, tuple[str, int]] = {}
     try:
         with entered(lab.relay):
+            assert loader.interface_of(lab.relay_in_ip) == lab.relay_in
+            assert loader.interface_of("127.0.0.9") == "lo"
             relay.attach()
             # Every endpoint twice: once as own child, once as a sibling's hedge target.
             targets = [
@@ -180,8 +183,6 @@ def test_every_endpoint_gets_every_message_once_through_the_fast_path(lab: objec
         for fp in receivers:
             fp.close()
         relay.close()
-    from ebpf import loader
-
     assert not loader.pin_dir(f"{lab.prefix}-relay").exists()
     assert "jasper" not in sh("tc", "filter", "show", "dev", lab.relay_in, "ingress", ns=lab.relay)
 
