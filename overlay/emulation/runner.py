@@ -39,6 +39,7 @@ STREAM_ID = 1
 RELAY_PORT = 7000
 ENDPOINT_PORT_BASE = 20000
 CONFIG_NAMES = ("unicast", "tree-h0", "tree-nohold", "jasper")
+"""The default configurations; "jasper-agents" can be added (it needs the controller)."""
 
 DEFAULT_LINK_MODEL: dict[str, Any] = {
     "seed": 7,
@@ -65,6 +66,9 @@ class ConfigSpec:
     """Sibling hedging of the tree; None = no tree (the publisher sends to every endpoint)."""
     hold: bool
     """True when the root stamps a release deadline; otherwise endpoints deliver at arrival."""
+    agents: bool = False
+    """Daemons run with --controller URL: their in-process agents take the plan from the
+    controller (which carries no link model: compare with runs made with --no-link-model)."""
 
 
 def config_specs(hedge: int) -> dict[str, ConfigSpec]:
@@ -89,6 +93,13 @@ def config_specs(hedge: int) -> dict[str, ConfigSpec]:
             description=f"tree H={hedge}, hold to the root's deadline",
             hedge=hedge,
             hold=True,
+        ),
+        "jasper-agents": ConfigSpec(
+            name="jasper-agents",
+            description=f"tree H={hedge}, hold; daemons follow the controller (in-process agents)",
+            hedge=hedge,
+            hold=True,
+            agents=True,
         ),
     }
 
@@ -325,7 +336,9 @@ class Emulation:
         self.specs = config_specs(settings.hedge)
         for name in settings.configs:
             if name not in self.specs:
-                raise ValueError(f"unknown configuration {name!r}; choose from {CONFIG_NAMES}")
+                raise ValueError(f"unknown configuration {name!r}; choose from {list(self.specs)}")
+            if self.specs[name].agents and not settings.controller:
+                raise ValueError(f"{name} needs the controller")
         host_eps = endpoint_hosts(settings.receivers, settings.endpoints_per_host)
         pub = self.net.add_host("pub")
         ctl = self.net.add_host("ctl")
@@ -342,6 +355,10 @@ class Emulation:
         self.ctl_pid = 0
         self.control: Any = None
         self.control_summary: dict[str, Any] = {}
+        self.ctl_streams: dict[int, int] = {}
+        """Hedge -> the controller's stream id for it."""
+        self.ctl_endpoint_names: dict[str, str] = {}
+        """The controller's endpoint keys -> the emulation's leaf names."""
         self.tree_topos: dict[int, Topology] = {}
         """Hedge -> the controller's plan (as a topology), when the control plane is on."""
         from overlay.emulation.control import TreeView
@@ -492,6 +509,9 @@ class Emulation:
                 )
             tree = c.settled_tree(stream_id)
             (ctl_dir / f"tree-stream{stream_id}.json").write_text(json.dumps(tree))
+            self.ctl_streams[hedge] = stream_id
+            for ep in tree.get("endpoints", []):
+                self.ctl_endpoint_names[str(ep["name"])] = names[(ep["addr"], int(ep["port"]))]
             topo = topology_from_tree(tree, names)
             # The data plane carries stream 1 in every configuration.
             doc = topo.to_dict()
@@ -546,6 +566,27 @@ class Emulation:
         self.live[key] = pid
         return pid
 
+    def _token_file(self) -> Path:
+        path = self.out / "controller" / "node-token"
+        if not path.exists():
+            path.write_text(self.control.node_token)
+            path.chmod(0o600)
+        return path
+
+    def _source(self, spec: ConfigSpec, topo_path: Path, node: str) -> list[str]:
+        """Where a daemon takes its plan from: the file, or the controller (agents)."""
+        if not spec.agents:
+            return ["--topology", str(topo_path)]
+        host = self.net.hosts[node]
+        return [
+            "--controller",
+            self.control.url,
+            "--token-file",
+            str(self._token_file()),
+            "--data-addr",
+            host.addr,
+        ]
+
     def _start_block_daemons(self, topo_path: Path, block_dir: Path, spec: ConfigSpec) -> None:
         """Start receivers (and relays unless unicast); wait for each one's ready file."""
         ready: list[Path] = []
@@ -553,10 +594,16 @@ class Emulation:
         def argv(kind: str, node: str) -> list[str]:
             flag = block_dir / f"ready-{node}"
             ready.append(flag)
+            extra: list[str] = []
+            if spec.agents and kind == "relay":
+                extra = ["--port", str(RELAY_PORT)]
+            if spec.agents and kind == "receiver":
+                eps = self.layout.hosts[node][1]
+                extra = ["--port-base", str(ENDPOINT_PORT_BASE), "--endpoints", str(len(eps))]
             return [
                 kind,
-                "--topology",
-                str(topo_path),
+                *self._source(spec, topo_path, node),
+                *extra,
                 "--node-name",
                 node,
                 "--records",
@@ -646,6 +693,8 @@ class Emulation:
             doc["stream"]["hold_ns"] = hold_ns
             doc["plan_epoch"] = index + 1
             doc["link_model"] = dict(self.s.link_model) if self.s.link_model else None
+            if spec.agents:  # the daemons take the controller's plan, which has none
+                doc["link_model"] = None
             topo = parse_topology(doc)
         else:
             plan = None if spec.hedge is None else self.plans[spec.hedge]
@@ -669,13 +718,18 @@ class Emulation:
         cpu0 = cpu_sample()
         daemons = list(self.live.values())
         own0 = process_cpu_s(daemons)
+        pub_extra: list[str] = []
+        if spec.agents:
+            assert spec.hedge is not None
+            pub_extra = ["--stream", str(self.ctl_streams[spec.hedge])]
+            pub_extra += ["--hold-us", f"{hold_ns / 1e3:.3f}"]
         self._spawn(
             "pub",
             self.net.hosts["pub"].netns,
             [
                 "publisher",
-                "--topology",
-                str(topo_path),
+                *self._source(spec, topo_path, "pub"),
+                *pub_extra,
                 "--node-name",
                 "pub",
                 "--rate",
@@ -719,6 +773,8 @@ class Emulation:
         # Let the last messages clear the tree and the hold before stopping.
         time.sleep(0.3 + hold_ns / 1e9)
         errors = self._stop_daemons(index)
+        if spec.agents:
+            self._normalize_agent_records(block_dir)
         sent, deliveries = load_records(block_dir)
         achieved = 0.0
         if len(sent) > 1:
@@ -750,6 +806,21 @@ class Emulation:
             )
         )
         return result
+
+    def _normalize_agent_records(self, block_dir: Path) -> None:
+        """Agent-run records name the controller's stream and endpoint keys: rename them to
+        the emulation's, keeping the originals under raw/."""
+        raw = block_dir / "raw"
+        raw.mkdir(exist_ok=True)
+        for path in [*block_dir.glob("*sent*.npy"), *block_dir.glob("*deliver*.npy")]:
+            arr = np.load(path)
+            path.rename(raw / path.name)
+            arr["stream_id"] = STREAM_ID
+            if "endpoint" in (arr.dtype.names or ()):
+                arr["endpoint"] = [
+                    self.ctl_endpoint_names.get(str(e), str(e)) for e in arr["endpoint"]
+                ]
+            np.save(path, arr)
 
     def _link_loss(self, src: str, dst: str, loss: float) -> Callable[[], None]:
         detach = attach_linkloss(self.net.hosts[dst].netns, "eth0", self.net.hosts[src].addr, loss)
