@@ -54,7 +54,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--endpoints-per-receiver", type=int, default=20, help="endpoints per receiver process"
     )
-    p.add_argument("--relays-per-process", type=int, default=12, help="relay nodes per process")
+    p.add_argument("--relays-per-process", type=int, default=6, help="relay nodes per process (6)")
     p.add_argument(
         "--fast-path", choices=("auto", "ebpf", "user"), default="auto", help="eBPF or user space"
     )

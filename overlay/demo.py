@@ -56,7 +56,7 @@ class DemoConfig:
     """Link model document (None = off)."""
     endpoints_per_receiver: int = 20
     """Endpoints hosted by one receiver process."""
-    relays_per_process: int = 12
+    relays_per_process: int = 6
     """Relay nodes hosted by one relay process (the root runs alone)."""
     addr: str = "127.0.0.1"
     """Loopback address every node binds."""

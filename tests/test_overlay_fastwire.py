@@ -22,13 +22,13 @@ def verdict(parse, data: bytes) -> object:  # type: ignore[no-untyped-def]
     return "ok"
 
 
-@settings(max_examples=2000)
+@settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=120))
 def test_random_bytes_same_verdict(data: bytes) -> None:
     assert verdict(peek, data) == verdict(decode_header, data)
 
 
-@settings(max_examples=2000)
+@settings(max_examples=500, deadline=None)
 @given(st.integers(0, len(VALID) - 1), st.integers(0, 255), st.integers(0, len(VALID)))
 def test_mutated_and_truncated_same_verdict(at: int, byte: int, cut: int) -> None:
     data = bytearray(VALID)
