@@ -208,6 +208,7 @@ _COLOURS = {
     "tree-h0": "#ff7f0e",
     "tree-nohold": "#1f77b4",
     "jasper": "#2ca02c",
+    "jasper-agents": "#9467bd",
 }
 
 
