@@ -258,7 +258,8 @@ class Receiver:
                 self._loop.remove_reader(ep.sock.fileno())
                 self._on_readable(ep)  # what the kernel already queued
         self.delay.flush()
-        self.release.stop(drain=True)
+        # Held messages are released on time, so wait up to one hold for the last of them.
+        self.release.stop(drain=True, timeout=self.topo.stream.hold_ns / 1e9 + 1.0)
 
     def close(self) -> None:
         self.delay.close()
