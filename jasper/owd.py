@@ -184,8 +184,10 @@ class OwdTracker:
     def __init__(
         self, *, stream_id: int, window_samples: int = 1_000, window_ns: int = 200_000_000
     ) -> None:
-        if window_samples < 1:
-            raise ValueError(f"window_samples must be >= 1, got {window_samples}")
+        # >= 2: a sample that finds its time-expired window closed opens the next one, and
+        # must not close that one too (record returns one report).
+        if window_samples < 2:
+            raise ValueError(f"window_samples must be >= 2, got {window_samples}")
         if window_ns < 1:
             raise ValueError(f"window_ns must be >= 1, got {window_ns}")
         self.stream_id = stream_id

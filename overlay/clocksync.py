@@ -295,7 +295,7 @@ class SntpClient:
         return samples
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class SyncRecord:
     """One correction made by a ClockDiscipline."""
 
@@ -407,9 +407,9 @@ class ClockDiscipline:
             while True:
                 try:
                     await self.sync_once()
-                except OSError as exc:
+                except Exception:  # a bad round must not end the discipline
                     self.failures += 1
-                    log.warning("sntp sync against %s failed: %s", self.server, exc)
+                    log.exception("sntp sync against %s failed", self.server)
                 await asyncio.sleep(self.interval_s)
         finally:
             self._client.close()

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from jasper.ntp import encode_request, sample_from_reply
@@ -35,7 +35,7 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ChronyConfig:
     """What goes into the generated chrony.conf."""
 
@@ -45,7 +45,7 @@ class ChronyConfig:
     """chronyc command port on 127.0.0.1; 0 picks a free one."""
     local_stratum: int = 1
     """Serve the kernel clock as this stratum (`local stratum N`)."""
-    upstream: list[tuple[str, int]] = field(default_factory=list)
+    upstream: tuple[tuple[str, int], ...] = ()
     """NTP servers (host, port) this chronyd follows instead of serving only its own clock."""
     poll: int = -4
     """minpoll/maxpoll for upstream servers, log2 s (-4 = 1/16 s, for fast tests)."""

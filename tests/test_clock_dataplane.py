@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from tests.conftest import require_privileged
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
 ENDPOINTS = 4
-HOLD_NS = 2_000_000
+HOLD_NS = 20_000_000
+"""Generous, so that even on a loaded 2-core machine copies arrive before their deadline."""
 RATE = 200.0
 SECONDS = 2.0
 
@@ -95,6 +97,10 @@ async def _run(ref: ReferenceChrony, *, correct: bool, audit: Path | None) -> di
             await d.sync_once()
         d.start()
     loop = asyncio.get_running_loop()
+    # As the daemons do (tune_interpreter): a 5 ms GIL switch interval would hold releases
+    # behind the event loop. Restored afterwards for the rest of the test session.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(50e-6)
     relay = Relay(topo, ["r0"], link_model=False)
     rx = Receiver(
         topo,
@@ -102,7 +108,7 @@ async def _run(ref: ReferenceChrony, *, correct: bool, audit: Path | None) -> di
         link_model=False,
         clock=rx_clock.now_ns,
         synced=lambda: rx_clock.status() is ClockStatus.SYNCHRONIZED,
-        realtime=False,
+        realtime=True,  # SCHED_FIFO release thread, as the receiver daemon runs it
         deliver=None,
     )
     pub = Publisher(topo, clock=pub_clock.now_ns, hold_ns=HOLD_NS)
@@ -166,6 +172,7 @@ async def _run(ref: ReferenceChrony, *, correct: bool, audit: Path | None) -> di
         rx.close()
         if auditor is not None:
             auditor.close()
+        sys.setswitchinterval(switch_interval)
     return {
         "sent": sent,
         "records": rx.records.array(),
@@ -221,6 +228,14 @@ async def test_negative_control_releases_off_by_the_injected_offset(
     # The receiver's clock runs 500 µs (and 20 ppm) behind, so it releases that much late.
     injected = np.array([t - clock.reading_then(t) for t in recs["release_ns"].tolist()])
     assert float(np.median(injected)) >= 480_000
-    residual = error - injected  # what remains is the release path's own lateness
+    # Copies that arrived (on the node's clock) after their deadline went out at once: their
+    # lateness is the event loop's, not the clock's. The rest went out when the node's clock
+    # reached the deadline: what remains beyond the injected offset is the release thread's.
+    on_time = np.array(
+        [clock.reading_then(a) <= d for a, d in zip(recs["arrival_ns"].tolist(),
+                                                     recs["deadline_ns"].tolist(), strict=True)]
+    )  # fmt: skip
+    assert on_time.mean() > 0.5
+    residual = (error - injected)[on_time]
     assert abs(float(np.median(residual))) < 200_000
     assert float(np.median(error)) > 400_000

@@ -47,7 +47,7 @@ def follower(reference: ReferenceChrony) -> Iterator[ReferenceChrony]:
     """A second chronyd (-x) that follows the reference, so it has a real, nonzero bound."""
     f = ReferenceChrony(
         ChronyConfig(
-            local_stratum=0, upstream=[("127.0.0.1", reference.ntp_port)], exit_after_s=600
+            local_stratum=0, upstream=(("127.0.0.1", reference.ntp_port),), exit_after_s=600
         )
     )
     f.start(timeout_s=20)  # ready = it serves synchronized time
