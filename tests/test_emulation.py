@@ -271,6 +271,7 @@ def test_small_emulation_runs_all_configurations_and_survives_a_killed_relay(
         warmup_messages=10,
         fault_block_messages=80,
         tau_ns=1_000_000,
+        configs=("unicast", "tree-h0", "tree-nohold", "jasper", "jasper-agents"),
         tag=tag,
         out_dir=str(tmp_path / "out"),
     )
@@ -285,7 +286,13 @@ def test_small_emulation_runs_all_configurations_and_survives_a_killed_relay(
     assert list_namespaces(f"jemu-{tag}-") == []
     # Each configuration: its scored messages, every pair delivered (no loss on clean links).
     rows = {r["config"]: r for r in doc["table"]}
-    assert set(rows) == {"unicast", "tree-h0", "tree-nohold", "jasper"}
+    assert set(rows) == {"unicast", "tree-h0", "tree-nohold", "jasper", "jasper-agents"}
+    # Trees came from the controller, after subscribing every endpoint over REST.
+    assert doc["summary"]["trees_from"] == "controller (REST)"
+    ctl = doc["summary"]["control_plane"]["stream_h2"]
+    assert ctl["subscriptions"]["subscriptions"] == 40
+    assert ctl["subscriptions"]["failure_count"] == 0
+    assert ctl["distinct_parents_min"] == 3
     for r in rows.values():
         assert r["messages"] == 40
         assert r["lost_pairs"] == 0
