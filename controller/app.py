@@ -53,6 +53,7 @@ async def _monitor(planner: Planner, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
+            planner.flush_telemetry()
             planner.check_liveness()
             planner.check_switches()
         except Exception:  # a bad tick must not end monitoring for good
@@ -78,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            planner.flush_telemetry()
             database.close()
 
     app = FastAPI(

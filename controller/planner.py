@@ -8,7 +8,7 @@ import hashlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from controller import store
@@ -51,6 +51,18 @@ def endpoint_key(sub_id: int) -> str:
     return f"s{sub_id}"
 
 
+@dataclass(frozen=True)
+class Telemetry:
+    """The latest heartbeat of a node, kept in memory between flushes."""
+
+    applied_version: int
+    """Config version the node runs."""
+    clock: dict[str, Any]
+    """Clock status, error bound and offset as the node reported them."""
+    status: dict[str, Any]
+    """Daemon and agent counters, flattened."""
+
+
 @dataclass
 class StreamPlans:
     """The plans of one stream: the one traffic follows and, during a switch, the next."""
@@ -82,6 +94,9 @@ class Planner:
         self._docs: dict[tuple[int, str, int], dict[str, Any]] = {}
         self._predictions: dict[tuple[int, int], OmlPrediction] = {}
         self.dead_reports: dict[str, set[str]] = {}
+        self.telemetry: dict[str, Telemetry] = {}
+        self.telemetry_dirty: set[str] = set()
+        self._dirty_links: dict[tuple[str, str], LinkStats] = {}
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -192,35 +207,68 @@ class Planner:
         latency: list[tuple[str, int, int, int]],
         dead_neighbours: list[str],
     ) -> NodeRow:
+        """Take a heartbeat. Telemetry (counters, clock, probes, applied version) is kept in
+        memory and written by `flush_telemetry` in one transaction per monitor tick: a
+        thousand nodes beating every second must not cost a thousand fsyncs. Liveness changes
+        are committed at once."""
+        node = store.get_node(db=self.database.conn, name=name)
+        if node is None:
+            raise NotFound(f"node {name!r} is not registered")
+        self.telemetry[name] = Telemetry(applied_version, clock, status)
+        self.telemetry_dirty.add(name)
+        for peer, owd, jitter, samples in latency:
+            stats = LinkStats(owd, jitter, samples)
+            self.matrix[(name, peer)] = stats
+            self._dirty_links[(name, peer)] = stats
+        self.last_seen[name] = time.monotonic()
+        self.dead_reports.pop(name, None)
+        for peer in dead_neighbours:
+            self.dead_reports.setdefault(peer, set()).add(name)
+        if not node.alive:
+            log.info("node %s is back", name)
+            with self.database.transaction() as db:
+                store.set_node_alive(db=db, name=name, alive=True)
+                self._bump(db)
+            node = replace(node, alive=True)
+        self.metrics.heartbeats.inc()
+        self.check_switches()
+        return self.view(node)
+
+    def view(self, node: NodeRow) -> NodeRow:
+        """The stored node with its latest heartbeat telemetry."""
+        t = self.telemetry.get(node.name)
+        if t is None:
+            return node
+        return replace(node, applied_version=t.applied_version, clock=t.clock, status=t.status)
+
+    def flush_telemetry(self) -> None:
+        """Write heartbeat telemetry received since the last flush, in one transaction."""
+        if not self.telemetry_dirty and not self._dirty_links:
+            return
         now_ns = time.time_ns()
+        telemetry, self.telemetry_dirty = self.telemetry_dirty, set()
+        links, self._dirty_links = self._dirty_links, {}
         with self.database.transaction() as db:
-            node = store.get_node(db=db, name=name)
-            if node is None:
-                raise NotFound(f"node {name!r} is not registered")
-            store.record_heartbeat(
-                db=db, name=name, applied_version=applied_version, clock=clock, status=status
-            )
-            for peer, owd, jitter, samples in latency:
+            for name in telemetry:
+                t = self.telemetry.get(name)
+                if t is not None:
+                    store.record_heartbeat(
+                        db=db,
+                        name=name,
+                        applied_version=t.applied_version,
+                        clock=t.clock,
+                        status=t.status,
+                    )
+            for (src, dst), stats in links.items():
                 store.upsert_latency(
                     db=db,
-                    src=name,
-                    dst=peer,
-                    owd_ns=owd,
-                    jitter_ns=jitter,
-                    samples=samples,
+                    src=src,
+                    dst=dst,
+                    owd_ns=stats.owd_ns,
+                    jitter_ns=stats.jitter_ns,
+                    samples=stats.samples,
                     now_ns=now_ns,
                 )
-                self.matrix[(name, peer)] = LinkStats(owd, jitter, samples)
-            self.last_seen[name] = time.monotonic()
-            self.dead_reports.pop(name, None)
-            for peer in dead_neighbours:
-                self.dead_reports.setdefault(peer, set()).add(name)
-            if not node.alive:
-                log.info("node %s is back", name)
-                self._bump(db)
-            self.metrics.heartbeats.inc()
-        self.check_switches()
-        return store.get_node(db=self.database.conn, name=name) or node
 
     def check_liveness(self) -> list[str]:
         """Declare dead the nodes silent for longer than the timeout (or reported dead by two
@@ -492,7 +540,7 @@ class Planner:
     def _nodes_of(self, placement: Placement) -> list[NodeRow]:
         db = self.database.conn
         names = set(placement.relay_nodes()) | set(placement.hosts.values())
-        return [n for n in store.list_nodes(db=db) if n.name in names]
+        return [self.view(n) for n in store.list_nodes(db=db) if n.name in names]
 
     # --- views ------------------------------------------------------------------------------
 

@@ -244,7 +244,7 @@ def record_heartbeat(
     status: dict[str, Any],
 ) -> None:
     db.execute(
-        "UPDATE nodes SET applied_version = ?, clock = ?, status = ?, alive = 1 WHERE name = ?",
+        "UPDATE nodes SET applied_version = ?, clock = ?, status = ? WHERE name = ?",
         (applied_version, json.dumps(clock), json.dumps(status), name),
     )
 

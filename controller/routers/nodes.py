@@ -55,16 +55,16 @@ async def register(body: NodeCreate, planner: PlannerDep, _: NodeAuthDep) -> Nod
 
 
 @router.get("", response_model=list[NodePublic], summary="List nodes")
-async def list_nodes(db: DbDep, _: AdminDep) -> list[NodePublic]:
-    return [public(n) for n in store.list_nodes(db=db)]
+async def list_nodes(db: DbDep, planner: PlannerDep, _: AdminDep) -> list[NodePublic]:
+    return [public(planner.view(n)) for n in store.list_nodes(db=db)]
 
 
 @router.get("/{name}", response_model=NodePublic, summary="One node")
-async def get_node(name: NamePath, db: DbDep, _: NodeAuthDep) -> NodePublic:
+async def get_node(name: NamePath, db: DbDep, planner: PlannerDep, _: NodeAuthDep) -> NodePublic:
     node = store.get_node(db=db, name=name)
     if node is None:
         raise NotFound(f"node {name!r} not found")
-    return public(node)
+    return public(planner.view(node))
 
 
 @router.post("/{name}/heartbeat", response_model=HeartbeatReply, summary="Heartbeat")
