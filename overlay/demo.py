@@ -60,9 +60,9 @@ class DemoConfig:
     """Relay nodes hosted by one relay process (the root runs alone)."""
     addr: str = "127.0.0.1"
     """Loopback address every node binds."""
-    drain_s: float = 1.0
-    """After the last message, stop once no endpoint has accepted anything for this long
-    (plus 2 s), in seconds; normally the run stops as soon as every pair is accepted."""
+    drain_s: float = 10.0
+    """After the last message, stop once no endpoint has accepted anything for this long, in
+    seconds; normally the run stops as soon as every pair is accepted."""
     fast_path: str = "auto"
     """--fast-path for relays and receivers."""
     deliver: str = "memory"
@@ -201,7 +201,8 @@ def _drain(out: Path, cfg: DemoConfig, endpoints: int, stream: Any) -> None:
             break
         if got != last:
             last, last_change = got, time.monotonic()
-        elif time.monotonic() - last_change > cfg.drain_s + 2.0:
+        elif time.monotonic() - last_change > max(10.0, cfg.drain_s):
+            # A shared host can stall a process for seconds; only a long silence ends it.
             break
         stream.write(f"\rdraining: {got}/{expected} (message, endpoint) pairs accepted")
         stream.flush()

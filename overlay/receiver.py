@@ -256,7 +256,12 @@ class Receiver:
         if self._loop is not None:
             for ep in self.endpoints:
                 self._loop.remove_reader(ep.sock.fileno())
-                self._on_readable(ep)  # what the kernel already queued
+                # Take everything the kernel already queued (a busy host can be far behind).
+                while True:
+                    got, _ = drain(ep.sock, ep.handle)
+                    ep.counters.received += got
+                    if not got:
+                        break
         self.delay.flush()
         # Held messages are released on time, so wait up to one hold for the last of them.
         self.release.stop(drain=True, timeout=self.topo.stream.hold_ns / 1e9 + 1.0)

@@ -319,7 +319,13 @@ class Relay:
         }
 
     def flush(self) -> None:
-        """Process copies still held by the link model (at shutdown)."""
+        """At shutdown: take what the kernel queued, then process what the link model holds."""
+        for node in self.nodes.values():
+            while True:
+                got, _ = drain(node.sock, node.handle)
+                node.counters.received += got
+                if not got:
+                    break
         self.delay.flush()
 
 
