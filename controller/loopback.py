@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -184,6 +184,21 @@ class LoopbackController:
             body["deliver"] = deliver
         doc: dict[str, Any] = self.call("POST", "/v1/subscriptions", token=mp_token, json=body)
         return doc
+
+    def subscribe_endpoints(
+        self,
+        stream_id: int,
+        endpoints: Iterable[tuple[str, int, str | None]],
+        *,
+        mp_prefix: str = "mp",
+    ) -> list[dict[str, Any]]:
+        """One MP per endpoint (addr, port, deliver), each subscribing its own endpoint over
+        REST, as the paper's emulation does; returns the subscriptions in order."""
+        subs = []
+        for i, (addr, port, deliver) in enumerate(endpoints):
+            _, token = self.create_mp(f"{mp_prefix}{i}")
+            subs.append(self.subscribe(token, stream_id, addr, port, deliver))
+        return subs
 
     def tree(self, stream_id: int) -> dict[str, Any]:
         doc: dict[str, Any] = self.call("GET", f"/v1/streams/{stream_id}/tree")

@@ -94,3 +94,23 @@ def test_200_concurrent_subscribes(ctl: LoopbackController) -> None:
     assert len(ports) == len(set(ports))
     tree = ctl.tree(1)
     assert {e["subscription_id"] for e in tree["endpoints"]} == set(successes)
+
+
+def test_subscribe_endpoints_helper(ctl: LoopbackController) -> None:
+    ctl.call(
+        "POST",
+        "/v1/nodes",
+        token=ctl.node_token,
+        json={
+            "name": "rx0",
+            "role": "receiver",
+            "data_addr": "127.0.0.1",
+            "port": 20_000,
+            "capacity": 5,
+        },
+    )
+    ctl.create_stream(7, "md")
+    subs = ctl.subscribe_endpoints(7, [("127.0.0.1", 20_000 + i, None) for i in range(5)])
+    assert [s["endpoint"]["port"] for s in subs] == [20_000 + i for i in range(5)]
+    assert len({s["mp_id"] for s in subs}) == 5
+    assert len(ctl.tree(7)["endpoints"]) == 5
