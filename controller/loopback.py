@@ -78,7 +78,7 @@ class LoopbackController:
 
     # --- process ----------------------------------------------------------------------------
 
-    def start(self, timeout_s: float = 20.0) -> LoopbackController:
+    def start(self, timeout_s: float = 60.0) -> LoopbackController:
         env = {
             **os.environ,
             "JASPER_ADMIN_TOKEN": self.admin_token,
