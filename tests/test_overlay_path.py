@@ -434,3 +434,29 @@ async def test_unix_datagram_delivery(tmp_path: Any) -> None:
                 break
         s.close()
         assert got == [b"update 0", b"update 1", b"update 2"]
+
+
+async def test_publisher_run_sends_rate_times_duration_and_stops() -> None:
+    from overlay.publisher import OrderBook
+
+    topo = make_topology(n=2, fanout=2, hedge=0)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(topo.address_of("r0.0"))
+    pub = Publisher(topo, session=9, hold_ns=1_000)
+    try:
+        n = await pub.run(rate=200, duration_s=0.25)
+        assert n == 50 and pub.seq == 50
+        stop = asyncio.Event()
+        task = asyncio.create_task(pub.run(rate=100, duration_s=None, stop=stop))
+        await asyncio.sleep(0.1)
+        stop.set()
+        more = await asyncio.wait_for(task, 2)
+        assert 1 <= more <= 30
+    finally:
+        pub.close()
+        sink.close()
+    sent = pub.records.array()
+    assert list(sent["seq"]) == list(range(1, 50 + more + 1))
+    assert (sent["session"] == 9).all()
+    assert (sent["deadline_ns"] - sent["send_time_ns"] == 1_000).all()
+    assert OrderBook(seed=1).update(1) == OrderBook(seed=1).update(1)
