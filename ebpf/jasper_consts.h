@@ -21,9 +21,12 @@
 _Static_assert(JASPER_MAX_TARGETS >= 30, "a relay needs at least F*(H+1) = 30 targets");
 _Static_assert((JASPER_RING_SLOTS & (JASPER_RING_SLOTS - 1)) == 0, "ring slots: a power of two");
 
-/* Every clone the relay sends carries this mark, so that if it ever comes back through a TC hook
- * running this program (same namespace, loopback, a hairpin) it is passed, never copied again. */
-#define JASPER_CLONE_MARK 0x4A530001
+/* Every clone a relay sends carries JASPER_CLONE_MARK | its listen port, so that if it comes
+ * back through that relay's hook (loopback, a hairpin) it is passed, never copied again. A
+ * clone made by another relay node sharing the interface (several nodes on `lo`) carries that
+ * node's port and is a real arrival. */
+#define JASPER_CLONE_MARK 0x4A530000
+#define JASPER_CLONE_MARK_MASK 0xFFFF0000
 
 /* Target flags (struct jasper_target.flags). */
 #define JASPER_TARGET_HEDGE 0x01   /* set FLAG_HEDGE_COPY in the copy */

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -13,13 +15,14 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ebpf.build import BuildError, build
 
@@ -397,11 +400,20 @@ def bpffs_root() -> Path:
     return BPFFS
 
 
+def pin_name(node: str) -> str:
+    """The node's folder name in bpffs, which refuses names with a dot ("r1.0" -> "r1%2E0")."""
+    return node.replace("%", "%25").replace(".", "%2E")
+
+
+def node_of_pin(name: str) -> str:
+    return name.replace("%2E", ".").replace("%25", "%")
+
+
 def pin_dir(node: str) -> Path:
-    """/sys/fs/bpf/jasper/<node>: the node's pinned maps."""
+    """/sys/fs/bpf/jasper/<node>: the node's pinned maps (dots escaped, see pin_name)."""
     if not node or "/" in node or node.startswith("."):
         raise ValueError(f"bad node name {node!r}")
-    return bpffs_root() / PIN_SUBDIR / node
+    return bpffs_root() / PIN_SUBDIR / pin_name(node)
 
 
 def _netns_inode(pid: int | str = "self") -> int:
@@ -484,7 +496,7 @@ def cleanup(node: str | None = None, *, force: bool = False) -> list[str]:
             except (OSError, ValueError):
                 records[f.stem] = {}
     root = bpffs_root() / PIN_SUBDIR
-    pinned = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    pinned = {node_of_pin(p.name) for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
     names = sorted(set(records) | pinned)
     if node is not None:
         names = [n for n in names if n == node]
@@ -495,7 +507,7 @@ def cleanup(node: str | None = None, *, force: bool = False) -> list[str]:
             continue
         if record and record.get("ifname") and _detach_foreign(record):
             removed.append(f"{record.get('hook', 'tc')} program on {record['ifname']}")
-        removed += _unpin(root / name)
+        removed += _unpin(root / pin_name(name))
         state = STATE_DIR / f"{name}.json"
         if state.exists():
             state.unlink()
@@ -510,8 +522,9 @@ def status() -> list[dict[str, Any]]:
     if not root.is_dir():
         return out
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        rec: dict[str, Any] = {"node": folder.name}
-        state = STATE_DIR / f"{folder.name}.json"
+        node = node_of_pin(folder.name)
+        rec: dict[str, Any] = {"node": node}
+        state = STATE_DIR / f"{node}.json"
         if state.exists():
             rec.update(json.loads(state.read_text()))
             rec["owner_alive"] = _owner_alive(rec)
@@ -574,12 +587,45 @@ def _in_netns(ns_fd: int | None) -> Iterator[None]:
         os.close(home)
 
 
+_T = TypeVar("_T")
+
+
+def _off_event_loop(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Run `fn` in a worker thread when the caller's thread runs an asyncio loop: pyroute2's
+    synchronous API drives an event loop of its own and refuses to run inside another. The
+    worker inherits the caller's network namespace."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = fn(*args, **kwargs)
+            except BaseException as e:
+                box["error"] = e
+
+        t = threading.Thread(target=work, name=f"jasper-ebpf-{fn.__name__}")
+        t.start()
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
+
+    return wrapper
+
+
 def _ipr() -> Any:
     from pyroute2 import IPRoute  # only where something is attached: keeps imports light
 
     return IPRoute()
 
 
+@_off_event_loop
 def interface_of(addr: str) -> str:
     """Name of the interface in this netns that holds IPv4 `addr` (where a node bound to it
     receives): the `ifname` to attach to. 127.0.0.0/8 is on `lo`."""
@@ -719,7 +765,7 @@ class _Attachment:
                 "ifname": self.ifname,
                 "hook": self.hook,
                 "tc_prio": self.tc_prio,
-                "pin_dir": str(BPFFS / PIN_SUBDIR / self.node),
+                "pin_dir": str(BPFFS / PIN_SUBDIR / pin_name(self.node)),
                 "attached_at_unix_s": int(time.time()),
             },
         )
@@ -761,6 +807,7 @@ class _Attachment:
         run_time, runs = struct.unpack_from("=QQ", info.raw, PROG_INFO_RUN_TIME_AT)
         return int(run_time), int(runs)
 
+    @_off_event_loop
     def close(self) -> None:
         """Detach, unpin, remove the node's folder and record. Safe to call twice."""
         if self._attached:
@@ -884,6 +931,7 @@ class RelayFastPath(_Attachment):
     def max_targets(self) -> int:
         return int(self._map("relay_targets").value_size - TABLE_HEAD.size) // TARGET.size
 
+    @_off_event_loop
     def attach(self) -> None:
         """Load, pin under /sys/fs/bpf/jasper/<node>/, set an empty table, attach at ingress."""
         try:
@@ -916,6 +964,7 @@ class RelayFastPath(_Attachment):
         m.update(struct.pack("=I", 0), body.ljust(m.value_size, b"\0"))
         self.targets = tuple(targets)
 
+    @_off_event_loop
     def set_targets(self, targets: Sequence[tuple[str, int, bool]]) -> None:
         """Replace the copy targets: (IPv4, UDP port, is_hedge) each, resolved here and now.
 
@@ -967,6 +1016,7 @@ class ReceiverFastPath(_Attachment):
             if not 0 < p < 65536:
                 raise ValueError(f"port {p} out of range")
 
+    @_off_event_loop
     def attach(self) -> None:
         try:
             self._load()

@@ -127,13 +127,13 @@ static __always_inline int relay_resolve_l2(struct __sk_buff *skb, const struct 
 
 static __always_inline void relay_fan_out(struct __sk_buff *skb, struct relay_state *s,
 					  const struct jasper_target_table *table, __u8 orig_flags,
-					  struct relay_tally *n)
+					  __u32 own_mark, struct relay_tally *n)
 {
 	__u32 count = table->count;
 	__u8 base_flags = orig_flags & ~JASPER_FLAG_HEDGE_COPY;
 
 	/* A clone is an exact copy of the skb: mark before cloning, so every clone carries it. */
-	skb->mark = JASPER_CLONE_MARK;
+	skb->mark = own_mark;
 	for (__u32 i = 0; i < JASPER_MAX_TARGETS; i++) {
 		if (i >= count)
 			break;
@@ -176,13 +176,14 @@ int jasper_relay(struct __sk_buff *skb)
 	int action = TC_ACT_UNSPEC;
 	__u32 zero = 0;
 
-	if (skb->mark == JASPER_CLONE_MARK) {
-		n.clone_seen++;
-		goto out;
-	}
 	struct jasper_target_table *table = bpf_map_lookup_elem(&relay_targets, &zero);
 	if (!table) {
 		n.passed++;
+		goto out;
+	}
+	__u32 own_mark = JASPER_CLONE_MARK | bpf_ntohs(table->listen_port);
+	if (skb->mark == own_mark) {
+		n.clone_seen++;
 		goto out;
 	}
 	/* Make the headers linear so direct access sees them (a no-op when they already are). */
@@ -227,7 +228,7 @@ int jasper_relay(struct __sk_buff *skb)
 		.ver_flags = p.ver_flags,
 		.ip_tot_len = p.ip_tot_len,
 	};
-	relay_fan_out(skb, &s, table, p.flags, &n);
+	relay_fan_out(skb, &s, table, p.flags, own_mark, &n);
 
 out:
 	jasper_count(&relay_stats, RELAY_IN, n.in);

@@ -21,7 +21,7 @@ from tests.conftest import require_privileged
 
 TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # UNSPEC: pass on to later filters, then the stack
 XDP_DROP, XDP_PASS = 1, 2
-CLONE_MARK = 0x4A530001
+CLONE_MARK = 0x4A530000 | 7000  # the relay's mark: base | its listen port
 LISTEN_PORT = 7000
 RELAY_IP, SENDER_IP = "10.9.0.1", "10.9.0.9"
 ETH_P_ALL = 0x0003
@@ -348,6 +348,9 @@ def test_relay_passes_what_is_not_its_own(relay: Lab) -> None:
     assert relay.drain() == []
     c = counters(relay)
     assert (c["passed"], c["clone_seen"], c["in"], c["copies"]) == (3, 1, 0, 0)
+    # A clone made by another relay node on the same interface is a real arrival.
+    assert run(relay, fd, jasper_packet(), mark=0x4A530000 | 7001) == TC_ACT_SHOT
+    assert len(relay.drain()) == 1
 
 
 def malformed_packets() -> list[tuple[str, bytes]]:
