@@ -304,9 +304,9 @@ main() {
 	check_ena
 	configure_chrony
 
-	IMDS_TOKEN=$(imds_token)
-	DATA_ADDR=$(imds_get local-ipv4)
-	REGION=$(imds_get placement/region)
+	IMDS_TOKEN=$(retry 5 2 imds_token)
+	DATA_ADDR=$(retry 5 2 imds_get local-ipv4)
+	REGION=$(retry 5 2 imds_get placement/region)
 
 	AWS=$(install_aws_cli)
 	# Assignments, not arguments: a failed read then stops the script (set -e).
