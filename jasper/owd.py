@@ -218,6 +218,12 @@ class OwdTracker:
         return None
 
 
+    def close(self, now_ns: int) -> OwdReport | None:
+        """Close the open window whatever its age (shutdown, final report)."""
+        w, self._window = self._window, None
+        return w.report(stream_id=self.stream_id, end_ns=now_ns) if w is not None else None
+
+
 def max_reduce(reports: Iterable[OwdReport]) -> OwdReport:
     """Combine reports of one stream: the largest of each percentile, counts summed."""
     items = list(reports)
@@ -299,9 +305,15 @@ class OwdCollector:
         for t in self._trackers.values():
             self._keep(t.poll(now_ns))
 
-    def drain(self, now_ns: int) -> list[OwdReport]:
-        """Closed windows since the last drain, max-reduced per stream (one report each)."""
+    def drain(self, now_ns: int, *, close_open: bool = False) -> list[OwdReport]:
+        """Closed windows since the last drain, max-reduced per stream (one report each).
+
+        `close_open` also closes windows still open (for a final report at shutdown).
+        """
         self.poll(now_ns)
+        if close_open:
+            for t in self._trackers.values():
+                self._keep(t.close(now_ns))
         by_stream: dict[int, list[OwdReport]] = {}
         for r in self._pending:
             by_stream.setdefault(r.stream_id, []).append(r)

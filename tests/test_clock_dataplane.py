@@ -16,6 +16,7 @@ import pytest
 
 from jasper.audit import decode_records, summarize
 from jasper.clockbound import ClockStatus
+from jasper.owd import OwdCollector
 from jasper.topology import parse_topology
 from jasper_cli.main import main as jasper_main
 from overlay.audit_log import AuditLogWriter, ReleaseAuditor
@@ -173,9 +174,24 @@ async def _run(ref: ReferenceChrony, *, correct: bool, audit: Path | None) -> di
         if auditor is not None:
             auditor.close()
         sys.setswitchinterval(switch_interval)
+    # One-way delays as the endpoints measure them: arrival on the receiver's clock (the
+    # kernel stamp replayed through it) minus the send time the publisher's clock stamped.
+    records = rx.records.array()
+    owd = OwdCollector(window_samples=10_000, window_ns=10**12)  # one window each
+    for name, arrival, deadline in zip(
+        records["endpoint"].tolist(), records["arrival_ns"].tolist(),
+        records["deadline_ns"].tolist(), strict=True,
+    ):  # fmt: skip
+        reading = rx_clock.reading_then(arrival)
+        owd.record(
+            endpoint=int(name[1:]), stream_id=1, send_ns=deadline - HOLD_NS, arrival_ns=reading,
+            deadline_ns=deadline, now_ns=reading,
+        )  # fmt: skip
+    (owd_report,) = owd.drain(rx_clock.now_ns(), close_open=True)
     return {
         "sent": sent,
-        "records": rx.records.array(),
+        "owd": owd_report,
+        "records": records,
         "status": rx.status(),
         "rx_clock": rx_clock,
         "pub_bound_max": max(pub_bounds, default=0),
@@ -204,6 +220,12 @@ async def test_releases_on_corrected_clocks_land_on_true_deadline(
         assert bound.status is ClockStatus.SYNCHRONIZED
         # The rest of the true release error is the receiver's clock error: inside its bound.
         assert abs(true_error - node_lateness) <= bound.bound_ns(reading)
+
+    owd = out["owd"]
+    assert owd.reporters == ENDPOINTS and owd.count == len(recs)
+    # On corrected clocks the measured delays are real loopback delays: positive (a delay
+    # shorter than the two clocks' residual errors could still measure below zero).
+    assert owd.negative <= 0.05 * owd.count and owd.p50_ns > 0
 
     header, arr, tail = decode_records(audit.read_bytes())
     assert tail == 0 and len(arr) == len(recs)
@@ -239,3 +261,7 @@ async def test_negative_control_releases_off_by_the_injected_offset(
     residual = (error - injected)[on_time]
     assert abs(float(np.median(residual))) < 200_000
     assert float(np.median(error)) > 400_000
+    # Uncorrected, the endpoints' delays are off by the relative skew: the receiver runs
+    # 500 µs behind and the publisher 500 µs ahead, so most delays measure ~1 ms negative.
+    owd = out["owd"]
+    assert owd.count == len(recs) and owd.negative > 0.5 * owd.count and owd.p50_ns == 0
