@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -195,9 +195,13 @@ class Agent:
         max_backoff_s: float = 5.0,
         clock_status: Callable[[], dict[str, Any]] = _unknown_clock,
         daemon: AppliesTopology | None = None,
+        co_nodes: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.client = ControllerClient(controller, token)
         self.node_name = node_name
+        self.co_nodes = tuple(co_nodes)
+        """Further relay nodes (name, data port) this process hosts; registered and kept
+        alive by this agent, which polls the config under `node_name` for all of them."""
         self.role = role
         self.data_addr = data_addr
         self.port = port
@@ -273,19 +277,27 @@ class Agent:
         base = min(self.max_backoff_s, 0.1 * 2.0 ** min(attempt, 10))
         return base * (0.5 + random.random() / 2)  # jitter: agents do not retry in lockstep
 
+    def names(self) -> tuple[str, ...]:
+        return (self.node_name, *(n for n, _ in self.co_nodes))
+
     async def _register(self) -> None:
-        body = {
-            "name": self.node_name,
-            "role": self.role,
-            "data_addr": self.data_addr,
-            "port": self.port,
-            "capacity": self.capacity,
-            "probe_port": self.prober.port if self.prober else None,
-        }
+        bodies = [
+            {
+                "name": name,
+                "role": self.role,
+                "data_addr": self.data_addr,
+                "port": port,
+                "capacity": self.capacity,
+                # One prober per process: it speaks for the first node.
+                "probe_port": self.prober.port if self.prober and name == self.node_name else None,
+            }
+            for name, port in ((self.node_name, self.port), *self.co_nodes)
+        ]
         attempt = 0
         while True:
             try:
-                await self.client.request("POST", "/v1/nodes", body)
+                for body in bodies:
+                    await self.client.request("POST", "/v1/nodes", body)
                 self.counters.registrations += 1
                 self._set_connected(True)
                 self.registered.set()
@@ -344,9 +356,9 @@ class Agent:
         attempt = 0
         while True:
             try:
-                await self.client.request(
-                    "POST", f"/v1/nodes/{self.node_name}/heartbeat", self._heartbeat_body()
-                )
+                body = self._heartbeat_body()
+                for name in self.names():
+                    await self.client.request("POST", f"/v1/nodes/{name}/heartbeat", body)
                 self.counters.heartbeats += 1
                 self._set_connected(True)
                 attempt = 0
@@ -396,12 +408,14 @@ class Agent:
 
     # --- plans ------------------------------------------------------------------------------
 
-    def _mine(self, doc: dict[str, Any]) -> bool:
-        name = self.node_name
+    def _mine(self, doc: dict[str, Any], *, every: bool = False) -> bool:
+        """Whether `doc` names this node (any of the process's nodes, or with `every` all)."""
         if self.role == "publisher":
-            return bool(doc.get("publisher", {}).get("name") == name)
+            return bool(doc.get("publisher", {}).get("name") == self.node_name)
         key = "relays" if self.role == "relay" else "receivers"
-        return any(n.get("name") == name for n in doc.get(key, ()))
+        present = {n.get("name") for n in doc.get(key, ())}
+        wanted = set(self.names())
+        return wanted <= present if every else bool(wanted & present)
 
     def _take_config(self, config: dict[str, Any]) -> None:
         version = int(config.get("version", 0))
@@ -450,7 +464,9 @@ class Agent:
         self.topology, self.topology_doc = topo, chosen
         self.applied_version = version
         self.counters.configs_applied += 1
-        self._have_topology.set()
+        if self._mine(chosen, every=True):
+            # A daemon hosting several nodes starts once a plan has them all.
+            self._have_topology.set()
         self._ack.set()
         log.info("%s runs plan epoch %d (config %d)", self.node_name, topo.plan_epoch, version)
 
@@ -535,13 +551,17 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
     capacity = getattr(args, "endpoints", 1) if kind == "receiver" else 1
     # Probes go out from an ephemeral port unless told otherwise; the agent registers it.
     probe_port = getattr(args, "probe_port", 0)
+    names = [n for n in args.node_name.split(",") if n] if kind == "relay" else [args.node_name]
+    base_port = port.get(kind, 1)
     agent = Agent(
         controller=args.controller,
         token=read_token(args.token_file),
-        node_name=args.node_name,
+        node_name=names[0],
+        # Several relay nodes per process (as `jasper demo` packs them) take consecutive ports.
+        co_nodes=[(n, base_port + i) for i, n in enumerate(names) if i > 0],
         role=kind,
         data_addr=data_addr,
-        port=port.get(kind, 1),
+        port=base_port,
         capacity=capacity,
         stream_id=getattr(args, "stream", None) if kind == "publisher" else None,
         probe_port=probe_port,
@@ -565,7 +585,7 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         if kind == "relay":
             from overlay.relay import Relay
 
-            daemon = Relay(topo, [args.node_name], link_model=not args.no_link_model)
+            daemon = Relay(topo, names, link_model=not args.no_link_model)
             daemon.start(loop)
             daemon.enable_fast_path(getattr(args, "fast_path", "user") or "user")
         elif kind == "receiver":
@@ -614,5 +634,5 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
             daemon.rx.records.save(out / f"deliveries-{args.node_name}.npy")
         elif kind == "publisher":
             daemon.records.save(out / "sent.npy")
-        write_json(out / f"status-{kind}-{args.node_name}.json", status)
+        write_json(out / f"status-{kind}-{names[0]}.json", status)
     return 0

@@ -49,9 +49,11 @@ def test_restart_keeps_state_and_traffic_flows(tmp_path: Path) -> None:
         # depth 2, fan-out 3: a root and three leaf relays, so every endpoint gets H+1 = 3
         # copies even in this small tree.
         ctl.create_stream(1, "md", depth=2, fanout=3, hold_ns=2_000_000)
-        base = free_udp_block(len(RELAYS))
-        for i, name in enumerate(RELAYS):
-            daemons.start("relay", name, "--port", str(base + i), "--fast-path", "user")
+        # Two relay processes hosting two relay nodes each (consecutive ports), as the demo
+        # packs relays.
+        for pair in (RELAYS[:2], RELAYS[2:]):
+            base = free_udp_block(2)
+            daemons.start("relay", ",".join(pair), "--port", str(base), "--fast-path", "user")
         bases = {}
         for h in HOSTS:
             bases[h] = free_udp_block(PER_HOST)
@@ -97,7 +99,7 @@ def test_restart_keeps_state_and_traffic_flows(tmp_path: Path) -> None:
         # Traffic kept flowing to every endpoint while nobody answered the agents.
         during = [sink.count_between(i, down_at + 0.5, up_at) for i in range(n)]
         assert all(c >= 50 for c in during), during
-        assert sorted(daemons.alive()) == sorted([*RELAYS, *HOSTS, "pub"])
+        assert len(daemons.alive()) == 5
 
         ctl.start()
         after = snapshot(ctl, tokens)
