@@ -132,3 +132,15 @@ def test_collector_reduces_per_stream_and_bounds_pending() -> None:
                      deadline_ns=0, now_ns=i)  # fmt: skip
     (r2,) = c.drain(10**6)
     assert r2.reporters == 3 and c.dropped_reports == 2
+
+
+def test_final_drain_closes_open_windows() -> None:
+    from jasper.owd import OwdCollector
+
+    c = OwdCollector(window_samples=1_000, window_ns=10**12)
+    c.record(endpoint=0, stream_id=1, send_ns=0, arrival_ns=70_000, deadline_ns=0, now_ns=1)
+    assert c.drain(2) == []
+    (r,) = c.drain(3, close_open=True)
+    assert r.count == 1 and r.max_ns == 70_000 and r.end_ns == 3
+    with pytest.raises(ValueError):
+        OwdTracker(stream_id=1, window_samples=1)
