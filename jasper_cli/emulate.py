@@ -88,6 +88,18 @@ def add_parser(sub: Any) -> None:
         help="DWS threshold of P(F), µs (default: N x 10 µs / cores, at least 100)",
     )
     p.add_argument(
+        "--hold-percentile",
+        type=float,
+        default=99.9,
+        help="Jasper's hold: max over endpoints of this OWD percentile in the previous "
+        "H-tree block (default 99.9)",
+    )
+    p.add_argument(
+        "--no-controller",
+        action="store_true",
+        help="plan trees with jasper.tree instead of the controller's REST API",
+    )
+    p.add_argument(
         "--extra-hold-us", type=float, default=100.0, help="added to Jasper's measured hold, µs"
     )
     p.add_argument(
@@ -193,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
         warmup_messages=args.warmup,
         tau_ns=int((args.tau_us or default_tau_us(args.receivers)) * 1000),
         extra_hold_ns=int(args.extra_hold_us * 1000),
+        hold_percentile=args.hold_percentile,
+        controller=not args.no_controller,
         configs=tuple(c for c in args.configs.split(",") if c),
         faults=not args.no_faults,
         fault_block_messages=args.fault_messages or max(60, min(300, int(20 * rate))),

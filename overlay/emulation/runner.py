@@ -125,7 +125,7 @@ class EmulationSettings:
     """Messages at the start of every block that are not scored."""
     tau_ns: int = 100_000
     """DWS threshold of P(F)."""
-    hold_percentile: float = 97.0
+    hold_percentile: float = 99.9
     """Jasper's hold: max over endpoints of this OWD percentile (from the previous tree block)."""
     extra_hold_ns: int = 100_000
     """Added on top of the measured percentile (covers release jitter and clock bounds)."""
