@@ -448,10 +448,16 @@ class ChronyWatcher:
             report = await read_tracking_async(self.target)
         except ChronyUnavailable as exc:
             self.failures += 1
-            log.warning("chrony unavailable: %s", exc)
+            # Say it once per outage, not once per poll.
+            level = (
+                logging.WARNING if self.failures == 1 or self.last is not None else logging.DEBUG
+            )
+            log.log(level, "chrony unavailable: %s", exc)
+            self.last = None
             # Keep the last bound: it goes on growing, and turns free-running when stale.
             return self.clock.bound()
         self.last = report
+        self.failures = 0
         bound = bound_from_tracking(
             report,
             read_at_ns=self.clock.now_ns(),
@@ -484,3 +490,118 @@ def clock_heartbeat(
         "bound_ns": b.bound_ns(now) if status is not ClockStatus.UNKNOWN else None,
         "offset_ns": None if sync is None else sync.last_offset_ns,
     }
+
+
+# --- one object per node for the daemons --------------------------------------------------
+
+
+class ClockService:
+    """A node's clock with whatever keeps it honest, in one object for a daemon.
+
+    Emulated node: a SoftwareClock with injected skew, corrected by SNTP against a reference
+    chronyd. Real host: the kernel clock with its bound from ClockBound's shm or chrony.
+    Pass `service.now_ns` as the daemon's clock, `service.synced` to the receiver,
+    `service.heartbeat` to the agent.
+    """
+
+    def __init__(
+        self,
+        clock: SoftwareClock | SystemClock,
+        sync: ClockDiscipline | ChronyWatcher | None = None,
+    ) -> None:
+        self.clock = clock
+        self.sync = sync
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def emulated(
+        cls,
+        *,
+        offset_ns: int,
+        drift_ppm: float,
+        server: tuple[str, int] | None,
+        interval_s: float = 1.0,
+        correct: bool = True,
+        name: str = "",
+    ) -> ClockService:
+        """Injected skew; corrected against `server` (None: never corrected, never synced)."""
+        clock = SoftwareClock(offset_ns=offset_ns, drift_ppm=drift_ppm, name=name)
+        if server is None:
+            return cls(clock)
+        return cls(
+            clock,
+            ClockDiscipline(clock=clock, server=server, interval_s=interval_s, correct=correct),
+        )
+
+    @classmethod
+    def system(cls, *, target: ChronyTarget | None = None, interval_s: float = 1.0) -> ClockService:
+        """The kernel clock, its bound read from chrony every `interval_s`."""
+        clock = SystemClock()
+        return cls(clock, ChronyWatcher(clock=clock, target=target or ChronyTarget()))
+
+    def now_ns(self) -> int:
+        return self.clock.now_ns()
+
+    def synced(self) -> bool:
+        return self.clock.bound().status_at(self.clock.now_ns()) is ClockStatus.SYNCHRONIZED
+
+    def heartbeat(self) -> dict[str, Any]:
+        return clock_heartbeat(self.clock, self.sync)
+
+    async def start(self) -> None:
+        """First sync (so the daemon starts on a corrected clock), then keep syncing."""
+        if isinstance(self.sync, ClockDiscipline):
+            await self.sync.sync_once()
+            self._task = self.sync.start()
+        elif isinstance(self.sync, ChronyWatcher):
+            await self.sync.read_once()
+            self._task = asyncio.get_running_loop().create_task(self.sync.run())
+
+    async def stop(self) -> None:
+        if isinstance(self.sync, ClockDiscipline):
+            await self.sync.stop()
+        elif self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+
+
+def add_clock_arguments(p: Any) -> None:
+    """Daemon options for an emulated node clock (argparse parser or group)."""
+    p.add_argument(
+        "--clock-offset-us", type=float, default=None,
+        help="emulate this node's clock with this offset (us); off by default (kernel clock)",
+    )  # fmt: skip
+    p.add_argument(
+        "--clock-drift-ppm", type=float, default=0.0,
+        help="drift of the emulated clock (ppm)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ntp-server", default=None, metavar="HOST:PORT",
+        help="correct the emulated clock by SNTP against this server (a reference chronyd)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chrony-host", default=None,
+        help="real clock: chronyd command address or socket to read the bound from",
+    )  # fmt: skip
+    p.add_argument("--chrony-port", type=int, default=None, help="real clock: chronyd command port")
+
+
+def clock_service_from_args(args: Any, *, name: str = "") -> ClockService:
+    """The ClockService the options of `add_clock_arguments` ask for."""
+    if getattr(args, "clock_offset_us", None) is not None:
+        server = None
+        if args.ntp_server:
+            host, _, port = str(args.ntp_server).rpartition(":")
+            server = (host or "127.0.0.1", int(port))
+        return ClockService.emulated(
+            offset_ns=int(args.clock_offset_us * 1000),
+            drift_ppm=float(args.clock_drift_ppm),
+            server=server,
+            name=name,
+        )
+    return ClockService.system(
+        target=ChronyTarget(host=getattr(args, "chrony_host", None),
+                            port=getattr(args, "chrony_port", None))
+    )  # fmt: skip

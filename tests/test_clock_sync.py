@@ -264,3 +264,38 @@ async def test_lost_reference_turns_free_running_and_the_bound_still_holds() -> 
             assert clock_heartbeat(clock, disc)["status"] == "free-running"
         finally:
             await disc.stop()
+
+
+async def test_clock_service_from_daemon_options(reference: ReferenceChrony) -> None:
+    import argparse
+
+    from overlay.clocksync import add_clock_arguments, clock_service_from_args
+
+    p = argparse.ArgumentParser()
+    add_clock_arguments(p)
+    args = p.parse_args(
+        ["--clock-offset-us", "-500", "--clock-drift-ppm", "20",
+         "--ntp-server", f"127.0.0.1:{reference.ntp_port}"]
+    )  # fmt: skip
+    svc = clock_service_from_args(args, name="h0")
+    assert isinstance(svc.clock, SoftwareClock) and svc.clock.offset_ns == -500_000
+    assert not svc.synced()
+    await svc.start()
+    try:
+        assert svc.synced()
+        hb = svc.heartbeat()
+        assert hb["status"] == "synchronized" and hb["bound_ns"] > 0
+        assert abs(svc.clock.error_ns()) <= svc.clock.bound_now_ns()
+    finally:
+        await svc.stop()
+
+    real = clock_service_from_args(
+        p.parse_args(["--chrony-host", "127.0.0.1", "--chrony-port", "1"])
+    )
+    await real.start()
+    try:
+        assert not real.synced()
+        assert real.heartbeat() == {"status": "unknown", "bound_ns": None, "offset_ns": None}
+        assert abs(real.now_ns() - time.time_ns()) < 1_000_000_000
+    finally:
+        await real.stop()
