@@ -217,7 +217,6 @@ class OwdTracker:
             return w.report(stream_id=self.stream_id, end_ns=now_ns)
         return None
 
-
     def close(self, now_ns: int) -> OwdReport | None:
         """Close the open window whatever its age (shutdown, final report)."""
         w, self._window = self._window, None
