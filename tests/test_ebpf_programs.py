@@ -502,7 +502,7 @@ def test_cleanup_removes_crashed_relay_leftovers() -> None:
     ok, why = _available()
     require_privileged(f"eBPF fast path ({why})", ok)
     from ebpf import loader
-    from ebpf.netlab import sh
+    from ebpf.netlab import entered, sh
 
     ns = f"jt-ebpf-{os.getpid()}-crash"
     node = f"jt-crash-{os.getpid()}"
@@ -522,6 +522,17 @@ def test_cleanup_removes_crashed_relay_leftovers() -> None:
         )
         assert "jasper_relay" in sh("tc", "filter", "show", "dev", "ca", "ingress", ns=ns)
         assert (loader.pin_dir(node) / "relay_ring").exists()
+        # A restarted relay with the same node name takes over: the leftovers go first.
+        with entered(ns):
+            again = loader.RelayFastPath(node=node, ifname="ca", listen_port=7000)
+            again.attach()
+        filters = sh("tc", "filter", "show", "dev", "ca", "ingress", ns=ns)
+        assert filters.count("jasper_relay direct-action") == 1
+        with entered(ns):
+            again.close()
+        assert not loader.pin_dir(node).exists()
+        subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", code], check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
         removed = loader.cleanup(node)
         assert any("ca" in r for r in removed)
         assert not loader.pin_dir(node).exists()
