@@ -605,6 +605,8 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(0.0, start_at - time.time()))
             progress_path = Path(args.records) / "progress" if args.records else None
+            if progress_path is not None:
+                progress_path.parent.mkdir(parents=True, exist_ok=True)
 
             def progress(n: int) -> None:
                 if progress_path is not None:
