@@ -71,8 +71,8 @@ class Heartbeat(Body):
     clock: ClockStatus = Field(default_factory=lambda: ClockStatus(bound_ns=None, offset_ns=None))
     latency: list[PeerLatency] = Field(default_factory=list, max_length=4096)
     dead_neighbours: list[NodeName] = Field(default_factory=list, max_length=4096)
-    status: dict[Annotated[str, Field(max_length=64)], float] = Field(
-        default_factory=dict, max_length=256, description="Daemon counters"
+    status: dict[Annotated[str, Field(max_length=128)], float] = Field(
+        default_factory=dict, max_length=4096, description="Daemon counters"
     )
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -159,11 +160,15 @@ def clock_status_of(clock: Any) -> Callable[[], dict[str, Any]]:
     return read
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, float], limit: int = 256) -> None:
+def _flatten(prefix: str, value: Any, out: dict[str, float], limit: int = 2048) -> None:
+    """Numbers of a nested status dict as {"a.b.c": float}, within the heartbeat schema's
+    bounds (key length, key count, finite values), so a heartbeat is never refused for them."""
     if len(out) >= limit:
         return
-    if isinstance(value, (bool, int | float)):
-        out[prefix] = float(value)
+    if isinstance(value, bool | int | float):
+        number = float(value)
+        if math.isfinite(number):
+            out[prefix[:128]] = number
     elif isinstance(value, dict):
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out, limit)
@@ -365,6 +370,8 @@ class Agent:
                 delay = self.heartbeat_s
             except ControllerRefused as exc:
                 self.counters.heartbeat_failures += 1
+                if exc.status != 404:
+                    log.warning("heartbeat of %s refused: %s", self.node_name, exc)
                 if exc.status == 404:
                     # The controller lost us (new database): register again.
                     await self._register()
