@@ -135,8 +135,12 @@ class Planner:
             self._wake = None
 
     async def wait_change(self, seen_version: int, timeout_s: float) -> None:
-        """Return when the config version exceeds `seen_version`, or after `timeout_s`."""
-        if self.version > seen_version:
+        """Return when the config version differs from `seen_version`, or after `timeout_s`.
+
+        A node that is ahead of us saw an earlier incarnation of this controller (its database
+        was replaced): it gets the current config at once rather than waiting to catch up.
+        """
+        if self.version != seen_version:
             return
         if self._wake is None:
             self._wake = asyncio.Event()

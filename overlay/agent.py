@@ -426,7 +426,8 @@ class Agent:
 
     def _take_config(self, config: dict[str, Any]) -> None:
         version = int(config.get("version", 0))
-        if version <= self.version and self.topology is not None:
+        # A lower version than ours comes from a controller that lost its database: new.
+        if version == self.version and self.topology is not None:
             return
         chosen: dict[str, Any] | None = None
         for entry in config.get("streams", ()):

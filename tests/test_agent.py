@@ -184,6 +184,13 @@ async def test_agent_follows_plans_survives_outage_and_reregisters(tmp_path: Pat
         await until(lambda: relay.counters.registrations >= 2, 20, "re-registration")
         nodes = {n["name"] for n in await asyncio.to_thread(ctl.nodes)}
         assert nodes == {"relay0", "rx0"}
+        # The new controller counts versions from scratch; the agents still follow it.
+        epoch_before = relay.topology.plan_epoch if relay.topology else None
+        await asyncio.to_thread(ctl.create_stream, 1, "md", hedge=1)
+        await until(
+            lambda: relay_daemon.plans[-1].stream.hedge == 1, 10, "plan of the new controller"
+        )
+        assert epoch_before is not None
     finally:
         stop.set()
         await asyncio.gather(*tasks)
