@@ -717,6 +717,21 @@ def _tc_detach(ifname: str, prio: int, parent: int = TC_INGRESS_PARENT) -> None:
             pass
 
 
+@_off_event_loop
+def attach_tc(ifname: str, prog_fd: int, name: str, *, egress: bool = False) -> int:
+    """Attach any loaded TC program at clsact ingress (or egress) of `ifname` in this netns,
+    under a free priority derived from `name`; returns the priority (for detach_tc)."""
+    prios = [tc_prio("tc", name, i) for i in range(16)]
+    return _tc_attach(
+        ifname, prog_fd, name, prios, TC_EGRESS_PARENT if egress else TC_INGRESS_PARENT
+    )
+
+
+@_off_event_loop
+def detach_tc(ifname: str, prio: int, *, egress: bool = False) -> None:
+    _tc_detach(ifname, prio, TC_EGRESS_PARENT if egress else TC_INGRESS_PARENT)
+
+
 class _Attachment:
     """What both fast paths share: object, pins, crash record, detach."""
 

@@ -36,6 +36,9 @@ struct relay_state {
 	__u16 dport;
 	__u16 ver_flags;
 	__u16 ip_tot_len;
+	__u64 mac_lo; /* Ethernet destination and source now in the packet, as 8 + 4 bytes */
+	__u32 mac_hi;
+	__u32 mac_known; /* 0 until the first target's addresses are written */
 };
 
 static __always_inline int relay_rewrite_l3l4(struct __sk_buff *skb, struct relay_state *s,
@@ -143,10 +146,23 @@ static __always_inline void relay_fan_out(struct __sk_buff *skb, struct relay_st
 		if (relay_resolve_l2(skb, s, t, macs, &ifindex, n))
 			continue;
 		__u8 flags = base_flags | ((t->flags & JASPER_TARGET_HEDGE) ? JASPER_FLAG_HEDGE_COPY : 0);
-		if (relay_rewrite_l3l4(skb, s, t, flags) ||
-		    bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0)) {
+		if (relay_rewrite_l3l4(skb, s, t, flags)) {
 			n->clone_failed++;
 			break;
+		}
+		/* Consecutive targets behind one MAC (ports of one host) skip the Ethernet write. */
+		__u64 mac_lo;
+		__u32 mac_hi;
+		__builtin_memcpy(&mac_lo, macs, 8);
+		__builtin_memcpy(&mac_hi, macs + 8, 4);
+		if (!s->mac_known || mac_lo != s->mac_lo || mac_hi != s->mac_hi) {
+			if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0)) {
+				n->clone_failed++;
+				break;
+			}
+			s->mac_lo = mac_lo;
+			s->mac_hi = mac_hi;
+			s->mac_known = 1;
 		}
 		/* Negative: no clone left (bad ifindex, no memory). A positive NET_XMIT_* code means
 		 * the clone was handed to the device and its queue dropped it, as a socket's send
