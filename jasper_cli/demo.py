@@ -54,6 +54,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--endpoints-per-receiver", type=int, default=20, help="endpoints per receiver process"
     )
+    p.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="keep every daemon SCHED_OTHER (by default relay and receiver loops and release "
+        "threads run SCHED_FIFO, so a busy host delays them less)",
+    )
     p.add_argument("--relays-per-process", type=int, default=6, help="relay nodes per process (6)")
     p.add_argument(
         "--fast-path", choices=("auto", "ebpf", "user"), default="auto", help="eBPF or user space"
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         relays_per_process=args.relays_per_process,
         fast_path=args.fast_path,
         deliver=args.deliver,
+        realtime=not args.no_realtime,
     )
     summary = run_demo(cfg, out)
     if args.json:

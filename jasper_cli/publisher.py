@@ -23,6 +23,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=None, help="seconds (default: until stopped)")
     p.add_argument("--hold-us", type=float, default=None, help="hold in µs (default: topology's)")
     p.add_argument("--start-at", type=float, default=None, help="start at this Unix time (seconds)")
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run in SCHED_FIFO (needs CAP_SYS_NICE): sends are not delayed by other processes",
+    )
     p.set_defaults(func=run)
 
 

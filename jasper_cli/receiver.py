@@ -40,7 +40,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--no-realtime",
         action="store_true",
-        help="do not ask for SCHED_FIFO on the release thread",
+        help="stay SCHED_OTHER (by default the release thread and the event loop ask for "
+        "SCHED_FIFO, so a deadline never waits behind ordinary processes)",
     )
     p.set_defaults(func=run)
 

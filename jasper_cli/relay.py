@@ -25,6 +25,12 @@ def add_parser(sub: Any) -> None:
         default="auto",
         help="eBPF replication (auto falls back to user space, saying why)",
     )
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run the event loop in SCHED_FIFO (needs CAP_SYS_NICE): forwarding does not "
+        "queue behind ordinary processes",
+    )
     p.set_defaults(func=run)
 
 

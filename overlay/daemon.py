@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay.common import load_topology, write_json
-from overlay.release import tune_interpreter
+from overlay.release import LOOP_PRIORITY, make_realtime, tune_interpreter
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ def run_relay(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         tune_interpreter()
+        if args.realtime:
+            make_realtime(LOOP_PRIORITY)
         relay = Relay(topo, names, link_model=not args.no_link_model)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -138,6 +140,8 @@ def run_receiver(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         tune_interpreter()
+        if not args.no_realtime:
+            make_realtime(LOOP_PRIORITY)
         deliver: str | None = "topology"
         if args.deliver == "memory":
             deliver = None
@@ -187,6 +191,8 @@ def run_publisher(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         tune_interpreter()
+        if args.realtime:
+            make_realtime(LOOP_PRIORITY)
         pub = Publisher(topo, hold_ns=None if args.hold_us is None else int(args.hold_us * 1000))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

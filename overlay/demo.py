@@ -65,6 +65,8 @@ class DemoConfig:
     seconds; normally the run stops as soon as every pair is accepted."""
     fast_path: str = "auto"
     """--fast-path for relays and receivers."""
+    realtime: bool = True
+    """Run relays' and receivers' event loops (and release threads) in SCHED_FIFO."""
     deliver: str = "memory"
     """memory: hand messages over in process; udp: send each to a local UDP port per endpoint."""
 
@@ -126,8 +128,10 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
     try:
         fp = ("--fast-path", cfg.fast_path, "--status-interval", "0.5")
         for g in groups:
-            cluster.add_relay(g, *fp)
-        rx_extra = ("--deliver", "topology" if cfg.deliver == "udp" else "memory")
+            cluster.add_relay(g, *fp, *(("--realtime",) if cfg.realtime else ()))
+        rx_extra: tuple[str, ...] = ("--deliver", "topology" if cfg.deliver == "udp" else "memory")
+        if not cfg.realtime:
+            rx_extra += ("--no-realtime",)
         sinks: list[Any] = []
         if cfg.deliver == "udp":
             sinks = _open_sinks(cfg.addr, base + n_ports, cfg.receivers)
@@ -136,7 +140,13 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
         cluster.wait_ready()
         startup_s = time.monotonic() - started
         total = int(cfg.rate * cfg.duration_s)
-        pub = cluster.add_publisher("--rate", str(cfg.rate), "--duration", str(cfg.duration_s))
+        pub = cluster.add_publisher(
+            "--rate",
+            str(cfg.rate),
+            "--duration",
+            str(cfg.duration_s),
+            *(("--realtime",) if cfg.realtime else ()),
+        )
         progress_file = out / "progress"
         t0 = time.monotonic()
         assert pub.proc is not None

@@ -238,6 +238,8 @@ class Receiver:
             deliver_at=self._release_at if self._sender is not None else None,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._booking: collections.deque[tuple[Endpoint, _Held, int, bool]] = collections.deque()
+        self._book_scheduled = False
         self.fast_path_mode = "user"
         self.fast_path: Any = None
 
@@ -265,6 +267,7 @@ class Receiver:
         self.delay.flush()
         # Held messages are released on time, so wait up to one hold for the last of them.
         self.release.stop(drain=True, timeout=self.topo.stream.hold_ns / 1e9 + 1.0)
+        self._book()
 
     def close(self) -> None:
         self.delay.close()
@@ -348,7 +351,31 @@ class Receiver:
             ep = eps[r.endpoint]
             ok = ep.hand_over(r.item[4])
             done.append((ep, r.item, now(), ok))
-        for ep, held, release_ns, ok in done:
+        self._book_later(done)
+
+    def _book_later(self, done: list[tuple[Endpoint, _Held, int, bool]]) -> None:
+        """Leave records and counters to the event loop.
+
+        The release thread runs at a higher real-time priority than the loops of this host's
+        other receivers; bookkeeping there would make their deadlines wait for it.
+        """
+        self._booking.extend(done)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._book()
+            return
+        if not self._book_scheduled:
+            self._book_scheduled = True
+            try:
+                loop.call_soon_threadsafe(self._book)
+            except RuntimeError:  # the loop closed meanwhile
+                self._book()
+
+    def _book(self) -> None:
+        self._book_scheduled = False
+        booking = self._booking
+        while booking:
+            ep, held, release_ns, ok = booking.popleft()
             self._after(ep, held, release_ns, False, ok)
 
     def _release_at(self, batch: Sequence[Release[_Held]], deadline: int) -> bool:
@@ -366,11 +393,13 @@ class Receiver:
         # The C side waits on CLOCK_REALTIME; the node clock may be offset from it.
         true_deadline = deadline - (self.clock() - time.time_ns())
         stamps, errs = sender.send_at(true_deadline, self.release.spin_ns, items)
+        done = []
         for r, stamp, err in zip(batch, stamps, errs, strict=True):
             ep = eps[r.endpoint]
             if err:
                 ep.counters.deliver_dropped[errno.errorcode.get(err, str(err))] += 1
-            self._after(ep, r.item, stamp, False, err == 0)
+            done.append((ep, r.item, stamp, err == 0))
+        self._book_later(done)
         return True
 
     def _after(self, ep: Endpoint, held: _Held, release_ns: int, late: bool, ok: bool) -> None:
