@@ -165,6 +165,12 @@ class LoopbackController:
         r.raise_for_status()
         return r.json() if r.content else None
 
+    def call_text(self, path: str) -> str:
+        """GET an unauthenticated text resource (/metrics, /healthz)."""
+        r = httpx.get(self.url + path, timeout=10)
+        r.raise_for_status()
+        return r.text
+
     def create_stream(self, stream_id: int, name: str = "md", **fields: Any) -> dict[str, Any]:
         doc: dict[str, Any] = self.call(
             "POST", "/v1/streams", json={"id": stream_id, "name": name, **fields}
