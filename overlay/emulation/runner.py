@@ -412,6 +412,18 @@ class Emulation:
                 "overlay.relay",
                 "overlay.receiver",
                 "overlay.publisher",
+                "overlay.daemon",
+                "overlay.agent",
+                "overlay.release",
+                "overlay.common",
+                "overlay.delayline",
+                "overlay.kernel",
+                "overlay.recordlog",
+                "jasper.topology",
+                "jasper.linkmodel",
+                "jasper.wire",
+                "jasper.dedup",
+                "jasper.schedule",
             ]
         )
         self._manifest()

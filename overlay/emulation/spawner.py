@@ -103,6 +103,15 @@ def serve(preload: Sequence[str]) -> int:
             importlib.import_module(name)
         except Exception as exc:
             print(json.dumps({"op": "warning", "text": f"preload {name}: {exc}"}), flush=True)
+    # Build the CLI parser once: it imports every subcommand module and what their
+    # add_parser() imports, so no child imports a file that changed after the run started
+    # (a half-old, half-new set of modules fails in ways no test of either version shows).
+    try:
+        from jasper_cli.main import build_parser
+
+        build_parser()
+    except Exception as exc:
+        print(json.dumps({"op": "warning", "text": f"preload parser: {exc}"}), flush=True)
     out = sys.stdout
     stdin = sys.stdin.buffer
     buf = b""
