@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.wire_sink.close()
             bench.wire_sink = None
         rows += report("relay cost alone: copies counted and dropped at the relay's egress "
-                       "(TC counting sink)", res, fanout)  # fmt: skip
+                       "(minimal TC counting sink)", res, fanout)  # fmt: skip
         res = run_table(bench, args.rounds, python_relay)
         rows += report("end to end: copies delivered into 10 UDP sockets in 5 MP namespaces",
                        res, fanout)  # fmt: skip
