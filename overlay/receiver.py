@@ -346,11 +346,15 @@ class Receiver:
         # the batch does not wait behind the others' records.
         eps = self.endpoints
         done: list[tuple[Endpoint, _Held, int, bool]] = []
+        append = done.append
         now = time.time_ns
         for r in batch:
             ep = eps[r.endpoint]
-            ok = ep.hand_over(r.item[4])
-            done.append((ep, r.item, now(), ok))
+            if ep.out_fd < 0:  # in process: the hand-over is the time stamp itself
+                append((ep, r.item, now(), True))
+            else:
+                ok = ep.hand_over(r.item[4])
+                append((ep, r.item, now(), ok))
         self._book_later(done)
 
     def _book_later(self, done: list[tuple[Endpoint, _Held, int, bool]]) -> None:
