@@ -182,6 +182,14 @@ class SubscriptionPublic(BaseModel):
     parents: list[str] = Field(description="Relays sending this endpoint a copy, own first")
 
 
+class LinkPublic(BaseModel):
+    src: str
+    dst: str
+    owd_ns: int = Field(description="Median one-way delay src -> dst, ns")
+    jitter_ns: int
+    samples: int
+
+
 # --- tree ----------------------------------------------------------------------------------
 
 

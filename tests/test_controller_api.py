@@ -392,6 +392,10 @@ def test_lemon_relays_stay_out_of_the_tree(client: TestClient) -> None:
     client.post("/v1/streams/1/replan", headers=ADMIN)
     tree = client.get("/v1/streams/1/tree", headers=ADMIN).json()
     assert tree["lemons"] == ["relay5"]
+    links = client.get("/v1/latency", headers=ADMIN).json()
+    assert len(links) == 7 * 6
+    assert {(x["src"], x["dst"]) for x in links if x["owd_ns"] == 400_000} >= {("relay0", "relay5")}
+    assert client.get("/v1/latency", headers=bearer(alpha)).status_code == 403
     pending_or_active = tree["topology"]
     assert pending_or_active is not None
     rx = client.get("/v1/nodes/rx0/config?wait=0", headers=NODE).json()

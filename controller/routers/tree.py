@@ -10,7 +10,7 @@ from controller import store
 from controller.deps import AdminDep, DbDep, PlannerDep, PrincipalDep
 from controller.errors import NotFound
 from controller.planner import Planner
-from controller.schemas import TreeEndpoint, TreePublic, TreeSlot
+from controller.schemas import LinkPublic, TreeEndpoint, TreePublic, TreeSlot
 
 router = APIRouter(prefix="/v1/streams", tags=["tree"])
 
@@ -88,3 +88,14 @@ async def get_tree(stream_id: StreamPath, planner: PlannerDep, _: PrincipalDep) 
 async def replan(stream_id: StreamPath, planner: PlannerDep, db: DbDep, _: AdminDep) -> TreePublic:
     planner.replan(stream_id, reason="requested")
     return tree_of(planner, stream_id)
+
+
+latency_router = APIRouter(prefix="/v1/latency", tags=["tree"])
+
+
+@latency_router.get("", response_model=list[LinkPublic], summary="Measured latency matrix")
+async def latency(planner: PlannerDep, _: AdminDep) -> list[LinkPublic]:
+    return [
+        LinkPublic(src=src, dst=dst, owd_ns=s.owd_ns, jitter_ns=s.jitter_ns, samples=s.samples)
+        for (src, dst), s in sorted(planner.matrix.items())
+    ]
