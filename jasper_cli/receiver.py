@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
         help="deliver to each endpoint's target from the topology, or in memory only",
     )
     p.add_argument(
-        "--spin-us", type=int, default=300, help="busy-wait this long before each deadline (µs)"
+        "--spin-us", type=int, default=100, help="busy-wait this long before each deadline (µs)"
     )
     p.add_argument(
         "--no-realtime",

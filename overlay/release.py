@@ -17,10 +17,14 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPIN_NS = 300_000
-"""The thread wakes this long before a deadline, takes the batch out of the schedule, and
-spins the rest. A wake-up overshoots by tens of µs even with 1 ns timer slack, and taking 20
-entries out costs 50-75 µs on a busy 2-core host (measured), so 150 µs was not enough."""
+DEFAULT_PREPARE_NS = 500_000
+"""The thread wakes this long before a deadline to take the batch out of the schedule (20
+entries cost 50-75 µs on a busy 2-core host, measured), then sleeps again until the spin."""
+
+DEFAULT_SPIN_NS = 100_000
+"""The last stretch before a deadline is a busy wait: a wake-up from sleep overshoots by tens
+of µs even with 1 ns timer slack. Kept short, since several receivers sharing few CPUs spin at
+the same deadlines."""
 
 REALTIME_PRIORITY = 10
 """SCHED_FIFO priority of release threads: above every ordinary process, below kernel
@@ -81,6 +85,7 @@ class PreciseRelease(Generic[T]):
         capacity: int = 65536,
         clock: Callable[[], int] = time.time_ns,
         spin_ns: int = DEFAULT_SPIN_NS,
+        prepare_ns: int = DEFAULT_PREPARE_NS,
         name: str = "release",
         realtime: bool = True,
         deliver_at: Callable[[Sequence[Release[T]], int], bool] | None = None,
@@ -92,6 +97,7 @@ class PreciseRelease(Generic[T]):
         (the receiver's GIL-free C path); returns False to leave the batch to `deliver`."""
         self._clock = clock
         self.spin_ns = spin_ns
+        self.prepare_ns = max(prepare_ns, spin_ns)
         self._cond = threading.Condition()
         self._stop = False
         self._stopping = False
@@ -161,14 +167,18 @@ class PreciseRelease(Generic[T]):
                     break
                 deadline = schedule.get_timer()
                 assert deadline is not None
-                ahead = deadline - clock() - self.spin_ns
+                ahead = deadline - clock() - self.prepare_ns
                 if ahead > 0:
                     # Sleeping on the condition lets an earlier deadline cut the sleep short.
                     cond.wait(ahead / 1e9)
                     continue
                 # Take the batch out before the deadline: building 20 Release objects costs
                 # tens of µs, which would otherwise land on the first endpoint's release.
+                # Entries for this deadline that arrive from now on form a second batch.
                 due = schedule.pop_due(deadline)
+            until_spin = deadline - clock() - self.spin_ns
+            if until_spin > 0:
+                time.sleep(until_spin / 1e9)
             if due and self._deliver_at is not None and self._at(due, deadline):
                 continue
             # While spinning, a thread holding the GIL must give it back within µs, not within
