@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from jasper.tree import Forward, relay_name, tree_shape
+from jasper.tree import Forward, default_depth, relay_name, tree_shape
 
 # Cost model of the paper (c5.2xlarge): a level costs about 30 µs, each copy a relay sends
 # before the one in question costs about 2.7 µs more.
@@ -176,8 +176,6 @@ def choose_depth(leaves: int, relays: int, *, fanout: int = 10, depth: int | Non
     """
     if relays <= 0:
         return 0
-    from jasper.tree import default_depth
-
     if depth is None:
         depth = default_depth(max(1, leaves), fanout)
     while depth > 1 and sum(_relay_counts(max(1, leaves), fanout, depth)) > relays:
