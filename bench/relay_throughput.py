@@ -3,7 +3,7 @@
 Both relays run as their own process, get the same offered load from this process, and send to
 the same sink process (10 UDP ports, one per child). Printed per relay: messages/s forwarded,
 copies/s received at the sink, the sink's loss, and the relay's CPU seconds per copy; then the
-ratios Jasper / plain. Run: python bench/relay_throughput.py [--rate 12000] [--seconds 3]
+ratios Jasper / plain. Run: python bench/relay_throughput.py [--rate 25000] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ def main() -> int:
     ap.add_argument(
         "--rate",
         type=float,
-        default=12000.0,
-        help="offered messages/s (12000, above what either relay sustains)",
+        default=25000.0,
+        help="offered messages/s (25000, above what either relay sustains)",
     )
     ap.add_argument("--seconds", type=float, default=3.0, help="offering time (3)")
     ap.add_argument("--sink", nargs="+", type=int, help=argparse.SUPPRESS)

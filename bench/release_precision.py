@@ -5,6 +5,8 @@ Measured: release time − deadline over all (endpoint, message) pairs, p50/p99/
   - jasper-memory: the Receiver with its release thread, handing over in process;
   - jasper-udp:    the same, sending each release to a local UDP port per endpoint;
   - asyncio:       loop.call_at(deadline) per message on the receive loop (the baseline).
+All three run their event loop in SCHED_FIFO when permitted (as the receiver daemon does);
+--no-realtime keeps everything SCHED_OTHER.
 Run on an otherwise idle host: python bench/release_precision.py [--messages 1000]
 """
 
@@ -56,7 +58,9 @@ async def feed(ports: list[int], messages: int, rate: float, hold_ns: int) -> No
     s.close()
 
 
-async def jasper_run(udp: bool, messages: int, rate: float, hold_ns: int) -> np.ndarray:
+async def jasper_run(
+    udp: bool, messages: int, rate: float, hold_ns: int, realtime: bool = True
+) -> np.ndarray:
     from overlay.receiver import Receiver
     from overlay.release import tune_interpreter
 
@@ -69,7 +73,7 @@ async def jasper_run(udp: bool, messages: int, rate: float, hold_ns: int) -> np.
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.bind((ADDR, int(e.deliver.rsplit(":", 1)[1])))
             sinks.append(s)
-    rx = Receiver(topo, "h0", link_model=False)
+    rx = Receiver(topo, "h0", link_model=False, realtime=realtime)
     rx.start()
     await feed([e.port for _, e in topo.endpoints()], messages, rate, hold_ns)
     await asyncio.sleep(hold_ns / 1e9 + 0.2)
@@ -137,12 +141,21 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--hold-us", type=float, default=2000.0)
+    ap.add_argument("--no-realtime", action="store_true")
     args = ap.parse_args()
     hold = int(args.hold_us * 1000)
+    if not args.no_realtime:
+        from overlay.release import LOOP_PRIORITY, make_realtime
+
+        print(f"event loops SCHED_FIFO: {make_realtime(LOOP_PRIORITY)}")
     res = {
         "asyncio": figures(asyncio.run(asyncio_run(args.messages, args.rate, hold))),
-        "jasper-memory": figures(asyncio.run(jasper_run(False, args.messages, args.rate, hold))),
-        "jasper-udp": figures(asyncio.run(jasper_run(True, args.messages, args.rate, hold))),
+        "jasper-memory": figures(
+            asyncio.run(jasper_run(False, args.messages, args.rate, hold, not args.no_realtime))
+        ),
+        "jasper-udp": figures(
+            asyncio.run(jasper_run(True, args.messages, args.rate, hold, not args.no_realtime))
+        ),
     }
     print(f"release error, {ENDPOINTS} endpoints, {args.messages} messages at {args.rate:g}/s")
     print(f"{'path':<14} {'n':>6} {'p50 µs':>8} {'p99 µs':>8} {'p99.9 µs':>9} {'max µs':>8}")
