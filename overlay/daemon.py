@@ -61,6 +61,16 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
         loop.add_signal_handler(sig, stop.set)
 
 
+def _shutting_down() -> None:
+    """From here on a second SIGINT/SIGTERM must not kill the process half-way through
+    writing its records. The loop's own handlers are removed first: closing the loop would
+    otherwise restore the default actions."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _ready(path: str | None) -> None:
     if path:
         tmp = Path(path + ".tmp")
@@ -120,6 +130,7 @@ def run_relay(args: argparse.Namespace) -> int:
                 Path(args.records) / f"status-relay-{names[0]}.json" if args.records else None
             )
             await _until_stopped(stop, relay.status, status_path, args.status_interval)
+            _shutting_down()
             relay.flush()
         finally:
             status = relay.status()
@@ -169,6 +180,7 @@ def run_receiver(args: argparse.Namespace) -> int:
                 else None
             )
             await _until_stopped(stop, rx.status, status_path, args.status_interval)
+            _shutting_down()
             rx.stop()
         finally:
             status = rx.status()
@@ -221,6 +233,7 @@ def run_publisher(args: argparse.Namespace) -> int:
                     progress=progress,
                 )
         finally:
+            _shutting_down()
             elapsed = time.monotonic() - started
             status: dict[str, Any] = pub.status()
             status["messages"] = n

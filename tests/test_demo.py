@@ -82,6 +82,7 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, like a shell job
     )
     try:
         deadline = time.monotonic() + 120
@@ -91,7 +92,8 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
             time.sleep(0.1)
         time.sleep(1.0)
         assert len(processes_mentioning(str(out))) >= 3
-        proc.send_signal(signal.SIGINT)
+        # Ctrl-C in a terminal: SIGINT to the whole process group, children included.
+        os.killpg(proc.pid, signal.SIGINT)
         _stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -104,3 +106,4 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert summary["interrupted"] is True
     assert 0 < summary["fairness"]["messages"] < 1200
     assert summary["fairness"]["lost_pairs"] == 0
+    assert set(summary["exit_codes"].values()) == {0}  # every daemon stopped by itself
