@@ -337,6 +337,8 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
         f"duplicates dropped: {c['duplicates_dropped_endpoints']} at endpoints, "
         f"{c['duplicates_dropped_relays']} at relays; malformed {c['malformed']}; "
         f"kernel drops {c['kernel_drops']}; link-model losses {c['link_model_lost']}",
+        f"released at once, past their deadline when processed: {c['late_deliveries']} pairs "
+        "(late arrivals plus receive-path backlog)",
         f"endpoints with H+1={cfg.hedge + 1} distinct parents: "
         f"{c['endpoints_with_h_plus_1_parents']}/{c['endpoints_reporting']} "
         f"(min {c['distinct_parents_min']}, max {c['distinct_parents_max']})",
