@@ -174,11 +174,20 @@ class PreciseRelease(Generic[T]):
                     continue
                 # Take the batch out before the deadline: building 20 Release objects costs
                 # tens of µs, which would otherwise land on the first endpoint's release.
-                # Entries for this deadline that arrive from now on form a second batch.
+                # Entries for this deadline accepted from now on join it before the spin.
                 due = schedule.pop_due(deadline)
             until_spin = deadline - clock() - self.spin_ns
             if until_spin > 0:
                 time.sleep(until_spin / 1e9)
+            with cond:
+                # Copies accepted since the batch was taken out join it (few, so cheap).
+                more = schedule.pop_due(deadline)
+            if more:
+                due.extend(more)
+                n = schedule.endpoints
+                due.sort(
+                    key=lambda r: (r.deadline_ns, r.stream_id, r.seq, (r.endpoint - r.seq) % n)
+                )
             if due and self._deliver_at is not None and self._at(due, deadline):
                 continue
             # While spinning, a thread holding the GIL must give it back within µs, not within
