@@ -271,7 +271,9 @@ def plot_pfair(configs: Sequence[ConfigResult]) -> str:
     lo = np.array([100 * c.fairness.p_fair_ci[0] for c in configs])
     hi = np.array([100 * c.fairness.p_fair_ci[1] for c in configs])
     ax.bar(names, p, color=[_COLOURS.get(n, "#999") for n in names])
-    ax.errorbar(names, p, yerr=[p - lo, hi - p], fmt="none", ecolor="black", capsize=6)
+    # Wilson bounds can sit a rounding error inside p (p = 0 or 1): clamp to >= 0.
+    yerr = [np.maximum(0.0, p - lo), np.maximum(0.0, hi - p)]
+    ax.errorbar(names, p, yerr=yerr, fmt="none", ecolor="black", capsize=6)
     tau = configs[0].fairness.tau_ns / 1e3 if configs else 0
     ax.set_ylabel(f"P(F) %, tau = {tau:g} µs, 95% Wilson CI")
     ax.set_ylim(0, 100)
