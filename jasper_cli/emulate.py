@@ -279,7 +279,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(doc: dict[str, Any]) -> None:
+    from overlay.emulation.report import format_ladder
+
     print(doc["table_text"])
+    print()
+    print(format_ladder(doc["p_fair_ladder"], (1000, 3000, 10000, 30000, 100000)))
     print()
     for f in doc["faults"]:
         print(

@@ -175,7 +175,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     head = (
         f"{'config':<12} {'n':>6} {'P(F)':>7} {'95% CI':>15} {'tau µs':>7} "
         f"{'OML p50/p99 µs':>16} {'DWS p50/p99 µs':>16} {'late':>8} {'lost':>6} "
-        f"{'rel.err p50/p99 µs':>19} {'rate off/ach':>13} {'CPU%':>5}"
+        f"{'rel.err p50/p99 µs':>19} {'rate off/ach':>13} {'CPU%':>5} {'own%':>5}"
     )
     lines = [head, "-" * len(head)]
 
@@ -196,7 +196,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{pair(r['oml_p50_us'], r['oml_p99_us']):>16} "
             f"{pair(r['dws_p50_us'], r['dws_p99_us']):>16} {late:>8} {r['lost_pairs']:>6} "
             f"{pair(r['release_err_p50_us'], r['release_err_p99_us']):>19} "
-            f"{rate:>13} {r['cpu_percent']:>5}"
+            f"{rate:>13} {r['cpu_percent']:>5} {r.get('own_cpu_percent', '-')!s:>5}"
         )
     return "\n".join(lines)
 
@@ -300,6 +300,42 @@ def p_fair_curve(c: ConfigResult, taus_ns: Sequence[int]) -> list[float]:
     lo = np.where(got, m.release_ns, big).min(axis=1)
     dws = rel.max(axis=1) - lo
     return [float((ok & (dws <= t)).sum()) / n for t in taus_ns]
+
+
+def p_fair_ladder(configs: Sequence[ConfigResult]) -> list[dict[str, Any]]:
+    """P(F) with n and its Wilson 95% interval at every tau of TAU_LADDER_US, per config."""
+    from jasper.metrics import wilson_interval
+
+    rows = []
+    for c in configs:
+        n = len(c.matrix.send_ns)
+        for tau_us, p in zip(
+            TAU_LADDER_US, p_fair_curve(c, [t * 1000 for t in TAU_LADDER_US]), strict=True
+        ):
+            lo, hi = wilson_interval(round(p * n), n)
+            rows.append({"config": c.name, "tau_us": tau_us, "n": n, "p_fair": p, "ci": [lo, hi]})
+    return rows
+
+
+def format_ladder(rows: Sequence[Mapping[str, Any]], taus_us: Sequence[int]) -> str:
+    """P(F) [95% CI] per configuration (rows) and tau (columns)."""
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    cell = {(r["config"], r["tau_us"]): r for r in rows}
+    head = f"{'P(F) at tau':<14}" + "".join(f"{f'{t / 1000:g} ms':>22}" for t in taus_us)
+    lines = [head]
+    for c in configs:
+        parts = []
+        for t in taus_us:
+            r = cell.get((c, t))
+            if r is None:
+                parts.append(f"{'-':>22}")
+                continue
+            lo, hi = r["ci"]
+            pf = 100 * r["p_fair"]
+            text = f"{pf:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}]"
+            parts.append(f"{text:>22}")
+        lines.append(f"{c:<14}" + "".join(parts))
+    return "\n".join(lines)
 
 
 def plot_pfair_curve(configs: Sequence[ConfigResult], tau_ns: int) -> str:
@@ -476,6 +512,8 @@ def write_report(out_dir: Path, doc: Mapping[str, Any], images: Mapping[str, str
         )
     parts.append("<h2>Configurations side by side</h2>")
     parts.append("<pre>" + html.escape(str(doc.get("table_text", ""))) + "</pre>")
+    parts.append("<h3>P(F) [95% Wilson CI] at other thresholds tau</h3>")
+    parts.append("<pre>" + html.escape(str(doc.get("ladder_text", ""))) + "</pre>")
     for key, title in (
         ("pfair", "P(F) per configuration (95% Wilson CI)"),
         ("pfair_curve", "P(F) against tau (dotted: the table's tau)"),

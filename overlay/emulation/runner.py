@@ -1259,6 +1259,8 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
             )
             for c in configs
         },
+        "p_fair_ladder": (ladder := rp.p_fair_ladder(configs)),
+        "ladder_text": rp.format_ladder(ladder, rp.TAU_LADDER_US[2:]),
         "faults": fault_rows,
         "processes": procs,
         "process_list": [
