@@ -306,6 +306,11 @@ def summarize(out: Path, subscriptions: Mapping[int, list[str]], cfg: DemoConfig
         "endpoints_with_h_plus_1_parents": sum(1 for p in parents if p >= hedge_target),
         "distinct_parents_min": min(parents) if parents else 0,
         "distinct_parents_max": max(parents) if parents else 0,
+        "receive_lag_mean_us": _lag_mean_us(statuses),
+        "receive_lag_max_us": max(
+            (s.get("receive_lag", {}).get("max_ns", 0) / 1000 for s in statuses.values()),
+            default=0.0,
+        ),
         "link_model_lost": sum(
             int(s.get("delay_line", {}).get("lost", 0)) for s in statuses.values()
         ),
@@ -324,6 +329,12 @@ def summarize(out: Path, subscriptions: Mapping[int, list[str]], cfg: DemoConfig
     return summary
 
 
+def _lag_mean_us(statuses: Mapping[str, Mapping[str, Any]]) -> float:
+    lags = [s["receive_lag"] for s in statuses.values() if "receive_lag" in s]
+    count = sum(int(x["count"]) for x in lags)
+    return sum(float(x["mean_ns"]) * int(x["count"]) for x in lags) / count / 1000 if count else 0.0
+
+
 def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConfig) -> str:
     c = summary["counters"]
     procs: Mapping[str, Mapping[str, float]] = summary["processes"]
@@ -339,6 +350,8 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
         f"kernel drops {c['kernel_drops']}; link-model losses {c['link_model_lost']}",
         f"released at once, past their deadline when processed: {c['late_deliveries']} pairs "
         "(late arrivals plus receive-path backlog)",
+        f"receive-path lag (processing − kernel arrival) mean {c['receive_lag_mean_us']:.0f} µs, "
+        f"max {c['receive_lag_max_us']:.0f} µs",
         f"endpoints with H+1={cfg.hedge + 1} distinct parents: "
         f"{c['endpoints_with_h_plus_1_parents']}/{c['endpoints_reporting']} "
         f"(min {c['distinct_parents_min']}, max {c['distinct_parents_max']})",

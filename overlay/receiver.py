@@ -102,6 +102,31 @@ class EndpointCounters:
         }
 
 
+class LagStats:
+    """Receive-path lag (processing time − effective arrival) of accepted copies, in ns."""
+
+    __slots__ = ("count", "max_ns", "over_1ms", "total_ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total_ns = 0
+        self.max_ns = 0
+        self.over_1ms = 0
+
+    def observe(self, lag_ns: int) -> None:
+        self.count += 1
+        self.total_ns += lag_ns
+        if lag_ns > self.max_ns:
+            self.max_ns = lag_ns
+        if lag_ns > 1_000_000:
+            self.over_1ms += 1
+
+    def to_dict(self) -> dict[str, float]:
+        mean = self.total_ns / self.count if self.count else 0.0
+        return {"count": self.count, "mean_ns": mean, "max_ns": self.max_ns,
+                "over_1ms": self.over_1ms}  # fmt: skip
+
+
 _Held = tuple[int, int, int, int, bytes, int, str]
 """What waits in the release schedule: stream, session, seq, deadline ns, payload, arrival ns,
 parent kept."""
@@ -238,6 +263,7 @@ class Receiver:
             deliver_at=self._release_at if self._sender is not None else None,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.lag = LagStats()
         self._booking: collections.deque[tuple[Endpoint, _Held, int, bool]] = collections.deque()
         self._book_scheduled = False
         self.fast_path_mode = "user"
@@ -325,7 +351,11 @@ class Receiver:
         c.accepted += 1
         c.kept_from[sender] += 1
         held: _Held = (stream, session, seq, deadline, data[HEADER_LEN:], arrival_ns, sender)
-        if deadline == 0 or deadline <= self.clock():
+        now = self.clock()
+        # How far the receive path runs behind the (effective) arrivals it processes.
+        lag = now - arrival_ns
+        self.lag.observe(lag)
+        if deadline == 0 or deadline <= now:
             self._deliver_now(ep, held, late=deadline != 0)
             return
         if not self.release.hold(
@@ -530,5 +560,6 @@ class Receiver:
                 **vars(self.release.schedule.counters),
             },
             "records": len(self.records),
+            "receive_lag": self.lag.to_dict(),
             "process": process_figures(self.started_ns),
         }
