@@ -38,7 +38,7 @@ def add_parser(sub: Any) -> None:
         "--hold-us",
         type=float,
         default=None,
-        help="deadline − send time in µs (default 5000; 20000 for deeper trees)",
+        help="deadline − send time in µs (default 5000 up to 200 endpoints, 20000 above)",
     )
     p.add_argument("--tau-us", type=float, default=50.0, help="DWS threshold of P(F), µs (50)")
     p.add_argument("--warmup", type=int, default=0, help="messages excluded at the start (0)")

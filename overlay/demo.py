@@ -126,7 +126,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
     cluster = Cluster(topo_path, out)
     started = time.monotonic()
     try:
-        fp = ("--fast-path", cfg.fast_path, "--status-interval", "0.5")
+        fp = ("--fast-path", cfg.fast_path, "--status-interval", "1.0")
         for g in groups:
             cluster.add_relay(g, *fp, *(("--realtime",) if cfg.realtime else ()))
         rx_extra: tuple[str, ...] = ("--deliver", "topology" if cfg.deliver == "udp" else "memory")
