@@ -49,11 +49,31 @@ def add_common_arguments(p: argparse.ArgumentParser, *, kind: str) -> None:
         metavar="S",
         help="also write the status JSON into --records every S seconds while running",
     )
+    from overlay.clocksync import add_clock_arguments
+
+    add_clock_arguments(p.add_argument_group("node clock (default: the kernel clock)"))
     p.add_argument(
         "--no-link-model",
         action="store_true",
         help="ignore the topology's link model (it is applied when the topology has one)",
     )
+
+
+async def _node_clock(
+    args: argparse.Namespace, name: str
+) -> tuple[Callable[[], int], Callable[[], bool], Any]:
+    """(clock, synced, service): an emulated or chrony-watched clock when asked for.
+
+    Without clock options the node runs on the kernel clock, which on one host is the truth,
+    so it counts as synchronized.
+    """
+    if getattr(args, "clock_offset_us", None) is None and not getattr(args, "chrony_host", None):
+        return time.time_ns, lambda: True, None
+    from overlay.clocksync import clock_service_from_args
+
+    service = clock_service_from_args(args, name=name)
+    await service.start()
+    return service.now_ns, service.synced, service
 
 
 def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -117,7 +137,8 @@ def run_relay(args: argparse.Namespace) -> int:
         tune_interpreter()
         if args.realtime:
             make_realtime(LOOP_PRIORITY)
-        relay = Relay(topo, names, link_model=not args.no_link_model)
+        clock, _synced, clock_service = await _node_clock(args, names[0])
+        relay = Relay(topo, names, link_model=not args.no_link_model, clock=clock)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         _stop_on_signals(loop, stop)
@@ -135,6 +156,8 @@ def run_relay(args: argparse.Namespace) -> int:
         finally:
             status = relay.status()
             relay.close()
+            if clock_service is not None:
+                await clock_service.stop()
         if args.records:
             write_json(Path(args.records) / f"status-relay-{names[0]}.json", status)
         return 0
@@ -156,9 +179,12 @@ def run_receiver(args: argparse.Namespace) -> int:
         deliver: str | None = "topology"
         if args.deliver == "memory":
             deliver = None
+        clock, synced, clock_service = await _node_clock(args, args.node_name)
         rx = Receiver(
             topo,
             args.node_name,
+            clock=clock,
+            synced=synced,
             link_model=not args.no_link_model,
             spin_ns=args.spin_us * 1000,
             realtime=not args.no_realtime,
@@ -185,6 +211,8 @@ def run_receiver(args: argparse.Namespace) -> int:
         finally:
             status = rx.status()
             rx.close()
+            if clock_service is not None:
+                await clock_service.stop()
         if args.records:
             out = Path(args.records)
             rx.records.save(out / f"deliveries-{args.node_name}.npy")
@@ -205,7 +233,10 @@ def run_publisher(args: argparse.Namespace) -> int:
         tune_interpreter()
         if args.realtime:
             make_realtime(LOOP_PRIORITY)
-        pub = Publisher(topo, hold_ns=None if args.hold_us is None else int(args.hold_us * 1000))
+        clock, _synced, clock_service = await _node_clock(args, args.node_name)
+        pub = Publisher(
+            topo, clock=clock, hold_ns=None if args.hold_us is None else int(args.hold_us * 1000)
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         _stop_on_signals(loop, stop)
@@ -241,6 +272,8 @@ def run_publisher(args: argparse.Namespace) -> int:
             status["achieved_rate"] = n / elapsed if elapsed > 0 else 0.0
             status["elapsed_s"] = elapsed
             pub.close()
+            if clock_service is not None:
+                await clock_service.stop()
         if args.records:
             out = Path(args.records)
             pub.records.save(out / "sent.npy")

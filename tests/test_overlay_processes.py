@@ -143,3 +143,25 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.slow
+def test_receiver_releases_on_its_own_node_clock(tmp_path: Path) -> None:
+    """An emulated clock 2 ms ahead (never corrected) releases 2 ms early in true time."""
+    plan = tree_shape(4, fanout=4, hedge=0)
+    base = free_port_base(ADDR, ports_needed(plan))
+    topo = topology_from_plan(plan, addr=ADDR, port_base=base, hold_ns=20_000_000)
+    path = tmp_path / "topology.json"
+    write_json(path, topo.to_dict())
+    with Cluster(path, tmp_path) as cluster:
+        cluster.add_relay(["r0.0"], "--fast-path", "user")
+        cluster.add_receiver("h0", "--fast-path", "user", "--clock-offset-us", "2000")
+        cluster.wait_ready()
+        cluster.add_publisher("--rate", "50", "--duration", "1")
+        wait_publisher(cluster)
+        time.sleep(0.5)
+    d = np.load(tmp_path / "deliveries-h0.npy")
+    assert len(d) == 50 * 4
+    early = (d["deadline_ns"] - d["release_ns"]) / 1e3
+    assert np.median(early) == pytest.approx(2000, abs=500)
+    assert not d["synced"].any()  # an uncorrected emulated clock is never synchronized
