@@ -71,6 +71,10 @@ class DemoConfig:
     """memory: hand messages over in process; udp: send each to a local UDP port per endpoint."""
 
 
+TAU_LADDER_NS = (100_000, 500_000, 1_000_000)
+"""Further DWS thresholds the report gives P(F) at (ns)."""
+
+
 class _Interrupted(Exception):
     pass
 
@@ -255,6 +259,16 @@ def summarize(out: Path, subscriptions: Mapping[int, list[str]], cfg: DemoConfig
         tau_ns=cfg.tau_ns,
         warmup_messages=min(cfg.warmup_messages, max(0, len(sent) - 1)),
     )
+    ladder = {}
+    for tau in TAU_LADDER_NS:
+        r = fairness_report(
+            sent,
+            deliveries,
+            subscriptions,
+            tau_ns=tau,
+            warmup_messages=min(cfg.warmup_messages, max(0, len(sent) - 1)),
+        )
+        ladder[str(tau)] = {"p_fair": r.p_fair, "ci": list(r.p_fair_ci), "n": r.messages}
     statuses = {}
     for p in sorted(glob.glob(str(out / "status-*.json"))):
         statuses[Path(p).stem.removeprefix("status-")] = json.loads(Path(p).read_text())
@@ -318,6 +332,7 @@ def summarize(out: Path, subscriptions: Mapping[int, list[str]], cfg: DemoConfig
     summary: dict[str, Any] = {
         "config": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in vars(cfg).items()},
         "fairness": report.to_dict(),
+        "p_fair_by_tau_ns": ladder,
         "offered_rate": pub.get("offered_rate", cfg.rate),
         "achieved_rate": pub.get("achieved_rate"),
         "messages_sent": len(sent),
@@ -342,6 +357,13 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
     lines = [
         "== Jasper demo: fairness report",
         fairness_text,
+        "P(F) at other tau: "
+        + ", ".join(
+            f"{int(t) / 1000:g} µs {100 * v['p_fair']:.1f}%"
+            if v["p_fair"] is not None
+            else f"{int(t) / 1000:g} µs -"
+            for t, v in summary["p_fair_by_tau_ns"].items()
+        ),
         f"offered {summary['offered_rate']:g} msg/s, achieved "
         + ("-" if achieved is None else f"{achieved:.1f}")
         + f" msg/s ({summary['messages_sent']} messages)",
