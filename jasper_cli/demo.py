@@ -17,9 +17,12 @@ def add_parser(sub: Any) -> None:
         "demo",
         help="run publisher, relays and endpoints on loopback and print a fairness report",
         description=(
-            "Start a publisher, a tree of relays (fan-out F, hedging H) and N endpoints as real "
-            "processes on loopback with an emulated cloud link model, stream synthetic "
-            "order-book updates, stop everything and print the fairness report. Records and a "
+            "Start a controller, a publisher, a tree of relays (fan-out F, hedging H) and N "
+            "endpoints as real processes on loopback (MPs subscribe over the controller's REST "
+            "API; --control static skips it), with an emulated cloud link model and per-node "
+            "clocks with injected skew corrected by SNTP against a reference chronyd, stream "
+            "synthetic order-book updates, stop everything and print the fairness report. "
+            "Records and a "
             "JSON summary go to the output folder."
         ),
     )
@@ -70,6 +73,50 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="output folder (default ./jasper-out/demo-<UTC timestamp>)",
     )
+    p.add_argument(
+        "--control",
+        choices=("controller", "static"),
+        default="controller",
+        help="controller (default): a controller on loopback plans the tree and every MP "
+        "subscribes over REST; static: a topology file written by the demo",
+    )
+    p.add_argument(
+        "--hold-policy",
+        choices=("fixed", "adaptive"),
+        default="fixed",
+        help="controller path: keep the hold fixed (default) or let the controller's deadline "
+        "policy move it from the receivers' one-way-delay reports",
+    )
+    p.add_argument(
+        "--clock-skew-us",
+        type=float,
+        default=500.0,
+        help="emulated clock offsets drawn from ±this per process, µs (500)",
+    )
+    p.add_argument(
+        "--clock-drift-ppm",
+        type=float,
+        default=20.0,
+        help="emulated clock drifts drawn from ±this per process, ppm (20)",
+    )
+    p.add_argument("--clock-seed", type=int, default=1, help="seed of the clock skews (1)")
+    p.add_argument(
+        "--no-clock-sync",
+        action="store_true",
+        help="negative control: leave the emulated clocks uncorrected",
+    )
+    p.add_argument(
+        "--kernel-clock",
+        action="store_true",
+        help="no emulated clocks: every process reads the kernel clock",
+    )
+    p.add_argument(
+        "--ntp-server",
+        metavar="HOST:PORT",
+        default=None,
+        help="correct the clocks against this server (default: start a reference chronyd on "
+        "loopback)",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of text")
     p.set_defaults(func=run)
 
@@ -112,6 +159,14 @@ def run(args: argparse.Namespace) -> int:
         fast_path=args.fast_path,
         deliver=args.deliver,
         realtime=not args.no_realtime,
+        control=args.control,
+        hold_policy=args.hold_policy,
+        emulate_clocks=not args.kernel_clock,
+        clock_skew_us=args.clock_skew_us,
+        clock_drift_ppm=args.clock_drift_ppm,
+        clock_sync=not args.no_clock_sync,
+        clock_seed=args.clock_seed,
+        ntp_server=args.ntp_server,
     )
     summary = run_demo(cfg, out)
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from overlay.common import write_json
-from overlay.launch import Cluster, free_port_base
+from overlay.launch import Child, Cluster, free_port_base, jasper_argv
 
 DEMO_LINK_MODEL: dict[str, Any] = {
     "seed": 1,
@@ -69,6 +70,23 @@ class DemoConfig:
     """Run relays' and receivers' event loops (and release threads) in SCHED_FIFO."""
     deliver: str = "memory"
     """memory: hand messages over in process; udp: send each to a local UDP port per endpoint."""
+    control: str = "controller"
+    """controller: a loopback controller plans the tree and MPs subscribe over REST;
+    static: the demo writes a topology file itself."""
+    hold_policy: str = "fixed"
+    """Controller path: fixed, or adaptive (the controller's deadline policy moves the hold)."""
+    emulate_clocks: bool = True
+    """Give every process its own software clock with a seeded injected skew."""
+    clock_skew_us: float = 500.0
+    """Injected clock offsets are drawn uniformly from ±this, in µs."""
+    clock_drift_ppm: float = 20.0
+    """Injected clock drifts are drawn uniformly from ±this, in ppm."""
+    clock_sync: bool = True
+    """Correct the emulated clocks by SNTP (False: the negative control)."""
+    clock_seed: int = 1
+    """Seed of the injected offsets and drifts."""
+    ntp_server: str | None = None
+    """HOST:PORT to correct clocks against; None starts a reference chronyd on loopback."""
 
 
 TAU_LADDER_NS = (100_000, 500_000, 1_000_000)
@@ -89,13 +107,201 @@ def _progress_bar(done: int, total: int, elapsed: float, duration: float) -> str
     )
 
 
+def node_clocks(cfg: DemoConfig, names: list[str]) -> dict[str, tuple[float, float]]:
+    """Seeded (offset µs, drift ppm) per process label; empty when clocks are not emulated."""
+    if not cfg.emulate_clocks:
+        return {}
+    import random
+
+    rng = random.Random(cfg.clock_seed)
+    return {
+        n: (
+            rng.uniform(-cfg.clock_skew_us, cfg.clock_skew_us),
+            rng.uniform(-cfg.clock_drift_ppm, cfg.clock_drift_ppm),
+        )
+        for n in names
+    }
+
+
+class _Run:
+    """What one demo run started, so that every exit path stops all of it."""
+
+    def __init__(self, cfg: DemoConfig, out: Path) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.cluster = Cluster(out / "topology.json", out)
+        self.ref: Any = None
+        self.ctl: Any = None
+        self.ntp_server: str | None = None
+        self.clocks: dict[str, tuple[float, float]] = {}
+        self.clock_note = ""
+        self.tree: dict[str, Any] | None = None
+        self.hosts: dict[str, list[str]] = {}
+        """Receiver process -> its endpoint names."""
+        self.subscriptions: dict[int, list[str]] = {}
+        self.samples: list[dict[str, Any]] = []
+        """Controller readings during the run: time, stream hold, node clocks."""
+        self.sinks: list[Any] = []
+        """UDP sockets standing in for MP applications (deliver=udp)."""
+        self.link_model_note = ""
+
+    def clock_args(self, label: str) -> tuple[str, ...]:
+        if label not in self.clocks:
+            return ()
+        off, drift = self.clocks[label]
+        argv: tuple[str, ...] = (
+            "--clock-offset-us",
+            f"{off:.3f}",
+            "--clock-drift-ppm",
+            f"{drift:.3f}",
+        )
+        if self.ntp_server:
+            argv += ("--ntp-server", self.ntp_server)
+        return argv
+
+    def start_clock_reference(self, stream: Any) -> None:
+        cfg = self.cfg
+        if not (cfg.emulate_clocks and cfg.clock_sync):
+            return
+        if cfg.ntp_server:
+            self.ntp_server = cfg.ntp_server
+            return
+        from overlay.refclock import ChronyConfig, ReferenceChrony, chronyd_path
+
+        if chronyd_path() is None:
+            self.clock_note = "chronyd not found: emulated clocks run uncorrected"
+            print(f"jasper demo: {self.clock_note}", file=stream)
+            return
+        # -t: chronyd exits by itself even if this process dies without cleaning up.
+        ttl = int(cfg.duration_s + 600)
+        self.ref = ReferenceChrony(ChronyConfig(exit_after_s=ttl)).start()
+        self.ntp_server = f"127.0.0.1:{self.ref.ntp_port}"
+
+    def sample_controller(self, t0: float) -> None:
+        """One reading of the hold in force and every node's clock from the controller."""
+        if self.ctl is None:
+            return
+        with contextlib.suppress(Exception):
+            try:
+                # The hold in force (adaptive policy) where the controller serves it.
+                hold = self.ctl.call("GET", "/v1/streams/1/hold")
+            except Exception:
+                hold = self.ctl.call("GET", "/v1/streams/1")
+            nodes = self.ctl.nodes()
+            self.samples.append(
+                {
+                    "t_s": round(time.monotonic() - t0, 2),
+                    "hold_ns": hold.get("hold_ns"),
+                    "hold_policy": hold.get("hold_policy"),
+                    "clocks": {n["name"]: n.get("clock") for n in nodes},
+                }
+            )
+
+    def close(self) -> None:
+        try:
+            self.cluster.stop()
+        finally:
+            try:
+                if self.ctl is not None:
+                    self.ctl.close()
+            finally:
+                if self.ref is not None:
+                    self.ref.cleanup()
+                for sock in self.sinks:
+                    sock.close()
+
+
 def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[str, Any]:
     """Run the demo, write records and summary.json into `out`, return the summary."""
-    from jasper.layout import ports_needed, relay_groups, topology_from_plan
     from jasper.tree import tree_shape
 
     out.mkdir(parents=True, exist_ok=True)
     plan = tree_shape(cfg.receivers, fanout=cfg.fanout, hedge=cfg.hedge)
+    run = _Run(cfg, out)
+    interrupted = False
+    startup_s: float | None = None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise _Interrupted(signum)
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        run.start_clock_reference(stream)
+        if cfg.control == "static":
+            publisher_argv = _start_static(run, plan, stream)
+        else:
+            publisher_argv = _start_controlled(run, plan, stream)
+        startup_s = time.monotonic() - started
+        total = int(cfg.rate * cfg.duration_s)
+        pub = run.cluster._spawn(
+            Child(
+                "publisher",
+                "publisher",
+                jasper_argv(
+                    "publisher",
+                    *publisher_argv,
+                    "--records",
+                    str(out),
+                    "--rate",
+                    str(cfg.rate),
+                    "--duration",
+                    str(cfg.duration_s),
+                    *(("--realtime",) if cfg.realtime else ()),
+                    *run.clock_args("publisher"),
+                ),
+                run.cluster.log_dir / "publisher.log",
+            )
+        )
+        progress_file = out / "progress"
+        t0 = time.monotonic()
+        next_sample = t0
+        done = 0
+        assert pub.proc is not None
+        while pub.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                # max: a read can catch the file half-written (empty).
+                done = max(done, int(progress_file.read_text() or 0))
+            stream.write(_progress_bar(done, total, time.monotonic() - t0, cfg.duration_s))
+            stream.flush()
+            if time.monotonic() >= next_sample:
+                run.sample_controller(t0)
+                next_sample += 1.0
+            time.sleep(0.2)
+        stream.write(_progress_bar(total, total, cfg.duration_s, cfg.duration_s) + "\n")
+        _drain(out, cfg, sum(len(v) for v in run.subscriptions.values()), stream)
+        run.sample_controller(t0)
+    except _Interrupted:
+        interrupted = True
+        stream.write("\ninterrupted: stopping every process\n")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if run.tree is None and run.ctl is not None:
+                with contextlib.suppress(Exception):
+                    run.tree = run.ctl.tree(1)
+            run.close()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+    summary = summarize(out, run.subscriptions, cfg, run=run)
+    summary["startup_s"] = startup_s
+    summary["interrupted"] = interrupted
+    summary["exit_codes"] = {
+        c.name: (c.proc.returncode if c.proc is not None else None) for c in run.cluster.children
+    }
+    write_json(out / "summary.json", summary)
+    (out / "report.txt").write_text(summary["text"] + "\n")
+    return summary
+
+
+def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
+    """Write the topology file, start relays and receivers on it; the publisher's arguments."""
+    from jasper.layout import ports_needed, relay_groups, topology_from_plan
+
+    cfg, out = run.cfg, run.out
     n_ports = ports_needed(plan)
     deliver_ports = cfg.receivers if cfg.deliver == "udp" else 0
     base = free_port_base(cfg.addr, n_ports + deliver_ports)
@@ -111,80 +317,220 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
     topo_path = out / "topology.json"
     write_json(topo_path, topo.to_dict())
     groups = relay_groups(plan, cfg.relays_per_process)
+    run.hosts = {h.name: [e.name for e in h.endpoints] for h in topo.receivers}
+    run.subscriptions = topo_subscriptions(topo)
+    labels = [f"relay-{g[0]}" for g in groups] + [f"receiver-{h}" for h in run.hosts]
+    run.clocks = node_clocks(cfg, [*labels, "publisher"])
+    _announce(run, plan.depth, len(plan.relays()), len(groups), len(run.hosts), stream)
+    fp = ("--fast-path", cfg.fast_path, "--status-interval", "1.0")
+    for g in groups:
+        run.cluster.add_relay(
+            g, *fp, *(("--realtime",) if cfg.realtime else ()), *run.clock_args(f"relay-{g[0]}")
+        )
+    rx_extra: tuple[str, ...] = ("--deliver", "topology" if cfg.deliver == "udp" else "memory")
+    if not cfg.realtime:
+        rx_extra += ("--no-realtime",)
+    if cfg.deliver == "udp":
+        run.sinks = _open_sinks(cfg.addr, base + n_ports, cfg.receivers)
+    for h in run.hosts:
+        run.cluster.add_receiver(h, *fp, *rx_extra, *run.clock_args(f"receiver-{h}"))
+    run.cluster.wait_ready()
+    return ("--topology", str(topo_path), "--node-name", "pub")
+
+
+def _announce(run: _Run, depth: int, relays: int, groups: int, hosts: int, stream: Any) -> None:
+    cfg = run.cfg
+    if not cfg.emulate_clocks:
+        clocks = "kernel clock on every node"
+    else:
+        clocks = f"emulated clocks ±{cfg.clock_skew_us:g} µs, ±{cfg.clock_drift_ppm:g} ppm, " + (
+            f"corrected by SNTP against {run.ntp_server}" if run.ntp_server else "uncorrected"
+        )
     print(
-        f"jasper demo: N={cfg.receivers} endpoints, F={cfg.fanout}, H={cfg.hedge}, "
-        f"depth {plan.depth}, {len(plan.relays())} relays in {len(groups)} processes, "
-        f"{len(topo.receivers)} receiver processes; rate {cfg.rate:g} msg/s for "
+        f"jasper demo ({cfg.control} control path): N={cfg.receivers} endpoints, "
+        f"F={cfg.fanout}, H={cfg.hedge}, depth {depth}, {relays} relays in {groups} processes, "
+        f"{hosts} receiver processes; rate {cfg.rate:g} msg/s for "
         f"{cfg.duration_s:g} s, hold {cfg.hold_ns / 1000:g} µs, link model "
-        f"{'on' if cfg.link_model else 'off'}; output {out}",
+        f"{'on' if cfg.link_model else 'off'}; {clocks}; output {run.out}",
         file=stream,
     )
+    if run.link_model_note:
+        print(f"jasper demo: {run.link_model_note}", file=stream)
 
-    interrupted = False
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise _Interrupted(signum)
+def _relay_runs(indices: list[int], root: int, per_process: int) -> list[list[int]]:
+    """Relay indices in processes: the root alone, the rest in runs of consecutive indices
+    (a process's nodes take consecutive ports), at most `per_process` each."""
+    runs: list[list[int]] = [[root]]
+    for i in sorted(set(indices) - {root}):
+        cur = runs[-1]
+        if len(runs) > 1 and cur[-1] == i - 1 and len(cur) < per_process:
+            cur.append(i)
+        else:
+            runs.append([i])
+    return runs
 
-    old_int = signal.signal(signal.SIGINT, on_signal)
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-    cluster = Cluster(topo_path, out)
-    started = time.monotonic()
-    try:
-        fp = ("--fast-path", cfg.fast_path, "--status-interval", "1.0")
-        for g in groups:
-            cluster.add_relay(g, *fp, *(("--realtime",) if cfg.realtime else ()))
-        rx_extra: tuple[str, ...] = ("--deliver", "topology" if cfg.deliver == "udp" else "memory")
-        if not cfg.realtime:
-            rx_extra += ("--no-realtime",)
-        sinks: list[Any] = []
-        if cfg.deliver == "udp":
-            sinks = _open_sinks(cfg.addr, base + n_ports, cfg.receivers)
-        for h in topo.receivers:
-            cluster.add_receiver(h.name, *fp, *rx_extra)
-        cluster.wait_ready()
-        startup_s = time.monotonic() - started
-        total = int(cfg.rate * cfg.duration_s)
-        pub = cluster.add_publisher(
-            "--rate",
-            str(cfg.rate),
-            "--duration",
-            str(cfg.duration_s),
-            *(("--realtime",) if cfg.realtime else ()),
+
+def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
+    """The real control path (docs/controller.md): a controller on loopback plans the tree,
+    every MP subscribes its endpoint over REST, daemons follow the controller through their
+    in-process agents. Returns the publisher's arguments."""
+    from controller.loopback import LoopbackController
+
+    cfg, out = run.cfg, run.out
+    with contextlib.suppress(FileNotFoundError):
+        for suffix in ("", "-wal", "-shm"):
+            (out / f"controller.db{suffix}").unlink()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    run.ctl = ctl = LoopbackController(
+        db_path=out / "controller.db",
+        # Pre-registered nodes start heartbeating only once every process is up, which can
+        # take a while for 1,000 endpoints on 2 cores; the demo injects no failures.
+        heartbeat_timeout_s=60.0,
+        log_path=out / "logs" / "controller.log",
+        settings_env={"JASPER_LINK_MODEL": json.dumps(dict(cfg.link_model))}
+        if cfg.link_model
+        else {},
+    ).start()
+    token_file = ctl.write_token_file(out / "node-token")
+    # The controller shapes an explicit depth for F^D endpoints at once; give it the relays
+    # for that shape (or the static plan's, whichever is more).
+    n_relays = max(len(plan.relays()), sum(cfg.fanout**i for i in range(plan.depth)))
+    per_host = cfg.endpoints_per_receiver
+    n_hosts = -(-cfg.receivers // per_host)
+    deliver_ports = cfg.receivers if cfg.deliver == "udp" else 0
+    base = free_port_base(cfg.addr, n_relays + cfg.receivers + deliver_ports)
+    rx_base = base + n_relays
+    relay_names = [f"relay{i}" for i in range(n_relays)]
+    host_names = [f"rx{h}" for h in range(n_hosts)]
+    # Register every relay before the stream exists, so its first plan has the full shape
+    # (an explicit depth), and every receiver host before the first subscription, so no
+    # receiver is rebuilt for endpoints added later.
+    for i, name in enumerate(relay_names):
+        ctl.call(
+            "POST",
+            "/v1/nodes",
+            token=ctl.node_token,
+            json={
+                "name": name,
+                "role": "relay",
+                "data_addr": cfg.addr,
+                "port": base + i,
+                "capacity": 1,
+            },
         )
-        progress_file = out / "progress"
-        t0 = time.monotonic()
-        assert pub.proc is not None
-        while pub.proc.poll() is None:
-            done = 0
-            with contextlib.suppress(OSError, ValueError):
-                done = int(progress_file.read_text() or 0)
-            stream.write(_progress_bar(done, total, time.monotonic() - t0, cfg.duration_s))
-            stream.flush()
-            time.sleep(0.2)
-        stream.write(_progress_bar(total, total, cfg.duration_s, cfg.duration_s) + "\n")
-        _drain(out, cfg, len(topo.endpoints()), stream)
-    except _Interrupted:
-        interrupted = True
-        stream.write("\ninterrupted: stopping every process\n")
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            cluster.stop()
-        finally:
-            signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, old_term)
-    summary = summarize(out, topo_subscriptions(topo), cfg)
-    summary["startup_s"] = locals().get("startup_s")
-    summary["interrupted"] = interrupted
-    summary["exit_codes"] = {
-        c.name: (c.proc.returncode if c.proc is not None else None) for c in cluster.children
-    }
-    write_json(out / "summary.json", summary)
-    (out / "report.txt").write_text(summary["text"] + "\n")
-    for s in locals().get("sinks", []):
-        s.close()
-    return summary
+    ctl.create_stream(
+        1,
+        "md",
+        hedge=cfg.hedge,
+        fanout=cfg.fanout,
+        depth=plan.depth,
+        hold_ns=cfg.hold_ns,
+        hold_policy=cfg.hold_policy,
+        publisher="pub",
+        rate_hint=cfg.rate,
+    )
+    host_of_port: dict[int, str] = {}
+    for h, name in enumerate(host_names):
+        k = min(per_host, cfg.receivers - h * per_host)
+        port = rx_base + h * per_host
+        ctl.call(
+            "POST",
+            "/v1/nodes",
+            token=ctl.node_token,
+            json={
+                "name": name,
+                "role": "receiver",
+                "data_addr": cfg.addr,
+                "port": port,
+                "capacity": k,
+            },
+        )
+        for j in range(k):
+            host_of_port[port + j] = name
+    sink_base = rx_base + cfg.receivers
+    if cfg.deliver == "udp":
+        run.sinks = _open_sinks(cfg.addr, sink_base, cfg.receivers)
+    t_sub = time.monotonic()
+    subs = ctl.subscribe_endpoints(
+        1,
+        [
+            (
+                cfg.addr,
+                rx_base + i,
+                f"udp:{cfg.addr}:{sink_base + i}" if cfg.deliver == "udp" else None,
+            )
+            for i in range(cfg.receivers)
+        ],
+    )
+    subscribe_s = time.monotonic() - t_sub
+    tree = ctl.tree(1)
+    settle = time.monotonic() + 30.0
+    while tree.get("pending_epoch") is not None and time.monotonic() < settle:
+        time.sleep(0.2)  # a re-plan switches once its nodes applied it, or after a timeout
+        tree = ctl.tree(1)
+    run.tree = tree
+    write_json(out / "topology.json", tree["topology"])
+    if cfg.link_model and not tree["topology"].get("link_model"):
+        # Hook: the controller is started with JASPER_LINK_MODEL; once its topology
+        # documents carry it, the daemons apply it as in the static path.
+        run.link_model_note = "link model: off (the controller's plans do not carry one yet)"
+    names_by_port = {int(e["port"]): str(e["name"]) for e in tree["endpoints"]}
+    run.hosts = {h: [] for h in host_names}
+    for port, name in sorted(names_by_port.items()):
+        run.hosts[host_of_port[port]].append(name)
+    run.subscriptions = {1: [names_by_port[rx_base + i] for i in range(cfg.receivers)]}
+    assert len(subs) == cfg.receivers
+    used = [relay_names.index(s["node"]) for level in tree["levels"] for s in level]
+    root = relay_names.index(tree["levels"][0][0]["node"])
+    if len(used) < n_relays:
+        print(
+            f"jasper demo: the plan uses {len(used)} of {n_relays} registered relays",
+            file=stream,
+        )
+    groups = [[relay_names[i] for i in g] for g in _relay_runs(used, root, cfg.relays_per_process)]
+    labels = [f"relay-{g[0]}" for g in groups] + [f"receiver-{h}" for h in host_names]
+    run.clocks = node_clocks(cfg, [*labels, "publisher"])
+    _announce(run, len(tree["levels"]), len(used), len(groups), n_hosts, stream)
+    print(
+        f"controller {ctl.url}: {len(subs)} MPs subscribed over REST in {subscribe_s:.1f} s; "
+        f"plan epoch {tree['plan_epoch']}, predicted OML {tree['predicted_oml_ns'] / 1000:.0f} µs",
+        file=stream,
+    )
+    common = (
+        "--controller", ctl.url, "--token-file", str(token_file), "--data-addr", cfg.addr,
+        "--records", str(out), "--status-interval", "1.0",
+    )  # fmt: skip
+    link = () if cfg.link_model else ("--no-link-model",)
+    for g in groups:
+        label = f"relay-{g[0]}"
+        ready = out / "run" / f"{label}.ready"
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        argv = jasper_argv(
+            "relay", *common, "--node-name", ",".join(g),
+            "--port", str(base + relay_names.index(g[0])), "--ready-file", str(ready),
+            "--fast-path", cfg.fast_path, *link,
+            *(("--realtime",) if cfg.realtime else ()), *run.clock_args(label),
+        )  # fmt: skip
+        run.cluster._spawn(Child(label, "relay", argv, run.cluster.log_dir / f"{label}.log", ready))
+    for h, name in enumerate(host_names):
+        label = f"receiver-{name}"
+        ready = out / "run" / f"{label}.ready"
+        argv = jasper_argv(
+            "receiver", *common, "--node-name", name,
+            "--port-base", str(rx_base + h * per_host), "--endpoints", str(len(run.hosts[name])),
+            "--ready-file", str(ready), "--fast-path", cfg.fast_path, *link,
+            "--deliver", "topology" if cfg.deliver == "udp" else "memory",
+            *(() if cfg.realtime else ("--no-realtime",)), *run.clock_args(label),
+        )  # fmt: skip
+        run.cluster._spawn(
+            Child(label, "receiver", argv, run.cluster.log_dir / f"{label}.log", ready)
+        )
+    run.cluster.wait_ready()
+    ctl.wait_applied({n for g in groups for n in g} | set(host_names), timeout_s=120.0)
+    return ("--controller", ctl.url, "--token-file", str(token_file), "--data-addr", cfg.addr,
+            "--node-name", "pub", "--stream", "1", *link)  # fmt: skip
 
 
 def _accepted_pairs(out: Path) -> int:
@@ -207,6 +553,11 @@ def _drain(out: Path, cfg: DemoConfig, endpoints: int, stream: Any) -> None:
     except (OSError, ValueError, KeyError):
         sent = int(cfg.rate * cfg.duration_s)
     expected = sent * endpoints
+    if not glob.glob(str(out / "status-receiver-*.json")):
+        # Daemons that write no status while running (controller mode today): let the
+        # copies in flight arrive, then the stop releases everything held.
+        time.sleep(2.0 + cfg.hold_ns / 1e9)
+        return
     last, last_change = -1, time.monotonic()
     give_up = time.monotonic() + max(60.0, 3 * cfg.duration_s)
     while time.monotonic() < give_up:
@@ -243,7 +594,13 @@ def topo_subscriptions(topo: Any) -> dict[int, list[str]]:
     return {topo.stream.id: [e.name for _, e in topo.endpoints()]}
 
 
-def summarize(out: Path, subscriptions: Mapping[int, list[str]], cfg: DemoConfig) -> dict[str, Any]:
+def summarize(
+    out: Path,
+    subscriptions: Mapping[int, list[str]],
+    cfg: DemoConfig,
+    *,
+    run: _Run | None = None,
+) -> dict[str, Any]:
     """Fairness report and counters of a finished run, from the files in `out`."""
     from jasper.metrics import fairness_report
     from jasper.records import empty_deliveries, empty_sent
@@ -287,14 +644,16 @@ def summarize(out: Path, subscriptions: Mapping[int, list[str]], cfg: DemoConfig
         for name, c in s["nodes"].items()
     }
     parents = [c["distinct_parents"] for c in endpoint_counters.values()]
-    missing_endpoints = sorted(
-        set(subscriptions[next(iter(subscriptions))]) - set(endpoint_counters)
+    missing_endpoints = (
+        sorted(set(subscriptions[next(iter(subscriptions))]) - set(endpoint_counters))
+        if subscriptions
+        else []
     )
 
     def total(counters: Mapping[str, Mapping[str, Any]], key: str) -> int:
         return int(sum(int(c.get(key, 0)) for c in counters.values()))
 
-    pub = statuses.get("publisher", {})
+    pub = statuses.get("publisher") or statuses.get("publisher-pub") or {}
     processes = {
         name: {
             "cpu_s": round(s["process"]["cpu_s"], 3),
@@ -334,14 +693,151 @@ def summarize(out: Path, subscriptions: Mapping[int, list[str]], cfg: DemoConfig
         "fairness": report.to_dict(),
         "p_fair_by_tau_ns": ladder,
         "offered_rate": pub.get("offered_rate", cfg.rate),
-        "achieved_rate": pub.get("achieved_rate"),
+        "achieved_rate": pub.get("achieved_rate", _achieved_rate(sent)),
         "messages_sent": len(sent),
         "counters": counters,
         "cpu_s_total": round(cpu_total, 2),
         "processes": processes,
     }
+    summary["control"] = cfg.control
+    summary["tree"] = _tree_summary(run.tree if run is not None else None)
+    hosts = run.hosts if run is not None else {}
+    summary["clocks"] = _clock_summary(deliveries, hosts, cfg, run)
+    summary["one_way_delay_us"] = _owd_summary(sent, deliveries, hosts)
+    summary["hold_over_time"] = _hold_summary(sent, run)
     summary["text"] = format_summary(summary, report.format_text(), cfg)
     return summary
+
+
+def _achieved_rate(sent: np.ndarray) -> float | None:
+    """Messages per second over the publisher's send stamps (daemons that report no rate)."""
+    if len(sent) < 2:
+        return None
+    span_ns = int(sent["send_time_ns"].max()) - int(sent["send_time_ns"].min())
+    return (len(sent) - 1) / (span_ns / 1e9) if span_ns > 0 else None
+
+
+def _tree_summary(tree: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The controller's plan in a few numbers (None on the static path)."""
+    if tree is None:
+        return None
+    parents = [len(set(e["parents"])) for e in tree.get("endpoints", [])]
+    return {
+        "plan_epoch": tree.get("plan_epoch"),
+        "depth": tree.get("depth"),
+        "fanout": tree.get("fanout"),
+        "hedge": tree.get("hedge"),
+        "relays_per_level": [len(level) for level in tree.get("levels", [])],
+        "endpoints": len(parents),
+        "planned_parents_min": min(parents) if parents else 0,
+        "lemons": list(tree.get("lemons", [])),
+        "predicted_oml_us": tree["predicted_oml_ns"] / 1000,
+        "predicted_median_us": tree["predicted_median_ns"] / 1000,
+    }
+
+
+def _pcts_us(values: np.ndarray) -> dict[str, float] | None:
+    if len(values) == 0:
+        return None
+    p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
+    return {
+        "p50": round(float(p50) / 1000, 1),
+        "p99": round(float(p99) / 1000, 1),
+        "p99.9": round(float(p999) / 1000, 1),
+        "max": round(float(values.max()) / 1000, 1),
+        "n": len(values),
+    }
+
+
+def _host_index(deliveries: np.ndarray, hosts: Mapping[str, list[str]]) -> dict[str, np.ndarray]:
+    """Delivery rows of each receiver process (by its endpoint names)."""
+    if not hosts:
+        return {}
+    return {h: np.isin(deliveries["endpoint"], names) for h, names in hosts.items()}
+
+
+def _owd_summary(
+    sent: np.ndarray, deliveries: np.ndarray, hosts: Mapping[str, list[str]]
+) -> dict[str, Any]:
+    """One-way delay from the root's send stamp to the kernel arrival of the kept copy.
+
+    The send stamp is the publisher's (corrected) clock and arrival the kernel clock, so a
+    residual publisher clock error shows here as it would at a real endpoint.
+    """
+    if len(sent) == 0 or len(deliveries) == 0:
+        return {"all": None, "per_receiver": {}}
+    order = np.argsort(sent["seq"], kind="stable")
+    seqs = sent["seq"][order]
+    pos = np.clip(np.searchsorted(seqs, deliveries["seq"]), 0, len(seqs) - 1)
+    match = seqs[pos] == deliveries["seq"]
+    owd = np.where(match, deliveries["arrival_ns"] - sent["send_time_ns"][order][pos], 0)
+    per = {h: _pcts_us(owd[mask & match]) for h, mask in _host_index(deliveries, hosts).items()}
+    return {"all": _pcts_us(owd[match]), "per_receiver": per}
+
+
+def _clock_summary(
+    deliveries: np.ndarray, hosts: Mapping[str, list[str]], cfg: DemoConfig, run: _Run | None
+) -> dict[str, Any]:
+    """Per receiver process: injected skew, the bound its clock reported, and the truth.
+
+    On one host the kernel clock is the truth, so the median (release − deadline) of a
+    receiver's on-time releases is its clock's real error at release (plus the release
+    path's own error of tens of µs).
+    """
+    clocks = run.clocks if run is not None else {}
+    last = run.samples[-1]["clocks"] if run is not None and run.samples else {}
+    per: dict[str, Any] = {}
+    for h, mask in _host_index(deliveries, hosts).items():
+        rows = deliveries[mask]
+        on_time = rows[rows["arrival_ns"] <= rows["deadline_ns"]]
+        err = on_time["release_ns"] - on_time["deadline_ns"]
+        injected = clocks.get(f"receiver-{h}")
+        reported = last.get(h) or {}
+        per[h] = {
+            "injected_offset_us": None if injected is None else round(injected[0], 1),
+            "injected_drift_ppm": None if injected is None else round(injected[1], 2),
+            "reported_status": reported.get("status"),
+            "reported_bound_us": None
+            if reported.get("bound_ns") is None
+            else reported["bound_ns"] / 1000,
+            "true_release_error_p50_us": round(float(np.median(err)) / 1000, 1)
+            if len(err)
+            else None,
+            "synced_fraction": round(float(rows["synced"].mean()), 4) if len(rows) else None,
+        }
+    return {
+        "emulated": cfg.emulate_clocks,
+        "corrected": bool(run is not None and run.ntp_server),
+        "ntp_server": run.ntp_server if run is not None else None,
+        "note": run.clock_note if run is not None else "",
+        "per_receiver": per,
+    }
+
+
+def _hold_summary(sent: np.ndarray, run: _Run | None) -> dict[str, Any]:
+    """The hold in force over time: from the publisher's stamps (deadline − send, per second
+    of sending) and, on the controller path, the stream's hold as the controller reported it."""
+    per_second: list[dict[str, float]] = []
+    if len(sent):
+        t = sent["send_time_ns"]
+        hold = sent["deadline_ns"] - t
+        sec = (t - t.min()) // 1_000_000_000
+        for s in np.unique(sec):
+            h = hold[sec == s]
+            per_second.append(
+                {
+                    "t_s": int(s),
+                    "hold_us_min": float(h.min()) / 1000,
+                    "hold_us_max": float(h.max()) / 1000,
+                }
+            )
+    samples = run.samples if run is not None else []
+    return {
+        "stamped_per_second": per_second,
+        "controller": [
+            {"t_s": x["t_s"], "hold_ns": x["hold_ns"], "policy": x["hold_policy"]} for x in samples
+        ],
+    }
 
 
 def _lag_mean_us(statuses: Mapping[str, Mapping[str, Any]]) -> float:
@@ -356,6 +852,7 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
     achieved = summary["achieved_rate"]
     lines = [
         "== Jasper demo: fairness report",
+        _control_line(summary),
         fairness_text,
         "P(F) at other tau: "
         + ", ".join(
@@ -397,4 +894,95 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
             )
     if c["endpoints_missing"]:
         lines.append(f"endpoints with no status (process died?): {c['endpoints_missing'][:10]}")
+    lines += _clock_lines(summary)
     return "\n".join(lines)
+
+
+def _control_line(summary: Mapping[str, Any]) -> str:
+    tree = summary.get("tree")
+    if summary.get("control") != "controller" or tree is None:
+        return "control path: static topology file (no controller)"
+    lemons = ", ".join(tree["lemons"]) or "none"
+    return (
+        f"control path: controller on loopback, {tree['endpoints']} MPs subscribed over REST; "
+        f"plan epoch {tree['plan_epoch']}, depth {tree['depth']}, relays per level "
+        f"{tree['relays_per_level']}, planned parents per endpoint >= "
+        f"{tree['planned_parents_min']}, predicted OML {tree['predicted_oml_us']:.0f} µs "
+        f"(median endpoint {tree['predicted_median_us']:.0f} µs), lemons {lemons}"
+    )
+
+
+def _clock_lines(summary: Mapping[str, Any]) -> list[str]:
+    clocks = summary["clocks"]
+    owd = summary["one_way_delay_us"]
+    late = summary["fairness"].get("late_fraction")
+    if not clocks["emulated"]:
+        head = "clocks: kernel clock on every node (no emulated skew)"
+    elif clocks["corrected"]:
+        head = f"clocks: emulated skew, corrected by SNTP against {clocks['ntp_server']}"
+    else:
+        head = "clocks: emulated skew, NOT corrected (negative control)"
+    if clocks["note"]:
+        head += f" [{clocks['note']}]"
+    lines = [
+        "== Clocks, one-way delay, hold",
+        head,
+        "late fraction: " + ("-" if late is None else f"{100 * late:.3f}%"),
+    ]
+    if owd["all"]:
+        a = owd["all"]
+        lines.append(
+            f"one-way delay (kernel arrival − root send stamp) µs: p50 {a['p50']}  "
+            f"p99 {a['p99']}  p99.9 {a['p99.9']}  max {a['max']}"
+        )
+    per = clocks["per_receiver"]
+    if per:
+        lines.append(
+            "receiver   injected µs/ppm   reported bound µs   true err p50 µs  synced   "
+            "OWD µs p50/p99/p99.9"
+        )
+        for i, (h, c) in enumerate(per.items()):
+            if i >= 12:
+                lines.append(f"  ... {len(per) - 12} more receivers in summary.json")
+                break
+            inj = (
+                "-"
+                if c["injected_offset_us"] is None
+                else f"{c['injected_offset_us']:+.0f}/{c['injected_drift_ppm']:+.1f}"
+            )
+            bound = (
+                "-"
+                if c["reported_bound_us"] is None
+                else f"{c['reported_bound_us']:.1f} ({c['reported_status']})"
+            )
+            if c["reported_bound_us"] is None and c["reported_status"]:
+                bound = f"- ({c['reported_status']})"
+            o = owd["per_receiver"].get(h)
+            o_txt = "-" if not o else f"{o['p50']}/{o['p99']}/{o['p99.9']}"
+            err = "-" if c["true_release_error_p50_us"] is None else c["true_release_error_p50_us"]
+            synced = "-" if c["synced_fraction"] is None else f"{100 * c['synced_fraction']:.0f}%"
+            lines.append(f"  {h:<10} {inj:>14}   {bound:>17}   {err!s:>14}  {synced:>6}   {o_txt}")
+    hold = summary["hold_over_time"]
+    stamped = hold["stamped_per_second"]
+    if stamped:
+        lo = min(x["hold_us_min"] for x in stamped)
+        hi = max(x["hold_us_max"] for x in stamped)
+        if hi - lo < 1:
+            lines.append(f"hold (deadline − send stamp): {lo:g} µs throughout {len(stamped)} s")
+        else:
+            lines.append(
+                "hold per second (deadline − send stamp, µs): "
+                + ", ".join(f"{x['t_s']}s {x['hold_us_min']:.0f}" for x in stamped)
+            )
+    ctl = [x for x in hold["controller"] if x["hold_ns"] is not None]
+    if ctl:
+        values = sorted({int(x["hold_ns"]) for x in ctl})
+        lines.append(
+            f"controller's stream hold ({ctl[-1]['policy']}): "
+            + (
+                f"{values[0] / 1000:g} µs at all {len(ctl)} readings"
+                if len(values) == 1
+                else ", ".join(f"{x['t_s']:g}s {int(x['hold_ns']) / 1000:g}" for x in ctl)
+            )
+        )
+    return lines
