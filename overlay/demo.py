@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -144,6 +145,10 @@ class _Run:
         self.sinks: list[Any] = []
         """UDP sockets standing in for MP applications (deliver=udp)."""
         self.link_model_note = ""
+        self.prefix: list[str] = []
+        """Command prefix of controller-mode daemons (chrt for SCHED_FIFO)."""
+        self._sampling = threading.Event()
+        self._sampler: threading.Thread | None = None
 
     def clock_args(self, label: str) -> tuple[str, ...]:
         if label not in self.clocks:
@@ -197,7 +202,28 @@ class _Run:
                 }
             )
 
+    def start_sampler(self, t0: float) -> None:
+        """Read the controller once a second in a thread (REST calls slow down on a busy host,
+        and the progress bar must not wait for them)."""
+        if self.ctl is None:
+            return
+
+        def loop() -> None:
+            while not self._sampling.wait(1.0):
+                self.sample_controller(t0)
+
+        self._sampler = threading.Thread(target=loop, name="controller-sampler", daemon=True)
+        self.sample_controller(t0)
+        self._sampler.start()
+
+    def stop_sampler(self) -> None:
+        if self._sampler is not None:
+            self._sampling.set()
+            self._sampler.join(15)
+            self._sampler = None
+
     def close(self) -> None:
+        self.stop_sampler()
         try:
             self.cluster.stop()
         finally:
@@ -239,7 +265,8 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
             Child(
                 "publisher",
                 "publisher",
-                jasper_argv(
+                run.prefix
+                + jasper_argv(
                     "publisher",
                     *publisher_argv,
                     "--records",
@@ -256,7 +283,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
         )
         progress_file = out / "progress"
         t0 = time.monotonic()
-        next_sample = t0
+        run.start_sampler(t0)
         done = 0
         assert pub.proc is not None
         while pub.proc.poll() is None:
@@ -265,12 +292,10 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
                 done = max(done, int(progress_file.read_text() or 0))
             stream.write(_progress_bar(done, total, time.monotonic() - t0, cfg.duration_s))
             stream.flush()
-            if time.monotonic() >= next_sample:
-                run.sample_controller(t0)
-                next_sample += 1.0
             time.sleep(0.2)
         stream.write(_progress_bar(total, total, cfg.duration_s, cfg.duration_s) + "\n")
         _drain(out, cfg, sum(len(v) for v in run.subscriptions.values()), stream)
+        run.stop_sampler()
         run.sample_controller(t0)
     except _Interrupted:
         interrupted = True
@@ -369,6 +394,23 @@ def _relay_runs(indices: list[int], root: int, per_process: int) -> list[list[in
         else:
             runs.append([i])
     return runs
+
+
+def _realtime_prefix(cfg: DemoConfig) -> list[str]:
+    """`chrt -f LOOP_PRIORITY` where allowed: controller-mode daemons (overlay/agent.py) do
+    not yet put their event loop in SCHED_FIFO as the static-topology daemons do, and on a
+    busy host a SCHED_OTHER loop waits behind every real-time thread of other jobs."""
+    import shutil
+    import subprocess
+
+    from overlay.release import LOOP_PRIORITY
+
+    chrt = shutil.which("chrt")
+    if not cfg.realtime or chrt is None:
+        return []
+    prefix = [chrt, "-f", str(LOOP_PRIORITY)]
+    ok = subprocess.run([*prefix, "true"], capture_output=True, check=False).returncode == 0
+    return prefix if ok else []
 
 
 def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
@@ -503,11 +545,12 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         "--records", str(out), "--status-interval", "1.0",
     )  # fmt: skip
     link = () if cfg.link_model else ("--no-link-model",)
+    run.prefix = rt = _realtime_prefix(cfg)
     for g in groups:
         label = f"relay-{g[0]}"
         ready = out / "run" / f"{label}.ready"
         ready.parent.mkdir(parents=True, exist_ok=True)
-        argv = jasper_argv(
+        argv = rt + jasper_argv(
             "relay", *common, "--node-name", ",".join(g),
             "--port", str(base + relay_names.index(g[0])), "--ready-file", str(ready),
             "--fast-path", cfg.fast_path, *link,
@@ -517,7 +560,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     for h, name in enumerate(host_names):
         label = f"receiver-{name}"
         ready = out / "run" / f"{label}.ready"
-        argv = jasper_argv(
+        argv = rt + jasper_argv(
             "receiver", *common, "--node-name", name,
             "--port-base", str(rx_base + h * per_host), "--endpoints", str(len(run.hosts[name])),
             "--ready-file", str(ready), "--fast-path", cfg.fast_path, *link,
