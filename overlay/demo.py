@@ -852,6 +852,7 @@ def _clock_summary(
         "emulated": cfg.emulate_clocks,
         "corrected": bool(run is not None and run.ntp_server),
         "ntp_server": run.ntp_server if run is not None else None,
+        "reference_dir": str(run.ref.workdir) if run is not None and run.ref else None,
         "note": run.clock_note if run is not None else "",
         "per_receiver": per,
     }

@@ -1,4 +1,6 @@
-"""`jasper demo` end to end: real processes, a report, records, a clean stop (also on Ctrl-C)."""
+"""`jasper demo` end to end: real processes, a report, records, a clean stop (also on Ctrl-C).
+
+The controller path's own run is in test_demo_controller.py."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def demo_argv(out: Path, *extra: str) -> list[str]:
+    """A small `jasper demo` (20 endpoints in one receiver process, F=5, H=2)."""
     return [
         sys.executable, "-m", "jasper_cli.main", "demo",
         "--receivers", "20", "--fanout", "5", "--hold-us", "20000",
@@ -41,7 +44,7 @@ def demo_argv(out: Path, *extra: str) -> list[str]:
 def test_demo_runs_reports_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     done = subprocess.run(
-        demo_argv(out, "--rate", "50", "--duration", "2"),
+        demo_argv(out, "--control", "static", "--rate", "50", "--duration", "2"),
         capture_output=True,
         text=True,
         timeout=240,
@@ -72,6 +75,15 @@ def test_demo_runs_reports_and_cleans_up(tmp_path: Path) -> None:
     assert len(np.load(out / "sent.npy")) == 100
     assert (out / "topology.json").exists() and (out / "report.txt").exists()
     assert processes_mentioning(str(out)) == []
+    assert summary["control"] == "static" and summary["tree"] is None
+    assert "static topology file" in text
+    # Every node ran its own skewed clock, corrected against the demo's reference chronyd.
+    clocks = summary["clocks"]
+    assert clocks["emulated"] and clocks["corrected"] and clocks["ntp_server"]
+    assert processes_mentioning(clocks["reference_dir"]) == []
+    assert not Path(clocks["reference_dir"]).exists()
+    (rx,) = clocks["per_receiver"].values()
+    assert rx["injected_offset_us"] is not None and rx["synced_fraction"] == 1.0
 
 
 @pytest.mark.slow
@@ -104,6 +116,8 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert processes_mentioning(str(out)) == []
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True
+    assert summary["control"] == "controller"  # the default path, controller stopped too
+    assert processes_mentioning(summary["clocks"]["reference_dir"]) == []
     assert 0 < summary["fairness"]["messages"] < 1200
     assert summary["fairness"]["lost_pairs"] == 0
     assert set(summary["exit_codes"].values()) == {0}  # every daemon stopped by itself
