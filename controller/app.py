@@ -56,6 +56,7 @@ async def _monitor(planner: Planner, interval_s: float) -> None:
             planner.flush_telemetry()
             planner.check_liveness()
             planner.check_switches()
+            planner.check_holds()
         except Exception:  # a bad tick must not end monitoring for good
             log.exception("monitor tick failed")
 

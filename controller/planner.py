@@ -13,9 +13,11 @@ from typing import Any
 
 from controller import store
 from controller.errors import Conflict, NotFound, Unprocessable
+from controller.hold import HoldControl, StreamHold
 from controller.metrics import ControllerMetrics
 from controller.settings import Settings
 from controller.store import Database, NodeRow, StreamRow, SubscriptionRow
+from jasper.owd import OwdReport
 from jasper.placement import (
     Endpoint,
     LatencyMatrix,
@@ -44,6 +46,11 @@ def hash_token(token: str) -> str:
 
 def new_token() -> str:
     return secrets.token_urlsafe(32)
+
+
+def _hold_key(stream_id: int) -> str:
+    """Meta row keeping a stream's hold in force across controller restarts."""
+    return f"hold_ns:{stream_id}"
 
 
 def endpoint_key(sub_id: int) -> str:
@@ -97,6 +104,10 @@ class Planner:
         self.telemetry: dict[str, Telemetry] = {}
         self.telemetry_dirty: set[str] = set()
         self._dirty_links: dict[tuple[str, str], LinkStats] = {}
+        self.holds = HoldControl(
+            window_s=settings.hold_window_s,
+            objective_late_fraction=settings.hold_objective_late_fraction,
+        )
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -210,6 +221,7 @@ class Planner:
         status: dict[str, Any],
         latency: list[tuple[str, int, int, int]],
         dead_neighbours: list[str],
+        owd_reports: list[OwdReport] | None = None,
     ) -> NodeRow:
         """Take a heartbeat. Telemetry (counters, clock, probes, applied version) is kept in
         memory and written by `flush_telemetry` in one transaction per monitor tick: a
@@ -235,6 +247,11 @@ class Planner:
                 self._bump(db)
             node = replace(node, alive=True)
         self.metrics.heartbeats.inc()
+        if owd_reports:
+            for r in owd_reports:
+                self._hold_of(r.stream_id)
+            self.holds.report(name, owd_reports)
+            self.check_holds()
         self.check_switches()
         return self.view(node)
 
@@ -311,6 +328,7 @@ class Planner:
             if store.get_stream(db=db, stream_id=row.id) is not None:
                 raise Conflict(f"stream {row.id} exists", field=("body", "id"))
             store.insert_stream(db=db, row=row, now_ns=time.time_ns())
+            store.set_meta(db=db, key=_hold_key(row.id), value=row.hold_ns)
             self.plans.pop(row.id, None)
             self._replan(db, row.id, reason="stream_created")
         return row
@@ -321,11 +339,76 @@ class Planner:
             if old is None:
                 raise NotFound(f"stream {row.id} not found")
             store.update_stream(db=db, row=row)
+            if (old.hold_policy, old.hold_ns) != (row.hold_policy, row.hold_ns):
+                # A new setting starts the hold over, after a restart too.
+                store.set_meta(db=db, key=_hold_key(row.id), value=row.hold_ns)
             if (old.hedge, old.fanout, old.depth) != (row.hedge, row.fanout, row.depth):
                 self._replan(db, row.id, reason="stream_changed")
             else:
                 self._bump(db)
         return row
+
+    # --- release hold ---------------------------------------------------------------------
+
+    def _hold_of(self, stream_id: int) -> StreamHold | None:
+        stream = store.get_stream(db=self.database.conn, stream_id=stream_id)
+        return None if stream is None else self.hold_of(stream)
+
+    def hold_of(self, stream: StreamRow) -> StreamHold:
+        """The stream's hold state (made on first use, resuming the stored hold in force)."""
+        resume = None
+        if stream.id not in self.holds.streams:
+            stored = store.get_meta(db=self.database.conn, key=_hold_key(stream.id), default=-1)
+            resume = stored if stored >= 0 else None
+        return self.holds.configure(
+            stream_id=stream.id,
+            policy=stream.hold_policy,
+            hold_ns=stream.hold_ns,
+            resume_ns=resume,
+        )
+
+    def hold_in_force(self, stream: StreamRow) -> int:
+        """The hold the publisher stamps with now: the setting, or the adaptive policy's."""
+        return self.hold_of(stream).hold_ns
+
+    def _bound_of(self, name: str) -> int:
+        t = self.telemetry.get(name)
+        bound = t.clock.get("bound_ns") if t is not None else None
+        return int(bound) if isinstance(bound, int | float) and bound >= 0 else 0
+
+    def check_holds(self) -> list[int]:
+        """Close the delay windows that are complete (every receiver host of the stream
+        reported) or old; push a changed hold to the nodes (a new config version)."""
+        changed = []
+        db = self.database.conn
+        for stream_id, plans in list(self.plans.items()):
+            hold = self._hold_of(stream_id)
+            if hold is None:
+                continue
+            hosts = set(plans.active.hosts.values())
+            if not self.holds.ready(stream_id, hosts):
+                continue
+            stream = store.get_stream(db=db, stream_id=stream_id)
+            pub = self._publisher_of(db, stream) if stream is not None else None
+            if self.holds.close_window(
+                stream_id,
+                root_bound_ns=self._bound_of(pub.name) if pub is not None else 0,
+                receiver_bound_ns=max((self._bound_of(h) for h in hosts), default=0),
+                now_ns=time.time_ns(),
+            ):
+                changed.append(stream_id)
+        if changed:
+            with self.database.transaction() as tx:
+                for stream_id in changed:
+                    store.set_meta(
+                        db=tx, key=_hold_key(stream_id), value=self.holds.streams[stream_id].hold_ns
+                    )
+                self._bump(tx)
+            for stream_id in changed:
+                log.info(
+                    "stream %d: hold now %d ns", stream_id, self.holds.streams[stream_id].hold_ns
+                )
+        return changed
 
     # --- MPs --------------------------------------------------------------------------------
 
@@ -635,6 +718,8 @@ class Planner:
                 "id": stream.id,
                 "name": stream.name,
                 "hedge": stream.hedge,
+                # The stream's setting; the publisher's copy carries the hold in force
+                # (node_streams), so a moving hold does not change every node's document.
                 "hold_ns": stream.hold_ns,
             },
             "publisher": {
@@ -646,7 +731,7 @@ class Planner:
             },
             "relays": relays,
             "receivers": receivers,
-            "link_model": None,
+            "link_model": self.settings.link_model,
             "x-hold-policy": stream.hold_policy,
             "x-rate-hint": stream.rate_hint,
         }
@@ -672,6 +757,11 @@ class Planner:
                 in_new = name in set(pending.relay_nodes()) or node.role == "receiver"
                 if in_new and node.role != "publisher":
                     doc = self.topology_doc(stream_id, PENDING, previous=True)
+            if node.role == "publisher":
+                stream = store.get_stream(db=self.database.conn, stream_id=stream_id)
+                if stream is not None:
+                    hold = self.hold_in_force(stream)
+                    doc = {**doc, "stream": {**doc["stream"], "hold_ns": hold}}
             out.append((stream_id, int(doc["plan_epoch"]), doc))
         return out
 

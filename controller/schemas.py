@@ -66,6 +66,25 @@ class PeerLatency(Body):
     lost: int = Field(0, ge=0, le=10**9)
 
 
+class OwdWindowReport(Body):
+    """One-way delays from the root over one window, max-reduced over the node's endpoints
+    (jasper.owd.OwdReport.as_dict)."""
+
+    stream_id: int = Field(ge=0, le=2**32 - 1)
+    start_ns: int = Field(ge=0, le=2**63 - 1, description="Window opened (node clock), ns")
+    end_ns: int = Field(ge=0, le=2**63 - 1, description="Window closed (node clock), ns")
+    count: int = Field(ge=0, le=10**12, description="Messages in the window")
+    late: int = Field(ge=0, le=10**12, description="Messages that arrived after their deadline")
+    p50_ns: int = Field(ge=0, le=2**40)
+    p95_ns: int = Field(ge=0, le=2**40)
+    p97_ns: int = Field(ge=0, le=2**40)
+    p99_ns: int = Field(ge=0, le=2**40)
+    max_ns: int = Field(ge=0, le=2**40)
+    negative: int = Field(0, ge=0, le=10**12, description="Delays below zero (clock error)")
+    worst_late_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    reporters: int = Field(1, ge=1, le=10**9, description="Endpoint windows it stands for")
+
+
 class Heartbeat(Body):
     applied_version: int = Field(0, ge=0, le=2**62, description="Config version in force")
     clock: ClockStatus = Field(default_factory=lambda: ClockStatus(bound_ns=None, offset_ns=None))
@@ -73,6 +92,11 @@ class Heartbeat(Body):
     dead_neighbours: list[NodeName] = Field(default_factory=list, max_length=4096)
     status: dict[Annotated[str, Field(max_length=128)], float] = Field(
         default_factory=dict, max_length=4096, description="Daemon counters"
+    )
+    owd: list[OwdWindowReport] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Receivers: delay windows closed since the last heartbeat, one per stream",
     )
 
 
@@ -112,7 +136,15 @@ class StreamCreate(Body):
     hedge: int = Field(2, ge=0, le=16, description="Sibling hedging H")
     fanout: int | None = Field(None, ge=2, le=1000, description="Fan-out F (default 10)")
     depth: int | None = Field(None, ge=1, le=8, description="Levels D (default round(log_F N))")
-    hold_ns: int = Field(500_000, ge=0, le=10_000_000_000, description="Extra hold, ns")
+    hold_ns: int = Field(
+        500_000,
+        ge=0,
+        le=10_000_000_000,
+        description=(
+            "Hold, ns: the whole gap from the root's send time to the release deadline. "
+            "Fixed policy: always this. Adaptive: the starting hold, until delay reports arrive"
+        ),
+    )
     hold_policy: HoldPolicy = "adaptive"
     publisher: NodeName | None = None
 
@@ -138,6 +170,28 @@ class StreamPublic(BaseModel):
     hold_ns: int
     hold_policy: HoldPolicy
     publisher: str | None
+
+
+class HoldDecisionPublic(BaseModel):
+    """One window of a stream's deadline policy (jasper.deadline.HoldDecision)."""
+
+    at_ns: int = Field(description="Controller clock when decided, ns since the epoch")
+    action: str = Field(description="up, down, keep, fixed or no-data")
+    late_fraction: float = Field(description="Worst endpoint's late fraction in the window")
+    delay_estimate_ns: int = Field(description="Global one-way delay estimate (p97), ns")
+    bounds_ns: int = Field(description="Root's plus largest receiver's clock bound, ns")
+    extra_hold_ns: int = Field(description="Adaptive extra hold on top, ns")
+    hold_ns: int = Field(description="Hold in force after the window (send -> deadline), ns")
+    reporters: int = Field(description="Endpoint windows the max-reduced report stood for")
+    count: int = Field(description="Messages the report covered")
+
+
+class StreamHoldPublic(BaseModel):
+    stream_id: int
+    hold_policy: HoldPolicy
+    hold_ns: int = Field(description="Hold in force now (what the publisher stamps with), ns")
+    configured_hold_ns: int = Field(description="The stream's hold_ns setting")
+    history: list[HoldDecisionPublic] = Field(description="Windows, oldest first (bounded)")
 
 
 # --- MPs and subscriptions -----------------------------------------------------------------

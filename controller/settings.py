@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,3 +32,19 @@ class Settings(BaseSettings):
     """A relay scoring above this multiple of the median latency is kept out of the tree."""
     default_fanout: int = Field(10, ge=2, le=1000)
     """Fan-out F for streams that do not set one."""
+    hold_window_s: float = Field(2.0, gt=0)
+    """Adaptive hold: a delay window closes when every receiver host of the stream reported,
+    or this long after its first report."""
+    hold_objective_late_fraction: float = Field(0.01, gt=0, lt=1)
+    """Adaptive hold: at most this fraction of one endpoint's messages late per window."""
+    link_model: dict[str, Any] | None = None
+    """Emulation only: the link model (docs/link-model.md) every topology carries
+    (JASPER_LINK_MODEL as JSON). None: the data plane runs on the bare network."""
+
+    @field_validator("link_model")
+    @classmethod
+    def _valid_link_model(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        from jasper.linkmodel import parse_link_model
+
+        parse_link_model(v)  # raises ValueError naming the field
+        return v

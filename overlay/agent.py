@@ -348,12 +348,22 @@ class Agent:
                 for s in self.prober.summaries()
             ]
             dead = self.prober.dead_peers()
+        owd: list[dict[str, Any]] = []
+        reports = getattr(self.daemon, "owd_reports", None)
+        if reports is not None:
+            try:
+                owd = list(reports())
+            except Exception:
+                log.exception("delay reports failed")
         return {
             "applied_version": self.applied_version,
             "clock": self.clock_status(),
             "latency": latency,
             "dead_neighbours": dead,
             "status": status,
+            # Windows drained here are lost if this heartbeat fails: the next window stands
+            # for the same delays, so the policy only loses time, not correctness.
+            "owd": owd,
         }
 
     async def _heartbeat_loop(self) -> None:
@@ -461,9 +471,9 @@ class Agent:
             try:
                 self.daemon.apply_topology(topo)
                 set_hold = getattr(self.daemon, "set_hold_ns", None)
-                if set_hold is not None and chosen.get("x-hold-policy") == "fixed":
-                    # A fixed hold is the stream's setting; an adaptive one the publisher's
-                    # deadline policy tunes itself.
+                if set_hold is not None:
+                    # The topology's hold is the one in force, fixed or moved by the
+                    # controller's deadline policy (docs/controller.md, "Release hold").
                     set_hold(topo.stream.hold_ns)
             except Exception:
                 self.counters.apply_errors += 1
@@ -493,53 +503,67 @@ def read_token(path: str | None) -> str:
 
 
 class ReceiverHost:
-    """Runs a Receiver under the agent; rebuilds it when a plan brings endpoints it lacks.
+    """Runs a Receiver under the agent with the node's clock, delay reports and audit log.
 
-    overlay.receiver.Receiver.apply_topology keeps existing endpoints but cannot open sockets
-    for new ones, and MPs subscribe while the receiver runs. Rebuilding keeps the delivery
-    records; messages held for release at that instant are lost, so the rebuild happens only
-    when the endpoint set grows.
+    Endpoints that later plans add are opened in place by `Receiver.apply_topology`.
     """
 
-    def __init__(self, topo: Topology, args: argparse.Namespace) -> None:
-        self.args = args
-        self.loop = asyncio.get_running_loop()
-        self.rx = self._build(topo, records=None)
-
-    def _build(self, topo: Topology, records: Any) -> Any:
+    def __init__(self, topo: Topology, args: argparse.Namespace, clock: Any = None) -> None:
+        from jasper.owd import OwdCollector
         from overlay.receiver import Receiver
 
-        deliver: str | None = None if getattr(self.args, "deliver", "") == "memory" else "topology"
-        rx = Receiver(
+        self.args = args
+        deliver: str | None = None if getattr(args, "deliver", "") == "memory" else "topology"
+        node_clock = getattr(clock, "clock", None)
+        self.rx = Receiver(
             topo,
-            self.args.node_name,
-            link_model=not getattr(self.args, "no_link_model", False),
-            spin_ns=int(getattr(self.args, "spin_us", 150) * 1000),
-            realtime=not getattr(self.args, "no_realtime", False),
+            args.node_name,
+            clock=clock.now_ns if clock is not None else time.time_ns,
+            synced=clock.synced if clock is not None else (lambda: True),
+            reading_then=node_clock.reading_then if node_clock is not None else None,
+            link_model=not getattr(args, "no_link_model", False),
+            spin_ns=int(getattr(args, "spin_us", 150) * 1000),
+            realtime=not getattr(args, "no_realtime", False),
             deliver=deliver,
-            records=records,
+            owd=OwdCollector(),
+            auditor=open_auditor(args, topo, node_clock),
         )
-        rx.start(self.loop)
-        rx.enable_fast_path(getattr(self.args, "fast_path", "user") or "user")
-        return rx
+        self.rx.start(asyncio.get_running_loop())
+        self.rx.enable_fast_path(getattr(args, "fast_path", "user") or "user")
 
     def apply_topology(self, topo: Topology) -> None:
-        try:
-            wanted = {e.name for e in topo.receiver(self.args.node_name).endpoints}
-        except KeyError:
-            return
-        if wanted - set(self.rx.by_name):
-            old = self.rx
-            old.stop()
-            old.close()
-            self.rx = self._build(topo, records=old.records)
-            log.info("receiver rebuilt for %d endpoints", len(wanted))
-        else:
-            self.rx.apply_topology(topo)
+        self.rx.apply_topology(topo)
+
+    def owd_reports(self) -> list[dict[str, Any]]:
+        reports: list[dict[str, Any]] = self.rx.owd_reports()
+        return reports
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.rx.status()
         return status
+
+
+def open_auditor(args: argparse.Namespace, topo: Topology, node_clock: Any) -> Any:
+    """The release audit log of `--audit-log PATH` ({node} in PATH becomes the node name)."""
+    path = getattr(args, "audit_log", None)
+    if not path:
+        return None
+    from overlay.audit_log import AuditLogWriter, ReleaseAuditor
+    from overlay.clocks import SystemClock
+
+    name = args.node_name
+    try:
+        endpoints = [e.name for e in topo.receiver(name).endpoints]
+    except KeyError:
+        endpoints = []
+    clock = node_clock if node_clock is not None else SystemClock()
+    writer = AuditLogWriter(
+        str(path).replace("{node}", name),
+        node=name,
+        endpoints=endpoints,
+        clock_source=type(clock).__name__,
+    )
+    return ReleaseAuditor(writer, clock)
 
 
 def serve_daemon(kind: str, args: argparse.Namespace) -> int:
@@ -561,6 +585,10 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
     probe_port = getattr(args, "probe_port", 0)
     names = [n for n in args.node_name.split(",") if n] if kind == "relay" else [args.node_name]
     base_port = port.get(kind, 1)
+    from overlay.daemon import _node_clock
+
+    # The node's clock first: its first correction happens before any traffic or heartbeat.
+    clock, _synced, clock_service = await _node_clock(args, names[0])
     agent = Agent(
         controller=args.controller,
         token=read_token(args.token_file),
@@ -573,6 +601,7 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         capacity=capacity,
         stream_id=getattr(args, "stream", None) if kind == "publisher" else None,
         probe_port=probe_port,
+        clock_status=clock_service.heartbeat if clock_service is not None else _unknown_clock,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -585,6 +614,8 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
     if not waiter.done():
         waiter.cancel()
         await agent_task
+        if clock_service is not None:
+            await clock_service.stop()
         return 0
     topo = waiter.result()
     daemon: Any
@@ -593,16 +624,18 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         if kind == "relay":
             from overlay.relay import Relay
 
-            daemon = Relay(topo, names, link_model=not args.no_link_model)
+            daemon = Relay(topo, names, link_model=not args.no_link_model, clock=clock)
             daemon.start(loop)
             daemon.enable_fast_path(getattr(args, "fast_path", "user") or "user")
         elif kind == "receiver":
-            daemon = ReceiverHost(topo, args)
+            daemon = ReceiverHost(topo, args, clock_service)
         else:
             from overlay.publisher import Publisher
 
             hold = getattr(args, "hold_us", None)
-            daemon = Publisher(topo, hold_ns=None if hold is None else int(hold * 1000))
+            daemon = Publisher(
+                topo, clock=clock, hold_ns=None if hold is None else int(hold * 1000)
+            )
         agent.attach(daemon)
         _ready(args.ready_file)
         log.info("%s %s up under the controller at %s", kind, args.node_name, args.controller)
@@ -636,6 +669,8 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
             if kind == "receiver":
                 closer.stop()
             closer.close()
+        if clock_service is not None:
+            await clock_service.stop()
     if getattr(args, "records", None):
         from overlay.common import write_json
 

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from jasper.deadline import DeadlineStamper
 from jasper.topology import Topology
 from jasper.wire import Header, encode
 from jasper.wire_spec import FLAG_HEARTBEAT
@@ -23,8 +24,10 @@ from overlay.recordlog import RecordLog, sent_log
 class Publisher:
     """Sends each message once to each of the publisher's targets (normally the root relay).
 
-    deadline = send time + the hold in force (`set_hold_ns`); send time comes from `clock`
-    (the node's clock, ns since the epoch).
+    deadline = send time + the hold in force (`set_hold_ns`, the whole gap from send to release);
+    send time comes from `clock` (the node's clock, ns since the epoch). Deadlines never go
+    backwards within the stream: when the hold shrinks faster than time passes, they are
+    clamped to the previous one (`DeadlineStamper`).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class Publisher:
         self.stream_id = topo.stream.id
         self.plan_epoch = topo.plan_epoch
         self.seq = 0
+        self.stamper = DeadlineStamper()
         self.records = records if records is not None else sent_log()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -75,7 +79,9 @@ class Publisher:
             session=self.session,
             seq=self.seq,
             send_time_ns=now,
-            deadline_ns=now + self.hold_ns,
+            deadline_ns=self.stamper.stamp(
+                stream_id=self.stream_id, send_ns=now, hold_ns=self.hold_ns
+            ),
             plan_epoch=self.plan_epoch,
         )
         data = encode(h, payload)
@@ -159,6 +165,7 @@ class Publisher:
             "sent_datagrams": self.sent,
             "send_errors": dict(self.send_errors),
             "hold_ns": self.hold_ns,
+            "deadlines_clamped": self.stamper.clamped,
             "plan_epoch": self.plan_epoch,
             "process": process_figures(self.started_ns),
         }

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jasper.dedup import DedupRing, Verdict
+from jasper.owd import OwdCollector
 from jasper.schedule import Release
 from jasper.topology import EndpointConfig, Topology
 from jasper.wire import HEADER_LEN, WireError
 from jasper.wire_spec import FLAG_HEARTBEAT
+from overlay.audit_log import ReleaseAuditor
 from overlay.common import link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
 from overlay.fastwire import peek
@@ -224,6 +226,9 @@ class Receiver:
         deliver: str | None = "topology",
         records: RecordLog | None = None,
         c_release: bool = True,
+        reading_then: Callable[[int], int] | None = None,
+        owd: OwdCollector | None = None,
+        auditor: ReleaseAuditor | None = None,
     ) -> None:
         self.topo = topo
         self.host = topo.receiver(host)
@@ -237,21 +242,24 @@ class Receiver:
         self.endpoints: list[Endpoint] = []
         self.by_name: dict[str, Endpoint] = {}
         self._deliver_override = deliver
+        self._ring_size = ring_size
+        self._queue_len = queue_len
+        self.reading_then: Callable[[int], int] = reading_then or (lambda true_ns: true_ns)
+        """Kernel time -> what the node clock read then (arrival stamps are kernel times)."""
+        self.owd = owd
+        """One-way delays of accepted copies on the node clock, for heartbeats (None: off)."""
+        self.auditor = auditor
+        """Release audit log (None: off)."""
+        self._c_release = c_release
+        self._sender: BatchSender | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         try:
-            for i, cfg in enumerate(self.host.endpoints):
-                ep = Endpoint(cfg, i, self.host.addr, ring_size=ring_size, queue_len=queue_len)
-                if deliver != "topology":
-                    ep.set_deliver(deliver)
-                ep.handle = self._handler(ep)
-                self.endpoints.append(ep)
-                self.by_name[ep.name] = ep
+            for cfg in self.host.endpoints:
+                self._add_endpoint(cfg)
         except BaseException:
             for ep in self.endpoints:
                 ep.close()
             raise
-        self._sender: BatchSender | None = None
-        if c_release and any(ep.out_fd >= 0 for ep in self.endpoints):
-            self._sender = batch_sender()
         self.release: PreciseRelease[_Held] = PreciseRelease(
             endpoints=max(1, len(self.endpoints)),
             deliver=self._release_batch,
@@ -260,14 +268,44 @@ class Receiver:
             spin_ns=spin_ns,
             name=f"release-{host}",
             realtime=realtime,
-            deliver_at=self._release_at if self._sender is not None else None,
+            # Always offered: endpoints a later plan adds may deliver over sockets; it declines
+            # (returns False) batches it cannot send.
+            deliver_at=self._release_at,
         )
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.lag = LagStats()
         self._booking: collections.deque[tuple[Endpoint, _Held, int, bool]] = collections.deque()
         self._book_scheduled = False
         self.fast_path_mode = "user"
         self.fast_path: Any = None
+
+    def _add_endpoint(self, cfg: EndpointConfig) -> Endpoint:
+        """Open one endpoint's sockets and start receiving on it (if running)."""
+        ep = Endpoint(
+            cfg,
+            len(self.endpoints),
+            self.host.addr,
+            ring_size=self._ring_size,
+            queue_len=self._queue_len,
+        )
+        try:
+            if self._deliver_override != "topology":
+                ep.set_deliver(self._deliver_override)
+        except BaseException:
+            ep.close()
+            raise
+        ep.handle = self._handler(ep)
+        if self._c_release and self._sender is None and ep.out_fd >= 0:
+            self._sender = batch_sender()
+        self.endpoints.append(ep)
+        self.by_name[ep.name] = ep
+        release = getattr(self, "release", None)
+        if release is not None:
+            # The index is in range before any copy for it can be held: copies arrive on this
+            # (the loop) thread, after this returns.
+            release.schedule.endpoints = max(1, len(self.endpoints))
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.add_reader(ep.sock.fileno(), self._on_readable, ep)
+        return ep
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -299,6 +337,12 @@ class Receiver:
         self.delay.close()
         for ep in self.endpoints:
             ep.close()
+        if self.auditor is not None:
+            try:
+                self.auditor.close()
+            except OSError:
+                log.exception("closing the audit log")
+            self.auditor = None
         if self.fast_path is not None:
             try:
                 self.fast_path.close()
@@ -352,6 +396,15 @@ class Receiver:
         c.kept_from[sender] += 1
         held: _Held = (stream, session, seq, deadline, data[HEADER_LEN:], arrival_ns, sender)
         now = self.clock()
+        if self.owd is not None:
+            self.owd.record(
+                endpoint=ep.index,
+                stream_id=stream,
+                send_ns=_sent,
+                arrival_ns=self.reading_then(arrival_ns),
+                deadline_ns=deadline,
+                now_ns=now,
+            )
         # How far the receive path runs behind the (effective) arrivals it processes.
         lag = now - arrival_ns
         self.lag.observe(lag)
@@ -440,6 +493,15 @@ class Receiver:
         stream, session, seq, deadline, payload, arrival_ns, parent = held
         if ok:
             ep.counters.delivered += 1
+        if self.auditor is not None:
+            self.auditor.on_release(
+                endpoint=ep.index,
+                stream_id=stream,
+                seq=seq,
+                deadline_ns=deadline,
+                release_true_ns=release_ns,
+                late=late,
+            )
         self.records.append(
             (ep.name, stream, session, seq, arrival_ns, release_ns, deadline, parent, self.synced())
         )
@@ -532,15 +594,22 @@ class Receiver:
         for cfg in host.endpoints:
             ep = self.by_name.get(cfg.name)
             if ep is None:
-                log.warning(
-                    "endpoint %s is new in plan %d; restart to host it", cfg.name, topo.plan_epoch
-                )
+                try:
+                    self._add_endpoint(cfg)
+                except OSError as exc:
+                    log.error("endpoint %s of plan %d: %s", cfg.name, topo.plan_epoch, exc)
                 continue
             if self._deliver_override == "topology" and cfg.deliver != ep.config.deliver:
                 ep.set_deliver(cfg.deliver)
             ep.config = cfg
         if self.fast_path is not None:
             self.fast_path.set_parents(self._parent_rows())
+
+    def owd_reports(self) -> list[dict[str, Any]]:
+        """Delay windows closed since the last call, max-reduced per stream (heartbeat form)."""
+        if self.owd is None:
+            return []
+        return [r.as_dict() for r in self.owd.drain(self.clock())]
 
     def status(self) -> dict[str, Any]:
         return {

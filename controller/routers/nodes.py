@@ -20,6 +20,7 @@ from controller.schemas import (
     StreamPlan,
 )
 from controller.store import NodeRow
+from jasper.owd import OwdReport
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 
@@ -78,6 +79,7 @@ async def heartbeat(
         status=body.status,
         latency=[(p.peer, p.owd_ns, p.jitter_ns, p.samples) for p in body.latency],
         dead_neighbours=body.dead_neighbours,
+        owd_reports=[OwdReport.from_dict(r.model_dump()) for r in body.owd],
     )
     return HeartbeatReply(version=planner.version, alive=node.alive)
 

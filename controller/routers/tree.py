@@ -10,7 +10,14 @@ from controller import store
 from controller.deps import AdminDep, DbDep, PlannerDep, PrincipalDep
 from controller.errors import NotFound
 from controller.planner import Planner
-from controller.schemas import LinkPublic, TreeEndpoint, TreePublic, TreeSlot
+from controller.schemas import (
+    HoldDecisionPublic,
+    LinkPublic,
+    StreamHoldPublic,
+    TreeEndpoint,
+    TreePublic,
+    TreeSlot,
+)
 
 router = APIRouter(prefix="/v1/streams", tags=["tree"])
 
@@ -88,6 +95,38 @@ async def get_tree(stream_id: StreamPath, planner: PlannerDep, _: PrincipalDep) 
 async def replan(stream_id: StreamPath, planner: PlannerDep, db: DbDep, _: AdminDep) -> TreePublic:
     planner.replan(stream_id, reason="requested")
     return tree_of(planner, stream_id)
+
+
+@router.get(
+    "/{stream_id}/hold",
+    response_model=StreamHoldPublic,
+    summary="Release hold in force and its history (one entry per delay window)",
+)
+async def get_hold(stream_id: StreamPath, planner: PlannerDep, _: PrincipalDep) -> StreamHoldPublic:
+    stream = store.get_stream(db=planner.database.conn, stream_id=stream_id)
+    if stream is None:
+        raise NotFound(f"stream {stream_id} not found")
+    hold = planner.hold_of(stream)
+    return StreamHoldPublic(
+        stream_id=stream_id,
+        hold_policy=stream.hold_policy,  # type: ignore[arg-type]
+        hold_ns=hold.hold_ns,
+        configured_hold_ns=stream.hold_ns,
+        history=[
+            HoldDecisionPublic(
+                at_ns=w.decision.at_ns,
+                action=w.decision.action.value,
+                late_fraction=w.decision.late_fraction,
+                delay_estimate_ns=w.decision.delay_estimate_ns,
+                bounds_ns=w.decision.bounds_ns,
+                extra_hold_ns=w.decision.extra_hold_ns,
+                hold_ns=w.decision.hold_ns,
+                reporters=w.reporters,
+                count=w.count,
+            )
+            for w in hold.history
+        ],
+    )
 
 
 latency_router = APIRouter(prefix="/v1/latency", tags=["tree"])
