@@ -359,7 +359,7 @@ def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         run.sinks = _open_sinks(cfg.addr, base + n_ports, cfg.receivers)
     for h in run.hosts:
         run.cluster.add_receiver(h, *fp, *rx_extra, *run.clock_args(f"receiver-{h}"))
-    run.cluster.wait_ready()
+    run.cluster.wait_ready(timeout_s=max(120.0, 0.5 * cfg.receivers))
     return ("--topology", str(topo_path), "--node-name", "pub")
 
 
@@ -413,6 +413,35 @@ def _realtime_prefix(cfg: DemoConfig) -> list[str]:
     return prefix if ok else []
 
 
+def _subscribe_all(
+    ctl: Any, endpoints: list[tuple[str, int, str | None]], stream: Any, workers: int = 8
+) -> list[dict[str, Any]]:
+    """One MP per endpoint, each creating itself and subscribing its endpoint over REST
+    (as ctl.subscribe_endpoints does), several at once: 1,000 MPs one after the other take
+    minutes on a busy 2-core host."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = 0
+    lock = threading.Lock()
+
+    def one(i: int) -> dict[str, Any]:
+        nonlocal done
+        addr, port, deliver = endpoints[i]
+        _, token = ctl.create_mp(f"mp{i}")
+        sub: dict[str, Any] = ctl.subscribe(token, 1, addr, port, deliver)
+        with lock:
+            done += 1
+            if done % 50 == 0 or done == len(endpoints):
+                stream.write(f"\rsubscribing MPs over REST: {done}/{len(endpoints)}")
+                stream.flush()
+        return sub
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        subs = list(pool.map(one, range(len(endpoints))))
+    stream.write("\n")
+    return subs
+
+
 def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     """The real control path (docs/controller.md): a controller on loopback plans the tree,
     every MP subscribes its endpoint over REST, daemons follow the controller through their
@@ -429,7 +458,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         db_path=out / "controller.db",
         # Pre-registered nodes start heartbeating only once every process is up, which can
         # take a while for 1,000 endpoints on 2 cores; the demo injects no failures.
-        heartbeat_timeout_s=60.0,
+        heartbeat_timeout_s=600.0,
         log_path=out / "logs" / "controller.log",
         settings_env={"JASPER_LINK_MODEL": json.dumps(dict(cfg.link_model))}
         if cfg.link_model
@@ -495,8 +524,8 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     if cfg.deliver == "udp":
         run.sinks = _open_sinks(cfg.addr, sink_base, cfg.receivers)
     t_sub = time.monotonic()
-    subs = ctl.subscribe_endpoints(
-        1,
+    subs = _subscribe_all(
+        ctl,
         [
             (
                 cfg.addr,
@@ -505,6 +534,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
             )
             for i in range(cfg.receivers)
         ],
+        stream,
     )
     subscribe_s = time.monotonic() - t_sub
     tree = ctl.tree(1)
@@ -570,8 +600,10 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         run.cluster._spawn(
             Child(label, "receiver", argv, run.cluster.log_dir / f"{label}.log", ready)
         )
-    run.cluster.wait_ready()
-    ctl.wait_applied({n for g in groups for n in g} | set(host_names), timeout_s=120.0)
+    # Dozens of interpreters start at once on 2 cores: allow for a slow host.
+    startup_timeout_s = max(120.0, 0.5 * cfg.receivers)
+    run.cluster.wait_ready(timeout_s=startup_timeout_s)
+    ctl.wait_applied({n for g in groups for n in g} | set(host_names), timeout_s=startup_timeout_s)
     return ("--controller", ctl.url, "--token-file", str(token_file), "--data-addr", cfg.addr,
             "--node-name", "pub", "--stream", "1", *link)  # fmt: skip
 
