@@ -43,6 +43,12 @@ def add_parser(sub: Any) -> None:
         help="stay SCHED_OTHER (by default the release thread and the event loop ask for "
         "SCHED_FIFO, so a deadline never waits behind ordinary processes)",
     )
+    p.add_argument(
+        "--audit-log",
+        metavar="PATH",
+        help="append one record per release (stream, seq, endpoint, deadline, release time, "
+        "clock bound) to PATH; {node} in PATH becomes the node name (read with `jasper audit`)",
+    )
     p.set_defaults(func=run)
 
 

@@ -510,7 +510,7 @@ class ReceiverHost:
 
     def __init__(self, topo: Topology, args: argparse.Namespace, clock: Any = None) -> None:
         from jasper.owd import OwdCollector
-        from overlay.receiver import Receiver
+        from overlay.receiver import Receiver, audit_log_of
 
         self.args = args
         deliver: str | None = None if getattr(args, "deliver", "") == "memory" else "topology"
@@ -526,7 +526,7 @@ class ReceiverHost:
             realtime=not getattr(args, "no_realtime", False),
             deliver=deliver,
             owd=OwdCollector(),
-            auditor=open_auditor(args, topo, node_clock),
+            auditor=audit_log_of(args, topo, node_clock),
         )
         self.rx.start(asyncio.get_running_loop())
         self.rx.enable_fast_path(getattr(args, "fast_path", "user") or "user")
@@ -541,29 +541,6 @@ class ReceiverHost:
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.rx.status()
         return status
-
-
-def open_auditor(args: argparse.Namespace, topo: Topology, node_clock: Any) -> Any:
-    """The release audit log of `--audit-log PATH` ({node} in PATH becomes the node name)."""
-    path = getattr(args, "audit_log", None)
-    if not path:
-        return None
-    from overlay.audit_log import AuditLogWriter, ReleaseAuditor
-    from overlay.clocks import SystemClock
-
-    name = args.node_name
-    try:
-        endpoints = [e.name for e in topo.receiver(name).endpoints]
-    except KeyError:
-        endpoints = []
-    clock = node_clock if node_clock is not None else SystemClock()
-    writer = AuditLogWriter(
-        str(path).replace("{node}", name),
-        node=name,
-        endpoints=endpoints,
-        clock_source=type(clock).__name__,
-    )
-    return ReleaseAuditor(writer, clock)
 
 
 def serve_daemon(kind: str, args: argparse.Namespace) -> int:

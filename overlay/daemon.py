@@ -166,7 +166,7 @@ def run_relay(args: argparse.Namespace) -> int:
 
 
 def run_receiver(args: argparse.Namespace) -> int:
-    from overlay.receiver import Receiver
+    from overlay.receiver import Receiver, audit_log_of
 
     if args.controller:
         return controller_mode("receiver", args)
@@ -189,6 +189,10 @@ def run_receiver(args: argparse.Namespace) -> int:
             spin_ns=args.spin_us * 1000,
             realtime=not args.no_realtime,
             deliver=deliver,
+            reading_then=clock_service.clock.reading_then if clock_service else None,
+            auditor=audit_log_of(
+                args, topo, clock_service.clock if clock_service is not None else None
+            ),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -632,3 +632,27 @@ class Receiver:
             "receive_lag": self.lag.to_dict(),
             "process": process_figures(self.started_ns),
         }
+
+
+def audit_log_of(args: Any, topo: Topology, node_clock: Any = None) -> ReleaseAuditor | None:
+    """The release audit log `--audit-log PATH` asks for ({node} in PATH: the node name);
+    times and bounds on `node_clock` (an overlay.clocks clock; None: the kernel clock)."""
+    path = getattr(args, "audit_log", None)
+    if not path:
+        return None
+    from overlay.audit_log import AuditLogWriter
+    from overlay.clocks import SystemClock
+
+    name = str(args.node_name)
+    try:
+        endpoints = [e.name for e in topo.receiver(name).endpoints]
+    except KeyError:
+        endpoints = []
+    clock = node_clock if node_clock is not None else SystemClock()
+    writer = AuditLogWriter(
+        str(path).replace("{node}", name),
+        node=name,
+        endpoints=endpoints,
+        clock_source=type(clock).__name__,
+    )
+    return ReleaseAuditor(writer, clock)
