@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jasper.dedup import DedupRing, Verdict
-from jasper.topology import RelayConfig, Topology
+from jasper.topology import RelayConfig, Topology, TopologyError, parse_topology
 from jasper.wire import WireError
 from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY
 from overlay.common import link_model_of, process_figures
@@ -88,13 +88,29 @@ class RelayNode:
         """What the event loop calls per datagram (the relay process puts its link model here)."""
         self.own: list[tuple[str, int]] = []
         self.hedges: list[tuple[str, int]] = []
+        self.epoch = topo.plan_epoch
+        """Plan epoch of `own` and `hedges` (the newest plan this node is in)."""
+        self.tables: dict[int, tuple[list[tuple[str, int]], list[tuple[str, int]]]] = {}
+        """Plan epoch -> (own, hedges): during a make-before-break switch, the old plan's
+        table too, so messages stamped with the old epoch still take the old tree."""
         self.set_targets(config, topo)
 
-    def set_targets(self, config: RelayConfig, topo: Topology) -> None:
-        addrs = topo.addresses()
-        # Replace the lists in one assignment each: a send loop in progress keeps the old ones.
-        self.own = [addrs[t.node] for t in config.targets if not t.hedge]
-        self.hedges = [addrs[t.node] for t in config.targets if t.hedge]
+    def set_targets(
+        self,
+        config: RelayConfig,
+        topo: Topology,
+        *,
+        previous: tuple[RelayConfig, Topology] | None = None,
+    ) -> None:
+        """Forward by `config` from now on; with `previous` (the old plan's config for this
+        node), messages of the old epoch keep following the old plan."""
+        tables = {topo.plan_epoch: _table(config, topo)}
+        if previous is not None and previous[1].plan_epoch != topo.plan_epoch:
+            tables[previous[1].plan_epoch] = _table(*previous)
+        # Replace in one assignment each: a send loop in progress keeps the old ones.
+        self.tables = tables
+        self.own, self.hedges = tables[topo.plan_epoch]
+        self.epoch = topo.plan_epoch
         self.config = config
 
     def process_raw(self, data: bytes, src: tuple[str, int], rx_ns: int) -> None:
@@ -104,7 +120,7 @@ class RelayNode:
         """Handle one copy at its (effective) arrival time."""
         c = self.counters
         try:
-            flags, stream, session, _epoch, seq, sent_ns, _deadline = peek(data)
+            flags, stream, session, epoch, seq, sent_ns, _deadline = peek(data)
         except WireError as exc:
             c.malformed[exc.reason] += 1
             return
@@ -131,24 +147,28 @@ class RelayNode:
             c.accepted += 1
         c.kept_from[sender] += 1
         if self.forward_user_space:
-            self.forward(data, flags)
+            self.forward(data, flags, epoch)
 
-    def forward(self, data: bytes, flags: int) -> None:
+    def forward(self, data: bytes, flags: int, epoch: int | None = None) -> None:
+        """Send to the children (and hedge targets) of the plan `epoch` the message carries;
+        an epoch this node has no table for takes the newest plan."""
         c = self.counters
         sendto = self.sock.sendto
+        table = self.tables.get(epoch) if epoch is not None and epoch != self.epoch else None
+        own_targets, hedge_targets = table if table is not None else (self.own, self.hedges)
         if flags & FLAG_HEDGE_COPY:
             own = data[:_FLAGS_AT] + bytes((flags & ~FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
             hedge = data
         else:
             own = data
             hedge = data[:_FLAGS_AT] + bytes((flags | FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
-        for addr in self.own:
+        for addr in own_targets:
             try:
                 sendto(own, addr)
                 c.sent += 1
             except OSError as exc:
                 c.send_errors[_errno_name(exc)] += 1
-        for addr in self.hedges:
+        for addr in hedge_targets:
             try:
                 sendto(hedge, addr)
                 c.sent_hedge += 1
@@ -157,6 +177,27 @@ class RelayNode:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _table(
+    config: RelayConfig, topo: Topology
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    addrs = topo.addresses()
+    own = [addrs[t.node] for t in config.targets if not t.hedge]
+    hedges = [addrs[t.node] for t in config.targets if t.hedge]
+    return own, hedges
+
+
+def _previous_plan(topo: Topology) -> Topology | None:
+    """The plan a make-before-break switch moves away from ("x-previous"), if any."""
+    doc = topo.extra.get("x-previous")
+    if not isinstance(doc, dict):
+        return None
+    try:
+        return parse_topology(doc)
+    except TopologyError as exc:
+        log.warning("ignoring x-previous of plan %d: %s", topo.plan_epoch, exc)
+        return None
 
 
 def _errno_name(exc: OSError) -> str:
@@ -284,6 +325,10 @@ class Relay:
     def apply_topology(self, topo: Topology) -> None:
         """Swap forwarding tables (and link model) in place; held copies are not dropped.
 
+        During a make-before-break switch the plan carries the old one as "x-previous":
+        messages stamped with the old epoch keep following the old plan until the publisher
+        moves (the controller then sends the new plan alone, and the old table goes).
+
         Relays named in this process but absent from the new topology keep their sockets and
         last table until the process is told to stop (make-before-break is the caller's plan).
         """
@@ -291,12 +336,19 @@ class Relay:
         self.senders = SenderNames(topo)
         if self._use_link_model:
             self.delay.set_model(link_model_of(topo))
+        previous = _previous_plan(topo)
         for node in self.nodes.values():
             try:
                 cfg = topo.relay(node.name)
             except KeyError:
                 continue
-            node.set_targets(cfg, topo)
+            old: tuple[RelayConfig, Topology] | None = None
+            if previous is not None:
+                try:
+                    old = (previous.relay(node.name), previous)
+                except KeyError:
+                    old = None
+            node.set_targets(cfg, topo, previous=old)
             fp = self.fast_path.get(node.name)
             if fp is not None:
                 fp.set_targets(_target_rows(node))

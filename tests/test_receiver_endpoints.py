@@ -104,3 +104,81 @@ def test_new_endpoint_opens_in_place_keeping_held_messages_and_records() -> None
     assert sorted((e, s) for e, s, _, _ in rows) == [("e0", 1), ("e0", 2), ("e1", 2)]
     # Released at their deadlines, not at once (nothing was treated as late).
     assert all(release >= deadline for _, _, release, deadline in rows)
+
+
+def test_relay_forwards_by_plan_epoch_during_a_switch() -> None:
+    """Make-before-break at a relay that is in both plans: copies stamped with the old epoch
+    still reach the old plan's endpoint, new-epoch copies the new one; once the switch is
+    over (no "x-previous"), every epoch takes the new plan."""
+    from overlay.relay import Relay
+
+    plan = tree_shape(2, fanout=2, hedge=0)
+    base = free_port_base(ADDR, ports_needed(plan))
+    full = topology_from_plan(plan, addr=ADDR, port_base=base, hold_ns=20_000_000).to_dict()
+    eps = {e["name"]: e["port"] for e in full["receivers"][0]["endpoints"]}
+    old = copy.deepcopy(full)
+    old["plan_epoch"] = 1
+    old["relays"][0]["targets"] = [{"node": "e0", "hedge": False}]
+    new = copy.deepcopy(full)
+    new["plan_epoch"] = 2
+    new["relays"][0]["targets"] = [{"node": "e1", "hedge": False}]
+    switching = {**copy.deepcopy(new), "x-previous": old}
+    # The endpoints' sockets stand in for receivers: which one a copy reaches is the point.
+    sinks = {}
+    for name, port in eps.items():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((ADDR, port))
+        s.settimeout(0.3)
+        sinks[name] = s
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    relay_port = full["relays"][0]["port"]
+
+    def send(seq: int, epoch: int) -> None:
+        h = Header(
+            stream_id=1, session=7, seq=seq, send_time_ns=time.time_ns(),
+            deadline_ns=time.time_ns() + 10**9, plan_epoch=epoch,
+        )  # fmt: skip
+        sender.sendto(encode(h, b"x"), (ADDR, relay_port))
+
+    def got() -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {n: [] for n in sinks}
+        for name, s in sinks.items():
+            while True:
+                try:
+                    data = s.recv(65536)
+                except TimeoutError:
+                    break
+                out[name].append(int.from_bytes(data[16:24], "big"))
+        return out
+
+    async def step(relay: Relay, sends: list[tuple[int, int]]) -> None:
+        for seq, epoch in sends:
+            send(seq, epoch)
+        await asyncio.sleep(0.2)
+
+    async def main() -> list[dict[str, list[int]]]:
+        relay = Relay(parse_topology(old), ["r0.0"], link_model=False)
+        relay.start()
+        seen = []
+        try:
+            await step(relay, [(1, 1)])
+            seen.append(await asyncio.to_thread(got))
+            relay.apply_topology(parse_topology(switching))
+            await step(relay, [(2, 1), (3, 2)])
+            seen.append(await asyncio.to_thread(got))
+            relay.apply_topology(parse_topology(new))
+            await step(relay, [(4, 1), (5, 2)])
+            seen.append(await asyncio.to_thread(got))
+        finally:
+            relay.close()
+        return seen
+
+    try:
+        before, during, after = asyncio.run(main())
+    finally:
+        for s in sinks.values():
+            s.close()
+        sender.close()
+    assert before == {"e0": [1], "e1": []}
+    assert during == {"e0": [2], "e1": [3]}
+    assert after == {"e0": [], "e1": [4, 5]}
