@@ -108,6 +108,41 @@ def _progress_bar(done: int, total: int, elapsed: float, duration: float) -> str
     )
 
 
+def _port_block(addr: str, count: int) -> int:
+    """Base of `count` consecutive free UDP ports below the kernel's ephemeral range.
+
+    The controller path binds its ports a minute or more after choosing them (1,000 MPs
+    subscribe first); in the ephemeral range, sockets of other processes on the host (probes,
+    clients) would take some of them meanwhile.
+    """
+    import random
+    import socket
+
+    try:
+        low_eph = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low_eph = 32768
+    low, high = 10000, low_eph - count
+    if high <= low:
+        return free_port_base(addr, count)
+    rng = random.Random()
+    for _ in range(50):
+        base = rng.randrange(low, high)
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                held.append(sock)
+                sock.bind((addr, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    return free_port_base(addr, count)
+
+
 def node_clocks(cfg: DemoConfig, names: list[str]) -> dict[str, tuple[float, float]]:
     """Seeded (offset µs, drift ppm) per process label; empty when clocks are not emulated."""
     if not cfg.emulate_clocks:
@@ -329,7 +364,7 @@ def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     cfg, out = run.cfg, run.out
     n_ports = ports_needed(plan)
     deliver_ports = cfg.receivers if cfg.deliver == "udp" else 0
-    base = free_port_base(cfg.addr, n_ports + deliver_ports)
+    base = _port_block(cfg.addr, n_ports + deliver_ports)
     topo = topology_from_plan(
         plan,
         addr=cfg.addr,
@@ -471,7 +506,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     per_host = cfg.endpoints_per_receiver
     n_hosts = -(-cfg.receivers // per_host)
     deliver_ports = cfg.receivers if cfg.deliver == "udp" else 0
-    base = free_port_base(cfg.addr, n_relays + cfg.receivers + deliver_ports)
+    base = _port_block(cfg.addr, n_relays + cfg.receivers + deliver_ports)
     rx_base = base + n_relays
     relay_names = [f"relay{i}" for i in range(n_relays)]
     host_names = [f"rx{h}" for h in range(n_hosts)]
