@@ -6,6 +6,7 @@ import contextlib
 import glob
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -180,8 +181,6 @@ class _Run:
         self.sinks: list[Any] = []
         """UDP sockets standing in for MP applications (deliver=udp)."""
         self.link_model_note = ""
-        self.prefix: list[str] = []
-        """Command prefix of controller-mode daemons (chrt for SCHED_FIFO)."""
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
 
@@ -300,8 +299,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
             Child(
                 "publisher",
                 "publisher",
-                run.prefix
-                + jasper_argv(
+                jasper_argv(
                     "publisher",
                     *publisher_argv,
                     "--records",
@@ -316,6 +314,8 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
                 run.cluster.log_dir / "publisher.log",
             )
         )
+        if cfg.realtime and cfg.control != "static":
+            make_loops_realtime([pub])
         progress_file = out / "progress"
         t0 = time.monotonic()
         run.start_sampler(t0)
@@ -431,21 +431,23 @@ def _relay_runs(indices: list[int], root: int, per_process: int) -> list[list[in
     return runs
 
 
-def _realtime_prefix(cfg: DemoConfig) -> list[str]:
-    """`chrt -f LOOP_PRIORITY` where allowed: controller-mode daemons (overlay/agent.py) do
-    not yet put their event loop in SCHED_FIFO as the static-topology daemons do, and on a
-    busy host a SCHED_OTHER loop waits behind every real-time thread of other jobs."""
-    import shutil
-    import subprocess
-
+def make_loops_realtime(children: list[Child]) -> int:
+    """Put each daemon's main thread (its event loop) in SCHED_FIFO, as the static-topology
+    daemons do themselves once started; controller-mode daemons (overlay/agent.py) do not
+    yet. Done after start-up, so dozens of interpreters importing at once do not starve each
+    other in one real-time queue. Returns how many were switched (0 without privilege)."""
     from overlay.release import LOOP_PRIORITY
 
-    chrt = shutil.which("chrt")
-    if not cfg.realtime or chrt is None:
-        return []
-    prefix = [chrt, "-f", str(LOOP_PRIORITY)]
-    ok = subprocess.run([*prefix, "true"], capture_output=True, check=False).returncode == 0
-    return prefix if ok else []
+    switched = 0
+    for c in children:
+        if c.proc is None or c.proc.poll() is not None:
+            continue
+        try:
+            os.sched_setscheduler(c.proc.pid, os.SCHED_FIFO, os.sched_param(LOOP_PRIORITY))
+        except OSError:
+            continue
+        switched += 1
+    return switched
 
 
 def _subscribe_all(
@@ -610,12 +612,11 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         "--records", str(out), "--status-interval", "1.0",
     )  # fmt: skip
     link = () if cfg.link_model else ("--no-link-model",)
-    run.prefix = rt = _realtime_prefix(cfg)
     for g in groups:
         label = f"relay-{g[0]}"
         ready = out / "run" / f"{label}.ready"
         ready.parent.mkdir(parents=True, exist_ok=True)
-        argv = rt + jasper_argv(
+        argv = jasper_argv(
             "relay", *common, "--node-name", ",".join(g),
             "--port", str(base + relay_names.index(g[0])), "--ready-file", str(ready),
             "--fast-path", cfg.fast_path, *link,
@@ -625,7 +626,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     for h, name in enumerate(host_names):
         label = f"receiver-{name}"
         ready = out / "run" / f"{label}.ready"
-        argv = rt + jasper_argv(
+        argv = jasper_argv(
             "receiver", *common, "--node-name", name,
             "--port-base", str(rx_base + h * per_host), "--endpoints", str(len(run.hosts[name])),
             "--ready-file", str(ready), "--fast-path", cfg.fast_path, *link,
