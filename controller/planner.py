@@ -687,6 +687,17 @@ class Planner:
                     "targets": [{"node": f.target, "hedge": f.hedge} for f in fwd.get(name, ())],
                 }
             )
+        if old is not None:
+            # Relays only the old plan uses still send old-epoch copies during the switch;
+            # receivers accept them as parents, so the document names them (they forward by
+            # the old plan, which they keep: nothing to forward here).
+            listed = {r["name"] for r in relays}
+            for name in old.relay_nodes():
+                node = nodes.get(name)
+                if node is not None and name not in listed:
+                    relays.append(
+                        {"name": name, "addr": node.data_addr, "port": node.port, "targets": []}
+                    )
         hosts: dict[str, list[dict[str, Any]]] = {
             n.name: [] for n in nodes.values() if n.role == "receiver"
         }

@@ -233,6 +233,7 @@ class Agent:
         self.counters = AgentCounters()
         self._have_topology = asyncio.Event()
         self._ack = asyncio.Event()
+        self._stopping = False
 
     # --- public -----------------------------------------------------------------------------
 
@@ -249,11 +250,17 @@ class Agent:
             await self._register()
             await stop.wait()
         finally:
+            self._stopping = True
+            # Python 3.11's wait_for can swallow a cancellation that races with the request
+            # finishing (fixed in 3.12): the loops then go on. They check `_stopping`, and
+            # the cancel is repeated until they are done, so shutdown never hangs here.
+            while not all(t.done() for t in tasks):
+                for t in tasks:
+                    t.cancel()
+                await asyncio.wait(tasks, timeout=1.0)
             for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+                if not t.cancelled() and t.exception() is not None:
+                    log.error("agent loop failed: %r", t.exception())
             if self.prober is not None:
                 self.prober.close()
 
@@ -299,7 +306,7 @@ class Agent:
             for name, port in ((self.node_name, self.port), *self.co_nodes)
         ]
         attempt = 0
-        while True:
+        while not self._stopping:
             try:
                 for body in bodies:
                     await self.client.request("POST", "/v1/nodes", body)
@@ -369,7 +376,7 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         await self.registered.wait()
         attempt = 0
-        while True:
+        while not self._stopping:
             try:
                 body = self._heartbeat_body()
                 for name in self.names():
@@ -399,7 +406,7 @@ class Agent:
     async def _poll_loop(self) -> None:
         await self.registered.wait()
         attempt = 0
-        while True:
+        while not self._stopping:
             path = (
                 f"/v1/nodes/{self.node_name}/config?version={self.version}&wait={self.poll_wait_s}"
             )

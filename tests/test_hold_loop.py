@@ -40,6 +40,9 @@ def _converged(ctl: LoopbackController) -> bool:
 def test_adaptive_hold_rises_until_lateness_meets_objective(tmp_path: Path) -> None:
     ctl = LoopbackController(
         db_path=tmp_path / "controller.db",
+        # This test is about the hold, not about declaring nodes dead: a loaded machine can
+        # starve the daemons for seconds.
+        heartbeat_timeout_s=30,
         settings_env={
             "JASPER_LINK_MODEL": json.dumps(LINK_MODEL),
             "JASPER_HOLD_OBJECTIVE_LATE_FRACTION": str(OBJECTIVE),
