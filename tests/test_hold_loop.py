@@ -113,3 +113,94 @@ def test_adaptive_hold_rises_until_lateness_meets_objective(tmp_path: Path) -> N
         rows = d[d["endpoint"] == ep]
         rows = rows[np.argsort(rows["seq"])]
         assert (np.diff(rows["deadline_ns"]) >= 0).all()
+
+
+def _owd(count: int, late: int, p97_ns: int) -> dict[str, Any]:
+    return {
+        "stream_id": 1, "start_ns": 1, "end_ns": 2, "count": count, "late": late,
+        "p50_ns": p97_ns // 2, "p95_ns": p97_ns, "p97_ns": p97_ns, "p99_ns": p97_ns,
+        "max_ns": p97_ns, "worst_late_fraction": late / count, "reporters": 1,
+    }  # fmt: skip
+
+
+def test_heartbeat_reports_drive_the_hold_over_the_api(tmp_path: Path) -> None:
+    """In process: heartbeats with `owd` close a window once every receiver host reported;
+    the publisher's config carries the new hold, other nodes' documents keep the setting, a
+    fixed stream keeps its hold; bounds from heartbeats are added; malformed reports are 422."""
+    from fastapi.testclient import TestClient
+
+    from controller.app import create_app
+    from controller.settings import Settings
+
+    admin = {"Authorization": "Bearer admin-secret"}
+    node = {"Authorization": "Bearer node-secret"}
+    settings = Settings(
+        db_path=str(tmp_path / "c.db"),
+        admin_token="admin-secret",  # type: ignore[arg-type]
+        node_token="node-secret",  # type: ignore[arg-type]
+    )
+    with TestClient(create_app(settings)) as c:
+        for body in (
+            {"name": "relay0", "role": "relay", "port": 7000},
+            {"name": "rx0", "role": "receiver", "port": 7100, "capacity": 4},
+            {"name": "rx1", "role": "receiver", "port": 7200, "capacity": 4},
+            {"name": "pub", "role": "publisher", "port": 6000},
+        ):
+            r = c.post("/v1/nodes", json={**body, "data_addr": "127.0.0.1"}, headers=node)
+            assert r.status_code == 200, r.text
+        stream = {"id": 1, "name": "md", "hold_ns": START_HOLD_NS, "hold_policy": "adaptive"}
+        assert c.post("/v1/streams", json=stream, headers=admin).status_code == 201
+        mp = c.post("/v1/mps", json={"name": "m"}, headers=admin).json()["token"]
+        for port in (7100, 7200):
+            body = {"stream_id": 1, "endpoint": {"addr": "127.0.0.1", "port": port}}
+            r = c.post("/v1/subscriptions", json=body, headers={"Authorization": f"Bearer {mp}"})
+            assert r.status_code == 201, r.text
+
+        def beat(name: str, owd: list[dict[str, Any]], bound_ns: int | None = None) -> None:
+            clock = {"status": "synchronized", "bound_ns": bound_ns, "offset_ns": 0}
+            r = c.post(
+                f"/v1/nodes/{name}/heartbeat", json={"owd": owd, "clock": clock}, headers=node
+            )
+            assert r.status_code == 200, r.text
+
+        def hold() -> dict[str, Any]:
+            doc: dict[str, Any] = c.get("/v1/streams/1/hold", headers=admin).json()
+            return doc
+
+        def config_hold(name: str) -> int:
+            doc = c.get(f"/v1/nodes/{name}/config?wait=0", headers=node).json()
+            return int(doc["streams"][0]["topology"]["stream"]["hold_ns"])
+
+        assert hold()["hold_ns"] == START_HOLD_NS
+        beat("pub", [], bound_ns=30_000)
+        beat("rx1", [], bound_ns=50_000)
+        beat("rx0", [_owd(500, 500, 2_000_000)], bound_ns=20_000)
+        assert hold()["history"] == []  # rx1 has not reported yet: the window stays open
+        beat("rx1", [_owd(500, 10, 2_500_000)], bound_ns=50_000)
+        h = hold()
+        assert len(h["history"]) == 1
+        w = h["history"][0]
+        assert w["action"] == "up" and w["late_fraction"] == 1.0 and w["count"] == 1000
+        assert w["delay_estimate_ns"] == 2_500_000  # max-reduced over the hosts
+        assert w["bounds_ns"] == 30_000 + 50_000  # root's + largest receiver's
+        assert h["hold_ns"] == w["hold_ns"] == 2_500_000 + 80_000 + w["extra_hold_ns"]
+        assert config_hold("pub") == h["hold_ns"]
+        assert config_hold("rx0") == START_HOLD_NS  # the setting, not re-applied by receivers
+        assert (
+            c.get("/v1/streams/1/tree", headers=admin).json()["topology"]["stream"]["hold_ns"]
+            == START_HOLD_NS
+        )
+
+        bad = {"owd": [{**_owd(10, 1, 5), "count": -1}]}
+        r = c.post("/v1/nodes/rx0/heartbeat", json=bad, headers=node)
+        assert r.status_code == 422 and "count" in r.text
+
+        # Fixed: windows are recorded, the hold stays the setting.
+        r = c.patch("/v1/streams/1", json={"hold_policy": "fixed"}, headers=admin)
+        assert r.status_code == 200
+        beat("rx0", [_owd(500, 400, 3_000_000)])
+        beat("rx1", [_owd(500, 400, 3_000_000)])
+        h = hold()
+        assert h["hold_policy"] == "fixed" and h["hold_ns"] == START_HOLD_NS
+        assert [w["action"] for w in h["history"]] == ["fixed"]
+        assert config_hold("pub") == START_HOLD_NS
