@@ -37,6 +37,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, kind: str) -> None:
     p.add_argument("--token-file", metavar="FILE", help="node token (controller mode)")
     p.add_argument("--data-addr", metavar="IP", help="data-plane address (controller mode)")
     p.add_argument(
+        "--probe-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="UDP port of the latency prober (controller mode; 0 = any free port), e.g. for a "
+        "security group that opens one fixed port",
+    )
+    p.add_argument(
         "--records",
         metavar="DIR",
         help="write ground-truth records (.npy) and a status JSON here at exit",
