@@ -113,4 +113,5 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (nodes, streams, tree, mps, subscriptions, health):
         app.include_router(module.router)
     app.include_router(tree.latency_router)
+    app.include_router(tree.emulation_router)
     return app

@@ -104,6 +104,8 @@ class Planner:
         self.telemetry: dict[str, Telemetry] = {}
         self.telemetry_dirty: set[str] = set()
         self._dirty_links: dict[tuple[str, str], LinkStats] = {}
+        self.link_model: dict[str, Any] | None = settings.link_model
+        """Emulation: the link model every topology carries (settings, or set over the API)."""
         self.holds = HoldControl(
             window_s=settings.hold_window_s,
             objective_late_fraction=settings.hold_objective_late_fraction,
@@ -347,6 +349,18 @@ class Planner:
             else:
                 self._bump(db)
         return row
+
+    def set_link_model(self, doc: dict[str, Any] | None) -> None:
+        """Emulation: every node's link model from the next config on (a step change)."""
+        from jasper.linkmodel import parse_link_model
+
+        try:
+            parse_link_model(doc)
+        except ValueError as exc:
+            raise Unprocessable(str(exc), field=("body",)) from exc
+        self.link_model = doc
+        with self.database.transaction() as db:
+            self._bump(db)
 
     # --- release hold ---------------------------------------------------------------------
 
@@ -742,7 +756,7 @@ class Planner:
             },
             "relays": relays,
             "receivers": receivers,
-            "link_model": self.settings.link_model,
+            "link_model": self.link_model,
             "x-hold-policy": stream.hold_policy,
             "x-rate-hint": stream.rate_hint,
         }

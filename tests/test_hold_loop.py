@@ -204,3 +204,42 @@ def test_heartbeat_reports_drive_the_hold_over_the_api(tmp_path: Path) -> None:
         assert h["hold_policy"] == "fixed" and h["hold_ns"] == START_HOLD_NS
         assert [w["action"] for w in h["history"]] == ["fixed"]
         assert config_hold("pub") == START_HOLD_NS
+
+
+def test_link_model_step_change_over_the_api(tmp_path: Path) -> None:
+    """Emulation: the link model every plan carries can be changed at run time (a step change
+    for adaptive-hold runs); invalid models are refused naming the field."""
+    from fastapi.testclient import TestClient
+
+    from controller.app import create_app
+    from controller.settings import Settings
+
+    admin = {"Authorization": "Bearer admin-secret"}
+    node = {"Authorization": "Bearer node-secret"}
+    settings = Settings(
+        db_path=str(tmp_path / "c.db"),
+        admin_token="admin-secret",  # type: ignore[arg-type]
+        node_token="node-secret",  # type: ignore[arg-type]
+        link_model=LINK_MODEL,
+    )
+    with TestClient(create_app(settings)) as c:
+        body = {"name": "rx0", "role": "receiver", "port": 7100, "data_addr": "127.0.0.1"}
+        assert c.post("/v1/nodes", json=body, headers=node).status_code == 200
+        stream = {"id": 1, "name": "md", "hold_policy": "adaptive"}
+        assert c.post("/v1/streams", json=stream, headers=admin).status_code == 201
+
+        def model() -> Any:
+            doc = c.get("/v1/nodes/rx0/config?wait=0", headers=node).json()
+            return doc["streams"][0]["topology"]["link_model"]
+
+        assert model() == LINK_MODEL
+        version = c.get("/healthz").json()["config_version"]
+        step = {"seed": 5, "median_ns": 3_000_000, "p99_ns": 4_000_000}
+        r = c.put("/v1/emulation/link-model", json=step, headers=admin)
+        assert r.status_code == 200 and r.json() == step
+        assert c.get("/healthz").json()["config_version"] > version
+        assert model() == step
+        r = c.put("/v1/emulation/link-model", json={"median_ns": 10, "p99_ns": 5}, headers=admin)
+        assert r.status_code == 422 and "p99_ns" in r.text
+        assert c.put("/v1/emulation/link-model", json=step).status_code == 401
+        assert model() == step

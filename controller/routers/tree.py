@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Body, Path
 
 from controller import store
 from controller.deps import AdminDep, DbDep, PlannerDep, PrincipalDep
@@ -127,6 +127,29 @@ async def get_hold(stream_id: StreamPath, planner: PlannerDep, _: PrincipalDep) 
             for w in hold.history
         ],
     )
+
+
+emulation_router = APIRouter(prefix="/v1/emulation", tags=["emulation"])
+
+
+@emulation_router.get(
+    "/link-model", response_model=dict[str, Any] | None, summary="Link model in the plans"
+)
+async def get_link_model(planner: PlannerDep, _: AdminDep) -> dict[str, Any] | None:
+    return planner.link_model
+
+
+@emulation_router.put(
+    "/link-model",
+    response_model=dict[str, Any] | None,
+    summary="Emulation only: set the link model every plan carries (null: off), e.g. a step "
+    "change in delays; not stored across restarts (the setting JASPER_LINK_MODEL is)",
+)
+async def put_link_model(
+    body: Annotated[dict[str, Any] | None, Body()], planner: PlannerDep, _: AdminDep
+) -> dict[str, Any] | None:
+    planner.set_link_model(body)
+    return planner.link_model
 
 
 latency_router = APIRouter(prefix="/v1/latency", tags=["tree"])
