@@ -181,6 +181,8 @@ class _Run:
         self.sinks: list[Any] = []
         """UDP sockets standing in for MP applications (deliver=udp)."""
         self.link_model_note = ""
+        self.prefix: list[str] = []
+        """Command prefix of controller-mode daemons (chrt, see REALTIME_AT_EXEC_MAX)."""
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
 
@@ -299,7 +301,8 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
             Child(
                 "publisher",
                 "publisher",
-                jasper_argv(
+                run.prefix
+                + jasper_argv(
                     "publisher",
                     *publisher_argv,
                     "--records",
@@ -314,7 +317,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
                 run.cluster.log_dir / "publisher.log",
             )
         )
-        if cfg.realtime and cfg.control != "static":
+        if cfg.realtime and cfg.control != "static" and not run.prefix:
             make_loops_realtime([pub])
         progress_file = out / "progress"
         t0 = time.monotonic()
@@ -431,8 +434,28 @@ def _relay_runs(indices: list[int], root: int, per_process: int) -> list[list[in
     return runs
 
 
+REALTIME_AT_EXEC_MAX = 24
+"""Up to this many daemon processes start in SCHED_FIFO (chrt at exec), like the static
+daemons that switch at the top of main(); beyond it they switch once all are up, since
+dozens of real-time interpreters importing at once starve one another."""
+
+
+def _chrt_prefix(cfg: DemoConfig, processes: int) -> list[str]:
+    import shutil
+    import subprocess
+
+    from overlay.release import LOOP_PRIORITY
+
+    chrt = shutil.which("chrt")
+    if not cfg.realtime or chrt is None or processes > REALTIME_AT_EXEC_MAX:
+        return []
+    prefix = [chrt, "-f", str(LOOP_PRIORITY)]
+    ok = subprocess.run([*prefix, "true"], capture_output=True, check=False).returncode == 0
+    return prefix if ok else []
+
+
 def make_loops_realtime(children: list[Child]) -> int:
-    """Put each daemon's main thread (its event loop) in SCHED_FIFO, as the static-topology
+    """Put each daemon's event loop and helper threads in SCHED_FIFO, as the static-topology
     daemons do themselves once started; controller-mode daemons (overlay/agent.py) do not
     yet. Done after start-up, so dozens of interpreters importing at once do not starve each
     other in one real-time queue. Returns how many were switched (0 without privilege)."""
@@ -442,11 +465,21 @@ def make_loops_realtime(children: list[Child]) -> int:
     for c in children:
         if c.proc is None or c.proc.poll() is not None:
             continue
+        # Every thread still in SCHED_OTHER, as if created after the static daemons' own
+        # make_realtime (threads inherit it); release threads already sit higher.
         try:
-            os.sched_setscheduler(c.proc.pid, os.SCHED_FIFO, os.sched_param(LOOP_PRIORITY))
+            tids = [int(t) for t in os.listdir(f"/proc/{c.proc.pid}/task")]
         except OSError:
             continue
-        switched += 1
+        ok = False
+        for tid in tids:
+            try:
+                if os.sched_getscheduler(tid) == os.SCHED_OTHER:
+                    os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(LOOP_PRIORITY))
+                ok = True
+            except OSError:
+                continue
+        switched += ok
     return switched
 
 
@@ -612,11 +645,12 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         "--records", str(out), "--status-interval", "1.0",
     )  # fmt: skip
     link = () if cfg.link_model else ("--no-link-model",)
+    run.prefix = rt = _chrt_prefix(cfg, len(groups) + n_hosts + 1)
     for g in groups:
         label = f"relay-{g[0]}"
         ready = out / "run" / f"{label}.ready"
         ready.parent.mkdir(parents=True, exist_ok=True)
-        argv = jasper_argv(
+        argv = rt + jasper_argv(
             "relay", *common, "--node-name", ",".join(g),
             "--port", str(base + relay_names.index(g[0])), "--ready-file", str(ready),
             "--fast-path", cfg.fast_path, *link,
@@ -626,7 +660,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     for h, name in enumerate(host_names):
         label = f"receiver-{name}"
         ready = out / "run" / f"{label}.ready"
-        argv = jasper_argv(
+        argv = rt + jasper_argv(
             "receiver", *common, "--node-name", name,
             "--port-base", str(rx_base + h * per_host), "--endpoints", str(len(run.hosts[name])),
             "--ready-file", str(ready), "--fast-path", cfg.fast_path, *link,
