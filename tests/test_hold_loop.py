@@ -134,11 +134,10 @@ def test_heartbeat_reports_drive_the_hold_over_the_api(tmp_path: Path) -> None:
 
     admin = {"Authorization": "Bearer admin-secret"}
     node = {"Authorization": "Bearer node-secret"}
-    settings = Settings(
-        db_path=str(tmp_path / "c.db"),
-        admin_token="admin-secret",  # type: ignore[arg-type]
-        node_token="node-secret",  # type: ignore[arg-type]
-    )
+    settings = Settings.model_validate(
+        {"db_path": str(tmp_path / "c.db"), "admin_token": "admin-secret",
+         "node_token": "node-secret"}
+    )  # fmt: skip
     with TestClient(create_app(settings)) as c:
         for body in (
             {"name": "relay0", "role": "relay", "port": 7000},
@@ -216,12 +215,10 @@ def test_link_model_step_change_over_the_api(tmp_path: Path) -> None:
 
     admin = {"Authorization": "Bearer admin-secret"}
     node = {"Authorization": "Bearer node-secret"}
-    settings = Settings(
-        db_path=str(tmp_path / "c.db"),
-        admin_token="admin-secret",  # type: ignore[arg-type]
-        node_token="node-secret",  # type: ignore[arg-type]
-        link_model=LINK_MODEL,
-    )
+    settings = Settings.model_validate(
+        {"db_path": str(tmp_path / "c.db"), "admin_token": "admin-secret",
+         "node_token": "node-secret", "link_model": LINK_MODEL}
+    )  # fmt: skip
     with TestClient(create_app(settings)) as c:
         body = {"name": "rx0", "role": "receiver", "port": 7100, "data_addr": "127.0.0.1"}
         assert c.post("/v1/nodes", json=body, headers=node).status_code == 200
