@@ -6,11 +6,45 @@ import json
 import resource
 import time
 import tomllib
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from jasper.linkmodel import LinkModel, parse_link_model
 from jasper.topology import Topology, TopologyError, parse_topology
+
+
+@dataclass
+class CopyCounters:
+    """What a node that receives hedged copies saw: shared by relays and receiver endpoints."""
+
+    received: int = 0
+    """Datagrams received on the node's socket (before the link model)."""
+    malformed: Counter[str] = field(default_factory=Counter)
+    """Datagrams dropped as not Jasper, by WireError.reason."""
+    accepted: int = 0
+    """First copies kept."""
+    duplicates: int = 0
+    """Later hedged copies dropped."""
+    stale: int = 0
+    """Copies older than the dedup window or from an older session, dropped."""
+    heartbeats: int = 0
+    """Heartbeats received."""
+    copies_from: Counter[str] = field(default_factory=Counter)
+    """Valid copies received per sender (parent) name."""
+    kept_from: Counter[str] = field(default_factory=Counter)
+    """First copies kept per sender name."""
+    kernel_drops: int = 0
+    """Datagrams the kernel dropped for a full receive buffer (SO_RXQ_OVFL)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = dict(value) if isinstance(value, Counter) else value
+        out["malformed_total"] = sum(self.malformed.values())
+        return out
 
 
 def load_topology(path: str | Path) -> Topology:

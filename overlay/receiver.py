@@ -20,7 +20,7 @@ from jasper.topology import EndpointConfig, Topology
 from jasper.wire import HEADER_LEN, WireError
 from jasper.wire_spec import FLAG_HEARTBEAT
 from overlay.audit_log import ReleaseAuditor
-from overlay.common import link_model_of, process_figures
+from overlay.common import CopyCounters, link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
 from overlay.fastwire import peek
 from overlay.kernel import drain, open_udp
@@ -54,21 +54,9 @@ class Delivery:
 
 
 @dataclass
-class EndpointCounters:
+class EndpointCounters(CopyCounters):
     """What one endpoint saw and did."""
 
-    received: int = 0
-    """Datagrams received on the endpoint's socket (before the link model)."""
-    malformed: Counter[str] = field(default_factory=Counter)
-    """Datagrams dropped as not Jasper, by WireError.reason."""
-    accepted: int = 0
-    """First copies kept."""
-    duplicates: int = 0
-    """Later hedged copies dropped."""
-    stale: int = 0
-    """Copies older than the dedup window or from an older session."""
-    heartbeats: int = 0
-    """Heartbeats received (never delivered)."""
     delivered: int = 0
     """Messages handed to the MP (on time or late)."""
     late: int = 0
@@ -77,31 +65,11 @@ class EndpointCounters:
     """Messages refused by a full release schedule, delivered at once instead."""
     deliver_dropped: Counter[str] = field(default_factory=Counter)
     """Deliveries the MP could not take: its queue full, or the socket refusing (by errno)."""
-    copies_from: Counter[str] = field(default_factory=Counter)
-    """Valid copies received per parent name."""
-    kept_from: Counter[str] = field(default_factory=Counter)
-    """First copies kept per parent name."""
-    kernel_drops: int = 0
-    """Datagrams the kernel dropped for a full receive buffer (SO_RXQ_OVFL)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "received": self.received,
-            "malformed": dict(self.malformed),
-            "malformed_total": sum(self.malformed.values()),
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "stale": self.stale,
-            "heartbeats": self.heartbeats,
-            "delivered": self.delivered,
-            "late": self.late,
-            "hold_overflow": self.hold_overflow,
-            "deliver_dropped": dict(self.deliver_dropped),
-            "copies_from": dict(self.copies_from),
-            "kept_from": dict(self.kept_from),
-            "distinct_parents": len(self.copies_from),
-            "kernel_drops": self.kernel_drops,
-        }
+        out = super().to_dict()
+        out["distinct_parents"] = len(self.copies_from)
+        return out
 
 
 class LagStats:

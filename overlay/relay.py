@@ -14,7 +14,7 @@ from jasper.dedup import DedupRing, Verdict
 from jasper.topology import RelayConfig, Topology, TopologyError, parse_topology
 from jasper.wire import WireError
 from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY
-from overlay.common import link_model_of, process_figures
+from overlay.common import CopyCounters, link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
 from overlay.fastwire import peek
 from overlay.kernel import drain, open_udp
@@ -25,50 +25,15 @@ _FLAGS_AT = 3  # byte offset of `flags` in the header (jasper.wire_spec.offsets(
 
 
 @dataclass
-class RelayCounters:
+class RelayCounters(CopyCounters):
     """What one relay node saw and did."""
 
-    received: int = 0
-    """Datagrams received on the node's socket (before the link model)."""
-    malformed: Counter[str] = field(default_factory=Counter)
-    """Datagrams dropped as not Jasper, by WireError.reason."""
-    accepted: int = 0
-    """First copies forwarded."""
-    duplicates: int = 0
-    """Later hedged copies dropped."""
-    stale: int = 0
-    """Copies older than the dedup window or from an older session, dropped."""
-    heartbeats: int = 0
-    """Heartbeats forwarded (newest per stream only)."""
     sent: int = 0
     """Copies sent to own children."""
     sent_hedge: int = 0
     """Copies sent as hedges to siblings' children."""
     send_errors: Counter[str] = field(default_factory=Counter)
     """Sends refused by the kernel, by errno name (a full buffer counts as ENOBUFS/EAGAIN)."""
-    copies_from: Counter[str] = field(default_factory=Counter)
-    """Valid copies received per sender (parent) name."""
-    kept_from: Counter[str] = field(default_factory=Counter)
-    """First copies kept per sender name."""
-    kernel_drops: int = 0
-    """Datagrams the kernel dropped for a full receive buffer (SO_RXQ_OVFL)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "received": self.received,
-            "malformed": dict(self.malformed),
-            "malformed_total": sum(self.malformed.values()),
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "stale": self.stale,
-            "heartbeats": self.heartbeats,
-            "sent": self.sent,
-            "sent_hedge": self.sent_hedge,
-            "send_errors": dict(self.send_errors),
-            "copies_from": dict(self.copies_from),
-            "kept_from": dict(self.kept_from),
-            "kernel_drops": self.kernel_drops,
-        }
 
 
 class RelayNode:
