@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,12 @@ def add_parser(sub: Any) -> None:
         help="hand messages over in process (default) or to a local UDP port per endpoint",
     )
     p.add_argument(
-        "--endpoints-per-receiver", type=int, default=20, help="endpoints per receiver process"
+        "--endpoints-per-receiver",
+        type=int,
+        default=None,
+        help="endpoints per receiver process (default: up to 200 endpoints, one receiver "
+        "process per CPU, since receivers spinning to the same deadline on fewer cores than "
+        "processes release one after another; above 200, 20 per process as in the paper)",
     )
     p.add_argument(
         "--no-realtime",
@@ -149,6 +155,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_link_model:
         link_model = dict(DEMO_LINK_MODEL, seed=args.seed, loss=args.loss)
     out = args.output or Path("jasper-out") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
+    per_receiver = args.endpoints_per_receiver
+    if per_receiver is None:
+        cores = os.cpu_count() or 1
+        per_receiver = max(20, -(-n // cores)) if n <= CONTROLLER_AUTO_MAX_RECEIVERS else 20
+    if per_receiver < 1:
+        print("jasper demo: --endpoints-per-receiver must be >= 1", file=sys.stderr)
+        return 2
     control = args.control
     if control == "auto":
         control = "controller" if n <= CONTROLLER_AUTO_MAX_RECEIVERS else "static"
@@ -168,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         tau_ns=int(args.tau_us * 1000),
         warmup_messages=args.warmup,
         link_model=link_model,
-        endpoints_per_receiver=args.endpoints_per_receiver,
+        endpoints_per_receiver=per_receiver,
         relays_per_process=args.relays_per_process,
         fast_path=args.fast_path,
         deliver=args.deliver,
