@@ -36,6 +36,16 @@ def snapshot(ctl: LoopbackController, mp_tokens: list[str]) -> dict[str, object]
     }
 
 
+def diagnostics(sink: DeliverySink, n: int, workdir: Path) -> str:
+    """What each endpoint got and the tail of every daemon's log, for a failure message."""
+    lines = [f"deliveries per endpoint: {[len(sink.times[i]) for i in range(n)]}"]
+    for log in sorted(workdir.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-8:]
+        lines.append(f"== {log.name}")
+        lines.extend(tail)
+    return "\n".join(lines)
+
+
 @pytest.mark.slow
 def test_restart_keeps_state_and_traffic_flows(tmp_path: Path) -> None:
     n = len(HOSTS) * PER_HOST
@@ -84,7 +94,10 @@ def test_restart_keeps_state_and_traffic_flows(tmp_path: Path) -> None:
                 deliver=f"udp:127.0.0.1:{sink.port(i)}",
             )
         # Every endpoint receives before the controller goes away.
-        wait_for(lambda: all(len(sink.times[i]) > 20 for i in range(n)), 60, "first deliveries")
+        try:
+            wait_for(lambda: all(len(sink.times[i]) > 20 for i in range(n)), 60, "first deliveries")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{diagnostics(sink, n, tmp_path)}") from None
         ctl.wait_applied({*RELAYS, *HOSTS, "pub"}, 30)
         tree = ctl.tree(1)
         assert tree["pending_epoch"] is None
