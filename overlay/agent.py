@@ -441,6 +441,23 @@ class Agent:
         wanted = set(self.names())
         return wanted <= present if every else bool(wanted & present)
 
+    def _with_idle_co_nodes(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """`doc` with every relay this process hosts; the ones the plan leaves out idle.
+
+        A process hosting several relays starts once a plan has them all, and a plan may use
+        only some of them (a spare, or one placed out as a lemon): without this the used ones
+        would never start.
+        """
+        present = {n.get("name") for n in doc.get("relays", ())}
+        ours = [(self.node_name, self.port), *self.co_nodes]
+        missing = [(n, port) for n, port in ours if n not in present]
+        if not missing:
+            return doc
+        idle = [
+            {"name": n, "addr": self.data_addr, "port": port, "targets": []} for n, port in missing
+        ]
+        return {**doc, "relays": [*doc.get("relays", ()), *idle]}
+
     def _take_config(self, config: dict[str, Any]) -> None:
         version = int(config.get("version", 0))
         # A lower version than ours comes from a controller that lost its database: new.
@@ -464,6 +481,8 @@ class Agent:
             self.applied_version = version
             self._ack.set()
             return
+        if self.role == "relay":
+            chosen = self._with_idle_co_nodes(chosen)
         if chosen == self.topology_doc:
             self.applied_version = version
             self._ack.set()

@@ -181,7 +181,12 @@ async def test_agent_follows_plans_survives_outage_and_reregisters(tmp_path: Pat
         for suffix in ("", "-wal", "-shm"):
             Path(str(ctl.db_path) + suffix).unlink(missing_ok=True)
         await asyncio.to_thread(ctl.start)
-        await until(lambda: relay.counters.registrations >= 2, 20, "re-registration")
+        # Both agents come back, each at its own retry time.
+        await until(
+            lambda: relay.counters.registrations >= 2 and rx.counters.registrations >= 2,
+            20,
+            "re-registration",
+        )
         nodes = {n["name"] for n in await asyncio.to_thread(ctl.nodes)}
         assert nodes == {"relay0", "rx0"}
         # The new controller counts versions from scratch; the agents still follow it.
