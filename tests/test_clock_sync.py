@@ -74,8 +74,9 @@ def test_reads_real_bound_from_chronyd(follower: ReferenceChrony) -> None:
         assert report.ref_name == "127.0.0.1"
         bound = chrony_bound(target)
         assert bound.status is ClockStatus.SYNCHRONIZED
-        # A real bound from a real exchange: nonzero, and small on loopback.
-        assert 0 < bound.base_bound_ns < 50_000_000
+        # A real, finite bound; its size depends on how busy the machine was when chronyd
+        # measured (seen up to 0.65 s on this 2-core machine after SCHED_FIFO tests).
+        assert 0 < bound.base_bound_ns < 5_000_000_000
         expected = (
             abs(report.system_time_offset_s) + report.root_dispersion_s + report.root_delay_s / 2
         ) * 1e9
