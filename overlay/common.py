@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from jasper.dedup import DedupRing, Verdict
 from jasper.linkmodel import LinkModel, parse_link_model
 from jasper.topology import Topology, TopologyError, parse_topology
 
@@ -37,6 +38,23 @@ class CopyCounters:
     """First copies kept per sender name."""
     kernel_drops: int = 0
     """Datagrams the kernel dropped for a full receive buffer (SO_RXQ_OVFL)."""
+
+    def admit(
+        self, rings: dict[int, DedupRing], ring_size: int, stream: int, session: int, seq: int
+    ) -> bool:
+        """Run one copy through its stream's dedup ring (made on first use); count the verdict."""
+        ring = rings.get(stream)
+        if ring is None:
+            ring = rings[stream] = DedupRing(size=ring_size)
+        verdict = ring.check(session, seq)
+        if verdict is Verdict.ACCEPT:
+            self.accepted += 1
+            return True
+        if verdict is Verdict.DUPLICATE:
+            self.duplicates += 1
+        else:
+            self.stale += 1
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

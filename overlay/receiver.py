@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jasper.dedup import DedupRing, Verdict
+from jasper.dedup import DedupRing
 from jasper.owd import OwdCollector
 from jasper.schedule import Release
 from jasper.topology import EndpointConfig, Topology
@@ -350,17 +350,8 @@ class Receiver:
         if flags & FLAG_HEARTBEAT:
             c.heartbeats += 1
             return
-        ring = ep.rings.get(stream)
-        if ring is None:
-            ring = ep.rings[stream] = DedupRing(size=ep.ring_size)
-        verdict = ring.check(session, seq)
-        if verdict is Verdict.DUPLICATE:
-            c.duplicates += 1
+        if not c.admit(ep.rings, ep.ring_size, stream, session, seq):
             return
-        if verdict is Verdict.STALE:
-            c.stale += 1
-            return
-        c.accepted += 1
         c.kept_from[sender] += 1
         held: _Held = (stream, session, seq, deadline, data[HEADER_LEN:], arrival_ns, sender)
         now = self.clock()

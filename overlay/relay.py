@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jasper.dedup import DedupRing, Verdict
+from jasper.dedup import DedupRing
 from jasper.topology import RelayConfig, Topology, TopologyError, parse_topology
 from jasper.wire import WireError
 from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY
@@ -99,17 +99,8 @@ class RelayNode:
             self._last_heartbeat[stream] = sent_ns
             c.heartbeats += 1
         else:
-            ring = self._rings.get(stream)
-            if ring is None:
-                ring = self._rings[stream] = DedupRing(size=self._ring_size)
-            verdict = ring.check(session, seq)
-            if verdict is Verdict.DUPLICATE:
-                c.duplicates += 1
+            if not c.admit(self._rings, self._ring_size, stream, session, seq):
                 return
-            if verdict is Verdict.STALE:
-                c.stale += 1
-                return
-            c.accepted += 1
         c.kept_from[sender] += 1
         if self.forward_user_space:
             self.forward(data, flags, epoch)
