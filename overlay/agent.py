@@ -577,9 +577,13 @@ def serve_daemon(kind: str, args: argparse.Namespace) -> int:
 
 
 async def _serve(kind: str, args: argparse.Namespace) -> int:
-    from overlay.daemon import _ready, _stop_on_signals
+    from overlay.daemon import _ready, _shutting_down, _stop_on_signals
     from overlay.release import tune_interpreter
 
+    # Signals first: a SIGTERM during the first clock correction must stop, not kill, us.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    _stop_on_signals(loop, stop)
     tune_interpreter()
     data_addr = args.data_addr or "127.0.0.1"
     port = {"relay": getattr(args, "port", 7000), "receiver": getattr(args, "port_base", 7100)}
@@ -606,15 +610,13 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         probe_port=probe_port,
         clock_status=clock_service.heartbeat if clock_service is not None else _unknown_clock,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    _stop_on_signals(loop, stop)
     agent_task = asyncio.create_task(agent.run(stop))
     waiter = asyncio.create_task(agent.wait_topology())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     if not waiter.done():
+        _shutting_down()
         waiter.cancel()
         await agent_task
         if clock_service is not None:
@@ -663,6 +665,8 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         else:
             await stop.wait()
     finally:
+        # A second signal (the demo's SIGTERM after a Ctrl-C) must not cut the records short.
+        _shutting_down()
         stop.set()
         await agent_task
         if "daemon" in locals():
