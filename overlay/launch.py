@@ -173,6 +173,8 @@ class Cluster:
             self.wait_kind(kind, per_kind)
         for c in self.alive():
             assert c.proc is not None
+            # Said, since its records are lost: a daemon should stop by itself on SIGTERM.
+            print(f"{c.name} did not stop within {per_kind:.0f} s: killed", file=sys.stderr)
             c.proc.kill()
         for c in self.children:
             if c.proc is not None:

@@ -59,8 +59,12 @@ def test_receiver_audit_log_read_by_jasper_audit(
         assert pub.proc is not None
         assert pub.proc.wait(120) == 0
         time.sleep(0.5)  # the last deadlines (20 ms hold) pass
+    rx = next(c for c in cluster.children if c.kind == "receiver")
+    assert rx.proc is not None
+    why = f"receiver exit {rx.proc.returncode}: {rx.log_path.read_text(errors='replace')[-3000:]}"
     audit = tmp_path / "audit-h0.jal"
-    assert audit.exists()
+    assert audit.exists(), why
+    assert (tmp_path / "deliveries-h0.npy").exists(), why
     deliveries = np.load(tmp_path / "deliveries-h0.npy")
     header, records, truncated = decode_records(audit.read_bytes())
     assert truncated == 0
