@@ -53,6 +53,32 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=1, help="link-model seed (1)")
     p.add_argument("--loss", type=float, default=0.0, help="link-model loss per copy (0)")
     p.add_argument(
+        "--link-median-us",
+        type=float,
+        default=None,
+        help="median delay of one modelled link, µs (default 40, a cloud region's; the "
+        "pure-Python path on a shared 2-core host adds about 1 ms and a tail of several ms, "
+        "so hold experiments want links in milliseconds, e.g. 1000)",
+    )
+    p.add_argument(
+        "--link-p99-us",
+        type=float,
+        default=None,
+        help="99th percentile delay of one modelled link, µs (default 3x the median)",
+    )
+    p.add_argument(
+        "--link-step",
+        metavar="AT_S:SCALE",
+        action="append",
+        default=[],
+        help="step change of the link model AT_S seconds after the publisher starts: every "
+        "delay (median, p99, spikes) becomes SCALE times the starting model's, applied to "
+        "every relay and receiver through the controller's PUT /v1/emulation/link-model. "
+        "Repeat for several steps, e.g. --link-step 5:3 --link-step 12:1 (up, then back). "
+        "Controller path only; the report then shows lateness, OML and the hold before and "
+        "after each step, and the controller's windows",
+    )
+    p.add_argument(
         "--deliver",
         choices=("memory", "udp"),
         default="memory",
@@ -95,8 +121,17 @@ def add_parser(sub: Any) -> None:
         "--hold-policy",
         choices=("fixed", "adaptive"),
         default="fixed",
-        help="controller path: keep the hold fixed (default) or let the controller's deadline "
-        "policy move it from the receivers' one-way-delay reports",
+        help="controller path: keep the hold fixed at --hold-us (default) or let the "
+        "controller's deadline policy move it from the receivers' one-way-delay reports, "
+        "starting at --hold-us",
+    )
+    p.add_argument(
+        "--hold-objective",
+        type=float,
+        default=0.01,
+        metavar="FRACTION",
+        help="adaptive hold: at most this fraction of one endpoint's messages late per "
+        "window (0.01)",
     )
     p.add_argument(
         "--clock-skew-us",
@@ -154,6 +189,23 @@ def run(args: argparse.Namespace) -> int:
     link_model = None
     if not args.no_link_model:
         link_model = dict(DEMO_LINK_MODEL, seed=args.seed, loss=args.loss)
+        if args.link_median_us is not None:
+            median_ns = round(args.link_median_us * 1000)
+            link_model["median_ns"] = median_ns
+            link_model["p99_ns"] = 3 * median_ns
+        if args.link_p99_us is not None:
+            link_model["p99_ns"] = round(args.link_p99_us * 1000)
+        if link_model["p99_ns"] < link_model["median_ns"]:
+            print("jasper demo: --link-p99-us must be >= the median", file=sys.stderr)
+            return 2
+    try:
+        link_steps = tuple(sorted(parse_link_step(x) for x in args.link_step))
+    except ValueError as exc:
+        print(f"jasper demo: {exc}", file=sys.stderr)
+        return 2
+    if not 0.0 < args.hold_objective < 1.0:
+        print("jasper demo: --hold-objective must be in (0, 1)", file=sys.stderr)
+        return 2
     out = args.output or Path("jasper-out") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
     per_receiver = args.endpoints_per_receiver
     if per_receiver is None:
@@ -171,6 +223,17 @@ def run(args: argparse.Namespace) -> int:
                 "using the static control path (--control controller to force the controller)",
                 file=sys.stderr,
             )
+    if link_steps:
+        problem = None
+        if link_model is None:
+            problem = "--link-step needs the link model (drop --no-link-model)"
+        elif control == "static":
+            problem = "--link-step needs the controller path (--control controller)"
+        elif link_steps[-1][0] >= args.duration:
+            problem = f"--link-step at {link_steps[-1][0]:g} s is not before --duration"
+        if problem:
+            print(f"jasper demo: {problem}", file=sys.stderr)
+            return 2
     cfg = DemoConfig(
         receivers=n,
         fanout=args.fanout,
@@ -194,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         clock_sync=not args.no_clock_sync,
         clock_seed=args.clock_seed,
         ntp_server=args.ntp_server,
+        link_steps=link_steps,
+        hold_objective=args.hold_objective,
     )
     summary = run_demo(cfg, out)
     if args.json:
@@ -206,3 +271,17 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("interrupted"):
         return 130
     return 0
+
+
+def parse_link_step(text: str) -> tuple[float, float]:
+    """ "AT_S:SCALE" -> (seconds after the publisher starts, delay scale)."""
+    at, sep, scale = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        step = (float(at), float(scale))
+    except ValueError:
+        raise ValueError(f"--link-step {text!r}: expected AT_S:SCALE, e.g. 5:3") from None
+    if step[0] < 0 or step[1] <= 0:
+        raise ValueError(f"--link-step {text!r}: need AT_S >= 0 and SCALE > 0")
+    return step

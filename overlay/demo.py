@@ -89,6 +89,24 @@ class DemoConfig:
     """Seed of the injected offsets and drifts."""
     ntp_server: str | None = None
     """HOST:PORT to correct clocks against; None starts a reference chronyd on loopback."""
+    link_steps: tuple[tuple[float, float], ...] = ()
+    """Step changes of the link model, (seconds after the publisher starts, scale of every
+    delay of `link_model`), applied through the controller's PUT /v1/emulation/link-model,
+    in time order; (12.0, 1.0) goes back to the starting model."""
+    hold_objective: float = 0.01
+    """Controller path: the deadline policy's lateness objective (fraction of one endpoint's
+    messages late per window)."""
+
+
+LINK_DELAY_FIELDS = ("median_ns", "p99_ns", "spike_min_ns", "spike_max_ns")
+"""The link model's delay fields, which a step scales (loss, lemons and seed stay)."""
+
+
+def scaled_link_model(base: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """`base` with every delay multiplied by `scale` (a step change in the link model)."""
+    if scale <= 0:
+        raise ValueError(f"link step scale must be > 0, got {scale}")
+    return {k: (max(1, round(v * scale)) if k in LINK_DELAY_FIELDS else v) for k, v in base.items()}
 
 
 TAU_LADDER_NS = (100_000, 500_000, 1_000_000)
@@ -178,6 +196,12 @@ class _Run:
         self.subscriptions: dict[int, list[str]] = {}
         self.samples: list[dict[str, Any]] = []
         """Controller readings during the run: time, stream hold, node clocks."""
+        self.hold_doc: dict[str, Any] | None = None
+        """The controller's last GET /v1/streams/1/hold: hold in force and every window."""
+        self.t0_wall_ns: int | None = None
+        """Kernel clock when the publisher was started: time zero of the step report."""
+        self.steps_applied: list[dict[str, Any]] = []
+        """Link-model steps as applied: requested and actual time, scale, model."""
         self.sinks: list[Any] = []
         """UDP sockets standing in for MP applications (deliver=udp)."""
         self.link_model_note = ""
@@ -185,6 +209,7 @@ class _Run:
         """Command prefix of controller-mode daemons (chrt, see REALTIME_AT_EXEC_MAX)."""
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
+        self._stepper: threading.Thread | None = None
 
     def clock_args(self, label: str) -> tuple[str, ...]:
         if label not in self.clocks:
@@ -226,6 +251,7 @@ class _Run:
             try:
                 # The hold in force (adaptive policy) where the controller serves it.
                 hold = self.ctl.call("GET", "/v1/streams/1/hold")
+                self.hold_doc = hold
             except Exception:
                 hold = self.ctl.call("GET", "/v1/streams/1")
             nodes = self.ctl.nodes()
@@ -252,11 +278,38 @@ class _Run:
         self.sample_controller(t0)
         self._sampler.start()
 
+    def start_link_steps(self, t0: float) -> None:
+        """Apply the configured link-model steps at their times, in a thread, through the
+        controller (every relay and receiver takes the new model with its next config)."""
+        cfg = self.cfg
+        if not cfg.link_steps or self.ctl is None or not cfg.link_model:
+            return
+        base = dict(cfg.link_model)
+
+        def loop() -> None:
+            for at_s, scale in cfg.link_steps:
+                if self._sampling.wait(max(0.0, t0 + at_s - time.monotonic())):
+                    return
+                model = scaled_link_model(base, scale)
+                entry: dict[str, Any] = {"at_s": at_s, "scale": scale, "model": model}
+                try:
+                    self.ctl.call("PUT", "/v1/emulation/link-model", json=model)
+                    entry["applied_s"] = round(time.monotonic() - t0, 3)
+                    entry["applied_wall_ns"] = time.time_ns()
+                except Exception as exc:  # reported, the run goes on
+                    entry["error"] = str(exc)
+                self.steps_applied.append(entry)
+
+        self._stepper = threading.Thread(target=loop, name="link-steps", daemon=True)
+        self._stepper.start()
+
     def stop_sampler(self) -> None:
-        if self._sampler is not None:
-            self._sampling.set()
-            self._sampler.join(15)
-            self._sampler = None
+        self._sampling.set()
+        for attr in ("_sampler", "_stepper"):
+            thread = getattr(self, attr)
+            if thread is not None:
+                thread.join(15)
+                setattr(self, attr, None)
 
     def close(self) -> None:
         self.stop_sampler()
@@ -321,7 +374,9 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
             make_loops_realtime([pub])
         progress_file = out / "progress"
         t0 = time.monotonic()
+        run.t0_wall_ns = time.time_ns()
         run.start_sampler(t0)
+        run.start_link_steps(t0)
         done = 0
         assert pub.proc is not None
         while pub.proc.poll() is None:
@@ -530,9 +585,10 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         # take a while for 1,000 endpoints on 2 cores; the demo injects no failures.
         heartbeat_timeout_s=600.0,
         log_path=out / "logs" / "controller.log",
-        settings_env={"JASPER_LINK_MODEL": json.dumps(dict(cfg.link_model))}
-        if cfg.link_model
-        else {},
+        settings_env={
+            "JASPER_HOLD_OBJECTIVE_LATE_FRACTION": str(cfg.hold_objective),
+            **({"JASPER_LINK_MODEL": json.dumps(dict(cfg.link_model))} if cfg.link_model else {}),
+        },
     ).start()
     token_file = ctl.write_token_file(out / "node-token")
     # The controller shapes an explicit depth for F^D endpoints at once; give it the relays
@@ -850,6 +906,9 @@ def summarize(
     summary["clocks"] = _clock_summary(deliveries, hosts, cfg, run)
     summary["one_way_delay_us"] = _owd_summary(sent, deliveries, hosts)
     summary["hold_over_time"] = _hold_summary(sent, run)
+    summary["link_steps"] = _step_summary(
+        sent, deliveries, summary["hold_over_time"]["windows"], cfg, run
+    )
     summary["text"] = format_summary(summary, report.format_text(), cfg)
     return summary
 
@@ -983,6 +1042,115 @@ def _hold_summary(sent: np.ndarray, run: _Run | None) -> dict[str, Any]:
         "controller": [
             {"t_s": x["t_s"], "hold_ns": x["hold_ns"], "policy": x["hold_policy"]} for x in samples
         ],
+        "windows": _hold_windows(run),
+    }
+
+
+def _hold_windows(run: _Run | None) -> list[dict[str, Any]]:
+    """The controller's delay windows (one decision of the deadline policy each), with their
+    time in seconds since the publisher was started."""
+    if run is None or run.hold_doc is None or run.t0_wall_ns is None:
+        return []
+    t0 = run.t0_wall_ns
+    return [
+        {
+            "t_s": round((int(w["at_ns"]) - t0) / 1e9, 2),
+            "action": w["action"],
+            "late_fraction": float(w["late_fraction"]),
+            "hold_us": int(w["hold_ns"]) / 1000,
+            "delay_estimate_us": int(w["delay_estimate_ns"]) / 1000,
+            "extra_hold_us": int(w["extra_hold_ns"]) / 1000,
+            "count": int(w["count"]),
+        }
+        for w in run.hold_doc.get("history", [])
+    ]
+
+
+def _step_summary(
+    sent: np.ndarray,
+    deliveries: np.ndarray,
+    windows: list[dict[str, Any]],
+    cfg: DemoConfig,
+    run: _Run | None,
+) -> dict[str, Any] | None:
+    """Before and after each link-model step: true lateness, OML and the hold stamped (from
+    the records), and the controller's windows with how many it took to meet the objective.
+
+    Times are seconds since the publisher was started. A window is counted in the phase in
+    which it closed; the first one after a step still covers some reports from before it.
+    """
+    if not cfg.link_steps or run is None or run.t0_wall_ns is None:
+        return None
+    t0 = run.t0_wall_ns
+    applied = [x for x in run.steps_applied if "applied_wall_ns" in x]
+    starts = [0.0] + [(int(x["applied_wall_ns"]) - t0) / 1e9 for x in applied]
+    scales = [1.0] + [float(x["scale"]) for x in applied]
+    ends = [*starts[1:], float("inf")]
+    send_s = (sent["send_time_ns"] - t0) / 1e9 if len(sent) else np.zeros(0)
+    # Per message: pairs delivered, pairs late (first copy after the deadline, kernel clock
+    # = true time on one host) and the slowest endpoint's arrival.
+    order = np.argsort(sent["seq"], kind="stable")
+    seqs = sent["seq"][order]
+    n_late = np.zeros(len(seqs), dtype=np.int64)
+    n_got = np.zeros(len(seqs), dtype=np.int64)
+    slowest = np.full(len(seqs), np.iinfo(np.int64).min, dtype=np.int64)
+    if len(seqs) and len(deliveries):
+        pos = np.clip(np.searchsorted(seqs, deliveries["seq"]), 0, len(seqs) - 1)
+        ok = seqs[pos] == deliveries["seq"]
+        pos, d = pos[ok], deliveries[ok]
+        np.add.at(n_got, pos, 1)
+        np.add.at(n_late, pos, (d["arrival_ns"] > d["deadline_ns"]).astype(np.int64))
+        np.maximum.at(slowest, pos, d["arrival_ns"])
+    msg_s = send_s[order]
+    oml = (slowest - sent["send_time_ns"][order]).astype(np.float64)
+    hold = (sent["deadline_ns"][order] - sent["send_time_ns"][order]).astype(np.float64)
+    phases = []
+    for start, end, scale in zip(starts, ends, scales, strict=True):
+        m = (msg_s >= start) & (msg_s < end)
+        got = m & (n_got > 0)
+        in_phase = [w for w in windows if start <= w["t_s"] < end and w["count"] > 0]
+        to_objective = next(
+            (i + 1 for i, w in enumerate(in_phase) if w["late_fraction"] <= cfg.hold_objective),
+            None,
+        )
+        h = hold[m]
+        phases.append(
+            {
+                "start_s": round(start, 2),
+                "end_s": None if end == float("inf") else round(end, 2),
+                "scale": scale,
+                "messages": int(m.sum()),
+                "late_fraction": float(n_late[m].sum() / n_got[m].sum())
+                if n_got[m].sum()
+                else None,
+                "oml_us": _pcts_us(oml[got]),
+                "hold_stamped_us": None
+                if not len(h)
+                else {
+                    "first": float(h[0]) / 1000,
+                    "max": float(h.max()) / 1000,
+                    "last": float(h[-1]) / 1000,
+                    "median": float(np.median(h)) / 1000,
+                },
+                "windows": len(in_phase),
+                "window_late_fractions": [round(w["late_fraction"], 4) for w in in_phase],
+                "window_hold_us": [w["hold_us"] for w in in_phase],
+                "windows_to_objective": to_objective,
+                "windows_meeting_objective": sum(
+                    w["late_fraction"] <= cfg.hold_objective for w in in_phase
+                ),
+            }
+        )
+    base = dict(cfg.link_model or {})
+    return {
+        "policy": cfg.hold_policy,
+        "objective_late_fraction": cfg.hold_objective,
+        "base_median_us": base.get("median_ns", 0) / 1000,
+        "base_p99_us": base.get("p99_ns", 0) / 1000,
+        "steps": [
+            {k: v for k, v in x.items() if k != "applied_wall_ns"} for x in run.steps_applied
+        ],
+        "phases": phases,
     }
 
 
@@ -1041,6 +1209,7 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
     if c["endpoints_missing"]:
         lines.append(f"endpoints with no status (process died?): {c['endpoints_missing'][:10]}")
     lines += _clock_lines(summary)
+    lines += _step_lines(summary)
     return "\n".join(lines)
 
 
@@ -1129,6 +1298,59 @@ def _clock_lines(summary: Mapping[str, Any]) -> list[str]:
                 f"{values[0] / 1000:g} µs at all {len(ctl)} readings"
                 if len(values) == 1
                 else ", ".join(f"{x['t_s']:g}s {int(x['hold_ns']) / 1000:g}" for x in ctl)
+            )
+        )
+    return lines
+
+
+def _step_lines(summary: Mapping[str, Any]) -> list[str]:
+    steps = summary.get("link_steps")
+    if not steps:
+        return []
+    objective = steps["objective_late_fraction"]
+    lines = [
+        f"== Link-model steps (hold {steps['policy']}, objective <= {100 * objective:g}% of "
+        "one endpoint's messages late per window)",
+        f"starting link model: median {steps['base_median_us']:g} µs, p99 "
+        f"{steps['base_p99_us']:g} µs per link",
+    ]
+    for x in steps["steps"]:
+        if "error" in x:
+            lines.append(f"step at {x['at_s']:g} s x{x['scale']:g}: FAILED ({x['error']})")
+        else:
+            lines.append(
+                f"step at {x['at_s']:g} s (applied {x['applied_s']:.2f} s): delays "
+                f"x{x['scale']:g} of the start, median "
+                f"{x['model']['median_ns'] / 1000:g} µs per link"
+            )
+    lines.append(
+        "phase (s)     scale  messages  late (true)  OML p50/p99 µs  "
+        "hold stamped µs first/median/max/last  windows: first/all meeting objective"
+    )
+    for ph in steps["phases"]:
+        span = f"{ph['start_s']:.1f}-" + ("end" if ph["end_s"] is None else f"{ph['end_s']:.1f}")
+        late = "-" if ph["late_fraction"] is None else f"{100 * ph['late_fraction']:.2f}%"
+        oml = "-" if not ph["oml_us"] else f"{ph['oml_us']['p50']:.0f}/{ph['oml_us']['p99']:.0f}"
+        h = ph["hold_stamped_us"]
+        hold = (
+            "-"
+            if h is None
+            else f"{h['first']:.0f}/{h['median']:.0f}/{h['max']:.0f}/{h['last']:.0f}"
+        )
+        reach = "never" if ph["windows_to_objective"] is None else f"#{ph['windows_to_objective']}"
+        lines.append(
+            f"  {span:<12} x{ph['scale']:<5g} {ph['messages']:8d}  {late:>11}  {oml:>14}  "
+            f"{hold:>37}  {reach:>8} {ph['windows_meeting_objective']:>3}/{ph['windows']}"
+        )
+    windows = summary["hold_over_time"]["windows"]
+    if windows:
+        lines.append("controller windows: t s, worst endpoint late %, hold µs (action)")
+        lines.append(
+            "  "
+            + "; ".join(
+                f"{w['t_s']:.1f} {100 * w['late_fraction']:.1f}% {w['hold_us']:.0f} ({w['action']})"
+                for w in windows
+                if w["count"] > 0
             )
         )
     return lines
