@@ -78,6 +78,22 @@ class ReleaseSchedule(Generic[T]):
         if len(self._heap) >= self.capacity:
             self.counters.overflow += 1
             return False
+        deadline_ns, rank = self.order(
+            deadline_ns=deadline_ns, stream_id=stream_id, seq=seq, endpoint=endpoint
+        )
+        entry = (deadline_ns, stream_id, seq, rank, next(self._tiebreak), endpoint, item)
+        heapq.heappush(self._heap, entry)
+        self.counters.scheduled += 1
+        return True
+
+    def order(
+        self, *, deadline_ns: int, stream_id: int, seq: int, endpoint: int
+    ) -> tuple[int, int]:
+        """The deadline in force and the endpoint's rank among those sharing it.
+
+        Entries sort by (deadline, stream, seq, rank). Used by `push`, and by a release queue
+        kept elsewhere (the receiver's C release thread) so both order releases alike.
+        """
         # A shrinking hold must not let a later message overtake an earlier one.
         floor = self._last_deadline.get(stream_id, 0)
         if deadline_ns < floor:
@@ -85,11 +101,7 @@ class ReleaseSchedule(Generic[T]):
             self.counters.clamped += 1
         else:
             self._last_deadline[stream_id] = deadline_ns
-        rank = (endpoint - seq) % self.endpoints
-        entry = (deadline_ns, stream_id, seq, rank, next(self._tiebreak), endpoint, item)
-        heapq.heappush(self._heap, entry)
-        self.counters.scheduled += 1
-        return True
+        return deadline_ns, (endpoint - seq) % self.endpoints
 
     def get_timer(self) -> int | None:
         """The earliest deadline held, or None when empty."""

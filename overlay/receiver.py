@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -25,8 +27,8 @@ from overlay.delayline import DelayLine, SenderNames
 from overlay.fastwire import peek
 from overlay.kernel import drain, open_udp
 from overlay.recordlog import RecordLog, delivery_log
-from overlay.release import DEFAULT_SPIN_NS, PreciseRelease
-from overlay.releasec import BatchSender, batch_sender, sockaddr
+from overlay.release import DEFAULT_SPIN_NS, REALTIME_PRIORITY, PreciseRelease
+from overlay.releasec import ReleaseQueue, release_queue, sockaddr
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +221,16 @@ class Receiver:
         self.auditor = auditor
         """Release audit log (None: off)."""
         self._c_release = c_release
-        self._sender: BatchSender | None = None
+        self._realtime = realtime
+        self._spin_ns = spin_ns
+        self._hold_capacity = hold_capacity
+        self._queue: ReleaseQueue | None = None
+        """The C release thread for endpoints delivering over a socket (None: not started, or
+        not available here; then the Python release thread serves them too)."""
+        self._notify_fd = -1
+        self._inflight: dict[int, tuple[Endpoint, _Held]] = {}
+        """What the C thread holds or sent but the loop has not booked yet, by token."""
+        self._next_token = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         try:
             for cfg in self.host.endpoints:
@@ -236,9 +247,6 @@ class Receiver:
             spin_ns=spin_ns,
             name=f"release-{host}",
             realtime=realtime,
-            # Always offered: endpoints a later plan adds may deliver over sockets; it declines
-            # (returns False) batches it cannot send.
-            deliver_at=self._release_at,
         )
         self.lag = LagStats()
         self._booking: collections.deque[tuple[Endpoint, _Held, int, bool]] = collections.deque()
@@ -262,8 +270,8 @@ class Receiver:
             ep.close()
             raise
         ep.handle = self._handler(ep)
-        if self._c_release and self._sender is None and ep.out_fd >= 0:
-            self._sender = batch_sender()
+        if ep.out_fd >= 0:
+            self._start_queue()
         self.endpoints.append(ep)
         self.by_name[ep.name] = ep
         release = getattr(self, "release", None)
@@ -275,6 +283,26 @@ class Receiver:
             self._loop.add_reader(ep.sock.fileno(), self._on_readable, ep)
         return ep
 
+    def _start_queue(self) -> None:
+        """Start the C release thread, once, when an endpoint first delivers over a socket."""
+        if not self._c_release or self._queue is not None:
+            return
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        queue = release_queue(
+            capacity=self._hold_capacity,
+            spin_ns=self._spin_ns,
+            priority=REALTIME_PRIORITY if self._realtime else 0,
+            notify_fd=fd,
+        )
+        if queue is None:
+            os.close(fd)
+            self._c_release = False
+            log.info("C release thread unavailable: socket deliveries use the Python thread")
+            return
+        self._queue, self._notify_fd = queue, fd
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.add_reader(fd, self._on_released)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -282,6 +310,8 @@ class Receiver:
         self._loop = loop
         self.delay.start(loop)
         self.release.start()
+        if self._queue is not None:
+            loop.add_reader(self._notify_fd, self._on_released)
         for ep in self.endpoints:
             loop.add_reader(ep.sock.fileno(), self._on_readable, ep)
 
@@ -298,11 +328,26 @@ class Receiver:
                         break
         self.delay.flush()
         # Held messages are released on time, so wait up to one hold for the last of them.
-        self.release.stop(drain=True, timeout=self.topo.stream.hold_ns / 1e9 + 1.0)
+        wait_s = self.topo.stream.hold_ns / 1e9 + 1.0
+        self.release.stop(drain=True, timeout=wait_s)
+        if self._queue is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._notify_fd)
+            self._queue.stop(drain=True, timeout_s=wait_s)
+            self._on_released()
+            for ep, _held in self._inflight.values():  # cannot happen after a drain; said if so
+                ep.counters.deliver_dropped["shutdown"] += 1
+            self._inflight.clear()
         self._book()
 
     def close(self) -> None:
         self.delay.close()
+        if self._queue is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._notify_fd)
+            self._queue.close()
+            os.close(self._notify_fd)
+            self._queue, self._notify_fd = None, -1
         for ep in self.endpoints:
             ep.close()
         if self.auditor is not None:
@@ -370,11 +415,52 @@ class Receiver:
         if deadline == 0 or deadline <= now:
             self._deliver_now(ep, held, late=deadline != 0)
             return
-        if not self.release.hold(
+        if ep.out_fd >= 0 and self._queue is not None:
+            if self._hold_in_c(ep, held, now):
+                return
+        elif self.release.hold(
             deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index, item=held
         ):
-            c.hold_overflow += 1
-            self._deliver_now(ep, held, late=False)
+            return
+        c.hold_overflow += 1
+        self._deliver_now(ep, held, late=False)
+
+    def _hold_in_c(self, ep: Endpoint, held: _Held, now: int) -> bool:
+        """Queue one socket delivery on the C release thread; False when it is full."""
+        assert self._queue is not None
+        stream, _session, seq, deadline, payload, _arrival, _parent = held
+        deadline, rank = self.release.schedule.order(
+            deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index
+        )
+        token = self._next_token
+        self._next_token += 1
+        # The C thread waits on the kernel clock; the node clock may be offset from it.
+        rc = self._queue.push(
+            deadline_ns=deadline - (now - time.time_ns()),
+            stream_id=stream,
+            seq=seq,
+            rank=rank,
+            token=token,
+            fd=ep.out_fd,
+            addr=ep.out_sockaddr,
+            payload=payload,
+        )
+        if rc != 0:
+            return False
+        self._inflight[token] = (ep, held)
+        return True
+
+    def _on_released(self) -> None:
+        """Book what the C release thread sent (woken through its eventfd)."""
+        assert self._queue is not None
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._notify_fd)
+        inflight = self._inflight
+        for token, stamp, err in self._queue.take():
+            ep, held = inflight.pop(token)
+            if err:
+                ep.counters.deliver_dropped[errno.errorcode.get(err, str(err))] += 1
+            self._after(ep, held, stamp, False, err == 0)
 
     def _deliver_now(self, ep: Endpoint, held: _Held, *, late: bool) -> None:
         ok = ep.hand_over(held[4])
@@ -423,30 +509,6 @@ class Receiver:
         while booking:
             ep, held, release_ns, ok = booking.popleft()
             self._after(ep, held, release_ns, False, ok)
-
-    def _release_at(self, batch: Sequence[Release[_Held]], deadline: int) -> bool:
-        """Hand a batch of socket deliveries to the C routine, which sends at the deadline."""
-        sender = self._sender
-        if sender is None:
-            return False
-        eps = self.endpoints
-        items = []
-        for r in batch:
-            ep = eps[r.endpoint]
-            if ep.out_fd < 0:
-                return False
-            items.append((ep.out_fd, ep.out_sockaddr, r.item[4]))
-        # The C side waits on CLOCK_REALTIME; the node clock may be offset from it.
-        true_deadline = deadline - (self.clock() - time.time_ns())
-        stamps, errs = sender.send_at(true_deadline, self.release.spin_ns, items)
-        done = []
-        for r, stamp, err in zip(batch, stamps, errs, strict=True):
-            ep = eps[r.endpoint]
-            if err:
-                ep.counters.deliver_dropped[errno.errorcode.get(err, str(err))] += 1
-            done.append((ep, r.item, stamp, err == 0))
-        self._book_later(done)
-        return True
 
     def _after(self, ep: Endpoint, held: _Held, release_ns: int, late: bool, ok: bool) -> None:
         stream, session, seq, deadline, payload, arrival_ns, parent = held
@@ -584,8 +646,9 @@ class Receiver:
                 "errors": self.release.errors,
                 "held": len(self.release.schedule),
                 "realtime": self.release.realtime_ok,
-                "c_release": self._sender is not None,
+                "c_release": self._queue is not None,
                 **vars(self.release.schedule.counters),
+                "c_queue": self._queue.counters() if self._queue is not None else None,
             },
             "records": len(self.records),
             "receive_lag": self.lag.to_dict(),

@@ -88,13 +88,9 @@ class PreciseRelease(Generic[T]):
         prepare_ns: int = DEFAULT_PREPARE_NS,
         name: str = "release",
         realtime: bool = True,
-        deliver_at: Callable[[Sequence[Release[T]], int], bool] | None = None,
     ) -> None:
         self.schedule: ReleaseSchedule[T] = ReleaseSchedule(capacity=capacity, endpoints=endpoints)
         self._deliver = deliver
-        self._deliver_at = deliver_at
-        """Optional: takes a batch spin_ns before its deadline and does the waiting itself
-        (the receiver's GIL-free C path); returns False to leave the batch to `deliver`."""
         self._clock = clock
         self.spin_ns = spin_ns
         self.prepare_ns = max(prepare_ns, spin_ns)
@@ -188,8 +184,6 @@ class PreciseRelease(Generic[T]):
                 due.sort(
                     key=lambda r: (r.deadline_ns, r.stream_id, r.seq, (r.endpoint - r.seq) % n)
                 )
-            if due and self._deliver_at is not None and self._at(due, deadline):
-                continue
             # While spinning, a thread holding the GIL must give it back within µs, not within
             # the normal switch interval, or the deadline waits behind the receive loop.
             normal = sys.getswitchinterval()
@@ -211,19 +205,6 @@ class PreciseRelease(Generic[T]):
                     rest.append(r)
             if rest:
                 self._hand_over(rest)
-
-    def _at(self, batch: Sequence[Release[T]], deadline: int) -> bool:
-        assert self._deliver_at is not None
-        try:
-            done = self._deliver_at(batch, deadline)
-        except Exception:
-            # Some of the batch may have gone out: do not hand it over a second time.
-            self.errors += 1
-            log.exception("release delivery failed")
-            return True
-        if done:
-            self.batches += 1
-        return done
 
     def _hand_over(self, batch: Sequence[Release[T]]) -> None:
         self.batches += 1

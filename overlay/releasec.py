@@ -1,9 +1,11 @@
-"""Release without the GIL: a small C routine that sleeps, spins and sends a batch at a deadline.
+"""Release without the GIL: a C thread that holds datagrams and sends each at its deadline.
 
-A Python release thread needs the GIL at the deadline, and the receive loop may hold it; a
-ctypes call releases the GIL for its whole duration, so the wait, the spin and the sends of one
-batch run undisturbed. Compiled on first use with the system C compiler into a cache folder;
-when that is not possible the receiver keeps its Python release path.
+A Python release thread needs the GIL before every deadline, and the receive loop (or a
+garbage collection) may hold it then. Datagrams for MPs behind a socket go instead to a queue
+owned by a C thread: it sleeps to just before the earliest deadline, spins to it and sends the
+batch, then reports a send time per datagram for the event loop to book. Compiled on first use
+with the system C compiler into a cache folder; when that is not possible the receiver keeps its
+Python release path.
 """
 
 from __future__ import annotations
@@ -17,17 +19,57 @@ import socket
 import struct
 import subprocess
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = r"""/* jasper_release.c: sleep to a deadline, spin to it, send a batch, stamp each send. */
+SOURCE = r"""/* jasper_release.c: a release thread that holds datagrams and sends each at its
+ * deadline, without the Python GIL. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
+
+#define ADDR_MAX 112
+
+struct held {
+    int64_t deadline;      /* CLOCK_REALTIME ns */
+    uint64_t stream, seq, rank, token;
+    int fd;
+    socklen_t addr_len;
+    unsigned char addr[ADDR_MAX];
+    int len;
+    unsigned char payload[];
+};
+
+struct done {
+    uint64_t token;
+    int64_t stamp;         /* CLOCK_REALTIME ns when sendto returned */
+    int err;               /* errno, 0 when sent */
+};
+
+struct queue {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t thread;
+    struct held **heap;    /* min-heap on (deadline, stream, seq, rank) */
+    int n, cap;
+    struct done *ring;     /* completions, drained by the caller */
+    int ring_head, ring_len;
+    int64_t spin_ns;
+    int notify_fd;         /* an eventfd written after each batch (-1: none) */
+    int priority;          /* SCHED_FIFO priority (0: normal scheduling) */
+    int realtime_ok;
+    int stopping, drain, halt;
+    uint64_t pushed, sent, failed, overflow, batches;
+};
 
 static int64_t now_ns(void)
 {
@@ -36,30 +78,238 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* deadline_ns and spin_ns on CLOCK_REALTIME; one datagram per entry; stamps[i] is the time the
- * i-th send returned, errs[i] its errno (0 when sent). Returns the number sent. */
-int jasper_release_at(int64_t deadline_ns, int64_t spin_ns, int n, const int *fds,
-              const unsigned char *addrs, const int *addr_lens, int addr_stride,
-              const unsigned char *const *bufs, const int *lens, int64_t *stamps, int *errs)
+static int before(const struct held *a, const struct held *b)
 {
-    int64_t wake = deadline_ns - spin_ns;
-    if (wake > now_ns()) {
-        struct timespec ts = { .tv_sec = wake / 1000000000LL, .tv_nsec = wake % 1000000000LL };
-        while (clock_nanosleep(CLOCK_REALTIME, TIMER_ABSTIME, &ts, 0) == EINTR)
+    if (a->deadline != b->deadline) return a->deadline < b->deadline;
+    if (a->stream != b->stream) return a->stream < b->stream;
+    if (a->seq != b->seq) return a->seq < b->seq;
+    return a->rank < b->rank;
+}
+
+static void sift_up(struct queue *q, int i)
+{
+    struct held *x = q->heap[i];
+    while (i > 0) {
+        int p = (i - 1) / 2;
+        if (!before(x, q->heap[p])) break;
+        q->heap[i] = q->heap[p];
+        i = p;
+    }
+    q->heap[i] = x;
+}
+
+static struct held *pop_min(struct queue *q)
+{
+    struct held *top = q->heap[0];
+    struct held *x = q->heap[--q->n];
+    int i = 0;
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= q->n) break;
+        if (c + 1 < q->n && before(q->heap[c + 1], q->heap[c])) c++;
+        if (!before(q->heap[c], x)) break;
+        q->heap[i] = q->heap[c];
+        i = c;
+    }
+    if (q->n > 0) q->heap[i] = x;
+    return top;
+}
+
+static void send_batch(struct queue *q, struct held **batch, int m)
+{
+    struct done out[64];
+    int k = 0;
+    for (int i = 0; i < m; i++) {
+        struct held *h = batch[i];
+        ssize_t rc = sendto(h->fd, h->payload, (size_t)h->len, MSG_DONTWAIT,
+                    (const struct sockaddr *)h->addr, h->addr_len);
+        out[k].stamp = now_ns();
+        out[k].err = rc < 0 ? errno : 0;
+        out[k].token = h->token;
+        k++;
+        if (k == 64 || i == m - 1) {
+            /* Bookkeeping after the sends of the chunk, so the next endpoint does not wait. */
+            pthread_mutex_lock(&q->mu);
+            for (int j = 0; j < k; j++) {
+                q->ring[(q->ring_head + q->ring_len) % q->cap] = out[j];
+                q->ring_len++;
+                if (out[j].err) q->failed++; else q->sent++;
+            }
+            pthread_mutex_unlock(&q->mu);
+            k = 0;
+        }
+    }
+    for (int i = 0; i < m; i++) free(batch[i]);
+    if (q->notify_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t rc = write(q->notify_fd, &one, sizeof one);
+        (void)rc;
+    }
+}
+
+static void *run(void *arg)
+{
+    struct queue *q = arg;
+    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+    if (q->priority > 0) {
+        struct sched_param sp = { .sched_priority = q->priority };
+        q->realtime_ok = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0;
+    }
+    struct held **batch = malloc(sizeof(*batch) * (size_t)q->cap);
+    pthread_mutex_lock(&q->mu);
+    for (;;) {
+        while (q->n == 0 && !q->stopping)
+            pthread_cond_wait(&q->cv, &q->mu);
+        if (q->halt || (q->stopping && (q->n == 0 || !q->drain)))
+            break;
+        int64_t deadline = q->heap[0]->deadline;
+        int64_t wake = deadline - q->spin_ns;
+        if (wake > now_ns()) {
+            /* A push of an earlier deadline or a stop signals the condition and ends this. */
+            struct timespec ts = { .tv_sec = wake / 1000000000LL, .tv_nsec = wake % 1000000000LL };
+            pthread_cond_timedwait(&q->cv, &q->mu, &ts);
+            continue;
+        }
+        pthread_mutex_unlock(&q->mu);
+        while (now_ns() < deadline)
             ;
+        pthread_mutex_lock(&q->mu);
+        /* Everything due by now, copies pushed during the spin included, in release order. */
+        int m = 0;
+        while (q->n > 0 && q->heap[0]->deadline <= deadline)
+            batch[m++] = pop_min(q);
+        q->batches++;
+        pthread_mutex_unlock(&q->mu);
+        send_batch(q, batch, m);
+        pthread_mutex_lock(&q->mu);
     }
-    while (now_ns() < deadline_ns)
-        ;
-    int sent = 0;
-    for (int i = 0; i < n; i++) {
-        ssize_t rc = sendto(fds[i], bufs[i], (size_t)lens[i], MSG_DONTWAIT,
-                    (const struct sockaddr *)(addrs + (long)i * addr_stride),
-                    (socklen_t)addr_lens[i]);
-        stamps[i] = now_ns();
-        errs[i] = rc < 0 ? errno : 0;
-        sent += rc >= 0;
+    pthread_mutex_unlock(&q->mu);
+    free(batch);
+    return NULL;
+}
+
+void *jasper_rq_create(int cap, int64_t spin_ns, int priority, int notify_fd)
+{
+    struct queue *q = calloc(1, sizeof *q);
+    if (!q) return NULL;
+    q->heap = calloc((size_t)cap, sizeof *q->heap);
+    q->ring = calloc((size_t)cap, sizeof *q->ring);
+    if (!q->heap || !q->ring) { free(q->heap); free(q->ring); free(q); return NULL; }
+    q->cap = cap;
+    q->spin_ns = spin_ns;
+    q->priority = priority;
+    q->notify_fd = notify_fd;
+    pthread_mutex_init(&q->mu, NULL);
+    pthread_cond_init(&q->cv, NULL);  /* timed waits on CLOCK_REALTIME, as the deadlines */
+    if (pthread_create(&q->thread, NULL, run, q) != 0) {
+        free(q->heap); free(q->ring); free(q);
+        return NULL;
     }
-    return sent;
+    return q;
+}
+
+/* Hold one datagram until deadline_ns (CLOCK_REALTIME). 0 when held, -1 when the queue (held
+ * plus completions not yet taken) is full, -2 when stopping or the arguments are bad. */
+int jasper_rq_push(void *handle, int64_t deadline_ns, uint64_t stream, uint64_t seq,
+           uint64_t rank, uint64_t token, int fd, const unsigned char *addr, int addr_len,
+           const unsigned char *payload, int len)
+{
+    struct queue *q = handle;
+    if (addr_len < 0 || addr_len > ADDR_MAX || len < 0) return -2;
+    struct held *h = malloc(sizeof *h + (size_t)len);
+    if (!h) return -1;
+    h->deadline = deadline_ns; h->stream = stream; h->seq = seq; h->rank = rank;
+    h->token = token; h->fd = fd; h->addr_len = (socklen_t)addr_len; h->len = len;
+    memcpy(h->addr, addr, (size_t)addr_len);
+    memcpy(h->payload, payload, (size_t)len);
+    pthread_mutex_lock(&q->mu);
+    if (q->stopping) { pthread_mutex_unlock(&q->mu); free(h); return -2; }
+    if (q->n + q->ring_len >= q->cap) {
+        q->overflow++;
+        pthread_mutex_unlock(&q->mu);
+        free(h);
+        return -1;
+    }
+    int earliest = q->n == 0 || before(h, q->heap[0]);
+    q->heap[q->n++] = h;
+    sift_up(q, q->n - 1);
+    q->pushed++;
+    if (earliest) pthread_cond_signal(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+    return 0;
+}
+
+/* Move up to max completions out: tokens, send stamps, errnos. Returns how many. */
+int jasper_rq_take(void *handle, uint64_t *tokens, int64_t *stamps, int *errs, int max)
+{
+    struct queue *q = handle;
+    pthread_mutex_lock(&q->mu);
+    int k = 0;
+    while (k < max && q->ring_len > 0) {
+        struct done *d = &q->ring[q->ring_head];
+        tokens[k] = d->token; stamps[k] = d->stamp; errs[k] = d->err;
+        q->ring_head = (q->ring_head + 1) % q->cap;
+        q->ring_len--;
+        k++;
+    }
+    pthread_mutex_unlock(&q->mu);
+    return k;
+}
+
+/* Counters: held, pushed, sent, failed, overflow, batches, realtime_ok. */
+void jasper_rq_counters(void *handle, uint64_t *out)
+{
+    struct queue *q = handle;
+    pthread_mutex_lock(&q->mu);
+    out[0] = (uint64_t)q->n; out[1] = q->pushed; out[2] = q->sent; out[3] = q->failed;
+    out[4] = q->overflow; out[5] = q->batches; out[6] = (uint64_t)q->realtime_ok;
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* Stop the thread. With drain it keeps releasing on time until nothing is held, for up to
+ * timeout_ns; what is still held then is sent at once. Without drain held datagrams are
+ * dropped. Returns how many were dropped. */
+int jasper_rq_stop(void *handle, int drain, int64_t timeout_ns)
+{
+    struct queue *q = handle;
+    pthread_mutex_lock(&q->mu);
+    q->stopping = 1;
+    q->drain = drain;
+    pthread_cond_signal(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+    int64_t until = now_ns() + timeout_ns;
+    struct timespec ts = { .tv_sec = until / 1000000000LL, .tv_nsec = until % 1000000000LL };
+    if (pthread_timedjoin_np(q->thread, NULL, &ts) != 0) {
+        pthread_mutex_lock(&q->mu);
+        q->halt = 1;
+        pthread_cond_signal(&q->cv);
+        pthread_mutex_unlock(&q->mu);
+        pthread_join(q->thread, NULL);
+    }
+    int dropped = 0;
+    pthread_mutex_lock(&q->mu);
+    if (drain && q->n > 0) {
+        struct held **rest = malloc(sizeof(*rest) * (size_t)q->n);
+        int m = 0;
+        while (q->n > 0) rest[m++] = pop_min(q);
+        pthread_mutex_unlock(&q->mu);
+        send_batch(q, rest, m);
+        free(rest);
+        pthread_mutex_lock(&q->mu);
+    }
+    while (q->n > 0) { free(pop_min(q)); dropped++; }
+    pthread_mutex_unlock(&q->mu);
+    return dropped;
+}
+
+void jasper_rq_free(void *handle)
+{
+    struct queue *q = handle;
+    free(q->heap);
+    free(q->ring);
+    pthread_mutex_destroy(&q->mu);
+    pthread_cond_destroy(&q->cv);
+    free(q);
 }
 """
 
@@ -86,7 +336,7 @@ def _compile() -> Path | None:
             tmp = folder / f"release-{digest}.{os.getpid()}.so"
             src.write_text(SOURCE)
             subprocess.run(
-                [cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
+                [cc, "-O2", "-pthread", "-shared", "-fPIC", "-o", str(tmp), str(src)],
                 check=True,
                 capture_output=True,
                 timeout=60,
@@ -112,88 +362,146 @@ def sockaddr(family: int, addr: object) -> bytes:
     raise ValueError(f"unsupported address family {family}")
 
 
-class BatchSender:
-    """Wraps jasper_release_at; reuses its argument arrays between batches."""
+class ReleaseQueue:
+    """The C release thread of one receiver: push datagrams, take what was sent."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self._fn = lib.jasper_release_at
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
-        self._size = 0
-        self._grow(64)
+    COUNTERS = ("held", "pushed", "sent", "failed", "overflow", "batches", "realtime")
 
-    def _grow(self, n: int) -> None:
-        self._size = n
-        self.fds = (ctypes.c_int * n)()
-        self.addrs = (ctypes.c_ubyte * (n * ADDR_STRIDE))()
-        self.addr_lens = (ctypes.c_int * n)()
-        self.bufs = (ctypes.c_char_p * n)()
-        self.lens = (ctypes.c_int * n)()
-        self.stamps = (ctypes.c_int64 * n)()
-        self.errs = (ctypes.c_int * n)()
-
-    def send_at(
+    def __init__(
         self,
-        deadline_ns: int,
+        lib: ctypes.CDLL,
+        *,
+        capacity: int,
         spin_ns: int,
-        items: Sequence[tuple[int, bytes, bytes]],
-    ) -> tuple[list[int], list[int]]:
-        """Send items (fd, sockaddr, payload) at deadline_ns (CLOCK_REALTIME).
+        priority: int,
+        notify_fd: int = -1,
+        take_max: int = 1024,
+    ) -> None:
+        self._lib = lib
+        self._push = lib.jasper_rq_push
+        handle = lib.jasper_rq_create(capacity, spin_ns, priority, notify_fd)
+        if not handle:
+            raise OSError("cannot start the C release thread")
+        self._handle: int | None = handle
+        self.capacity = capacity
+        self._max = take_max
+        self._tokens = (ctypes.c_uint64 * take_max)()
+        self._stamps = (ctypes.c_int64 * take_max)()
+        self._errs = (ctypes.c_int * take_max)()
+        self._counters = (ctypes.c_uint64 * len(self.COUNTERS))()
 
-        Returns (send-return times, errnos) per item. The GIL is released meanwhile.
+    def push(
+        self,
+        *,
+        deadline_ns: int,
+        stream_id: int,
+        seq: int,
+        rank: int,
+        token: int,
+        fd: int,
+        addr: bytes,
+        payload: bytes,
+    ) -> int:
+        """Hold `payload` for sendto(fd, addr) at deadline_ns (CLOCK_REALTIME).
+
+        0 when held, -1 when full, -2 when stopping. Entries go out in (deadline, stream, seq,
+        rank) order; `token` comes back with the send time.
         """
-        n = len(items)
-        if n > self._size:
-            self._grow(max(n, 2 * self._size))
-        keep = []
-        for i, (fd, addr, payload) in enumerate(items):
-            self.fds[i] = fd
-            ctypes.memmove(ctypes.addressof(self.addrs) + i * ADDR_STRIDE, addr, len(addr))
-            self.addr_lens[i] = len(addr)
-            self.bufs[i] = payload
-            self.lens[i] = len(payload)
-            keep.append(payload)
-        self._fn(
-            deadline_ns,
-            spin_ns,
-            n,
-            self.fds,
-            self.addrs,
-            self.addr_lens,
-            ADDR_STRIDE,
-            self.bufs,
-            self.lens,
-            self.stamps,
-            self.errs,
+        assert self._handle is not None
+        return int(
+            self._push(
+                self._handle,
+                deadline_ns,
+                stream_id,
+                seq,
+                rank,
+                token,
+                fd,
+                addr,
+                len(addr),
+                payload,
+                len(payload),
+            )
         )
-        return list(self.stamps[:n]), list(self.errs[:n])
+
+    def take(self) -> list[tuple[int, int, int]]:
+        """Datagrams sent since the last call: (token, send-return time ns, errno or 0)."""
+        if self._handle is None:
+            return []
+        out: list[tuple[int, int, int]] = []
+        while True:
+            k = self._lib.jasper_rq_take(
+                self._handle, self._tokens, self._stamps, self._errs, self._max
+            )
+            out.extend(zip(self._tokens[:k], self._stamps[:k], self._errs[:k], strict=True))
+            if k < self._max:
+                return out
+
+    def counters(self) -> dict[str, int]:
+        if self._handle is None:
+            return dict.fromkeys(self.COUNTERS, 0)
+        self._lib.jasper_rq_counters(self._handle, self._counters)
+        return dict(zip(self.COUNTERS, self._counters, strict=True))
+
+    def stop(self, *, drain: bool = True, timeout_s: float = 5.0) -> int:
+        """Stop the thread (see jasper_rq_stop); the number of datagrams dropped."""
+        if self._handle is None:
+            return 0
+        return int(self._lib.jasper_rq_stop(self._handle, int(drain), int(timeout_s * 1e9)))
+
+    def close(self) -> None:
+        """Stop without draining and free the queue (idempotent)."""
+        if self._handle is None:
+            return
+        self.stop(drain=False, timeout_s=0.0)
+        self._lib.jasper_rq_free(self._handle)
+        self._handle = None
 
 
-_loaded: BatchSender | None = None
+_lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def batch_sender() -> BatchSender | None:
-    """The C release routine, built and loaded once per process; None when unavailable."""
-    global _loaded, _tried
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried
     if not _tried:
         _tried = True
-        lib = _compile()
-        if lib is not None:
+        path = _compile()
+        if path is not None:
             try:
-                _loaded = BatchSender(ctypes.CDLL(str(lib)))
+                lib = ctypes.CDLL(str(path))
             except OSError as exc:
-                log.info("cannot load %s: %s", lib, exc)
-    return _loaded
+                log.info("cannot load %s: %s", path, exc)
+            else:
+                vp, i64, u64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
+                lib.jasper_rq_create.restype = vp
+                lib.jasper_rq_create.argtypes = [i, i64, i, i]
+                lib.jasper_rq_push.restype = i
+                lib.jasper_rq_push.argtypes = [vp, i64, u64, u64, u64, u64, i, ctypes.c_char_p, i,
+                                               ctypes.c_char_p, i]  # fmt: skip
+                lib.jasper_rq_take.restype = i
+                lib.jasper_rq_take.argtypes = [vp, vp, vp, vp, i]
+                lib.jasper_rq_counters.restype = None
+                lib.jasper_rq_counters.argtypes = [vp, vp]
+                lib.jasper_rq_stop.restype = i
+                lib.jasper_rq_stop.argtypes = [vp, i, i64]
+                lib.jasper_rq_free.restype = None
+                lib.jasper_rq_free.argtypes = [vp]
+                _lib = lib
+    return _lib
+
+
+def release_queue(
+    *, capacity: int, spin_ns: int, priority: int, notify_fd: int = -1
+) -> ReleaseQueue | None:
+    """A started C release thread; None when the routine cannot be built or loaded here."""
+    lib = _library()
+    if lib is None:
+        return None
+    try:
+        return ReleaseQueue(
+            lib, capacity=capacity, spin_ns=spin_ns, priority=priority, notify_fd=notify_fd
+        )
+    except OSError as exc:
+        log.info("C release thread unavailable: %s", exc)
+        return None
