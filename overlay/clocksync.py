@@ -10,6 +10,7 @@ import mmap
 import os
 import random
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -508,10 +509,18 @@ class ClockService:
         self,
         clock: SoftwareClock | SystemClock,
         sync: ClockDiscipline | ChronyWatcher | None = None,
+        *,
+        step_file: str | None = None,
     ) -> None:
         self.clock = clock
         self.sync = sync
+        self.step_file = step_file
+        """Emulation fault hook: on SIGUSR1 the emulated clock steps by the signed number of
+        ns written in this file (see `step`). None: no hook, SIGUSR1 keeps its default."""
+        self.steps: list[tuple[int, int]] = []
+        """(kernel time, ns) of every fault step taken."""
         self._task: asyncio.Task[None] | None = None
+        self._step_signal = False
 
     @classmethod
     def emulated(
@@ -548,8 +557,31 @@ class ClockService:
     def heartbeat(self) -> dict[str, Any]:
         return clock_heartbeat(self.clock, self.sync)
 
+    def step(self, delta_ns: int) -> None:
+        """A fault: the emulated clock jumps by `delta_ns` while its bound stays as it was, so
+        the node's error exceeds its claimed bound until the next SNTP burst measures the jump
+        and corrects it. Only a SoftwareClock can step (the kernel clock is everyone's)."""
+        if not isinstance(self.clock, SoftwareClock):
+            raise TypeError("only an emulated clock (--clock-offset-us) can be stepped")
+        self.clock.apply_correction(delta_ns=delta_ns, bound=self.clock.bound())
+        self.steps.append((time.time_ns(), delta_ns))
+        log.warning("emulated clock of %s stepped by %+d ns (fault)", self.clock.name, delta_ns)
+
+    def _on_step_signal(self) -> None:
+        assert self.step_file is not None
+        try:
+            delta_ns = int(Path(self.step_file).read_text().strip() or 0)
+        except (OSError, ValueError) as exc:
+            log.error("clock step file %s unreadable: %s", self.step_file, exc)
+            return
+        self.step(delta_ns)
+
     async def start(self) -> None:
         """First sync (so the daemon starts on a corrected clock), then keep syncing."""
+        if self.step_file is not None and isinstance(self.clock, SoftwareClock):
+            # Before the first burst: a step requested during start-up must not kill us.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._on_step_signal)
+            self._step_signal = True
         if isinstance(self.sync, ClockDiscipline):
             await self.sync.sync_once()
             self._task = self.sync.start()
@@ -558,6 +590,10 @@ class ClockService:
             self._task = asyncio.get_running_loop().create_task(self.sync.run())
 
     async def stop(self) -> None:
+        if self._step_signal:
+            self._step_signal = False
+            with contextlib.suppress(RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         if isinstance(self.sync, ClockDiscipline):
             await self.sync.stop()
         elif self._task is not None:
@@ -586,6 +622,11 @@ def add_clock_arguments(p: Any) -> None:
         help="real clock: chronyd command address or socket to read the bound from",
     )  # fmt: skip
     p.add_argument("--chrony-port", type=int, default=None, help="real clock: chronyd command port")
+    p.add_argument(
+        "--clock-step-file", default=None, metavar="FILE",
+        help="emulation faults: on SIGUSR1 step the emulated clock by the signed ns in FILE "
+        "(needs --clock-offset-us)",
+    )  # fmt: skip
 
 
 def clock_service_from_args(args: Any, *, name: str = "") -> ClockService:
@@ -595,12 +636,14 @@ def clock_service_from_args(args: Any, *, name: str = "") -> ClockService:
         if args.ntp_server:
             host, _, port = str(args.ntp_server).rpartition(":")
             server = (host or "127.0.0.1", int(port))
-        return ClockService.emulated(
+        service = ClockService.emulated(
             offset_ns=int(args.clock_offset_us * 1000),
             drift_ppm=float(args.clock_drift_ppm),
             server=server,
             name=name,
         )
+        service.step_file = getattr(args, "clock_step_file", None)
+        return service
     return ClockService.system(
         target=ChronyTarget(host=getattr(args, "chrony_host", None),
                             port=getattr(args, "chrony_port", None))

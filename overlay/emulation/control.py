@@ -152,6 +152,10 @@ class ControlPlane:
             if i % 25 == 0:
                 progress(i / max(1, len(endpoints)))
 
+    def set_hold(self, stream_id: int, hold_ns: int) -> None:
+        """The stream's fixed hold (PATCH): the publisher's agent stamps deadlines with it."""
+        self.call("PATCH", f"/v1/streams/{stream_id}", json={"hold_ns": int(hold_ns)})
+
     def tree(self, stream_id: int) -> dict[str, Any]:
         doc: dict[str, Any] = self.call("GET", f"/v1/streams/{stream_id}/tree")
         return doc

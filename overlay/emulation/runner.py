@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from jasper.topology import Topology, parse_topology
 from overlay.emulation.faults import Fault, FaultEvent, FaultInjector, attach_linkloss
 from overlay.emulation.netns import EmulatedNetwork, write_manifest
 from overlay.emulation.spawner import Spawner
+from overlay.emulation.timeref import TimeReference
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ STREAM_ID = 1
 RELAY_PORT = 7000
 ENDPOINT_PORT_BASE = 20000
 CONFIG_NAMES = ("unicast", "tree-h0", "tree-nohold", "jasper")
-"""The default configurations; "jasper-agents" can be added (it needs the controller)."""
+"""The default configurations. "jasper" runs under the controller (agents in the daemons);
+"jasper-file" (the same tree and hold from a static file) can be added to compare."""
 
 DEFAULT_LINK_MODEL: dict[str, Any] = {
     "seed": 7,
@@ -67,8 +70,8 @@ class ConfigSpec:
     hold: bool
     """True when the root stamps a release deadline; otherwise endpoints deliver at arrival."""
     agents: bool = False
-    """Daemons run with --controller URL: their in-process agents take the plan from the
-    controller (which carries no link model: compare with runs made with --no-link-model)."""
+    """Daemons run with --controller URL: their in-process agents register, heartbeat and take
+    the plan, the hold and the link model from the controller."""
 
 
 def config_specs(hedge: int) -> dict[str, ConfigSpec]:
@@ -90,13 +93,22 @@ def config_specs(hedge: int) -> dict[str, ConfigSpec]:
         ),
         "jasper": ConfigSpec(
             name="jasper",
-            description=f"tree H={hedge}, hold to the root's deadline",
+            description=f"tree H={hedge}, hold to the root's deadline; daemons under the "
+            "controller (in-process agents)",
+            hedge=hedge,
+            hold=True,
+            agents=True,
+        ),
+        "jasper-file": ConfigSpec(
+            name="jasper-file",
+            description=f"tree H={hedge}, hold; the controller's plan as a static file",
             hedge=hedge,
             hold=True,
         ),
+        # Runs made before "jasper" itself ran under agents named that configuration so.
         "jasper-agents": ConfigSpec(
             name="jasper-agents",
-            description=f"tree H={hedge}, hold; daemons follow the controller (in-process agents)",
+            description=f"tree H={hedge}, hold; daemons under the controller (in-process agents)",
             hedge=hedge,
             hold=True,
             agents=True,
@@ -133,6 +145,9 @@ class EmulationSettings:
     configs: tuple[str, ...] = CONFIG_NAMES
     faults: bool = True
     fault_block_messages: int = 150
+    clock_step_ns: int = -10_000_000
+    """clock-step fault: how far one receiver host's emulated clock jumps (negative: behind,
+    so it releases late until its next SNTP burst against the reference measures the jump)."""
     link_model: Mapping[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_LINK_MODEL))
     controller: bool = True
     """Start the controller and subscribe MPs through its REST API when it is available."""
@@ -353,6 +368,10 @@ class Emulation:
         self.notes: list[str] = []
         self.closed = False
         self.ctl_pid = 0
+        self.timeref: TimeReference | None = None
+        """The region's reference chronyd (for the clock-step fault's SNTP-corrected clock)."""
+        self.clock_step_ok = True
+        """False once the reference could not start: the clock-step block is left out."""
         self.control: Any = None
         self.control_summary: dict[str, Any] = {}
         self.ctl_streams: dict[int, int] = {}
@@ -388,7 +407,8 @@ class Emulation:
                 "pid": os.getpid(),
                 "pids": sorted(self.live.values())
                 + ([self.spawner.proc.pid] if self.spawner else [])
-                + ([self.ctl_pid] if getattr(self, "ctl_pid", 0) else []),
+                + ([self.ctl_pid] if getattr(self, "ctl_pid", 0) else [])
+                + ([self.timeref.proc.pid] if self.timeref and self.timeref.proc else []),
                 "bpf_nodes": sorted(self.layout.relays) + sorted(self.layout.hosts),
                 "out": str(self.out),
             },
@@ -438,6 +458,22 @@ class Emulation:
                 )
                 self.tree_topos.clear()
                 self.view = self.static_view
+        if self.s.faults and any(f.kind == "clock-step" for f in self.default_faults()):
+            self.progress("starting the reference chronyd", 0.0)
+            ref_host = self.net.hosts["ctl"]
+            self.timeref = TimeReference(
+                netns=ref_host.netns,
+                addr=ref_host.addr,
+                subnet=self.net.subnet,
+                workdir=self.out / "timeref",
+            )
+            try:
+                self.timeref.start()
+            except (OSError, RuntimeError) as exc:
+                self.notes.append(f"no reference chronyd ({exc}); clock-step fault skipped")
+                self.timeref = None
+                self.clock_step_ok = False
+            self._manifest()
 
     def _control_plane(self) -> None:
         """Controller in its namespace; nodes registered; one MP per endpoint subscribed over
@@ -459,6 +495,11 @@ class Emulation:
         for old in ctl_dir.glob("controller.db*"):
             old.unlink()
         self.progress("starting the controller", 0.0)
+        env = self.control.env()
+        if self.s.link_model:
+            # Every plan the controller sends carries the run's link model, so agent-run
+            # daemons emulate the same links as the ones started from a file.
+            env["JASPER_LINK_MODEL"] = json.dumps(dict(self.s.link_model))
         self.ctl_pid = self.spawner.spawn(
             ctl_host.netns,
             [
@@ -474,7 +515,7 @@ class Emulation:
                 "86400",
             ],
             str(ctl_dir / "controller.log"),
-            env=self.control.env(),
+            env=env,
         )
         self._manifest()
         spawner = self.spawner
@@ -488,7 +529,12 @@ class Emulation:
             c.register(
                 name=h, role="receiver", addr=addr, port=ENDPOINT_PORT_BASE, capacity=len(eps)
             )
-        hedges = sorted({hd for n in self.s.configs if (hd := self.specs[n].hedge) is not None})
+        # Jasper's stream first: an agent takes the first stream whose plan names its node, and
+        # the H=0 baseline's stream (from a file) names the same nodes.
+        hedges = sorted(
+            {hd for n in self.s.configs if (hd := self.specs[n].hedge) is not None},
+            key=lambda hd: (hd != self.s.hedge, hd),
+        )
         endpoints = [
             (e, addr, ENDPOINT_PORT_BASE + j)
             for _, (addr, eps) in self.layout.hosts.items()
@@ -568,21 +614,33 @@ class Emulation:
                 log.exception("closing the controller client")
         if self.spawner is not None:
             self.spawner.close()
+        if self.timeref is not None:
+            self.timeref.stop()
         self.net.teardown()
 
     # -- daemons ------------------------------------------------------------------------------
 
-    def _spawn(self, key: str, netns: str, argv: Sequence[str], block_dir: Path) -> int:
+    def _spawn(
+        self, key: str, netns: str, argv: Sequence[str], block_dir: Path, *, agents: bool = False
+    ) -> int:
         assert self.spawner is not None
-        pid = self.spawner.spawn(netns, list(argv), str(block_dir / f"{key}.log"))
+        # Agents run without their latency prober (see spawner._run_cli): the controller's
+        # measurement-driven placement gets no probe data in the emulation.
+        overrides = {"probe_port": None} if agents else None
+        pid = self.spawner.spawn(
+            netns, list(argv), str(block_dir / f"{key}.log"), overrides=overrides
+        )
         self.live[key] = pid
         return pid
 
     def _token_file(self) -> Path:
         path = self.out / "controller" / "node-token"
-        if not path.exists():
+        if getattr(self, "_token_written", None) != self.control.node_token:
+            # This run's token (an old run in the same folder left its own).
+            path.unlink(missing_ok=True)
+            path.touch(mode=0o600)
             path.write_text(self.control.node_token)
-            path.chmod(0o600)
+            self._token_written = self.control.node_token
         return path
 
     def _source(self, spec: ConfigSpec, topo_path: Path, node: str) -> list[str]:
@@ -599,9 +657,25 @@ class Emulation:
             host.addr,
         ]
 
-    def _start_block_daemons(self, topo_path: Path, block_dir: Path, spec: ConfigSpec) -> None:
+    def _clock_args(self, block_dir: Path) -> list[str]:
+        """A receiver host's emulated clock, corrected by SNTP against the region's reference,
+        steppable by the clock-step fault (SIGUSR1 + step file, overlay/clocksync.py)."""
+        assert self.timeref is not None
+        return [
+            "--clock-offset-us",
+            "0",
+            "--ntp-server",
+            self.timeref.server,
+            "--clock-step-file",
+            str(block_dir / "clock-step"),
+        ]
+
+    def _start_block_daemons(
+        self, topo_path: Path, block_dir: Path, spec: ConfigSpec, fault: Fault | None = None
+    ) -> None:
         """Start receivers (and relays unless unicast); wait for each one's ready file."""
         ready: list[Path] = []
+        stepped = fault.target if fault is not None and fault.kind == "clock-step" else None
 
         def argv(kind: str, node: str) -> list[str]:
             flag = block_dir / f"ready-{node}"
@@ -628,15 +702,21 @@ class Emulation:
 
         for h in self.layout.hosts:
             rx = [*argv("receiver", h), *self.s.receiver_args]
-            self._spawn(h, self.net.hosts[h].netns, rx, block_dir)
+            if h == stepped:
+                rx += self._clock_args(block_dir)
+            self._spawn(h, self.net.hosts[h].netns, rx, block_dir, agents=spec.agents)
         if spec.hedge is not None:
             used = {r.name for r in load_topology_file(topo_path).relays}
             for r in self.layout.relays:
                 if r in used:
-                    self._spawn(r, self.net.hosts[r].netns, argv("relay", r), block_dir)
+                    self._spawn(
+                        r, self.net.hosts[r].netns, argv("relay", r), block_dir, agents=spec.agents
+                    )
         self._manifest()
         assert self.spawner is not None
-        deadline = time.monotonic() + 60
+        # Agents first register, then long-poll their plan: give a loaded machine time.
+        wait_s = 60 + (60 if spec.agents else 0)
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if all(f.exists() for f in ready):
                 return
@@ -646,7 +726,7 @@ class Emulation:
                 raise RuntimeError(f"daemon {dead[0]} exited at start:\n{log_tail}")
             time.sleep(0.05)
         missing = [f.name for f in ready if not f.exists()]
-        raise RuntimeError(f"daemons not ready after 60 s: {missing[:5]}")
+        raise RuntimeError(f"daemons not ready after {wait_s} s: {missing[:5]}")
 
     def _stop_daemons(self, block: int, timeout_s: float = 30.0) -> list[str]:
         assert self.spawner is not None
@@ -678,7 +758,8 @@ class Emulation:
         """Max over endpoints of their OWD percentile in the latest H=hedge tree block (the
         simulator's rule, one block behind instead of one window behind), plus extra."""
         for b in reversed(self.blocks):
-            if b.config in ("tree-nohold", "jasper") and b.fault is None and len(b.deliveries):
+            held_tree = ("tree-nohold", "jasper", "jasper-file", "jasper-agents")
+            if b.config in held_tree and b.fault is None and len(b.deliveries):
                 d = b.deliveries
                 sent = b.sent
                 order = np.argsort(sent["seq"])
@@ -705,8 +786,6 @@ class Emulation:
             doc["stream"]["hold_ns"] = hold_ns
             doc["plan_epoch"] = index + 1
             doc["link_model"] = dict(self.s.link_model) if self.s.link_model else None
-            if spec.agents:  # the daemons take the controller's plan, which has none
-                doc["link_model"] = None
             topo = parse_topology(doc)
         else:
             plan = None if spec.hedge is None else self.plans[spec.hedge]
@@ -719,11 +798,24 @@ class Emulation:
                 plan_epoch=index + 1,
             )
         block_dir = self.out / "blocks" / f"{index:03d}-{config}"
+        if block_dir.exists():
+            # An earlier run in the same folder: its ready files and records are not ours.
+            shutil.rmtree(block_dir)
         block_dir.mkdir(parents=True, exist_ok=True)
         topo_path = block_dir / "topology.json"
         topo_path.write_text(json.dumps(topo.to_dict()))
+        if spec.agents:
+            assert spec.hedge is not None
+            # The hold reaches the publisher the way a deployment's would: the stream's
+            # (fixed) hold at the controller, in the publisher's config.
+            self.control.set_hold(self.ctl_streams[spec.hedge], hold_ns)
         t_start = time.monotonic()
-        self._start_block_daemons(topo_path, block_dir, spec)
+        self._start_block_daemons(topo_path, block_dir, spec, fault)
+        if spec.agents and "--no-realtime" not in self.s.receiver_args:
+            # A receiver started from a file puts its event loop in SCHED_FIFO itself; one
+            # under an agent does not (overlay/agent.py): switch it now, after start-up, so the
+            # two modes differ only in where the plan comes from.
+            loops_realtime([self.live[h] for h in self.layout.hosts if h in self.live])
         startup_s = time.monotonic() - t_start
         time.sleep(self.s.settle_s)
         t0 = time.monotonic()
@@ -734,7 +826,6 @@ class Emulation:
         if spec.agents:
             assert spec.hedge is not None
             pub_extra = ["--stream", str(self.ctl_streams[spec.hedge])]
-            pub_extra += ["--hold-us", f"{hold_ns / 1e3:.3f}"]
         self._spawn(
             "pub",
             self.net.hosts["pub"].netns,
@@ -752,11 +843,15 @@ class Emulation:
                 str(block_dir),
             ],
             block_dir,
+            agents=spec.agents,
         )
         injector = None
         if fault is not None:
             injector = FaultInjector(
-                [fault], dict(self.live), link_loss=self._link_loss, clock_step=None
+                [fault],
+                dict(self.live),
+                link_loss=self._link_loss,
+                clock_step=lambda node, step_ns: self._clock_step(block_dir, node, step_ns),
             )
             injector.start()
         pub_pid = self.live["pub"]
@@ -834,6 +929,14 @@ class Emulation:
                 ]
             np.save(path, arr)
 
+    def _clock_step(self, block_dir: Path, node: str, step_ns: int) -> None:
+        """Step `node`'s emulated clock: the step file says by how much, SIGUSR1 says now."""
+        step_file = block_dir / "clock-step"
+        tmp = step_file.with_suffix(".tmp")
+        tmp.write_text(str(int(step_ns)))
+        tmp.replace(step_file)
+        os.kill(self.live[node], signal.SIGUSR1)
+
     def _link_loss(self, src: str, dst: str, loss: float) -> Callable[[], None]:
         detach = attach_linkloss(self.net.hosts[dst].netns, "eth0", self.net.hosts[src].addr, loss)
         self._detach.append(detach)
@@ -855,12 +958,16 @@ class Emulation:
             rot = configs[k % len(configs) :] + configs[: k % len(configs)] if k else configs
             out += [(c, s.block_messages, None) for c in rot]
         if s.faults:
-            out += [("jasper", s.fault_block_messages, f) for f in self.default_faults()]
+            faults = self.default_faults()
+            if not self.clock_step_ok:
+                faults = [f for f in faults if f.kind != "clock-step"]
+            jasper = "jasper" if "jasper" in s.configs else "jasper-file"
+            out += [(jasper, s.fault_block_messages, f) for f in faults]
         return out
 
     def default_faults(self) -> list[Fault]:
         """One of each: kill a level-1 relay, kill a receiver host, pause a relay in bursts,
-        loss on one relay-to-host link (the clock step needs the clock engineer's hook)."""
+        step one receiver host's emulated clock, loss on one relay-to-host link."""
         s = self.s
         at = 0.4 * s.fault_block_messages / s.rate
         levels = self.view.levels
@@ -870,6 +977,7 @@ class Emulation:
         paused = lower[len(lower) // 3]
         last_hosts = list(self.layout.hosts)
         victim_host = last_hosts[len(last_hosts) // 2]
+        stepped_host = last_hosts[len(last_hosts) // 4]
         # A link that carries own-child copies: from a last-level relay to one of its hosts.
         child = self.view.children[lower[len(lower) // 4]][0]
         lossy_host = self.layout.host_of()[child] if child.startswith("e") else child
@@ -885,6 +993,7 @@ class Emulation:
                 burst_gap_s=0.25,
                 seed=s.seed,
             ),
+            Fault(kind="clock-step", target=stepped_host, at_s=at, step_ns=s.clock_step_ns),
             Fault(
                 kind="link-loss",
                 target=f"{loss_src}->{lossy_host}",
@@ -910,6 +1019,27 @@ class Emulation:
     def _tick(self, frac: float) -> None:
         label, done, messages, total = self._progress_state
         self.progress(label, (done + frac * messages) / max(1, total))
+
+
+def loops_realtime(pids: Sequence[int]) -> int:
+    """Every SCHED_OTHER thread of `pids` into SCHED_FIFO at the data plane's loop priority
+    (release threads already sit higher); how many processes were switched."""
+    from overlay.release import LOOP_PRIORITY
+
+    switched = 0
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        ok = False
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                if os.sched_getscheduler(tid) == os.SCHED_OTHER:
+                    os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(LOOP_PRIORITY))
+                ok = True
+        switched += ok
+    return switched
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -1062,7 +1192,7 @@ def reload_run(out_dir: Path, settings: EmulationSettings | None = None) -> Emul
             )
         )
         em.processes += [ProcessStat(**p) for p in meta.get("processes", [])]
-        if config == "jasper" and topo.relays:
+        if config in ("jasper", "jasper-file", "jasper-agents") and topo.relays:
             em.view = TreeView.of(topo)
             if (out_dir / "controller" / "tree-stream1.json").exists():
                 em.tree_topos[settings.hedge] = topo
@@ -1077,6 +1207,32 @@ def settings_dict(s: EmulationSettings) -> dict[str, Any]:
 
 
 # --- analysis --------------------------------------------------------------------------------
+
+
+def clock_step_cost(
+    m: Any, victims: np.ndarray, event: FaultEvent, *, tau_ns: int
+) -> dict[str, Any]:
+    """What a clock step of the `victims` endpoints' host cost, from true-time records: pairs
+    released more than tau from their deadline ("mistimed"), the worst release error, and how
+    long the clock stayed wrong (step to the last mistimed release: the SNTP correction).
+    Returns the (m, e) mistimed matrix under "mistimed" (victim columns only)."""
+    on_time = m.got & ~m.late(True)
+    err = np.where(on_time, m.release_ns - m.deadline_ns[:, None], 0)
+    mistimed = on_time & (np.abs(err) > tau_ns) & victims[None, :]
+    victim_err = err[:, victims][on_time[:, victims]] if victims.any() else np.zeros(0)
+    rel = m.release_ns[mistimed]
+    wrong_ms = (
+        round(float(rel.max() - event.start_ns) / 1e6, 1) if len(rel) and event.start_ns else None
+    )
+    return {
+        "mistimed": mistimed,
+        "victim_endpoints": int(victims.sum()),
+        "victim_mistimed_pairs": int(mistimed.sum()),
+        "victim_release_error_max_us": (
+            round(float(np.abs(victim_err).max()) / 1e3, 1) if len(victim_err) else None
+        ),
+        "clock_wrong_ms": wrong_ms,
+    }
 
 
 def _concat(parts: Sequence[np.ndarray], dtype: np.dtype[Any]) -> np.ndarray:
@@ -1143,8 +1299,19 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         if b.fault.kind == "kill-relay":
             killed.add(b.fault.target)
         event = b.events[0] if b.events else FaultEvent(b.fault, error="fault did not run")
-        cost: FaultCost = fault_cost(event, m.send_ns, late[:, ~victims], lost[:, ~victims])
+        extra: dict[str, Any] = {}
+        if b.fault.kind == "clock-step":
+            # The stepped host's endpoints arrive on time but release off their deadline
+            # (in true time) until its next SNTP burst corrects the clock: "mistimed" pairs.
+            victims = np.array([host_of[e] == b.fault.target for e in leaves])
+            extra = clock_step_cost(m, victims, event, tau_ns=s.tau_ns)
+            late = late | extra.pop("mistimed")
+        # A clock step's cost is on its own host's endpoints; other faults' victims (a killed
+        # host's endpoints) are reported apart from everyone else's cost.
+        cols = victims if b.fault.kind == "clock-step" else ~victims
+        cost: FaultCost = fault_cost(event, m.send_ns, late[:, cols], lost[:, cols])
         row = cost.to_dict()
+        row.update(extra)
         row.update(
             config=b.config,
             victim_pairs=int(lost[:, victims].sum()),
