@@ -170,10 +170,46 @@ def _us(ns: float | None) -> float | None:
     return None if ns is None else round(ns / 1e3, 1)
 
 
+def table_taus_us(headline_us: float) -> list[float]:
+    """Columns of the P(F) table: the headline tau and the ladder's taus within a factor of
+    ten either side, so the reader sees where each configuration's P(F) rises."""
+    near = [float(t) for t in TAU_LADDER_US if headline_us / 10 <= t <= headline_us * 10]
+    return sorted({*near, float(headline_us)})
+
+
+def p_fair_columns(c: ConfigResult, taus_us: Sequence[float]) -> list[dict[str, Any]]:
+    """P(F) with n and its Wilson 95% interval at each of `taus_us`."""
+    from jasper.metrics import wilson_interval
+
+    n = len(c.matrix.send_ns)
+    out = []
+    for tau_us, p in zip(taus_us, p_fair_curve(c, [int(t * 1000) for t in taus_us]), strict=True):
+        lo, hi = wilson_interval(round(p * n), n)
+        out.append({"tau_us": tau_us, "n": n, "p_fair": p, "ci": [lo, hi]})
+    return out
+
+
+def format_pfair_table(rows: Sequence[Mapping[str, Any]], headline_us: float) -> str:
+    """P(F) [95% Wilson CI] per configuration at several tau; the headline tau starred."""
+    taus = [c["tau_us"] for c in rows[0]["p_fair_at"]] if rows else []
+    head = f"{'config':<14} {'n':>6}" + "".join(
+        f"{('*' if t == headline_us else '') + f'tau {t / 1000:g} ms':>23}" for t in taus
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for c in r["p_fair_at"]:
+            lo, hi = c["ci"]
+            text = f"{100 * c['p_fair']:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}]"
+            cells.append(f"{text:>23}")
+        lines.append(f"{r['config']:<14} {r['messages']:>6}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The side-by-side table as plain text."""
     head = (
-        f"{'config':<12} {'n':>6} {'P(F)':>7} {'95% CI':>15} {'tau µs':>7} "
+        f"{'config':<14} {'n':>6} {'P(F)':>7} {'95% CI':>15} {'tau µs':>7} "
         f"{'OML p50/p99 µs':>16} {'DWS p50/p99 µs':>16} {'late':>8} {'lost':>6} "
         f"{'rel.err p50/p99 µs':>19} {'rate off/ach':>13} {'CPU%':>5} {'own%':>5}"
     )
@@ -191,7 +227,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         late = "-" if r["late_pairs"] is None else str(r["late_pairs"])
         rate = f"{r['offered_rate']:g}/{r['achieved_rate']:g}"
         lines.append(
-            f"{r['config']:<12} {r['messages']:>6} {pf:>7} "
+            f"{r['config']:<14} {r['messages']:>6} {pf:>7} "
             f"{f'{100 * lo:.1f}–{100 * hi:.1f}%':>15} {r['tau_us']:>7g} "
             f"{pair(r['oml_p50_us'], r['oml_p99_us']):>16} "
             f"{pair(r['dws_p50_us'], r['dws_p99_us']):>16} {late:>8} {r['lost_pairs']:>6} "
@@ -208,6 +244,7 @@ _COLOURS = {
     "tree-h0": "#ff7f0e",
     "tree-nohold": "#1f77b4",
     "jasper": "#2ca02c",
+    "jasper-file": "#9467bd",
     "jasper-agents": "#9467bd",
 }
 

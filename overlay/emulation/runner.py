@@ -74,8 +74,18 @@ class ConfigSpec:
     the plan, the hold and the link model from the controller."""
 
 
+CALIBRATION = "calibration"
+"""The block that measures this machine's release floor (not a configuration of the table)."""
+
+
 def config_specs(hedge: int) -> dict[str, ConfigSpec]:
     return {
+        CALIBRATION: ConfigSpec(
+            name=CALIBRATION,
+            description=f"tree H={hedge} from a file, hold 3x the delays: the release floor",
+            hedge=hedge,
+            hold=True,
+        ),
         "unicast": ConfigSpec(
             name="unicast",
             description="publisher sends one copy to every endpoint, deliver at arrival",
@@ -135,8 +145,11 @@ class EmulationSettings:
     """Messages per block, warm-up included."""
     warmup_messages: int = 10
     """Messages at the start of every block that are not scored."""
-    tau_ns: int = 100_000
-    """DWS threshold of P(F)."""
+    tau_ns: int = 0
+    """DWS threshold of P(F) of the headline; 0: from the run's calibration block (the DWS
+    this machine reaches, p90, when every copy arrives long before the deadline)."""
+    calibration_messages: int = 100
+    """Messages of the calibration block (tau_ns = 0 only)."""
     hold_percentile: float = 99.9
     """Jasper's hold: max over endpoints of this OWD percentile (from the previous tree block)."""
     extra_hold_ns: int = 100_000
@@ -389,6 +402,9 @@ class Emulation:
         )
         self.view = self.static_view
         self._progress_state: tuple[str, int, int, int] = ("", 0, 1, 1)
+        self.tau_ns: int | None = settings.tau_ns or None
+        """The headline tau: the settings', else the calibration's once it ran."""
+        self.calibration: dict[str, Any] = {}
         self._detach: list[Callable[[], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -780,6 +796,9 @@ class Emulation:
         assert self.spawner is not None
         spec = self.specs[config]
         hold_ns = self._hold_for_next_jasper() if spec.hold else 0
+        if config == CALIBRATION:
+            # Every copy long before its deadline: what is left of DWS is the machine's.
+            hold_ns = max(3 * hold_ns, hold_ns + 20_000_000)
         planned = self.tree_topos.get(spec.hedge) if spec.hedge is not None else None
         if planned is not None:
             doc = planned.to_dict()
@@ -957,6 +976,9 @@ class Emulation:
         for k in range(s.blocks_per_config()):
             rot = configs[k % len(configs) :] + configs[: k % len(configs)] if k else configs
             out += [(c, s.block_messages, None) for c in rot]
+        if not s.tau_ns:
+            # After the first block, so its delays size the calibration's hold.
+            out.insert(1, (CALIBRATION, s.calibration_messages + s.warmup_messages, None))
         if s.faults:
             faults = self.default_faults()
             if not self.clock_step_ok:
@@ -1012,13 +1034,61 @@ class Emulation:
             self._progress_state = (f"block {i + 1}/{len(plan)} {label}", done, messages, total)
             b = self.run_block(config, messages, fault=fault, index=i)
             done += messages
+            if config == CALIBRATION:
+                self.calibrate(b)
             if b.daemon_errors:
                 self.notes += [f"block {i}: {e}" for e in b.daemon_errors]
         return self.blocks
 
+    def calibrate(self, b: BlockResult) -> None:
+        """The headline tau from the calibration block: p90 of its DWS over messages that
+        reached every endpoint before their deadline, rounded up to 1, 2 or 5 x 10^k µs."""
+        from overlay.emulation.report import pair_matrix
+
+        sent, deliv = b.scored(self.s.warmup_messages)
+        m = pair_matrix(sent, deliv, self.plan.leaf_names())
+        ok = m.got.all(axis=1) & ~m.late(True).any(axis=1)
+        r = m.release_ns[ok]
+        dws = r.max(axis=1) - r.min(axis=1) if len(r) else np.zeros(0, np.int64)
+        doc: dict[str, Any] = {
+            "block": b.index,
+            "hold_us": round(b.hold_ns / 1e3),
+            "messages": len(m.send_ns),
+            "complete_on_time": int(ok.sum()),
+            "late_pairs": int(m.late(True).sum()),
+            "lost_pairs": int((~m.got).sum()),
+        }
+        if len(dws) >= 10:
+            p50, p90, p99 = (float(np.percentile(dws, q)) for q in (50, 90, 99))
+            doc.update(dws_p50_us=round(p50 / 1e3, 1), dws_p90_us=round(p90 / 1e3, 1))
+            doc["dws_p99_us"] = round(p99 / 1e3, 1)
+            if not self.s.tau_ns:
+                self.tau_ns = nice_ceil_ns(p90)
+        doc["tau_us"] = self.tau_ns / 1e3 if self.tau_ns else None
+        self.calibration = doc
+        (self.out / "calibration.json").write_text(json.dumps(doc, indent=1))
+
+    def headline_tau_ns(self) -> int:
+        """The tau of the headline: settings, calibration, else N x 20 µs / cores."""
+        if self.tau_ns:
+            return self.tau_ns
+        ncpu = os.cpu_count() or 1
+        self.notes.append("no calibration: tau from N x 20 µs / cores")
+        return max(100_000, nice_ceil_ns(20_000 * self.s.receivers / ncpu))
+
     def _tick(self, frac: float) -> None:
         label, done, messages, total = self._progress_state
         self.progress(label, (done + frac * messages) / max(1, total))
+
+
+def nice_ceil_ns(ns: float) -> int:
+    """The smallest 1, 2 or 5 x 10^k µs at or above `ns` (at least 10 µs)."""
+    us = max(10.0, ns / 1e3)
+    k = 10 ** math.floor(math.log10(us))
+    for f in (1, 2, 5, 10):
+        if f * k >= us - 1e-9:
+            return int(f * k * 1000)
+    return int(10 * k * 1000)
 
 
 def loops_realtime(pids: Sequence[int]) -> int:
@@ -1116,6 +1186,11 @@ def reload_run(out_dir: Path, settings: EmulationSettings | None = None) -> Emul
     ctl = out_dir / "controller" / "control.json"
     if ctl.exists():
         em.control_summary = json.loads(ctl.read_text())
+    cal = out_dir / "calibration.json"
+    if cal.exists():
+        em.calibration = json.loads(cal.read_text())
+        if not settings.tau_ns and em.calibration.get("tau_us"):
+            em.tau_ns = int(em.calibration["tau_us"] * 1000)
     # Runs written before block.json existed: take what their report.json said per block.
     old_blocks: dict[int, dict[str, Any]] = {}
     old_events: dict[int, dict[str, Any]] = {}
@@ -1246,6 +1321,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
     from overlay.emulation.faults import FaultCost, fault_cost
 
     s = em.s
+    tau_ns = em.headline_tau_ns()
     leaves = em.plan.leaf_names()
     configs: list[rp.ConfigResult] = []
     for name in s.configs:
@@ -1260,7 +1336,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
             leaves,
             stream_id=STREAM_ID,
             has_deadline=spec.hold,
-            tau_ns=s.tau_ns,
+            tau_ns=tau_ns,
         )
         configs.append(
             rp.ConfigResult(
@@ -1281,7 +1357,10 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         own = [b.own_cpu_fraction for b in blocks]
         row["own_cpu_percent"] = round(100 * float(np.mean(own)), 1) if own else None
         row["hold_us"] = [round(b.hold_ns / 1e3) for b in blocks] if em.specs[name].hold else None
-    table = rp.format_table(rows)
+    taus_us = rp.table_taus_us(tau_ns / 1e3)
+    for row, c in zip(rows, configs, strict=True):
+        row["p_fair_at"] = rp.p_fair_columns(c, taus_us)
+    table = rp.format_pfair_table(rows, tau_ns / 1e3) + "\n\n" + rp.format_table(rows)
 
     # Faults: what each cost.
     host_of = em.layout.host_of()
@@ -1304,7 +1383,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
             # The stepped host's endpoints arrive on time but release off their deadline
             # (in true time) until its next SNTP burst corrects the clock: "mistimed" pairs.
             victims = np.array([host_of[e] == b.fault.target for e in leaves])
-            extra = clock_step_cost(m, victims, event, tau_ns=s.tau_ns)
+            extra = clock_step_cost(m, victims, event, tau_ns=tau_ns)
             late = late | extra.pop("mistimed")
         # A clock step's cost is on its own host's endpoints; other faults' victims (a killed
         # host's endpoints) are reported apart from everyone else's cost.
@@ -1375,18 +1454,25 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
     if len(known_cpu) < len(scored_blocks):
         em.notes.append("machine CPU was not recorded for some blocks: timing not validated")
     by_name = {c.name: c for c in configs}
-    comparisons = {}
+    comparisons: dict[str, Any] = {}
     if "jasper" in by_name:
-        j = by_name["jasper"].fairness
-        for c in configs:
-            if c.name == "jasper":
+        jrow = next(r for r in rows if r["config"] == "jasper")
+        for row in rows:
+            if row["config"] in ("jasper", "jasper-file", "jasper-agents"):
                 continue
-            comparisons[c.name] = {
-                "jasper_p_fair": j.p_fair,
-                "baseline_p_fair": c.fairness.p_fair,
-                "jasper_above": (j.p_fair or 0) > (c.fairness.p_fair or 0),
-                "cis_disjoint": j.p_fair_ci[0] > c.fairness.p_fair_ci[1],
-            }
+            per_tau = []
+            for jc, bc in zip(jrow["p_fair_at"], row["p_fair_at"], strict=True):
+                per_tau.append(
+                    {
+                        "tau_us": jc["tau_us"],
+                        "jasper_p_fair": jc["p_fair"],
+                        "baseline_p_fair": bc["p_fair"],
+                        "jasper_above": jc["p_fair"] > bc["p_fair"],
+                        "cis_disjoint": jc["ci"][0] > bc["ci"][1],
+                    }
+                )
+            head = next(x for x in per_tau if x["tau_us"] == tau_ns / 1e3)
+            comparisons[row["config"]] = {**head, "by_tau": per_tau}
     model = parse_link_model(s.link_model) if s.link_model else None
     lemon_nodes = sorted(
         n for n in (*em.plan.relays(), *leaves) if model is not None and model.is_lemon(n)
@@ -1402,7 +1488,9 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         "offered_rate": s.rate,
         "machine_cpu_max_percent": round(100 * machine_cpu, 1),
         "timing_valid": timing_valid,
-        "tau_us": s.tau_ns / 1e3,
+        "tau_us": tau_ns / 1e3,
+        "tau_from": "settings" if s.tau_ns else "calibration" if em.tau_ns else "formula",
+        "calibration": em.calibration,
         "jasper_vs_baselines": comparisons,
         "lemons": lemon_nodes,
         "trees_from": "controller (REST)" if em.tree_topos else "jasper.tree.tree_shape",
@@ -1463,7 +1551,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
     if configs:
         images.update(rp.plot_cdfs(configs))
         images["pfair"] = rp.plot_pfair(configs)
-        images["pfair_curve"] = rp.plot_pfair_curve(configs, s.tau_ns)
+        images["pfair_curve"] = rp.plot_pfair_curve(configs, tau_ns)
         images["hold"] = rp.plot_hold(configs)
         images["lateness"] = rp.plot_lateness(configs)
     edges = [(a, b, bool(d.get("hedge"))) for a, b, d in em.plan.graph.edges(data=True)]
