@@ -272,6 +272,10 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def _print_summary(doc: dict[str, Any]) -> None:
     from overlay.emulation.report import format_ladder
 
@@ -304,7 +308,7 @@ def _print_summary(doc: dict[str, Any]) -> None:
             f"fault: {f['fault']:<40} late before {f.get('late_pairs_before', '-'):>4}/"
             f"{f.get('messages_before', '-')} msgs, after {f['late_pairs']:>5}  "
             f"lost {f['lost_pairs']:>4}  victims' pairs {f['victim_pairs']:>6}  "
-            f"recovery {f['recovery_ms'] if f['recovery_ms'] is None else round(f['recovery_ms'])} ms"
+            f"recovery {_ms(f['recovery_ms'])} ms"
             + clock
             + (f"  ERROR {f['error']}" if f["error"] else "")
         )
