@@ -1141,16 +1141,32 @@ def _step_summary(
                 ),
             }
         )
+    per_second = []
+    sec = np.floor(msg_s).astype(np.int64)
+    for x in np.unique(sec):
+        m = sec == x
+        pairs = int(n_got[m].sum())
+        per_second.append(
+            {
+                "t_s": int(x),
+                "messages": int(m.sum()),
+                "late_fraction": round(float(n_late[m].sum()) / pairs, 4) if pairs else None,
+                "hold_us_median": float(np.median(hold[m])) / 1000,
+                "oml_us_p50": round(float(np.median(oml[m & (n_got > 0)])) / 1000, 1)
+                if (m & (n_got > 0)).any()
+                else None,
+            }
+        )
     base = dict(cfg.link_model or {})
     return {
         "policy": cfg.hold_policy,
         "objective_late_fraction": cfg.hold_objective,
         "base_median_us": base.get("median_ns", 0) / 1000,
         "base_p99_us": base.get("p99_ns", 0) / 1000,
-        "steps": [
-            {k: v for k, v in x.items() if k != "applied_wall_ns"} for x in run.steps_applied
-        ],
+        "t0_wall_ns": t0,
+        "steps": run.steps_applied,
         "phases": phases,
+        "per_second": per_second,
     }
 
 
@@ -1342,6 +1358,15 @@ def _step_lines(summary: Mapping[str, Any]) -> list[str]:
             f"  {span:<12} x{ph['scale']:<5g} {ph['messages']:8d}  {late:>11}  {oml:>14}  "
             f"{hold:>37}  {reach:>8} {ph['windows_meeting_objective']:>3}/{ph['windows']}"
         )
+    lines.append(
+        "per second since the publisher started: true late % / hold stamped µs: "
+        + ", ".join(
+            f"{x['t_s']}s "
+            + ("-" if x["late_fraction"] is None else f"{100 * x['late_fraction']:.1f}")
+            + f"/{x['hold_us_median']:.0f}"
+            for x in steps["per_second"]
+        )
+    )
     windows = summary["hold_over_time"]["windows"]
     if windows:
         lines.append("controller windows: t s, worst endpoint late %, hold µs (action)")
