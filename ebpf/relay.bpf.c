@@ -1,4 +1,4 @@
-/* relay.bpf.c: TC ingress program of a relay: dedup, one clone per target, drop the original. */
+/* relay.bpf.c: TC ingress program of a relay: dedup, a clone per target, the original to the last. */
 #define JASPER_RELAY 1
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -14,9 +14,6 @@
 #include "jasper_helpers.h"
 
 #define AF_INET_NUM 2
-#define IP_CSUM_OFF (sizeof(struct ethhdr) + offsetof(struct iphdr, check))
-#define IP_SADDR_OFF (sizeof(struct ethhdr) + offsetof(struct iphdr, saddr))
-#define IP_DADDR_OFF (sizeof(struct ethhdr) + offsetof(struct iphdr, daddr))
 
 /* Per-packet tallies, added to the per-CPU counters once, at the single exit. */
 struct relay_tally {
@@ -24,74 +21,116 @@ struct relay_tally {
 		no_targets, passed, clone_seen;
 };
 
-/* What the packet currently holds: clones are made from one skb rewritten target after target, so
- * each rewrite patches the checksums from these values to the target's. */
+/* Ethernet, the fixed IPv4 header and the UDP ports as they are in the packet now, laid out so
+ * that one bpf_skb_store_bytes writes them all (bytes 0..38 of a packet without IP options). The
+ * leading pad puts the IP header on a 4-byte boundary. */
+struct relay_hdr {
+	__u16 pad;
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u16 proto;
+	struct iphdr ip;
+	__u16 sport;
+	__u16 dport;
+};
+_Static_assert(sizeof(struct relay_hdr) == 2 + ETH_HLEN + sizeof(struct iphdr) + 4, "relay_hdr");
+#define RELAY_HDR_FIXED (ETH_HLEN + sizeof(struct iphdr)) /* Ethernet + IPv4 without options */
+
+/* What the packet currently holds: copies are made from one skb rewritten target after target,
+ * so each rewrite patches the checksums from these values to the target's. */
 struct relay_state {
+	struct relay_hdr h;
 	__u32 orig_daddr; /* the relay's address the packet came to: source of copies by default */
 	__u32 l4_off;
 	__u32 jh_off;
-	__u32 saddr;
-	__u32 daddr;
-	__u16 sport;
-	__u16 dport;
-	__u16 ver_flags;
+	__u16 ver_flags; /* raw 16-bit word holding the Jasper version and flags */
 	__u16 ip_tot_len;
-	__u64 mac_lo; /* Ethernet destination and source now in the packet, as 8 + 4 bytes */
-	__u32 mac_hi;
-	__u32 mac_known; /* 0 until the first target's addresses are written */
 };
 
-static __always_inline int relay_rewrite_l3l4(struct __sk_buff *skb, struct relay_state *s,
-					      const struct jasper_target *t, __u8 new_flags)
+/* Ones' complement arithmetic (RFC 1071/1624) on raw network-order words: the sum does not depend
+ * on byte order. A difference is ~old + new, word by word; the 32-bit accumulator never overflows
+ * for the few words a copy changes. */
+static __always_inline __u32 csum_diff16(__u16 old, __u16 new)
 {
+	return (__u32)(__u16)~old + new;
+}
+
+static __always_inline __u32 csum_diff32(__u32 old, __u32 new)
+{
+	return csum_diff16(old >> 16, new >> 16) + csum_diff16(old & 0xFFFF, new & 0xFFFF);
+}
+
+static __always_inline __u16 csum_fold(__u32 sum)
+{
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* Patch the stack copy of the headers for target `t` and write it into the packet: one store for
+ * Ethernet, IP and ports, the IP checksum computed here (it covers the IP header only, whatever
+ * the skb's checksum state), the UDP checksum patched by the kernel helper with at most two
+ * differences (addresses through the pseudo-header, ports and flags in the datagram), since only
+ * the helper knows whether the skb carries a full checksum or a CHECKSUM_PARTIAL seed. */
+static __always_inline int relay_rewrite(struct __sk_buff *skb, struct relay_state *s,
+					 const struct jasper_target *t, const __u8 macs[12],
+					 __u8 new_flags)
+{
+	struct relay_hdr *h = &s->h;
 	__u32 udp_csum_off = s->l4_off + offsetof(struct udphdr, check);
-	/* BPF_F_MARK_MANGLED_0: a zero UDP checksum means "none" and stays zero; a computed zero is
-	 * written as 0xFFFF. */
-	__u64 l4_flags = BPF_F_MARK_MANGLED_0;
 	/* saddr 0: send from the address the packet came to, as a socket bound to it would. */
 	__u32 saddr = t->saddr ? t->saddr : s->orig_daddr;
+	__u32 d_addr = 0, d_data = 0;
+	int addr_changed = 0, data_changed = 0;
 
-	if (t->daddr != s->daddr) {
-		if (bpf_l4_csum_replace(skb, udp_csum_off, s->daddr, t->daddr,
-					l4_flags | BPF_F_PSEUDO_HDR | sizeof(__u32)) ||
-		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, s->daddr, t->daddr, sizeof(__u32)) ||
-		    bpf_skb_store_bytes(skb, IP_DADDR_OFF, &t->daddr, sizeof(__u32), 0))
-			return -1;
-		s->daddr = t->daddr;
+	if (t->daddr != h->ip.daddr) {
+		d_addr += csum_diff32(h->ip.daddr, t->daddr);
+		h->ip.daddr = t->daddr;
+		addr_changed = 1;
 	}
-	if (saddr != s->saddr) {
-		if (bpf_l4_csum_replace(skb, udp_csum_off, s->saddr, saddr,
-					l4_flags | BPF_F_PSEUDO_HDR | sizeof(__u32)) ||
-		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, s->saddr, saddr, sizeof(__u32)) ||
-		    bpf_skb_store_bytes(skb, IP_SADDR_OFF, &saddr, sizeof(__u32), 0))
-			return -1;
-		s->saddr = saddr;
+	if (saddr != h->ip.saddr) {
+		d_addr += csum_diff32(h->ip.saddr, saddr);
+		h->ip.saddr = saddr;
+		addr_changed = 1;
 	}
-	if (t->dport != s->dport) {
-		if (bpf_l4_csum_replace(skb, udp_csum_off, s->dport, t->dport,
-					l4_flags | sizeof(__u16)) ||
-		    bpf_skb_store_bytes(skb, s->l4_off + offsetof(struct udphdr, dest), &t->dport,
-					sizeof(__u16), 0))
-			return -1;
-		s->dport = t->dport;
+	if (addr_changed)
+		h->ip.check = (__u16)~csum_fold((__u32)(__u16)~h->ip.check + d_addr);
+	if (t->dport != h->dport) {
+		d_data += csum_diff16(h->dport, t->dport);
+		h->dport = t->dport;
+		data_changed = 1;
 	}
-	if (t->sport != s->sport) {
-		if (bpf_l4_csum_replace(skb, udp_csum_off, s->sport, t->sport,
-					l4_flags | sizeof(__u16)) ||
-		    bpf_skb_store_bytes(skb, s->l4_off + offsetof(struct udphdr, source), &t->sport,
-					sizeof(__u16), 0))
-			return -1;
-		s->sport = t->sport;
+	if (t->sport != h->sport) {
+		d_data += csum_diff16(h->sport, t->sport);
+		h->sport = t->sport;
+		data_changed = 1;
 	}
 	/* The hedge flag shares a 16-bit checksum word with the version byte. */
 	__u16 ver_flags = bpf_htons((bpf_ntohs(s->ver_flags) & 0xFF00) | new_flags);
-	if (ver_flags != s->ver_flags) {
-		if (bpf_l4_csum_replace(skb, udp_csum_off, s->ver_flags, ver_flags,
-					l4_flags | sizeof(__u16)) ||
-		    bpf_skb_store_bytes(skb, s->jh_off + 3, &new_flags, 1, 0))
-			return -1;
+	int flags_changed = ver_flags != s->ver_flags;
+	if (flags_changed) {
+		d_data += csum_diff16(s->ver_flags, ver_flags);
 		s->ver_flags = ver_flags;
+		data_changed = 1;
 	}
+	__builtin_memcpy(h->dmac, macs, 12);
+
+	if (s->l4_off == RELAY_HDR_FIXED) {
+		if (bpf_skb_store_bytes(skb, 0, h->dmac, RELAY_HDR_FIXED + 4, 0))
+			return -1;
+	} else if (bpf_skb_store_bytes(skb, 0, h->dmac, RELAY_HDR_FIXED, 0) ||
+		   bpf_skb_store_bytes(skb, s->l4_off, &h->sport, 4, 0)) {
+		return -1;
+	}
+	if (flags_changed && bpf_skb_store_bytes(skb, s->jh_off + 3, &new_flags, 1, 0))
+		return -1;
+	/* BPF_F_MARK_MANGLED_0: a zero UDP checksum means "none" and stays zero; a computed zero is
+	 * written as 0xFFFF. Size 0: `to` is a checksum difference. */
+	if (addr_changed &&
+	    bpf_l4_csum_replace(skb, udp_csum_off, 0, d_addr, BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR))
+		return -1;
+	if (data_changed && bpf_l4_csum_replace(skb, udp_csum_off, 0, d_data, BPF_F_MARK_MANGLED_0))
+		return -1;
 	return 0;
 }
 
@@ -128,9 +167,12 @@ static __always_inline int relay_resolve_l2(struct __sk_buff *skb, const struct 
 	return 0;
 }
 
-static __always_inline void relay_fan_out(struct __sk_buff *skb, struct relay_state *s,
-					  const struct jasper_target_table *table, __u8 orig_flags,
-					  __u32 own_mark, struct relay_tally *n)
+/* One copy per target. Every target but the last gets a clone (bpf_clone_redirect); the last one
+ * gets the packet itself (bpf_redirect, TC_ACT_REDIRECT), which saves a clone and the unsharing
+ * copy of the header that bpf_clone_redirect makes after each clone. Returns the action. */
+static __always_inline int relay_fan_out(struct __sk_buff *skb, struct relay_state *s,
+					 const struct jasper_target_table *table, __u8 orig_flags,
+					 __u32 own_mark, struct relay_tally *n)
 {
 	__u32 count = table->count;
 	__u8 base_flags = orig_flags & ~JASPER_FLAG_HEDGE_COPY;
@@ -146,23 +188,18 @@ static __always_inline void relay_fan_out(struct __sk_buff *skb, struct relay_st
 		if (relay_resolve_l2(skb, s, t, macs, &ifindex, n))
 			continue;
 		__u8 flags = base_flags | ((t->flags & JASPER_TARGET_HEDGE) ? JASPER_FLAG_HEDGE_COPY : 0);
-		if (relay_rewrite_l3l4(skb, s, t, flags)) {
+		if (relay_rewrite(skb, s, t, macs, flags)) {
 			n->clone_failed++;
 			break;
 		}
-		/* Consecutive targets behind one MAC (ports of one host) skip the Ethernet write. */
-		__u64 mac_lo;
-		__u32 mac_hi;
-		__builtin_memcpy(&mac_lo, macs, 8);
-		__builtin_memcpy(&mac_hi, macs + 8, 4);
-		if (!s->mac_known || mac_lo != s->mac_lo || mac_hi != s->mac_hi) {
-			if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0)) {
-				n->clone_failed++;
-				break;
+		if (i + 1 == count) {
+			/* The original leaves as the last copy: TC_ACT_REDIRECT once we return. */
+			if (bpf_redirect(ifindex, 0) == TC_ACT_REDIRECT) {
+				n->copies++;
+				return TC_ACT_REDIRECT;
 			}
-			s->mac_lo = mac_lo;
-			s->mac_hi = mac_hi;
-			s->mac_known = 1;
+			n->clone_failed++;
+			break;
 		}
 		/* Negative: no clone left (bad ifindex, no memory). A positive NET_XMIT_* code means
 		 * the clone was handed to the device and its queue dropped it, as a socket's send
@@ -171,7 +208,7 @@ static __always_inline void relay_fan_out(struct __sk_buff *skb, struct relay_st
 			n->clone_failed++;
 		else
 			n->copies++;
-		/* bpf_clone_redirect invalidates every packet pointer. The rewrites above go through
+		/* bpf_clone_redirect invalidates every packet pointer. The rewrites go through
 		 * helpers with offsets, but check that the headers we patch are still where we left
 		 * them before touching the skb again. */
 		void *data = (void *)(long)skb->data;
@@ -181,6 +218,8 @@ static __always_inline void relay_fan_out(struct __sk_buff *skb, struct relay_st
 			break;
 		}
 	}
+	/* No target left for the original (the last one had no neighbour, or a rewrite failed). */
+	return TC_ACT_SHOT;
 }
 
 SEC("tc")
@@ -237,14 +276,18 @@ int jasper_relay(struct __sk_buff *skb)
 		.orig_daddr = p.daddr,
 		.l4_off = p.l4_off,
 		.jh_off = p.jh_off,
-		.saddr = p.saddr,
-		.daddr = p.daddr,
-		.sport = p.sport,
-		.dport = p.dport,
 		.ver_flags = p.ver_flags,
 		.ip_tot_len = p.ip_tot_len,
 	};
-	relay_fan_out(skb, &s, table, p.flags, own_mark, &n);
+	/* jasper_parse_header checked that the Jasper header, so Ethernet and IP, are there. */
+	if (data + RELAY_HDR_FIXED > data_end) {
+		n.malformed++;
+		goto out;
+	}
+	__builtin_memcpy(s.h.dmac, data, RELAY_HDR_FIXED);
+	s.h.sport = p.sport;
+	s.h.dport = p.dport;
+	action = relay_fan_out(skb, &s, table, p.flags, own_mark, &n);
 
 out:
 	jasper_count(&relay_stats, RELAY_IN, n.in);

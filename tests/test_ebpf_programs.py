@@ -20,6 +20,7 @@ from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY, FLAG_RETRANSMIT, H
 from tests.conftest import require_privileged
 
 TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # UNSPEC: pass on to later filters, then the stack
+TC_ACT_REDIRECT = 7  # the relay sends the original itself to its last target
 XDP_DROP, XDP_PASS = 1, 2
 CLONE_MARK = 0x4A530000 | 7000  # the relay's mark: base | its listen port
 LISTEN_PORT = 7000
@@ -218,6 +219,24 @@ def run(lab: Lab, prog_fd: int, pkt: Any, mark: int = 0) -> int:
         ).retval
 
 
+def fan_out(lab: Lab, pkt: Any, mark: int = 0, wait_s: float = 0.05) -> tuple[int, list[bytes]]:
+    """Run the relay once: (action, copies). Clones leave for real and are captured on jb; with
+    TC_ACT_REDIRECT the packet as the program left it is the last copy (BPF_PROG_TEST_RUN does
+    not carry out the redirect itself)."""
+    from scapy.compat import raw
+
+    from ebpf.loader import prog_test_run
+
+    with lab.entered(lab.ns):
+        res = prog_test_run(
+            lab.relay.prog_fd, raw(pkt) if not isinstance(pkt, bytes) else pkt, mark=mark
+        )
+    copies = lab.drain(wait_s)
+    if res.retval == TC_ACT_REDIRECT:
+        copies.append(res.data)
+    return res.retval, copies
+
+
 @pytest.fixture
 def relay(lab: Lab) -> Iterator[Lab]:
     with lab.entered(lab.ns):
@@ -240,10 +259,12 @@ def test_relay_copies_to_every_target_with_exact_headers(relay: Lab) -> None:
     targets = [("10.9.0.2", 9000, False), ("10.9.0.3", 9001, False), ("10.9.0.4", 9002, True)]
     set_targets(relay, targets)
     pkt = jasper_packet(flags=FLAG_RETRANSMIT)
-    assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
-    got = relay.drain()
+    action, got = fan_out(relay, pkt)
+    assert action == TC_ACT_REDIRECT
     want = [expected_copy(pkt, ip, port, hedge) for ip, port, hedge in targets]
     assert sorted(got) == sorted(want)
+    # Clones for all but the last target, in table order; the original goes to the last.
+    assert got[-1] == want[-1]
     c = counters(relay)
     assert (c["in"], c["copies"], c["duplicates"], c["malformed"]) == (1, 3, 0, 0)
 
@@ -252,26 +273,30 @@ def test_relay_clears_hedge_flag_for_own_children(relay: Lab) -> None:
     """A copy that reached this relay as a hedge goes on to its own children as a normal copy."""
     set_targets(relay, [("10.9.0.2", 9000, False), ("10.9.0.3", 9000, True)])
     pkt = jasper_packet(flags=FLAG_HEDGE_COPY)
-    assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
-    got = sorted(relay.drain())
-    assert got == sorted(
+    action, got = fan_out(relay, pkt)
+    assert action == TC_ACT_REDIRECT
+    assert sorted(got) == sorted(
         [expected_copy(pkt, "10.9.0.2", 9000, False), expected_copy(pkt, "10.9.0.3", 9000, True)]
     )
 
 
 def test_relay_forwards_only_first_copy_of_a_message(relay: Lab) -> None:
-    set_targets(relay, [("10.9.0.2", 9000, False)])
-    fd = relay.relay.prog_fd
-    assert run(relay, fd, jasper_packet(seq=5)) == TC_ACT_SHOT
-    assert run(relay, fd, jasper_packet(seq=5, flags=FLAG_HEDGE_COPY)) == TC_ACT_SHOT
-    assert run(relay, fd, jasper_packet(seq=5, session=4)) == TC_ACT_SHOT  # new session: new msg
-    assert run(relay, fd, jasper_packet(seq=5, flags=FLAG_HEARTBEAT)) == TC_ACT_SHOT  # own space
-    # Heartbeats repeat the last seq: told apart by send time, hedged copies still deduped.
-    assert run(relay, fd, jasper_packet(seq=5, flags=FLAG_HEARTBEAT, sent_ns=12)) == TC_ACT_SHOT
-    assert run(relay, fd, jasper_packet(seq=5, flags=FLAG_HEARTBEAT, sent_ns=12)) == TC_ACT_SHOT
-    assert len(relay.drain()) == 4
+    set_targets(relay, [("10.9.0.2", 9000, False), ("10.9.0.3", 9000, False)])
+    sent = [
+        fan_out(relay, jasper_packet(seq=5)),
+        fan_out(relay, jasper_packet(seq=5, flags=FLAG_HEDGE_COPY)),
+        fan_out(relay, jasper_packet(seq=5, session=4)),  # new session: new message
+        fan_out(relay, jasper_packet(seq=5, flags=FLAG_HEARTBEAT)),  # own key space
+        # Heartbeats repeat the last seq: told apart by send time, hedged copies still deduped.
+        fan_out(relay, jasper_packet(seq=5, flags=FLAG_HEARTBEAT, sent_ns=12)),
+        fan_out(relay, jasper_packet(seq=5, flags=FLAG_HEARTBEAT, sent_ns=12)),
+    ]
+    assert [a for a, _ in sent] == [TC_ACT_REDIRECT, TC_ACT_SHOT] + [TC_ACT_REDIRECT] * 3 + [
+        TC_ACT_SHOT
+    ]
+    assert [len(c) for _, c in sent] == [2, 0, 2, 2, 2, 0]
     c = counters(relay)
-    assert (c["in"], c["copies"], c["duplicates"]) == (6, 4, 2)
+    assert (c["in"], c["copies"], c["duplicates"]) == (6, 8, 2)
 
 
 def test_relay_reaches_thirty_and_more_targets(relay: Lab) -> None:
@@ -279,8 +304,8 @@ def test_relay_reaches_thirty_and_more_targets(relay: Lab) -> None:
     targets = [(f"10.9.0.{2 + i // 2}", 9000 + i % 2, i % 3 != 0) for i in range(56)]
     set_targets(relay, targets)
     pkt = jasper_packet(payload=b"x" * 300)
-    assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
-    got = relay.drain(0.2)
+    action, got = fan_out(relay, pkt, wait_s=0.2)
+    assert action == TC_ACT_REDIRECT
     assert sorted(got) == sorted(expected_copy(pkt, ip, p, h) for ip, p, h in targets)
     assert counters(relay)["copies"] == 56
 
@@ -288,13 +313,47 @@ def test_relay_reaches_thirty_and_more_targets(relay: Lab) -> None:
 def test_relay_keeps_zero_udp_checksum_zero(relay: Lab) -> None:
     set_targets(relay, [("10.9.0.2", 9000, True), ("10.9.0.5", 9001, False)])
     pkt = jasper_packet(udp_chksum=0)
-    assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
-    assert sorted(relay.drain()) == sorted(
+    action, got = fan_out(relay, pkt)
+    assert action == TC_ACT_REDIRECT
+    assert sorted(got) == sorted(
         [
             expected_copy(pkt, "10.9.0.2", 9000, True, zero_csum=True),
             expected_copy(pkt, "10.9.0.5", 9001, False, zero_csum=True),
         ]
     )
+
+
+def test_relay_rewrites_packets_with_ip_options(relay: Lab) -> None:
+    """IP options move the UDP header: the ports are written apart from Ethernet and IP."""
+    from scapy.compat import raw
+    from scapy.layers.inet import IP, UDP, IPOption_NOP, IPOption_Timestamp
+    from scapy.layers.l2 import Ether
+
+    from ebpf.netlab import mac
+
+    options = [IPOption_NOP(), IPOption_NOP(), IPOption_Timestamp(length=8, pointer=9)]
+    targets = [("10.9.0.2", 9000, False), ("10.9.0.3", 9001, True), ("10.9.0.3", 9000, False)]
+    set_targets(relay, targets)
+    inp = jasper_packet()
+    inp[IP].options = options
+    inp = Ether(raw(inp))
+    assert inp[IP].ihl > 5
+    action, got = fan_out(relay, inp)
+    assert action == TC_ACT_REDIRECT
+    want = []
+    for ip, port, hedge in targets:
+        body = bytearray(bytes(inp[UDP].payload))
+        body[3] = (body[3] & ~FLAG_HEDGE_COPY) | (FLAG_HEDGE_COPY if hedge else 0)
+        last = int(ip.rsplit(".", 1)[1])
+        want.append(
+            raw(
+                Ether(dst=mac(10, last), src=mac(9, 1))
+                / IP(src=RELAY_IP, dst=ip, ttl=33, id=4321, options=options)
+                / UDP(sport=LISTEN_PORT, dport=port)
+                / bytes(body)
+            )
+        )
+    assert sorted(got) == sorted(want)
 
 
 def test_relay_uses_fib_lookup_when_neighbour_was_unknown(relay: Lab) -> None:
@@ -325,8 +384,8 @@ def test_relay_uses_fib_lookup_when_neighbour_was_unknown(relay: Lab) -> None:
     )
     try:
         pkt = jasper_packet()
-        assert run(relay, relay.relay.prog_fd, pkt) == TC_ACT_SHOT
-        assert relay.drain() == [expected_copy(pkt, "10.9.0.77", 9000, False)]
+        # The last target has no neighbour: the first got a clone, the original is dropped.
+        assert fan_out(relay, pkt) == (TC_ACT_SHOT, [expected_copy(pkt, "10.9.0.77", 9000, False)])
         c = counters(relay)
         assert (c["copies"], c["fib_fallback"], c["no_neighbour"]) == (1, 1, 1)
     finally:
@@ -349,8 +408,8 @@ def test_relay_passes_what_is_not_its_own(relay: Lab) -> None:
     c = counters(relay)
     assert (c["passed"], c["clone_seen"], c["in"], c["copies"]) == (3, 1, 0, 0)
     # A clone made by another relay node on the same interface is a real arrival.
-    assert run(relay, fd, jasper_packet(), mark=0x4A530000 | 7001) == TC_ACT_SHOT
-    assert len(relay.drain()) == 1
+    action, got = fan_out(relay, jasper_packet(), mark=0x4A530000 | 7001)
+    assert (action, len(got)) == (TC_ACT_REDIRECT, 1)
 
 
 def malformed_packets() -> list[tuple[str, bytes]]:
@@ -412,8 +471,8 @@ def test_relay_replaces_table_in_one_step(relay: Lab) -> None:
     set_targets(relay, [("10.9.0.2", 9000, False)])
     set_targets(relay, [("10.9.0.3", 9001, True), ("10.9.0.4", 9001, False)])
     pkt = jasper_packet()
-    run(relay, relay.relay.prog_fd, pkt)
-    assert sorted(relay.drain()) == sorted(
+    _, got = fan_out(relay, pkt)
+    assert sorted(got) == sorted(
         [expected_copy(pkt, "10.9.0.3", 9001, True), expected_copy(pkt, "10.9.0.4", 9001, False)]
     )
 
@@ -552,8 +611,8 @@ def test_relay_parser_agrees_with_python_decoder(relay: Lab) -> None:
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
 
-    set_targets(relay, [("10.9.0.2", 9000, False)])
-    fd = relay.relay.prog_fd
+    # Two targets: one clone and the original, both paths of the fan-out.
+    set_targets(relay, [("10.9.0.2", 9000, False), ("10.9.0.3", 9000, True)])
     good = wire.encode(wire.Header(stream_id=1, session=1, seq=1, send_time_ns=1, deadline_ns=0))
 
     @settings(
@@ -579,15 +638,15 @@ def test_relay_parser_agrees_with_python_decoder(relay: Lab) -> None:
             / UDP(sport=5555, dport=LISTEN_PORT)
             / bytes(body)
         )
-        assert run(relay, fd, raw(pkt)) == TC_ACT_SHOT
         try:
             wire.decode(bytes(body))
             valid = True
         except wire.WireError:
             valid = False
+        action, frames = fan_out(relay, raw(pkt), wait_s=0.05 if valid else 0.005)
+        assert action == (TC_ACT_REDIRECT if valid else TC_ACT_SHOT)
         c = counters(relay)
-        assert (c["copies"], c["malformed"]) == ((1, 0) if valid else (0, 1)), bytes(body).hex()
-        frames = relay.drain(0.05 if valid else 0.005)
-        assert len(frames) == (1 if valid else 0)
+        assert (c["copies"], c["malformed"]) == ((2, 0) if valid else (0, 1)), bytes(body).hex()
+        assert len(frames) == (2 if valid else 0)
 
     check()
