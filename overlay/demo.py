@@ -1136,6 +1136,9 @@ def _step_summary(
                 "window_late_fractions": [round(w["late_fraction"], 4) for w in in_phase],
                 "window_hold_us": [w["hold_us"] for w in in_phase],
                 "windows_to_objective": to_objective,
+                "seconds_to_objective": None
+                if to_objective is None
+                else round(in_phase[to_objective - 1]["t_s"] - start, 2),
                 "windows_meeting_objective": sum(
                     w["late_fraction"] <= cfg.hold_objective for w in in_phase
                 ),
@@ -1353,10 +1356,14 @@ def _step_lines(summary: Mapping[str, Any]) -> list[str]:
             if h is None
             else f"{h['first']:.0f}/{h['median']:.0f}/{h['max']:.0f}/{h['last']:.0f}"
         )
-        reach = "never" if ph["windows_to_objective"] is None else f"#{ph['windows_to_objective']}"
+        reach = (
+            "never"
+            if ph["windows_to_objective"] is None
+            else f"#{ph['windows_to_objective']} ({ph['seconds_to_objective']:.1f} s)"
+        )
         lines.append(
             f"  {span:<12} x{ph['scale']:<5g} {ph['messages']:8d}  {late:>11}  {oml:>14}  "
-            f"{hold:>37}  {reach:>8} {ph['windows_meeting_objective']:>3}/{ph['windows']}"
+            f"{hold:>37}  {reach:>14} {ph['windows_meeting_objective']:>3}/{ph['windows']}"
         )
     lines.append(
         "per second since the publisher started: true late % / hold stamped µs: "
