@@ -113,17 +113,28 @@ static __always_inline int relay_rewrite(struct __sk_buff *skb, struct relay_sta
 		s->ver_flags = ver_flags;
 		data_changed = 1;
 	}
-	__builtin_memcpy(h->dmac, macs, 12);
-
-	if (s->l4_off == RELAY_HDR_FIXED) {
-		if (bpf_skb_store_bytes(skb, 0, h->dmac, RELAY_HDR_FIXED + 4, 0))
+	/* Direct writes: the skb's head is private here (the verifier's prologue uncloned it, and
+	 * bpf_clone_redirect uncloned it again after each clone), so no helper call is needed. */
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 l4_off = s->l4_off & 0x7F; /* <= 14 + 60: bounded for the verifier */
+	if (data + RELAY_HDR_FIXED > data_end || data + l4_off + sizeof(struct udphdr) > data_end)
+		return -1;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct udphdr *udp = data + l4_off;
+	__builtin_memcpy(eth->h_dest, macs, 12);
+	ip->saddr = h->ip.saddr;
+	ip->daddr = h->ip.daddr;
+	ip->check = h->ip.check;
+	udp->source = h->sport;
+	udp->dest = h->dport;
+	if (flags_changed) {
+		__u32 flags_off = s->jh_off & 0xFF;
+		if (data + flags_off + 4 > data_end)
 			return -1;
-	} else if (bpf_skb_store_bytes(skb, 0, h->dmac, RELAY_HDR_FIXED, 0) ||
-		   bpf_skb_store_bytes(skb, s->l4_off, &h->sport, 4, 0)) {
-		return -1;
+		*(__u8 *)(data + flags_off + 3) = new_flags;
 	}
-	if (flags_changed && bpf_skb_store_bytes(skb, s->jh_off + 3, &new_flags, 1, 0))
-		return -1;
 	/* BPF_F_MARK_MANGLED_0: a zero UDP checksum means "none" and stays zero; a computed zero is
 	 * written as 0xFFFF. Size 0: `to` is a checksum difference. */
 	if (addr_changed &&
