@@ -46,6 +46,15 @@ def test_parse_link_step() -> None:
     }  # fmt: skip
 
 
+def test_windows_to_objective() -> None:
+    from overlay.demo import windows_to_objective
+
+    assert windows_to_objective([0.0, 0.5, 0.2, 0.0, 0.3], 0.01) == 4
+    assert windows_to_objective([0.0, 0.01, 0.0], 0.01) == 0  # never over
+    assert windows_to_objective([0.0, 1.0, 1.0], 0.01) is None  # never back
+    assert windows_to_objective([], 0.01) == 0
+
+
 def test_link_step_refused_without_controller_or_model(tmp_path: Path) -> None:
     for extra, needle in (
         (["--control", "static"], "controller path"),
