@@ -11,10 +11,15 @@ from types import FrameType
 from typing import Any
 
 # CPU per message per endpoint on this machine's pure-Python data plane (sends, receives, the
-# link model's delay line, dedup and release of a depth-3 tree with H=2), measured here; used
-# only to pick a default rate that leaves the machine mostly idle.
-_CPU_S_PER_MESSAGE_ENDPOINT = 130e-6
-_CPU_TARGET = 0.35
+# link model's delay line, dedup and release), averaged over the four configurations (unicast
+# and H=0 carry one copy per endpoint, the H=2 trees three): about 60, 60, 120 and 150 µs,
+# measured here at N=300 (docs/emulation.md, "Rate and duration"). Used to pick a default rate
+# that keeps the emulation's own daemons near 45% of the machine: 9 msg/s at N=1000 on 2 cores,
+# which with 3,000 scored messages per configuration makes the default run about 30 minutes.
+_CPU_S_PER_MESSAGE_ENDPOINT = 100e-6
+_CPU_TARGET = 0.45
+# Above this many endpoints receiver hosts are bigger and not real-time (see below).
+_MANY_RECEIVERS = 200
 # Measured here at 1000 endpoints (50 receiver processes, 2 cores): SCHED_FIFO release threads
 # that all wake at one deadline starve the receive loops holding the GIL; the emulation's CPU
 # doubled (75% vs 37%) and OML grew 2.4x. Without realtime and spin, 50 release threads share
@@ -23,7 +28,7 @@ _MANY_RECEIVERS_ARGS = "--no-realtime --spin-us 0"
 
 
 def default_rate(receivers: int) -> float:
-    """Messages per second that keep the emulation near 35% of the machine's CPU."""
+    """Messages per second that keep the emulation's daemons near 45% of the machine's CPU."""
     ncpu = os.cpu_count() or 1
     rate = _CPU_TARGET * ncpu / (_CPU_S_PER_MESSAGE_ENDPOINT * max(1, receivers))
     return float(max(1, min(200, round(rate))))
@@ -45,7 +50,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--receivers", type=int, default=1000, help="MP endpoints (default 1000)")
     p.add_argument(
-        "--per-host", type=int, default=20, help="endpoints per receiver host (default 20)"
+        "--per-host",
+        type=int,
+        default=None,
+        help="endpoints per receiver host (default 20, and 50 above 200 endpoints: on 2 cores "
+        "fewer, bigger receiver processes release one message to all their endpoints closer "
+        "together, see docs/emulation.md)",
     )
     p.add_argument("--fanout", type=int, default=10, help="tree fan-out F (default 10)")
     p.add_argument("--hedge", type=int, default=2, help="sibling hedging H (default 2)")
@@ -63,7 +73,11 @@ def add_parser(sub: Any) -> None:
         help="scored messages per configuration (default 3000 at >= 500 endpoints, else 600)",
     )
     p.add_argument(
-        "--block-messages", type=int, default=None, help="messages per block (default 500)"
+        "--block-messages",
+        type=int,
+        default=None,
+        help="messages per block (default 500; at >= 500 endpoints 1010: three blocks per "
+        "configuration, fewer daemon restarts)",
     )
     p.add_argument("--warmup", type=int, default=10, help="unscored messages at each block's start")
     p.add_argument(
@@ -184,11 +198,13 @@ def run(args: argparse.Namespace) -> int:
 
     full = args.receivers >= 500
     messages = args.messages if args.messages is not None else (3000 if full else 600)
-    block = args.block_messages or min(500, messages + args.warmup)
+    block = args.block_messages or min(1010 if full else 500, messages + args.warmup)
+    many = args.receivers > _MANY_RECEIVERS
+    per_host = args.per_host or (50 if many else 20)
     rate = args.rate or default_rate(args.receivers)
     settings = EmulationSettings(
         receivers=args.receivers,
-        endpoints_per_host=args.per_host,
+        endpoints_per_host=per_host,
         fanout=args.fanout,
         hedge=args.hedge,
         depth=args.depth,
@@ -203,14 +219,14 @@ def run(args: argparse.Namespace) -> int:
         controller=not args.no_controller,
         configs=tuple(c for c in args.configs.split(",") if c),
         faults=not args.no_faults,
-        fault_block_messages=args.fault_messages or max(60, min(300, int(20 * rate))),
+        fault_block_messages=args.fault_messages or max(100, min(300, int(10 * rate))),
         link_model=None if args.no_link_model else EmulationSettings().link_model,
         fast_path=args.fast_path,
         receiver_args=tuple(
             (
                 args.receiver_args
                 if args.receiver_args is not None
-                else (_MANY_RECEIVERS_ARGS if args.receivers > 200 else "")
+                else (_MANY_RECEIVERS_ARGS if many else "")
             ).split()
         ),
         tag=args.tag,
@@ -237,12 +253,17 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         em = Emulation(settings, progress=progress)
-        n_blocks = len(em.schedule())
+        plan = em.schedule()
+        n_blocks = len(plan)
+        # Sending time, plus about 12 s per block to start and stop its daemons and 60 s of
+        # set-up (namespaces, controller, REST subscriptions); the calibration runs slower.
+        est_s = sum(m for _, m, _ in plan) / rate + 12 * n_blocks + 60
         print(
             f"emulating {settings.receivers} endpoints on {len(em.layout.hosts)} receiver hosts "
             f"and {len(em.layout.relays)} relays (D={em.plan.depth} F={settings.fanout} "
             f"H={settings.hedge}); {rate:g} msg/s; {n_blocks} blocks; "
-            f"{settings.messages} scored messages per configuration",
+            f"{settings.messages} scored messages per configuration; about "
+            f"{est_s / 60:.0f} minutes",
             file=sys.stderr,
         )
         em.setup()

@@ -270,23 +270,37 @@ def test_small_emulation_runs_all_configurations_and_survives_a_killed_relay(
         block_messages=50,
         warmup_messages=10,
         fault_block_messages=80,
-        tau_ns=1_000_000,
-        configs=("unicast", "tree-h0", "tree-nohold", "jasper", "jasper-agents"),
+        tau_ns=0,  # from the calibration block
+        calibration_messages=40,
+        clock_step_ns=-50_000_000,
+        configs=("unicast", "tree-h0", "tree-nohold", "jasper", "jasper-file"),
         tag=tag,
         out_dir=str(tmp_path / "out"),
     )
     with Emulation(settings) as em:
-        faults = [f for f in em.default_faults() if f.kind == "kill-relay"]
+        faults = [f for f in em.default_faults() if f.kind in ("kill-relay", "clock-step")]
         em.default_faults = lambda: faults  # type: ignore[method-assign]
         em.setup()
         em.run()
         doc, images = analyse(em)
         write_report(em.out, doc, images)
         killed = faults[0].target
+        stepped = faults[1].target
     assert list_namespaces(f"jemu-{tag}-") == []
     # Each configuration: its scored messages, every pair delivered (no loss on clean links).
     rows = {r["config"]: r for r in doc["table"]}
-    assert set(rows) == {"unicast", "tree-h0", "tree-nohold", "jasper", "jasper-agents"}
+    assert set(rows) == {"unicast", "tree-h0", "tree-nohold", "jasper", "jasper-file"}
+    # Jasper's daemons ran under the controller: every one of them applied its plan there.
+    for status_file in (em.out / "blocks").glob("*-jasper/status-*.json"):
+        agent = json.loads(status_file.read_text()).get("agent")
+        assert agent is not None and agent["configs_applied"] >= 1, status_file
+    assert len(list((em.out / "blocks").glob("*-jasper/status-receiver-*.json"))) >= 4
+    # The headline tau came from the calibration block; the table shows P(F) at several tau.
+    assert doc["summary"]["tau_from"] == "calibration"
+    assert doc["summary"]["calibration"]["complete_on_time"] > 0
+    for r in rows.values():
+        assert len(r["p_fair_at"]) >= 3
+        assert all(c["n"] == 40 for c in r["p_fair_at"])
     # Trees came from the controller, after subscribing every endpoint over REST.
     assert doc["summary"]["trees_from"] == "controller (REST)"
     ctl = doc["summary"]["control_plane"]["stream_h2"]
@@ -298,20 +312,27 @@ def test_small_emulation_runs_all_configurations_and_survives_a_killed_relay(
         assert r["lost_pairs"] == 0
     assert rows["jasper"]["late_pairs"] is not None
     assert rows["unicast"]["late_pairs"] is None
-    # The fault block: the relay really died mid-block, and H=2 lost nothing.
-    (fault,) = doc["faults"]
+    # The fault blocks: the relay really died mid-block, and H=2 lost nothing...
+    fault, step = doc["faults"]
     assert fault["error"] == ""
     assert fault["event"]["target"] == killed
     assert fault["lost_pairs"] == 0
     assert 0 < fault["messages_before"] < fault["messages"]
     relay_exits = [p for p in em.processes if p.node == killed and p.block == fault["block"]]
     assert [p.status for p in relay_exits] == [-signal.SIGKILL]
+    # ...and one host's emulated clock jumped 50 ms behind mid-block, by its own daemon's hook.
+    assert step["error"] == ""
+    assert step["event"]["target"] == stepped
+    step_log = em.out / "blocks" / f"{step['block']:03d}-jasper" / f"{stepped}.log"
+    assert "stepped by -50000000 ns" in step_log.read_text()
+    assert step["lost_pairs"] == 0
     # The run reads back from its folder to the same figures.
     from overlay.emulation.runner import reload_run
 
     again, _ = analyse(reload_run(em.out))
     assert [r["p_fair"] for r in again["table"]] == [r["p_fair"] for r in doc["table"]]
     assert again["faults"][0]["lost_pairs"] == 0
+    assert again["summary"]["tau_us"] == doc["summary"]["tau_us"]
     # Report files with the plots.
     html = (em.out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 8

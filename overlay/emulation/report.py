@@ -211,7 +211,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     head = (
         f"{'config':<14} {'n':>6} {'P(F)':>7} {'95% CI':>15} {'tau µs':>7} "
         f"{'OML p50/p99 µs':>16} {'DWS p50/p99 µs':>16} {'late':>8} {'lost':>6} "
-        f"{'rel.err p50/p99 µs':>19} {'rate off/ach':>13} {'CPU%':>5} {'own%':>5}"
+        f"{'rel.err p50/p99 µs':>19} {'rate off/ach':>13} {'CPU%':>5} {'own%':>5} {'ctl%':>5}"
     )
     lines = [head, "-" * len(head)]
 
@@ -232,7 +232,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{pair(r['oml_p50_us'], r['oml_p99_us']):>16} "
             f"{pair(r['dws_p50_us'], r['dws_p99_us']):>16} {late:>8} {r['lost_pairs']:>6} "
             f"{pair(r['release_err_p50_us'], r['release_err_p99_us']):>19} "
-            f"{rate:>13} {r['cpu_percent']:>5} {r.get('own_cpu_percent', '-')!s:>5}"
+            f"{rate:>13} {r['cpu_percent']:>5} {r.get('own_cpu_percent', '-')!s:>5} "
+            f"{r.get('controller_cpu_percent', '-')!s:>5}"
         )
     return "\n".join(lines)
 

@@ -148,7 +148,7 @@ class EmulationSettings:
     tau_ns: int = 0
     """DWS threshold of P(F) of the headline; 0: from the run's calibration block (the DWS
     this machine reaches, p90, when every copy arrives long before the deadline)."""
-    calibration_messages: int = 100
+    calibration_messages: int = 80
     """Messages of the calibration block (tau_ns = 0 only)."""
     hold_percentile: float = 99.9
     """Jasper's hold: max over endpoints of this OWD percentile (from the previous tree block)."""
@@ -314,6 +314,8 @@ class BlockResult:
     startup_s: float
     """Time from the first daemon's fork to the last one's ready file."""
     wall_s: float
+    controller_cpu_s: float = 0.0
+    """The controller's CPU while the publisher sent (heartbeats, config polls, hold)."""
     events: list[FaultEvent] = field(default_factory=list)
     daemon_errors: list[str] = field(default_factory=list)
 
@@ -796,9 +798,12 @@ class Emulation:
         assert self.spawner is not None
         spec = self.specs[config]
         hold_ns = self._hold_for_next_jasper() if spec.hold else 0
+        rate = self.s.rate
         if config == CALIBRATION:
-            # Every copy long before its deadline: what is left of DWS is the machine's.
-            hold_ns = max(3 * hold_ns, hold_ns + 20_000_000)
+            # Every copy long before its deadline, and one message at a time (the next is
+            # sent after this one's release): what is left of DWS is the machine's floor.
+            hold_ns = max(2 * hold_ns, hold_ns + 5_000_000)
+            rate = min(rate, 1e9 / (2 * hold_ns))
         planned = self.tree_topos.get(spec.hedge) if spec.hedge is not None else None
         if planned is not None:
             doc = planned.to_dict()
@@ -841,6 +846,7 @@ class Emulation:
         cpu0 = cpu_sample()
         daemons = list(self.live.values())
         own0 = process_cpu_s(daemons)
+        ctl0 = process_cpu_s([self.ctl_pid]) if self.ctl_pid else 0.0
         pub_extra: list[str] = []
         if spec.agents:
             assert spec.hedge is not None
@@ -855,9 +861,9 @@ class Emulation:
                 "--node-name",
                 "pub",
                 "--rate",
-                f"{self.s.rate:g}",
+                f"{rate:g}",
                 "--duration",
-                f"{messages / self.s.rate:.3f}",
+                f"{messages / rate:.3f}",
                 "--records",
                 str(block_dir),
             ],
@@ -874,7 +880,7 @@ class Emulation:
             )
             injector.start()
         pub_pid = self.live["pub"]
-        expected_s = messages / self.s.rate
+        expected_s = messages / rate
         progress_file = block_dir / "progress"
         while not self.spawner.wait([pub_pid], 0.5):
             try:
@@ -891,6 +897,7 @@ class Emulation:
         # The publisher has exited (its CPU is gone from /proc): add it from wait4.
         pub_exit = self.spawner.exits.get(pub_pid)
         own_s = process_cpu_s(daemons) - own0
+        ctl_s = (process_cpu_s([self.ctl_pid]) - ctl0) if self.ctl_pid else 0.0
         if pub_exit is not None:
             own_s += pub_exit.utime_s + pub_exit.stime_s
         t1 = time.monotonic()
@@ -913,11 +920,12 @@ class Emulation:
             sent=sent,
             deliveries=deliveries,
             hold_ns=hold_ns,
-            offered_rate=self.s.rate,
+            offered_rate=rate,
             achieved_rate=achieved,
             cpu_fraction=cpu_fraction(cpu0, cpu1),
             own_cpu_fraction=own_s / max(1e-9, (t1 - t0) * (os.cpu_count() or 1)),
             startup_s=startup_s,
+            controller_cpu_s=ctl_s,
             wall_s=t1 - t0,
             events=list(injector.events) if injector else [],
             daemon_errors=errors,
@@ -1021,7 +1029,7 @@ class Emulation:
                 target=f"{loss_src}->{lossy_host}",
                 at_s=at,
                 loss=0.3,
-                duration_s=min(5.0, 0.4 * s.fault_block_messages / s.rate),
+                duration_s=min(5.0, 0.3 * s.fault_block_messages / s.rate),
             ),
         ]
 
@@ -1163,6 +1171,7 @@ def block_meta(b: BlockResult) -> dict[str, Any]:
         "own_cpu_fraction": b.own_cpu_fraction,
         "startup_s": b.startup_s,
         "wall_s": b.wall_s,
+        "controller_cpu_s": b.controller_cpu_s,
         "events": [{**asdict(e), "fault": asdict(e.fault)} for e in b.events],
         "daemon_errors": b.daemon_errors,
     }
@@ -1262,6 +1271,7 @@ def reload_run(out_dir: Path, settings: EmulationSettings | None = None) -> Emul
                 own_cpu_fraction=float(meta.get("own_cpu_fraction", 0.0)),
                 startup_s=float(meta.get("startup_s", 0.0)),
                 wall_s=float(meta.get("wall_s", span)),
+                controller_cpu_s=float(meta.get("controller_cpu_s", 0.0)),
                 events=events,
                 daemon_errors=list(meta.get("daemon_errors", [])),
             )
@@ -1356,6 +1366,9 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         blocks = [b for b in em.blocks if b.config == name and b.fault is None]
         own = [b.own_cpu_fraction for b in blocks]
         row["own_cpu_percent"] = round(100 * float(np.mean(own)), 1) if own else None
+        ncpu = os.cpu_count() or 1
+        ctl = [b.controller_cpu_s / max(1e-9, b.wall_s * ncpu) for b in blocks]
+        row["controller_cpu_percent"] = round(100 * float(np.mean(ctl)), 1) if ctl else None
         row["hold_us"] = [round(b.hold_ns / 1e3) for b in blocks] if em.specs[name].hold else None
     taus_us = rp.table_taus_us(tau_ns / 1e3)
     for row, c in zip(rows, configs, strict=True):
@@ -1542,6 +1555,9 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
                 "own_cpu_percent": round(100 * b.own_cpu_fraction, 1),
                 "startup_s": round(b.startup_s, 2),
                 "wall_s": round(b.wall_s, 2),
+                "controller_cpu_percent": round(
+                    100 * b.controller_cpu_s / max(1e-9, b.wall_s * (os.cpu_count() or 1)), 1
+                ),
             }
             for b in em.blocks
         ],
