@@ -1306,6 +1306,9 @@ def _clock_lines(summary: Mapping[str, Any]) -> list[str]:
             synced = "-" if c["synced_fraction"] is None else f"{100 * c['synced_fraction']:.0f}%"
             lines.append(f"  {h:<10} {inj:>14}   {bound:>17}   {err!s:>14}  {synced:>6}   {o_txt}")
     hold = summary["hold_over_time"]
+    if summary.get("link_steps"):
+        # The step section prints the hold per second and per controller window.
+        return lines
     stamped = hold["stamped_per_second"]
     if stamped:
         lo = min(x["hold_us_min"] for x in stamped)
