@@ -71,7 +71,7 @@ def add_parser(sub: Any) -> None:
         metavar="AT_S:SCALE",
         action="append",
         default=[],
-        help="step change of the link model AT_S seconds after the publisher starts: every "
+        help="step change of the link model AT_S seconds after the first message: every "
         "delay (median, p99, spikes) becomes SCALE times the starting model's, applied to "
         "every relay and receiver through the controller's PUT /v1/emulation/link-model. "
         "Repeat for several steps, e.g. --link-step 5:3 --link-step 12:1 (up, then back). "
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_link_step(text: str) -> tuple[float, float]:
-    """ "AT_S:SCALE" -> (seconds after the publisher starts, delay scale)."""
+    """ "AT_S:SCALE" -> (seconds after the first message, delay scale)."""
     at, sep, scale = text.partition(":")
     try:
         if not sep:

@@ -90,7 +90,7 @@ class DemoConfig:
     ntp_server: str | None = None
     """HOST:PORT to correct clocks against; None starts a reference chronyd on loopback."""
     link_steps: tuple[tuple[float, float], ...] = ()
-    """Step changes of the link model, (seconds after the publisher starts, scale of every
+    """Step changes of the link model, (seconds after the first message, scale of every
     delay of `link_model`), applied through the controller's PUT /v1/emulation/link-model,
     in time order; (12.0, 1.0) goes back to the starting model."""
     hold_objective: float = 0.01
@@ -210,6 +210,10 @@ class _Run:
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
         self._stepper: threading.Thread | None = None
+        self.publishing = threading.Event()
+        """Set once the publisher reported its first message."""
+        self.publish_t0 = 0.0
+        """time.monotonic() when the first message was seen to go out."""
 
     def clock_args(self, label: str) -> tuple[str, ...]:
         if label not in self.clocks:
@@ -278,15 +282,27 @@ class _Run:
         self.sample_controller(t0)
         self._sampler.start()
 
-    def start_link_steps(self, t0: float) -> None:
-        """Apply the configured link-model steps at their times, in a thread, through the
-        controller (every relay and receiver takes the new model with its next config)."""
+    def publishing_started(self) -> None:
+        """The publisher's first message went out: time zero of the link steps."""
+        if not self.publishing.is_set():
+            self.publish_t0 = time.monotonic()
+            self.publishing.set()
+
+    def start_link_steps(self) -> None:
+        """Apply the configured link-model steps at their times after the first message, in
+        a thread, through the controller (every relay and receiver takes the new model with
+        its next config). Timed from the first message, not the publisher's start: on a busy
+        host a publisher can take tens of seconds to register and correct its clock."""
         cfg = self.cfg
         if not cfg.link_steps or self.ctl is None or not cfg.link_model:
             return
         base = dict(cfg.link_model)
 
         def loop() -> None:
+            while not self.publishing.wait(0.1):
+                if self._sampling.is_set():
+                    return
+            t0 = self.publish_t0
             for at_s, scale in cfg.link_steps:
                 if self._sampling.wait(max(0.0, t0 + at_s - time.monotonic())):
                     return
@@ -350,6 +366,8 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
             publisher_argv = _start_controlled(run, plan, stream)
         startup_s = time.monotonic() - started
         total = int(cfg.rate * cfg.duration_s)
+        progress_file = out / "progress"
+        progress_file.unlink(missing_ok=True)  # a stale one would start the link steps early
         pub = run.cluster._spawn(
             Child(
                 "publisher",
@@ -372,17 +390,18 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
         )
         if cfg.realtime and cfg.control != "static" and not run.prefix:
             make_loops_realtime([pub])
-        progress_file = out / "progress"
         t0 = time.monotonic()
         run.t0_wall_ns = time.time_ns()
         run.start_sampler(t0)
-        run.start_link_steps(t0)
+        run.start_link_steps()
         done = 0
         assert pub.proc is not None
         while pub.proc.poll() is None:
             with contextlib.suppress(OSError, ValueError):
                 # max: a read can catch the file half-written (empty).
                 done = max(done, int(progress_file.read_text() or 0))
+            if done > 0:
+                run.publishing_started()
             stream.write(_progress_bar(done, total, time.monotonic() - t0, cfg.duration_s))
             stream.flush()
             time.sleep(0.2)
@@ -1042,16 +1061,23 @@ def _hold_summary(sent: np.ndarray, run: _Run | None) -> dict[str, Any]:
         "controller": [
             {"t_s": x["t_s"], "hold_ns": x["hold_ns"], "policy": x["hold_policy"]} for x in samples
         ],
-        "windows": _hold_windows(run),
+        "windows": _hold_windows(run, _time_zero_ns(sent, run)),
     }
 
 
-def _hold_windows(run: _Run | None) -> list[dict[str, Any]]:
+def _time_zero_ns(sent: np.ndarray, run: _Run | None) -> int | None:
+    """Time zero of the hold and step reports: the first message's send stamp (else the
+    publisher's start)."""
+    if len(sent):
+        return int(sent["send_time_ns"].min())
+    return None if run is None else run.t0_wall_ns
+
+
+def _hold_windows(run: _Run | None, t0: int | None) -> list[dict[str, Any]]:
     """The controller's delay windows (one decision of the deadline policy each), with their
-    time in seconds since the publisher was started."""
-    if run is None or run.hold_doc is None or run.t0_wall_ns is None:
+    time in seconds since `t0` (ns, kernel clock)."""
+    if run is None or run.hold_doc is None or t0 is None:
         return []
-    t0 = run.t0_wall_ns
     return [
         {
             "t_s": round((int(w["at_ns"]) - t0) / 1e9, 2),
@@ -1086,12 +1112,12 @@ def _step_summary(
     """Before and after each link-model step: true lateness, OML and the hold stamped (from
     the records), and the controller's windows with how many it took to meet the objective.
 
-    Times are seconds since the publisher was started. A window is counted in the phase in
+    Times are seconds since the first message was sent. A window is counted in the phase in
     which it closed; the first one after a step still covers some reports from before it.
     """
-    if not cfg.link_steps or run is None or run.t0_wall_ns is None:
+    t0 = _time_zero_ns(sent, run)
+    if not cfg.link_steps or run is None or t0 is None:
         return None
-    t0 = run.t0_wall_ns
     applied = [x for x in run.steps_applied if "applied_wall_ns" in x]
     starts = [0.0] + [(int(x["applied_wall_ns"]) - t0) / 1e9 for x in applied]
     scales = [1.0] + [float(x["scale"]) for x in applied]
@@ -1380,7 +1406,7 @@ def _step_lines(summary: Mapping[str, Any]) -> list[str]:
             f"{hold:>37}  {reach:>14} {ph['windows_meeting_objective']:>3}/{ph['windows']}"
         )
     lines.append(
-        "per second since the publisher started: true late % / hold stamped µs: "
+        "per second since the first message: true late % / hold stamped µs: "
         + ", ".join(
             f"{x['t_s']}s "
             + ("-" if x["late_fraction"] is None else f"{100 * x['late_fraction']:.1f}")

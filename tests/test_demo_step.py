@@ -118,8 +118,8 @@ def test_adaptive_hold_follows_a_link_step_up_and_down(tmp_path: Path) -> None:
     t = (sent["send_time_ns"] - sent["send_time_ns"].min()) / 1e9
     hold_us = (sent["deadline_ns"] - sent["send_time_ns"]) / 1000
     up, down = (s["applied_s"] for s in steps["steps"])
-    # applied_s counts from the publisher's start, t from its first message: close enough
-    # against SETTLE_S.
+    # applied_s counts from when the demo saw the first message go out (it polls every
+    # 0.2 s), t from the first send stamp: close enough against SETTLE_S.
     stamped = [
         float(np.median(hold_us[(t >= lo) & (t < hi)]))
         for lo, hi in ((1.0, up), (up + SETTLE_S, down), (down + SETTLE_S, t.max() + 1))
