@@ -41,8 +41,10 @@ STREAM_ID = 1
 RELAY_PORT = 7000
 ENDPOINT_PORT_BASE = 20000
 CONFIG_NAMES = ("unicast", "tree-h0", "tree-nohold", "jasper")
-"""The default configurations. "jasper" runs under the controller (agents in the daemons);
-"jasper-file" (the same tree and hold from a static file) can be added to compare."""
+"""The default configurations. "jasper" and "tree-nohold" run under the controller (agents in
+the daemons); "unicast" (no tree: the controller plans none) and "tree-h0" (its own stream,
+which agents cannot pick while Jasper's stream names the same nodes) run from files.
+"jasper-file" (Jasper's tree and hold from a static file) can be added to compare."""
 
 DEFAULT_LINK_MODEL: dict[str, Any] = {
     "seed": 7,
@@ -97,9 +99,11 @@ def config_specs(hedge: int) -> dict[str, ConfigSpec]:
         ),
         "tree-nohold": ConfigSpec(
             name="tree-nohold",
-            description=f"tree H={hedge}, deliver at first arrival",
+            description=f"tree H={hedge}, deliver at first arrival; daemons under the controller "
+            "(hold 0)",
             hedge=hedge,
             hold=False,
+            agents=True,
         ),
         "jasper": ConfigSpec(
             name="jasper",
