@@ -1,11 +1,16 @@
 """Release precision of a receiver hosting 20 endpoints, beside a naive asyncio call_at release.
 
-Each message goes to every endpoint (3 copies each, as with H=2) with deadline = send + hold.
-Measured: release time − deadline over all (endpoint, message) pairs, p50/p99/p99.9/max, for
-  - jasper-memory: the Receiver with its release thread, handing over in process;
-  - jasper-udp:    the same, sending each release to a local UDP port per endpoint;
-  - asyncio:       loop.call_at(deadline) per message on the receive loop (the baseline).
-All three run their event loop in SCHED_FIFO when permitted (as the receiver daemon does);
+A feeder process (standing in for the relays) sends each message to every endpoint, 3 copies
+each as with H=2, with deadline = send + hold. Measured: release time − deadline over all
+(endpoint, message) pairs that arrived before their deadline, p50/p99/p99.9/max, for
+  - jasper-udp:        the Receiver delivering to a local UDP port per endpoint through its C
+                       release thread; release time = when sendto returned;
+  - jasper-udp@mp:     the same run seen by the MPs: the kernel receive time (SO_TIMESTAMPNS) of
+                       each delivery at the MP's socket;
+  - jasper-udp-python: the same with the Python release thread (c_release=False);
+  - jasper-memory:     the Python release thread handing over in process (async iterator use);
+  - asyncio:           loop.call_at(deadline) per message on the receive loop (the baseline).
+All run their event loop in SCHED_FIFO when permitted (as the receiver daemon does);
 --no-realtime keeps everything SCHED_OTHER.
 Run on an otherwise idle host: python bench/release_precision.py [--messages 1000]
 """
@@ -15,9 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -41,50 +50,94 @@ def topology(udp: bool):  # type: ignore[no-untyped-def]
     )
 
 
-async def feed(ports: list[int], messages: int, rate: float, hold_ns: int) -> None:
+def feed(ports: list[int], messages: int, rate: float, hold_ns: int) -> None:
+    """The feeder process: each message to every port, 3 copies each, at `rate`."""
     from jasper.wire import Header, encode
 
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    start = time.monotonic()
     for seq in range(1, messages + 1):
         now = time.time_ns()
+        deadline = now + hold_ns
+        # The payload carries the deadline too, so an MP can match what it receives.
         data = encode(
-            Header(stream_id=1, session=1, seq=seq, send_time_ns=now, deadline_ns=now + hold_ns),
-            b"x" * 64,
+            Header(stream_id=1, session=1, seq=seq, send_time_ns=now, deadline_ns=deadline),
+            deadline.to_bytes(8, "big") + b"x" * 56,
         )
         for _copy in range(3):
             for p in ports:
                 s.sendto(data, (ADDR, p))
-        await asyncio.sleep(1 / rate)
+        pause = start + seq / rate - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
     s.close()
 
 
+@contextmanager
+def feeding(ports: list[int], messages: int, rate: float, hold_ns: int) -> Iterator[Any]:
+    """Run `feed` in its own process (as the relays are), and wait for it at the end."""
+    proc = multiprocessing.get_context("fork").Process(
+        target=feed, args=(ports, messages, rate, hold_ns), daemon=True
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.join(messages / rate + 60)
+
+
+async def wait_for(proc: Any, hold_ns: int) -> None:
+    while proc.is_alive():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(hold_ns / 1e9 + 0.2)
+
+
 async def jasper_run(
-    udp: bool, messages: int, rate: float, hold_ns: int, realtime: bool = True
-) -> np.ndarray:
+    udp: bool,
+    messages: int,
+    rate: float,
+    hold_ns: int,
+    realtime: bool = True,
+    c_release: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Release errors (ns) as the receiver stamped them, (UDP) as the MPs' kernel saw them, and
+    of the first endpoint of each message's batch (when the release began)."""
+    from overlay.kernel import drain, open_udp
     from overlay.receiver import Receiver
     from overlay.release import tune_interpreter
 
     tune_interpreter()
     topo = topology(udp)
+    seen: list[tuple[int, int]] = []  # (deadline, kernel receive time) at the MP sockets
     sinks = []
-    if udp:
-        for _, e in topo.endpoints():
-            assert e.deliver is not None
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind((ADDR, int(e.deliver.rsplit(":", 1)[1])))
-            sinks.append(s)
-    rx = Receiver(topo, "h0", link_model=False, realtime=realtime)
+    for _, e in topo.endpoints() if udp else ():
+        assert e.deliver is not None
+        sinks.append(open_udp(ADDR, int(e.deliver.rsplit(":", 1)[1])))
+
+    def at_mp(data: bytes, _src: tuple[str, int], rx_ns: int) -> None:
+        seen.append((int.from_bytes(data[:8], "big"), rx_ns))
+
+    # The MPs live in another process in real life; here they read their sockets after the
+    # run (the kernel stamped each datagram on arrival, buffers are large enough).
+    rx = Receiver(topo, "h0", link_model=False, realtime=realtime, c_release=c_release)
     rx.start()
-    await feed([e.port for _, e in topo.endpoints()], messages, rate, hold_ns)
-    await asyncio.sleep(hold_ns / 1e9 + 0.2)
+    with feeding([e.port for _, e in topo.endpoints()], messages, rate, hold_ns) as proc:
+        await wait_for(proc, hold_ns)
     rx.stop()
+    for sink in sinks:
+        while drain(sink, at_mp, limit=1 << 20)[0]:
+            pass
     rx.close()
-    for s in sinks:
-        s.close()
+    for sink in sinks:
+        sink.close()
     recs = rx.records.array()
     recs = recs[recs["arrival_ns"] < recs["deadline_ns"]]
     errors: np.ndarray = (recs["release_ns"] - recs["deadline_ns"]).astype(np.float64)
-    return errors
+    on_time = set(recs["deadline_ns"].tolist())
+    mp = np.array([t - d for d, t in seen if d in on_time], dtype=np.float64)
+    first = np.full(int(recs["seq"].max()) + 1 if len(recs) else 0, np.inf)
+    np.minimum.at(first, recs["seq"].astype(np.int64), errors)
+    return errors, mp, first[np.isfinite(first)]
 
 
 async def asyncio_run(messages: int, rate: float, hold_ns: int) -> np.ndarray:
@@ -122,8 +175,8 @@ async def asyncio_run(messages: int, rate: float, hold_ns: int) -> np.ndarray:
 
     for i, s in enumerate(socks):
         loop.add_reader(s.fileno(), readable, i)
-    await feed([s.getsockname()[1] for s in socks], messages, rate, hold_ns)
-    await asyncio.sleep(hold_ns / 1e9 + 0.2)
+    with feeding([s.getsockname()[1] for s in socks], messages, rate, hold_ns) as proc:
+        await wait_for(proc, hold_ns)
     for s in socks:
         loop.remove_reader(s.fileno())
         s.close()
@@ -144,28 +197,39 @@ def main() -> int:
     ap.add_argument("--no-realtime", action="store_true")
     args = ap.parse_args()
     hold = int(args.hold_us * 1000)
-    if not args.no_realtime:
+    rt = not args.no_realtime
+    if rt:
         from overlay.release import LOOP_PRIORITY, make_realtime
 
         print(f"event loops SCHED_FIFO: {make_realtime(LOOP_PRIORITY)}")
+    n, rate = args.messages, args.rate
+    udp, udp_mp, udp_first = asyncio.run(jasper_run(True, n, rate, hold, rt, c_release=True))
+    py_udp, py_mp, py_first = asyncio.run(jasper_run(True, n, rate, hold, rt, c_release=False))
+    memory, _, memory_first = asyncio.run(jasper_run(False, n, rate, hold, rt))
     res = {
-        "asyncio": figures(asyncio.run(asyncio_run(args.messages, args.rate, hold))),
-        "jasper-memory": figures(
-            asyncio.run(jasper_run(False, args.messages, args.rate, hold, not args.no_realtime))
-        ),
-        "jasper-udp": figures(
-            asyncio.run(jasper_run(True, args.messages, args.rate, hold, not args.no_realtime))
-        ),
+        "asyncio": figures(asyncio.run(asyncio_run(n, rate, hold))),
+        "jasper-udp": figures(udp),
+        "jasper-udp@mp": figures(udp_mp),
+        "jasper-udp first": figures(udp_first),
+        "jasper-udp-python": figures(py_udp),
+        "jasper-udp-python@mp": figures(py_mp),
+        "jasper-udp-python first": figures(py_first),
+        "jasper-memory": figures(memory),
+        "jasper-memory first": figures(memory_first),
     }
-    print(f"release error, {ENDPOINTS} endpoints, {args.messages} messages at {args.rate:g}/s")
-    print(f"{'path':<14} {'n':>6} {'p50 µs':>8} {'p99 µs':>8} {'p99.9 µs':>9} {'max µs':>8}")
+    print(
+        f"release error, {ENDPOINTS} endpoints, {n} messages at {rate:g}/s, hold {hold / 1e3:g} µs"
+    )
+    print("(first: the first endpoint of each message, i.e. when the batch began)")
+    print(f"{'path':<24} {'n':>6} {'p50 µs':>8} {'p99 µs':>8} {'p99.9 µs':>9} {'max µs':>8}")
     for k, r in res.items():
-        print(f"{k:<14} {r['n']:6d} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['p999_us']:9.1f} "
+        print(f"{k:<24} {r['n']:6d} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['p999_us']:9.1f} "
               f"{r['max_us']:8.1f}")  # fmt: skip
     base = res["asyncio"]
-    for k in ("jasper-memory", "jasper-udp"):
-        print(f"ratio {k}/asyncio: p50 {res[k]['p50_us'] / base['p50_us']:.2f}, "
-              f"p99 {res[k]['p99_us'] / base['p99_us']:.2f}")  # fmt: skip
+    for k in res:
+        if k != "asyncio":
+            print(f"ratio {k}/asyncio: p50 {res[k]['p50_us'] / base['p50_us']:.3f}, "
+                  f"p99 {res[k]['p99_us'] / base['p99_us']:.3f}")  # fmt: skip
     print(json.dumps(res))
     return 0
 
