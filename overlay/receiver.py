@@ -622,6 +622,8 @@ class Receiver:
                 continue
             if self._deliver_override == "topology" and cfg.deliver != ep.config.deliver:
                 ep.set_deliver(cfg.deliver)
+                if ep.out_fd >= 0:
+                    self._start_queue()
             ep.config = cfg
         if self.fast_path is not None:
             self.fast_path.set_parents(self._parent_rows())
