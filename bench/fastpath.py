@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ebpf import loader  # noqa: E402
-from ebpf.netlab import FanoutLab, entered, sh  # noqa: E402
+from ebpf.netlab import FanoutLab, entered, mac, sh  # noqa: E402
 
 LISTEN_PORT = 7000
 SINK_PORTS = (9000, 9001)
@@ -262,6 +262,43 @@ class WireSink:
         self.obj.close()
 
 
+DEAD_END_NET = "10.77.3"
+"""Addresses behind the dead-end device: the relay's own address .1, copy targets .10 up."""
+
+
+class DeadEnd:
+    """A veth in the relay's namespace whose peer stays down: the kernel takes every packet
+    queued to it and drops it at once (counted as the device's tx_dropped). Copies sent there
+    cost the relay everything up to the device, as on a real host up to the NIC driver, and
+    nothing after it: no receiver, and no counting program on the way (with bpf_stats on, a TC
+    counting program at egress costs two clock reads per copy, the same for every relay)."""
+
+    def __init__(self, lab: FanoutLab, hosts: int) -> None:
+        self.ns = lab.relay
+        sh("ip", "link", "add", "wire0", "type", "veth", "peer", "name", "wire1", ns=self.ns)
+        sh("sysctl", "-qw", "net.ipv6.conf.wire0.disable_ipv6=1", ns=self.ns)
+        sh("ip", "addr", "add", f"{DEAD_END_NET}.1/24", "dev", "wire0", ns=self.ns)
+        sh("ip", "link", "set", "wire0", "up", ns=self.ns)
+        self.hosts = [f"{DEAD_END_NET}.{10 + i}" for i in range(hosts)]
+        for i, ip in enumerate(self.hosts):
+            sh("ip", "neigh", "replace", ip, "lladdr", mac(4, i), "dev", "wire0",
+               "nud", "permanent", ns=self.ns)  # fmt: skip
+        self.last = self._dropped()
+
+    def _dropped(self) -> int:
+        link = json.loads(sh("ip", "-s", "-j", "link", "show", "wire0", ns=self.ns))[0]
+        return int(link["stats64"]["tx"]["dropped"])
+
+    def take(self) -> int:
+        """Copies that reached the device since the last take."""
+        now = self._dropped()
+        n, self.last = now - self.last, now
+        return n
+
+    def close(self) -> None:
+        sh("ip", "link", "del", "wire0", ns=self.ns, check=False)
+
+
 @dataclass
 class Result:
     """One run of one relay under test."""
@@ -297,7 +334,7 @@ class Bench:
     """The lab, the sinks and the publisher binary, and one method per relay under test."""
 
     def __init__(self, lab: FanoutLab, work: Path, rate: int, seconds: float) -> None:
-        self.wire_sink: WireSink | None = None
+        self.wire_sink: WireSink | DeadEnd | None = None
         """When set, copies are counted and dropped as they leave the relay (relay cost alone)."""
         self.lab = lab
         self.work = work
@@ -305,7 +342,8 @@ class Bench:
         self.count = int(rate * seconds)
         self.session = 100
         self.last_drops = 0
-        self.targets = [(ep.ip, port) for ep in lab.endpoints for port in SINK_PORTS]
+        self.hosts = [ep.ip for ep in lab.endpoints]
+        """Where copies go: the MP namespaces, or the dead end's addresses."""
         self.sinks: list[socket.socket] = []
         for ep in lab.endpoints:
             with entered(ep.ns):
@@ -322,6 +360,11 @@ class Bench:
              "-o", str(self.publisher)],
             check=True,
         )  # fmt: skip
+
+    @property
+    def targets(self) -> list[tuple[str, int]]:
+        """Fan-out 10: two endpoint ports on each of five hosts."""
+        return [(ip, port) for ip in self.hosts for port in SINK_PORTS]
 
     def rcvbuf_errors(self) -> int:
         total = 0
@@ -383,7 +426,7 @@ class Bench:
                 copies = fp.counters()["copies"]
             finally:
                 fp.close()
-        name = "eBPF relay (TC clone_redirect)" if with_targets else "baseline: eBPF drop-all"
+        name = "eBPF relay (TC clone+redirect)" if with_targets else "baseline: eBPF drop-all"
         delivered = self.drain_sinks()
         return Result(name, sent, copies, delivered, self.last_drops, busy, pipe, t1 - t0, secs)
 
@@ -456,13 +499,13 @@ class Bench:
             "receivers": [
                 {
                     "name": f"h{j}",
-                    "addr": ep.ip,
+                    "addr": ip,
                     "endpoints": [
                         {"name": f"e{j * per_host + k}", "port": port, "parents": ["r1"]}
                         for k, port in enumerate(SINK_PORTS)
                     ],
                 }
-                for j, ep in enumerate(self.lab.endpoints)
+                for j, ip in enumerate(self.hosts)
             ],
         }
         path = self.work / "topology.json"
@@ -580,6 +623,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=4000, help="offered messages per second")
     ap.add_argument("--seconds", type=float, default=3.0, help="sending time per run")
     ap.add_argument("--rounds", type=int, default=3, help="runs per relay; the median is shown")
+    ap.add_argument(
+        "--sink",
+        choices=("dead-end", "tc"),
+        default="dead-end",
+        help="where copies end in the relay-alone table: a device that drops them (default), "
+        "or a TC counting program at the egress of the relay's veth (runs per copy, and with "
+        "bpf_stats on reads the clock twice per copy for every relay alike)",
+    )
+    ap.add_argument("--skip-e2e", action="store_true", help="relay-alone table only")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     ok, why = loader.fast_path_available()
@@ -594,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         fanout = len(bench.targets)
         print(f"fan-out {fanout}, {args.rate} msg/s offered for {args.seconds} s per run, "
               f"{PAYLOAD}-byte payload, {os.cpu_count()} CPUs, median of {args.rounds} "
-              f"interleaved runs")  # fmt: skip
+              f"interleaved runs; load average {os.getloadavg()[0]:.2f} at start")  # fmt: skip
         if not python_relay:
             print("overlay.relay is NOT importable: measuring a minimal asyncio loop instead")
         print(
@@ -602,21 +654,43 @@ def main(argv: list[str] | None = None) -> int:
             "(schedstat; softirq is charged to the thread it interrupts)"
         )
         print(
-            "net ns: pipe minus the baseline run (publisher and relay ingress, no copies); "
-            "own ns: relay process CPU, or the eBPF program's run time (bpf_stats); "
+            "net ns: pipe minus the baseline run (publisher sends and relay ingress, no "
+            "copies): everything the relay adds, softirq included -- the goal's figure; "
+            "own ns: relay process CPU, or the eBPF program's run time (bpf_stats; the last "
+            "copy's transmit runs after the program returns and is not in it); "
             "sys ns: system-wide /proc/stat busy time (other load included)"
         )
-        bench.wire_sink = WireSink(Path(tmp), lab.relay, lab.relay_out)
+        e2e_hosts = bench.hosts
+        if args.sink == "tc":
+            bench.wire_sink = WireSink(Path(tmp), lab.relay, lab.relay_out)
+            where = "a TC counting program at the relay's egress"
+        else:
+            dead_end = DeadEnd(lab, len(e2e_hosts))
+            bench.wire_sink = dead_end
+            bench.hosts = dead_end.hosts
+            where = "a device that drops them (veth, peer down)"
         try:
-            res = run_table(bench, args.rounds, python_relay)
+            alone = run_table(bench, args.rounds, python_relay)
         finally:
             bench.wire_sink.close()
             bench.wire_sink = None
-        rows += report("relay cost alone: copies counted and dropped at the relay's egress "
-                       "(minimal TC counting sink)", res, fanout)  # fmt: skip
-        res = run_table(bench, args.rounds, python_relay)
+            bench.hosts = e2e_hosts
+        rows += report(f"relay cost alone: copies handed to {where}", alone, fanout)
+        if args.skip_e2e:
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=2))
+            return 0
+        e2e = run_table(bench, args.rounds, python_relay)
         rows += report("end to end: copies delivered into 10 UDP sockets in 5 MP namespaces",
-                       res, fanout)  # fmt: skip
+                       e2e, fanout)  # fmt: skip
+        print()
+        print("delivery at the MPs per copy (end-to-end pipe minus relay-alone pipe: bridge, "
+              "MP veth, UDP receive into the socket; the MPs' work, not the relay's):")  # fmt: skip
+        for k in ("blocking", "ebpf", "python"):
+            a, e = alone[k], e2e[k]
+            extra = e.per_copy(e.pipeline_ns) - a.per_copy(a.pipeline_ns)
+            print(f"  {e.name:32} {extra:>7.0f} ns")
+            rows.append({"table": "delivery at the MPs", "name": e.name, "ns_per_copy": extra})
 
         # The MPs' filter: TC or XDP on their veth, measured side by side.
         hooks = {h: median_run([bench.run_receiver_filter(h) for _ in range(args.rounds)])

@@ -32,6 +32,9 @@ _Static_assert((JASPER_RING_SLOTS & (JASPER_RING_SLOTS - 1)) == 0, "ring slots: 
 #define JASPER_TARGET_HEDGE 0x01   /* set FLAG_HEDGE_COPY in the copy */
 #define JASPER_TARGET_FIB 0x02     /* no static MAC known: resolve with bpf_fib_lookup per packet */
 
+/* Target table flags (struct jasper_target_table.flags). */
+#define JASPER_TABLE_CSUM_HELPERS 0x01 /* patch UDP checksums with bpf_l4_csum_replace only */
+
 /* Relay counters: indices into the per-CPU array jasper_relay_stats. Keep in step with
  * RELAY_COUNTERS in ebpf/loader.py (tests/test_ebpf_programs.py checks both move). */
 enum jasper_relay_counter {

@@ -25,7 +25,7 @@ _Static_assert(sizeof(struct jasper_target) == 32, "jasper_target size");
 struct jasper_target_table {
 	__u16 listen_port; /* network byte order; UDP destination port the relay listens on */
 	__u16 count;       /* targets in use, <= JASPER_MAX_TARGETS */
-	__u32 pad;
+	__u32 flags;       /* JASPER_TABLE_* */
 	struct jasper_target targets[JASPER_MAX_TARGETS];
 };
 _Static_assert(sizeof(struct jasper_target_table) == 8 + 32 * JASPER_MAX_TARGETS,

@@ -67,6 +67,7 @@ TABLE_HEAD = struct.Struct("=2sHI")
 PARENT_KEY = struct.Struct("=4s2s2x")
 TARGET_HEDGE = 0x01
 TARGET_FIB = 0x02
+TABLE_CSUM_HELPERS = 0x01
 
 # Neighbour states whose MAC we trust enough to write into the target table.
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERM
@@ -924,15 +925,25 @@ class RelayFastPath(_Attachment):
 
     Copies leave from `listen_addr` when given, else from the address each packet was sent to
     (what a user-space relay's socket bound to that address sends from), and from `listen_port`.
+    `csum_helpers` makes the program patch every UDP checksum with bpf_l4_csum_replace instead
+    of its own arithmetic (same bytes, more helper calls; the tests run both).
     """
 
     role = "relay"
     prog_name = "jasper_relay"
 
     def __init__(
-        self, *, node: str, ifname: str, listen_port: int, listen_addr: str | None = None
+        self,
+        *,
+        node: str,
+        ifname: str,
+        listen_port: int,
+        listen_addr: str | None = None,
+        csum_helpers: bool = False,
     ) -> None:
         super().__init__(node=node, ifname=ifname, hook="tc")
+        self.csum_helpers = csum_helpers
+        """Written into the target table with the next set_targets."""
         if not 0 < listen_port < 65536:
             raise ValueError(f"listen_port {listen_port} out of range")
         self.listen_port = listen_port
@@ -962,7 +973,8 @@ class RelayFastPath(_Attachment):
         m = self._map("relay_targets")
         if len(targets) > self.max_targets:
             raise ValueError(f"{len(targets)} targets; the program holds {self.max_targets}")
-        body = TABLE_HEAD.pack(struct.pack("!H", self.listen_port), len(targets), 0)
+        table_flags = TABLE_CSUM_HELPERS if self.csum_helpers else 0
+        body = TABLE_HEAD.pack(struct.pack("!H", self.listen_port), len(targets), table_flags)
         for t in targets:
             flags = (TARGET_HEDGE if t.hedge else 0) | (0 if t.dmac else TARGET_FIB)
             body += TARGET.pack(

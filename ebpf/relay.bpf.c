@@ -45,11 +45,28 @@ struct relay_state {
 	__u32 jh_off;
 	__u16 ver_flags; /* raw 16-bit word holding the Jasper version and flags */
 	__u16 ip_tot_len;
+	__u16 udp_check; /* raw UDP checksum field now in the packet (modes FULL and SEED) */
+	__u16 csum_mode; /* enum relay_csum_mode */
+};
+
+/* What the UDP checksum field of this skb holds, which decides how it follows a rewrite. It is the
+ * kernel's skb->ip_summed, which a TC program cannot read, so relay_csum_mode asks the helpers. */
+enum relay_csum_mode {
+	/* CHECKSUM_NONE or _UNNECESSARY (what a NIC hands over): the datagram's full checksum,
+	 * patched here for addresses, ports and flags alike. */
+	RELAY_CSUM_FULL = 0,
+	/* CHECKSUM_PARTIAL (sent by a local socket, on lo or veth): the pseudo-header sum that the
+	 * device or the stack completes later, patched here for address changes only. */
+	RELAY_CSUM_SEED,
+	/* CHECKSUM_COMPLETE, or the table asks for it: skb->csum must follow the pseudo-header too,
+	 * so the kernel's bpf_l4_csum_replace does the patching. */
+	RELAY_CSUM_HELPERS,
 };
 
 /* Ones' complement arithmetic (RFC 1071/1624) on raw network-order words: the sum does not depend
  * on byte order. A difference is ~old + new, word by word; the 32-bit accumulator never overflows
- * for the few words a copy changes. */
+ * for the few words a copy changes. csum_add32 and csum_fold are the kernel's csum_add and
+ * csum_fold, so results equal what bpf_l4_csum_replace would write. */
 static __always_inline __u32 csum_diff16(__u16 old, __u16 new)
 {
 	return (__u32)(__u16)~old + new;
@@ -60,11 +77,48 @@ static __always_inline __u32 csum_diff32(__u32 old, __u32 new)
 	return csum_diff16(old >> 16, new >> 16) + csum_diff16(old & 0xFFFF, new & 0xFFFF);
 }
 
+static __always_inline __u32 csum_add32(__u32 a, __u32 b)
+{
+	__u32 r = a + b;
+	return r + (r < b); /* end-around carry */
+}
+
+/* The kernel's csum_fold: fold to 16 bits and complement. */
 static __always_inline __u16 csum_fold(__u32 sum)
 {
 	sum = (sum & 0xFFFF) + (sum >> 16);
 	sum = (sum & 0xFFFF) + (sum >> 16);
-	return (__u16)sum;
+	return (__u16)~sum;
+}
+
+/* Which enum relay_csum_mode this skb is in; once per packet, before the first rewrite. Any
+ * failure falls back to the helpers, which handle every mode. */
+static __always_inline __u16 relay_csum_mode(struct __sk_buff *skb, struct relay_state *s,
+					     __u32 table_flags)
+{
+	if (table_flags & JASPER_TABLE_CSUM_HELPERS)
+		return RELAY_CSUM_HELPERS;
+	/* Only a CHECKSUM_COMPLETE skb takes bpf_csum_update; adding 0 changes nothing. */
+	if (bpf_csum_update(skb, 0) >= 0)
+		return RELAY_CSUM_HELPERS;
+	__u32 off = (s->l4_off & 0x7F) + offsetof(struct udphdr, check);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (data + off + 2 > data_end)
+		return RELAY_CSUM_HELPERS;
+	__u16 before = *(__u16 *)(data + off);
+	/* Without BPF_F_PSEUDO_HDR the helper leaves a CHECKSUM_PARTIAL skb's field alone and
+	 * patches any other: add 1, see whether the field moved, put it back. */
+	if (bpf_l4_csum_replace(skb, off, 0, 1, 0))
+		return RELAY_CSUM_HELPERS;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (data + off + 2 > data_end)
+		return RELAY_CSUM_HELPERS;
+	__u16 after = *(__u16 *)(data + off);
+	*(__u16 *)(data + off) = before;
+	s->udp_check = before;
+	return after == before ? RELAY_CSUM_SEED : RELAY_CSUM_FULL;
 }
 
 /* Patch the stack copy of the headers for target `t` and write it into the packet: one store for
@@ -94,7 +148,7 @@ static __always_inline int relay_rewrite(struct __sk_buff *skb, struct relay_sta
 		addr_changed = 1;
 	}
 	if (addr_changed)
-		h->ip.check = (__u16)~csum_fold((__u32)(__u16)~h->ip.check + d_addr);
+		h->ip.check = csum_fold(csum_add32(d_addr, ~(__u32)h->ip.check));
 	if (t->dport != h->dport) {
 		d_data += csum_diff16(h->dport, t->dport);
 		h->dport = t->dport;
@@ -135,13 +189,29 @@ static __always_inline int relay_rewrite(struct __sk_buff *skb, struct relay_sta
 			return -1;
 		*(__u8 *)(data + flags_off + 3) = new_flags;
 	}
-	/* BPF_F_MARK_MANGLED_0: a zero UDP checksum means "none" and stays zero; a computed zero is
-	 * written as 0xFFFF. Size 0: `to` is a checksum difference. */
-	if (addr_changed &&
-	    bpf_l4_csum_replace(skb, udp_csum_off, 0, d_addr, BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR))
-		return -1;
-	if (data_changed && bpf_l4_csum_replace(skb, udp_csum_off, 0, d_data, BPF_F_MARK_MANGLED_0))
-		return -1;
+	/* A zero UDP checksum means "none" and stays zero; a computed zero is written as 0xFFFF
+	 * (what BPF_F_MARK_MANGLED_0 does in the helper). */
+	if (s->csum_mode == RELAY_CSUM_HELPERS) {
+		/* Size 0: `to` is a checksum difference. */
+		if (addr_changed && bpf_l4_csum_replace(skb, udp_csum_off, 0, d_addr,
+							BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR))
+			return -1;
+		if (data_changed &&
+		    bpf_l4_csum_replace(skb, udp_csum_off, 0, d_data, BPF_F_MARK_MANGLED_0))
+			return -1;
+		return 0;
+	}
+	__u16 check = s->udp_check;
+	if (check) {
+		if (s->csum_mode == RELAY_CSUM_FULL)
+			check = csum_fold(csum_add32(d_addr + d_data, ~(__u32)check));
+		else /* SEED: ports and flags are summed when the datagram is completed */
+			check = (__u16)~csum_fold(csum_add32((__u32)check, d_addr));
+		if (!check)
+			check = 0xFFFF;
+		s->udp_check = check;
+	}
+	udp->check = check;
 	return 0;
 }
 
@@ -298,6 +368,7 @@ int jasper_relay(struct __sk_buff *skb)
 	__builtin_memcpy(s.h.dmac, data, RELAY_HDR_FIXED);
 	s.h.sport = p.sport;
 	s.h.dport = p.dport;
+	s.csum_mode = relay_csum_mode(skb, &s, table->flags);
 	action = relay_fan_out(skb, &s, table, p.flags, own_mark, &n);
 
 out:

@@ -59,7 +59,16 @@ def lab() -> Iterator[object]:
         yield lab
 
 
-def test_every_endpoint_gets_every_message_once_through_the_fast_path(lab: object) -> None:
+@pytest.mark.parametrize(
+    ("arrival", "csum_helpers"),
+    [("full", False), ("partial", False), ("full", True), ("partial", True)],
+)
+def test_every_endpoint_gets_every_message_once_through_the_fast_path(
+    lab: object, arrival: str, csum_helpers: bool
+) -> None:
+    """`arrival` full: the publisher computes checksums (a NIC's CHECKSUM_NONE/UNNECESSARY);
+    partial: it leaves them to offload, so the relay sees CHECKSUM_PARTIAL seeds, and the relay's
+    egress completes them in software (TX offload off there), so that they are verified too."""
     from scapy.compat import raw
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
@@ -69,7 +78,15 @@ def test_every_endpoint_gets_every_message_once_through_the_fast_path(lab: objec
     from ebpf.netlab import FanoutLab, entered, sh
 
     assert isinstance(lab, FanoutLab)
-    relay = RelayFastPath(node=f"{lab.prefix}-relay", ifname=lab.relay_in, listen_port=LISTEN_PORT)
+    if arrival == "partial":
+        sh("ethtool", "-K", lab.pub_if, "tx", "on", ns=lab.pub)
+        sh("ethtool", "-K", lab.relay_out, "tx", "off", ns=lab.relay)
+    relay = RelayFastPath(
+        node=f"{lab.prefix}-relay",
+        ifname=lab.relay_in,
+        listen_port=LISTEN_PORT,
+        csum_helpers=csum_helpers,
+    )
     receivers: list[ReceiverFastPath] = []
     socks: list[socket.socket] = []
     owner: dict[int, tuple[str, int]] = {}

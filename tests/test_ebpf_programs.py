@@ -237,8 +237,11 @@ def fan_out(lab: Lab, pkt: Any, mark: int = 0, wait_s: float = 0.05) -> tuple[in
     return res.retval, copies
 
 
-@pytest.fixture
-def relay(lab: Lab) -> Iterator[Lab]:
+@pytest.fixture(params=["inline", "helpers"])
+def relay(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """The relay with an empty table, patching UDP checksums with its own arithmetic or with
+    bpf_l4_csum_replace (both must write the same bytes)."""
+    lab.relay.csum_helpers = request.param == "helpers"
     with lab.entered(lab.ns):
         lab.relay.reset()
         lab.relay.set_targets([])
