@@ -204,6 +204,8 @@ class _Run:
         """Link-model steps as applied: requested and actual time, scale, model."""
         self.sinks: list[Any] = []
         """UDP sockets standing in for MP applications (deliver=udp)."""
+        self.mp_received = 0
+        """Datagrams the MP sockets received (deliver=udp)."""
         self.link_model_note = ""
         self.prefix: list[str] = []
         """Command prefix of controller-mode daemons (chrt, see REALTIME_AT_EXEC_MAX)."""
@@ -327,6 +329,16 @@ class _Run:
                 thread.join(15)
                 setattr(self, attr, None)
 
+    def drain_sinks(self) -> None:
+        """Read what the MPs' sockets hold, as the MP applications would (deliver=udp)."""
+        for sock in self.sinks:
+            while True:
+                try:
+                    sock.recv(2048)
+                except (BlockingIOError, InterruptedError):
+                    break
+                self.mp_received += 1
+
     def close(self) -> None:
         self.stop_sampler()
         try:
@@ -338,6 +350,7 @@ class _Run:
             finally:
                 if self.ref is not None:
                     self.ref.cleanup()
+                self.drain_sinks()  # the receivers released their last messages as they stopped
                 for sock in self.sinks:
                     sock.close()
 
@@ -404,9 +417,11 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
                 run.publishing_started()
             stream.write(_progress_bar(done, total, time.monotonic() - t0, cfg.duration_s))
             stream.flush()
+            run.drain_sinks()
             time.sleep(0.2)
         stream.write(_progress_bar(total, total, cfg.duration_s, cfg.duration_s) + "\n")
         _drain(out, cfg, sum(len(v) for v in run.subscriptions.values()), stream)
+        run.drain_sinks()
         run.stop_sampler()
         run.sample_controller(t0)
     except _Interrupted:
@@ -426,6 +441,9 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
     summary = summarize(out, run.subscriptions, cfg, run=run)
     summary["startup_s"] = startup_s
     summary["interrupted"] = interrupted
+    if cfg.deliver == "udp":
+        summary["mp_received"] = run.mp_received
+        summary["text"] += f"\nMP sockets received {run.mp_received} datagrams"
     summary["exit_codes"] = {
         c.name: (c.proc.returncode if c.proc is not None else None) for c in run.cluster.children
     }
@@ -805,6 +823,9 @@ def _open_sinks(addr: str, base: int, n: int) -> list[Any]:
     socks = []
     for i in range(n):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Read every 0.2 s by the demo; a full buffer would drop deliveries silently.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.setblocking(False)
         s.bind((addr, base + i))
         socks.append(s)
     return socks
