@@ -319,9 +319,14 @@ def _print_summary(doc: dict[str, Any]) -> None:
     print()
     for f in doc["faults"]:
         clock = (
-            f"  stepped host: {f['victim_mistimed_pairs']} pairs released > tau off their "
-            f"deadline, worst {f['victim_release_error_max_us']} µs, clock wrong for "
-            f"{f['clock_wrong_ms']} ms"
+            f"  stepped host: SNTP corrected it after {f.get('corrected_after_ms')} ms "
+            f"(measured {f.get('measured_offset_us')} µs, error after "
+            f"{f.get('error_after_correction_us')} µs); {f['victim_mistimed_pairs']} pairs "
+            f"released > tau off their deadline, worst {f['victim_release_error_max_us']} µs, "
+            f"last {f['last_mistimed_ms']} ms after the step; after the step "
+            f"{f['victim_mistimed_per_endpoint']} "
+            f"mistimed pairs per endpoint there vs {f['others_mistimed_per_endpoint']} on the "
+            "other hosts"
             if "victim_mistimed_pairs" in f
             else ""
         )

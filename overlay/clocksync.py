@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import mmap
 import os
@@ -521,6 +522,7 @@ class ClockService:
         """(kernel time, ns) of every fault step taken."""
         self._task: asyncio.Task[None] | None = None
         self._step_signal = False
+        self._watch: asyncio.Task[None] | None = None
 
     @classmethod
     def emulated(
@@ -564,8 +566,31 @@ class ClockService:
         if not isinstance(self.clock, SoftwareClock):
             raise TypeError("only an emulated clock (--clock-offset-us) can be stepped")
         self.clock.apply_correction(delta_ns=delta_ns, bound=self.clock.bound())
-        self.steps.append((time.time_ns(), delta_ns))
+        stepped_at = time.time_ns()
+        self.steps.append((stepped_at, delta_ns))
         log.warning("emulated clock of %s stepped by %+d ns (fault)", self.clock.name, delta_ns)
+        if self.step_file is not None and isinstance(self.sync, ClockDiscipline):
+            with contextlib.suppress(RuntimeError):  # no running loop: nobody to watch
+                self._watch = asyncio.get_running_loop().create_task(
+                    self._report_correction(delta_ns, stepped_at, len(self.sync.history))
+                )
+
+    async def _report_correction(self, delta_ns: int, stepped_at_ns: int, seen: int) -> None:
+        """Write `<step file>.corrected` (JSON) once the next SNTP burst has corrected the
+        step: when, and what offset it measured, so the fault's cost needs no guessing."""
+        assert isinstance(self.sync, ClockDiscipline) and self.step_file is not None
+        assert isinstance(self.clock, SoftwareClock)
+        while len(self.sync.history) <= seen:
+            await asyncio.sleep(0.005)
+        rec = self.sync.history[seen]
+        doc = {
+            "step_ns": delta_ns,
+            "stepped_at_ns": stepped_at_ns,
+            "corrected_at_ns": time.time_ns(),
+            "measured_offset_ns": rec.offset_ns,
+            "error_after_ns": self.clock.error_ns(),
+        }
+        Path(self.step_file + ".corrected").write_text(json.dumps(doc))
 
     def _on_step_signal(self) -> None:
         assert self.step_file is not None
@@ -580,8 +605,12 @@ class ClockService:
         """First sync (so the daemon starts on a corrected clock), then keep syncing."""
         if self.step_file is not None and isinstance(self.clock, SoftwareClock):
             # Before the first burst: a step requested during start-up must not kill us.
-            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._on_step_signal)
-            self._step_signal = True
+            try:
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGUSR1, self._on_step_signal)
+                self._step_signal = True
+            except RuntimeError as exc:  # a loop outside the main thread gets no signals
+                log.warning("no clock-step signal hook: %s", exc)
         if isinstance(self.sync, ClockDiscipline):
             await self.sync.sync_once()
             self._task = self.sync.start()
@@ -590,6 +619,8 @@ class ClockService:
             self._task = asyncio.get_running_loop().create_task(self.sync.run())
 
     async def stop(self) -> None:
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()
         if self._step_signal:
             self._step_signal = False
             with contextlib.suppress(RuntimeError, ValueError):

@@ -4,6 +4,7 @@ P(F) table at several tau."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -90,19 +91,26 @@ def test_reference_chronyd_in_a_namespace_corrects_a_stepped_clock(tmp_path: Pat
         ref.start()
         assert ref.ping()
 
+        step_file = tmp_path / "clock-step"
+
         async def node() -> None:
             svc = ClockService.emulated(
                 offset_ns=3_000_000, drift_ppm=0.0, server=(ref.addr, 123), name="h0"
             )
+            svc.step_file = str(step_file)
             assert isinstance(svc.sync, ClockDiscipline)
             assert isinstance(svc.clock, SoftwareClock)
-            await svc.sync.sync_once()  # the start-up correction: 3 ms off -> near 0
+            await svc.start()  # the start-up correction (3 ms off -> near 0), then every 1 s
             errors.append(svc.clock.error_ns())
             svc.step(-10_000_000)
             errors.append(svc.clock.error_ns())
-            await svc.sync.sync_once()  # the next burst measures the jump and undoes it
+            done = Path(str(step_file) + ".corrected")
+            for _ in range(1000):  # the next burst measures the jump and undoes it
+                if done.exists():
+                    break
+                await asyncio.sleep(0.01)
             errors.append(svc.clock.error_ns())
-            await svc.sync.stop()
+            await svc.stop()
 
         def in_node_ns() -> None:
             try:
@@ -128,6 +136,12 @@ def test_reference_chronyd_in_a_namespace_corrects_a_stepped_clock(tmp_path: Pat
     assert abs(synced) < 1_000_000
     assert stepped == pytest.approx(synced - 10_000_000, abs=500_000)
     assert abs(corrected) < 1_000_000
+    # The daemon's own account of the correction, which the fault's cost reads.
+    report = json.loads((tmp_path / "clock-step.corrected").read_text())
+    assert report["step_ns"] == -10_000_000
+    assert 0 < report["corrected_at_ns"] - report["stepped_at_ns"] < 5_000_000_000
+    assert report["measured_offset_ns"] == pytest.approx(10_000_000, abs=1_000_000)
+    assert abs(report["error_after_ns"]) < 1_000_000
 
 
 # --- cost of a step, calibrated tau, the table -----------------------------------------------
@@ -163,7 +177,10 @@ def test_clock_step_cost_counts_the_stepped_hosts_mistimed_releases() -> None:
     assert cost["victim_mistimed_pairs"] == 2
     assert cost["victim_release_error_max_us"] == pytest.approx(10_000.0)
     # Wrong from the step to the last mistimed release (message 3's, 10 ms late).
-    assert cost["clock_wrong_ms"] == pytest.approx(1000 + 1 + 10, abs=0.1)
+    assert cost["last_mistimed_ms"] == pytest.approx(1000 + 1 + 10, abs=0.1)
+    # Against the block's other host: 2 per endpoint after the step there, none elsewhere.
+    assert cost["victim_mistimed_per_endpoint"] == 2.0
+    assert cost["others_mistimed_per_endpoint"] == 0.0
 
 
 def test_nice_ceil_rounds_up_to_1_2_5() -> None:

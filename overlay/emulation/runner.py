@@ -1303,11 +1303,14 @@ def clock_step_cost(
 ) -> dict[str, Any]:
     """What a clock step of the `victims` endpoints' host cost, from true-time records: pairs
     released more than tau from their deadline ("mistimed"), the worst release error, and how
-    long the clock stayed wrong (step to the last mistimed release: the SNTP correction).
+    long releases stayed off (step to the last mistimed release).
     Returns the (m, e) mistimed matrix under "mistimed" (victim columns only)."""
     on_time = m.got & ~m.late(True)
     err = np.where(on_time, m.release_ns - m.deadline_ns[:, None], 0)
-    mistimed = on_time & (np.abs(err) > tau_ns) & victims[None, :]
+    off = on_time & (np.abs(err) > tau_ns)
+    mistimed = off & victims[None, :]
+    after = m.send_ns >= event.start_ns if event.start_ns else np.ones(len(m.send_ns), bool)
+    others = int((~victims).sum())
     victim_err = err[:, victims][on_time[:, victims]] if victims.any() else np.zeros(0)
     rel = m.release_ns[mistimed]
     wrong_ms = (
@@ -1320,7 +1323,14 @@ def clock_step_cost(
         "victim_release_error_max_us": (
             round(float(np.abs(victim_err).max()) / 1e3, 1) if len(victim_err) else None
         ),
-        "clock_wrong_ms": wrong_ms,
+        "last_mistimed_ms": wrong_ms,
+        # The same block's other hosts, after the step: the machine's own noise at this tau.
+        "victim_mistimed_per_endpoint": round(
+            float(mistimed[after].sum()) / max(1, int(victims.sum())), 2
+        ),
+        "others_mistimed_per_endpoint": (
+            round(float(off[after][:, ~victims].sum()) / others, 2) if others else None
+        ),
     }
 
 
@@ -1401,6 +1411,15 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
             # (in true time) until its next SNTP burst corrects the clock: "mistimed" pairs.
             victims = np.array([host_of[e] == b.fault.target for e in leaves])
             extra = clock_step_cost(m, victims, event, tau_ns=tau_ns)
+            # The stepped daemon's own account: when its next SNTP burst corrected the step.
+            done = em.out / "blocks" / f"{b.index:03d}-{b.config}" / "clock-step.corrected"
+            if done.exists():
+                c = json.loads(done.read_text())
+                extra["corrected_after_ms"] = round(
+                    (c["corrected_at_ns"] - c["stepped_at_ns"]) / 1e6, 1
+                )
+                extra["measured_offset_us"] = round(c["measured_offset_ns"] / 1e3, 1)
+                extra["error_after_correction_us"] = round(c["error_after_ns"] / 1e3, 1)
             late = late | extra.pop("mistimed")
         # A clock step's cost is on its own host's endpoints; other faults' victims (a killed
         # host's endpoints) are reported apart from everyone else's cost.
