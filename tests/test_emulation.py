@@ -325,6 +325,9 @@ def test_small_emulation_runs_all_configurations_and_survives_a_killed_relay(
     assert step["event"]["target"] == stepped
     step_log = em.out / "blocks" / f"{step['block']:03d}-jasper" / f"{stepped}.log"
     assert "stepped by -50000000 ns" in step_log.read_text()
+    # Its next SNTP burst against the reference chronyd measured the jump and corrected it.
+    assert step["measured_offset_us"] == pytest.approx(50_000, abs=5_000)
+    assert 0 < step["corrected_after_ms"] < 5_000
     assert step["lost_pairs"] == 0
     # The run reads back from its folder to the same figures.
     from overlay.emulation.runner import reload_run
