@@ -21,9 +21,9 @@ struct relay_tally {
 		no_targets, passed, clone_seen;
 };
 
-/* Ethernet, the fixed IPv4 header and the UDP ports as they are in the packet now, laid out so
- * that one bpf_skb_store_bytes writes them all (bytes 0..38 of a packet without IP options). The
- * leading pad puts the IP header on a 4-byte boundary. */
+/* Ethernet, the fixed IPv4 header and the UDP ports as they are in the packet now: each copy
+ * patches this stack copy and writes the fields that change. The leading pad puts the IP header
+ * on a 4-byte boundary. */
 struct relay_hdr {
 	__u16 pad;
 	__u8 dmac[6];
@@ -91,10 +91,10 @@ static __always_inline __u16 csum_fold(__u32 sum)
 	return (__u16)~sum;
 }
 
-/* Which enum relay_csum_mode this skb is in; once per packet, before the first rewrite. Any
- * failure falls back to the helpers, which handle every mode. */
-static __always_inline __u16 relay_csum_mode(struct __sk_buff *skb, struct relay_state *s,
-					     __u32 table_flags)
+/* Which enum relay_csum_mode this skb is in; once per packet, before the first rewrite. Negative
+ * when the probe could not put the checksum field back (the packet must then be dropped). */
+static __always_inline int relay_csum_mode(struct __sk_buff *skb, struct relay_state *s,
+					   __u32 table_flags)
 {
 	if (table_flags & JASPER_TABLE_CSUM_HELPERS)
 		return RELAY_CSUM_HELPERS;
@@ -114,18 +114,17 @@ static __always_inline __u16 relay_csum_mode(struct __sk_buff *skb, struct relay
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	if (data + off + 2 > data_end)
-		return RELAY_CSUM_HELPERS;
+		return -1;
 	__u16 after = *(__u16 *)(data + off);
 	*(__u16 *)(data + off) = before;
 	s->udp_check = before;
 	return after == before ? RELAY_CSUM_SEED : RELAY_CSUM_FULL;
 }
 
-/* Patch the stack copy of the headers for target `t` and write it into the packet: one store for
- * Ethernet, IP and ports, the IP checksum computed here (it covers the IP header only, whatever
- * the skb's checksum state), the UDP checksum patched by the kernel helper with at most two
- * differences (addresses through the pseudo-header, ports and flags in the datagram), since only
- * the helper knows whether the skb carries a full checksum or a CHECKSUM_PARTIAL seed. */
+/* Patch the stack copy of the headers for target `t` and write what changed into the packet. The
+ * IP checksum is computed here (it covers the IP header only, whatever the skb's checksum state);
+ * the UDP checksum too, from the differences of addresses (pseudo-header), ports and flags, as
+ * the skb's checksum mode wants it, or by bpf_l4_csum_replace in mode RELAY_CSUM_HELPERS. */
 static __always_inline int relay_rewrite(struct __sk_buff *skb, struct relay_state *s,
 					 const struct jasper_target *t, const __u8 macs[12],
 					 __u8 new_flags)
@@ -289,9 +288,9 @@ static __always_inline int relay_fan_out(struct __sk_buff *skb, struct relay_sta
 			n->clone_failed++;
 		else
 			n->copies++;
-		/* bpf_clone_redirect invalidates every packet pointer. The rewrites go through
-		 * helpers with offsets, but check that the headers we patch are still where we left
-		 * them before touching the skb again. */
+		/* bpf_clone_redirect invalidates every packet pointer (and unclones our head): the
+		 * next rewrite re-derives them; check here that the headers we patch are still
+		 * where we left them before touching the skb again. */
 		void *data = (void *)(long)skb->data;
 		void *data_end = (void *)(long)skb->data_end;
 		if (data + (s->jh_off & 0xFF) + JASPER_HEADER_LEN > data_end) {
@@ -322,11 +321,11 @@ int jasper_relay(struct __sk_buff *skb)
 		n.clone_seen++;
 		goto out;
 	}
-	/* Make the headers linear so direct access sees them (a no-op when they already are). */
-	if (skb->len >= JASPER_PARSE_SPAN)
-		bpf_skb_pull_data(skb, JASPER_PARSE_SPAN);
-	else
-		bpf_skb_pull_data(skb, skb->len);
+	/* Make the headers linear so direct access sees them; most packets already are, and the
+	 * check spares them a helper call. */
+	__u32 span = skb->len < JASPER_PARSE_SPAN ? skb->len : JASPER_PARSE_SPAN;
+	if ((long)skb->data_end - (long)skb->data < (long)span)
+		bpf_skb_pull_data(skb, span);
 
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -368,7 +367,12 @@ int jasper_relay(struct __sk_buff *skb)
 	__builtin_memcpy(s.h.dmac, data, RELAY_HDR_FIXED);
 	s.h.sport = p.sport;
 	s.h.dport = p.dport;
-	s.csum_mode = relay_csum_mode(skb, &s, table->flags);
+	int mode = relay_csum_mode(skb, &s, table->flags);
+	if (mode < 0) {
+		n.clone_failed++;
+		goto out;
+	}
+	s.csum_mode = mode;
 	action = relay_fan_out(skb, &s, table, p.flags, own_mark, &n);
 
 out:
