@@ -548,6 +548,18 @@ def write_report(out_dir: Path, doc: Mapping[str, Any], images: Mapping[str, str
             "<p class='bad'><b>Not valid for timing figures:</b> machine CPU stayed above "
             f"{doc.get('cpu_limit_percent', 60)}% during the measured blocks.</p>"
         )
+    cal = summary.get("calibration") or {}
+    parts.append(
+        f"<p>Headline tau {summary.get('tau_us')} µs, from {summary.get('tau_from', '?')}"
+        + (
+            f": the calibration block's DWS p90 (p50/p90/p99 {cal.get('dws_p50_us')}/"
+            f"{cal.get('dws_p90_us')}/{cal.get('dws_p99_us')} µs, every copy early, one "
+            "message at a time), rounded up to 1, 2 or 5 x 10^k µs"
+            if cal
+            else ""
+        )
+        + ". The first table gives P(F) at several tau (*: the headline).</p>"
+    )
     parts.append("<h2>Configurations side by side</h2>")
     parts.append("<pre>" + html.escape(str(doc.get("table_text", ""))) + "</pre>")
     parts.append("<h3>P(F) [95% Wilson CI] at other thresholds tau</h3>")
@@ -580,6 +592,10 @@ def write_report(out_dir: Path, doc: Mapping[str, Any], images: Mapping[str, str
                     "victim_pairs",
                     "affected_messages",
                     "recovery_ms",
+                    "corrected_after_ms",
+                    "victim_mistimed_per_endpoint",
+                    "others_mistimed_per_endpoint",
+                    "victim_release_error_max_us",
                     "error",
                 ],
             )
