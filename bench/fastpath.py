@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -562,8 +563,9 @@ def bpf_stats() -> Iterator[None]:
 RELAYS = ("baseline", "blocking", "ebpf", "python")
 
 
-def run_table(bench: Bench, rounds: int, python_relay: bool) -> dict[str, Result]:
-    """Every relay `rounds` times, interleaved so that load drifts hit all of them alike."""
+def run_table(bench: Bench, rounds: int, python_relay: bool) -> dict[str, list[Result]]:
+    """Every relay `rounds` times, interleaved so that load drifts hit all of them alike; each
+    round starts with its own baseline run."""
     runs: dict[str, list[Result]] = {k: [] for k in RELAYS}
     for _ in range(rounds):
         runs["baseline"].append(bench.run_ebpf(with_targets=False))
@@ -574,47 +576,76 @@ def run_table(bench: Bench, rounds: int, python_relay: bool) -> dict[str, Result
         else:
             name = "asyncio loop (overlay.relay MISSING)"
             runs["python"].append(bench.run_script(ASYNCIO_LOOP, name))
-    return {k: median_run(v) for k, v in runs.items()}
+    return runs
 
 
-def report(title: str, res: dict[str, Result], fanout: int) -> list[dict[str, object]]:
+@dataclass
+class Summary:
+    """One relay's figures over the rounds of a table, in ns per delivered copy: each the median
+    over the rounds (other sessions' load comes in bursts that hit one round, not all)."""
+
+    run: Result
+    """The round with the median pipeline CPU per copy; its counts are the ones shown."""
+    pipe: float
+    """Pipeline CPU per copy."""
+    net: float
+    """Pipeline minus the same round's baseline run, per copy: what the relay adds."""
+    own: float
+    """The relay's own CPU per copy (process, or program run time)."""
+    system: float
+    """System-wide busy time per copy."""
+    nets: list[float]
+    """`net` of each round, for the spread."""
+
+
+def summarize(runs: dict[str, list[Result]]) -> dict[str, Summary]:
+    base = runs["baseline"]
+    out: dict[str, Summary] = {}
+    for k, rs in runs.items():
+        nets = [r.per_copy(r.pipeline_ns - b.pipeline_ns) for r, b in zip(rs, base, strict=True)]
+        out[k] = Summary(
+            run=median_run(rs),
+            pipe=statistics.median(r.per_copy(r.pipeline_ns) for r in rs),
+            net=statistics.median(nets),
+            own=statistics.median(r.per_copy(r.own_ns) for r in rs),
+            system=statistics.median(r.per_copy(r.busy_ns) for r in rs),
+            nets=nets,
+        )
+    return out
+
+
+def report(title: str, runs: dict[str, list[Result]], fanout: int) -> list[dict[str, object]]:
+    res = summarize(runs)
     base, block, ebpf, py = (res[k] for k in RELAYS)
-
-    def net(r: Result) -> float:
-        # Minus the baseline run: the publisher's sends and the relay's ingress up to TC.
-        return r.per_copy(r.pipeline_ns - base.pipeline_ns)
-
     print()
     print(title)
     print(f"{'relay':32} {'offered':>7} {'relayed':>7} {'deliver':>7} {'drops':>5} "
-          f"{'copy/s':>6} {'pipe ns':>7} {'net ns':>7} {'own ns':>7} {'sys ns':>7} "
-          f"{'x block':>7}")  # fmt: skip
+          f"{'copy/s':>6} {'pipe ns':>7} {'net ns':>7} {'own ns':>7} {'sys ns':>7}")  # fmt: skip
     rows: list[dict[str, object]] = []
-    for r in (base, block, ebpf, py):
-        d = r.delivered
-        ratio = block.per_copy(block.pipeline_ns) / r.per_copy(r.pipeline_ns) if d else 0.0
-        print(f"{r.name:32} {r.offered * fanout:>7} {r.relayed:>7} {d:>7} {r.sink_drops:>5} "
-              f"{r.copies_per_s:>6.0f} {r.per_copy(r.pipeline_ns) if d else 0:>7.0f} "
-              f"{net(r) if d else 0:>7.0f} {r.per_copy(r.own_ns) if d else 0:>7.0f} "
-              f"{r.per_copy(r.busy_ns) if d else 0:>7.0f} {ratio:>7.2f}")  # fmt: skip
-        rows.append({**vars(r), "table": title, "pipeline_ns_per_copy": r.per_copy(r.pipeline_ns),
-                     "net_ns_per_copy": net(r), "own_ns_per_copy": r.per_copy(r.own_ns),
-                     "system_ns_per_copy": r.per_copy(r.busy_ns),
-                     "ratio_vs_blocking_pipeline": ratio})  # fmt: skip
-    print(f"  baseline (no copies): pipeline {base.pipeline_ns / 1e6:.0f} ms CPU; system-wide "
-          f"busy {base.busy_ns / 1e6:.0f} ms of {2 * base.seconds * 1e3:.0f} ms "
+    for sm in (block, ebpf, py):
+        r = sm.run
+        print(f"{r.name:32} {r.offered * fanout:>7} {r.relayed:>7} {r.delivered:>7} "
+              f"{r.sink_drops:>5} {r.copies_per_s:>6.0f} {sm.pipe:>7.0f} {sm.net:>7.0f} "
+              f"{sm.own:>7.0f} {sm.system:>7.0f}")  # fmt: skip
+        rows.append({**vars(r), "table": title, "pipeline_ns_per_copy": sm.pipe,
+                     "net_ns_per_copy": sm.net, "net_ns_per_copy_rounds": sm.nets,
+                     "own_ns_per_copy": sm.own, "system_ns_per_copy": sm.system})  # fmt: skip
+    b = base.run
+    base_ms = statistics.median(x.pipeline_ns for x in runs["baseline"]) / 1e6
+    print(f"  baseline runs (no copies): pipeline {base_ms:.0f} ms CPU (median); system-wide "
+          f"busy {b.busy_ns / 1e6:.0f} ms of {2 * b.seconds * 1e3:.0f} ms "
           f"(the rest of the machine's load shows here)")  # fmt: skip
+    print(f"  net ns per round: eBPF {', '.join(f'{x:.0f}' for x in ebpf.nets)}; "
+          f"Python {', '.join(f'{x:.0f}' for x in py.nets)}")  # fmt: skip
 
-    def times(a: float, b: float) -> str:
-        return f"{a / b:.1f}x" if b > 0 else "n/a"
+    def times(a: float, c: float) -> str:
+        return f"{a / c:.1f}x" if c > 0 else "n/a"
 
     e = ebpf
     for o in (py, block):
-        pipe = times(o.per_copy(o.pipeline_ns), e.per_copy(e.pipeline_ns))
-        own = times(o.per_copy(o.own_ns), e.per_copy(e.own_ns))
-        system = times(o.per_copy(o.busy_ns), e.per_copy(e.busy_ns))
-        print(f"  {o.name} / eBPF relay, CPU per copy: pipeline {pipe}, "
-              f"net {times(net(o), net(e))}, own {own}, system-wide {system}")  # fmt: skip
+        print(f"  {o.run.name} / eBPF relay, CPU per copy: net {times(o.net, e.net)}, "
+              f"own {times(o.own, e.own)}, pipeline {times(o.pipe, e.pipe)}, "
+              f"system-wide {times(o.system, e.system)}")  # fmt: skip
     return rows
 
 
@@ -622,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rate", type=int, default=4000, help="offered messages per second")
     ap.add_argument("--seconds", type=float, default=3.0, help="sending time per run")
-    ap.add_argument("--rounds", type=int, default=3, help="runs per relay; the median is shown")
+    ap.add_argument("--rounds", type=int, default=5, help="runs per relay; medians are shown")
     ap.add_argument(
         "--sink",
         choices=("dead-end", "tc"),
@@ -645,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(lab, Path(tmp), args.rate, args.seconds)
         fanout = len(bench.targets)
         print(f"fan-out {fanout}, {args.rate} msg/s offered for {args.seconds} s per run, "
-              f"{PAYLOAD}-byte payload, {os.cpu_count()} CPUs, median of {args.rounds} "
-              f"interleaved runs; load average {os.getloadavg()[0]:.2f} at start")  # fmt: skip
+              f"{PAYLOAD}-byte payload, {os.cpu_count()} CPUs, medians of {args.rounds} "
+              f"interleaved rounds; load average {os.getloadavg()[0]:.2f} at start")  # fmt: skip
         if not python_relay:
             print("overlay.relay is NOT importable: measuring a minimal asyncio loop instead")
         print(
@@ -654,8 +685,9 @@ def main(argv: list[str] | None = None) -> int:
             "(schedstat; softirq is charged to the thread it interrupts)"
         )
         print(
-            "net ns: pipe minus the baseline run (publisher sends and relay ingress, no "
-            "copies): everything the relay adds, softirq included -- the goal's figure; "
+            "net ns: pipe minus the same round's baseline run (publisher sends and relay "
+            "ingress, no copies): everything the relay adds, softirq included -- the goal's "
+            "figure; "
             "own ns: relay process CPU, or the eBPF program's run time (bpf_stats; the last "
             "copy's transmit runs after the program returns and is not in it); "
             "sys ns: system-wide /proc/stat busy time (other load included)"
@@ -686,11 +718,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("delivery at the MPs per copy (end-to-end pipe minus relay-alone pipe: bridge, "
               "MP veth, UDP receive into the socket; the MPs' work, not the relay's):")  # fmt: skip
+        sa, se = summarize(alone), summarize(e2e)
         for k in ("blocking", "ebpf", "python"):
-            a, e = alone[k], e2e[k]
-            extra = e.per_copy(e.pipeline_ns) - a.per_copy(a.pipeline_ns)
-            print(f"  {e.name:32} {extra:>7.0f} ns")
-            rows.append({"table": "delivery at the MPs", "name": e.name, "ns_per_copy": extra})
+            extra = se[k].pipe - sa[k].pipe
+            print(f"  {se[k].run.name:32} {extra:>7.0f} ns")
+            rows.append({"table": "delivery at the MPs", "name": se[k].run.name,
+                         "ns_per_copy": extra})  # fmt: skip
 
         # The MPs' filter: TC or XDP on their veth, measured side by side.
         hooks = {h: median_run([bench.run_receiver_filter(h) for _ in range(args.rounds)])
