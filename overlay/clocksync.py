@@ -311,6 +311,8 @@ class SyncRecord:
     """Round-trip delay of the chosen sample."""
     samples: int
     """Valid samples in the burst."""
+    burst_started_true_ns: int = 0
+    """Kernel time when the burst's first exchange began (which clock the samples saw)."""
 
 
 @dataclass
@@ -358,6 +360,7 @@ class ClockDiscipline:
 
     async def sync_once(self) -> OffsetEstimate | None:
         """One burst and (unless measuring only) one correction."""
+        started_true_ns = time.time_ns()
         samples = await self._client.burst(self.samples)
         if not samples:
             self.failures += 1
@@ -399,6 +402,7 @@ class ClockDiscipline:
                 bound_ns=bound_ns,
                 delay_ns=est.delay_ns,
                 samples=est.samples,
+                burst_started_true_ns=started_true_ns,
             )
         )
         return est
@@ -580,9 +584,14 @@ class ClockService:
         step: when, and what offset it measured, so the fault's cost needs no guessing."""
         assert isinstance(self.sync, ClockDiscipline) and self.step_file is not None
         assert isinstance(self.clock, SoftwareClock)
-        while len(self.sync.history) <= seen:
+        # The first burst begun after the step: one already running sampled the clock before
+        # it and measures nothing of the jump.
+        while True:
+            later = [r for r in self.sync.history[seen:] if r.burst_started_true_ns > stepped_at_ns]
+            if later:
+                break
             await asyncio.sleep(0.005)
-        rec = self.sync.history[seen]
+        rec = later[0]
         doc = {
             "step_ns": delta_ns,
             "stepped_at_ns": stepped_at_ns,

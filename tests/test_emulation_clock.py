@@ -217,3 +217,35 @@ def test_table_shows_pfair_at_several_tau_with_n_and_intervals() -> None:
     assert all(x["n"] == 4 and x["ci"][0] <= x["p_fair"] <= x["ci"][1] for x in cols)
     text = format_pfair_table([{"config": "jasper", "messages": 4, "p_fair_at": cols}], 30)
     assert "*tau 0.03 ms" in text and "75.0% [" in text and "100.0% [" in text
+
+
+def test_correction_report_skips_a_burst_begun_before_the_step(tmp_path: Path) -> None:
+    """A burst already running when the clock steps sampled the old clock: the report waits
+    for the first burst begun after the step (seen at N=1000: 'corrected' after 12 ms, 0.6 µs)."""
+    from overlay.clocksync import SyncRecord
+
+    async def main() -> dict[str, int]:
+        svc = ClockService.emulated(
+            offset_ns=0, drift_ppm=0.0, server=("127.0.0.1", 9), name="h0"
+        )  # never started: the test feeds the discipline's history itself
+        assert isinstance(svc.sync, ClockDiscipline)
+        svc.step_file = str(tmp_path / "clock-step")
+        history = svc.sync.history
+        before = time.time_ns()
+        svc.step(-10_000_000)
+        await asyncio.sleep(0.02)
+        history.append(SyncRecord(0, 600, 1, 1, 8, burst_started_true_ns=before))
+        await asyncio.sleep(0.05)
+        assert not (tmp_path / "clock-step.corrected").exists()
+        history.append(SyncRecord(0, 10_000_000, 1, 1, 8, burst_started_true_ns=time.time_ns()))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if (tmp_path / "clock-step.corrected").exists():
+                break
+        await svc.stop()
+        doc: dict[str, int] = json.loads((tmp_path / "clock-step.corrected").read_text())
+        return doc
+
+    doc = asyncio.run(main())
+    assert doc["measured_offset_ns"] == 10_000_000
+    assert doc["step_ns"] == -10_000_000
