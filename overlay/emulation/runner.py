@@ -152,7 +152,7 @@ class EmulationSettings:
     tau_ns: int = 0
     """DWS threshold of P(F) of the headline; 0: from the run's calibration block (the DWS
     this machine reaches, p90, when every copy arrives long before the deadline)."""
-    calibration_messages: int = 80
+    calibration_messages: int = 60
     """Messages of the calibration block (tau_ns = 0 only)."""
     hold_percentile: float = 99.9
     """Jasper's hold: max over endpoints of this OWD percentile (from the previous tree block)."""
@@ -807,7 +807,7 @@ class Emulation:
             # Every copy long before its deadline, and one message at a time (the next is
             # sent after this one's release): what is left of DWS is the machine's floor.
             hold_ns = max(2 * hold_ns, hold_ns + 5_000_000)
-            rate = min(rate, 1e9 / (2 * hold_ns))
+            rate = min(rate, 1e9 / (1.1 * hold_ns))
         planned = self.tree_topos.get(spec.hedge) if spec.hedge is not None else None
         if planned is not None:
             doc = planned.to_dict()
