@@ -22,7 +22,8 @@ MEDIAN_US = 3000
 SCALE = 3.0
 STEP_UP_S, STEP_DOWN_S, DURATION_S = 6.0, 15.0, 24.0
 RISE_US = 6000
-"""Least rise (and fall) of the hold asserted: a third of what three hops' medians add."""
+"""Least fall of the hold asserted after the step down: a third of what three hops' medians
+lose."""
 SETTLE_S = 2.0
 """Stamped holds are compared from this long after each step on (the controller needs a
 window or two to see the new delays)."""
@@ -109,7 +110,10 @@ def test_adaptive_hold_follows_a_link_step_up_and_down(tmp_path: Path) -> None:
     h_before = statistics.median(before["window_hold_us"][1:])
     h_high = statistics.median(high["window_hold_us"][2:])
     h_after = statistics.median(after["window_hold_us"][2:])
-    assert h_high > h_before + RISE_US, (h_before, h_high, steps)
+    # Up: above where it was and above what the stepped path needs (three hops' medians); a
+    # stall of the shared host during the first phase can leave h_before high already.
+    needed_us = 0.8 * 3 * SCALE * MEDIAN_US
+    assert h_high > max(h_before, needed_us), (h_before, h_high, steps)
     assert h_after < h_high - RISE_US, (h_high, h_after, steps)
     windows = summary["hold_over_time"]["windows"]
     assert any(w["action"] == "up" for w in windows if STEP_UP_S <= w["t_s"] < STEP_DOWN_S)
@@ -124,7 +128,7 @@ def test_adaptive_hold_follows_a_link_step_up_and_down(tmp_path: Path) -> None:
         float(np.median(hold_us[(t >= lo) & (t < hi)]))
         for lo, hi in ((1.0, up), (up + SETTLE_S, down), (down + SETTLE_S, t.max() + 1))
     ]
-    assert stamped[1] > stamped[0] + RISE_US and stamped[2] < stamped[1] - RISE_US, stamped
+    assert stamped[1] > max(stamped[0], needed_us) and stamped[2] < stamped[1] - RISE_US, stamped
     # Lateness back under the objective within a stated number of windows of the step up.
     reach = high["windows_to_objective"]
     assert reach is not None and reach <= WINDOWS_TO_OBJECTIVE, steps
