@@ -7,12 +7,16 @@ each as with H=2, with deadline = send + hold. Measured: release time − deadli
                        release thread; release time = when sendto returned;
   - jasper-udp@mp:     the same run seen by the MPs: the kernel receive time (SO_TIMESTAMPNS) of
                        each delivery at the MP's socket;
+  - jasper-udp wake0:  the same, with idle CPUs asked to wake within 0 µs (PM QoS, the
+                       receiver's --cpu-wakeup-us 0: on a VM idle vCPUs poll instead of halting);
+  - jasper-unix wake0: the same delivering to a Unix datagram socket per endpoint;
   - jasper-udp-python: the same with the Python release thread (c_release=False);
   - jasper-memory:     the Python release thread handing over in process (async iterator use);
   - asyncio:           loop.call_at(deadline) per message on the receive loop (the baseline).
 All run their event loop in SCHED_FIFO when permitted (as the receiver daemon does);
 --no-realtime keeps everything SCHED_OTHER.
-Run on an otherwise idle host: python bench/release_precision.py [--messages 1000]
+Paths run interleaved, once per round. Run on an otherwise idle host:
+python bench/release_precision.py [--messages 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +92,57 @@ def feeding(ports: list[int], messages: int, rate: float, hold_ns: int) -> Itera
         proc.join(messages / rate + 60)
 
 
+def read_mps(sinks: list[socket.socket], stop: Any, out: Any) -> None:
+    """The MPs' process: read every delivery as it comes; (deadline, kernel receive time)
+    pairs go back through `out` at the end. A Unix datagram socket holds only a few hundred
+    datagrams, so the MPs must read during the run, as real ones do."""
+    import select
+
+    from overlay.kernel import drain
+
+    # MP applications are ordinary processes (the bench's main thread may be SCHED_FIFO).
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    seen: list[tuple[int, int]] = []
+
+    def at_mp(data: bytes, _src: Any, rx_ns: int) -> None:
+        seen.append((int.from_bytes(data[:8], "big"), rx_ns))
+
+    poller = select.poll()
+    for sink in sinks:
+        poller.register(sink, select.POLLIN)
+    by_fd = {sink.fileno(): sink for sink in sinks}
+    while True:
+        stopping = stop.is_set()
+        for fd, _ in poller.poll(50):
+            drain(by_fd[fd], at_mp, limit=1 << 20)
+        if stopping:
+            break
+    for sink in sinks:
+        while drain(sink, at_mp, limit=1 << 20)[0]:
+            pass
+    out.send(seen)
+
+
+@contextmanager
+def mps_reading(sinks: list[socket.socket]) -> Iterator[list[tuple[int, int]]]:
+    """Read `sinks` in a process of their own while the body runs; the list fills at exit."""
+    seen: list[tuple[int, int]] = []
+    if not sinks:
+        yield seen
+        return
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=read_mps, args=(sinks, stop, child_end), daemon=True)
+    proc.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        seen.extend(parent_end.recv())
+        proc.join(10)
+
+
 async def wait_for(proc: Any, hold_ns: int) -> None:
     while proc.is_alive():
         await asyncio.sleep(0.05)
@@ -93,43 +150,59 @@ async def wait_for(proc: Any, hold_ns: int) -> None:
 
 
 async def jasper_run(
-    udp: bool,
+    deliver: str,
     messages: int,
     rate: float,
     hold_ns: int,
     realtime: bool = True,
     c_release: bool = True,
+    cpu_wakeup_us: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Release errors (ns) as the receiver stamped them, (UDP) as the MPs' kernel saw them, and
-    of the first endpoint of each message's batch (when the release began)."""
-    from overlay.kernel import drain, open_udp
+    """Release errors (ns) as the receiver stamped them, as the MPs' kernel saw them (socket
+    deliveries: "udp" or "unix"), and of the first endpoint of each message's batch (when the
+    release began)."""
+    from overlay.kernel import SO_TIMESTAMPNS, open_udp
     from overlay.receiver import Receiver
     from overlay.release import tune_interpreter
 
     tune_interpreter()
-    topo = topology(udp)
-    seen: list[tuple[int, int]] = []  # (deadline, kernel receive time) at the MP sockets
-    sinks = []
-    for _, e in topo.endpoints() if udp else ():
+    topo = topology(deliver != "memory")
+    sinks: list[socket.socket] = []
+    folder = tempfile.TemporaryDirectory(prefix="jasper-mp-")
+    for i, (_, e) in enumerate(topo.endpoints() if deliver != "memory" else ()):
         assert e.deliver is not None
-        sinks.append(open_udp(ADDR, int(e.deliver.rsplit(":", 1)[1])))
+        if deliver == "udp":
+            sinks.append(open_udp(ADDR, int(e.deliver.rsplit(":", 1)[1])))
+        else:
+            sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sink.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sink.setblocking(False)
+            sink.bind(f"{folder.name}/mp{i}")
+            sinks.append(sink)
 
-    def at_mp(data: bytes, _src: tuple[str, int], rx_ns: int) -> None:
-        seen.append((int.from_bytes(data[:8], "big"), rx_ns))
-
-    # The MPs live in another process in real life; here they read their sockets after the
-    # run (the kernel stamped each datagram on arrival, buffers are large enough).
-    rx = Receiver(topo, "h0", link_model=False, realtime=realtime, c_release=c_release)
-    rx.start()
-    with feeding([e.port for _, e in topo.endpoints()], messages, rate, hold_ns) as proc:
-        await wait_for(proc, hold_ns)
-    rx.stop()
-    for sink in sinks:
-        while drain(sink, at_mp, limit=1 << 20)[0]:
-            pass
+    # The MPs read their sockets in a process of their own, as in real life; the kernel
+    # stamped each datagram on arrival.
+    rx = Receiver(
+        topo,
+        "h0",
+        link_model=False,
+        realtime=realtime,
+        c_release=c_release,
+        cpu_wakeup_us=cpu_wakeup_us,
+    )
+    if deliver == "unix":
+        for i, ep in enumerate(rx.endpoints):
+            ep.set_deliver(f"unix:{folder.name}/mp{i}")
+    with mps_reading(sinks) as seen:
+        rx.start()
+        with feeding([e.port for _, e in topo.endpoints()], messages, rate, hold_ns) as proc:
+            await wait_for(proc, hold_ns)
+        rx.stop()
     rx.close()
     for sink in sinks:
         sink.close()
+    folder.cleanup()
     recs = rx.records.array()
     recs = recs[recs["arrival_ns"] < recs["deadline_ns"]]
     errors: np.ndarray = (recs["release_ns"] - recs["deadline_ns"]).astype(np.float64)
@@ -189,13 +262,35 @@ def figures(a: np.ndarray) -> dict[str, float]:
             "max_us": float(a.max()) / 1e3}  # fmt: skip
 
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    "jasper-udp": {"deliver": "udp"},
+    "jasper-udp wake0": {"deliver": "udp", "cpu_wakeup_us": 0},
+    "jasper-unix wake0": {"deliver": "unix", "cpu_wakeup_us": 0},
+    "jasper-udp-python": {"deliver": "udp", "c_release": False},
+    "jasper-memory": {"deliver": "memory"},
+}
+"""Receiver paths measured (wake0: with idle CPUs asked to wake within 0 µs, i.e. to poll)."""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--messages", type=int, default=1000)
+    ap.add_argument("--messages", type=int, default=1000, help="messages per path and round")
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--hold-us", type=float, default=2000.0)
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="rounds, each running every path once (interleaved)"
+    )
+    ap.add_argument(
+        "--paths",
+        default=",".join(VARIANTS),
+        help=f"comma-separated receiver paths to measure beside asyncio (of {', '.join(VARIANTS)})",
+    )
     ap.add_argument("--no-realtime", action="store_true")
     args = ap.parse_args()
+    paths = [p for p in args.paths.split(",") if p]
+    unknown = [p for p in paths if p not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     hold = int(args.hold_us * 1000)
     rt = not args.no_realtime
     if rt:
@@ -203,27 +298,30 @@ def main() -> int:
 
         print(f"event loops SCHED_FIFO: {make_realtime(LOOP_PRIORITY)}")
     n, rate = args.messages, args.rate
-    udp, udp_mp, udp_first = asyncio.run(jasper_run(True, n, rate, hold, rt, c_release=True))
-    py_udp, py_mp, py_first = asyncio.run(jasper_run(True, n, rate, hold, rt, c_release=False))
-    memory, _, memory_first = asyncio.run(jasper_run(False, n, rate, hold, rt))
-    res = {
-        "asyncio": figures(asyncio.run(asyncio_run(n, rate, hold))),
-        "jasper-udp": figures(udp),
-        "jasper-udp@mp": figures(udp_mp),
-        "jasper-udp first": figures(udp_first),
-        "jasper-udp-python": figures(py_udp),
-        "jasper-udp-python@mp": figures(py_mp),
-        "jasper-udp-python first": figures(py_first),
-        "jasper-memory": figures(memory),
-        "jasper-memory first": figures(memory_first),
-    }
+    pooled: dict[str, list[np.ndarray]] = {}
+
+    def add(key: str, a: np.ndarray) -> None:
+        pooled.setdefault(key, []).append(a)
+
+    for r in range(args.rounds):
+        add("asyncio", asyncio.run(asyncio_run(n, rate, hold)))
+        for name in paths:
+            own, mp, first = asyncio.run(jasper_run(messages=n, rate=rate, hold_ns=hold,
+                                                    realtime=rt, **VARIANTS[name]))  # fmt: skip
+            add(name, own)
+            if mp.size:
+                add(f"{name}@mp", mp)
+            add(f"{name} first", first)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    res = {k: figures(np.concatenate(v)) for k, v in pooled.items()}
     print(
-        f"release error, {ENDPOINTS} endpoints, {n} messages at {rate:g}/s, hold {hold / 1e3:g} µs"
+        f"release error, {ENDPOINTS} endpoints, {n} messages at {rate:g}/s x {args.rounds} "
+        f"round(s), hold {hold / 1e3:g} µs"
     )
-    print("(first: the first endpoint of each message, i.e. when the batch began)")
-    print(f"{'path':<24} {'n':>6} {'p50 µs':>8} {'p99 µs':>8} {'p99.9 µs':>9} {'max µs':>8}")
+    print("(@mp: the MPs' kernel receive times; first: the first endpoint of each message)")
+    print(f"{'path':<26} {'n':>6} {'p50 µs':>8} {'p99 µs':>8} {'p99.9 µs':>9} {'max µs':>8}")
     for k, r in res.items():
-        print(f"{k:<24} {r['n']:6d} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['p999_us']:9.1f} "
+        print(f"{k:<26} {r['n']:6d} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['p999_us']:9.1f} "
               f"{r['max_us']:8.1f}")  # fmt: skip
     base = res["asyncio"]
     for k in res:

@@ -44,12 +44,31 @@ def add_parser(sub: Any) -> None:
         "SCHED_FIFO, so a deadline never waits behind ordinary processes)",
     )
     p.add_argument(
+        "--cpu-wakeup-us",
+        type=_wakeup_us,
+        metavar="US",
+        help="while running, ask the kernel (PM QoS, /dev/cpu_dma_latency) that idle CPUs wake "
+        "within US µs; 0 keeps idle vCPUs polling instead of halting, so a deadline's timer is "
+        "not delayed by the hypervisor, at the price of idle CPUs burning their host CPU "
+        "(default: not asked)",
+    )
+    p.add_argument(
         "--audit-log",
         metavar="PATH",
         help="append one record per release (stream, seq, endpoint, deadline, release time, "
         "clock bound) to PATH; {node} in PATH becomes the node name (read with `jasper audit`)",
     )
     p.set_defaults(func=run)
+
+
+def _wakeup_us(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of µs") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} µs: a wake-up latency is >= 0")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

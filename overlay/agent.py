@@ -553,6 +553,7 @@ class ReceiverHost:
             deliver=deliver,
             owd=OwdCollector(),
             auditor=audit_log_of(args, topo, node_clock),
+            cpu_wakeup_us=getattr(args, "cpu_wakeup_us", None),
         )
         self.rx.start(asyncio.get_running_loop())
         self.rx.enable_fast_path(getattr(args, "fast_path", "user") or "user")
@@ -588,8 +589,12 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
     data_addr = args.data_addr or "127.0.0.1"
     port = {"relay": getattr(args, "port", 7000), "receiver": getattr(args, "port_base", 7100)}
     capacity = getattr(args, "endpoints", 1) if kind == "receiver" else 1
-    # Probes go out from an ephemeral port unless told otherwise; the agent registers it.
-    probe_port = getattr(args, "probe_port", 0)
+    # Probes go out from an ephemeral port unless told otherwise (-1: no prober at all); the
+    # agent registers the port.
+    probe_port: int | None = getattr(args, "probe_port", 0)
+    if probe_port is not None and probe_port < 0:
+        probe_port = None
+    heartbeat_s = float(getattr(args, "heartbeat_s", 1.0))
     names = [n for n in args.node_name.split(",") if n] if kind == "relay" else [args.node_name]
     base_port = port.get(kind, 1)
     from overlay.daemon import _node_clock
@@ -608,6 +613,7 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         capacity=capacity,
         stream_id=getattr(args, "stream", None) if kind == "publisher" else None,
         probe_port=probe_port,
+        heartbeat_s=heartbeat_s,
         clock_status=clock_service.heartbeat if clock_service is not None else _unknown_clock,
     )
     agent_task = asyncio.create_task(agent.run(stop))

@@ -20,6 +20,26 @@ from overlay.release import LOOP_PRIORITY, make_realtime, tune_interpreter
 log = logging.getLogger(__name__)
 
 
+def _probe_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not -1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port}: a port is 0-65535 (or -1 for no prober)")
+    return port
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds < 3600:
+        raise argparse.ArgumentTypeError(f"{seconds:g} s: must be > 0 and under an hour")
+    return seconds
+
+
 def add_common_arguments(p: argparse.ArgumentParser, *, kind: str) -> None:
     """The arguments of /work/notes/cli-contract.md shared by relay, receiver and publisher."""
     src = p.add_mutually_exclusive_group(required=True)
@@ -38,11 +58,20 @@ def add_common_arguments(p: argparse.ArgumentParser, *, kind: str) -> None:
     p.add_argument("--data-addr", metavar="IP", help="data-plane address (controller mode)")
     p.add_argument(
         "--probe-port",
-        type=int,
+        type=_probe_port,
         default=0,
         metavar="PORT",
-        help="UDP port of the latency prober (controller mode; 0 = any free port), e.g. for a "
+        help="UDP port of the latency prober (controller mode; 0 = any free port, -1 = no "
+        "prober: the controller then places this node without its measurements), e.g. for a "
         "security group that opens one fixed port",
+    )
+    p.add_argument(
+        "--heartbeat-s",
+        type=_positive_seconds,
+        default=1.0,
+        metavar="S",
+        help="seconds between heartbeats to the controller (controller mode; the controller's "
+        "--heartbeat-timeout must be several times this)",
     )
     p.add_argument(
         "--records",
@@ -197,6 +226,7 @@ def run_receiver(args: argparse.Namespace) -> int:
             spin_ns=args.spin_us * 1000,
             realtime=not args.no_realtime,
             deliver=deliver,
+            cpu_wakeup_us=args.cpu_wakeup_us,
             reading_then=clock_service.clock.reading_then if clock_service else None,
             auditor=audit_log_of(
                 args, topo, clock_service.clock if clock_service is not None else None

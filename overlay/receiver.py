@@ -25,7 +25,7 @@ from overlay.audit_log import ReleaseAuditor
 from overlay.common import CopyCounters, link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
 from overlay.fastwire import peek
-from overlay.kernel import drain, open_udp
+from overlay.kernel import CpuWakeupLatency, drain, open_udp
 from overlay.recordlog import RecordLog, delivery_log
 from overlay.release import DEFAULT_SPIN_NS, REALTIME_PRIORITY, PreciseRelease
 from overlay.releasec import ReleaseQueue, release_queue, sockaddr
@@ -199,6 +199,7 @@ class Receiver:
         reading_then: Callable[[int], int] | None = None,
         owd: OwdCollector | None = None,
         auditor: ReleaseAuditor | None = None,
+        cpu_wakeup_us: int | None = None,
     ) -> None:
         self.topo = topo
         self.host = topo.receiver(host)
@@ -224,6 +225,11 @@ class Receiver:
         self._realtime = realtime
         self._spin_ns = spin_ns
         self._hold_capacity = hold_capacity
+        if cpu_wakeup_us is not None and cpu_wakeup_us < 0:
+            raise ValueError(f"cpu_wakeup_us must be >= 0, got {cpu_wakeup_us}")
+        self._cpu_wakeup_us = cpu_wakeup_us
+        self.cpu_wakeup: CpuWakeupLatency | None = None
+        """The PM QoS request held while running (None: not asked for)."""
         self._queue: ReleaseQueue | None = None
         """The C release thread for endpoints delivering over a socket (None: not started, or
         not available here; then the Python release thread serves them too)."""
@@ -308,6 +314,12 @@ class Receiver:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         loop = loop or asyncio.get_running_loop()
         self._loop = loop
+        if self._cpu_wakeup_us is not None and self.cpu_wakeup is None:
+            self.cpu_wakeup = CpuWakeupLatency(self._cpu_wakeup_us)
+            if self.cpu_wakeup.held:
+                log.info("idle CPUs asked to wake within %d µs", self._cpu_wakeup_us)
+            else:
+                log.warning("CPU wake-up latency not set: %s", self.cpu_wakeup.error)
         self.delay.start(loop)
         self.release.start()
         if self._queue is not None:
@@ -342,6 +354,8 @@ class Receiver:
 
     def close(self) -> None:
         self.delay.close()
+        if self.cpu_wakeup is not None:
+            self.cpu_wakeup.close()
         if self._queue is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._notify_fd)
@@ -642,6 +656,11 @@ class Receiver:
             "plan_epoch": self.topo.plan_epoch,
             "fast_path": self.fast_path_mode,
             "link_model": self.delay.model is not None,
+            "cpu_wakeup_us": (
+                self.cpu_wakeup.latency_us
+                if self.cpu_wakeup is not None and self.cpu_wakeup.held
+                else None
+            ),
             "delay_line": vars(self.delay.counters).copy(),
             "release": {
                 "batches": self.release.batches,

@@ -234,3 +234,63 @@ async def test_client_errors_are_classified(tmp_path: Path) -> None:
         assert await good.request("GET", "/v1/nodes") == []
     finally:
         await asyncio.to_thread(ctl.close)
+
+
+@pytest.mark.slow
+def test_daemon_flags_turn_the_prober_off_and_set_the_heartbeat(tmp_path: Path) -> None:
+    """`--probe-port -1` registers no prober; `--heartbeat-s` sets how often the agent reports."""
+    import subprocess
+    import sys
+
+    with LoopbackController(db_path=tmp_path / "c.db") as ctl:
+        token = ctl.write_token_file(tmp_path / "token")
+        base = [sys.executable, "-m", "jasper_cli.main", "receiver", "--controller", ctl.url,
+                "--token-file", str(token), "--no-realtime", "--endpoints", "2"]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                [*base, "--node-name", name, "--port-base", str(port), *extra],
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp_path / f"{name}.log", "wb"),  # noqa: SIM115
+            )
+            for name, port, extra in (
+                ("rx-quiet", 17300, ["--probe-port", "-1", "--heartbeat-s", "0.2"]),
+                ("rx-default", 17310, []),
+            )
+        ]
+        try:
+            deadline = time.monotonic() + 30
+            beats: dict[str, float] = {}
+            while time.monotonic() < deadline:
+                nodes = {n["name"]: n for n in ctl.nodes()}
+                beats = {
+                    name: (node.get("status") or {}).get("agent.heartbeats", 0.0)
+                    for name, node in nodes.items()
+                }
+                if beats.get("rx-quiet", 0) >= 12:
+                    break
+                time.sleep(0.2)
+            logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
+            assert set(nodes) == {"rx-quiet", "rx-default"}, logs
+            assert nodes["rx-quiet"]["probe_port"] is None
+            assert isinstance(nodes["rx-default"]["probe_port"], int)
+            # Started together: 5 a second against the default 1 a second.
+            assert beats["rx-quiet"] >= 12 and beats["rx-default"] <= beats["rx-quiet"] / 2, beats
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                assert p.wait(20) == 0
+
+
+def test_daemon_flags_are_validated() -> None:
+    import subprocess
+    import sys
+
+    for flag, value, says in (("--probe-port", "-2", "-1 for no prober"),
+                              ("--heartbeat-s", "0", "must be > 0")):  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "jasper_cli.main", "relay", "--controller", "http://x",
+             "--node-name", "r", flag, value],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
