@@ -38,6 +38,7 @@ import numpy as np
 
 ADDR = "127.0.0.1"
 ENDPOINTS = 20
+"""Endpoints on the receiver (--endpoints changes it for the run)."""
 
 
 def topology(udp: bool):  # type: ignore[no-untyped-def]
@@ -285,8 +286,15 @@ def main() -> int:
         default=",".join(VARIANTS),
         help=f"comma-separated receiver paths to measure beside asyncio (of {', '.join(VARIANTS)})",
     )
+    ap.add_argument(
+        "--endpoints", type=int, default=ENDPOINTS, help=f"endpoints (default {ENDPOINTS})"
+    )
     ap.add_argument("--no-realtime", action="store_true")
     args = ap.parse_args()
+    if not 1 <= args.endpoints <= 200:
+        ap.error(f"--endpoints {args.endpoints}: 1-200")
+    global ENDPOINTS
+    ENDPOINTS = args.endpoints
     paths = [p for p in args.paths.split(",") if p]
     unknown = [p for p in paths if p not in VARIANTS]
     if unknown:

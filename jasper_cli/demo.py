@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jasper_cli.receiver import wakeup_us_arg
+
 # Pure-Python data plane on this 2-core budget: about 3.3·N sends and receives per message.
 FULL_RATE_ENDPOINTS = 100
 
@@ -97,6 +99,13 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="keep every daemon SCHED_OTHER (by default relay and receiver loops and release "
         "threads run SCHED_FIFO, so a busy host delays them less)",
+    )
+    p.add_argument(
+        "--cpu-wakeup-us",
+        type=wakeup_us_arg,
+        metavar="US",
+        help="receivers ask the kernel that idle CPUs wake within US µs while they run (0: "
+        "idle vCPUs poll instead of halting; see `jasper receiver --help`)",
     )
     p.add_argument("--relays-per-process", type=int, default=6, help="relay nodes per process (6)")
     p.add_argument(
@@ -249,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
         fast_path=args.fast_path,
         deliver=args.deliver,
         realtime=not args.no_realtime,
+        cpu_wakeup_us=args.cpu_wakeup_us,
         control=control,
         hold_policy=args.hold_policy,
         emulate_clocks=not args.kernel_clock,

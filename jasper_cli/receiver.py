@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--cpu-wakeup-us",
-        type=_wakeup_us,
+        type=wakeup_us_arg,
         metavar="US",
         help="while running, ask the kernel (PM QoS, /dev/cpu_dma_latency) that idle CPUs wake "
         "within US µs; 0 keeps idle vCPUs polling instead of halting, so a deadline's timer is "
@@ -61,7 +61,7 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _wakeup_us(text: str) -> int:
+def wakeup_us_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

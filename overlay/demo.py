@@ -70,6 +70,8 @@ class DemoConfig:
     """--fast-path for relays and receivers."""
     realtime: bool = True
     """Run relays' and receivers' event loops (and release threads) in SCHED_FIFO."""
+    cpu_wakeup_us: int | None = None
+    """Receivers ask that idle CPUs wake within this many µs while they run (None: not asked)."""
     deliver: str = "memory"
     """memory: hand messages over in process; udp: send each to a local UDP port per endpoint."""
     control: str = "controller"
@@ -485,12 +487,17 @@ def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     rx_extra: tuple[str, ...] = ("--deliver", "topology" if cfg.deliver == "udp" else "memory")
     if not cfg.realtime:
         rx_extra += ("--no-realtime",)
+    rx_extra += _wakeup_args(cfg)
     if cfg.deliver == "udp":
         run.sinks = _open_sinks(cfg.addr, base + n_ports, cfg.receivers)
     for h in run.hosts:
         run.cluster.add_receiver(h, *fp, *rx_extra, *run.clock_args(f"receiver-{h}"))
     run.cluster.wait_ready(timeout_s=max(120.0, 0.5 * cfg.receivers))
     return ("--topology", str(topo_path), "--node-name", "pub")
+
+
+def _wakeup_args(cfg: DemoConfig) -> tuple[str, ...]:
+    return () if cfg.cpu_wakeup_us is None else ("--cpu-wakeup-us", str(cfg.cpu_wakeup_us))
 
 
 def _announce(run: _Run, depth: int, relays: int, groups: int, hosts: int, stream: Any) -> None:
@@ -759,6 +766,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
             "--ready-file", str(ready), "--fast-path", cfg.fast_path, *link,
             "--deliver", "topology" if cfg.deliver == "udp" else "memory",
             *(() if cfg.realtime else ("--no-realtime",)), *run.clock_args(label),
+            *_wakeup_args(cfg),
         )  # fmt: skip
         run.cluster._spawn(
             Child(label, "receiver", argv, run.cluster.log_dir / f"{label}.log", ready)

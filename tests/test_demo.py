@@ -44,7 +44,9 @@ def demo_argv(out: Path, *extra: str) -> list[str]:
 def test_demo_runs_reports_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     done = subprocess.run(
-        demo_argv(out, "--control", "static", "--rate", "50", "--duration", "2"),
+        demo_argv(
+            out, "--control", "static", "--rate", "50", "--duration", "2", "--cpu-wakeup-us", "0"
+        ),
         capture_output=True,
         text=True,
         timeout=240,
@@ -84,6 +86,11 @@ def test_demo_runs_reports_and_cleans_up(tmp_path: Path) -> None:
     assert not Path(clocks["reference_dir"]).exists()
     (rx,) = clocks["per_receiver"].values()
     assert rx["injected_offset_us"] is not None and rx["synced_fraction"] == 1.0
+    # The receivers held the CPU wake-up request they were given (root here; see
+    # test_cpu_wakeup.py for what it does).
+    (status,) = [json.loads(p.read_text()) for p in out.glob("status-receiver-*.json")]
+    if os.geteuid() == 0:
+        assert status["cpu_wakeup_us"] == 0
 
 
 @pytest.mark.slow
