@@ -158,6 +158,7 @@ async def jasper_run(
     realtime: bool = True,
     c_release: bool = True,
     cpu_wakeup_us: int | None = None,
+    release_threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Release errors (ns) as the receiver stamped them, as the MPs' kernel saw them (socket
     deliveries: "udp" or "unix"), and of the first endpoint of each message's batch (when the
@@ -191,6 +192,7 @@ async def jasper_run(
         realtime=realtime,
         c_release=c_release,
         cpu_wakeup_us=cpu_wakeup_us,
+        release_threads=release_threads,
     )
     if deliver == "unix":
         for i, ep in enumerate(rx.endpoints):
@@ -266,6 +268,7 @@ def figures(a: np.ndarray) -> dict[str, float]:
 VARIANTS: dict[str, dict[str, Any]] = {
     "jasper-udp": {"deliver": "udp"},
     "jasper-udp wake0": {"deliver": "udp", "cpu_wakeup_us": 0},
+    "jasper-udp wake0 2thr": {"deliver": "udp", "cpu_wakeup_us": 0, "release_threads": 2},
     "jasper-unix wake0": {"deliver": "unix", "cpu_wakeup_us": 0},
     "jasper-udp-python": {"deliver": "udp", "c_release": False},
     "jasper-memory": {"deliver": "memory"},
@@ -274,6 +277,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def main() -> int:
+    global ENDPOINTS
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--messages", type=int, default=1000, help="messages per path and round")
     ap.add_argument("--rate", type=float, default=200.0)
@@ -293,7 +297,6 @@ def main() -> int:
     args = ap.parse_args()
     if not 1 <= args.endpoints <= 200:
         ap.error(f"--endpoints {args.endpoints}: 1-200")
-    global ENDPOINTS
     ENDPOINTS = args.endpoints
     paths = [p for p in args.paths.split(",") if p]
     unknown = [p for p in paths if p not in VARIANTS]

@@ -97,6 +97,12 @@ class Planner:
         self.matrix: dict[tuple[str, str], LinkStats] = {}
         self.last_seen: dict[str, float] = {}
         self.version = 0
+        """Config version of every node's answer: moves when a plan, node or link changes."""
+        self.hold_version = 0
+        """Version of the last hold change. Only a publisher's answer carries the hold in force
+        (receivers hold to the deadline it stamps), so only publishers' long polls answer it:
+        with an adaptive hold moving every window, waking every node for it would ship each
+        the whole plan again (at 1,000 endpoints that was most of the controller's CPU)."""
         self._wake: asyncio.Event | None = None
         self._docs: dict[tuple[int, str, int], dict[str, Any]] = {}
         self._predictions: dict[tuple[int, int], OmlPrediction] = {}
@@ -140,26 +146,45 @@ class Planner:
     # --- change notification ----------------------------------------------------------------
 
     def _bump(self, db: Any) -> None:
-        self.version += 1
+        """A change every node's config shows (one counter with `hold_version`)."""
+        self.version = max(self.version, self.hold_version) + 1
         store.set_meta(db=db, key="config_version", value=self.version)
         self._docs.clear()
+        self._wake_pollers()
+
+    def _bump_hold(self, db: Any) -> None:
+        """A change only publishers' configs show: the hold in force."""
+        self.hold_version = max(self.version, self.hold_version) + 1
+        store.set_meta(db=db, key="config_version", value=self.hold_version)
+        self._wake_pollers()
+
+    def _wake_pollers(self) -> None:
         if self._wake is not None:
             self._wake.set()
             self._wake = None
 
-    async def wait_change(self, seen_version: int, timeout_s: float) -> None:
-        """Return when the config version differs from `seen_version`, or after `timeout_s`.
+    def version_for(self, role: str) -> int:
+        """The config version a node of `role` is answered with."""
+        return max(self.version, self.hold_version) if role == "publisher" else self.version
+
+    async def wait_change(self, seen_version: int, timeout_s: float, *, role: str = "") -> None:
+        """Return when the config version of a `role` node differs from `seen_version`, or
+        after `timeout_s`.
 
         A node that is ahead of us saw an earlier incarnation of this controller (its database
         was replaced): it gets the current config at once rather than waiting to catch up.
         """
-        if self.version != seen_version:
-            return
-        if self._wake is None:
-            self._wake = asyncio.Event()
-        wake = self._wake
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout_s)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout_s
+        while self.version_for(role) == seen_version:
+            left = until - loop.time()
+            if left <= 0:
+                return
+            if self._wake is None:
+                self._wake = asyncio.Event()
+            wake = self._wake
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), left)
 
     # --- nodes ------------------------------------------------------------------------------
 
@@ -417,7 +442,7 @@ class Planner:
                     store.set_meta(
                         db=tx, key=_hold_key(stream_id), value=self.holds.streams[stream_id].hold_ns
                     )
-                self._bump(tx)
+                self._bump_hold(tx)
             for stream_id in changed:
                 log.info(
                     "stream %d: hold now %d ns", stream_id, self.holds.streams[stream_id].hold_ns

@@ -200,6 +200,7 @@ class Receiver:
         owd: OwdCollector | None = None,
         auditor: ReleaseAuditor | None = None,
         cpu_wakeup_us: int | None = None,
+        release_threads: int = 1,
     ) -> None:
         self.topo = topo
         self.host = topo.receiver(host)
@@ -230,9 +231,14 @@ class Receiver:
         self._cpu_wakeup_us = cpu_wakeup_us
         self.cpu_wakeup: CpuWakeupLatency | None = None
         """The PM QoS request held while running (None: not asked for)."""
-        self._queue: ReleaseQueue | None = None
-        """The C release thread for endpoints delivering over a socket (None: not started, or
-        not available here; then the Python release thread serves them too)."""
+        if release_threads < 1:
+            raise ValueError(f"release_threads must be >= 1, got {release_threads}")
+        self._release_threads = release_threads
+        self._queues: list[ReleaseQueue] = []
+        """The C release threads for endpoints delivering over a socket, endpoint i on thread
+        i mod n (empty: not started, or not available here; then the Python release thread
+        serves them too). Several threads send one deadline's batch in parallel, so the last
+        endpoint of a batch waits behind fewer sends."""
         self._notify_fd = -1
         self._inflight: dict[int, tuple[Endpoint, _Held]] = {}
         """What the C thread holds or sent but the loop has not booked yet, by token."""
@@ -290,22 +296,32 @@ class Receiver:
         return ep
 
     def _start_queue(self) -> None:
-        """Start the C release thread, once, when an endpoint first delivers over a socket."""
-        if not self._c_release or self._queue is not None:
+        """Start the C release threads, once, when an endpoint first delivers over a socket."""
+        if not self._c_release or self._queues:
             return
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        queue = release_queue(
-            capacity=self._hold_capacity,
-            spin_ns=self._spin_ns,
-            priority=REALTIME_PRIORITY if self._realtime else 0,
-            notify_fd=fd,
-        )
-        if queue is None:
+        queues: list[ReleaseQueue] = []
+        cpus = sorted(os.sched_getaffinity(0))
+        for i in range(self._release_threads):
+            queue = release_queue(
+                capacity=self._hold_capacity,
+                spin_ns=self._spin_ns,
+                priority=REALTIME_PRIORITY if self._realtime else 0,
+                notify_fd=fd,  # shared: one wake-up books what every thread sent
+                cpu=cpus[i % len(cpus)] if self._release_threads > 1 else -1,
+            )
+            if queue is None:
+                break
+            queues.append(queue)
+        if len(queues) < self._release_threads:
+            for queue in queues:
+                queue.stop(drain=False)
+                queue.close()
             os.close(fd)
             self._c_release = False
             log.info("C release thread unavailable: socket deliveries use the Python thread")
             return
-        self._queue, self._notify_fd = queue, fd
+        self._queues, self._notify_fd = queues, fd
         if self._loop is not None and not self._loop.is_closed():
             self._loop.add_reader(fd, self._on_released)
 
@@ -322,7 +338,7 @@ class Receiver:
                 log.warning("CPU wake-up latency not set: %s", self.cpu_wakeup.error)
         self.delay.start(loop)
         self.release.start()
-        if self._queue is not None:
+        if self._queues:
             loop.add_reader(self._notify_fd, self._on_released)
         for ep in self.endpoints:
             loop.add_reader(ep.sock.fileno(), self._on_readable, ep)
@@ -342,10 +358,11 @@ class Receiver:
         # Held messages are released on time, so wait up to one hold for the last of them.
         wait_s = self.topo.stream.hold_ns / 1e9 + 1.0
         self.release.stop(drain=True, timeout=wait_s)
-        if self._queue is not None:
+        if self._queues:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._notify_fd)
-            self._queue.stop(drain=True, timeout_s=wait_s)
+            for queue in self._queues:
+                queue.stop(drain=True, timeout_s=wait_s)
             self._on_released()
             for ep, _held in self._inflight.values():  # cannot happen after a drain; said if so
                 ep.counters.deliver_dropped["shutdown"] += 1
@@ -356,12 +373,13 @@ class Receiver:
         self.delay.close()
         if self.cpu_wakeup is not None:
             self.cpu_wakeup.close()
-        if self._queue is not None:
+        if self._queues:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._notify_fd)
-            self._queue.close()
+            for queue in self._queues:
+                queue.close()
             os.close(self._notify_fd)
-            self._queue, self._notify_fd = None, -1
+            self._queues, self._notify_fd = [], -1
         for ep in self.endpoints:
             ep.close()
         if self.auditor is not None:
@@ -429,7 +447,7 @@ class Receiver:
         if deadline == 0 or deadline <= now:
             self._deliver_now(ep, held, late=deadline != 0)
             return
-        if ep.out_fd >= 0 and self._queue is not None:
+        if ep.out_fd >= 0 and self._queues:
             if self._hold_in_c(ep, held, now):
                 return
         elif self.release.hold(
@@ -441,7 +459,7 @@ class Receiver:
 
     def _hold_in_c(self, ep: Endpoint, held: _Held, now: int) -> bool:
         """Queue one socket delivery on the C release thread; False when it is full."""
-        assert self._queue is not None
+        queues = self._queues
         stream, _session, seq, deadline, payload, _arrival, _parent = held
         deadline, rank = self.release.schedule.order(
             deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index
@@ -449,7 +467,7 @@ class Receiver:
         token = self._next_token
         self._next_token += 1
         # The C thread waits on the kernel clock; the node clock may be offset from it.
-        rc = self._queue.push(
+        rc = queues[ep.index % len(queues)].push(
             deadline_ns=deadline - (now - time.time_ns()),
             stream_id=stream,
             seq=seq,
@@ -466,15 +484,15 @@ class Receiver:
 
     def _on_released(self) -> None:
         """Book what the C release thread sent (woken through its eventfd)."""
-        assert self._queue is not None
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._notify_fd)
         inflight = self._inflight
-        for token, stamp, err in self._queue.take():
-            ep, held = inflight.pop(token)
-            if err:
-                ep.counters.deliver_dropped[errno.errorcode.get(err, str(err))] += 1
-            self._after(ep, held, stamp, False, err == 0)
+        for queue in self._queues:
+            for token, stamp, err in queue.take():
+                ep, held = inflight.pop(token)
+                if err:
+                    ep.counters.deliver_dropped[errno.errorcode.get(err, str(err))] += 1
+                self._after(ep, held, stamp, False, err == 0)
 
     def _deliver_now(self, ep: Endpoint, held: _Held, *, late: bool) -> None:
         ok = ep.hand_over(held[4])
@@ -667,14 +685,21 @@ class Receiver:
                 "errors": self.release.errors,
                 "held": len(self.release.schedule),
                 "realtime": self.release.realtime_ok,
-                "c_release": self._queue is not None,
+                "c_release": bool(self._queues),
+                "c_threads": len(self._queues),
                 **vars(self.release.schedule.counters),
-                "c_queue": self._queue.counters() if self._queue is not None else None,
+                "c_queue": _summed([q.counters() for q in self._queues]) if self._queues else None,
+                # (realtime there: how many of the threads run SCHED_FIFO)
             },
             "records": len(self.records),
             "receive_lag": self.lag.to_dict(),
             "process": process_figures(self.started_ns),
         }
+
+
+def _summed(counters: list[dict[str, int]]) -> dict[str, int]:
+    """Counters of several release threads added up, key by key."""
+    return {key: sum(c[key] for c in counters) for key in counters[0]}
 
 
 def audit_log_of(args: Any, topo: Topology, node_clock: Any = None) -> ReleaseAuditor | None:

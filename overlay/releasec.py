@@ -71,6 +71,7 @@ struct queue {
     int64_t spin_ns;
     int notify_fd;         /* an eventfd written after each batch (-1: none) */
     int priority;          /* SCHED_FIFO priority (0: normal scheduling) */
+    int cpu;               /* the CPU the thread runs on (-1: wherever the kernel puts it) */
     int realtime_ok;
     int stopping, drain, halt;
     uint64_t pushed, sent, failed, overflow, batches;
@@ -127,6 +128,14 @@ static struct held *pop_min(struct queue *q)
 static void realtime(struct queue *q, int *ok)
 {
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+    if (q->cpu >= 0) {
+        /* Threads sharing a deadline's batch each on a CPU of their own: two SCHED_FIFO
+         * threads on one CPU would send one after the other. */
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(q->cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+    }
     if (q->priority > 0) {
         struct sched_param sp = { .sched_priority = q->priority };
         *ok = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0;
@@ -223,7 +232,7 @@ static void release_memory(struct queue *q)
     free(q->heap); free(q->ring); free(q->batch); free(q->done); free(q);
 }
 
-void *jasper_rq_create(int cap, int64_t spin_ns, int priority, int notify_fd)
+void *jasper_rq_create(int cap, int64_t spin_ns, int priority, int notify_fd, int cpu)
 {
     struct queue *q = calloc(1, sizeof *q);
     if (!q) return NULL;
@@ -237,6 +246,7 @@ void *jasper_rq_create(int cap, int64_t spin_ns, int priority, int notify_fd)
     q->spin_ns = spin_ns;
     q->priority = priority;
     q->notify_fd = notify_fd;
+    q->cpu = cpu;
     q->warm_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (q->warm_fd >= 0) {
         socklen_t len = sizeof q->warm_addr;
@@ -419,11 +429,12 @@ class ReleaseQueue:
         spin_ns: int,
         priority: int,
         notify_fd: int = -1,
+        cpu: int = -1,
         take_max: int = 1024,
     ) -> None:
         self._lib = lib
         self._push = lib.jasper_rq_push
-        handle = lib.jasper_rq_create(capacity, spin_ns, priority, notify_fd)
+        handle = lib.jasper_rq_create(capacity, spin_ns, priority, notify_fd, cpu)
         if not handle:
             raise OSError("cannot start the C release thread")
         self._handle: int | None = handle
@@ -521,7 +532,7 @@ def _library() -> ctypes.CDLL | None:
             else:
                 vp, i64, u64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
                 lib.jasper_rq_create.restype = vp
-                lib.jasper_rq_create.argtypes = [i, i64, i, i]
+                lib.jasper_rq_create.argtypes = [i, i64, i, i, i]
                 lib.jasper_rq_push.restype = i
                 lib.jasper_rq_push.argtypes = [vp, i64, u64, u64, u64, u64, i, ctypes.c_char_p, i,
                                                ctypes.c_char_p, i]  # fmt: skip
@@ -538,9 +549,10 @@ def _library() -> ctypes.CDLL | None:
 
 
 def release_queue(
-    *, capacity: int, spin_ns: int, priority: int, notify_fd: int = -1
+    *, capacity: int, spin_ns: int, priority: int, notify_fd: int = -1, cpu: int = -1
 ) -> ReleaseQueue | None:
-    """A started C release thread; None when the routine cannot be built or loaded here."""
+    """A started C release thread (on `cpu` when >= 0); None when the routine cannot be built
+    or loaded here."""
     lib = _library()
     if lib is None:
         return None
@@ -551,6 +563,7 @@ def release_queue(
             spin_ns=spin_ns,
             priority=priority,
             notify_fd=notify_fd,
+            cpu=cpu,
         )
     except OSError as exc:
         log.info("C release thread unavailable: %s", exc)

@@ -125,7 +125,8 @@ def _owd(count: int, late: int, p97_ns: int) -> dict[str, Any]:
 
 def test_heartbeat_reports_drive_the_hold_over_the_api(tmp_path: Path) -> None:
     """In process: heartbeats with `owd` close a window once every receiver host reported;
-    the publisher's config carries the new hold, other nodes' documents keep the setting, a
+    the publisher's config carries the new hold (and only its config version moves), other
+    nodes' documents keep the setting, a
     fixed stream keeps its hold; bounds from heartbeats are added; malformed reports are 422."""
     from fastapi.testclient import TestClient
 
@@ -170,7 +171,11 @@ def test_heartbeat_reports_drive_the_hold_over_the_api(tmp_path: Path) -> None:
             doc = c.get(f"/v1/nodes/{name}/config?wait=0", headers=node).json()
             return int(doc["streams"][0]["topology"]["stream"]["hold_ns"])
 
+        def version(name: str) -> int:
+            return int(c.get(f"/v1/nodes/{name}/config?wait=0", headers=node).json()["version"])
+
         assert hold()["hold_ns"] == START_HOLD_NS
+        before = {name: version(name) for name in ("pub", "rx0", "relay0")}
         beat("pub", [], bound_ns=30_000)
         beat("rx1", [], bound_ns=50_000)
         beat("rx0", [_owd(500, 500, 2_000_000)], bound_ns=20_000)
@@ -185,6 +190,12 @@ def test_heartbeat_reports_drive_the_hold_over_the_api(tmp_path: Path) -> None:
         assert h["hold_ns"] == w["hold_ns"] == 2_500_000 + 80_000 + w["extra_hold_ns"]
         assert config_hold("pub") == h["hold_ns"]
         assert config_hold("rx0") == START_HOLD_NS  # the setting, not re-applied by receivers
+        # Only the publisher's config moved: a hold change does not ship every node its plan
+        # again. A receiver's long poll at its version waits out its timeout.
+        assert version("pub") > before["pub"]
+        assert version("rx0") == before["rx0"] and version("relay0") == before["relay0"]
+        r = c.get(f"/v1/nodes/rx0/config?version={before['rx0']}&wait=0.2", headers=node)
+        assert r.json()["version"] == before["rx0"]
         assert (
             c.get("/v1/streams/1/tree", headers=admin).json()["topology"]["stream"]["hold_ns"]
             == START_HOLD_NS

@@ -95,9 +95,10 @@ async def get_config(
     ] = 0,
     wait: Annotated[float, Query(ge=0, le=3600, description="Longest wait, seconds")] = 25.0,
 ) -> NodeConfig:
-    if store.get_node(db=planner.database.conn, name=name) is None:
+    node = store.get_node(db=planner.database.conn, name=name)
+    if node is None:
         raise NotFound(f"node {name!r} is not registered")
-    await planner.wait_change(version, min(wait, settings.long_poll_max_s))
+    await planner.wait_change(version, min(wait, settings.long_poll_max_s), role=node.role)
     streams = [
         StreamPlan(stream_id=sid, plan_epoch=epoch, topology=doc)
         for sid, epoch, doc in planner.node_streams(name)
@@ -107,4 +108,6 @@ async def get_config(
         for p in planner.peers_of(name)
         if p.probe_port is not None
     ]
-    return NodeConfig(version=planner.version, node=name, streams=streams, peers=peers)
+    return NodeConfig(
+        version=planner.version_for(node.role), node=name, streams=streams, peers=peers
+    )
