@@ -254,7 +254,7 @@ class Planner:
         memory and written by `flush_telemetry` in one transaction per monitor tick: a
         thousand nodes beating every second must not cost a thousand fsyncs. Liveness changes
         are committed at once."""
-        node = store.get_node(db=self.database.conn, name=name)
+        node = store.get_node(db=self.database.conn, name=name, telemetry=False)
         if node is None:
             raise NotFound(f"node {name!r} is not registered")
         self.telemetry[name] = Telemetry(applied_version, clock, status)
@@ -345,7 +345,7 @@ class Planner:
         return died
 
     def node_alive(self, name: str) -> bool:
-        node = store.get_node(db=self.database.conn, name=name)
+        node = store.get_node(db=self.database.conn, name=name, telemetry=False)
         return node is not None and node.alive
 
     # --- streams ----------------------------------------------------------------------------
@@ -796,7 +796,7 @@ class Planner:
         During a switch the publisher and relays that only the old plan uses keep the old
         plan; everyone else already gets the new one (make before break).
         """
-        node = store.get_node(db=self.database.conn, name=name)
+        node = store.get_node(db=self.database.conn, name=name, telemetry=False)
         if node is None:
             raise NotFound(f"node {name!r} is not registered")
         out = []

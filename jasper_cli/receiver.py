@@ -53,6 +53,15 @@ def add_parser(sub: Any) -> None:
         "(default: not asked)",
     )
     p.add_argument(
+        "--release-threads",
+        type=release_threads_arg,
+        default=1,
+        metavar="N",
+        help="C release threads, each pinned to its own CPU and sending its share of the "
+        "endpoints (endpoint i on thread i mod N), so one deadline's batch goes out N at a time "
+        "(default 1; more than the CPUs this process may use is refused)",
+    )
+    p.add_argument(
         "--audit-log",
         metavar="PATH",
         help="append one record per release (stream, seq, endpoint, deadline, release time, "
@@ -68,6 +77,21 @@ def wakeup_us_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of µs") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} µs: a wake-up latency is >= 0")
+    return value
+
+
+def release_threads_arg(text: str) -> int:
+    import os
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    cpus = len(os.sched_getaffinity(0))
+    if not 1 <= value <= cpus:
+        raise argparse.ArgumentTypeError(
+            f"{value}: between 1 and the {cpus} CPU(s) this process may run on"
+        )
     return value
 
 

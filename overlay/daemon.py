@@ -227,6 +227,7 @@ def run_receiver(args: argparse.Namespace) -> int:
             realtime=not args.no_realtime,
             deliver=deliver,
             cpu_wakeup_us=args.cpu_wakeup_us,
+            release_threads=args.release_threads,
             reading_then=clock_service.clock.reading_then if clock_service else None,
             auditor=audit_log_of(
                 args, topo, clock_service.clock if clock_service is not None else None

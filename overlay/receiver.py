@@ -687,6 +687,7 @@ class Receiver:
                 "realtime": self.release.realtime_ok,
                 "c_release": bool(self._queues),
                 "c_threads": len(self._queues),
+                "c_sent_per_thread": [q.counters()["sent"] for q in self._queues],
                 **vars(self.release.schedule.counters),
                 "c_queue": _summed([q.counters() for q in self._queues]) if self._queues else None,
                 # (realtime there: how many of the threads run SCHED_FIFO)

@@ -144,8 +144,8 @@ async def test_late_messages_delivered_at_once_and_counted() -> None:
     assert (recs["arrival_ns"] >= recs["deadline_ns"]).all()
 
 
-@pytest.mark.parametrize("c_release", [True, False])
-async def test_async_iterator_and_udp_delivery(c_release: bool) -> None:
+@pytest.mark.parametrize(("c_release", "threads"), [(True, 1), (True, 2), (False, 1)])
+async def test_async_iterator_and_udp_delivery(c_release: bool, threads: int) -> None:
     topo = make_topology(n=4, fanout=2, hedge=1, deliver=True)
     sinks = []
     for _, e in topo.endpoints():
@@ -155,7 +155,7 @@ async def test_async_iterator_and_udp_delivery(c_release: bool) -> None:
         s.bind((host, int(port)))
         s.setblocking(False)
         sinks.append(s)
-    o = Overlay(topo, c_release=c_release)
+    o = Overlay(topo, c_release=c_release, release_threads=threads, realtime=False)
     assert o.rx.status()["release"]["c_release"] is c_release
     o.start()
     got: list[int] = []
@@ -171,6 +171,7 @@ async def test_async_iterator_and_udp_delivery(c_release: bool) -> None:
         await o.publish(5)
         await asyncio.wait_for(task, 5)
         await settle(o.rx, 5 * 4)
+        release = o.rx.status()["release"]
     finally:
         o.close()
     assert got == [1, 2, 3, 4, 5]
@@ -186,6 +187,10 @@ async def test_async_iterator_and_udp_delivery(c_release: bool) -> None:
                 break
         s.close()
         assert payloads == [b"update %d" % i for i in range(5)]
+    if c_release:
+        # Endpoint i went out on thread i mod n: every thread sent its share.
+        assert release["c_threads"] == threads
+        assert release["c_sent_per_thread"] == [5 * 4 // threads] * threads
 
 
 async def test_apply_topology_mid_stream_loses_nothing() -> None:

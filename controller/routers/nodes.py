@@ -57,7 +57,7 @@ async def register(body: NodeCreate, planner: PlannerDep, _: NodeAuthDep) -> Nod
 
 @router.get("", response_model=list[NodePublic], summary="List nodes")
 async def list_nodes(db: DbDep, planner: PlannerDep, _: AdminDep) -> list[NodePublic]:
-    return [public(planner.view(n)) for n in store.list_nodes(db=db)]
+    return [public(planner.view(n)) for n in store.list_nodes(db=db, telemetry=True)]
 
 
 @router.get("/{name}", response_model=NodePublic, summary="One node")
@@ -95,7 +95,7 @@ async def get_config(
     ] = 0,
     wait: Annotated[float, Query(ge=0, le=3600, description="Longest wait, seconds")] = 25.0,
 ) -> NodeConfig:
-    node = store.get_node(db=planner.database.conn, name=name)
+    node = store.get_node(db=planner.database.conn, name=name, telemetry=False)
     if node is None:
         raise NotFound(f"node {name!r} is not registered")
     await planner.wait_change(version, min(wait, settings.long_poll_max_s), role=node.role)
