@@ -9,13 +9,17 @@ each as with H=2, with deadline = send + hold. Measured: release time − deadli
                        each delivery at the MP's socket;
   - jasper-udp wake0:  the same, with idle CPUs asked to wake within 0 µs (PM QoS, the
                        receiver's --cpu-wakeup-us 0: on a VM idle vCPUs poll instead of halting);
+  - jasper-udp wake0 2thr: the same with two C release threads, one per CPU;
+  - jasper-udp wake0 mps-spin: one thread, the MPs polling their sockets instead of sleeping;
   - jasper-unix wake0: the same delivering to a Unix datagram socket per endpoint;
   - jasper-udp-python: the same with the Python release thread (c_release=False);
   - jasper-memory:     the Python release thread handing over in process (async iterator use);
   - asyncio:           loop.call_at(deadline) per message on the receive loop (the baseline).
 All run their event loop in SCHED_FIFO when permitted (as the receiver daemon does);
 --no-realtime keeps everything SCHED_OTHER.
-Paths run interleaved, once per round. Run on an otherwise idle host:
+Paths run interleaved, once per round. --host-probe adds, per round, a clock-reading spinner
+on every CPU (idle CPUs polling): how often and how long the host takes a running vCPU away,
+which bounds what any release path can reach here. Run on an otherwise idle host:
 python bench/release_precision.py [--messages 1000] [--rounds 3]
 """
 
@@ -93,10 +97,12 @@ def feeding(ports: list[int], messages: int, rate: float, hold_ns: int) -> Itera
         proc.join(messages / rate + 60)
 
 
-def read_mps(sinks: list[socket.socket], stop: Any, out: Any) -> None:
+def read_mps(sinks: list[socket.socket], stop: Any, out: Any, spin: bool = False) -> None:
     """The MPs' process: read every delivery as it comes; (deadline, kernel receive time)
     pairs go back through `out` at the end. A Unix datagram socket holds only a few hundred
-    datagrams, so the MPs must read during the run, as real ones do."""
+    datagrams, so the MPs must read during the run, as real ones do. With `spin` the MPs poll
+    their sockets without blocking (as latency-sensitive trading applications do): no
+    delivery then has to wake a sleeping MP."""
     import select
 
     from overlay.kernel import drain
@@ -114,8 +120,12 @@ def read_mps(sinks: list[socket.socket], stop: Any, out: Any) -> None:
     by_fd = {sink.fileno(): sink for sink in sinks}
     while True:
         stopping = stop.is_set()
-        for fd, _ in poller.poll(50):
-            drain(by_fd[fd], at_mp, limit=1 << 20)
+        if spin:
+            for sink in sinks:
+                drain(sink, at_mp, limit=1 << 20)
+        else:
+            for fd, _ in poller.poll(50):
+                drain(by_fd[fd], at_mp, limit=1 << 20)
         if stopping:
             break
     for sink in sinks:
@@ -125,7 +135,7 @@ def read_mps(sinks: list[socket.socket], stop: Any, out: Any) -> None:
 
 
 @contextmanager
-def mps_reading(sinks: list[socket.socket]) -> Iterator[list[tuple[int, int]]]:
+def mps_reading(sinks: list[socket.socket], spin: bool = False) -> Iterator[list[tuple[int, int]]]:
     """Read `sinks` in a process of their own while the body runs; the list fills at exit."""
     seen: list[tuple[int, int]] = []
     if not sinks:
@@ -134,7 +144,7 @@ def mps_reading(sinks: list[socket.socket]) -> Iterator[list[tuple[int, int]]]:
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
     parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=read_mps, args=(sinks, stop, child_end), daemon=True)
+    proc = ctx.Process(target=read_mps, args=(sinks, stop, child_end, spin), daemon=True)
     proc.start()
     try:
         yield seen
@@ -159,6 +169,7 @@ async def jasper_run(
     c_release: bool = True,
     cpu_wakeup_us: int | None = None,
     release_threads: int = 1,
+    mps_spin: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Release errors (ns) as the receiver stamped them, as the MPs' kernel saw them (socket
     deliveries: "udp" or "unix"), and of the first endpoint of each message's batch (when the
@@ -197,7 +208,7 @@ async def jasper_run(
     if deliver == "unix":
         for i, ep in enumerate(rx.endpoints):
             ep.set_deliver(f"unix:{folder.name}/mp{i}")
-    with mps_reading(sinks) as seen:
+    with mps_reading(sinks, spin=mps_spin) as seen:
         rx.start()
         with feeding([e.port for _, e in topo.endpoints()], messages, rate, hold_ns) as proc:
             await wait_for(proc, hold_ns)
@@ -259,6 +270,40 @@ async def asyncio_run(messages: int, rate: float, hold_ns: int) -> np.ndarray:
     return np.array(errors, dtype=np.float64)
 
 
+def spin_for_gaps(cpu: int, seconds: float, out: Any) -> None:
+    """One CPU's probe: spin reading the clock for `seconds` and send back every gap between
+    two reads longer than 10 µs (ns): the time this vCPU was taken away from a running thread
+    (interrupts, the hypervisor), the floor under any release error measured here."""
+    os.sched_setaffinity(0, {cpu})
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    clock = time.perf_counter_ns
+    gaps: list[int] = []
+    now = clock()
+    end = now + int(seconds * 1e9)
+    while now < end:
+        then, now = now, clock()
+        if now - then > 10_000:
+            gaps.append(now - then)
+    out.send(gaps)
+
+
+def host_gaps(seconds: float) -> tuple[np.ndarray, float]:
+    """Gaps (ns) seen by one spinning probe per CPU at once, and the CPU-seconds probed."""
+    ctx = multiprocessing.get_context("fork")
+    cpus = sorted(os.sched_getaffinity(0))
+    ends = []
+    for cpu in cpus:
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=spin_for_gaps, args=(cpu, seconds, child_end), daemon=True)
+        proc.start()
+        ends.append((proc, parent_end))
+    gaps: list[int] = []
+    for proc, end in ends:
+        gaps.extend(end.recv())
+        proc.join(10)
+    return np.array(gaps, dtype=np.float64), seconds * len(cpus)
+
+
 def figures(a: np.ndarray) -> dict[str, float]:
     p50, p90, p99, p999 = np.percentile(a, [50, 90, 99, 99.9])
     return {"n": int(a.size), "p50_us": p50 / 1e3, "p90_us": p90 / 1e3, "p99_us": p99 / 1e3,
@@ -277,6 +322,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "jasper-udp": {"deliver": "udp"},
     "jasper-udp wake0": {"deliver": "udp", "cpu_wakeup_us": 0},
     "jasper-udp wake0 2thr": {"deliver": "udp", "cpu_wakeup_us": 0, "release_threads": 2},
+    "jasper-udp wake0 mps-spin": {"deliver": "udp", "cpu_wakeup_us": 0, "mps_spin": True},
     "jasper-unix wake0": {"deliver": "unix", "cpu_wakeup_us": 0},
     "jasper-udp-python": {"deliver": "udp", "c_release": False},
     "jasper-memory": {"deliver": "memory"},
@@ -302,6 +348,12 @@ def main() -> int:
         "--endpoints", type=int, default=ENDPOINTS, help=f"endpoints (default {ENDPOINTS})"
     )
     ap.add_argument("--no-realtime", action="store_true")
+    ap.add_argument(
+        "--host-probe",
+        action="store_true",
+        help="each round, also spin one probe per CPU for as long as a path runs and count the "
+        "gaps in its clock reads: how often this host takes a running CPU away (the floor)",
+    )
     args = ap.parse_args()
     if not 1 <= args.endpoints <= 200:
         ap.error(f"--endpoints {args.endpoints}: 1-200")
@@ -323,7 +375,18 @@ def main() -> int:
     def add(key: str, a: np.ndarray) -> None:
         pooled.setdefault(key, []).append(a)
 
+    probed: list[np.ndarray] = []
+    probed_s = 0.0
+    wake = None
+    if args.host_probe:
+        from overlay.kernel import CpuWakeupLatency
+
+        wake = CpuWakeupLatency(0)  # as the wake0 paths: idle CPUs poll, none halts
     for r in range(args.rounds):
+        if args.host_probe:
+            gaps, cpu_s = host_gaps(n / rate)
+            probed.append(gaps)
+            probed_s += cpu_s
         add("asyncio", asyncio.run(asyncio_run(n, rate, hold)))
         for name in paths:
             before = cpu_jiffies()
@@ -338,6 +401,8 @@ def main() -> int:
                 add(f"{name}@mp", mp)
             add(f"{name} first", first)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    if wake is not None:
+        wake.close()
     res = {k: figures(np.concatenate(v)) for k, v in pooled.items()}
     print(
         f"release error, {ENDPOINTS} endpoints, {n} messages at {rate:g}/s x {args.rounds} "
@@ -351,6 +416,13 @@ def main() -> int:
               f"{r['p999_us']:9.1f} {r['max_us']:8.1f}")  # fmt: skip
     for name, (stolen, total) in steal.items():
         print(f"steal during {name}: {100 * stolen / max(1, total):.1f}% of the machine's CPU time")
+    if args.host_probe:
+        g = np.concatenate(probed)
+        per_s = {t: int((g >= t * 1000).sum()) / probed_s for t in (20, 50, 100, 1000)}
+        print(f"host probe ({probed_s:.0f} CPU-s spinning on every CPU, idle CPUs polling): gaps "
+              + ", ".join(f">= {t} µs {v:.2f}/s" for t, v in per_s.items())
+              + f"; {100 * g[g >= 50_000].sum() / (probed_s * 1e9):.3f}% of the time in gaps "
+              f">= 50 µs, longest {g.max() / 1e3 if g.size else 0:.0f} µs")  # fmt: skip
     base = res["asyncio"]
     for k in res:
         if k != "asyncio":
