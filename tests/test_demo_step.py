@@ -27,9 +27,10 @@ lose."""
 SETTLE_S = 2.0
 """Stamped holds are compared from this long after each step on (the controller needs a
 window or two to see the new delays)."""
-WINDOWS_TO_OBJECTIVE = 7
+WINDOWS_TO_OBJECTIVE = 9
 """Windows after the step up within which one must meet the lateness objective (a window is
-~1 s; the pure policy test needs 5, the machine's own stalls can cost more)."""
+~1 s; the pure policy test needs 5, the machine's own stalls can cost more: a full-suite CI run
+on 2026-11-23, on a host whose running vCPUs lose >= 50 µs 106 times a second, needed 8)."""
 
 
 def test_parse_link_step() -> None:
