@@ -102,7 +102,7 @@ class Planner:
         """Version of the last hold change. Only a publisher's answer carries the hold in force
         (receivers hold to the deadline it stamps), so only publishers' long polls answer it:
         with an adaptive hold moving every window, waking every node for it would ship each
-        the whole plan again (at 1,000 endpoints that was most of the controller's CPU)."""
+        the whole plan again (at 1,000 endpoints, 118 plans of ~1,000 endpoints per window)."""
         self._wake: asyncio.Event | None = None
         self._docs: dict[tuple[int, str, int], dict[str, Any]] = {}
         self._predictions: dict[tuple[int, int], OmlPrediction] = {}
