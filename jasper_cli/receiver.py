@@ -30,9 +30,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--deliver",
-        choices=("topology", "memory"),
+        choices=("topology", "memory", "sink"),
         default="topology",
-        help="deliver to each endpoint's target from the topology, or in memory only",
+        help="deliver to each endpoint's target from the topology, in memory only, or (sink) "
+        "over loopback UDP into one socket this process never reads: the real send path to an "
+        "MP, through the C release threads, without MP processes (emulation, benchmarks)",
     )
     p.add_argument(
         "--spin-us", type=int, default=100, help="busy-wait this long before each deadline (µs)"
@@ -42,6 +44,14 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="stay SCHED_OTHER (by default the release thread and the event loop ask for "
         "SCHED_FIFO, so a deadline never waits behind ordinary processes)",
+    )
+    p.add_argument(
+        "--no-realtime-loop",
+        action="store_true",
+        help="keep the event loop SCHED_OTHER but the release threads SCHED_FIFO: many "
+        "receiver processes on few cores then do not starve each other's receive loops, while a "
+        "deadline still preempts ordinary work (with --deliver sink or socket targets the release "
+        "threads are C and never wait for the GIL)",
     )
     p.add_argument(
         "--cpu-wakeup-us",

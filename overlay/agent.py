@@ -536,10 +536,9 @@ class ReceiverHost:
 
     def __init__(self, topo: Topology, args: argparse.Namespace, clock: Any = None) -> None:
         from jasper.owd import OwdCollector
-        from overlay.receiver import Receiver, audit_log_of
+        from overlay.receiver import Receiver, audit_log_of, deliver_of
 
         self.args = args
-        deliver: str | None = None if getattr(args, "deliver", "") == "memory" else "topology"
         node_clock = getattr(clock, "clock", None)
         self.rx = Receiver(
             topo,
@@ -550,7 +549,7 @@ class ReceiverHost:
             link_model=not getattr(args, "no_link_model", False),
             spin_ns=int(getattr(args, "spin_us", 150) * 1000),
             realtime=not getattr(args, "no_realtime", False),
-            deliver=deliver,
+            deliver=deliver_of(args),
             owd=OwdCollector(),
             auditor=audit_log_of(args, topo, node_clock),
             cpu_wakeup_us=getattr(args, "cpu_wakeup_us", None),

@@ -203,7 +203,7 @@ def run_relay(args: argparse.Namespace) -> int:
 
 
 def run_receiver(args: argparse.Namespace) -> int:
-    from overlay.receiver import Receiver, audit_log_of
+    from overlay.receiver import Receiver, audit_log_of, deliver_of
 
     if args.controller:
         return controller_mode("receiver", args)
@@ -211,11 +211,8 @@ def run_receiver(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         tune_interpreter()
-        if not args.no_realtime:
+        if not args.no_realtime and not args.no_realtime_loop:
             make_realtime(LOOP_PRIORITY)
-        deliver: str | None = "topology"
-        if args.deliver == "memory":
-            deliver = None
         clock, synced, clock_service = await _node_clock(args, args.node_name)
         rx = Receiver(
             topo,
@@ -225,7 +222,7 @@ def run_receiver(args: argparse.Namespace) -> int:
             link_model=not args.no_link_model,
             spin_ns=args.spin_us * 1000,
             realtime=not args.no_realtime,
-            deliver=deliver,
+            deliver=deliver_of(args),
             cpu_wakeup_us=args.cpu_wakeup_us,
             release_threads=args.release_threads,
             reading_then=clock_service.clock.reading_then if clock_service else None,

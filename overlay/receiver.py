@@ -178,6 +178,10 @@ class Receiver:
 
     Receive path (event loop): socket -> link model -> decode -> per-endpoint dedup -> hold.
     Release path (its own thread): sleep to ~spin_ns before the deadline, spin, hand over.
+
+    `deliver`: "topology" (each endpoint's target), None (in process), a target for every
+    endpoint ("udp:HOST:PORT", "unix:/path") or "sink" (every endpoint sends to one loopback
+    socket this receiver opens and never reads).
     """
 
     def __init__(
@@ -213,6 +217,13 @@ class Receiver:
         self.records = records if records is not None else delivery_log()
         self.endpoints: list[Endpoint] = []
         self.by_name: dict[str, Endpoint] = {}
+        self.sink: socket.socket | None = None
+        """The unread loopback socket every endpoint delivers to with deliver="sink"."""
+        if deliver == "sink":
+            # Real sends into a socket nobody reads (the kernel drops what its small buffer
+            # cannot take): an MP's delivery cost, through the C release path, without MPs.
+            self.sink = open_udp("127.0.0.1", 0, timestamps=False, rcvbuf=4096)
+            deliver = f"udp:127.0.0.1:{self.sink.getsockname()[1]}"
         self._deliver_override = deliver
         self._ring_size = ring_size
         self._queue_len = queue_len
@@ -382,6 +393,9 @@ class Receiver:
             self._queues, self._notify_fd = [], -1
         for ep in self.endpoints:
             ep.close()
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
         if self.auditor is not None:
             try:
                 self.auditor.close()
@@ -701,6 +715,12 @@ class Receiver:
 def _summed(counters: list[dict[str, int]]) -> dict[str, int]:
     """Counters of several release threads added up, key by key."""
     return {key: sum(c[key] for c in counters) for key in counters[0]}
+
+
+def deliver_of(args: Any) -> str | None:
+    """The receiver's `deliver` for `--deliver` (topology, memory or sink)."""
+    choice = getattr(args, "deliver", "topology") or "topology"
+    return None if choice == "memory" else choice
 
 
 def audit_log_of(args: Any, topo: Topology, node_clock: Any = None) -> ReleaseAuditor | None:

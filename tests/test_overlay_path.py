@@ -199,6 +199,31 @@ async def test_async_iterator_and_udp_delivery(c_release: bool, threads: int) ->
         assert sum(per_thread) <= 5 * 4
 
 
+async def test_sink_delivery_sends_every_endpoint_through_the_c_release_thread() -> None:
+    # Endpoints without targets (as under the controller) all send to the receiver's own
+    # unread loopback socket: each on-time message is one real send by the C thread.
+    topo = make_topology(n=6, fanout=3, hedge=1, hold_ns=20_000_000)
+    assert all(e.deliver is None for _, e in topo.endpoints())
+    o = Overlay(topo, deliver="sink", realtime=False)
+    sink = o.rx.sink
+    assert sink is not None
+    assert all(ep.out_fd >= 0 for ep in o.rx.endpoints)
+    o.start()
+    try:
+        await o.publish(8, gap_s=0.005)
+        await settle(o.rx, 8 * 6)
+        release = o.rx.status()["release"]
+    finally:
+        o.close()
+    assert o.rx.sink is None and sink.fileno() == -1  # closed with the receiver
+    recs = o.rx.records.array()
+    assert len(recs) == 8 * 6
+    on_time = recs[recs["arrival_ns"] < recs["deadline_ns"]]
+    assert len(on_time) > 0 and (on_time["release_ns"] >= on_time["deadline_ns"]).all()
+    assert release["c_release"] and release["c_queue"]["sent"] == len(on_time)
+    assert release["c_queue"]["failed"] == 0
+
+
 async def test_apply_topology_mid_stream_loses_nothing() -> None:
     topo = make_topology()
     o = Overlay(topo)

@@ -846,7 +846,7 @@ class Emulation:
             self.control.set_hold(self.ctl_streams[spec.hedge], hold_ns)
         t_start = time.monotonic()
         self._start_block_daemons(topo_path, block_dir, spec, fault)
-        if spec.agents and "--no-realtime" not in self.s.receiver_args:
+        if spec.agents and not {"--no-realtime", "--no-realtime-loop"} & set(self.s.receiver_args):
             # A receiver started from a file puts its event loop in SCHED_FIFO itself; one
             # under an agent does not (overlay/agent.py): switch it now, after start-up, so the
             # two modes differ only in where the plan comes from.
