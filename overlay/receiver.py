@@ -229,6 +229,8 @@ class Receiver:
         self._queue_len = queue_len
         self.reading_then: Callable[[int], int] = reading_then or (lambda true_ns: true_ns)
         """Kernel time -> what the node clock read then (arrival stamps are kernel times)."""
+        self._clock_arithmetic = reading_then is not None or clock is time.time_ns
+        """True when `reading_then` is the node clock's own offset from the kernel clock."""
         self.owd = owd
         """One-way delays of accepted copies on the node clock, for heartbeats (None: off)."""
         self.auditor = auditor
@@ -462,7 +464,7 @@ class Receiver:
             self._deliver_now(ep, held, late=deadline != 0)
             return
         if ep.out_fd >= 0 and self._queues:
-            if self._hold_in_c(ep, held, now):
+            if self._hold_in_c(ep, held):
                 return
         elif self.release.hold(
             deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index, item=held
@@ -471,7 +473,7 @@ class Receiver:
         c.hold_overflow += 1
         self._deliver_now(ep, held, late=False)
 
-    def _hold_in_c(self, ep: Endpoint, held: _Held, now: int) -> bool:
+    def _hold_in_c(self, ep: Endpoint, held: _Held) -> bool:
         """Queue one socket delivery on the C release thread; False when it is full."""
         queues = self._queues
         stream, _session, seq, deadline, payload, _arrival, _parent = held
@@ -480,9 +482,13 @@ class Receiver:
         )
         token = self._next_token
         self._next_token += 1
-        # The C thread waits on the kernel clock; the node clock may be offset from it.
+        # The C thread waits on the kernel clock; the node clock may be offset from it. The
+        # offset comes from the clock's arithmetic where known, not from two readings, which
+        # differ per copy by the time between them (the C thread's batch window absorbs that).
+        kernel_ns = time.time_ns()
+        node_ns = self.reading_then(kernel_ns) if self._clock_arithmetic else self.clock()
         rc = queues[ep.index % len(queues)].push(
-            deadline_ns=deadline - (now - time.time_ns()),
+            deadline_ns=deadline - (node_ns - kernel_ns),
             stream_id=stream,
             seq=seq,
             rank=rank,

@@ -43,6 +43,11 @@ SOURCE = r"""/* jasper_release.c: release threads that hold datagrams and send e
 /* Warm the send path only when this much time is left before a deadline: a cold first
  * sendto after a sleep costs 30-45 us, a warm one 3 us (measured on loopback). */
 #define WARM_LEAD_NS 50000
+/* A batch takes every datagram due within this much of the earliest, and each still goes out
+ * at or after its own deadline: deadlines a few ns apart (one message's copies after a node
+ * clock's conversion to the kernel's, messages stamped close together) then share one wake-up
+ * instead of a timer each (measured at 1000 endpoints: one batch per datagram without it). */
+#define BATCH_WINDOW_NS 20000
 
 struct held {
     int64_t deadline;      /* CLOCK_REALTIME ns */
@@ -156,10 +161,13 @@ static void wait_until(struct queue *q, int64_t deadline)
         ;
 }
 
-static void send_all(struct held **items, struct done *out, int m)
+/* Send in order; with on_time, none before its own deadline. */
+static void send_all(struct held **items, struct done *out, int m, int on_time)
 {
     for (int i = 0; i < m; i++) {
         struct held *h = items[i];
+        while (on_time && now_ns() < h->deadline)
+            ;
         ssize_t rc = sendto(h->fd, h->payload, (size_t)h->len, MSG_DONTWAIT,
                     (const struct sockaddr *)h->addr, h->addr_len);
         out[i].stamp = now_ns();
@@ -205,20 +213,21 @@ static void *run(void *arg)
             continue;
         }
         struct held **batch = q->batch;
+        int64_t last = deadline + BATCH_WINDOW_NS;
         int m = 0;
-        while (q->n > 0 && q->heap[0]->deadline <= deadline)
+        while (q->n > 0 && q->heap[0]->deadline <= last)
             batch[m++] = pop_min(q);
         q->batches++;
         pthread_mutex_unlock(&q->mu);
         wait_until(q, deadline);
-        send_all(batch, q->done, m);
-        /* Copies pushed during the spin for this deadline go right after. */
+        send_all(batch, q->done, m, 1);
+        /* Copies pushed during the spin for this batch's window go right after. */
         pthread_mutex_lock(&q->mu);
         int late = 0;
-        while (q->n > 0 && q->heap[0]->deadline <= deadline)
+        while (q->n > 0 && q->heap[0]->deadline <= last)
             batch[m + late++] = pop_min(q);
         pthread_mutex_unlock(&q->mu);
-        send_all(batch + m, q->done + m, late);
+        send_all(batch + m, q->done + m, late, 1);
         book(q, batch, q->done, m + late);
         pthread_mutex_lock(&q->mu);
     }
@@ -258,7 +267,13 @@ void *jasper_rq_create(int cap, int64_t spin_ns, int priority, int notify_fd, in
             q->warm_fd = -1;  /* no warming, e.g. in a namespace without loopback up */
         }
     }
-    pthread_mutex_init(&q->mu, NULL);
+    /* Priority inheritance: the event loop (ordinary scheduling) pushes under this lock, and
+     * a real-time release thread must not wait for the loop to be scheduled again to take it. */
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_setprotocol(&ma, PTHREAD_PRIO_INHERIT);
+    pthread_mutex_init(&q->mu, &ma);
+    pthread_mutexattr_destroy(&ma);
     pthread_cond_init(&q->cv, NULL);  /* timed waits on CLOCK_REALTIME, as the deadlines */
     if (pthread_create(&q->thread, NULL, run, q) != 0) {
         release_memory(q);
@@ -353,7 +368,7 @@ int jasper_rq_stop(void *handle, int drain, int64_t timeout_ns)
         if (drain) q->batch[m++] = h; else { free(h); dropped++; }
     }
     pthread_mutex_unlock(&q->mu);
-    send_all(q->batch, q->done, m);
+    send_all(q->batch, q->done, m, 0);
     book(q, q->batch, q->done, m);
     return dropped;
 }

@@ -88,6 +88,29 @@ def test_sends_in_deadline_stream_seq_rank_order_never_early(
         os.close(fd)
 
 
+def test_deadlines_nanoseconds_apart_share_one_batch_and_none_goes_early(
+    sink: socket.socket, out: socket.socket
+) -> None:
+    # One message's copies whose deadlines differ by a few ns (a node clock converted to the
+    # kernel's), and a second message 15 µs later: one wake-up, each sent at its own deadline.
+    q, fd = make()
+    try:
+        base = time.time_ns() + 30_000_000
+        deadlines = {t: base + 7 * t for t in range(10)}
+        deadlines[10] = base + 15_000
+        for t, deadline in deadlines.items():
+            assert push(q, out, sink, deadline_ns=deadline, stream_id=1, seq=1 + t // 10, rank=t,
+                        token=t) == 0  # fmt: skip
+        got = take_all(q, len(deadlines))
+        assert [t for t, _, _ in got] == list(range(11))
+        assert all(stamp >= deadlines[t] for t, stamp, _ in got)
+        c = q.counters()
+        assert (c["sent"], c["batches"]) == (11, 1)
+    finally:
+        q.close()
+        os.close(fd)
+
+
 def test_full_queue_refuses_and_counts(sink: socket.socket, out: socket.socket) -> None:
     q, fd = make(capacity=4)
     try:
