@@ -177,7 +177,8 @@ class Receiver:
     """A receiver process: hosts the endpoints of one receiver host of a topology.
 
     Receive path (event loop): socket -> link model -> decode -> per-endpoint dedup -> hold.
-    Release path (its own thread): sleep to ~spin_ns before the deadline, spin, hand over.
+    Release path (a C thread without the GIL, else a Python thread): sleep to ~spin_ns before
+    the deadline, spin, hand over.
 
     `deliver`: "topology" (each endpoint's target), None (in process), a target for every
     endpoint ("udp:HOST:PORT", "unix:/path") or "sink" (every endpoint sends to one loopback
@@ -248,10 +249,10 @@ class Receiver:
             raise ValueError(f"release_threads must be >= 1, got {release_threads}")
         self._release_threads = release_threads
         self._queues: list[ReleaseQueue] = []
-        """The C release threads for endpoints delivering over a socket, endpoint i on thread
-        i mod n (empty: not started, or not available here; then the Python release thread
-        serves them too). Several threads send one deadline's batch in parallel, so the last
-        endpoint of a batch waits behind fewer sends."""
+        """The C release threads, endpoint i on thread i mod n (empty: not started, or not
+        available here; then the Python release thread serves every endpoint). They send
+        socket deliveries and time-stamp in-process ones without the GIL. Several threads send
+        one deadline's batch in parallel, so the last endpoint waits behind fewer sends."""
         self._notify_fd = -1
         self._inflight: dict[int, tuple[Endpoint, _Held]] = {}
         """What the C thread holds or sent but the loop has not booked yet, by token."""
@@ -295,8 +296,7 @@ class Receiver:
             ep.close()
             raise
         ep.handle = self._handler(ep)
-        if ep.out_fd >= 0:
-            self._start_queue()
+        self._start_queue()
         self.endpoints.append(ep)
         self.by_name[ep.name] = ep
         release = getattr(self, "release", None)
@@ -309,7 +309,7 @@ class Receiver:
         return ep
 
     def _start_queue(self) -> None:
-        """Start the C release threads, once, when an endpoint first delivers over a socket."""
+        """Start the C release threads, once, with the first endpoint."""
         if not self._c_release or self._queues:
             return
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -332,7 +332,7 @@ class Receiver:
                 queue.close()
             os.close(fd)
             self._c_release = False
-            log.info("C release thread unavailable: socket deliveries use the Python thread")
+            log.info("C release thread unavailable: releases use the Python thread")
             return
         self._queues, self._notify_fd = queues, fd
         if self._loop is not None and not self._loop.is_closed():
@@ -411,6 +411,11 @@ class Receiver:
                 log.exception("closing fast path")
             self.fast_path = None
 
+    def held(self) -> int:
+        """Messages held for release on either path (the C threads' count includes those sent
+        but not yet booked by the loop)."""
+        return len(self.release.schedule) + len(self._inflight)
+
     def _on_readable(self, ep: Endpoint) -> None:
         got, drops = drain(ep.sock, ep.handle)
         ep.counters.received += got
@@ -463,7 +468,7 @@ class Receiver:
         if deadline == 0 or deadline <= now:
             self._deliver_now(ep, held, late=deadline != 0)
             return
-        if ep.out_fd >= 0 and self._queues:
+        if self._queues:
             if self._hold_in_c(ep, held):
                 return
         elif self.release.hold(
@@ -474,7 +479,8 @@ class Receiver:
         self._deliver_now(ep, held, late=False)
 
     def _hold_in_c(self, ep: Endpoint, held: _Held) -> bool:
-        """Queue one socket delivery on the C release thread; False when it is full."""
+        """Queue one delivery on the C release thread (in process: its time stamp); False when
+        it is full."""
         queues = self._queues
         stream, _session, seq, deadline, payload, _arrival, _parent = held
         deadline, rank = self.release.schedule.order(
@@ -493,9 +499,9 @@ class Receiver:
             seq=seq,
             rank=rank,
             token=token,
-            fd=ep.out_fd,
+            fd=ep.out_fd,  # -1 in process: stamped, not sent
             addr=ep.out_sockaddr,
-            payload=payload,
+            payload=payload if ep.out_fd >= 0 else b"",
         )
         if rc != 0:
             return False
@@ -703,7 +709,7 @@ class Receiver:
             "release": {
                 "batches": self.release.batches,
                 "errors": self.release.errors,
-                "held": len(self.release.schedule),
+                "held": self.held(),
                 "realtime": self.release.realtime_ok,
                 "c_release": bool(self._queues),
                 "c_threads": len(self._queues),

@@ -1,5 +1,9 @@
 """Release without the GIL: a C thread that holds datagrams and sends each at its deadline.
 
+An entry without a socket (fd -1: an endpoint delivered in process) is only time-stamped at its
+deadline; the event loop hands it over when it books the stamp, as it does for the Python
+release thread, whose hand-over in process is its time stamp too.
+
 A Python release thread needs the GIL before every deadline, and the receive loop (or a
 garbage collection) may hold it then. Datagrams for MPs behind a socket go instead to a queue
 owned by a C thread: it sleeps to just before the earliest deadline, spins to it and sends the
@@ -161,14 +165,14 @@ static void wait_until(struct queue *q, int64_t deadline)
         ;
 }
 
-/* Send in order; with on_time, none before its own deadline. */
+/* Send in order (fd < 0: stamp only); with on_time, none before its own deadline. */
 static void send_all(struct held **items, struct done *out, int m, int on_time)
 {
     for (int i = 0; i < m; i++) {
         struct held *h = items[i];
         while (on_time && now_ns() < h->deadline)
             ;
-        ssize_t rc = sendto(h->fd, h->payload, (size_t)h->len, MSG_DONTWAIT,
+        ssize_t rc = h->fd < 0 ? 0 : sendto(h->fd, h->payload, (size_t)h->len, MSG_DONTWAIT,
                     (const struct sockaddr *)h->addr, h->addr_len);
         out[i].stamp = now_ns();
         out[i].err = rc < 0 ? errno : 0;
@@ -473,7 +477,8 @@ class ReleaseQueue:
         addr: bytes,
         payload: bytes,
     ) -> int:
-        """Hold `payload` for sendto(fd, addr) at deadline_ns (CLOCK_REALTIME).
+        """Hold `payload` for sendto(fd, addr) at deadline_ns (CLOCK_REALTIME); with fd -1
+        nothing is sent, the entry is only stamped then.
 
         0 when held, -1 when full, -2 when stopping. Entries go out in (deadline, stream, seq,
         rank) order; `token` comes back with the send time.

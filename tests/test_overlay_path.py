@@ -289,10 +289,12 @@ async def test_full_release_schedule_overflow_is_counted() -> None:
     try:
         await o.publish(3)
         await settle(o.rx, 3 * 20)
+        st = o.rx.status()
     finally:
         o.close()
-    st = o.rx.status()
-    assert st["release"]["overflow"] == 40
+    # Counted by the path that held them: the C release thread's queue, else the schedule.
+    c_queue = st["release"]["c_queue"]
+    assert (c_queue["overflow"] if c_queue else st["release"]["overflow"]) == 40
     assert sum(c["hold_overflow"] for c in st["endpoints"].values()) == 40
     assert len(o.rx.records) == 3 * 20
 
