@@ -13,7 +13,9 @@ each as with H=2, with deadline = send + hold. Measured: release time − deadli
   - jasper-udp wake0 mps-spin: one thread, the MPs polling their sockets instead of sleeping;
   - jasper-unix wake0: the same delivering to a Unix datagram socket per endpoint;
   - jasper-udp-python: the same with the Python release thread (c_release=False);
-  - jasper-memory:     the Python release thread handing over in process (async iterator use);
+  - jasper-memory:     in process (async iterator use): the C release thread stamps each
+                       endpoint's message at its deadline, no send;
+  - jasper-memory-python: the same with the Python release thread (c_release=False);
   - asyncio:           loop.call_at(deadline) per message on the receive loop (the baseline).
 All run their event loop in SCHED_FIFO when permitted (as the receiver daemon does);
 --no-realtime keeps everything SCHED_OTHER.
@@ -326,8 +328,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "jasper-unix wake0": {"deliver": "unix", "cpu_wakeup_us": 0},
     "jasper-udp-python": {"deliver": "udp", "c_release": False},
     "jasper-memory": {"deliver": "memory"},
+    "jasper-memory-python": {"deliver": "memory", "c_release": False},
 }
-"""Receiver paths measured (wake0: with idle CPUs asked to wake within 0 µs, i.e. to poll)."""
+"""Receiver paths measured (wake0: with idle CPUs asked to wake within 0 µs, i.e. to poll;
+memory: in process, stamped by the C release thread, or -python by the Python one)."""
 
 
 def main() -> int:

@@ -21,14 +21,16 @@ _MACHINE_CPU_S_PER_MESSAGE_ENDPOINT = 290e-6
 _CPU_TARGET = 0.50
 # Above this many endpoints receiver hosts are bigger and not real-time (see below).
 _MANY_RECEIVERS = 200
-# Measured here at 1000 endpoints (50 receiver processes, 2 cores): SCHED_FIFO release threads
-# that all wake at one deadline starve the receive loops holding the GIL; the emulation's CPU
-# doubled (75% vs 37%) and OML grew 2.4x. Without realtime and spin, 50 release threads share
-# the cores under the ordinary scheduler and the release floor is the serial work itself.
-# Idle vCPUs must not halt, though: at 3.5 msg/s (machine half idle) Jasper's release error was
-# 9.0/105 ms p50/p99, while the 9 msg/s run, whose vCPUs never idled, had a DWS p50 of 13.8 ms
-# against 53 here (docs/topology.md, "Idle CPUs and the hypervisor").
-_MANY_RECEIVERS_ARGS = "--no-realtime --spin-us 0 --cpu-wakeup-us 0"
+# Measured here at 1000 endpoints (20 receiver processes of 50, 2 cores): real-time receive loops
+# starve each other and the relays (the emulation's CPU doubled, OML grew 2.4x), so the loops
+# stay ordinary (--no-realtime-loop); the release threads are C (no GIL: in-process endpoints
+# are time-stamped at the deadline), SCHED_FIFO, and hold a CPU only for their batch, so a
+# deadline preempts the fan-out of later messages. They do not spin (20 of them on 2 cores), and
+# idle vCPUs must not halt: at 3.5 msg/s (machine half idle) a run without --cpu-wakeup-us 0 had
+# Jasper's release error at 9.0/105 ms p50/p99 (docs/topology.md, "Idle CPUs and the
+# hypervisor"). At N=1000, 3.4 msg/s, Jasper's release error p50 was 0.28 ms with these
+# arguments (a 600-message run) against 3.2 ms with ordinary Python release threads (full run).
+_MANY_RECEIVERS_ARGS = "--no-realtime-loop --spin-us 0 --cpu-wakeup-us 0"
 
 
 def default_rate(receivers: int) -> float:
@@ -132,7 +134,7 @@ def add_parser(sub: Any) -> None:
         default=None,
         help=(
             "extra arguments for every receiver daemon (default above 200 endpoints: "
-            "'--no-realtime --spin-us 0 --cpu-wakeup-us 0', see docs/emulation.md)"
+            "'--no-realtime-loop --spin-us 0 --cpu-wakeup-us 0', see docs/emulation.md)"
         ),
     )
     p.add_argument("--out", default="emulation-out", help="output folder (default emulation-out)")
