@@ -28,8 +28,8 @@ _MANY_RECEIVERS = 200
 # deadline preempts the fan-out of later messages. They do not spin (20 of them on 2 cores), and
 # idle vCPUs must not halt: at 3.5 msg/s (machine half idle) a run without --cpu-wakeup-us 0 had
 # Jasper's release error at 9.0/105 ms p50/p99 (docs/topology.md, "Idle CPUs and the
-# hypervisor"). At N=1000, 3.4 msg/s, Jasper's release error p50 was 0.28 ms with these
-# arguments (a 600-message run) against 3.2 ms with ordinary Python release threads (full run).
+# hypervisor"). Full runs at N=1000, 3.4 msg/s: Jasper's release error p50/p99 0.29/1.4 ms
+# with these arguments against 3.2/49.4 ms with ordinary Python release threads (docs/emulation.md).
 _MANY_RECEIVERS_ARGS = "--no-realtime-loop --spin-us 0 --cpu-wakeup-us 0"
 
 
