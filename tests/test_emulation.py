@@ -375,6 +375,13 @@ def _wait_for(pred: object, timeout: float) -> bool:
     return False
 
 
+def _print_run_logs(runner_log: Path, out: Path) -> None:
+    """What a runner that did not stop in time and its daemons last said (pytest shows it)."""
+    print("--- runner:", runner_log.read_text(errors="replace")[-3000:])
+    for log in sorted(out.glob("blocks/*/*.log")):
+        print(f"--- {log.parent.name}/{log.name}:", log.read_text(errors="replace")[-600:])
+
+
 def _daemon_pids(out: Path) -> list[int]:
     pids = []
     for f in out.glob("blocks/*/ready-*"):
@@ -399,6 +406,7 @@ def test_killed_or_interrupted_runner_leaves_nothing(
 ) -> None:
     tag = f"tk{os.getpid() % 1000}{how[3]}"
     out = tmp_path / "out"
+    runner_log = (tmp_path / "runner.log").open("w")
     proc = subprocess.Popen(
         _jasper(
             "emulate", "--receivers", "30", "--per-host", "10", "--rate", "10",
@@ -406,8 +414,8 @@ def test_killed_or_interrupted_runner_leaves_nothing(
             "--tag", tag, "--out", str(out),
         ),
         cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=runner_log,
+        stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         assert _wait_for(lambda: len(_daemon_pids(out)) >= 3, 60), "the run never started"
@@ -429,7 +437,12 @@ def test_killed_or_interrupted_runner_leaves_nothing(
             assert res.returncode == 0, res.stderr
         else:
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=60) == 130
+            try:
+                code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _print_run_logs(tmp_path / "runner.log", out)
+                raise
+            assert code == 130
         assert list_namespaces(f"jemu-{tag}-") == []
         assert not any(_alive(p) for p in pids)
     finally:
@@ -437,3 +450,4 @@ def test_killed_or_interrupted_runner_leaves_nothing(
             proc.kill()
             proc.wait()
         subprocess.run(_jasper("emulate", "--cleanup", "--tag", tag), cwd=REPO, check=False)
+        runner_log.close()
