@@ -375,6 +375,10 @@ def _wait_for(pred: object, timeout: float) -> bool:
     return False
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _print_run_logs(runner_log: Path, out: Path) -> None:
     """What a runner that did not stop in time and its daemons last said (pytest shows it)."""
     print("--- runner:", runner_log.read_text(errors="replace")[-3000:])
@@ -416,6 +420,9 @@ def test_killed_or_interrupted_runner_leaves_nothing(
         cwd=REPO,
         stdout=runner_log,
         stderr=subprocess.STDOUT,
+        # A background shell (CI started with `&`) hands its children SIGINT ignored, which
+        # Python then keeps; Ctrl-C reaches the runner with the default action.
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     try:
         assert _wait_for(lambda: len(_daemon_pids(out)) >= 3, 60), "the run never started"
