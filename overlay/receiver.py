@@ -469,7 +469,7 @@ class Receiver:
             self._deliver_now(ep, held, late=deadline != 0)
             return
         if self._queues:
-            if self._hold_in_c(ep, held):
+            if self._hold_in_c(ep, held, now):
                 return
         elif self.release.hold(
             deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index, item=held
@@ -478,7 +478,7 @@ class Receiver:
         c.hold_overflow += 1
         self._deliver_now(ep, held, late=False)
 
-    def _hold_in_c(self, ep: Endpoint, held: _Held) -> bool:
+    def _hold_in_c(self, ep: Endpoint, held: _Held, now: int) -> bool:
         """Queue one delivery on the C release thread (in process: its time stamp); False when
         it is full."""
         queues = self._queues
@@ -492,7 +492,7 @@ class Receiver:
         # offset comes from the clock's arithmetic where known, not from two readings, which
         # differ per copy by the time between them (the C thread's batch window absorbs that).
         kernel_ns = time.time_ns()
-        node_ns = self.reading_then(kernel_ns) if self._clock_arithmetic else self.clock()
+        node_ns = self.reading_then(kernel_ns) if self._clock_arithmetic else now
         rc = queues[ep.index % len(queues)].push(
             deadline_ns=deadline - (node_ns - kernel_ns),
             stream_id=stream,

@@ -794,8 +794,11 @@ class Emulation:
         that moment finds nothing to release. Blocks with a hold only show the arrival (their
         release is the deadline), so they count only when no tree-without-hold block ran."""
         held_tree = ("tree-nohold", "jasper", "jasper-file", "jasper-agents")
-        usable = [b for b in self.blocks if b.config in held_tree and b.fault is None]
-        usable = [b for b in usable if len(b.deliveries)]
+        usable = [
+            b
+            for b in self.blocks
+            if b.config in held_tree and b.fault is None and len(b.deliveries)
+        ]
         nohold = [b for b in usable if b.config == "tree-nohold"]
         if not usable:
             return max(self.s.min_hold_ns, 2_000_000)
