@@ -14,10 +14,13 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jasper.topology import Topology, parse_topology
 from overlay.emulation.netns import enter
+
+if TYPE_CHECKING:
+    from controller.loopback import ControllerClient
 
 T = TypeVar("T")
 
@@ -61,7 +64,7 @@ class ControlPlane:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, initializer=enter, initargs=(netns,), thread_name_prefix="ctl"
         )
-        self._client: Any = None
+        self._client: ControllerClient | None = None
 
     def env(self) -> dict[str, str]:
         """Environment of the controller process."""
@@ -70,25 +73,22 @@ class ControlPlane:
     def _in_ns(self, fn: Callable[[], T]) -> T:
         return self._pool.submit(fn).result()
 
-    def _http(self) -> Any:
+    def _http(self) -> ControllerClient:
+        """The controller's one pooled client (controller.loopback.ControllerClient), built in
+        the namespace thread on first use, so its connections open in the namespace."""
         if self._client is None:
             import logging
 
-            import httpx
+            from controller.loopback import ControllerClient
 
             # One line per request would drown the progress bar (thousands of subscriptions).
             logging.getLogger("httpx").setLevel(logging.WARNING)
-            self._client = httpx.Client(base_url=self.url, timeout=30)
+            self._client = ControllerClient(self.url, admin_token=self.admin_token, timeout_s=30)
         return self._client
 
     def call(self, method: str, path: str, *, token: str | None = None, json: Any = None) -> Any:
         def go() -> Any:
-            r = self._http().request(
-                method,
-                path,
-                json=json,
-                headers={"Authorization": f"Bearer {token or self.admin_token}"},
-            )
+            r = self._http().request(method, path, token=token, json=json)
             if r.status_code >= 400:
                 raise RuntimeError(f"{method} {path} -> {r.status_code}: {r.text[:300]}")
             return r.json() if r.content else None
@@ -173,7 +173,7 @@ class ControlPlane:
     def close(self) -> None:
         def shut() -> None:
             if self._client is not None:
-                self._client.close()
+                self._client.reset()
 
         try:
             self._in_ns(shut)
