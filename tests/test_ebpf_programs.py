@@ -6,6 +6,7 @@ import os
 import select
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -578,7 +579,7 @@ def test_cleanup_removes_crashed_relay_leftovers() -> None:
             "os._exit(0)"
         )
         subprocess.run(
-            ["ip", "netns", "exec", ns, "python3", "-c", code],
+            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
             check=True,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
@@ -593,7 +594,7 @@ def test_cleanup_removes_crashed_relay_leftovers() -> None:
         with entered(ns):
             again.close()
         assert not loader.pin_dir(node).exists()
-        subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", code], check=True,
+        subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
         removed = loader.cleanup(node)
         assert any("ca" in r for r in removed)
