@@ -57,7 +57,7 @@ int main(int argc, char **argv)
     long rate = atol(argv[4]), count = atol(argv[5]);
     uint32_t session = (uint32_t)atol(argv[6]);
     int payload = atoi(argv[7]);
-    if (payload < 0 || payload > JASPER_MAX_PAYLOAD || rate <= 0)
+    if (payload < 2 || payload > JASPER_MAX_PAYLOAD || rate <= 0)
         return 2;
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     int sndbuf = 4 << 20;
@@ -92,7 +92,11 @@ int main(int argc, char **argv)
             h->seq = htobe64((uint64_t)seq);
             h->send_time_ns = htobe64((uint64_t)now.tv_sec * 1000000000ULL + now.tv_nsec);
             h->payload_len = htons((uint16_t)payload);
-            memset(bufs[n] + JASPER_HEADER_LEN, 'x', payload);
+            h->msg_count = htons(1);
+            /* one message block filling the payload: its length, then the bytes */
+            bufs[n][JASPER_HEADER_LEN] = (unsigned char)((payload - 2) >> 8);
+            bufs[n][JASPER_HEADER_LEN + 1] = (unsigned char)(payload - 2);
+            memset(bufs[n] + JASPER_HEADER_LEN + 2, 'x', payload - 2);
             iov[n].iov_base = bufs[n];
             iov[n].iov_len = JASPER_HEADER_LEN + payload;
             msgs[n].msg_hdr.msg_iov = &iov[n];

@@ -1,11 +1,14 @@
-"""Encode and decode Jasper data datagrams; the layout comes from `jasper.wire_spec`."""
+"""Encode and decode Jasper datagrams (a header, then a batch of messages); the layout comes from
+`jasper.wire_spec`."""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from jasper.wire_spec import (
+    BLOCK_HEADER_LEN,
     FLAG_HEARTBEAT,
     HEADER_LEN,
     KNOWN_FLAGS,
@@ -17,6 +20,7 @@ from jasper.wire_spec import (
 )
 
 _HEADER = struct.Struct(STRUCT_FORMAT)
+_BLOCK = struct.Struct("!H")
 _OFFSETS = offsets()
 _FLAGS_OFFSET = _OFFSETS["flags"]
 
@@ -27,7 +31,7 @@ U64_MAX = 2**64 - 1
 class WireError(ValueError):
     """A datagram is not a valid Jasper message. The only exception `decode` raises.
 
-    `reason` is a short stable token for counters (e.g. "short", "magic", "version", "length").
+    `reason` is a short stable token for counters, one of `wire_spec.MALFORMED_REASONS`.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -44,17 +48,21 @@ class Header:
     session: int
     """Publisher session (epoch), u32; a restarted publisher takes a new one."""
     seq: int
-    """Sequence number within (stream, session), u64, starting at 1."""
+    """Sequence number of the first message within (stream, session), u64, starting at 1;
+    message i of the batch has seq + i."""
     send_time_ns: int
     """Root send time in nanoseconds since the Unix epoch, on the root's clock."""
     deadline_ns: int
-    """Release time in nanoseconds since the Unix epoch; 0 means deliver at once."""
+    """Release time of every message of the datagram, in nanoseconds since the Unix epoch; 0
+    means deliver at once."""
     plan_epoch: int = 0
     """Tree plan epoch the message was sent under, u32."""
     flags: int = 0
     """Bit set of FLAG_* values."""
     payload_len: int = 0
-    """Length of the payload in bytes; `encode` fills it in."""
+    """Length of the payload (all message blocks) in bytes; `encode` fills it in."""
+    msg_count: int = 0
+    """Messages in the datagram (0 for a heartbeat); `encode` fills it in."""
 
     @property
     def is_heartbeat(self) -> bool:
@@ -63,12 +71,19 @@ class Header:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A decoded datagram: header and payload."""
+    """A decoded datagram: header and its batch of messages."""
 
     header: Header
     """The fixed header."""
-    payload: bytes
-    """Application bytes (an order-book update, for instance)."""
+    messages: tuple[bytes, ...]
+    """Application messages (order-book updates, for instance); message i has seq + i."""
+
+    @property
+    def payload(self) -> bytes:
+        """The one message of a single-message datagram (b"" for a heartbeat)."""
+        if len(self.messages) > 1:
+            raise ValueError(f"a batch of {len(self.messages)} messages has no single payload")
+        return self.messages[0] if self.messages else b""
 
 
 def _check_range(name: str, value: int, top: int) -> None:
@@ -77,13 +92,36 @@ def _check_range(name: str, value: int, top: int) -> None:
 
 
 def encode(header: Header, payload: bytes = b"") -> bytes:
-    """Serialize one datagram. Raises ValueError on a local misuse (a field out of range)."""
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    """Serialize a datagram of one message (a heartbeat: none). Raises ValueError on a local
+    misuse (a field out of range, a payload too large)."""
+    return encode_batch(header, () if header.is_heartbeat else (payload,))
+
+
+def pack_blocks(messages: Sequence[bytes]) -> bytes:
+    """The payload of a datagram: each message as a length-prefixed block."""
+    return b"".join(_BLOCK.pack(len(m)) + m for m in messages)
+
+
+def encode_batch(header: Header, messages: Sequence[bytes]) -> bytes:
+    """Serialize one datagram carrying `messages` (seq, seq+1, ...). ValueError on misuse."""
+    if header.is_heartbeat and messages:
+        raise ValueError("a heartbeat carries no messages")
+    if not header.is_heartbeat and not messages:
+        raise ValueError("a data datagram carries at least one message")
+    for m in messages:
+        if len(m) > 0xFFFF:
+            raise ValueError(f"message of {len(m)} bytes exceeds a block")
+    body = pack_blocks(messages)
+    if len(body) > MAX_PAYLOAD:
+        raise ValueError(
+            f"payload of {len(body)} bytes ({len(messages)} messages) exceeds {MAX_PAYLOAD}"
+        )
     for name in ("stream_id", "session", "plan_epoch"):
         _check_range(name, getattr(header, name), U32_MAX)
     for name in ("seq", "send_time_ns", "deadline_ns"):
         _check_range(name, getattr(header, name), U64_MAX)
+    if len(messages) > 1:
+        _check_range("last seq", header.seq + len(messages) - 1, U64_MAX)
     if header.flags & ~KNOWN_FLAGS or header.flags < 0:
         raise ValueError(f"unknown flags 0x{header.flags:x}")
     return (
@@ -97,11 +135,11 @@ def encode(header: Header, payload: bytes = b"") -> bytes:
             header.seq,
             header.send_time_ns,
             header.deadline_ns,
-            len(payload),
-            0,
+            len(body),
+            len(messages),
             0,
         )
-        + payload
+        + body
     )
 
 
@@ -120,7 +158,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         send_time_ns,
         deadline_ns,
         payload_len,
-        _r0,
+        msg_count,
         _r1,
     ) = _HEADER.unpack_from(data, 0)
     if magic != MAGIC:
@@ -133,6 +171,11 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         raise WireError("length", f"payload_len {payload_len}, got {len(data) - HEADER_LEN} bytes")
     if payload_len > MAX_PAYLOAD:
         raise WireError("length", f"payload_len {payload_len} exceeds {MAX_PAYLOAD}")
+    if flags & FLAG_HEARTBEAT:
+        if msg_count or payload_len:
+            raise WireError("count", f"heartbeat with {msg_count} messages, {payload_len} bytes")
+    elif msg_count == 0:
+        raise WireError("count", "data datagram with no messages")
     return Header(
         stream_id=stream_id,
         session=session,
@@ -142,13 +185,35 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         plan_epoch=plan_epoch,
         flags=flags,
         payload_len=payload_len,
+        msg_count=msg_count,
     )
 
 
+def split_blocks(data: bytes | bytearray | memoryview, count: int) -> list[tuple[int, int]]:
+    """(offset, length) of each of the `count` messages of a datagram whose header is valid;
+    raises WireError "overrun" (a block runs past the end) or "count" (bytes left over)."""
+    end = len(data)
+    at = HEADER_LEN
+    out: list[tuple[int, int]] = []
+    for i in range(count):
+        if at + BLOCK_HEADER_LEN > end:
+            raise WireError("overrun", f"block {i} of {count} starts past the end at {at}")
+        (n,) = _BLOCK.unpack_from(data, at)
+        at += BLOCK_HEADER_LEN
+        if at + n > end:
+            raise WireError("overrun", f"block {i} of {count}: {n} bytes at {at}, datagram {end}")
+        out.append((at, n))
+        at += n
+    if at != end:
+        raise WireError("count", f"{end - at} bytes after the last of {count} blocks")
+    return out
+
+
 def decode(data: bytes | bytearray | memoryview) -> Message:
-    """Parse a whole datagram; raises only WireError."""
+    """Parse a whole datagram, its message blocks included; raises only WireError."""
     header = decode_header(data)
-    return Message(header=header, payload=bytes(data[HEADER_LEN:]))
+    blocks = split_blocks(data, header.msg_count)
+    return Message(header=header, messages=tuple(bytes(data[o : o + n]) for o, n in blocks))
 
 
 def set_flags(datagram: bytes, flags: int) -> bytes:
@@ -157,8 +222,8 @@ def set_flags(datagram: bytes, flags: int) -> bytes:
 
 
 def with_header(message: Message, **changes: int) -> bytes:
-    """Re-encode a message with some header fields changed."""
-    return encode(replace(message.header, **changes), message.payload)
+    """Re-encode a datagram with some header fields changed."""
+    return encode_batch(replace(message.header, **changes), message.messages)
 
 
 __all__ = [
@@ -170,6 +235,9 @@ __all__ = [
     "decode",
     "decode_header",
     "encode",
+    "encode_batch",
+    "pack_blocks",
     "set_flags",
+    "split_blocks",
     "with_header",
 ]

@@ -1,11 +1,13 @@
-"""The Jasper data header layout, written once: the Python codec and the C header derive from it."""
+"""The Jasper datagram layout, written once: the Python codec, the native path and the C header
+derive from it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 MAGIC = 0x4A53  # "JS"
-VERSION = 1
+VERSION = 2
+"""Version 2: a datagram carries a batch of messages (`msg_count` blocks after the header)."""
 
 # Flags (bit values in the `flags` byte).
 FLAG_HEDGE_COPY = 0x01
@@ -46,16 +48,16 @@ class Field:
 # implicit padding and eBPF can load each field with one aligned access.
 FIELDS: tuple[Field, ...] = (
     Field("magic", "__u16", "0x4A53 ('JS'); anything else is not a Jasper datagram"),
-    Field("version", "__u8", "header version, 1; other versions are rejected"),
+    Field("version", "__u8", "header version, 2; other versions are rejected"),
     Field("flags", "__u8", "bit 0 hedge copy, bit 1 retransmit, bit 2 heartbeat; others zero"),
     Field("stream_id", "__u32", "market-data stream"),
     Field("session", "__u32", "publisher session (epoch); a restarted publisher takes a new one"),
     Field("plan_epoch", "__u32", "tree plan the message was sent under (make-before-break)"),
-    Field("seq", "__u64", "sequence number within (stream, session), from 1"),
+    Field("seq", "__u64", "sequence number of the first message within (stream, session), from 1"),
     Field("send_time_ns", "__u64", "root send time, ns since the Unix epoch on the root's clock"),
-    Field("deadline_ns", "__u64", "release time, ns since the Unix epoch; 0 = deliver at once"),
+    Field("deadline_ns", "__u64", "release time of every message, ns since the epoch; 0 = at once"),
     Field("payload_len", "__u16", "bytes of payload that follow the header"),
-    Field("reserved0", "__u16", "zero on send, ignored on receive"),
+    Field("msg_count", "__u16", "messages in the payload: 0 for a heartbeat, >= 1 for data"),
     Field("reserved1", "__u32", "zero on send, ignored on receive"),
 )
 
@@ -77,11 +79,35 @@ STRUCT_FORMAT = "!" + "".join(f.struct_code for f in FIELDS)
 MAX_PAYLOAD = MTU - IPV4_HEADER - UDP_HEADER - HEADER_LEN
 MAX_DATAGRAM = HEADER_LEN + MAX_PAYLOAD
 
+# The payload of a data datagram: `msg_count` message blocks back to back, each a length (u16,
+# network byte order) and that many bytes; message i has sequence number seq + i. The blocks
+# fill the payload exactly.
+BLOCK_HEADER_LEN = 2
+MAX_MESSAGE = MAX_PAYLOAD - BLOCK_HEADER_LEN
+"""Largest single message: one block filling the payload."""
+MAX_MESSAGES = MAX_PAYLOAD // BLOCK_HEADER_LEN
+"""Most messages one datagram can carry (all empty)."""
+
+MALFORMED_REASONS: tuple[str, ...] = (
+    "short",
+    "magic",
+    "version",
+    "flags",
+    "length",
+    "count",
+    "overrun",
+)
+"""Why a datagram was dropped as malformed, in the order the checks run (stable counter names):
+short: fewer bytes than the header; magic; version; flags: unknown bits; length: payload_len
+differs from the bytes that follow or exceeds MAX_PAYLOAD; count: msg_count disagrees with the
+blocks (bytes left after the last block, 0 for data, not 0 for a heartbeat); overrun: a block's
+length runs past the end of the datagram."""
+
 
 def c_header() -> str:
     """The C header the eBPF programs include; `jasper gen-header` writes it to ebpf/include/."""
     lines = [
-        "/* jasper_wire.h: the Jasper data header, shared by the eBPF programs and user space. */",
+        "/* jasper_wire.h: the Jasper data header, shared by the eBPF programs, the native path and Python. */",
         "/* GENERATED from jasper/wire_spec.py by `python -m jasper.wire_spec`; do not edit. */",
         "#ifndef JASPER_WIRE_H",
         "#define JASPER_WIRE_H",
@@ -95,6 +121,8 @@ def c_header() -> str:
         f"#define JASPER_FLAG_HEARTBEAT 0x{FLAG_HEARTBEAT:02X}",
         f"#define JASPER_HEADER_LEN {HEADER_LEN}",
         f"#define JASPER_MAX_PAYLOAD {MAX_PAYLOAD}",
+        f"#define JASPER_BLOCK_HEADER_LEN {BLOCK_HEADER_LEN}",
+        f"#define JASPER_MAX_MESSAGES {MAX_MESSAGES}",
         "",
         "/* All multi-byte fields are in network byte order. */",
         "struct jasper_hdr {",

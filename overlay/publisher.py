@@ -15,14 +15,17 @@ from typing import Any
 
 from jasper.deadline import DeadlineStamper
 from jasper.topology import Topology
-from jasper.wire import Header, encode
-from jasper.wire_spec import FLAG_HEARTBEAT
+from jasper.wire import Header, encode, encode_batch
+from jasper.wire_spec import BLOCK_HEADER_LEN, FLAG_HEARTBEAT, MAX_PAYLOAD
 from overlay.common import process_figures
 from overlay.recordlog import RecordLog, sent_log
 
 
 class Publisher:
     """Sends each message once to each of the publisher's targets (normally the root relay).
+
+    With `batch_ns` > 0 the messages due within that window go out together, packed into
+    datagrams up to the MTU (`publish_batch`); 0 sends each message in a datagram of its own.
 
     deadline = send time + the hold in force (`set_hold_ns`, the whole gap from send to release);
     send time comes from `clock` (the node's clock, ns since the epoch). Deadlines never go
@@ -38,6 +41,7 @@ class Publisher:
         session: int | None = None,
         hold_ns: int | None = None,
         records: RecordLog | None = None,
+        batch_ns: int = 0,
     ) -> None:
         self.topo = topo
         self.clock = clock
@@ -54,6 +58,9 @@ class Publisher:
         self.targets: list[tuple[str, int]] = []
         self.started_ns = time.time_ns()
         self.sent = 0
+        self.datagrams = 0
+        """Data datagrams formed (each sent once per target)."""
+        self.batch_ns = batch_ns
         self.send_errors: Counter[str] = Counter()
         self.apply_topology(topo)
 
@@ -71,22 +78,47 @@ class Publisher:
         self.topo = topo
 
     def publish(self, payload: bytes) -> Header:
-        """Stamp and send one message; returns its header."""
-        self.seq += 1
+        """Stamp and send one message in a datagram of its own; returns its header."""
+        return self.publish_batch([payload])[0]
+
+    def publish_batch(self, payloads: list[bytes]) -> list[Header]:
+        """Stamp and send messages packed into as few datagrams as fit the MTU, in order;
+        returns one header per datagram. Every message of a datagram shares its send time and
+        deadline: the datagram is what travels, so its copies reach every endpoint together."""
+        headers: list[Header] = []
+        start = 0
+        while start < len(payloads):
+            size = BLOCK_HEADER_LEN + len(payloads[start])
+            end = start + 1
+            while end < len(payloads):
+                size += BLOCK_HEADER_LEN + len(payloads[end])
+                if size > MAX_PAYLOAD:
+                    break
+                end += 1
+            headers.append(self._send_batch(payloads[start:end]))
+            start = end
+        return headers
+
+    def _send_batch(self, payloads: list[bytes]) -> Header:
+        first = self.seq + 1
         now = self.clock()
         h = Header(
             stream_id=self.stream_id,
             session=self.session,
-            seq=self.seq,
+            seq=first,
             send_time_ns=now,
             deadline_ns=self.stamper.stamp(
                 stream_id=self.stream_id, send_ns=now, hold_ns=self.hold_ns
             ),
             plan_epoch=self.plan_epoch,
         )
-        data = encode(h, payload)
+        data = encode_batch(h, payloads)  # raises ValueError before the sequence moves
+        self.seq += len(payloads)
         self._send(data)
-        self.records.append((h.stream_id, h.session, h.seq, h.send_time_ns, h.deadline_ns))
+        self.datagrams += 1
+        append = self.records.append
+        for i in range(len(payloads)):
+            append((h.stream_id, h.session, first + i, h.send_time_ns, h.deadline_ns))
         return h
 
     def heartbeat(self) -> None:
@@ -138,6 +170,10 @@ class Publisher:
             due = (now - start) // period_ns + 1
             if end is not None:
                 due = min(due, (end - start) // period_ns)
+            if n < due and self.batch_ns > 0:
+                # Everything due since the last wake-up (at most one window) shares datagrams.
+                self.publish_batch([make(i) for i in range(n + 1, due + 1)])
+                n = due
             while n < due:
                 n += 1
                 self.publish(make(n))
@@ -146,7 +182,8 @@ class Publisher:
             if progress is not None and now >= next_progress:
                 progress(n)
                 next_progress = now + 200_000_000
-            wait_ns = start + n * period_ns - time.monotonic_ns()
+            # With batching, the first message due waits out one window for others to join it.
+            wait_ns = start + n * period_ns - time.monotonic_ns() + self.batch_ns
             if wait_ns > 0:
                 if stop is None:
                     await asyncio.sleep(wait_ns / 1e9)
@@ -162,6 +199,9 @@ class Publisher:
             "kind": "publisher",
             "session": self.session,
             "seq": self.seq,
+            "messages": self.seq,
+            "datagrams": self.datagrams,
+            "batch_ns": self.batch_ns,
             "sent_datagrams": self.sent,
             "send_errors": dict(self.send_errors),
             "hold_ns": self.hold_ns,

@@ -20,7 +20,7 @@ from jasper.owd import OwdCollector
 from jasper.schedule import Release
 from jasper.topology import EndpointConfig, Topology
 from jasper.wire import HEADER_LEN, WireError
-from jasper.wire_spec import FLAG_HEARTBEAT
+from jasper.wire_spec import BLOCK_HEADER_LEN, FLAG_HEARTBEAT
 from overlay.audit_log import ReleaseAuditor
 from overlay.common import CopyCounters, link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One message handed to an MP (what the async iterator yields)."""
+    """One released datagram handed to an MP (what the async iterator yields): its batch of
+    messages, all with the same deadline."""
 
     endpoint: str
     """Endpoint name."""
@@ -44,7 +45,7 @@ class Delivery:
     session: int
     """Publisher session."""
     seq: int
-    """Sequence number."""
+    """Sequence number of the first message; message i has seq + i."""
     deadline_ns: int
     """Release time stamped by the root (ns since the epoch)."""
     release_ns: int
@@ -52,7 +53,19 @@ class Delivery:
     late: bool
     """True when it arrived after its deadline and was delivered at once."""
     payload: bytes
-    """The market-data bytes."""
+    """The message blocks as on the wire (each a u16 length and the bytes); see `messages`."""
+
+    @property
+    def messages(self) -> list[bytes]:
+        """The market-data messages, in sequence order."""
+        out: list[bytes] = []
+        at, data = 0, self.payload
+        while at + BLOCK_HEADER_LEN <= len(data):
+            n = (data[at] << 8) | data[at + 1]
+            at += BLOCK_HEADER_LEN
+            out.append(data[at : at + n])
+            at += n
+        return out
 
 
 @dataclass
@@ -99,9 +112,9 @@ class LagStats:
                 "over_1ms": self.over_1ms}  # fmt: skip
 
 
-_Held = tuple[int, int, int, int, bytes, int, str]
-"""What waits in the release schedule: stream, session, seq, deadline ns, payload, arrival ns,
-parent kept."""
+_Held = tuple[int, int, int, int, bytes, int, str, int]
+"""What waits in the release schedule: stream, session, first seq, deadline ns, payload (the
+message blocks), arrival ns, parent kept, message count."""
 
 
 class Endpoint:
@@ -440,7 +453,7 @@ class Receiver:
         """Handle one copy for `ep` at its (effective) arrival time."""
         c = ep.counters
         try:
-            flags, stream, session, _epoch, seq, _sent, deadline = peek(data)
+            flags, stream, session, _epoch, seq, _sent, deadline, count = peek(data)
         except WireError as exc:
             c.malformed[exc.reason] += 1
             return
@@ -451,7 +464,7 @@ class Receiver:
         if not c.admit(ep.rings, ep.ring_size, stream, session, seq):
             return
         c.kept_from[sender] += 1
-        held: _Held = (stream, session, seq, deadline, data[HEADER_LEN:], arrival_ns, sender)
+        held: _Held = (stream, session, seq, deadline, data[HEADER_LEN:], arrival_ns, sender, count)
         now = self.clock()
         if self.owd is not None:
             self.owd.record(
@@ -482,7 +495,7 @@ class Receiver:
         """Queue one delivery on the C release thread (in process: its time stamp); False when
         it is full."""
         queues = self._queues
-        stream, _session, seq, deadline, payload, _arrival, _parent = held
+        stream, _session, seq, deadline, payload, _arrival, _parent, _count = held
         deadline, rank = self.release.schedule.order(
             deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index
         )
@@ -524,7 +537,7 @@ class Receiver:
         ok = ep.hand_over(held[4])
         release_ns = time.time_ns()
         if late:
-            ep.counters.late += 1
+            ep.counters.late += held[7]
         self._after(ep, held, release_ns, late, ok)
 
     def _release_batch(self, batch: Sequence[Release[_Held]]) -> None:
@@ -569,9 +582,9 @@ class Receiver:
             self._after(ep, held, release_ns, False, ok)
 
     def _after(self, ep: Endpoint, held: _Held, release_ns: int, late: bool, ok: bool) -> None:
-        stream, session, seq, deadline, payload, arrival_ns, parent = held
+        stream, session, seq, deadline, payload, arrival_ns, parent, count = held
         if ok:
-            ep.counters.delivered += 1
+            ep.counters.delivered += count
         if self.auditor is not None:
             self.auditor.on_release(
                 endpoint=ep.index,
@@ -581,9 +594,11 @@ class Receiver:
                 release_true_ns=release_ns,
                 late=late,
             )
-        self.records.append(
-            (ep.name, stream, session, seq, arrival_ns, release_ns, deadline, parent, self.synced())
-        )
+        synced = self.synced()
+        for i in range(count):  # one record per message of the batch
+            self.records.append(
+                (ep.name, stream, session, seq + i, arrival_ns, release_ns, deadline, parent, synced)
+            )
         if ep.consumer is not None and ok:
             if len(ep.queue) >= ep.queue_len:
                 ep.counters.deliver_dropped["queue_full"] += 1

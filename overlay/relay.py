@@ -85,7 +85,7 @@ class RelayNode:
         """Handle one copy at its (effective) arrival time."""
         c = self.counters
         try:
-            flags, stream, session, epoch, seq, sent_ns, _deadline = peek(data)
+            flags, stream, session, epoch, seq, sent_ns, _deadline, _count = peek(data)
         except WireError as exc:
             c.malformed[exc.reason] += 1
             return

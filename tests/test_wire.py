@@ -9,8 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jasper import wire_spec
-from jasper.wire import Header, WireError, decode, decode_header, encode, set_flags
-from jasper.wire_spec import FLAG_HEDGE_COPY, HEADER_LEN, MAX_PAYLOAD
+from jasper.wire import (
+    Header,
+    WireError,
+    decode,
+    decode_header,
+    encode,
+    encode_batch,
+    set_flags,
+)
+from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY, HEADER_LEN, MAX_MESSAGE, MAX_PAYLOAD
 
 GOLDEN_HEADER = Header(
     stream_id=0x01020304,
@@ -23,7 +31,7 @@ GOLDEN_HEADER = Header(
 )
 GOLDEN_BYTES = bytes.fromhex(
     "4a53"  # magic
-    "01"  # version
+    "02"  # version
     "01"  # flags: hedge copy
     "01020304"  # stream
     "0a0b0c0d"  # session
@@ -31,10 +39,11 @@ GOLDEN_BYTES = bytes.fromhex(
     "1122334455667788"  # seq
     "17979cfe3d85cd15"  # send time
     "17979cfe3d8d6e35"  # deadline
-    "0003"  # payload length
-    "0000"  # reserved0
+    "0005"  # payload length
+    "0001"  # message count
     "00000000"  # reserved1
-    "616263"  # payload "abc"
+    "0003"  # block: message length
+    "616263"  # message "abc"
 )
 
 
@@ -62,7 +71,7 @@ def test_golden_bytes_decode() -> None:
     )
     assert h.send_time_ns == GOLDEN_HEADER.send_time_ns
     assert h.deadline_ns == GOLDEN_HEADER.deadline_ns
-    assert h.payload_len == 3
+    assert h.payload_len == 5 and h.msg_count == 1
 
 
 @given(
@@ -72,8 +81,8 @@ def test_golden_bytes_decode() -> None:
     seq=st.integers(0, 2**64 - 1),
     send=st.integers(0, 2**64 - 1),
     deadline=st.integers(0, 2**64 - 1),
-    flags=st.integers(0, 7),
-    payload=st.binary(max_size=MAX_PAYLOAD),
+    flags=st.sampled_from([0, 1, 2, 3]),
+    payload=st.binary(max_size=MAX_MESSAGE),
 )
 def test_round_trip(
     stream_id: int,
@@ -95,7 +104,7 @@ def test_round_trip(
         flags=flags,
     )
     data = encode(h, payload)
-    assert len(data) == HEADER_LEN + len(payload)
+    assert len(data) == HEADER_LEN + 2 + len(payload)
     msg = decode(data)
     assert msg.payload == payload
     assert msg.header.seq == seq and msg.header.session == session
@@ -113,7 +122,52 @@ def test_encode_rejects_local_misuse() -> None:
     with pytest.raises(ValueError, match="flags"):
         encode(Header(**base, flags=0x80))
     with pytest.raises(ValueError, match="payload"):
-        encode(Header(**base), b"x" * (MAX_PAYLOAD + 1))
+        encode(Header(**base), b"x" * (MAX_MESSAGE + 1))
+    with pytest.raises(ValueError, match="at least one"):
+        encode_batch(Header(**base), [])
+    with pytest.raises(ValueError, match="heartbeat"):
+        encode_batch(Header(**base, flags=FLAG_HEARTBEAT), [b"x"])
+    with pytest.raises(ValueError, match="exceeds"):
+        encode_batch(Header(**base), [b"x" * 700, b"y" * 700, b"z" * 100])
+    with pytest.raises(ValueError, match="last seq"):
+        encode_batch(Header(**{**base, "seq": 2**64 - 1}), [b"a", b"b"])
+
+
+@given(
+    seq=st.integers(1, 2**40),
+    messages=st.lists(st.binary(max_size=80), min_size=1, max_size=17),
+)
+def test_batch_round_trip(seq: int, messages: list[bytes]) -> None:
+    h = Header(stream_id=3, session=4, seq=seq, send_time_ns=5, deadline_ns=6)
+    data = encode_batch(h, messages)
+    assert len(data) == HEADER_LEN + sum(2 + len(m) for m in messages)
+    msg = decode(data)
+    assert msg.messages == tuple(messages)
+    assert msg.header.msg_count == len(messages) and msg.header.seq == seq
+    assert encode_batch(msg.header, msg.messages) == data
+    if len(messages) > 1:
+        with pytest.raises(ValueError, match="batch"):
+            _ = msg.payload
+
+
+def test_heartbeat_carries_no_messages() -> None:
+    hb = encode(Header(stream_id=1, session=1, seq=9, send_time_ns=1, deadline_ns=0,
+                       flags=FLAG_HEARTBEAT))  # fmt: skip
+    assert len(hb) == HEADER_LEN
+    msg = decode(hb)
+    assert msg.messages == () and msg.payload == b"" and msg.header.msg_count == 0
+
+
+def _patched(data: bytes, at: int, raw: bytes) -> bytes:
+    return data[:at] + raw + data[at + len(raw) :]
+
+
+BATCH = encode_batch(
+    Header(stream_id=1, session=1, seq=10, send_time_ns=1, deadline_ns=2), [b"ab", b"", b"cde"]
+)
+HEARTBEAT = encode(
+    Header(stream_id=1, session=1, seq=9, send_time_ns=1, deadline_ns=0, flags=FLAG_HEARTBEAT)
+)
 
 
 @pytest.mark.parametrize(
@@ -122,10 +176,20 @@ def test_encode_rejects_local_misuse() -> None:
         (b"", "short"),
         (GOLDEN_BYTES[:47], "short"),
         (b"\x00\x00" + GOLDEN_BYTES[2:], "magic"),
-        (GOLDEN_BYTES[:2] + b"\x02" + GOLDEN_BYTES[3:], "version"),
+        (GOLDEN_BYTES[:2] + b"\x01" + GOLDEN_BYTES[3:], "version"),
+        (GOLDEN_BYTES[:2] + b"\x03" + GOLDEN_BYTES[3:], "version"),
         (GOLDEN_BYTES[:3] + b"\x80" + GOLDEN_BYTES[4:], "flags"),
         (GOLDEN_BYTES[:-1], "length"),
         (GOLDEN_BYTES + b"x", "length"),
+        # The batch: a count that disagrees with the blocks, a block that overruns.
+        (_patched(BATCH, 42, b"\x00\x02"), "count"),  # 3 blocks, count 2: bytes left over
+        (_patched(BATCH, 42, b"\x00\x04"), "overrun"),  # count 4: the 4th block is missing
+        (_patched(BATCH, 42, b"\x00\x00"), "count"),  # data with no messages
+        (_patched(BATCH, 48, b"\x00\x09"), "overrun"),  # first block claims 9 bytes
+        (_patched(BATCH, 48, b"\x00\x01"), "overrun"),  # blocks misaligned from the first
+        (_patched(GOLDEN_BYTES, 48, b"\x00\x02"), "count"),  # one block, a byte left over
+        (_patched(GOLDEN_BYTES, 48, b"\x00\x04"), "overrun"),  # one block, one byte short
+        (_patched(HEARTBEAT, 42, b"\x00\x01"), "count"),  # a heartbeat with a message
     ],
 )
 def test_decode_errors_name_their_reason(data: bytes, reason: str) -> None:
@@ -178,8 +242,8 @@ def test_scapy_layer_decodes_named_fields() -> None:
     assert j.seq == GOLDEN_HEADER.seq
     assert j.stream_id == GOLDEN_HEADER.stream_id
     assert j.deadline_ns == GOLDEN_HEADER.deadline_ns
-    assert j.payload_len == 3
-    assert bytes(j.payload) == b"abc"
+    assert j.payload_len == 5 and j.msg_count == 1
+    assert bytes(j.payload) == b"\x00\x03abc"
     # And building with Scapy gives bytes the codec accepts.
-    built = bytes(Jasper(stream_id=9, session=1, seq=2) / b"xyz")
+    built = bytes(Jasper(stream_id=9, session=1, seq=2, msg_count=1) / b"\x00\x03xyz")
     assert decode(built).header.seq == 2 and decode(built).payload == b"xyz"

@@ -1,4 +1,4 @@
-/* jasper_wire.h: the Jasper data header, shared by the eBPF programs and user space. */
+/* jasper_wire.h: the Jasper data header, shared by the eBPF programs, the native path and Python. */
 /* GENERATED from jasper/wire_spec.py by `python -m jasper.wire_spec`; do not edit. */
 #ifndef JASPER_WIRE_H
 #define JASPER_WIRE_H
@@ -6,26 +6,28 @@
 #include <linux/types.h>
 
 #define JASPER_MAGIC 0x4A53
-#define JASPER_VERSION 1
+#define JASPER_VERSION 2
 #define JASPER_FLAG_HEDGE_COPY 0x01
 #define JASPER_FLAG_RETRANSMIT 0x02
 #define JASPER_FLAG_HEARTBEAT 0x04
 #define JASPER_HEADER_LEN 48
 #define JASPER_MAX_PAYLOAD 1424
+#define JASPER_BLOCK_HEADER_LEN 2
+#define JASPER_MAX_MESSAGES 712
 
 /* All multi-byte fields are in network byte order. */
 struct jasper_hdr {
 	__u16 magic; /* 0x4A53 ('JS'); anything else is not a Jasper datagram */
-	__u8 version; /* header version, 1; other versions are rejected */
+	__u8 version; /* header version, 2; other versions are rejected */
 	__u8 flags; /* bit 0 hedge copy, bit 1 retransmit, bit 2 heartbeat; others zero */
 	__u32 stream_id; /* market-data stream */
 	__u32 session; /* publisher session (epoch); a restarted publisher takes a new one */
 	__u32 plan_epoch; /* tree plan the message was sent under (make-before-break) */
-	__u64 seq; /* sequence number within (stream, session), from 1 */
+	__u64 seq; /* sequence number of the first message within (stream, session), from 1 */
 	__u64 send_time_ns; /* root send time, ns since the Unix epoch on the root's clock */
-	__u64 deadline_ns; /* release time, ns since the Unix epoch; 0 = deliver at once */
+	__u64 deadline_ns; /* release time of every message, ns since the epoch; 0 = at once */
 	__u16 payload_len; /* bytes of payload that follow the header */
-	__u16 reserved0; /* zero on send, ignored on receive */
+	__u16 msg_count; /* messages in the payload: 0 for a heartbeat, >= 1 for data */
 	__u32 reserved1; /* zero on send, ignored on receive */
 } __attribute__((packed));
 
@@ -40,7 +42,7 @@ _Static_assert(__builtin_offsetof(struct jasper_hdr, seq) == 16, "jasper_hdr.seq
 _Static_assert(__builtin_offsetof(struct jasper_hdr, send_time_ns) == 24, "jasper_hdr.send_time_ns offset");
 _Static_assert(__builtin_offsetof(struct jasper_hdr, deadline_ns) == 32, "jasper_hdr.deadline_ns offset");
 _Static_assert(__builtin_offsetof(struct jasper_hdr, payload_len) == 40, "jasper_hdr.payload_len offset");
-_Static_assert(__builtin_offsetof(struct jasper_hdr, reserved0) == 42, "jasper_hdr.reserved0 offset");
+_Static_assert(__builtin_offsetof(struct jasper_hdr, msg_count) == 42, "jasper_hdr.msg_count offset");
 _Static_assert(__builtin_offsetof(struct jasper_hdr, reserved1) == 44, "jasper_hdr.reserved1 offset");
 
 #endif /* JASPER_WIRE_H */
