@@ -1,0 +1,186 @@
+/* receiver_core.h: the receiver core's C API (docs/receiver-core.md), no I/O, no clock. */
+/*
+ * One core per receiver process: copies come in with their endpoint, parent id, effective
+ * arrival and the node clock; releases go out, pulled. Time comes in as an argument: every
+ * input call first advances the core to `now_ns` (calls come with non-decreasing now_ns).
+ * Times (now_ns, arrival_ns, release_ns) are int64 ns >= 0; the header's send and deadline
+ * times are raw u64 from the wire.
+ *
+ * Not thread-safe: one thread drives a core. Nothing here blocks or reads a clock.
+ *
+ * Memory: every store is bounded by the config except the queue of releases not yet taken
+ * (take them after every input call) and the stream tables (bounded by max_streams when set).
+ * Datagram buffers (MAX_DATAGRAM bytes each) come from a free list that grows lazily up to
+ * about pending_capacity + hold_capacity + untaken releases; nothing is allocated per copy
+ * once the pools are warm.
+ */
+#ifndef JASPER_RECEIVER_CORE_H
+#define JASPER_RECEIVER_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- parsing ----------------------------------------------------------------------------- */
+
+/* jc_parse results: 0, or 1 + the index of the reason in jasper.wire_spec.MALFORMED_REASONS. */
+enum jc_parse_result {
+	JC_PARSE_OK = 0,
+	JC_MALFORMED_SHORT = 1, /* fewer bytes than the header */
+	JC_MALFORMED_MAGIC = 2,
+	JC_MALFORMED_VERSION = 3,
+	JC_MALFORMED_FLAGS = 4, /* unknown flag bits */
+	JC_MALFORMED_LENGTH = 5, /* payload_len != bytes after the header, or > MAX_PAYLOAD */
+	JC_MALFORMED_COUNT = 6, /* msg_count disagrees with the blocks */
+	JC_MALFORMED_OVERRUN = 7, /* a block runs past the end */
+};
+#define JC_MALFORMED_REASONS 7
+
+/* "short", "magic", ... in MALFORMED_REASONS order: jc_malformed_reason[result - 1]. */
+extern const char *const jc_malformed_reason[JC_MALFORMED_REASONS];
+
+/* The fixed header in host byte order. */
+struct jc_header {
+	uint8_t version;
+	uint8_t flags;
+	uint16_t payload_len;
+	uint16_t msg_count;
+	uint32_t stream_id;
+	uint32_t session;
+	uint32_t plan_epoch;
+	uint64_t seq;
+	uint64_t send_time_ns;
+	uint64_t deadline_ns;
+};
+
+/*
+ * Check one datagram exactly like overlay.fastwire.peek (same checks, same order) and fill
+ * *out (valid when the result is JC_PARSE_OK). Reads only data[0..len); never allocates.
+ */
+int jc_parse(const uint8_t *data, size_t len, struct jc_header *out);
+
+/* ---- the core ---------------------------------------------------------------------------- */
+
+/* Return codes of the calls below (0 = done). */
+#define JC_EINVAL (-1) /* the caller's bug: endpoint out of range, negative time, bad config */
+#define JC_ENOMEM (-2) /* an allocation failed; the copy concerned was dropped and counted */
+
+struct jc_config {
+	uint32_t endpoints; /* MP endpoints, >= 1 */
+	uint32_t ring_size; /* dedup ring slots per (endpoint, stream): a power of two >= 2 */
+	uint32_t hold_capacity; /* held entries at most */
+	uint32_t pending_capacity; /* copies waiting for a future arrival at most */
+	uint32_t max_streams; /* distinct stream ids at most, 0 = unbounded (copies of further
+				 streams are dropped, counted stream_overflow) */
+};
+#define JC_CONFIG_DEFAULT {1, 4096, 65536, 65536, 0}
+
+enum jc_release_kind {
+	JC_ON_TIME = 0,
+	JC_LATE = 1,
+	JC_UNSTAMPED = 2,
+	JC_OVERFLOW = 3,
+};
+
+/* One release: a datagram's messages handed to its endpoint. */
+struct jc_release {
+	uint32_t endpoint;
+	uint32_t parent; /* parent id of the copy kept */
+	uint32_t stream_id;
+	uint32_t session;
+	uint64_t seq; /* first message's sequence number */
+	uint16_t count; /* messages (msg_count) */
+	uint8_t kind; /* enum jc_release_kind */
+	uint64_t deadline_ns; /* deadline in force (clamped); 0 when unstamped */
+	uint64_t send_ns; /* header's root send time */
+	int64_t arrival_ns; /* the copy's effective arrival */
+	int64_t release_ns; /* now_ns of the call that released it */
+	const uint8_t *payload; /* the message blocks (bytes after the header); see jc_take_releases */
+	size_t payload_len;
+};
+
+/* Per-endpoint counters (names as in the Python core's counters()). */
+struct jc_counters {
+	uint64_t received;
+	uint64_t heartbeats;
+	uint64_t accepted;
+	uint64_t duplicates;
+	uint64_t stale;
+	uint64_t released; /* messages */
+	uint64_t late; /* messages */
+	uint64_t hold_overflow;
+	uint64_t pending_overflow;
+	uint64_t malformed[JC_MALFORMED_REASONS]; /* by jc_parse result - 1 */
+	uint64_t stream_overflow; /* native only: dropped, the stream table was full */
+	uint64_t nomem; /* native only: dropped, an allocation failed */
+};
+
+/* Parent ids tracked per endpoint; further ids (and id JC_PARENT_OTHER) count under
+ * JC_PARENT_OTHER, so jc_parents reports at most JC_PARENT_SLOTS entries. */
+#define JC_MAX_PARENTS 64
+#define JC_PARENT_OTHER UINT32_C(0xFFFFFFFF)
+#define JC_PARENT_SLOTS (JC_MAX_PARENTS + 1)
+
+struct jc_parent {
+	uint32_t id;
+	uint64_t copies; /* valid copies (parsed) from this parent */
+	uint64_t kept; /* of which accepted by dedup */
+};
+
+struct jc_core;
+
+/* 0 when the config is valid, else JC_EINVAL. */
+int jc_config_check(const struct jc_config *cfg);
+/* A new core, or NULL (invalid config: see jc_config_check; or no memory). */
+struct jc_core *jc_new(const struct jc_config *cfg);
+void jc_free(struct jc_core *core);
+
+/* Grow to n endpoints (a new plan); n < current is JC_EINVAL, n == current does nothing. */
+int jc_set_endpoints(struct jc_core *core, uint32_t n);
+uint32_t jc_endpoints(const struct jc_core *core);
+
+/*
+ * One copy received on `endpoint` from `parent`, with effective arrival `arrival_ns`, at node
+ * time `now_ns`; then advance to now_ns. `data` is only read during the call (copied when it
+ * has to wait). Malformed input is counted, never an error.
+ */
+int jc_datagram(struct jc_core *core, uint32_t endpoint, const uint8_t *data, size_t len,
+		uint32_t parent, int64_t arrival_ns, int64_t now_ns);
+/* Time passed: process due copies and release due held entries. */
+int jc_advance(struct jc_core *core, int64_t now_ns);
+/* Shutdown: process every pending copy as at now_ns, then release every held entry ON_TIME. */
+int jc_flush(struct jc_core *core, int64_t now_ns);
+
+/* The earliest of the next pending arrival and the next held deadline: 1 and *when, or 0 when
+ * nothing waits. */
+int jc_get_timer(const struct jc_core *core, uint64_t *when);
+/* The same as an int64: INT64_MAX when nothing waits (or the time is beyond INT64_MAX). */
+int64_t jc_next_timer(const struct jc_core *core);
+
+/* Releases waiting to be taken. */
+size_t jc_releases_waiting(const struct jc_core *core);
+/*
+ * Move up to `max` releases, oldest first, into out[]; returns how many. The payload pointers
+ * stay valid until the next call of jc_take_releases, jc_datagram, jc_advance, jc_flush,
+ * jc_set_endpoints or jc_free on this core (the read-only calls do not invalidate them).
+ */
+size_t jc_take_releases(struct jc_core *core, struct jc_release *out, size_t max);
+
+/* Counters of one endpoint: 0, or JC_EINVAL for an endpoint out of range. */
+int jc_counters(const struct jc_core *core, uint32_t endpoint, struct jc_counters *out);
+/* Parents seen on one endpoint (first seen first) into out[0..max): the number written
+ * (<= JC_PARENT_SLOTS), or JC_EINVAL for an endpoint out of range. */
+int jc_parents(const struct jc_core *core, uint32_t endpoint, struct jc_parent *out, size_t max);
+
+size_t jc_held(const struct jc_core *core); /* held entries */
+size_t jc_pending(const struct jc_core *core); /* copies waiting for their arrival */
+uint64_t jc_clamped(const struct jc_core *core); /* deadlines raised to the stream's floor */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* JASPER_RECEIVER_CORE_H */
