@@ -1,0 +1,465 @@
+"""ReceiverCore against docs/receiver-core.md: hand-stepped clock, exact releases and counters."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jasper.receiver_core import COUNTER_NAMES, CoreRelease, ReceiverCore, ReleaseKind
+from jasper.wire import Header, WireError, encode_batch, pack_blocks
+from jasper.wire_spec import FLAG_HEARTBEAT, HEADER_LEN, MALFORMED_REASONS, MAX_DATAGRAM, offsets
+from overlay.fastwire import peek
+
+ON_TIME, LATE, UNSTAMPED, OVERFLOW = (
+    ReleaseKind.ON_TIME,
+    ReleaseKind.LATE,
+    ReleaseKind.UNSTAMPED,
+    ReleaseKind.OVERFLOW,
+)
+OFFSETS = offsets()
+
+
+def dgram(
+    seq: int,
+    *,
+    stream: int = 1,
+    session: int = 1,
+    deadline: int = 0,
+    sent: int = 5,
+    msgs: tuple[bytes, ...] = (b"m",),
+    flags: int = 0,
+) -> bytes:
+    header = Header(
+        stream_id=stream,
+        session=session,
+        seq=seq,
+        send_time_ns=sent,
+        deadline_ns=deadline,
+        flags=flags,
+    )
+    return encode_batch(header, () if flags & FLAG_HEARTBEAT else msgs)
+
+
+def patched(data: bytes, field: str, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, OFFSETS[field], value)
+    return bytes(out)
+
+
+def brief(releases: list[CoreRelease]) -> list[tuple[int, int, int, ReleaseKind, int, int]]:
+    """(endpoint, parent, seq, kind, deadline_ns, release_ns) of each release."""
+    return [(r.endpoint, r.parent, r.seq, r.kind, r.deadline_ns, r.release_ns) for r in releases]
+
+
+def counts(core: ReceiverCore, endpoint: int = 0) -> dict[str, int]:
+    """The non-zero counters of one endpoint."""
+    return {k: v for k, v in core.counters(endpoint).items() if v}
+
+
+def test_counter_names() -> None:
+    expected = (
+        "received",
+        "heartbeats",
+        "accepted",
+        "duplicates",
+        "stale",
+        "released",
+        "late",
+        "hold_overflow",
+        "pending_overflow",
+        *(f"malformed_{r}" for r in MALFORMED_REASONS),
+    )
+    assert expected == COUNTER_NAMES
+    core = ReceiverCore(endpoints=2)
+    assert tuple(core.counters(1)) == COUNTER_NAMES
+    assert set(core.counters(1).values()) == {0}
+    assert core.parents(0) == {}
+    assert (core.held, core.pending, core.clamped, core.get_timer()) == (0, 0, 0, None)
+    assert core.releases() == []
+
+
+def test_constructor_is_keyword_only_and_validates() -> None:
+    with pytest.raises(TypeError):
+        ReceiverCore(3)  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        ReceiverCore(endpoints=0)
+    with pytest.raises(ValueError):
+        ReceiverCore(endpoints=1, ring_size=100)
+    with pytest.raises(ValueError):
+        ReceiverCore(endpoints=1, hold_capacity=0)
+
+
+def test_first_copy_in_emulated_time_wins() -> None:
+    core = ReceiverCore(endpoints=1)
+    d = dgram(1, deadline=1000, sent=7)
+    # The kernel hands over parent 1's copy first, but parent 2's arrives first in emulated time.
+    core.datagram_received(0, d, 1, 300, 100)
+    assert core.get_timer() == 300
+    core.datagram_received(0, d, 2, 200, 100)
+    assert (core.pending, core.get_timer()) == (2, 200)
+    core.timer(200)
+    assert core.parents(0) == {2: (1, 1)}
+    assert (core.pending, core.held, core.get_timer()) == (1, 1, 300)
+    core.timer(300)
+    assert core.parents(0) == {1: (1, 0), 2: (1, 1)}
+    assert core.get_timer() == 1000
+    core.timer(999)
+    assert core.releases() == []
+    core.timer(1000)
+    assert core.releases() == [
+        CoreRelease(0, 2, 1, 1, 1, 1, ON_TIME, 1000, 7, 200, 1000, pack_blocks([b"m"]))
+    ]
+    assert counts(core) == {"received": 2, "accepted": 1, "duplicates": 1, "released": 1}
+    assert core.get_timer() is None
+
+
+def test_same_arrival_keeps_the_copy_handed_in_first() -> None:
+    core = ReceiverCore(endpoints=1)
+    d = dgram(1)
+    core.datagram_received(0, d, 4, 50, 10)
+    core.datagram_received(0, d, 3, 50, 10)
+    core.timer(60)
+    assert brief(core.releases()) == [(0, 4, 1, UNSTAMPED, 0, 60)]
+    assert core.parents(0) == {4: (1, 1), 3: (1, 0)}
+
+
+def test_due_copies_all_processed_in_arrival_order_before_a_new_due_one() -> None:
+    core = ReceiverCore(endpoints=1)
+    core.datagram_received(0, dgram(1), 1, 150, 100)
+    core.datagram_received(0, dgram(2), 1, 120, 100)
+    # At 200 both are due, and so is the new copy of seq 1 that arrived at 110: it wins.
+    core.datagram_received(0, dgram(1), 2, 110, 200)
+    assert brief(core.releases()) == [
+        (0, 2, 1, UNSTAMPED, 0, 200),
+        (0, 1, 2, UNSTAMPED, 0, 200),
+    ]
+    assert core.counters(0)["duplicates"] == 1
+    assert core.pending == 0
+
+
+def test_copy_from_the_future_waits_for_its_arrival() -> None:
+    core = ReceiverCore(endpoints=1)
+    core.datagram_received(0, dgram(1), 9, 500, 100)
+    assert core.releases() == []
+    assert (core.pending, core.get_timer()) == (1, 500)
+    # Not parsed yet: only `received` moved.
+    assert counts(core) == {"received": 1}
+    assert core.parents(0) == {}
+    core.timer(499)
+    assert core.releases() == []
+    core.timer(500)
+    assert brief(core.releases()) == [(0, 9, 1, UNSTAMPED, 0, 500)]
+    assert (core.pending, core.get_timer()) == (0, None)
+
+
+def test_pending_copy_owns_its_bytes() -> None:
+    core = ReceiverCore(endpoints=1)
+    buf = bytearray(dgram(1, msgs=(b"abc",)))
+    core.datagram_received(0, memoryview(buf), 0, 20, 10)
+    buf[:] = bytes(len(buf))  # the pump reuses its receive buffer
+    core.timer(20)
+    (r,) = core.releases()
+    assert r.payload == pack_blocks([b"abc"])
+    assert type(r.payload) is bytes
+
+
+def test_pending_overflow() -> None:
+    core = ReceiverCore(endpoints=1, pending_capacity=2)
+    core.datagram_received(0, dgram(1), 0, 200, 100)
+    core.datagram_received(0, dgram(2), 0, 300, 100)
+    core.datagram_received(0, dgram(3), 0, 250, 100)  # refused
+    assert core.pending == 2
+    # A copy already due is never refused.
+    core.datagram_received(0, dgram(4), 0, 100, 100)
+    assert brief(core.releases()) == [(0, 0, 4, UNSTAMPED, 0, 100)]
+    assert counts(core) == {"received": 4, "pending_overflow": 1, "accepted": 1, "released": 1}
+    # At 200 seq 1 is due, so only one copy still waits: a future copy fits again, even
+    # without a timer call in between.
+    core.datagram_received(0, dgram(5), 0, 400, 200)
+    assert brief(core.releases()) == [(0, 0, 1, UNSTAMPED, 0, 200)]
+    assert (core.pending, core.get_timer()) == (2, 300)
+    core.timer(400)
+    assert [r.seq for r in core.releases()] == [2, 5]
+    assert core.counters(0)["pending_overflow"] == 1
+    assert core.counters(0)["released"] == 4
+
+
+def test_duplicates_stale_and_session_reset() -> None:
+    core = ReceiverCore(endpoints=2, ring_size=4)
+    feed = [
+        (0, dgram(5)),  # accepted
+        (0, dgram(5)),  # duplicate
+        (0, dgram(0)),  # seq 0: stale
+        (0, dgram(9)),  # accepted (slot 1 now holds 9)
+        (0, dgram(5)),  # slot 1 holds 9 > 5: stale
+        (0, dgram(5, stream=2)),  # another stream, its own ring: accepted
+        (1, dgram(5)),  # another endpoint, its own ring: accepted
+        (0, dgram(1, session=2)),  # a larger session empties the ring: accepted
+        (0, dgram(5, session=2)),  # accepted in the new session
+        (0, dgram(10, session=1)),  # the old session: stale
+    ]
+    for i, (endpoint, d) in enumerate(feed):
+        core.datagram_received(endpoint, d, 0, i, i)
+    assert counts(core, 0) == {
+        "received": 9,
+        "accepted": 5,
+        "duplicates": 1,
+        "stale": 3,
+        "released": 5,
+    }
+    assert counts(core, 1) == {"received": 1, "accepted": 1, "released": 1}
+    assert [(r.endpoint, r.stream_id, r.session, r.seq) for r in core.releases()] == [
+        (0, 1, 1, 5),
+        (0, 1, 1, 9),
+        (0, 2, 1, 5),
+        (1, 1, 1, 5),
+        (0, 1, 2, 1),
+        (0, 1, 2, 5),
+    ]
+    assert core.parents(0) == {0: (9, 5)}
+
+
+def test_heartbeat_is_counted_and_dropped() -> None:
+    core = ReceiverCore(endpoints=1)
+    core.datagram_received(0, dgram(3, deadline=50, flags=FLAG_HEARTBEAT), 6, 10, 10)
+    assert core.releases() == []
+    assert counts(core) == {"received": 1, "heartbeats": 1}
+    assert core.parents(0) == {6: (1, 0)}
+    assert (core.held, core.get_timer()) == (0, None)
+    # A heartbeat does not move the dedup ring: the data copy of seq 3 is still accepted.
+    core.datagram_received(0, dgram(3), 6, 11, 11)
+    assert core.counters(0)["accepted"] == 1
+
+
+def malformed_samples() -> dict[str, list[bytes]]:
+    good = dgram(1, msgs=(b"abc",))
+    batch = dgram(1, msgs=(b"a", b"bc"))
+    beat = dgram(1, flags=FLAG_HEARTBEAT)
+    return {
+        "short": [b"", good[: HEADER_LEN - 1]],
+        "magic": [patched(good, "magic", "!H", 0x1234)],
+        "version": [patched(good, "version", "!B", 1)],
+        "flags": [patched(good, "flags", "!B", 0x80)],
+        "length": [
+            good[:-1],
+            good + b"x",
+            patched(beat, "payload_len", "!H", 1),
+            # Over MAX_DATAGRAM and self-consistent: refused on length before it is stored.
+            patched(dgram(1, msgs=(b"",)), "payload_len", "!H", MAX_DATAGRAM - HEADER_LEN + 1)
+            + bytes(MAX_DATAGRAM - HEADER_LEN + 1 - 2),
+        ],
+        "count": [
+            patched(good, "msg_count", "!H", 0),  # data without messages
+            patched(beat, "msg_count", "!H", 1),  # a heartbeat with messages
+            patched(batch, "msg_count", "!H", 1),  # bytes left after the single block
+            patched(dgram(1, msgs=(b"a", b"b", b"c")), "msg_count", "!H", 2),
+        ],
+        "overrun": [
+            patched(good, "msg_count", "!H", 2),
+            patched(good, "payload_len", "!H", 1)[: HEADER_LEN + 1],
+            bytearray_set(good, HEADER_LEN + 1, 200),
+            bytearray_set(batch, HEADER_LEN + 4, 9),
+        ],
+    }
+
+
+def bytearray_set(data: bytes, at: int, value: int) -> bytes:
+    out = bytearray(data)
+    out[at] = value
+    return bytes(out)
+
+
+def test_every_malformed_reason() -> None:
+    samples = malformed_samples()
+    assert set(samples) == set(MALFORMED_REASONS)
+    for reason, datagrams in samples.items():
+        for d in datagrams:
+            with pytest.raises(WireError) as exc:
+                peek(d)
+            assert exc.value.reason == reason, (reason, d)
+            core = ReceiverCore(endpoints=1)
+            core.datagram_received(0, d, 3, 10, 10)
+            assert counts(core) == {"received": 1, f"malformed_{reason}": 1}, (reason, d)
+            assert core.parents(0) == {}
+            assert core.releases() == []
+
+
+def test_oversize_is_refused_on_entry_even_from_the_future() -> None:
+    core = ReceiverCore(endpoints=1, pending_capacity=0)
+    core.datagram_received(0, dgram(1) + bytes(MAX_DATAGRAM), 0, 500, 100)
+    assert counts(core) == {"received": 1, "malformed_length": 1}
+    assert (core.pending, core.get_timer()) == (0, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80), st.integers(0, 255), st.integers(0, 200), st.integers(0, 200))
+def test_malformed_verdict_equals_peek(tail: bytes, byte: int, at: int, cut: int) -> None:
+    base = bytearray(dgram(1, msgs=(b"xy", b"", b"z")) + tail)
+    base[at % len(base)] = byte
+    data = bytes(base[:cut])
+    try:
+        peek(data)
+        expected = None
+    except WireError as exc:
+        expected = f"malformed_{exc.reason}"
+    core = ReceiverCore(endpoints=1)
+    core.datagram_received(0, data, 0, 0, 0)
+    bad = [k for k, v in counts(core).items() if k.startswith("malformed_")]
+    assert bad == ([expected] if expected else [])
+
+
+def test_late_unstamped_and_hold_overflow() -> None:
+    core = ReceiverCore(endpoints=1, hold_capacity=1)
+    core.datagram_received(0, dgram(1, deadline=100), 0, 100, 100)  # deadline == now: late
+    core.datagram_received(0, dgram(2, deadline=0), 0, 100, 100)
+    core.datagram_received(0, dgram(3, deadline=500), 0, 100, 100)  # held
+    core.datagram_received(0, dgram(4, deadline=600), 0, 100, 100)  # hold full
+    assert brief(core.releases()) == [
+        (0, 0, 1, LATE, 100, 100),
+        (0, 0, 2, UNSTAMPED, 0, 100),
+        (0, 0, 4, OVERFLOW, 600, 100),
+    ]
+    assert (core.held, core.get_timer(), core.clamped) == (1, 500, 0)
+    core.timer(500)
+    assert brief(core.releases()) == [(0, 0, 3, ON_TIME, 500, 500)]
+    assert counts(core) == {
+        "received": 4,
+        "accepted": 4,
+        "released": 4,
+        "late": 1,
+        "hold_overflow": 1,
+    }
+
+
+def test_late_copy_is_released_before_the_held_ones_due_in_the_same_call() -> None:
+    core = ReceiverCore(endpoints=1)
+    core.datagram_received(0, dgram(1, deadline=200), 0, 100, 100)
+    core.datagram_received(0, dgram(2, deadline=150), 0, 300, 300)
+    assert brief(core.releases()) == [(0, 0, 2, LATE, 150, 300), (0, 0, 1, ON_TIME, 200, 300)]
+
+
+def test_clamp_keeps_a_stream_in_order() -> None:
+    core = ReceiverCore(endpoints=2)
+    core.datagram_received(0, dgram(1, deadline=1000), 0, 10, 10)
+    core.datagram_received(0, dgram(2, deadline=900), 0, 10, 10)  # raised to 1000
+    core.datagram_received(1, dgram(3, deadline=800), 0, 10, 10)  # one floor for the core
+    core.datagram_received(0, dgram(1, stream=2, deadline=700), 0, 10, 10)  # another stream
+    core.datagram_received(0, dgram(4, deadline=1100), 0, 10, 10)  # the floor moves up
+    assert (core.clamped, core.held, core.get_timer()) == (2, 5, 700)
+    core.timer(950)
+    assert brief(core.releases()) == [(0, 0, 1, ON_TIME, 700, 950)]
+    core.timer(1000)
+    assert [(r.endpoint, r.stream_id, r.seq, r.deadline_ns) for r in core.releases()] == [
+        (0, 1, 1, 1000),
+        (0, 1, 2, 1000),
+        (1, 1, 3, 1000),
+    ]
+    assert core.get_timer() == 1100
+    # A late copy is neither clamped nor moves the floor.
+    core.datagram_received(0, dgram(5, deadline=1050), 0, 1060, 1060)
+    core.datagram_received(0, dgram(6, deadline=1200), 0, 1060, 1060)
+    assert core.clamped == 2
+    core.timer(1200)
+    assert brief(core.releases()) == [
+        (0, 0, 5, LATE, 1050, 1060),
+        (0, 0, 4, ON_TIME, 1100, 1200),
+        (0, 0, 6, ON_TIME, 1200, 1200),
+    ]
+
+
+def test_rank_rotates_across_endpoints_with_seq() -> None:
+    core = ReceiverCore(endpoints=3)
+    for seq in (1, 2, 3, 4):
+        for endpoint in (0, 1, 2):
+            core.datagram_received(endpoint, dgram(seq, deadline=1000), 0, 10, 10)
+    core.timer(1000)
+    # rank = (endpoint - seq) % 3: seq 1 starts at endpoint 1, seq 2 at 2, seq 3 at 0.
+    assert [(r.seq, r.endpoint) for r in core.releases()] == [
+        (1, 1),
+        (1, 2),
+        (1, 0),
+        (2, 2),
+        (2, 0),
+        (2, 1),
+        (3, 0),
+        (3, 1),
+        (3, 2),
+        (4, 1),
+        (4, 2),
+        (4, 0),
+    ]
+
+
+def test_flush_processes_pending_and_releases_everything() -> None:
+    core = ReceiverCore(endpoints=2)
+    core.datagram_received(0, dgram(1, deadline=5000), 0, 100, 100)  # held
+    core.datagram_received(1, dgram(2, deadline=300), 1, 900, 100)  # pending, late at flush
+    core.datagram_received(0, dgram(3, deadline=4000), 2, 800, 100)  # pending, then held
+    assert (core.held, core.pending, core.get_timer()) == (1, 2, 800)
+    core.flush(500)
+    # Pending copies go in arrival order: seq 3 is held (raised to the stream's floor, 5000),
+    # then seq 2 is late; then the held ones go in release order.
+    assert brief(core.releases()) == [
+        (1, 1, 2, LATE, 300, 500),
+        (0, 0, 1, ON_TIME, 5000, 500),
+        (0, 2, 3, ON_TIME, 5000, 500),
+    ]
+    assert (core.held, core.pending, core.get_timer(), core.clamped) == (0, 0, None, 1)
+    assert counts(core, 0)["released"] == 2
+    assert counts(core, 1) == {"received": 1, "accepted": 1, "released": 1, "late": 1}
+
+
+def test_set_endpoints_grows_only() -> None:
+    core = ReceiverCore(endpoints=2)
+    with pytest.raises(ValueError):
+        core.datagram_received(2, dgram(1), 0, 0, 0)
+    with pytest.raises(ValueError):
+        core.counters(2)
+    with pytest.raises(ValueError):
+        core.parents(-1)
+    with pytest.raises(ValueError):
+        core.datagram_received(0, dgram(1), 2**32, 0, 0)
+    with pytest.raises(ValueError):
+        core.set_endpoints(1)
+    core.set_endpoints(2)
+    core.set_endpoints(3)
+    assert core.endpoints == 3
+    assert set(core.counters(2).values()) == {0}
+    # Ranks use the endpoint count as set now: seq 1 starts at endpoint 1 among three.
+    for endpoint in (0, 1, 2):
+        core.datagram_received(endpoint, dgram(1, deadline=100), 0, 10, 10)
+    core.timer(100)
+    assert [r.endpoint for r in core.releases()] == [1, 2, 0]
+    assert core.counters(2)["released"] == 1
+
+
+def test_batches_count_messages() -> None:
+    core = ReceiverCore(endpoints=1)
+    msgs = (b"a", b"bb", b"")
+    core.datagram_received(0, dgram(10, deadline=500, msgs=msgs), 0, 100, 100)
+    core.datagram_received(0, dgram(13, deadline=50, msgs=msgs[:2]), 0, 100, 100)
+    core.datagram_received(0, dgram(15, msgs=msgs), 0, 100, 100)
+    core.timer(500)
+    releases = core.releases()
+    assert [(r.seq, r.count, r.kind) for r in releases] == [
+        (13, 2, LATE),
+        (15, 3, UNSTAMPED),
+        (10, 3, ON_TIME),
+    ]
+    assert releases[2].payload == pack_blocks(msgs)
+    assert counts(core) == {"received": 3, "accepted": 3, "released": 8, "late": 2}
+
+
+def test_parents_per_endpoint() -> None:
+    core = ReceiverCore(endpoints=2)
+    d = dgram(1)
+    core.datagram_received(0, d, 7, 0, 0)
+    core.datagram_received(0, d, 8, 1, 1)
+    core.datagram_received(0, d, 7, 2, 2)
+    core.datagram_received(1, d, 8, 3, 3)
+    core.datagram_received(1, b"junk", 9, 4, 4)  # malformed: no parent entry
+    assert core.parents(0) == {7: (2, 1), 8: (1, 0)}
+    assert core.parents(1) == {8: (1, 1)}
