@@ -1,0 +1,882 @@
+/* receiver_core.c: the receiver core in C11 (docs/receiver-core.md); jasper/receiver_core.py is
+ * its specification. No I/O, no clock, no Python. */
+#include "receiver_core.h"
+
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "jasper_wire.h"
+
+#define MAX_DATAGRAM (JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD)
+#define KNOWN_FLAGS (JASPER_FLAG_HEDGE_COPY | JASPER_FLAG_RETRANSMIT | JASPER_FLAG_HEARTBEAT)
+#define AT(field) (__builtin_offsetof(struct jasper_hdr, field))
+
+const char *const jc_malformed_reason[JC_MALFORMED_REASONS] = {
+	"short", "magic", "version", "flags", "length", "count", "overrun",
+};
+
+/* ---- parsing ----------------------------------------------------------------------------- */
+
+static inline uint16_t load16(const uint8_t *p)
+{
+	return (uint16_t)((uint16_t)p[0] << 8 | p[1]);
+}
+
+static inline uint32_t load32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline uint64_t load64(const uint8_t *p)
+{
+	return (uint64_t)load32(p) << 32 | load32(p + 4);
+}
+
+int jc_parse(const uint8_t *data, size_t n, struct jc_header *h)
+{
+	if (n < JASPER_HEADER_LEN)
+		return JC_MALFORMED_SHORT;
+	if (load16(data + AT(magic)) != JASPER_MAGIC)
+		return JC_MALFORMED_MAGIC;
+	h->version = data[AT(version)];
+	if (h->version != JASPER_VERSION)
+		return JC_MALFORMED_VERSION;
+	h->flags = data[AT(flags)];
+	if (h->flags & ~KNOWN_FLAGS)
+		return JC_MALFORMED_FLAGS;
+	h->payload_len = load16(data + AT(payload_len));
+	if (h->payload_len != n - JASPER_HEADER_LEN || h->payload_len > JASPER_MAX_PAYLOAD)
+		return JC_MALFORMED_LENGTH;
+	h->msg_count = load16(data + AT(msg_count));
+	h->stream_id = load32(data + AT(stream_id));
+	h->session = load32(data + AT(session));
+	h->plan_epoch = load32(data + AT(plan_epoch));
+	h->seq = load64(data + AT(seq));
+	h->send_time_ns = load64(data + AT(send_time_ns));
+	h->deadline_ns = load64(data + AT(deadline_ns));
+
+	/* From here n == JASPER_HEADER_LEN + payload_len <= MAX_DATAGRAM: no sum below overflows. */
+	size_t plen = h->payload_len, count = h->msg_count;
+	if (h->flags & JASPER_FLAG_HEARTBEAT)
+		return count || plen ? JC_MALFORMED_COUNT : JC_PARSE_OK;
+	if (count == 0)
+		return JC_MALFORMED_COUNT;
+	if (count == 1) {
+		if (plen < JASPER_BLOCK_HEADER_LEN)
+			return JC_MALFORMED_OVERRUN;
+		size_t length = load16(data + JASPER_HEADER_LEN);
+		if (length > plen - JASPER_BLOCK_HEADER_LEN)
+			return JC_MALFORMED_OVERRUN;
+		if (length < plen - JASPER_BLOCK_HEADER_LEN)
+			return JC_MALFORMED_COUNT;
+		return JC_PARSE_OK;
+	}
+	size_t at = JASPER_HEADER_LEN;
+	for (size_t i = 0; i < count; i++) {
+		if (at + JASPER_BLOCK_HEADER_LEN > n)
+			return JC_MALFORMED_OVERRUN;
+		at += JASPER_BLOCK_HEADER_LEN + load16(data + at);
+		if (at > n)
+			return JC_MALFORMED_OVERRUN;
+	}
+	return at != n ? JC_MALFORMED_COUNT : JC_PARSE_OK;
+}
+
+/* ---- pools ------------------------------------------------------------------------------- */
+
+/* A datagram buffer; `next` links it on the free or lent list. */
+struct buf {
+	struct buf *next;
+	uint8_t data[MAX_DATAGRAM];
+};
+
+#define BUFS_PER_CHUNK 64
+
+struct buf_chunk {
+	struct buf_chunk *next;
+	struct buf bufs[BUFS_PER_CHUNK];
+};
+
+/* A copy waiting in the pending set or the hold. */
+struct copy {
+	struct jc_header h; /* valid when reason == 0 */
+	int64_t arrival_ns;
+	uint64_t deadline_ns; /* in force, when held */
+	uint32_t endpoint;
+	uint32_t parent;
+	uint16_t len; /* bytes in buf */
+	uint8_t reason; /* jc_parse result */
+	struct buf *buf; /* NULL for malformed and heartbeat copies */
+};
+
+struct pending_key {
+	int64_t arrival_ns;
+	uint64_t order;
+	uint32_t slot;
+};
+
+struct held_key {
+	uint64_t deadline_ns;
+	uint64_t seq;
+	uint64_t order;
+	uint32_t stream_id;
+	uint32_t rank;
+	uint32_t slot;
+};
+
+struct release_entry {
+	struct jc_release r;
+	struct buf *buf;
+};
+
+/* Dedup ring of one (endpoint, stream): exactly jasper.dedup.DedupRing. */
+struct ring {
+	uint32_t session;
+	bool has_session;
+	uint64_t slots[];
+};
+
+struct stream {
+	uint32_t id;
+	uint64_t floor; /* last held deadline (the clamp's floor), 0 = none */
+};
+
+struct endpoint {
+	struct jc_counters c;
+	struct jc_parent parents[JC_MAX_PARENTS];
+	uint32_t nparents;
+	bool other_seen;
+	struct jc_parent other;
+	struct ring **rings; /* by stream index, NULL until used */
+	uint32_t rings_cap;
+};
+
+struct jc_core {
+	struct jc_config cfg;
+	uint32_t endpoints;
+	struct endpoint *eps;
+
+	/* Streams: an open-addressing table id -> index into streams[]. */
+	struct stream *streams;
+	uint32_t nstreams, streams_cap;
+	uint32_t *table; /* index + 1, 0 = empty */
+	uint32_t table_mask;
+
+	/* Copy slots shared by the pending set and the hold. */
+	struct copy *slots;
+	uint32_t *free_slots; /* stack of unused slot indices */
+	uint32_t nslots, nfree_slots;
+	size_t slots_cap;
+
+	struct pending_key *pending;
+	size_t npending, pending_cap;
+	uint64_t receipts;
+
+	struct held_key *held;
+	size_t nheld, held_cap;
+	uint64_t tiebreak;
+	uint64_t clamped;
+
+	struct release_entry *rel;
+	size_t rel_head, rel_len, rel_cap;
+
+	struct buf *free_bufs;
+	struct buf *lent; /* handed out by the last jc_take_releases */
+	struct buf_chunk *chunks;
+
+	int status; /* JC_ENOMEM seen during the current call */
+};
+
+static struct buf *buf_get(struct jc_core *c)
+{
+	if (!c->free_bufs) {
+		struct buf_chunk *k = malloc(sizeof *k);
+		if (!k)
+			return NULL;
+		k->next = c->chunks;
+		c->chunks = k;
+		for (size_t i = 0; i < BUFS_PER_CHUNK; i++) {
+			k->bufs[i].next = c->free_bufs;
+			c->free_bufs = &k->bufs[i];
+		}
+	}
+	struct buf *b = c->free_bufs;
+	c->free_bufs = b->next;
+	return b;
+}
+
+static void buf_put(struct jc_core *c, struct buf *b)
+{
+	if (b) {
+		b->next = c->free_bufs;
+		c->free_bufs = b;
+	}
+}
+
+/* Payloads of the last take become free again. */
+static void reclaim_lent(struct jc_core *c)
+{
+	while (c->lent) {
+		struct buf *b = c->lent;
+		c->lent = b->next;
+		buf_put(c, b);
+	}
+}
+
+/* Grow *arr (elements of `size` bytes, capacity *cap) to hold at least `need`. */
+static bool grow(void **arr, size_t *cap, size_t need, size_t size)
+{
+	if (need <= *cap)
+		return true;
+	size_t n = *cap ? *cap : 16;
+	while (n < need)
+		n *= 2;
+	void *p = realloc(*arr, n * size);
+	if (!p)
+		return false;
+	*arr = p;
+	*cap = n;
+	return true;
+}
+
+static int64_t slot_get(struct jc_core *c)
+{
+	if (c->nfree_slots)
+		return c->free_slots[--c->nfree_slots];
+	if (c->nslots == UINT32_MAX)
+		return -1;
+	if (c->nslots == c->slots_cap) {
+		size_t cap = c->slots_cap, fcap = c->slots_cap;
+		if (!grow((void **)&c->slots, &cap, (size_t)c->nslots + 1, sizeof *c->slots))
+			return -1;
+		/* Every slot is in use or on the free stack: the stack never holds more than cap. */
+		if (!grow((void **)&c->free_slots, &fcap, cap, sizeof *c->free_slots))
+			return -1;
+		c->slots_cap = cap < fcap ? cap : fcap;
+	}
+	return c->nslots++;
+}
+
+static void slot_put(struct jc_core *c, uint32_t slot)
+{
+	c->free_slots[c->nfree_slots++] = slot;
+}
+
+/* ---- heaps ------------------------------------------------------------------------------- */
+
+static inline bool pending_less(const struct pending_key *a, const struct pending_key *b)
+{
+	if (a->arrival_ns != b->arrival_ns)
+		return a->arrival_ns < b->arrival_ns;
+	return a->order < b->order;
+}
+
+static inline bool held_less(const struct held_key *a, const struct held_key *b)
+{
+	if (a->deadline_ns != b->deadline_ns)
+		return a->deadline_ns < b->deadline_ns;
+	if (a->stream_id != b->stream_id)
+		return a->stream_id < b->stream_id;
+	if (a->seq != b->seq)
+		return a->seq < b->seq;
+	if (a->rank != b->rank)
+		return a->rank < b->rank;
+	return a->order < b->order;
+}
+
+#define HEAP_FUNCS(name, type, less)                                                              \
+	static void name##_up(type *h, size_t i)                                                  \
+	{                                                                                         \
+		type x = h[i];                                                                    \
+		while (i > 0) {                                                                   \
+			size_t p = (i - 1) / 2;                                                   \
+			if (!less(&x, &h[p]))                                                     \
+				break;                                                            \
+			h[i] = h[p];                                                              \
+			i = p;                                                                    \
+		}                                                                                 \
+		h[i] = x;                                                                         \
+	}                                                                                         \
+	static void name##_down(type *h, size_t n, size_t i)                                     \
+	{                                                                                         \
+		type x = h[i];                                                                    \
+		for (;;) {                                                                        \
+			size_t l = 2 * i + 1;                                                     \
+			if (l >= n)                                                               \
+				break;                                                            \
+			if (l + 1 < n && less(&h[l + 1], &h[l]))                                  \
+				l++;                                                              \
+			if (!less(&h[l], &x))                                                     \
+				break;                                                            \
+			h[i] = h[l];                                                              \
+			i = l;                                                                    \
+		}                                                                                 \
+		h[i] = x;                                                                         \
+	}
+
+HEAP_FUNCS(pending, struct pending_key, pending_less)
+HEAP_FUNCS(held, struct held_key, held_less)
+
+/* ---- streams and rings ------------------------------------------------------------------- */
+
+static inline uint32_t hash32(uint32_t x)
+{
+	x ^= x >> 16;
+	x *= 0x7feb352dU;
+	x ^= x >> 15;
+	x *= 0x846ca68bU;
+	x ^= x >> 16;
+	return x;
+}
+
+static bool table_rebuild(struct jc_core *c, uint32_t size)
+{
+	uint32_t *t = calloc(size, sizeof *t);
+	if (!t)
+		return false;
+	for (uint32_t i = 0; i < c->nstreams; i++) {
+		uint32_t at = hash32(c->streams[i].id) & (size - 1);
+		while (t[at])
+			at = (at + 1) & (size - 1);
+		t[at] = i + 1;
+	}
+	free(c->table);
+	c->table = t;
+	c->table_mask = size - 1;
+	return true;
+}
+
+/* Index of a stream (made on first use), or -1 (table full: counted by the caller) / -2. */
+static int64_t stream_index(struct jc_core *c, uint32_t id)
+{
+	uint32_t at = hash32(id) & c->table_mask;
+	for (;;) {
+		uint32_t v = c->table[at];
+		if (!v)
+			break;
+		if (c->streams[v - 1].id == id)
+			return v - 1;
+		at = (at + 1) & c->table_mask;
+	}
+	if (c->cfg.max_streams && c->nstreams >= c->cfg.max_streams)
+		return -1;
+	if (c->nstreams == UINT32_MAX - 1)
+		return -1;
+	size_t cap = c->streams_cap;
+	if (!grow((void **)&c->streams, &cap, (size_t)c->nstreams + 1, sizeof *c->streams))
+		return -2;
+	c->streams_cap = (uint32_t)cap;
+	uint32_t i = c->nstreams++;
+	c->streams[i].id = id;
+	c->streams[i].floor = 0;
+	if ((uint64_t)c->nstreams * 2 > (uint64_t)c->table_mask + 1) {
+		if (!table_rebuild(c, (c->table_mask + 1) * 2)) {
+			c->nstreams--;
+			return -2;
+		}
+	} else {
+		c->table[at] = i + 1;
+	}
+	return i;
+}
+
+static struct ring *ring_for(struct jc_core *c, struct endpoint *ep, uint32_t si)
+{
+	if (si >= ep->rings_cap) {
+		size_t cap = ep->rings_cap, old = cap;
+		if (!grow((void **)&ep->rings, &cap, (size_t)si + 1, sizeof *ep->rings))
+			return NULL;
+		memset(ep->rings + old, 0, (cap - old) * sizeof *ep->rings);
+		ep->rings_cap = (uint32_t)cap;
+	}
+	if (!ep->rings[si])
+		ep->rings[si] = calloc(1, sizeof(struct ring) + (size_t)c->cfg.ring_size * 8);
+	return ep->rings[si];
+}
+
+enum verdict { ACCEPT, DUPLICATE, STALE };
+
+static enum verdict ring_check(struct ring *r, uint32_t mask, uint32_t session, uint64_t seq)
+{
+	if (!r->has_session || session != r->session) {
+		if (r->has_session && session < r->session)
+			return STALE;
+		if (r->has_session)
+			memset(r->slots, 0, ((size_t)mask + 1) * sizeof r->slots[0]);
+		r->session = session;
+		r->has_session = true;
+	}
+	if (seq == 0)
+		return STALE;
+	uint64_t *slot = &r->slots[seq & mask];
+	if (*slot == seq)
+		return DUPLICATE;
+	if (*slot > seq)
+		return STALE;
+	*slot = seq;
+	return ACCEPT;
+}
+
+static struct jc_parent *parent_for(struct endpoint *ep, uint32_t id)
+{
+	if (id != JC_PARENT_OTHER) {
+		for (uint32_t i = 0; i < ep->nparents; i++)
+			if (ep->parents[i].id == id)
+				return &ep->parents[i];
+		if (ep->nparents < JC_MAX_PARENTS) {
+			struct jc_parent *p = &ep->parents[ep->nparents++];
+			p->id = id;
+			p->copies = p->kept = 0;
+			return p;
+		}
+	}
+	if (!ep->other_seen) {
+		ep->other_seen = true;
+		ep->other.id = JC_PARENT_OTHER;
+		ep->other.copies = ep->other.kept = 0;
+	}
+	return &ep->other;
+}
+
+/* ---- the core ---------------------------------------------------------------------------- */
+
+int jc_config_check(const struct jc_config *cfg)
+{
+	if (!cfg || cfg->endpoints < 1 || cfg->hold_capacity < 1)
+		return JC_EINVAL;
+	if (cfg->ring_size < 2 || (cfg->ring_size & (cfg->ring_size - 1)))
+		return JC_EINVAL;
+	return 0;
+}
+
+static bool endpoints_grow(struct jc_core *c, uint32_t n)
+{
+	struct endpoint *eps = realloc(c->eps, (size_t)n * sizeof *eps);
+	if (!eps)
+		return false;
+	memset(eps + c->endpoints, 0, (size_t)(n - c->endpoints) * sizeof *eps);
+	c->eps = eps;
+	c->endpoints = n;
+	return true;
+}
+
+struct jc_core *jc_new(const struct jc_config *cfg)
+{
+	if (jc_config_check(cfg))
+		return NULL;
+	struct jc_core *c = calloc(1, sizeof *c);
+	if (!c)
+		return NULL;
+	c->cfg = *cfg;
+	if (!endpoints_grow(c, cfg->endpoints) || !table_rebuild(c, 16)) {
+		jc_free(c);
+		return NULL;
+	}
+	return c;
+}
+
+void jc_free(struct jc_core *c)
+{
+	if (!c)
+		return;
+	for (uint32_t e = 0; e < c->endpoints; e++) {
+		for (uint32_t s = 0; s < c->eps[e].rings_cap; s++)
+			free(c->eps[e].rings[s]);
+		free(c->eps[e].rings);
+	}
+	free(c->eps);
+	free(c->streams);
+	free(c->table);
+	free(c->slots);
+	free(c->free_slots);
+	free(c->pending);
+	free(c->held);
+	free(c->rel);
+	while (c->chunks) {
+		struct buf_chunk *k = c->chunks;
+		c->chunks = k->next;
+		free(k);
+	}
+	free(c);
+}
+
+int jc_set_endpoints(struct jc_core *c, uint32_t n)
+{
+	reclaim_lent(c);
+	if (n < c->endpoints)
+		return JC_EINVAL;
+	if (n == c->endpoints)
+		return 0;
+	return endpoints_grow(c, n) ? 0 : JC_ENOMEM;
+}
+
+uint32_t jc_endpoints(const struct jc_core *c)
+{
+	return c->endpoints;
+}
+
+/* Queue one release; the buffer (if any) moves with it. */
+static void emit(struct jc_core *c, const struct copy *cp, struct buf *b, uint8_t kind,
+		 uint64_t deadline_ns, int64_t now_ns)
+{
+	if (c->rel_head + c->rel_len == c->rel_cap && c->rel_head) {
+		memmove(c->rel, c->rel + c->rel_head, c->rel_len * sizeof *c->rel);
+		c->rel_head = 0;
+	}
+	if (!grow((void **)&c->rel, &c->rel_cap, c->rel_head + c->rel_len + 1, sizeof *c->rel)) {
+		c->eps[cp->endpoint].c.nomem++;
+		c->status = JC_ENOMEM;
+		buf_put(c, b);
+		return;
+	}
+	struct release_entry *e = &c->rel[c->rel_head + c->rel_len++];
+	e->buf = b;
+	e->r.endpoint = cp->endpoint;
+	e->r.parent = cp->parent;
+	e->r.stream_id = cp->h.stream_id;
+	e->r.session = cp->h.session;
+	e->r.seq = cp->h.seq;
+	e->r.count = cp->h.msg_count;
+	e->r.kind = kind;
+	e->r.deadline_ns = deadline_ns;
+	e->r.send_ns = cp->h.send_time_ns;
+	e->r.arrival_ns = cp->arrival_ns;
+	e->r.release_ns = now_ns;
+	e->r.payload = b->data + JASPER_HEADER_LEN;
+	e->r.payload_len = (size_t)cp->len - JASPER_HEADER_LEN;
+	c->eps[cp->endpoint].c.released += cp->h.msg_count;
+}
+
+static inline bool due(uint64_t deadline_ns, int64_t now_ns)
+{
+	return deadline_ns <= (uint64_t)now_ns; /* now_ns >= 0 throughout */
+}
+
+/*
+ * Process one copy at now_ns (jasper/receiver_core.py ReceiverCore._process). The copy's
+ * bytes are in `b` when it waited, else in `data` (the caller's, copied only if kept). `slot`
+ * is the copy's slot when it came from the pending set (reused for the hold), else -1.
+ */
+static void process(struct jc_core *c, struct copy *cp, const uint8_t *data, struct buf *b,
+		    int64_t slot, int64_t now_ns)
+{
+	struct endpoint *ep = &c->eps[cp->endpoint];
+	if (cp->reason) {
+		ep->c.malformed[cp->reason - 1]++;
+		goto drop;
+	}
+	struct jc_parent *par = parent_for(ep, cp->parent);
+	par->copies++;
+	if (cp->h.flags & JASPER_FLAG_HEARTBEAT) {
+		ep->c.heartbeats++;
+		goto drop;
+	}
+	int64_t si = stream_index(c, cp->h.stream_id);
+	if (si < 0) {
+		if (si == -1) {
+			ep->c.stream_overflow++;
+		} else {
+			ep->c.nomem++;
+			c->status = JC_ENOMEM;
+		}
+		goto drop;
+	}
+	struct ring *r = ring_for(c, ep, (uint32_t)si);
+	if (!r) {
+		ep->c.nomem++;
+		c->status = JC_ENOMEM;
+		goto drop;
+	}
+	enum verdict v = ring_check(r, c->cfg.ring_size - 1, cp->h.session, cp->h.seq);
+	if (v != ACCEPT) {
+		if (v == DUPLICATE)
+			ep->c.duplicates++;
+		else
+			ep->c.stale++;
+		goto drop;
+	}
+	ep->c.accepted++;
+	par->kept++;
+	if (!b) {
+		b = buf_get(c);
+		if (!b) {
+			ep->c.nomem++;
+			c->status = JC_ENOMEM;
+			goto drop;
+		}
+		memcpy(b->data, data, cp->len);
+	}
+	uint64_t deadline = cp->h.deadline_ns;
+	uint8_t kind;
+	if (deadline == 0) {
+		kind = JC_UNSTAMPED;
+	} else if (due(deadline, now_ns)) {
+		kind = JC_LATE;
+		ep->c.late += cp->h.msg_count;
+	} else if (c->nheld >= c->cfg.hold_capacity) {
+		kind = JC_OVERFLOW;
+		ep->c.hold_overflow++;
+	} else {
+		if (slot < 0)
+			slot = slot_get(c);
+		if (slot < 0 || !grow((void **)&c->held, &c->held_cap, c->nheld + 1,
+				      sizeof *c->held)) {
+			ep->c.nomem++;
+			c->status = JC_ENOMEM;
+			goto drop;
+		}
+		struct stream *s = &c->streams[si];
+		if (deadline < s->floor) {
+			deadline = s->floor;
+			c->clamped++;
+		} else {
+			s->floor = deadline;
+		}
+		uint32_t n = c->endpoints;
+		uint32_t rank = (uint32_t)(((uint64_t)cp->endpoint + n - cp->h.seq % n) % n);
+		struct copy *held = &c->slots[slot];
+		if (held != cp)
+			*held = *cp;
+		held->buf = b;
+		held->deadline_ns = deadline;
+		c->held[c->nheld] = (struct held_key){
+			.deadline_ns = deadline,
+			.seq = cp->h.seq,
+			.order = c->tiebreak++,
+			.stream_id = cp->h.stream_id,
+			.rank = rank,
+			.slot = (uint32_t)slot,
+		};
+		held_up(c->held, c->nheld++);
+		return;
+	}
+	if (slot >= 0)
+		slot_put(c, (uint32_t)slot);
+	emit(c, cp, b, kind, deadline, now_ns);
+	return;
+drop:
+	if (slot >= 0)
+		slot_put(c, (uint32_t)slot);
+	buf_put(c, b);
+}
+
+static void pending_pop_process(struct jc_core *c, int64_t now_ns)
+{
+	uint32_t slot = c->pending[0].slot;
+	c->pending[0] = c->pending[--c->npending];
+	if (c->npending)
+		pending_down(c->pending, c->npending, 0);
+	struct copy *cp = &c->slots[slot];
+	process(c, cp, NULL, cp->buf, slot, now_ns);
+}
+
+static void held_pop_release(struct jc_core *c, int64_t now_ns)
+{
+	uint32_t slot = c->held[0].slot;
+	c->held[0] = c->held[--c->nheld];
+	if (c->nheld)
+		held_down(c->held, c->nheld, 0);
+	struct copy *cp = &c->slots[slot];
+	struct copy copy = *cp;
+	slot_put(c, slot);
+	emit(c, &copy, copy.buf, JC_ON_TIME, copy.deadline_ns, now_ns);
+}
+
+static void release_due(struct jc_core *c, int64_t now_ns)
+{
+	while (c->nheld && due(c->held[0].deadline_ns, now_ns))
+		held_pop_release(c, now_ns);
+}
+
+static void advance(struct jc_core *c, int64_t now_ns)
+{
+	while (c->npending && c->pending[0].arrival_ns <= now_ns)
+		pending_pop_process(c, now_ns);
+	release_due(c, now_ns);
+}
+
+static int finish(struct jc_core *c)
+{
+	int st = c->status;
+	c->status = 0;
+	return st;
+}
+
+int jc_advance(struct jc_core *c, int64_t now_ns)
+{
+	reclaim_lent(c);
+	if (now_ns < 0)
+		return JC_EINVAL;
+	advance(c, now_ns);
+	return finish(c);
+}
+
+int jc_flush(struct jc_core *c, int64_t now_ns)
+{
+	reclaim_lent(c);
+	if (now_ns < 0)
+		return JC_EINVAL;
+	while (c->npending)
+		pending_pop_process(c, now_ns);
+	while (c->nheld)
+		held_pop_release(c, now_ns);
+	return finish(c);
+}
+
+/* Put a copy in the pending set (the caller checked the capacity). */
+static void pending_push(struct jc_core *c, const struct copy *in, const uint8_t *data)
+{
+	struct buf *b = NULL;
+	if (!in->reason && !(in->h.flags & JASPER_FLAG_HEARTBEAT)) {
+		b = buf_get(c);
+		if (!b)
+			goto nomem;
+		memcpy(b->data, data, in->len);
+	}
+	int64_t slot = slot_get(c);
+	if (slot < 0 || !grow((void **)&c->pending, &c->pending_cap, c->npending + 1,
+			      sizeof *c->pending)) {
+		if (slot >= 0)
+			slot_put(c, (uint32_t)slot);
+		buf_put(c, b);
+		goto nomem;
+	}
+	c->slots[slot] = *in;
+	c->slots[slot].buf = b;
+	c->pending[c->npending] = (struct pending_key){
+		.arrival_ns = in->arrival_ns,
+		.order = c->receipts++,
+		.slot = (uint32_t)slot,
+	};
+	pending_up(c->pending, c->npending++);
+	return;
+nomem:
+	c->eps[in->endpoint].c.nomem++;
+	c->status = JC_ENOMEM;
+}
+
+int jc_datagram(struct jc_core *c, uint32_t endpoint, const uint8_t *data, size_t len,
+		uint32_t parent, int64_t arrival_ns, int64_t now_ns)
+{
+	reclaim_lent(c);
+	if (endpoint >= c->endpoints || arrival_ns < 0 || now_ns < 0 || (!data && len))
+		return JC_EINVAL;
+	struct endpoint *ep = &c->eps[endpoint];
+	ep->c.received++;
+	if (len > MAX_DATAGRAM) {
+		/* Refused before it is stored, so the pending set stays bounded. */
+		ep->c.malformed[JC_MALFORMED_LENGTH - 1]++;
+		advance(c, now_ns);
+		return finish(c);
+	}
+	struct copy cp = {0};
+	cp.reason = (uint8_t)jc_parse(data, len, &cp.h);
+	cp.arrival_ns = arrival_ns;
+	cp.deadline_ns = 0;
+	cp.endpoint = endpoint;
+	cp.parent = parent;
+	cp.len = (uint16_t)len;
+	cp.buf = NULL;
+	if (arrival_ns > now_ns) {
+		/* Copies due by now no longer wait and do not count against the capacity. */
+		advance(c, now_ns);
+		if (c->npending >= c->cfg.pending_capacity)
+			ep->c.pending_overflow++;
+		else
+			pending_push(c, &cp, data);
+		return finish(c);
+	}
+	if (c->npending && c->pending[0].arrival_ns <= now_ns) {
+		pending_push(c, &cp, data);
+		advance(c, now_ns);
+		return finish(c);
+	}
+	/* Nothing else is due: process it straight from the caller's bytes. */
+	process(c, &cp, data, NULL, -1, now_ns);
+	release_due(c, now_ns);
+	return finish(c);
+}
+
+int jc_get_timer(const struct jc_core *c, uint64_t *when)
+{
+	bool any = false;
+	uint64_t t = 0;
+	if (c->nheld) {
+		t = c->held[0].deadline_ns;
+		any = true;
+	}
+	if (c->npending && (!any || (uint64_t)c->pending[0].arrival_ns < t)) {
+		t = (uint64_t)c->pending[0].arrival_ns;
+		any = true;
+	}
+	if (any && when)
+		*when = t;
+	return any;
+}
+
+int64_t jc_next_timer(const struct jc_core *c)
+{
+	uint64_t t;
+	if (!jc_get_timer(c, &t) || t > (uint64_t)INT64_MAX)
+		return INT64_MAX;
+	return (int64_t)t;
+}
+
+size_t jc_releases_waiting(const struct jc_core *c)
+{
+	return c->rel_len;
+}
+
+size_t jc_take_releases(struct jc_core *c, struct jc_release *out, size_t max)
+{
+	reclaim_lent(c);
+	size_t n = c->rel_len < max ? c->rel_len : max;
+	for (size_t i = 0; i < n; i++) {
+		struct release_entry *e = &c->rel[c->rel_head + i];
+		out[i] = e->r;
+		e->buf->next = c->lent;
+		c->lent = e->buf;
+	}
+	c->rel_head += n;
+	c->rel_len -= n;
+	if (!c->rel_len)
+		c->rel_head = 0;
+	return n;
+}
+
+int jc_counters(const struct jc_core *c, uint32_t endpoint, struct jc_counters *out)
+{
+	if (endpoint >= c->endpoints)
+		return JC_EINVAL;
+	*out = c->eps[endpoint].c;
+	return 0;
+}
+
+int jc_parents(const struct jc_core *c, uint32_t endpoint, struct jc_parent *out, size_t max)
+{
+	if (endpoint >= c->endpoints)
+		return JC_EINVAL;
+	const struct endpoint *ep = &c->eps[endpoint];
+	size_t n = 0;
+	for (uint32_t i = 0; i < ep->nparents && n < max; i++)
+		out[n++] = ep->parents[i];
+	if (ep->other_seen && n < max)
+		out[n++] = ep->other;
+	return (int)n;
+}
+
+size_t jc_held(const struct jc_core *c)
+{
+	return c->nheld;
+}
+
+size_t jc_pending(const struct jc_core *c)
+{
+	return c->npending;
+}
+
+uint64_t jc_clamped(const struct jc_core *c)
+{
+	return c->clamped;
+}

@@ -1,0 +1,15 @@
+"""Build of the native extension; the package metadata lives in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "jasper._native",
+            sources=["native/pymodule.c", "native/receiver_core.c"],
+            depends=["native/receiver_core.h", "ebpf/include/jasper_wire.h"],
+            include_dirs=["native", "ebpf/include"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+        )
+    ]
+)
