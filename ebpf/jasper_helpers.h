@@ -108,6 +108,11 @@ static __always_inline int jasper_parse_header(void *data, void *data_end, __u32
 	if (payload_len > JASPER_MAX_PAYLOAD ||
 	    payload_len != udp_len - sizeof(struct udphdr) - JASPER_HEADER_LEN)
 		return JASPER_MALFORMED;
+	/* The header's own count rules; walking the message blocks is left to the receivers, so a
+	 * relay's per-copy cost does not grow with the batch. */
+	__u16 msg_count = bpf_ntohs(jh->msg_count);
+	if ((jh->flags & JASPER_FLAG_HEARTBEAT) ? (msg_count || payload_len) : !msg_count)
+		return JASPER_MALFORMED;
 	p->ver_flags = *(__u16 *)((void *)jh + 2);
 	p->flags = jh->flags;
 	p->stream_id = bpf_ntohl(jh->stream_id);

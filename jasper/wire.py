@@ -102,6 +102,23 @@ def pack_blocks(messages: Sequence[bytes]) -> bytes:
     return b"".join(_BLOCK.pack(len(m)) + m for m in messages)
 
 
+def unpack_blocks(payload: bytes | bytearray | memoryview) -> list[bytes]:
+    """The messages of a payload of blocks (what an MP endpoint receives), in order; the
+    inverse of `pack_blocks`. Raises WireError "overrun" when a block runs past the end."""
+    out: list[bytes] = []
+    at, end = 0, len(payload)
+    while at < end:
+        if at + BLOCK_HEADER_LEN > end:
+            raise WireError("overrun", f"block header at {at} runs past the end at {end}")
+        (n,) = _BLOCK.unpack_from(payload, at)
+        at += BLOCK_HEADER_LEN
+        if at + n > end:
+            raise WireError("overrun", f"block of {n} bytes at {at} runs past the end at {end}")
+        out.append(bytes(payload[at : at + n]))
+        at += n
+    return out
+
+
 def encode_batch(header: Header, messages: Sequence[bytes]) -> bytes:
     """Serialize one datagram carrying `messages` (seq, seq+1, ...). ValueError on misuse."""
     if header.is_heartbeat and messages:
@@ -239,5 +256,6 @@ __all__ = [
     "pack_blocks",
     "set_flags",
     "split_blocks",
+    "unpack_blocks",
     "with_header",
 ]

@@ -107,7 +107,7 @@ length runs past the end of the datagram."""
 def c_header() -> str:
     """The C header the eBPF programs include; `jasper gen-header` writes it to ebpf/include/."""
     lines = [
-        "/* jasper_wire.h: the Jasper data header, shared by the eBPF programs, the native path and Python. */",
+        "/* jasper_wire.h: the Jasper data header, shared by eBPF, the native path and Python. */",
         "/* GENERATED from jasper/wire_spec.py by `python -m jasper.wire_spec`; do not edit. */",
         "#ifndef JASPER_WIRE_H",
         "#define JASPER_WIRE_H",

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jasper_cli.publisher import window_us_arg
 from jasper_cli.receiver import wakeup_us_arg
 
 # Pure-Python data plane on this 2-core budget: about 3.3·N sends and receives per message.
@@ -43,6 +44,13 @@ def add_parser(sub: Any) -> None:
         f"{FULL_RATE_ENDPOINTS} endpoints)",
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (10)")
+    p.add_argument(
+        "--batch-us",
+        type=window_us_arg,
+        default=0.0,
+        help="publisher batch window in µs: messages due within it share datagrams (0: one "
+        "message per datagram)",
+    )
     p.add_argument(
         "--hold-us",
         type=float,
@@ -178,6 +186,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from overlay.demo import DEMO_LINK_MODEL, DemoConfig, run_demo
+    from overlay.publisher import batch_ns_of
 
     n = args.receivers
     if n < 1:
@@ -250,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         rate=rate,
         duration_s=args.duration,
         hold_ns=int(hold_us * 1000),
+        batch_ns=batch_ns_of(args),
         tau_ns=int(args.tau_us * 1000),
         warmup_messages=args.warmup,
         link_model=link_model,

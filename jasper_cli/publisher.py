@@ -22,6 +22,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rate", type=float, default=100.0, help="messages per second")
     p.add_argument("--duration", type=float, default=None, help="seconds (default: until stopped)")
     p.add_argument("--hold-us", type=float, default=None, help="hold in µs (default: topology's)")
+    p.add_argument(
+        "--batch-us",
+        type=window_us_arg,
+        default=0.0,
+        help="pack the messages due within this window into shared datagrams, up to the MTU "
+        "(µs; default 0: one message per datagram)",
+    )
     p.add_argument("--start-at", type=float, default=None, help="start at this Unix time (seconds)")
     p.add_argument(
         "--realtime",
@@ -29,6 +36,16 @@ def add_parser(sub: Any) -> None:
         help="run in SCHED_FIFO (needs CAP_SYS_NICE): sends are not delayed by other processes",
     )
     p.set_defaults(func=run)
+
+
+def window_us_arg(text: str) -> float:
+    try:
+        us = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of µs") from None
+    if not 0 <= us <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{us:g} µs: must be within 0..1000000")
+    return us
 
 
 def run(args: argparse.Namespace) -> int:

@@ -641,11 +641,14 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         elif kind == "receiver":
             daemon = ReceiverHost(topo, args, clock_service)
         else:
-            from overlay.publisher import Publisher
+            from overlay.publisher import Publisher, batch_ns_of
 
             hold = getattr(args, "hold_us", None)
             daemon = Publisher(
-                topo, clock=clock, hold_ns=None if hold is None else int(hold * 1000)
+                topo,
+                clock=clock,
+                hold_ns=None if hold is None else int(hold * 1000),
+                batch_ns=batch_ns_of(args),
             )
         agent.attach(daemon)
         _ready(args.ready_file)

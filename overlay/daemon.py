@@ -263,7 +263,7 @@ def run_receiver(args: argparse.Namespace) -> int:
 
 
 def run_publisher(args: argparse.Namespace) -> int:
-    from overlay.publisher import Publisher
+    from overlay.publisher import Publisher, batch_ns_of
 
     if args.controller:
         return controller_mode("publisher", args)
@@ -275,7 +275,10 @@ def run_publisher(args: argparse.Namespace) -> int:
             make_realtime(LOOP_PRIORITY)
         clock, _synced, clock_service = await _node_clock(args, args.node_name)
         pub = Publisher(
-            topo, clock=clock, hold_ns=None if args.hold_us is None else int(args.hold_us * 1000)
+            topo,
+            clock=clock,
+            hold_ns=None if args.hold_us is None else int(args.hold_us * 1000),
+            batch_ns=batch_ns_of(args),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

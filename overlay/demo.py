@@ -51,6 +51,8 @@ class DemoConfig:
     """Publishing time in seconds."""
     hold_ns: int = 5_000_000
     """deadline − send time, in nanoseconds."""
+    batch_ns: int = 0
+    """Publisher batch window in nanoseconds (0: one message per datagram)."""
     tau_ns: int = 50_000
     """DWS threshold of P(F), in nanoseconds."""
     warmup_messages: int = 0
@@ -397,6 +399,8 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
                     str(cfg.rate),
                     "--duration",
                     str(cfg.duration_s),
+                    "--batch-us",
+                    str(cfg.batch_ns / 1000),
                     *(("--realtime",) if cfg.realtime else ()),
                     *run.clock_args("publisher"),
                 ),

@@ -60,6 +60,8 @@ class Publisher:
         self.sent = 0
         self.datagrams = 0
         """Data datagrams formed (each sent once per target)."""
+        if batch_ns < 0:
+            raise ValueError(f"batch window must be >= 0 ns, got {batch_ns}")
         self.batch_ns = batch_ns
         self.send_errors: Counter[str] = Counter()
         self.apply_topology(topo)
@@ -233,3 +235,8 @@ class OrderBook:
         price = self._mid[i] + (level + 1) * (100 if side else -100)
         qty = rng.randrange(1, 1000)
         return _UPDATE.pack(i, side, price, qty, level) + seq.to_bytes(8, "big")
+
+
+def batch_ns_of(args: Any) -> int:
+    """The publisher's batch window in ns for `--batch-us` (0 when not given)."""
+    return round(float(getattr(args, "batch_us", 0.0) or 0.0) * 1000)

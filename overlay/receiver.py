@@ -19,8 +19,8 @@ from jasper.dedup import DedupRing
 from jasper.owd import OwdCollector
 from jasper.schedule import Release
 from jasper.topology import EndpointConfig, Topology
-from jasper.wire import HEADER_LEN, WireError
-from jasper.wire_spec import BLOCK_HEADER_LEN, FLAG_HEARTBEAT
+from jasper.wire import HEADER_LEN, WireError, unpack_blocks
+from jasper.wire_spec import FLAG_HEARTBEAT
 from overlay.audit_log import ReleaseAuditor
 from overlay.common import CopyCounters, link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
@@ -58,14 +58,7 @@ class Delivery:
     @property
     def messages(self) -> list[bytes]:
         """The market-data messages, in sequence order."""
-        out: list[bytes] = []
-        at, data = 0, self.payload
-        while at + BLOCK_HEADER_LEN <= len(data):
-            n = (data[at] << 8) | data[at + 1]
-            at += BLOCK_HEADER_LEN
-            out.append(data[at : at + n])
-            at += n
-        return out
+        return unpack_blocks(self.payload)
 
 
 @dataclass
@@ -595,10 +588,9 @@ class Receiver:
                 late=late,
             )
         synced = self.synced()
-        for i in range(count):  # one record per message of the batch
-            self.records.append(
-                (ep.name, stream, session, seq + i, arrival_ns, release_ns, deadline, parent, synced)
-            )
+        name, append = ep.name, self.records.append
+        for s in range(seq, seq + count):  # one record per message of the batch
+            append((name, stream, session, s, arrival_ns, release_ns, deadline, parent, synced))
         if ep.consumer is not None and ok:
             if len(ep.queue) >= ep.queue_len:
                 ep.counters.deliver_dropped["queue_full"] += 1

@@ -18,7 +18,7 @@ import pytest
 from jasper.layout import ports_needed, topology_from_plan
 from jasper.topology import Topology
 from jasper.tree import tree_shape
-from jasper.wire import Header, encode
+from jasper.wire import Header, encode, unpack_blocks
 from jasper.wire_spec import FLAG_HEDGE_COPY
 from overlay.launch import free_port_base
 from overlay.publisher import Publisher
@@ -185,7 +185,7 @@ async def test_async_iterator_and_udp_delivery(c_release: bool, threads: int) ->
         payloads = []
         while True:
             try:
-                payloads.append(s.recv(2048))
+                payloads += unpack_blocks(s.recv(2048))
             except BlockingIOError:
                 break
         s.close()
@@ -467,7 +467,7 @@ async def test_unix_datagram_delivery(tmp_path: Any) -> None:
         got = []
         while True:
             try:
-                got.append(s.recv(2048))
+                got += unpack_blocks(s.recv(2048))
             except BlockingIOError:
                 break
         s.close()
@@ -510,3 +510,35 @@ def test_receiver_cli_refuses_more_release_threads_than_cpus() -> None:
         )  # fmt: skip
         assert proc.returncode == 2
         assert "--release-threads" in proc.stderr and said in proc.stderr
+
+
+async def test_batched_datagrams_keep_every_message_and_its_sequence_number() -> None:
+    topo = make_topology(n=4, fanout=2, hedge=1)
+    o = Overlay(topo, realtime=False)
+    o.start()
+    batches = [[b"m%d.%d" % (b, i) for i in range(k)] for b, k in enumerate((3, 1, 5))]
+    got: list[tuple[int, list[bytes]]] = []
+
+    async def consume() -> None:
+        async for d in o.rx.messages("e2"):
+            got.append((d.seq, d.messages))
+            if len(got) == len(batches):
+                return
+
+    task = asyncio.create_task(consume())
+    try:
+        for batch in batches:
+            o.pub.publish_batch(batch)
+            await asyncio.sleep(0.002)
+        await asyncio.wait_for(task, 5)
+        await settle(o.rx, 9 * 4)
+    finally:
+        o.close()
+    # One delivery per datagram; message i of a batch has the batch's seq + i.
+    assert got == [(1, batches[0]), (4, batches[1]), (5, batches[2])]
+    assert o.pub.datagrams == 3
+    recs = o.rx.records.array()
+    assert sorted({int(r["seq"]) for r in recs}) == list(range(1, 10))
+    assert len(recs) == 9 * 4  # one record per message and endpoint
+    st = o.rx.status()["endpoints"]
+    assert all(c["delivered"] == 9 and c["accepted"] == 3 for c in st.values())

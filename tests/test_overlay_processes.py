@@ -98,7 +98,7 @@ def junk_datagrams(count: int, seed: int = 1) -> list[bytes]:
         elif kind == 1:
             out.append(valid[: rng.randrange(0, len(valid))])
         elif kind == 2:
-            out.append(valid[:2] + bytes((rng.choice([0, 2, 9, 255]),)) + valid[3:])
+            out.append(valid[:2] + bytes((rng.choice([0, 1, 9, 255]),)) + valid[3:])
         else:
             out.append(valid[:40] + struct.pack("!H", rng.randrange(31, 65535)) + valid[42:])
     return out

@@ -12,7 +12,7 @@ from typing import Any
 from jasper.layout import ports_needed, topology_from_plan
 from jasper.topology import parse_topology
 from jasper.tree import tree_shape
-from jasper.wire import Header, encode
+from jasper.wire import Header, encode, unpack_blocks
 from overlay.launch import free_port_base
 from overlay.receiver import Receiver
 
@@ -97,7 +97,7 @@ def test_new_endpoint_opens_in_place_keeping_held_messages_and_records() -> None
     try:
         rows = asyncio.run(main())
         # The new endpoint's socket delivery reached its MP.
-        assert sink.recv(65536) == b"update-2"
+        assert unpack_blocks(sink.recv(65536)) == [b"update-2"]
     finally:
         sink.close()
         sender.close()
