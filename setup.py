@@ -10,6 +10,15 @@ setup(
             depends=["native/receiver_core.h", "ebpf/include/jasper_wire.h"],
             include_dirs=["native", "ebpf/include"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "overlay._datapath",
+            sources=["native/pump.c", "native/receiver_core.c"],
+            depends=["native/receiver_core.h", "ebpf/include/jasper_wire.h"],
+            include_dirs=["native", "ebpf/include"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-pthread"],
+            extra_link_args=["-pthread"],
+            libraries=["m"],
+        ),
     ]
 )
