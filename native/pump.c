@@ -324,7 +324,7 @@ struct delivery {
 	uint64_t seq;
 	uint16_t count;
 	uint8_t kind;
-	int64_t deadline_ns, release_ns, handed_ns;
+	int64_t deadline_ns, handed_ns;
 	uint8_t *payload;
 	size_t len;
 };
@@ -473,7 +473,6 @@ static int deliver_in_process(Pump *p, const struct jc_release *r, int64_t hande
 	d->count = r->count;
 	d->kind = r->kind;
 	d->deadline_ns = (int64_t)r->deadline_ns;
-	d->release_ns = r->release_ns;
 	d->handed_ns = handed;
 	d->payload = copy;
 	d->len = r->payload_len;
@@ -1468,11 +1467,10 @@ static PyObject *pump_take_deliveries(Pump *p, PyObject *Py_UNUSED(ignored))
 	PyObject *list = PyList_New((Py_ssize_t)n);
 	for (size_t i = 0; list && i < n; i++) {
 		struct delivery *d = &items[i];
-		PyObject *t = Py_BuildValue("(IIIKHBLLLy#)", d->endpoint, d->stream_id, d->session,
+		PyObject *t = Py_BuildValue("(IIIKHBLLy#)", d->endpoint, d->stream_id, d->session,
 					    (unsigned long long)d->seq, d->count, d->kind,
-					    (long long)d->deadline_ns, (long long)d->release_ns,
-					    (long long)d->handed_ns, (const char *)d->payload,
-					    (Py_ssize_t)d->len);
+					    (long long)d->deadline_ns, (long long)d->handed_ns,
+					    (const char *)d->payload, (Py_ssize_t)d->len);
 		if (!t)
 			Py_CLEAR(list);
 		else
@@ -1715,8 +1713,9 @@ static PyMethodDef pump_methods[] = {
 	{"take_deliveries", (PyCFunction)pump_take_deliveries, METH_NOARGS,
 	 "take_deliveries()\n--\n\n"
 	 "In-process deliveries since the last call, oldest first: (endpoint, stream_id,\n"
-	 "session, seq, count, kind, deadline_ns, release_ns, handed_ns, payload); also clears\n"
-	 "notify_fd."},
+	 "session, seq, count, kind, deadline_ns, handed_ns, payload); handed_ns is\n"
+	 "CLOCK_REALTIME when the pump queued it (the record has the core's release_ns too).\n"
+	 "Also clears notify_fd."},
 	{"counters", (PyCFunction)pump_counters, METH_NOARGS,
 	 "counters()\n--\n\nTotals and a list of per-endpoint counters (see overlay/_datapath.pyi)."},
 	{NULL, NULL, 0, NULL},

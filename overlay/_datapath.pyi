@@ -1,0 +1,103 @@
+"""Type stubs of overlay._datapath: the native receive pump (native/pump.c)."""
+
+from typing import Any
+
+RECORD_FIELDS: tuple[tuple[str, str], ...]
+"""The release record as (name, numpy type) pairs: numpy.dtype(list(RECORD_FIELDS))."""
+RECORD_SIZE: int
+"""Bytes per release record (72)."""
+RECORD_FORMAT: str
+"""The release record as a struct format ("<IIIIQHBBIqqqqq")."""
+RECORD_DOC: str
+"""Offsets, types and meaning of the release record's fields."""
+UNKNOWN_PARENT: int
+"""0xFFFFFFFE: the parent id of a source missing from set_parents."""
+BATCH: int
+"""Datagrams per recvmmsg call (64)."""
+SLOT_BYTES: int
+"""Receive buffer per datagram: MAX_DATAGRAM + 1, so a longer datagram is seen as one."""
+MAX_DATAGRAM: int
+"""Longest valid datagram (header plus MAX_PAYLOAD)."""
+
+Delivery = tuple[int, int, int, int, int, int, int, int, bytes]
+"""(endpoint, stream_id, session, seq, count, kind, deadline_ns, handed_ns, payload): one
+in-process delivery; handed_ns is CLOCK_REALTIME when the pump queued it (the matching record
+also has the core's release_ns on the node clock)."""
+
+class ReceivePump:
+    """The native receive pump of one receiver process (see native/pump.c).
+
+    Sockets are dup'ed: the caller may close its own after add_endpoint / set_deliver.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoints: int,
+        ring_size: int = 4096,
+        hold_capacity: int = 65536,
+        pending_capacity: int = 65536,
+        spin_ns: int = 20000,
+        priority: int = 0,
+        cpu: int = -1,
+        record_capacity: int = 1 << 20,
+        delivery_capacity: int = 65536,
+    ) -> None: ...
+    def add_endpoint(self, index: int, fd: int, out_fd: int = -1, out_addr: bytes = b"") -> None:
+        """Receive endpoint `index` on UDP socket `fd`; index == endpoints grows by one."""
+    def set_deliver(self, index: int, out_fd: int, out_addr: bytes = b"") -> None:
+        """Deliver endpoint `index` by sendto(out_fd, out_addr), or in process (out_fd -1)."""
+    def set_parents(self, parents: list[tuple[str, int, int]], /) -> None:
+        """[(ip, port, parent_id)]; port 0 matches any port of ip."""
+    def set_link_model(
+        self,
+        model: None = None,
+        /,
+        *,
+        median_ns: int | None = None,
+        p99_ns: int | None = None,
+        spike_prob: float | None = None,
+        spike_min_ns: int | None = None,
+        spike_max_ns: int | None = None,
+        loss: float | None = None,
+        seed: int | None = None,
+        factors: dict[tuple[int, int], float] | None = None,
+    ) -> None:
+        """Off with no median_ns; else LinkSampler's distribution per (parent, endpoint)."""
+    def set_clock_offset(self, offset_ns: int, /) -> None:
+        """The node clock minus CLOCK_REALTIME, in ns."""
+    def start(self) -> None: ...
+    def stop(self, *, drain: bool = True, timeout_s: float = 5.0) -> int:
+        """Stop; with drain release held entries on time until timeout_s, then flush the rest.
+        Returns how many the final flush released early."""
+    def close(self) -> None: ...
+    def counters(self) -> dict[str, Any]:
+        """Totals and per-endpoint counters.
+
+        Totals: recv_calls, datagrams, batches (recvmmsg calls that returned datagrams),
+        link_lost, link_overflow (copies drawn from the shared generator: link table full),
+        records_dropped, deliveries_dropped, truncated, wakeups, warmups, held, pending,
+        clamped, flushed (released early by the final flush of stop), records_waiting,
+        deliveries_waiting (ints); realtime (SCHED_FIFO in force), pinned (bools); sched_error,
+        pin_error (errno names, "" when none).
+
+        "endpoints": a list, per endpoint a dict: the core's counters (received, heartbeats,
+        accepted, duplicates, stale, released, late, hold_overflow, pending_overflow,
+        stream_overflow, nomem, malformed_<reason> for every reason), kernel_drops (the
+        socket's cumulative SO_RXQ_OVFL count), truncated (longer than SLOT_BYTES; also
+        malformed_length), link_lost, delivered, recv_errors, deliver_errors ({errno name: n};
+        "ENOBUFS": in-process queue full; "other" past 8 names) and parents ({parent id:
+        (copies, kept)}, as jc_parents).
+        """
+    def take_records(self) -> bytes: ...
+    def take_deliveries(self) -> list[Delivery]: ...
+    @property
+    def notify_fd(self) -> int: ...
+    @property
+    def held(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def endpoints(self) -> int: ...
+    @property
+    def running(self) -> bool: ...

@@ -1,0 +1,452 @@
+"""overlay._datapath.ReceivePump over real UDP sockets on 127.0.0.1: delivery at the deadline,
+hedged duplicates, the link model, malformed floods, drain on stop, records and counters."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+
+from jasper.wire import Header, encode, encode_batch, pack_blocks
+from jasper.wire_spec import MAX_DATAGRAM
+from overlay.kernel import open_udp
+from overlay.releasec import sockaddr
+
+try:
+    from overlay import _datapath
+except ImportError as exc:  # the extension is built by scripts/setup.sh
+    if os.environ.get("JASPER_REQUIRE_PRIVILEGED"):
+        raise
+    pytest.skip(f"overlay._datapath not built: {exc}", allow_module_level=True)
+
+RECORD = np.dtype(list(_datapath.RECORD_FIELDS))
+STREAM = 7
+MS = 1_000_000
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.002)
+
+
+def datagram(seq: int, deadline_ns: int, payload: bytes = b"", *, stream: int = STREAM) -> bytes:
+    header = Header(
+        stream_id=stream,
+        session=1,
+        seq=seq,
+        send_time_ns=time.time_ns(),
+        deadline_ns=deadline_ns,
+    )
+    return encode(header, payload or b"m%d" % seq)
+
+
+class Rig:
+    """A pump with endpoints on real sockets, parents 1..n on their own sender sockets."""
+
+    def __init__(self, *, endpoints: int, parents: int, sink: bool, **kwargs: Any) -> None:
+        self.pump = _datapath.ReceivePump(endpoints=0, **kwargs)
+        self.rx = [open_udp("127.0.0.1", 0) for _ in range(endpoints)]
+        self.sinks: list[socket.socket] = []
+        self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i, sock in enumerate(self.rx):
+            if sink:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.bind(("127.0.0.1", 0))
+                s.settimeout(10.0)
+                self.sinks.append(s)
+                addr = sockaddr(socket.AF_INET, s.getsockname())
+                self.pump.add_endpoint(i, sock.fileno(), self.out.fileno(), addr)
+            else:
+                self.pump.add_endpoint(i, sock.fileno())
+        self.tx = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(parents)]
+        for s in self.tx:
+            s.bind(("127.0.0.1", 0))
+        self.pump.set_parents(
+            [("127.0.0.1", s.getsockname()[1], i + 1) for i, s in enumerate(self.tx)]
+        )
+
+    def send(self, data: bytes, *, parents: list[int] | None = None, endpoint: int = 0) -> None:
+        for p in parents or range(1, len(self.tx) + 1):
+            self.tx[p - 1].sendto(data, self.rx[endpoint].getsockname())
+
+    def counters(self, endpoint: int = 0) -> dict[str, Any]:
+        eps: Any = self.pump.counters()["endpoints"]
+        return dict(eps[endpoint])
+
+    def records(self) -> np.ndarray:
+        return np.frombuffer(self.pump.take_records(), dtype=RECORD)
+
+    def close(self) -> None:
+        self.pump.close()
+        for s in (*self.rx, *self.sinks, *self.tx, self.out):
+            s.close()
+
+
+@contextmanager
+def rig(*, endpoints: int = 1, parents: int = 3, sink: bool = False, **kw: Any) -> Iterator[Rig]:
+    r = Rig(endpoints=endpoints, parents=parents, sink=sink, **kw)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def deliveries(pump: Any, n: int, timeout: float = 10.0) -> list[tuple[Any, ...]]:
+    """At least n in-process deliveries, waiting on notify_fd."""
+    got: list[tuple[Any, ...]] = []
+    end = time.monotonic() + timeout
+    while len(got) < n:
+        left = end - time.monotonic()
+        assert left > 0, f"only {len(got)} of {n} deliveries"
+        ready, _, _ = select.select([pump.notify_fd], [], [], left)
+        if ready:
+            got.extend(pump.take_deliveries())
+    return got
+
+
+def test_record_layout_is_documented() -> None:
+    assert RECORD.itemsize == _datapath.RECORD_SIZE == 72
+    assert struct.calcsize(_datapath.RECORD_FORMAT) == 72
+    assert RECORD.names is not None
+    assert RECORD.names[0] == "endpoint" and RECORD.names[-1] == "handed_ns"
+    assert all(name in _datapath.RECORD_DOC for name in RECORD.names)
+    assert _datapath.UNKNOWN_PARENT == 0xFFFFFFFE
+    assert _datapath.SLOT_BYTES == MAX_DATAGRAM + 1
+
+
+def test_sink_delivery_at_or_after_deadline() -> None:
+    with rig(endpoints=2, sink=True) as r:
+        r.pump.start()
+        base = time.time_ns() + 30 * MS
+        for seq in range(1, 21):
+            d = datagram(seq, base + seq * 500_000)
+            r.send(d, endpoint=0)
+            r.send(d, endpoint=1)
+        for ep, sink in enumerate(r.sinks):
+            got = [sink.recv(2048) for _ in range(20)]
+            assert got == [pack_blocks([b"m%d" % s]) for s in range(1, 21)], ep
+        wait_until(lambda: r.pump.counters()["records_waiting"] >= 40)
+        rec = r.records()
+        assert len(rec) == 40
+        assert (rec["kind"] == 0).all() and (rec["ok"] == 1).all() and (rec["err"] == 0).all()
+        assert (rec["release_ns"] >= rec["deadline_ns"]).all()
+        assert (rec["handed_ns"] >= rec["deadline_ns"]).all()  # clock offset 0
+        assert (rec["arrival_ns"] <= rec["release_ns"]).all()
+        assert sorted(rec["seq"][rec["endpoint"] == 1].tolist()) == list(range(1, 21))
+        c = r.counters(1)
+        assert c["released"] == 20 and c["delivered"] == 20 and c["deliver_errors"] == {}
+
+
+def test_in_process_deliveries_and_records_agree() -> None:
+    with rig(parents=1) as r:
+        r.pump.start()
+        base = time.time_ns() + 20 * MS
+        msgs = [b"alpha", b"beta", b"gamma"]
+        r.send(encode_batch(Header(STREAM, 1, 1, time.time_ns(), base), msgs))
+        r.send(datagram(4, base + MS, b"delta"))
+        r.send(datagram(5, 0, b"now"))  # unstamped: at once
+        got = deliveries(r.pump, 3)
+        assert [d[3] for d in got] == [5, 1, 4]
+        (ep, stream, session, seq, count, kind, deadline, handed, payload) = got[1]
+        assert (ep, stream, session, seq, count, kind) == (0, STREAM, 1, 1, 3, 0)
+        assert payload == pack_blocks(msgs)
+        assert handed >= deadline == base
+        assert got[0][5] == 2 and got[0][6] == 0  # UNSTAMPED, no deadline
+        assert r.pump.take_deliveries() == []
+        assert not select.select([r.pump.notify_fd], [], [], 0)[0]  # cleared by the take
+        rec = r.records()
+        assert rec["seq"].tolist() == [5, 1, 4]
+        assert rec["parent"].tolist() == [1, 1, 1]
+        assert rec["count"].tolist() == [1, 3, 1]
+        assert rec["handed_ns"].tolist() == [d[7] for d in got]
+        assert (rec["release_ns"][1:] >= rec["deadline_ns"][1:]).all()
+        assert rec["deadline_ns"].tolist() == [d[6] for d in got]
+        assert (rec["ok"] == 1).all()
+
+
+def test_hedged_duplicates_release_once() -> None:
+    n = 50
+    with rig(parents=3) as r:
+        r.pump.start()
+        base = time.time_ns() + 50 * MS
+        for seq in range(1, n + 1):
+            r.send(datagram(seq, base))
+        got = deliveries(r.pump, n)
+        assert sorted(d[3] for d in got) == list(range(1, n + 1))
+        wait_until(lambda: r.counters()["received"] == 3 * n)
+        c = r.counters()
+        assert (c["accepted"], c["duplicates"], c["released"]) == (n, 2 * n, n)
+        parents = c["parents"]
+        assert set(parents) == {1, 2, 3}
+        assert all(copies == n for copies, _ in parents.values())
+        assert sum(kept for _, kept in parents.values()) == n
+        assert r.pump.take_deliveries() == []
+
+
+def test_unknown_source_and_growing_endpoints() -> None:
+    with rig(endpoints=1, parents=1) as r:
+        extra = open_udp("127.0.0.1", 0)
+        try:
+            r.pump.add_endpoint(1, extra.fileno())  # index == count: grows the core
+            extra_fd = extra.fileno()
+            with pytest.raises(ValueError):
+                r.pump.add_endpoint(5, extra_fd)
+            assert r.pump.endpoints == 2
+            r.pump.start()
+            stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            stranger.sendto(datagram(1, 0), extra.getsockname())
+            stranger.close()
+            got = deliveries(r.pump, 1)
+            assert got[0][0] == 1
+            assert r.counters(1)["parents"] == {_datapath.UNKNOWN_PARENT: (1, 1)}
+            assert r.records()["parent"].tolist() == [_datapath.UNKNOWN_PARENT]
+        finally:
+            extra.close()
+
+
+def test_link_model_factor_changes_which_copy_wins() -> None:
+    n = 20
+    for model, winner in ((False, 1), (True, 2)):
+        with rig(parents=2) as r:
+            if model:
+                # Parent 1's copies take 1000 x 20 us = 20 ms, parent 2's 20 us (sigma 0).
+                r.pump.set_link_model(median_ns=20_000, p99_ns=20_000, factors={(1, 0): 1000.0})
+            r.pump.start()
+            base = time.time_ns() + 200 * MS
+            for seq in range(1, n + 1):
+                d = datagram(seq, base)
+                r.send(d, parents=[1])
+                time.sleep(0.0005)  # the kernel hands parent 1's copy over first
+                r.send(d, parents=[2])
+
+            def settled(r: Rig = r) -> bool:
+                return r.counters()["received"] == 2 * n and r.pump.pending == 0
+
+            wait_until(settled)
+            parents = r.counters()["parents"]
+            assert parents[winner] == (n, n), (model, parents)
+            assert parents[3 - winner] == (n, 0), (model, parents)
+            got = deliveries(r.pump, n)
+            assert len(got) == n
+            rec = r.records()
+            assert (rec["parent"] == winner).all()
+            assert (rec["release_ns"] >= rec["deadline_ns"]).all()
+
+
+def test_link_model_spikes_delay_arrival() -> None:
+    with rig(parents=1) as r:
+        r.pump.set_link_model(
+            median_ns=1000, spike_prob=1.0, spike_min_ns=5 * MS, spike_max_ns=6 * MS, seed=3
+        )
+        r.pump.start()
+        for seq in range(1, 11):
+            r.send(datagram(seq, 0))
+        got = deliveries(r.pump, 10)
+        assert len(got) == 10
+        rec = r.records()
+        flight = rec["arrival_ns"] - rec["send_ns"]
+        assert (flight >= 5 * MS).all() and (flight < 5 * MS + 500 * MS).all()
+        assert (rec["release_ns"] >= rec["arrival_ns"]).all()
+
+
+def test_link_loss() -> None:
+    with rig(parents=3) as r:
+        r.pump.set_link_model(median_ns=1000, loss=1.0)
+        r.pump.start()
+        for seq in range(1, 31):
+            r.send(datagram(seq, 0))
+        wait_until(lambda: r.pump.counters()["datagrams"] == 90)
+        totals = r.pump.counters()
+        assert totals["link_lost"] == 90 and r.counters()["link_lost"] == 90
+        assert r.counters()["received"] == 0
+        assert r.pump.take_deliveries() == [] and len(r.records()) == 0
+        # Half the copies lost, drawn per link: about half of 3 x 400.
+        r.pump.set_link_model(median_ns=1000, loss=0.5, seed=9)
+        for seq in range(31, 431):
+            r.send(datagram(seq, 0))
+        wait_until(lambda: r.pump.counters()["datagrams"] == 90 + 1200)
+        lost = r.pump.counters()["link_lost"] - 90
+        assert 450 < lost < 750
+        kept = r.pump.take_deliveries()
+        assert 0 < len(kept) <= 400 and r.counters()["released"] == len(kept)
+        r.pump.set_link_model(None)
+        r.send(datagram(1000, 0))
+        assert [d[3] for d in deliveries(r.pump, 1)] == [1000]
+
+
+def malformed(rng: random.Random, template: bytes) -> bytes:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 120)))
+    if kind == 1:
+        return template[: rng.randrange(0, 48)]  # short
+    if kind == 2:
+        return b"\xff" * rng.choice([MAX_DATAGRAM + 1, 3000])  # oversize
+    data = bytearray(template)
+    if kind == 3:
+        data[rng.randrange(0, 3)] ^= 1 + rng.randrange(255)  # magic or version
+        data[3] |= rng.choice([0, 0x80])  # and maybe an unknown flag
+    elif kind == 4:
+        data += b"x" * rng.randrange(1, 10)  # length disagrees
+    else:
+        data[42:44] = struct.pack("!H", rng.randrange(2, 60))  # msg_count disagrees
+    return bytes(data)
+
+
+def test_malformed_flood_is_counted_and_valid_traffic_delivered() -> None:
+    rng = random.Random(1234)
+    template = encode(Header(99, 5, 1, 1, 0), b"payload-of-the-template")
+    with rig(parents=2, record_capacity=0) as r:
+        r.pump.start()
+        base = time.time_ns() + 30 * MS
+        sent = valid = 0
+        for chunk in range(40):
+            for _ in range(500):
+                r.send(malformed(rng, template), parents=[2])
+            valid += 1
+            r.send(datagram(valid, base + chunk * MS), parents=[1])
+            sent += 501
+
+            # Paced so the kernel never drops: the test asserts counts, not speed.
+            def caught_up(sent: int = sent) -> bool:
+                return int(r.pump.counters()["datagrams"]) >= sent
+
+            wait_until(caught_up)
+        got = deliveries(r.pump, valid)
+        assert sorted(d[3] for d in got if d[1] == STREAM) == list(range(1, valid + 1))
+        c = r.counters()
+        bad = sum(v for k, v in c.items() if k.startswith("malformed_"))
+        assert c["received"] == sent == 20_040
+        assert bad + c["accepted"] + c["duplicates"] + c["stale"] + c["heartbeats"] == sent
+        assert bad == 20_000
+        assert c["truncated"] > 0 and c["malformed_length"] >= c["truncated"]
+        assert c["malformed_count"] + c["malformed_overrun"] > 0
+        for reason in ("short", "magic", "version", "length"):
+            assert c[f"malformed_{reason}"] > 0, reason
+        assert c["kernel_drops"] == 0
+        assert r.pump.counters()["records_dropped"] == 0  # records off: none counted
+
+
+def test_stop_drain_releases_held_on_time() -> None:
+    with rig(parents=1) as r:
+        r.pump.start()
+        deadline = time.time_ns() + 300 * MS
+        for seq in range(1, 6):
+            r.send(datagram(seq, deadline))
+        wait_until(lambda: r.pump.held == 5)
+        assert r.pump.stop(drain=True, timeout_s=10.0) == 0
+        rec = r.records()
+        assert len(rec) == 5 and (rec["release_ns"] >= deadline).all()
+        assert (rec["kind"] == 0).all()
+        assert r.pump.held == 0 and not r.pump.running
+
+
+def test_stop_drain_timeout_flushes_the_rest() -> None:
+    with rig(parents=1) as r:
+        r.pump.start()
+        deadline = time.time_ns() + 60_000 * MS
+        for seq in range(1, 6):
+            r.send(datagram(seq, deadline))
+        wait_until(lambda: r.pump.held == 5)
+        assert r.pump.stop(drain=True, timeout_s=0.05) == 5
+        rec = r.records()
+        assert len(rec) == 5 and (rec["release_ns"] < deadline).all()
+        assert [d[3] for d in r.pump.take_deliveries()] == [1, 2, 3, 4, 5]
+
+
+def test_stop_without_drain_keeps_held_and_close_is_idempotent() -> None:
+    with rig(parents=1) as r:
+        r.pump.start()
+        r.send(datagram(1, time.time_ns() + 60_000 * MS))
+        wait_until(lambda: r.pump.held == 1)
+        assert r.pump.stop(drain=False) == 0
+        assert r.pump.held == 1 and len(r.records()) == 0
+        r.pump.close()
+        r.pump.close()
+        with pytest.raises(ValueError):
+            r.pump.counters()
+
+
+def test_clock_offset_moves_the_node_clock() -> None:
+    offset = 3_000 * MS  # the node clock runs 3 s ahead of the kernel's
+    with rig(parents=1) as r:
+        r.pump.set_clock_offset(offset)
+        r.pump.start()
+        deadline = time.time_ns() + offset + 20 * MS
+        r.send(datagram(1, deadline))
+        got = deliveries(r.pump, 1)
+        assert got[0][5] == 0  # on time, not late: the deadline is in node time
+        rec = r.records()
+        assert rec["release_ns"][0] >= deadline
+        assert rec["handed_ns"][0] + offset >= deadline
+        assert rec["arrival_ns"][0] >= rec["send_ns"][0] + offset
+
+
+def test_send_errors_are_counted_per_errno() -> None:
+    with rig(parents=1) as r:
+        closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        closed.bind(("127.0.0.1", 0))
+        dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        dead.connect(closed.getsockname())
+        closed.close()  # nobody listens: ICMP port unreachable, then ECONNREFUSED
+        try:
+            r.pump.set_deliver(0, dead.fileno(), b"")
+            r.pump.start()
+            for seq in range(1, 11):
+                r.send(datagram(seq, 0))
+                time.sleep(0.005)
+            wait_until(lambda: r.counters()["released"] == 10)
+            errs = r.counters()["deliver_errors"]
+            assert errs.get("ECONNREFUSED", 0) >= 1, errs
+            rec = r.records()
+            refused = rec[rec["ok"] == 0]
+            assert len(refused) == errs["ECONNREFUSED"]
+            assert (refused["err"] == errno.ECONNREFUSED).all()
+        finally:
+            dead.close()
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(TypeError):
+        _datapath.ReceivePump()  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        _datapath.ReceivePump(endpoints=1, ring_size=1000)
+    pump = _datapath.ReceivePump(endpoints=1)
+    try:
+        with pytest.raises(ValueError):
+            pump.set_link_model(median_ns=100, p99_ns=50)
+        with pytest.raises(ValueError):
+            pump.set_link_model(median_ns=100, loss=1.5)
+        with pytest.raises(TypeError):
+            pump.set_link_model(p99_ns=50)
+        with pytest.raises(ValueError):
+            pump.set_parents([("not-an-ip", 1, 1)])
+        with pytest.raises(TypeError):
+            pump.set_parents([("127.0.0.1", 1)])  # type: ignore[list-item]
+        r, w = os.pipe()
+        try:
+            with pytest.raises(OSError):
+                pump.add_endpoint(0, r)  # not a socket
+        finally:
+            os.close(r)
+            os.close(w)
+        with pytest.raises(ValueError):
+            pump.set_deliver(3, -1)
+        pump.start()
+        with pytest.raises(RuntimeError):
+            pump.start()
+    finally:
+        pump.close()
