@@ -336,6 +336,7 @@ typedef struct {
 	pthread_mutex_t mu;
 	int mu_ok;
 	int state; /* IDLE .. CLOSED */
+	int joining; /* a Python thread waits in pthread_join (GIL released) */
 	int drain; /* with STOPPING */
 	int64_t stop_until; /* CLOCK_REALTIME end of the on-time drain */
 	uint64_t flushed; /* released by the final jc_flush */
@@ -865,9 +866,11 @@ static void free_buffers(Pump *p)
 /* Join the thread with the GIL released (state set by the caller). */
 static void join_thread(Pump *p)
 {
+	p->joining = 1;
 	Py_BEGIN_ALLOW_THREADS
 	pthread_join(p->thread, NULL);
 	Py_END_ALLOW_THREADS
+	p->joining = 0;
 }
 
 static void pump_release_all(Pump *p)
@@ -1417,6 +1420,12 @@ static PyObject *pump_stop(Pump *p, PyObject *args, PyObject *kwds)
 
 static PyObject *pump_close(Pump *p, PyObject *Py_UNUSED(ignored))
 {
+	if (p->joining) {
+		/* stop() runs in another thread (a method call keeps the object alive, so dealloc
+		 * never meets this): joining the thread twice is undefined. */
+		PyErr_SetString(PyExc_RuntimeError, "stop() is running in another thread");
+		return NULL;
+	}
 	if (p->state != CLOSED)
 		pump_release_all(p);
 	Py_RETURN_NONE;

@@ -450,3 +450,13 @@ def test_bad_arguments_raise() -> None:
             pump.start()
     finally:
         pump.close()
+
+
+def test_close_releases_every_descriptor() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with rig(endpoints=3, parents=1, sink=True) as r:
+            r.pump.start()
+            r.send(datagram(1, 0))
+            r.sinks[0].recv(2048)
+    assert len(os.listdir("/proc/self/fd")) == before
