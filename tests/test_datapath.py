@@ -460,3 +460,38 @@ def test_close_releases_every_descriptor() -> None:
             r.send(datagram(1, 0))
             r.sinks[0].recv(2048)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_link_delays_follow_the_linkmodel_distribution() -> None:
+    from jasper.linkmodel import LinkModel
+
+    model = LinkModel(
+        seed=5,
+        median_ns=4 * MS,
+        p99_ns=12 * MS,
+        spike_prob=0.2,
+        spike_min_ns=20 * MS,
+        spike_max_ns=30 * MS,
+    )
+    n = 600
+    with rig(parents=1) as r:
+        r.pump.set_link_model(
+            median_ns=model.median_ns,
+            p99_ns=model.p99_ns,
+            spike_prob=model.spike_prob,
+            spike_min_ns=model.spike_min_ns,
+            spike_max_ns=model.spike_max_ns,
+            seed=model.seed,
+        )
+        r.pump.start()
+        for seq in range(1, n + 1):
+            r.send(datagram(seq, 0))
+        deliveries(r.pump, n)
+        rec = r.records()
+    # arrival - send = loopback latency (microseconds) + the sampled delay (milliseconds).
+    flight = (rec["arrival_ns"] - rec["send_ns"]).astype(float)
+    for q, tolerance in ((0.25, 0.2), (0.5, 0.15), (0.7, 0.2), (0.9, 0.1)):
+        want = model.quantile_ns(q)
+        got = float(np.quantile(flight, q))
+        assert abs(got - want) <= tolerance * want, (q, got, want)
+    assert 0.12 < float(np.mean(flight >= 20 * MS)) < 0.28  # the spikes
