@@ -117,6 +117,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--relays-per-process", type=int, default=6, help="relay nodes per process (6)")
     p.add_argument(
+        "--datapath",
+        choices=("auto", "native", "python"),
+        default="auto",
+        help="receivers' receive path: native C thread, the Python reference, or auto (native "
+        "where built)",
+    )
+    p.add_argument(
         "--fast-path", choices=("auto", "ebpf", "user"), default="auto", help="eBPF or user space"
     )
     p.add_argument(
@@ -266,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         endpoints_per_receiver=per_receiver,
         relays_per_process=args.relays_per_process,
         fast_path=args.fast_path,
+        datapath=args.datapath,
         deliver=args.deliver,
         realtime=not args.no_realtime,
         cpu_wakeup_us=args.cpu_wakeup_us,

@@ -29,6 +29,14 @@ def add_parser(sub: Any) -> None:
         help="eBPF dedup and source filtering (auto falls back to user space, saying why)",
     )
     p.add_argument(
+        "--datapath",
+        choices=("auto", "native", "python"),
+        default="auto",
+        help="receive path: native (a C thread receives, dedups, holds and releases every copy; "
+        "Python only applies plans and books records), python (the reference path), or auto "
+        "(native where it is built, else python, saying why)",
+    )
+    p.add_argument(
         "--deliver",
         choices=("topology", "memory", "sink"),
         default="topology",

@@ -554,6 +554,7 @@ class ReceiverHost:
             auditor=audit_log_of(args, topo, node_clock),
             cpu_wakeup_us=getattr(args, "cpu_wakeup_us", None),
             release_threads=getattr(args, "release_threads", 1),
+            datapath=getattr(args, "datapath", "auto"),
         )
         self.rx.start(asyncio.get_running_loop())
         self.rx.enable_fast_path(getattr(args, "fast_path", "user") or "user")

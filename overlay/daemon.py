@@ -225,6 +225,7 @@ def run_receiver(args: argparse.Namespace) -> int:
             deliver=deliver_of(args),
             cpu_wakeup_us=args.cpu_wakeup_us,
             release_threads=args.release_threads,
+            datapath=getattr(args, "datapath", "auto"),
             reading_then=clock_service.clock.reading_then if clock_service else None,
             auditor=audit_log_of(
                 args, topo, clock_service.clock if clock_service is not None else None
@@ -237,7 +238,11 @@ def run_receiver(args: argparse.Namespace) -> int:
             rx.start(loop)
             mode = rx.enable_fast_path(args.fast_path)
             log.info(
-                "receiver %s up: %d endpoints (%s path)", args.node_name, len(rx.endpoints), mode
+                "receiver %s up: %d endpoints (%s data path, %s dedup)",
+                args.node_name,
+                len(rx.endpoints),
+                rx.datapath,
+                mode,
             )
             _ready(args.ready_file)
             status_path = (

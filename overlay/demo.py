@@ -70,6 +70,8 @@ class DemoConfig:
     seconds; normally the run stops as soon as every pair is accepted."""
     fast_path: str = "auto"
     """--fast-path for relays and receivers."""
+    datapath: str = "auto"
+    """--datapath for receivers: native, python, or auto (native where built)."""
     realtime: bool = True
     """Run relays' and receivers' event loops (and release threads) in SCHED_FIFO."""
     cpu_wakeup_us: int | None = None
@@ -488,7 +490,12 @@ def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         run.cluster.add_relay(
             g, *fp, *(("--realtime",) if cfg.realtime else ()), *run.clock_args(f"relay-{g[0]}")
         )
-    rx_extra: tuple[str, ...] = ("--deliver", "topology" if cfg.deliver == "udp" else "memory")
+    rx_extra: tuple[str, ...] = (
+        "--deliver",
+        "topology" if cfg.deliver == "udp" else "memory",
+        "--datapath",
+        cfg.datapath,
+    )
     if not cfg.realtime:
         rx_extra += ("--no-realtime",)
     rx_extra += _wakeup_args(cfg)
@@ -769,6 +776,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
             "--port-base", str(rx_base + h * per_host), "--endpoints", str(len(run.hosts[name])),
             "--ready-file", str(ready), "--fast-path", cfg.fast_path, *link,
             "--deliver", "topology" if cfg.deliver == "udp" else "memory",
+            "--datapath", cfg.datapath,
             *(() if cfg.realtime else ("--no-realtime",)), *run.clock_args(label),
             *_wakeup_args(cfg),
         )  # fmt: skip

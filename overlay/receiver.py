@@ -26,11 +26,15 @@ from overlay.common import CopyCounters, link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
 from overlay.fastwire import peek
 from overlay.kernel import CpuWakeupLatency, drain, open_udp
+from overlay.nativepath import NativeDatapath, ReleaseLog, native_available
 from overlay.recordlog import RecordLog, delivery_log
 from overlay.release import DEFAULT_SPIN_NS, REALTIME_PRIORITY, PreciseRelease
 from overlay.releasec import ReleaseQueue, release_queue, sockaddr
 
 log = logging.getLogger(__name__)
+
+DATAPATHS = ("python", "native", "auto")
+"""Receive paths: the Python reference, the native C thread, or native where it is built."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +216,10 @@ class Receiver:
         auditor: ReleaseAuditor | None = None,
         cpu_wakeup_us: int | None = None,
         release_threads: int = 1,
+        datapath: str = "python",
     ) -> None:
+        if datapath not in DATAPATHS:
+            raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}, got {datapath!r}")
         self.topo = topo
         self.host = topo.receiver(host)
         self.clock = clock
@@ -221,7 +228,9 @@ class Receiver:
         self._use_link_model = link_model
         self.delay = DelayLine(link_model_of(topo) if link_model else None, clock=clock)
         self.senders = SenderNames(topo)
-        self.records = records if records is not None else delivery_log()
+        self._record_rows = records if records is not None else delivery_log()
+        """Where the Python path writes one row per message released."""
+        self.records: RecordLog | ReleaseLog = self._record_rows
         self.endpoints: list[Endpoint] = []
         self.by_name: dict[str, Endpoint] = {}
         self.sink: socket.socket | None = None
@@ -264,6 +273,27 @@ class Receiver:
         """What the C thread holds or sent but the loop has not booked yet, by token."""
         self._next_token = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.native: NativeDatapath | None = None
+        """The native data path (a C thread per receiver) when it runs; None: the Python one."""
+        if datapath != "python":
+            ok, why = native_available()
+            if ok:
+                self.native = NativeDatapath(
+                    self,
+                    ring_size=ring_size,
+                    hold_capacity=hold_capacity,
+                    spin_ns=spin_ns,
+                    realtime=realtime,
+                    clock_offset=self._clock_offset,
+                )
+                self._c_release = False  # the native path releases itself
+            elif datapath == "native":
+                raise RuntimeError(f"native data path unavailable: {why}")
+            else:
+                log.warning("native data path unavailable (%s): the Python path runs", why)
+        self.datapath = "python" if self.native is None else "native"
+        if self.native is not None and records is None:
+            self.records = ReleaseLog(self.native)
         try:
             for cfg in self.host.endpoints:
                 self._add_endpoint(cfg)
@@ -302,9 +332,12 @@ class Receiver:
             ep.close()
             raise
         ep.handle = self._handler(ep)
-        self._start_queue()
         self.endpoints.append(ep)
         self.by_name[ep.name] = ep
+        if self.native is not None:
+            self.native.add_endpoint(ep)
+            return ep
+        self._start_queue()
         release = getattr(self, "release", None)
         if release is not None:
             # The index is in range before any copy for it can be held: copies arrive on this
@@ -346,6 +379,13 @@ class Receiver:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def _clock_offset(self) -> int:
+        """Node clock minus kernel clock, now (the native path stamps on the kernel clock)."""
+        kernel_ns = time.time_ns()
+        if self._clock_arithmetic:
+            return self.reading_then(kernel_ns) - kernel_ns
+        return self.clock() - kernel_ns
+
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         loop = loop or asyncio.get_running_loop()
         self._loop = loop
@@ -355,6 +395,10 @@ class Receiver:
                 log.info("idle CPUs asked to wake within %d µs", self._cpu_wakeup_us)
             else:
                 log.warning("CPU wake-up latency not set: %s", self.cpu_wakeup.error)
+        if self.native is not None:
+            self.native.apply_plan(self.topo, self.delay.model)
+            self.native.start(loop)
+            return
         self.delay.start(loop)
         self.release.start()
         if self._queues:
@@ -364,6 +408,9 @@ class Receiver:
 
     def stop(self) -> None:
         """Stop receiving, process copies the link model still holds, release what is held."""
+        if self.native is not None:
+            self.native.stop(timeout_s=self.topo.stream.hold_ns / 1e9 + 1.0)
+            return
         if self._loop is not None:
             for ep in self.endpoints:
                 self._loop.remove_reader(ep.sock.fileno())
@@ -389,6 +436,8 @@ class Receiver:
         self._book()
 
     def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
         self.delay.close()
         if self.cpu_wakeup is not None:
             self.cpu_wakeup.close()
@@ -420,6 +469,8 @@ class Receiver:
     def held(self) -> int:
         """Messages held for release on either path (the C threads' count includes those sent
         but not yet booked by the loop)."""
+        if self.native is not None:
+            return self.native.held
         return len(self.release.schedule) + len(self._inflight)
 
     def _on_readable(self, ep: Endpoint) -> None:
@@ -588,7 +639,7 @@ class Receiver:
                 late=late,
             )
         synced = self.synced()
-        name, append = ep.name, self.records.append
+        name, append = ep.name, self._record_rows.append
         for s in range(seq, seq + count):  # one record per message of the batch
             append((name, stream, session, s, arrival_ns, release_ns, deadline, parent, synced))
         if ep.consumer is not None and ok:
@@ -611,7 +662,8 @@ class Receiver:
                 self._loop.call_soon_threadsafe(ep.consumer.set)
 
     async def messages(self, endpoint: str) -> AsyncIterator[Delivery]:
-        """Released messages of one endpoint, as an async iterator (for Python MPs)."""
+        """Released messages of one endpoint, as an async iterator (for Python MPs). On the native
+        data path only endpoints delivered in process (no socket target) are iterated."""
         ep = self.by_name[endpoint]
         event = ep.consumer = asyncio.Event()
         try:
@@ -687,9 +739,13 @@ class Receiver:
                 continue
             if self._deliver_override == "topology" and cfg.deliver != ep.config.deliver:
                 ep.set_deliver(cfg.deliver)
-                if ep.out_fd >= 0:
+                if self.native is not None:
+                    self.native.set_deliver(ep)
+                elif ep.out_fd >= 0:
                     self._start_queue()
             ep.config = cfg
+        if self.native is not None:
+            self.native.apply_plan(topo, self.delay.model)
         if self.fast_path is not None:
             self.fast_path.set_parents(self._parent_rows())
 
@@ -700,18 +756,37 @@ class Receiver:
         return [r.as_dict() for r in self.owd.drain(self.clock())]
 
     def status(self) -> dict[str, Any]:
+        wakeup = (
+            self.cpu_wakeup.latency_us
+            if self.cpu_wakeup is not None and self.cpu_wakeup.held
+            else None
+        )
+        if self.native is not None:
+            native = self.native.status()
+            return {
+                "kind": "receiver",
+                "host": self.host.name,
+                "datapath": "native",
+                "endpoints": self.native.endpoint_status(),
+                "plan_epoch": self.topo.plan_epoch,
+                "fast_path": self.fast_path_mode,
+                "link_model": self.delay.model is not None,
+                "cpu_wakeup_us": wakeup,
+                "native": native,
+                "delay_line": {"lost": native["link_lost"], "overflow": native["link_overflow"]},
+                "release": {"held": self.held(), "realtime": native["realtime"]},
+                "records": len(self.records),
+                "process": process_figures(self.started_ns),
+            }
         return {
             "kind": "receiver",
             "host": self.host.name,
+            "datapath": "python",
             "endpoints": {ep.name: ep.counters.to_dict() for ep in self.endpoints},
             "plan_epoch": self.topo.plan_epoch,
             "fast_path": self.fast_path_mode,
             "link_model": self.delay.model is not None,
-            "cpu_wakeup_us": (
-                self.cpu_wakeup.latency_us
-                if self.cpu_wakeup is not None and self.cpu_wakeup.held
-                else None
-            ),
+            "cpu_wakeup_us": wakeup,
             "delay_line": vars(self.delay.counters).copy(),
             "release": {
                 "batches": self.release.batches,

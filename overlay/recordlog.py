@@ -36,6 +36,19 @@ class RecordLog:
             self._chunks[-1][self._fill] = row
             self._fill += 1
 
+    def extend(self, rows: np.ndarray) -> None:
+        """Append many rows at once (the native data path books its releases in bulk)."""
+        with self._lock:
+            at = 0
+            while at < len(rows):
+                if self._fill == self.chunk_rows:
+                    self._chunks.append(np.zeros(self.chunk_rows, dtype=self.dtype))
+                    self._fill = 0
+                take = min(self.chunk_rows - self._fill, len(rows) - at)
+                self._chunks[-1][self._fill : self._fill + take] = rows[at : at + take]
+                self._fill += take
+                at += take
+
     def array(self) -> np.ndarray:
         with self._lock:
             parts = [*self._chunks[:-1], self._chunks[-1][: self._fill]]
