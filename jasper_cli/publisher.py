@@ -19,7 +19,15 @@ def add_parser(sub: Any) -> None:
 
     add_common_arguments(p, kind="publisher")
     p.add_argument("--stream", type=int, default=1, help="stream id (controller mode)")
-    p.add_argument("--rate", type=float, default=100.0, help="messages per second")
+    p.add_argument(
+        "--source",
+        type=source_arg,
+        default="synthetic",
+        help="where messages come from: synthetic (order-book updates at --rate), "
+        "udp:HOST:PORT or unix:PATH (the matching engine sends datagrams of one or more "
+        "messages, each a u16 length and the bytes; see docs/wire-format.md)",
+    )
+    p.add_argument("--rate", type=float, default=100.0, help="messages per second (synthetic)")
     p.add_argument("--duration", type=float, default=None, help="seconds (default: until stopped)")
     p.add_argument("--hold-us", type=float, default=None, help="hold in µs (default: topology's)")
     p.add_argument(
@@ -36,6 +44,16 @@ def add_parser(sub: Any) -> None:
         help="run in SCHED_FIFO (needs CAP_SYS_NICE): sends are not delayed by other processes",
     )
     p.set_defaults(func=run)
+
+
+def source_arg(text: str) -> str:
+    from overlay.publisher import parse_source
+
+    try:
+        parse_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def window_us_arg(text: str) -> float:

@@ -668,10 +668,28 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
                 if progress_path is not None:
                     progress_path.write_text(str(n))
 
-            if not stop.is_set():
-                await daemon.run(
-                    rate=args.rate, duration_s=args.duration, stop=stop, progress=progress
-                )
+            from overlay.publisher import open_ingress
+
+            source = getattr(args, "source", "synthetic")
+            try:
+                ingress = open_ingress(source)
+            except OSError as exc:
+                log.error("cannot listen on %s: %s", source, exc)
+                raise SystemExit(2) from None
+            try:
+                if stop.is_set():
+                    pass
+                elif ingress is not None:
+                    await daemon.run_ingress(
+                        ingress, duration_s=args.duration, stop=stop, progress=progress
+                    )
+                else:
+                    await daemon.run(
+                        rate=args.rate, duration_s=args.duration, stop=stop, progress=progress
+                    )
+            finally:
+                if ingress is not None:
+                    ingress.close()
         else:
             await stop.wait()
     finally:

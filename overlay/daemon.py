@@ -268,11 +268,16 @@ def run_receiver(args: argparse.Namespace) -> int:
 
 
 def run_publisher(args: argparse.Namespace) -> int:
-    from overlay.publisher import Publisher, batch_ns_of
+    from overlay.publisher import Publisher, batch_ns_of, open_ingress
 
     if args.controller:
         return controller_mode("publisher", args)
     topo = load_topology(args.topology)
+    try:
+        ingress = open_ingress(getattr(args, "source", "synthetic"))
+    except OSError as exc:
+        print(f"jasper publisher: cannot listen on {args.source}: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> int:
         tune_interpreter()
@@ -304,7 +309,14 @@ def run_publisher(args: argparse.Namespace) -> int:
 
         n = 0
         try:
-            if not stop.is_set():
+            if not stop.is_set() and ingress is not None:
+                log.info(
+                    "publisher: taking messages from %s (%s)", args.source, ingress.getsockname()
+                )
+                n = await pub.run_ingress(
+                    ingress, duration_s=args.duration, stop=stop, progress=progress
+                )
+            elif not stop.is_set():
                 n = await pub.run(
                     rate=args.rate,
                     duration_s=args.duration,
@@ -316,10 +328,13 @@ def run_publisher(args: argparse.Namespace) -> int:
             elapsed = time.monotonic() - started
             status: dict[str, Any] = pub.status()
             status["messages"] = n
-            status["offered_rate"] = args.rate
+            status["source"] = getattr(args, "source", "synthetic")
+            status["offered_rate"] = args.rate if ingress is None else None
             status["achieved_rate"] = n / elapsed if elapsed > 0 else 0.0
             status["elapsed_s"] = elapsed
             pub.close()
+            if ingress is not None:
+                ingress.close()
             if clock_service is not None:
                 await clock_service.stop()
         if args.records:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import random
 import socket
+import stat
 import struct
 import time
 from collections import Counter
@@ -15,8 +17,8 @@ from typing import Any
 
 from jasper.deadline import DeadlineStamper
 from jasper.topology import Topology
-from jasper.wire import Header, encode, encode_batch
-from jasper.wire_spec import BLOCK_HEADER_LEN, FLAG_HEARTBEAT, MAX_PAYLOAD
+from jasper.wire import Header, WireError, encode, encode_batch, unpack_blocks
+from jasper.wire_spec import BLOCK_HEADER_LEN, FLAG_HEARTBEAT, MAX_MESSAGE, MAX_PAYLOAD
 from overlay.common import process_figures
 from overlay.recordlog import RecordLog, sent_log
 
@@ -64,6 +66,7 @@ class Publisher:
             raise ValueError(f"batch window must be >= 0 ns, got {batch_ns}")
         self.batch_ns = batch_ns
         self.send_errors: Counter[str] = Counter()
+        self.ingress = IngressCounters()
         self.apply_topology(topo)
 
     def set_hold_ns(self, ns: int) -> None:
@@ -196,9 +199,94 @@ class Publisher:
             progress(n)
         return n
 
+    async def run_ingress(
+        self,
+        sock: socket.socket,
+        *,
+        duration_s: float | None = None,
+        stop: asyncio.Event | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Publish what the matching engine sends to `sock` (INGRESS framing: each datagram is
+        one or more blocks of a u16 length and the message) until `stop` or `duration_s`;
+        returns messages published.
+
+        Messages that arrive together go out together: with batch_ns = 0, everything read in
+        one wake-up shares datagrams; with batch_ns > 0, a message waits at most that long for
+        others to join it. A malformed ingress datagram is counted and dropped whole.
+        """
+        loop = asyncio.get_running_loop()
+        stop = stop or asyncio.Event()
+        sock.setblocking(False)
+        pending: list[bytes] = []
+        flush_at: asyncio.TimerHandle | None = None
+        published = 0
+
+        def flush() -> None:
+            nonlocal flush_at, published
+            if flush_at is not None:
+                flush_at.cancel()
+                flush_at = None
+            if pending:
+                self.publish_batch(pending)
+                published += len(pending)
+                pending.clear()
+
+        def on_readable() -> None:
+            nonlocal flush_at
+            c = self.ingress
+            for _ in range(256):  # bounded: the loop must get back to its other work
+                try:
+                    data = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    c.errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
+                    break
+                c.datagrams += 1
+                try:
+                    messages = unpack_blocks(data)
+                except WireError:
+                    c.malformed += 1
+                    continue
+                if not messages:
+                    c.malformed += 1
+                    continue
+                if any(len(m) > MAX_MESSAGE for m in messages):
+                    c.oversize += 1
+                    continue
+                c.messages += len(messages)
+                pending.extend(messages)
+            if not pending:
+                return
+            if self.batch_ns <= 0:
+                flush()
+            elif flush_at is None:
+                flush_at = loop.call_later(self.batch_ns / 1e9, flush)
+
+        loop.add_reader(sock.fileno(), on_readable)
+        try:
+            end = None if duration_s is None else time.monotonic() + duration_s
+            while not stop.is_set():
+                left = 0.2 if end is None else min(0.2, end - time.monotonic())
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), left)
+                if progress is not None:
+                    progress(published + len(pending))
+        finally:
+            loop.remove_reader(sock.fileno())
+            on_readable()  # what already arrived is published, not lost
+            flush()
+        if progress is not None:
+            progress(published)
+        return published
+
     def status(self) -> dict[str, Any]:
         return {
             "kind": "publisher",
+            "ingress": self.ingress.to_dict(),
             "session": self.session,
             "seq": self.seq,
             "messages": self.seq,
@@ -214,6 +302,70 @@ class Publisher:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class IngressCounters:
+    """What the publisher's ingress socket took from the matching engine."""
+
+    __slots__ = ("datagrams", "errors", "malformed", "messages", "oversize")
+
+    def __init__(self) -> None:
+        self.datagrams = 0
+        """Datagrams read."""
+        self.messages = 0
+        """Messages taken (and published)."""
+        self.malformed = 0
+        """Datagrams dropped: blocks that do not fill the datagram exactly, or none at all."""
+        self.oversize = 0
+        """Datagrams dropped: a message longer than one Jasper datagram can carry."""
+        self.errors: Counter[str] = Counter()
+        """Receive errors by errno name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "datagrams": self.datagrams,
+            "messages": self.messages,
+            "malformed": self.malformed,
+            "oversize": self.oversize,
+            "errors": dict(self.errors),
+        }
+
+
+def parse_source(text: str) -> tuple[str, Any]:
+    """`--source`: ("synthetic", None), ("udp", (host, port)) or ("unix", path); ValueError
+    says what is wrong."""
+    if text == "synthetic":
+        return "synthetic", None
+    if text.startswith("udp:"):
+        host, sep, port = text[4:].rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{text!r}: expected udp:HOST:PORT with a port 0-65535")
+        return "udp", (host or "127.0.0.1", int(port))
+    if text.startswith("unix:") and len(text) > 5:
+        return "unix", text[5:]
+    raise ValueError(f"{text!r}: expected synthetic, udp:HOST:PORT or unix:PATH")
+
+
+def open_ingress(text: str) -> socket.socket | None:
+    """The bound ingress socket of `--source` (None for synthetic). A unix path left by an
+    earlier run is replaced; OSError when the address cannot be bound."""
+    kind, addr = parse_source(text)
+    if kind == "synthetic":
+        return None
+    if kind == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(addr).st_mode):
+                os.unlink(addr)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 _UPDATE = struct.Struct("!IBqqI")  # instrument, side, price (1e-4), quantity, level
