@@ -155,6 +155,16 @@ static int bind_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
 	return 0;
 }
 
+static int one_arg(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+		   const char *const *names, PyObject **out, const char *fname)
+{
+	if (nargs == 1 && !kwnames) {
+		*out = args[0];
+		return 0;
+	}
+	return bind_args(args, nargs, kwnames, names, 1, out, fname);
+}
+
 /* ---- ReceiverCore ------------------------------------------------------------------------ */
 
 typedef struct {
@@ -285,24 +295,39 @@ static PyObject *core_datagram_received(CoreObject *self, PyObject *const *args,
 	Py_RETURN_NONE;
 }
 
-static PyObject *core_timer(CoreObject *self, PyObject *arg)
+static PyObject *core_timer(CoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+				PyObject *kwnames)
 {
+	static const char *const names[] = {"now_ns"};
+	PyObject *arg;
+	if (one_arg(args, nargs, kwnames, names, &arg, "timer") < 0)
+		return NULL;
 	int64_t now_ns;
 	if (time_arg(arg, "now_ns", &now_ns) < 0 || check_rc(jc_advance(self->core, now_ns)) < 0)
 		return NULL;
 	Py_RETURN_NONE;
 }
 
-static PyObject *core_flush(CoreObject *self, PyObject *arg)
+static PyObject *core_flush(CoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+				PyObject *kwnames)
 {
+	static const char *const names[] = {"now_ns"};
+	PyObject *arg;
+	if (one_arg(args, nargs, kwnames, names, &arg, "flush") < 0)
+		return NULL;
 	int64_t now_ns;
 	if (time_arg(arg, "now_ns", &now_ns) < 0 || check_rc(jc_flush(self->core, now_ns)) < 0)
 		return NULL;
 	Py_RETURN_NONE;
 }
 
-static PyObject *core_set_endpoints(CoreObject *self, PyObject *arg)
+static PyObject *core_set_endpoints(CoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+				PyObject *kwnames)
 {
+	static const char *const names[] = {"endpoints"};
+	PyObject *arg;
+	if (one_arg(args, nargs, kwnames, names, &arg, "set_endpoints") < 0)
+		return NULL;
 	long long n;
 	if (int_in(arg, 1, UINT32_MAX, "endpoints", &n) < 0)
 		return NULL;
@@ -382,8 +407,13 @@ static PyObject *core_releases(CoreObject *self, PyObject *Py_UNUSED(ignored))
 	return list;
 }
 
-static PyObject *core_counters(CoreObject *self, PyObject *arg)
+static PyObject *core_counters(CoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+				PyObject *kwnames)
 {
+	static const char *const names[] = {"endpoint"};
+	PyObject *arg;
+	if (one_arg(args, nargs, kwnames, names, &arg, "counters") < 0)
+		return NULL;
 	uint32_t endpoint;
 	struct jc_counters c;
 	if (endpoint_arg(self, arg, &endpoint) < 0)
@@ -410,8 +440,13 @@ static PyObject *core_counters(CoreObject *self, PyObject *arg)
 	return d;
 }
 
-static PyObject *core_parents(CoreObject *self, PyObject *arg)
+static PyObject *core_parents(CoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+				PyObject *kwnames)
 {
+	static const char *const names[] = {"endpoint"};
+	PyObject *arg;
+	if (one_arg(args, nargs, kwnames, names, &arg, "parents") < 0)
+		return NULL;
 	uint32_t endpoint;
 	struct jc_parent p[JC_PARENT_SLOTS];
 	if (endpoint_arg(self, arg, &endpoint) < 0)
@@ -462,19 +497,19 @@ static PyMethodDef core_methods[] = {
 	 "datagram_received(endpoint, data, parent, arrival_ns, now_ns)\n--\n\n"
 	 "One copy for `endpoint` from `parent` with effective arrival `arrival_ns`; then "
 	 "advance to `now_ns`."},
-	{"timer", (PyCFunction)core_timer, METH_O,
+	{"timer", (PyCFunction)(void (*)(void))core_timer, METH_FASTCALL | METH_KEYWORDS,
 	 "timer(now_ns)\n--\n\nTime passed: process due copies and release due messages."},
-	{"flush", (PyCFunction)core_flush, METH_O,
+	{"flush", (PyCFunction)(void (*)(void))core_flush, METH_FASTCALL | METH_KEYWORDS,
 	 "flush(now_ns)\n--\n\nShutdown: process every pending copy, release every held one."},
-	{"set_endpoints", (PyCFunction)core_set_endpoints, METH_O,
+	{"set_endpoints", (PyCFunction)(void (*)(void))core_set_endpoints, METH_FASTCALL | METH_KEYWORDS,
 	 "set_endpoints(endpoints)\n--\n\nA new plan: grow to `endpoints` endpoints."},
 	{"get_timer", (PyCFunction)core_get_timer, METH_NOARGS,
 	 "get_timer()\n--\n\nThe next pending arrival or held deadline in ns, or None."},
 	{"releases", (PyCFunction)core_releases, METH_NOARGS,
 	 "releases()\n--\n\nEvery release since the last call (CoreRelease), in order."},
-	{"counters", (PyCFunction)core_counters, METH_O,
+	{"counters", (PyCFunction)(void (*)(void))core_counters, METH_FASTCALL | METH_KEYWORDS,
 	 "counters(endpoint)\n--\n\nThe counters of one endpoint."},
-	{"parents", (PyCFunction)core_parents, METH_O,
+	{"parents", (PyCFunction)(void (*)(void))core_parents, METH_FASTCALL | METH_KEYWORDS,
 	 "parents(endpoint)\n--\n\n(copies, kept) per parent id seen by one endpoint."},
 	{NULL, NULL, 0, NULL},
 };

@@ -1,0 +1,241 @@
+"""The native receiver core against the Python reference: the same inputs, the same outputs.
+
+This file is the definition of "the same" (docs/receiver-core.md): hypothesis drives both cores
+with random sequences of copies (valid batches, duplicates, future arrivals, malformed
+mutations, heartbeats), timer calls, flushes and plan changes, and requires equal releases,
+counters, parents, timers and sizes after every step. The parsers are held to the same verdicts
+(and error text) on arbitrary bytes and on mutated valid datagrams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jasper import _native
+from jasper.receiver_core import ReceiverCore
+from jasper.wire import Header, WireError, encode_batch
+from jasper.wire_spec import (
+    FLAG_HEARTBEAT,
+    FLAG_HEDGE_COPY,
+    FLAG_RETRANSMIT,
+    HEADER_LEN,
+    MAX_DATAGRAM,
+)
+from overlay.fastwire import peek
+
+U64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Template:
+    """A datagram every copy of which is byte-identical (so duplicates are real duplicates)."""
+
+    stream: int
+    session: int
+    seq: int
+    deadline: int | None
+    """Relative to the start of the run (None: unstamped, 0 in the header)."""
+    flags: int
+    msgs: tuple[bytes, ...]
+
+    def encode(self, start: int = 0) -> bytes:
+        deadline = 0 if self.deadline is None else min(U64_MAX, max(1, start + self.deadline))
+        header = Header(
+            stream_id=self.stream,
+            session=self.session,
+            seq=self.seq,
+            send_time_ns=(self.seq * 3 + 1) & U64_MAX,
+            deadline_ns=deadline,
+            plan_epoch=self.stream,
+            flags=self.flags,
+        )
+        return encode_batch(header, () if self.flags & FLAG_HEARTBEAT else self.msgs)
+
+
+templates = st.builds(
+    Template,
+    stream=st.integers(1, 3),
+    session=st.sampled_from([0, 1, 1, 1, 2, 3]),
+    seq=st.one_of(st.integers(0, 12), st.integers(13, 200), st.just(U64_MAX - 3)),
+    deadline=st.one_of(st.none(), st.integers(-50, 800), st.integers(800, 10**6), st.just(U64_MAX)),
+    flags=st.sampled_from([0, 0, 0, FLAG_HEDGE_COPY, FLAG_RETRANSMIT, FLAG_HEARTBEAT]),
+    msgs=st.lists(st.binary(max_size=6), min_size=1, max_size=4).map(tuple),
+)
+
+mutations = st.one_of(
+    st.none(),
+    st.none(),
+    st.none(),
+    st.tuples(st.just("set"), st.integers(0, 80), st.integers(0, 255)),
+    st.tuples(st.just("cut"), st.integers(0, 80), st.just(0)),
+    st.tuples(st.just("append"), st.integers(1, 4), st.integers(0, 255)),
+    st.tuples(st.just("oversize"), st.integers(1, 40), st.integers(0, 255)),
+    st.tuples(st.just("random"), st.integers(0, 100), st.integers(0, 2**31)),
+)
+
+
+def mutate(data: bytes, mutation: tuple[str, int, int] | None) -> bytes:
+    if mutation is None:
+        return data
+    kind, a, b = mutation
+    if kind == "set":
+        out = bytearray(data)
+        out[a % len(out)] = b
+        return bytes(out)
+    if kind == "cut":
+        return data[: a % len(data)]
+    if kind == "append":
+        return data + bytes([b]) * a
+    if kind == "oversize":
+        return data + bytes([b]) * (MAX_DATAGRAM - len(data) + a)
+    return (b.to_bytes(4, "big") * (a // 4 + 1))[:a]
+
+
+copy_ops = st.tuples(
+    st.just("copy"),
+    st.integers(0, 63),  # template index (mod the pool)
+    st.integers(0, 7),  # endpoint (mod endpoints)
+    st.sampled_from([0, 1, 2, 3, 70, 2**32 - 1]),  # parent
+    st.one_of(st.integers(-30, 0), st.integers(0, 80)),  # arrival - now
+    st.sampled_from(["bytes", "bytearray", "memoryview"]),
+    mutations,
+)
+ops = st.tuples(
+    st.sampled_from([0, 0, 1, 2, 5, 10, 20, 50]),  # time step before the op
+    st.booleans(),  # pull and compare releases after the op
+    st.one_of(
+        copy_ops,
+        copy_ops,
+        copy_ops,
+        copy_ops,
+        st.tuples(st.just("timer")),
+        st.tuples(st.just("flush")),
+        st.tuples(st.just("grow"), st.integers(0, 2)),
+    ),
+)
+configs = st.fixed_dictionaries(
+    {
+        "endpoints": st.integers(1, 4),
+        "ring_size": st.sampled_from([2, 4, 8, 16, 4096]),
+        "hold_capacity": st.one_of(st.integers(1, 8), st.just(65536)),
+        "pending_capacity": st.one_of(st.integers(0, 8), st.just(65536)),
+    }
+)
+
+
+def state(core: Any) -> tuple[object, ...]:
+    endpoints = core.endpoints
+    return (
+        endpoints,
+        [core.counters(e) for e in range(endpoints)],
+        [core.parents(e) for e in range(endpoints)],
+        core.get_timer(),
+        core.held,
+        core.pending,
+        core.clamped,
+    )
+
+
+def as_kind(data: bytes, kind: str) -> bytes | bytearray | memoryview:
+    if kind == "bytearray":
+        return bytearray(data)
+    if kind == "memoryview":
+        return memoryview(bytearray(data))
+    return data
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    configs,
+    st.lists(templates, min_size=2, max_size=16),
+    st.integers(0, 10**12),
+    st.lists(ops, min_size=20, max_size=120),
+)
+def test_native_core_equals_reference(
+    config: dict[str, int], pool: list[Template], start: int, steps: list[Any]
+) -> None:
+    ref = ReceiverCore(**config)
+    nat = _native.ReceiverCore(**config)
+    datagrams = [t.encode(start) for t in pool]
+    now = start
+    for i, (dt, pull, op) in enumerate(steps):
+        now += dt
+        if op[0] == "copy":
+            _, which, endpoint, parent, ahead, kind, mutation = op
+            data = mutate(datagrams[which % len(datagrams)], mutation)
+            endpoint %= ref.endpoints
+            arrival = max(0, now + ahead)
+            for core in (ref, nat):
+                core.datagram_received(endpoint, as_kind(data, kind), parent, arrival, now)
+        elif op[0] == "timer":
+            ref.timer(now)
+            nat.timer(now)
+        elif op[0] == "flush":
+            ref.flush(now)
+            nat.flush(now)
+        else:
+            n = ref.endpoints + op[1]
+            ref.set_endpoints(n)
+            nat.set_endpoints(n)
+        if pull:
+            assert nat.releases() == ref.releases(), f"step {i}: {op}"
+        assert state(nat) == state(ref), f"step {i}: {op}"
+    now += 1
+    ref.flush(now)
+    nat.flush(now)
+    got, want = nat.releases(), ref.releases()
+    assert got == want
+    assert [type(r) for r in got] == [type(r) for r in want]
+    assert state(nat) == state(ref)
+
+
+def verdict(parse: Any, data: bytes) -> object:
+    try:
+        return parse(data)
+    except WireError as exc:
+        return ("error", exc.reason, str(exc))
+
+
+VALID = (
+    Template(7, 3, 99, 20, 0, (b"payload",)).encode(),
+    Template(7, 3, 99, 20, FLAG_HEDGE_COPY, (b"one", b"", b"three", b"4")).encode(),
+    Template(7, 3, 99, 20, FLAG_HEARTBEAT, ()).encode(),
+    Template(1, 1, 1, None, 0, (b"x" * 1422,)).encode(),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=160))
+def test_peek_random_bytes(data: bytes) -> None:
+    assert verdict(_native.peek, data) == verdict(peek, data)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(min_size=HEADER_LEN, max_size=HEADER_LEN + 40))
+def test_peek_random_bytes_behind_a_good_magic(data: bytes) -> None:
+    data = VALID[0][:4] + data[4:]
+    assert verdict(_native.peek, data) == verdict(peek, data)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.sampled_from(VALID),
+    st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=4),
+    st.one_of(st.none(), st.integers(0, 2000)),
+    st.binary(max_size=8),
+)
+def test_peek_mutated_valid_datagrams(
+    valid: bytes, sets: list[tuple[int, int]], cut: int | None, tail: bytes
+) -> None:
+    data = bytearray(valid)
+    for at, byte in sets:
+        data[at % len(data)] = byte
+    if cut is not None:
+        del data[cut % (len(data) + 1) :]
+    data += tail
+    for d in (bytes(data), bytearray(data), memoryview(bytes(data))):
+        assert verdict(_native.peek, d) == verdict(peek, bytes(d))
