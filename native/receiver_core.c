@@ -9,6 +9,17 @@
 #include "jasper_wire.h"
 
 #define MAX_DATAGRAM (JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD)
+
+/* Under ASan a free buffer is poisoned, so a payload read after its release was reclaimed (a
+ * broken jc_take_releases promise) is reported like a use after free. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define POISON(p, n) ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 #define KNOWN_FLAGS (JASPER_FLAG_HEDGE_COPY | JASPER_FLAG_RETRANSMIT | JASPER_FLAG_HEARTBEAT)
 #define AT(field) (__builtin_offsetof(struct jasper_hdr, field))
 
@@ -199,10 +210,12 @@ static struct buf *buf_get(struct jc_core *c)
 		for (size_t i = 0; i < BUFS_PER_CHUNK; i++) {
 			k->bufs[i].next = c->free_bufs;
 			c->free_bufs = &k->bufs[i];
+			POISON(k->bufs[i].data, sizeof k->bufs[i].data);
 		}
 	}
 	struct buf *b = c->free_bufs;
 	c->free_bufs = b->next;
+	UNPOISON(b->data, sizeof b->data);
 	return b;
 }
 
@@ -211,6 +224,7 @@ static void buf_put(struct jc_core *c, struct buf *b)
 	if (b) {
 		b->next = c->free_bufs;
 		c->free_bufs = b;
+		POISON(b->data, sizeof b->data);
 	}
 }
 
@@ -496,6 +510,7 @@ void jc_free(struct jc_core *c)
 	while (c->chunks) {
 		struct buf_chunk *k = c->chunks;
 		c->chunks = k->next;
+		UNPOISON(k, sizeof *k);
 		free(k);
 	}
 	free(c);

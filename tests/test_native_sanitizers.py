@@ -1,0 +1,172 @@
+"""The native receiver core under AddressSanitizer and UBSan: native/fuzz_core.c drives
+native/receiver_core.c through a corpus of random, valid and mutated datagrams and the core's
+other calls; any out-of-bounds access, use after free, leak or undefined behaviour fails."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from jasper.wire import Header, encode_batch
+from jasper.wire_spec import (
+    FLAG_HEARTBEAT,
+    FLAG_HEDGE_COPY,
+    FLAG_RETRANSMIT,
+    HEADER_LEN,
+    MAX_DATAGRAM,
+    MAX_MESSAGE,
+    offsets,
+)
+from tests.conftest import require_privileged
+
+ROOT = Path(__file__).resolve().parent.parent
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g", "-O1"]
+CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-fno-omit-frame-pointer"]
+INCLUDES = [f"-I{ROOT / 'native'}", f"-I{ROOT / 'ebpf' / 'include'}"]
+U64_MAX = 2**64 - 1
+PAYLOAD_LEN = offsets()["payload_len"]
+MSG_COUNT = offsets()["msg_count"]
+
+
+def sanitizers_work(tmp: Path) -> bool:
+    """gcc is there and links a program with ASan and UBSan (libasan, libubsan)."""
+    if shutil.which("gcc") is None:
+        return False
+    probe = tmp / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    built = subprocess.run(
+        ["gcc", *SANITIZE, str(probe), "-o", str(tmp / "probe")], capture_output=True
+    )
+    return built.returncode == 0 and subprocess.run([str(tmp / "probe")]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def fuzz_core(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("fuzz_core")
+    require_privileged("gcc with ASan and UBSan (libasan, libubsan)", sanitizers_work(tmp))
+    exe = tmp / "fuzz_core"
+    sources = [str(ROOT / "native" / "receiver_core.c"), str(ROOT / "native" / "fuzz_core.c")]
+    built = subprocess.run(
+        ["gcc", *SANITIZE, *CFLAGS, *INCLUDES, *sources, "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    return exe
+
+
+def record(body: bytes) -> bytes:
+    return struct.pack("<H", len(body)) + body
+
+
+def datagram(rnd: random.Random, base: int) -> bytes:
+    flags = rnd.choice([0, 0, 0, FLAG_HEDGE_COPY, FLAG_RETRANSMIT, FLAG_HEARTBEAT])
+    if flags & FLAG_HEARTBEAT:
+        msgs: list[bytes] = []
+    elif rnd.random() < 0.05:
+        msgs = [bytes([rnd.randrange(256)]) * rnd.randint(MAX_MESSAGE - 10, MAX_MESSAGE)]
+    else:
+        msgs = [rnd.randbytes(rnd.randint(0, 40)) for _ in range(rnd.randint(1, 8))]
+    deadline = rnd.choice([0, U64_MAX, base + rnd.randint(-500, 3000), rnd.getrandbits(64)])
+    header = Header(
+        stream_id=rnd.choice([1, 2, 3, rnd.getrandbits(32)]),
+        session=rnd.choice([0, 1, 1, 2, rnd.getrandbits(32)]),
+        seq=rnd.choice([0, rnd.randint(1, 40), rnd.randint(1, 5000), U64_MAX - 8]),
+        send_time_ns=rnd.getrandbits(64),
+        deadline_ns=deadline,
+        plan_epoch=rnd.getrandbits(32),
+        flags=flags,
+    )
+    return encode_batch(header, msgs)
+
+
+def mutate(rnd: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rnd.randint(1, 4)):
+        kind = rnd.randrange(6)
+        if kind == 0 and out:
+            out[rnd.randrange(len(out))] = rnd.randrange(256)
+        elif kind == 1 and len(out) > HEADER_LEN:  # a block length or the counts
+            at = rnd.choice(
+                [HEADER_LEN, PAYLOAD_LEN, MSG_COUNT, rnd.randrange(HEADER_LEN, len(out))]
+            )
+            out[at : at + 2] = rnd.randbytes(2)
+        elif kind == 2:
+            del out[rnd.randint(0, len(out)) :]
+        elif kind == 3:
+            out += rnd.randbytes(rnd.randint(1, 8))
+        elif kind == 4:
+            out += bytes(max(0, MAX_DATAGRAM - len(out)) + rnd.randint(0, 3))
+        elif len(out) >= HEADER_LEN:  # payload_len agreeing with the bytes that follow
+            struct.pack_into("!H", out, PAYLOAD_LEN, min(0xFFFF, len(out) - HEADER_LEN))
+    return bytes(out)
+
+
+def corpus(seed: int, records: int) -> bytes:
+    rnd = random.Random(seed)
+    base = 1000
+    out = [record(b"N" + bytes([rnd.randint(1, 5), rnd.choice([1, 3, 12])]) + b"\x08\x00\x08\x00")]
+    for _ in range(records):
+        roll = rnd.random()
+        if roll < 0.55:
+            if roll < 0.25:
+                data = datagram(rnd, base)
+            elif roll < 0.45:
+                data = mutate(rnd, datagram(rnd, base))
+            else:
+                data = rnd.randbytes(rnd.choice([0, 1, 47, 48, 49, rnd.randint(0, 200)]))
+            head = struct.pack(
+                "<BIh", rnd.randrange(8), rnd.choice([0, 1, 2, rnd.getrandbits(32)]),
+                rnd.randint(-300, 300),
+            )  # fmt: skip
+            copies = rnd.choice([1, 1, 2, 3])  # hedged copies of one datagram
+            out += [record(b"D" + head + data)] * copies
+        elif roll < 0.75:
+            dt = rnd.choice([0, 1, 10, 100, 1000])
+            out.append(record(b"A" + struct.pack("<H", dt)))
+            base += dt
+        elif roll < 0.9:
+            out.append(record(b"T" + bytes([rnd.choice([0, 1, 5, 255])])))
+        elif roll < 0.93:
+            out.append(record(b"F" + struct.pack("<H", rnd.randint(0, 50))))
+        elif roll < 0.96:
+            out.append(record(b"E" + bytes([rnd.randrange(4)])))
+        elif roll < 0.98:
+            cfg = struct.pack(
+                "<BBHHB", rnd.randint(0, 6), rnd.randrange(14), rnd.randint(0, 40),
+                rnd.randint(0, 40), rnd.choice([0, 0, 1, 2]),
+            )  # fmt: skip
+            out.append(record(b"N" + cfg))
+        else:  # a record of random bytes: whatever operation it names
+            out.append(record(rnd.randbytes(rnd.randint(0, 30))))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_core_is_clean_under_asan_and_ubsan(fuzz_core: Path, tmp_path: Path, seed: int) -> None:
+    path = tmp_path / f"corpus-{seed}"
+    path.write_bytes(corpus(seed, 3000))
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1")
+    run = subprocess.run(
+        [str(fuzz_core), str(path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "runtime error" not in run.stderr
+    records, datagrams = (int(w) for w in run.stdout.split()[1:4:2])
+    assert records > 3000
+    assert datagrams > 1000
+
+
+def test_random_files_are_valid_corpora(fuzz_core: Path, tmp_path: Path) -> None:
+    rnd = random.Random(99)
+    for i in range(20):
+        path = tmp_path / f"random-{i}"
+        path.write_bytes(rnd.randbytes(rnd.randint(0, 20000)))
+        run = subprocess.run([str(fuzz_core), str(path)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-4000:]
