@@ -66,7 +66,8 @@ int jc_parse(const uint8_t *data, size_t len, struct jc_header *out);
 
 /* Return codes of the calls below (0 = done). */
 #define JC_EINVAL (-1) /* the caller's bug: endpoint out of range, negative time, bad config */
-#define JC_ENOMEM (-2) /* an allocation failed; the copy concerned was dropped and counted */
+#define JC_ENOMEM (-2) /* an allocation failed; the copy concerned was dropped, counted nomem,
+			 * and the call still did the rest of its work */
 
 struct jc_config {
 	uint32_t endpoints; /* MP endpoints, >= 1 */
@@ -171,8 +172,8 @@ size_t jc_take_releases(struct jc_core *core, struct jc_release *out, size_t max
 
 /* Counters of one endpoint: 0, or JC_EINVAL for an endpoint out of range. */
 int jc_counters(const struct jc_core *core, uint32_t endpoint, struct jc_counters *out);
-/* Parents seen on one endpoint (first seen first) into out[0..max): the number written
- * (<= JC_PARENT_SLOTS), or JC_EINVAL for an endpoint out of range. */
+/* Parents seen on one endpoint (first seen first, JC_PARENT_OTHER last) into out[0..max): the
+ * number written (<= JC_PARENT_SLOTS), or JC_EINVAL for an endpoint out of range. */
 int jc_parents(const struct jc_core *core, uint32_t endpoint, struct jc_parent *out, size_t max);
 
 size_t jc_held(const struct jc_core *core); /* held entries */
