@@ -70,4 +70,3 @@ async def test_native_receiver_counts_a_flood_of_junk_and_keeps_the_stream() -> 
     recs = o.rx.records.array()
     assert sorted(int(r["seq"]) for r in recs if str(r["endpoint"]) == "e2") == list(range(1, 201))
     assert len(recs) == 200 * 4  # every endpoint got every real message, nothing else
-
