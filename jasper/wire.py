@@ -243,6 +243,63 @@ def with_header(message: Message, **changes: int) -> bytes:
     return encode_batch(replace(message.header, **changes), message.messages)
 
 
+_UNKNOWN_FLAGS = ~KNOWN_FLAGS & 0xFF
+
+PeekFields = tuple[int, int, int, int, int, int, int, int]
+"""(flags, stream_id, session, plan_epoch, seq, send_time_ns, deadline_ns, msg_count)."""
+
+
+def peek(data: bytes) -> PeekFields:
+    """Validate like jasper.wire.decode (same WireError reasons, blocks included), return the
+    header fields.
+
+    A relay or receiver parses every copy, most of them duplicates; building a frozen
+    dataclass per copy costs more than the rest of the checks (tests/test_overlay_fastwire.py
+    holds the two parsers to the same verdicts).
+    """
+    n = len(data)
+    if n < HEADER_LEN:
+        raise WireError("short", f"{n} bytes, header needs {HEADER_LEN}")
+    (magic, version, flags, stream, session, epoch, seq, sent, deadline, plen, count, _r1) = (
+        _HEADER.unpack_from(data)
+    )
+    if magic != MAGIC:
+        raise WireError("magic", f"0x{magic:04x}")
+    if version != VERSION:
+        raise WireError("version", f"{version}")
+    if flags & _UNKNOWN_FLAGS:
+        raise WireError("flags", f"unknown flags 0x{flags:02x}")
+    if plen != n - HEADER_LEN:
+        raise WireError("length", f"payload_len {plen}, got {n - HEADER_LEN} bytes")
+    if plen > MAX_PAYLOAD:
+        raise WireError("length", f"payload_len {plen} exceeds {MAX_PAYLOAD}")
+    if flags & FLAG_HEARTBEAT:
+        if count or plen:
+            raise WireError("count", f"heartbeat with {count} messages, {plen} bytes")
+        return flags, stream, session, epoch, seq, sent, deadline, count
+    if count == 0:
+        raise WireError("count", "data datagram with no messages")
+    if count == 1:  # the common case of an unbatched feed: one block filling the payload
+        if plen < BLOCK_HEADER_LEN:
+            raise WireError("overrun", f"block 0 of 1 starts past the end at {HEADER_LEN}")
+        length = (data[HEADER_LEN] << 8) | data[HEADER_LEN + 1]
+        if length > plen - BLOCK_HEADER_LEN:
+            raise WireError("overrun", f"block 0 of 1: {length} bytes, datagram {n}")
+        if length < plen - BLOCK_HEADER_LEN:
+            raise WireError("count", f"{plen - BLOCK_HEADER_LEN - length} bytes after the block")
+        return flags, stream, session, epoch, seq, sent, deadline, count
+    at = HEADER_LEN
+    for i in range(count):
+        if at + BLOCK_HEADER_LEN > n:
+            raise WireError("overrun", f"block {i} of {count} starts past the end at {at}")
+        at += BLOCK_HEADER_LEN + ((data[at] << 8) | data[at + 1])
+        if at > n:
+            raise WireError("overrun", f"block {i} of {count} runs past the end, datagram {n}")
+    if at != n:
+        raise WireError("count", f"{n - at} bytes after the last of {count} blocks")
+    return flags, stream, session, epoch, seq, sent, deadline, count
+
+
 __all__ = [
     "HEADER_LEN",
     "MAX_PAYLOAD",
@@ -254,6 +311,7 @@ __all__ = [
     "encode",
     "encode_batch",
     "pack_blocks",
+    "peek",
     "set_flags",
     "split_blocks",
     "unpack_blocks",

@@ -7,33 +7,42 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from jasper.dedup import DedupRing
+from jasper.relay_core import Forward, RelayCore, RelayCoreCounters
 from jasper.topology import RelayConfig, Topology, TopologyError, parse_topology
-from jasper.wire import WireError
-from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY
-from overlay.common import CopyCounters, link_model_of, process_figures
+from overlay.common import link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
-from overlay.fastwire import peek
 from overlay.kernel import drain, open_udp
 
 log = logging.getLogger(__name__)
 
-_FLAGS_AT = 3  # byte offset of `flags` in the header (jasper.wire_spec.offsets()["flags"])
-
 
 @dataclass
-class RelayCounters(CopyCounters):
-    """What one relay node saw and did."""
+class RelayCounters:
+    """What one relay node's sockets did (its core counts what it decided)."""
 
+    received: int = 0
+    """Datagrams received on the node's socket (before the link model)."""
+    kernel_drops: int = 0
+    """Datagrams the kernel dropped for a full receive buffer (SO_RXQ_OVFL)."""
     sent: int = 0
     """Copies sent to own children."""
     sent_hedge: int = 0
     """Copies sent as hedges to siblings' children."""
     send_errors: Counter[str] = field(default_factory=Counter)
     """Sends refused by the kernel, by errno name (a full buffer counts as ENOBUFS/EAGAIN)."""
+
+    def to_dict(self, core: RelayCoreCounters) -> dict[str, Any]:
+        """The node's status: the core's decisions and the sockets' counts, in one dict."""
+        out: dict[str, Any] = {}
+        for part in (core, self):
+            for f in fields(part):
+                value = getattr(part, f.name)
+                out[f.name] = dict(value) if isinstance(value, Counter) else value
+        out["malformed_total"] = sum(core.malformed.values())
+        return out
 
 
 class RelayNode:
@@ -44,11 +53,10 @@ class RelayNode:
         self.config = config
         self.sock = open_udp(config.addr, config.port)
         self.counters = RelayCounters()
+        self.core = RelayCore(ring_size=ring_size)
+        """Admission and flagging (jasper/relay_core.py); the rest here is sockets."""
         self.forward_user_space = True
         """False when a kernel fast path replicates for this node."""
-        self._ring_size = ring_size
-        self._rings: dict[int, DedupRing] = {}
-        self._last_heartbeat: dict[int, int] = {}
         self.handle: Callable[[bytes, tuple[str, int], int], None] = self.process_raw
         """What the event loop calls per datagram (the relay process puts its link model here)."""
         self.own: list[tuple[str, int]] = []
@@ -83,41 +91,19 @@ class RelayNode:
 
     def process(self, data: bytes, sender: str, _arrival_ns: int) -> None:
         """Handle one copy at its (effective) arrival time."""
-        c = self.counters
-        try:
-            flags, stream, session, epoch, seq, sent_ns, _deadline, _count = peek(data)
-        except WireError as exc:
-            c.malformed[exc.reason] += 1
-            return
-        c.copies_from[sender] += 1
-        if flags & FLAG_HEARTBEAT:
-            # Heartbeats carry no sequence of their own; forward only the newest per stream so
-            # hedged copies do not multiply down the tree.
-            if sent_ns <= self._last_heartbeat.get(stream, -1):
-                c.duplicates += 1
-                return
-            self._last_heartbeat[stream] = sent_ns
-            c.heartbeats += 1
-        else:
-            if not c.admit(self._rings, self._ring_size, stream, session, seq):
-                return
-        c.kept_from[sender] += 1
-        if self.forward_user_space:
-            self.forward(data, flags, epoch)
+        fwd = self.core.datagram_received(data, sender)
+        if fwd is not None and self.forward_user_space:
+            self.forward(fwd)
 
-    def forward(self, data: bytes, flags: int, epoch: int | None = None) -> None:
-        """Send to the children (and hedge targets) of the plan `epoch` the message carries;
-        an epoch this node has no table for takes the newest plan."""
+    def forward(self, fwd: Forward) -> None:
+        """Send to the children (and hedge targets) of the plan the message carries; an epoch
+        this node has no table for takes the newest plan."""
         c = self.counters
         sendto = self.sock.sendto
-        table = self.tables.get(epoch) if epoch is not None and epoch != self.epoch else None
+        epoch = fwd.plan_epoch
+        table = self.tables.get(epoch) if epoch != self.epoch else None
         own_targets, hedge_targets = table if table is not None else (self.own, self.hedges)
-        if flags & FLAG_HEDGE_COPY:
-            own = data[:_FLAGS_AT] + bytes((flags & ~FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
-            hedge = data
-        else:
-            own = data
-            hedge = data[:_FLAGS_AT] + bytes((flags | FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
+        own, hedge = fwd.own, fwd.hedge
         for addr in own_targets:
             try:
                 sendto(own, addr)
@@ -310,7 +296,7 @@ class Relay:
                 fp.set_targets(_target_rows(node))
 
     def status(self) -> dict[str, Any]:
-        nodes = {name: n.counters.to_dict() for name, n in self.nodes.items()}
+        nodes = {name: n.counters.to_dict(n.core.counters) for name, n in self.nodes.items()}
         for name, fp in self.fast_path.items():
             try:
                 nodes[name]["fast_path"] = fp.counters()

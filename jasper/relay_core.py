@@ -1,0 +1,95 @@
+"""The relay core: which copies a relay forwards, and how each outgoing copy is flagged."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from jasper.dedup import DedupRing, Verdict
+from jasper.wire import WireError, peek
+from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY, offsets
+
+_FLAGS_AT = offsets()["flags"]
+
+
+@dataclass
+class RelayCoreCounters:
+    """What one relay node's core saw and decided."""
+
+    malformed: Counter[str] = field(default_factory=Counter)
+    """Datagrams dropped as not Jasper, by WireError.reason."""
+    accepted: int = 0
+    """First copies of data datagrams, forwarded."""
+    duplicates: int = 0
+    """Later hedged copies (and repeated heartbeats) dropped."""
+    stale: int = 0
+    """Copies older than the dedup window or from an older session, dropped."""
+    heartbeats: int = 0
+    """Newest heartbeats, forwarded."""
+    copies_from: Counter[str] = field(default_factory=Counter)
+    """Valid copies per sender name."""
+    kept_from: Counter[str] = field(default_factory=Counter)
+    """Forwarded copies per sender name."""
+
+
+class Forward(NamedTuple):
+    """One copy to forward: the bytes for the node's own children and for hedge targets."""
+
+    own: bytes
+    """The datagram with the hedge flag clear (children of this relay)."""
+    hedge: bytes
+    """The datagram with the hedge flag set (children of siblings this relay hedges for)."""
+    plan_epoch: int
+    """The plan the message was sent under: its forwarding table is the one to use."""
+
+
+class RelayCore:
+    """Admission and flagging for one relay node, without sockets or clocks.
+
+    A data copy is forwarded when its stream's DedupRing accepts (session, first seq); a
+    heartbeat when it is the newest of its stream (heartbeats carry no sequence of their own,
+    and forwarding every hedged copy would multiply them down the tree). The same decisions
+    are made in the kernel by ebpf/relay.bpf.c; this is their reference.
+    """
+
+    def __init__(self, *, ring_size: int = 4096) -> None:
+        DedupRing(size=ring_size)  # validates the size once
+        self.ring_size = ring_size
+        self.counters = RelayCoreCounters()
+        self._rings: dict[int, DedupRing] = {}
+        self._last_heartbeat: dict[int, int] = {}
+
+    def datagram_received(self, data: bytes, sender: str) -> Forward | None:
+        """One copy from `sender`: what to forward, or None (dropped and counted)."""
+        c = self.counters
+        try:
+            flags, stream, session, epoch, seq, sent_ns, _deadline, _count = peek(data)
+        except WireError as exc:
+            c.malformed[exc.reason] += 1
+            return None
+        c.copies_from[sender] += 1
+        if flags & FLAG_HEARTBEAT:
+            if sent_ns <= self._last_heartbeat.get(stream, -1):
+                c.duplicates += 1
+                return None
+            self._last_heartbeat[stream] = sent_ns
+            c.heartbeats += 1
+        else:
+            ring = self._rings.get(stream)
+            if ring is None:
+                ring = self._rings[stream] = DedupRing(size=self.ring_size)
+            verdict = ring.check(session, seq)
+            if verdict is not Verdict.ACCEPT:
+                if verdict is Verdict.DUPLICATE:
+                    c.duplicates += 1
+                else:
+                    c.stale += 1
+                return None
+            c.accepted += 1
+        c.kept_from[sender] += 1
+        if flags & FLAG_HEDGE_COPY:
+            own = data[:_FLAGS_AT] + bytes((flags & ~FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
+            return Forward(own, data, epoch)
+        hedge = data[:_FLAGS_AT] + bytes((flags | FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
+        return Forward(data, hedge, epoch)
