@@ -20,5 +20,11 @@ setup(
             extra_link_args=["-pthread"],
             libraries=["m"],
         ),
+        Extension(
+            "overlay._releasequeue",
+            sources=["native/release_queue.c"],
+            extra_compile_args=["-O2", "-Wall", "-pthread"],
+            extra_link_args=["-pthread"],
+        ),
     ]
 )
