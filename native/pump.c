@@ -14,8 +14,17 @@
  * deadlock) and write the wake eventfd when the thread should look again.
  *
  * Timing follows overlay/releasec.py (the C release thread this replaces): timer slack 1 ns,
- * sleep until spin_ns before the next held deadline, then spin on the clock; optional SCHED_FIFO
- * and a CPU pin, both fail soft. The core only tells the earliest of its next pending arrival and
+ * sleep until a lead before the next held deadline, then spin on the clock; optional SCHED_FIFO
+ * and a CPU pin, both fail soft. The lead adapts to the oversleep this host shows (a VM's timer
+ * wake-ups come 25-40 us late, p99 ~100 us): about its 95th percentile plus 5 us, at most
+ * spin_ns, so a deadline costs a spin of about the oversleep's spread, not a fixed spin_ns.
+ *
+ * Receive coalescing: woken by data after a sleep, the thread waits coalesce_ns (never past a
+ * deadline's lead point) before it receives, so a burst of copies from many parents is taken
+ * in one round instead of one wake-up per datagram. SO_TIMESTAMPNS keeps every arrival exact:
+ * only the processing waits. Copies are fed to the core at its current time and processed by
+ * the next advance, in emulated-arrival order (receive_batch). During a deadline's spin the
+ * thread receives at once, and a round that reaches the deadline stops and resumes after it. The core only tells the earliest of its next pending arrival and
  * next held deadline, and a pending arrival needs no spin (processing a copy a little after its
  * emulated arrival never changes which copy wins: every later copy arrives later still), so the
  * pump keeps its own min-heap of candidate deadlines: the header deadline of every valid copy
@@ -60,10 +69,20 @@
 #define CMSG_BYTES 128
 #define MAX_EVENTS 64
 #define WAKE_TAG UINT32_C(0xFFFFFFFF)
+#define WAKE_SEEN UINT32_C(0xFFFFFFFD) /* a wake event already read */
 #define UNKNOWN_PARENT UINT32_C(0xFFFFFFFE)
-/* Warm the send path only when this much time is left before a deadline: a cold first sendto
- * after a sleep costs 30-45 us, a warm one 3 us (overlay/releasec.py WARM_LEAD_NS). */
-#define WARM_LEAD_NS 50000
+/* Warm the send path (once per deadline) only when at least this much time is left before it:
+ * a cold first sendto after a sleep costs 30-45 us, a warm one 3 us (overlay/releasec.py). */
+#define WARM_MIN_NS 8000
+/* The adaptive lead: the second largest of the last LEAD_SAMPLES oversleeps (about their 95th
+ * percentile) plus LEAD_GUARD_NS, at least LEAD_MIN_NS, at most spin_ns. */
+#define LEAD_SAMPLES 32
+#define LEAD_GUARD_NS 5000
+#define LEAD_MIN_NS 5000
+/* A deferred receive round polls epoll at most this many times beyond one per MAX_EVENTS. */
+#define ROUND_EXTRA_POLLS 2
+/* Default receive coalescing window (chosen by bench/rate.py case a, see the commit). */
+#define DEFAULT_COALESCE_NS 200000
 /* Distinct errnos counted per endpoint; further ones count under "other". */
 #define ERRNO_SLOTS 8
 /* Links (parent, endpoint) with a generator of their own; further links share one. */
@@ -347,9 +366,19 @@ typedef struct {
 	uint32_t neps, cap_eps;
 	int epfd, wake_fd, notify_fd, warm_fd;
 	struct sockaddr_in warm_addr;
-	int64_t offset, last_now, spin_ns;
+	int64_t offset, last_now, spin_ns, coalesce_ns;
+	int64_t core_now; /* the time the core was last advanced to */
 	int priority, cpu;
 	int pwait2; /* 1 while epoll_pwait2 works */
+
+	/* The adaptive lead: how long before a deadline the thread wakes to spin (see plan_wait). */
+	int64_t lead_ns;
+	int64_t oversleep[LEAD_SAMPLES]; /* recent oversleeps of timed waits toward a deadline */
+	size_t noversleep;
+	int64_t warmed_for; /* the deadline the send path was last warmed for */
+	int64_t spin_for; /* the deadline of the current spin (valid while plan_wait returns 0) */
+	int round_due; /* data seen, its receive round deferred until round_at (realtime) */
+	int64_t round_at;
 
 	struct parent_entry *ptab;
 	size_t pcap;
@@ -374,7 +403,8 @@ typedef struct {
 	struct jc_release rel[BATCH];
 
 	uint64_t recv_calls, datagrams, batches, link_lost, link_overflow, records_dropped,
-		deliveries_dropped, truncated, wakeups, warmups;
+		deliveries_dropped, truncated, wakeups, warmups, rounds, rounds_cut, coalesced, spins,
+		spin_total_ns, late_wakes;
 	int realtime_ok, pinned, sched_errno, pin_errno;
 } Pump;
 
@@ -420,6 +450,8 @@ static void cand_push(Pump *p, int64_t d)
 
 static void cand_pop_until(Pump *p, int64_t now)
 {
+	if (p->ncand && p->cand[0] <= now)
+		p->cand_last = -1; /* it may be popped: the next push must not be skipped */
 	while (p->ncand && p->cand[0] <= now) {
 		int64_t x = p->cand[--p->ncand];
 		size_t i = 0, n = p->ncand;
@@ -559,7 +591,15 @@ static uint32_t parent_of(const Pump *p, const struct sockaddr_storage *ss, sock
 	return e->used ? e->id : UNKNOWN_PARENT;
 }
 
-/* One recvmmsg batch from endpoint idx into the core; the number of datagrams (-1: error). */
+/*
+ * One recvmmsg batch from endpoint idx into the core; the number of datagrams (-1: error).
+ *
+ * Copies are fed at the time the core was last advanced to (p->core_now, not advanced here):
+ * one that arrived after it waits in the pending set, and the caller's next tick processes the
+ * whole round in order of emulated arrival. Fed at the clock instead, a copy the thread reads late (a
+ * coalesced round, a busy host) would be processed at once in the order the kernel queues
+ * returned it, and a later copy with an earlier emulated arrival would lose to it.
+ */
 static int receive_batch(Pump *p, uint32_t idx)
 {
 	struct endpoint *e = &p->eps[idx];
@@ -614,8 +654,8 @@ static int receive_batch(Pump *p, uint32_t idx)
 			len = SLOT_BYTES;
 		}
 		uint32_t parent = parent_of(p, &p->names[k], h->msg_namelen);
-		int64_t now = node_now(p);
-		int64_t arrival = rx >= 0 ? rx + p->offset : now;
+		int64_t now = p->core_now;
+		int64_t arrival = rx >= 0 ? rx + p->offset : p->last_now;
 		if (p->lm.on) {
 			struct link *l = link_get(&p->lm, parent, idx, &p->link_overflow);
 			int64_t delay = link_sample(&p->lm, l);
@@ -629,12 +669,12 @@ static int receive_batch(Pump *p, uint32_t idx)
 		if (arrival < 0)
 			arrival = 0;
 		struct jc_header hdr;
-		if (jc_parse(data, len, &hdr) == JC_PARSE_OK && hdr.deadline_ns > (uint64_t)now &&
+		if (jc_parse(data, len, &hdr) == JC_PARSE_OK && hdr.deadline_ns > (uint64_t)p->last_now &&
 		    hdr.deadline_ns <= (uint64_t)INT64_MAX)
 			cand_push(p, (int64_t)hdr.deadline_ns);
 		jc_datagram(p->core, idx, data, len, parent, arrival, now);
 		if (jc_releases_waiting(p->core))
-			release_all(p);
+			release_all(p); /* LATE and UNSTAMPED copies that arrived before `now` */
 	}
 	return n;
 }
@@ -646,6 +686,7 @@ static void tick(Pump *p, int64_t now)
 {
 	if (jc_next_timer(p->core) <= now) {
 		jc_advance(p->core, now);
+		p->core_now = now;
 		release_all(p);
 	}
 	cand_pop_until(p, now);
@@ -655,28 +696,80 @@ static void tick(Pump *p, int64_t now)
 	}
 }
 
-/* How long to wait from now: -1 forever, 0 spin (poll and look at the clock again), else ns. */
-static int64_t plan_wait(Pump *p, int64_t now)
+/* One oversleep of a timed wait toward a deadline's lead point: the lead follows them. */
+static void lead_sample(Pump *p, int64_t over)
+{
+	if (over < 0)
+		over = 0;
+	if (over > p->lead_ns)
+		p->late_wakes++; /* woke after the deadline's spin should have begun */
+	p->oversleep[p->noversleep++ % LEAD_SAMPLES] = over;
+	size_t n = p->noversleep < LEAD_SAMPLES ? p->noversleep : LEAD_SAMPLES;
+	int64_t first = 0, second = 0;
+	for (size_t i = 0; i < n; i++) {
+		int64_t v = p->oversleep[i];
+		if (v > first) {
+			second = first;
+			first = v;
+		} else if (v > second) {
+			second = v;
+		}
+	}
+	int64_t lead = (n < LEAD_SAMPLES ? first : second) + LEAD_GUARD_NS;
+	if (lead < LEAD_MIN_NS)
+		lead = LEAD_MIN_NS;
+	p->lead_ns = lead < p->spin_ns ? lead : p->spin_ns;
+}
+
+/* Run the send path once, so the first release after a sleep does not pay for a cold one. */
+static void warm_send_path(Pump *p)
+{
+	char b[16] = {0};
+	ssize_t rc = sendto(p->warm_fd, b, sizeof b, MSG_DONTWAIT,
+			    (const struct sockaddr *)&p->warm_addr, sizeof p->warm_addr);
+	while (rc >= 0 && recv(p->warm_fd, b, sizeof b, MSG_DONTWAIT) > 0)
+		;
+	p->warmups++;
+}
+
+/*
+ * How long to wait from now: -1 forever, 0 spin (poll and look at the clock again), else ns.
+ * *toward is set when the wait ends at a deadline's lead point (its oversleep is a sample).
+ *
+ * A deadline is met by waking lead_ns before it and spinning the rest: the lead adapts to the
+ * oversleep this host shows (lead_sample), capped by spin_ns, so the spin is about the spread
+ * of the wake-up latency, not its whole. A pending arrival needs no precision (see the top of
+ * this file): its wake-up waits coalesce_ns longer, so the arrivals of a burst are processed
+ * in one wake-up.
+ */
+static int64_t plan_wait(Pump *p, int64_t now, int *toward)
 {
 	int64_t timer = jc_next_timer(p->core);
+	/* Every held deadline and pending arrival is >= timer, so a smaller candidate releases
+	 * nothing (a pending copy processed after its deadline is late, never held). */
+	while (!p->cand_lossy && p->ncand && p->cand[0] < timer)
+		cand_pop_until(p, p->cand[0]);
 	int64_t deadline = p->cand_lossy ? timer : (p->ncand ? p->cand[0] : INT64_MAX);
-	int64_t wake_at = timer;
+	int64_t wake_at = INT64_MAX;
+	*toward = 0;
+	if (timer < deadline) /* the next pending arrival */
+		wake_at = timer > INT64_MAX - p->coalesce_ns ? INT64_MAX : timer + p->coalesce_ns;
 	if (deadline != INT64_MAX) {
-		if (deadline - now <= p->spin_ns) {
-			if (deadline - now > WARM_LEAD_NS && p->warm_fd >= 0) {
-				/* Only with spin_ns > WARM_LEAD_NS: run the send path once. */
-				char b[16] = {0};
-				ssize_t rc = sendto(p->warm_fd, b, sizeof b, MSG_DONTWAIT,
-						    (const struct sockaddr *)&p->warm_addr,
-						    sizeof p->warm_addr);
-				while (rc >= 0 && recv(p->warm_fd, b, sizeof b, MSG_DONTWAIT) > 0)
-					;
-				p->warmups++;
+		if (deadline - now <= p->lead_ns) {
+			p->spin_for = deadline;
+			if (deadline != p->warmed_for) {
+				/* Once per deadline: the spin and the warm-up it may pay for. */
+				p->warmed_for = deadline;
+				p->spins++;
+				if (deadline - now > WARM_MIN_NS && p->warm_fd >= 0)
+					warm_send_path(p);
 			}
 			return 0;
 		}
-		if (deadline - p->spin_ns < wake_at)
-			wake_at = deadline - p->spin_ns;
+		if (deadline - p->lead_ns < wake_at) {
+			wake_at = deadline - p->lead_ns;
+			*toward = 1;
+		}
 	}
 	if (wake_at == INT64_MAX)
 		return -1;
@@ -697,6 +790,58 @@ static int wait_events(Pump *p, struct epoll_event *evs, int max, int64_t timeou
 		ms = INT32_MAX;
 	int n = epoll_wait(p->epfd, evs, max, ms);
 	return n < 0 ? 0 : n;
+}
+
+static void sleep_ns(int64_t ns)
+{
+	struct timespec ts = {.tv_sec = ns / NS, .tv_nsec = ns % NS};
+	clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, NULL);
+}
+
+/* The earliest deadline the thread may have to release at (INT64_MAX: none). */
+static int64_t next_deadline(Pump *p)
+{
+	if (p->cand_lossy)
+		return jc_next_timer(p->core);
+	return p->ncand ? p->cand[0] : INT64_MAX;
+}
+
+/*
+ * Receive from the ready endpoints of evs[0..n); with evs NULL, poll epoll for them first.
+ * A round that reaches `stop_at` (node time: a deadline) advances the core there first and
+ * hands over what it releases, then goes on: a long round never delays a release.
+ */
+static void receive_round(Pump *p, struct epoll_event *evs, int n, struct epoll_event *buf,
+			  int64_t stop_at)
+{
+	int polls = (int)(p->neps / MAX_EVENTS) + ROUND_EXTRA_POLLS;
+	p->round_due = 0;
+	for (int k = 0; k < polls && p->state == RUNNING; k++) {
+		if (!evs || k > 0) {
+			evs = buf;
+			n = wait_events(p, evs, MAX_EVENTS, 0);
+		}
+		for (int i = 0; i < n; i++) {
+			uint32_t tag = evs[i].data.u32;
+			if (tag == WAKE_TAG) {
+				uint64_t v;
+				ssize_t rc = read(p->wake_fd, &v, sizeof v);
+				(void)rc;
+			} else if (tag < p->neps) {
+				if (stop_at != INT64_MAX && realtime_ns() + p->offset >= stop_at) {
+					tick(p, node_now(p));
+					p->rounds_cut++;
+					stop_at = INT64_MAX;
+				}
+				/* A full batch may leave more behind: take a few more at once. */
+				for (int b = 0; b < 4 && receive_batch(p, tag) == BATCH; b++)
+					;
+			}
+		}
+		if (n < MAX_EVENTS)
+			break;
+	}
+	p->rounds++;
 }
 
 static void thread_setup(Pump *p)
@@ -740,7 +885,8 @@ static void drain_phase(Pump *p)
 		int64_t left = p->stop_until - realtime_ns();
 		if (left <= 0)
 			break;
-		int64_t wait = plan_wait(p, now);
+		int toward;
+		int64_t wait = plan_wait(p, now, &toward);
 		if (wait == 0)
 			continue;
 		if (wait < 0 || wait > left)
@@ -752,7 +898,8 @@ static void drain_phase(Pump *p)
 	}
 	if (jc_held(p->core) || jc_pending(p->core)) {
 		p->flushed += jc_held(p->core) + jc_pending(p->core);
-		jc_flush(p->core, node_now(p));
+		p->core_now = node_now(p);
+		jc_flush(p->core, p->core_now);
 		release_all(p);
 	}
 	p->ncand = 0;
@@ -761,29 +908,85 @@ static void drain_phase(Pump *p)
 static void *pump_run(void *arg)
 {
 	Pump *p = arg;
-	struct epoll_event evs[MAX_EVENTS];
+	struct epoll_event evs[MAX_EVENTS], more[MAX_EVENTS];
+	int spinning = 0;
+	int64_t spin_from = 0;
 	thread_setup(p);
 	pthread_mutex_lock(&p->mu);
 	while (p->state == RUNNING) {
 		int64_t now = node_now(p);
+		if (p->round_due) {
+			/* A deferred round runs before the core advances, so its copies are fed at
+			 * the time before they came and processed in emulated-arrival order. It runs
+			 * when its window closes, or at once when a deadline's spin begins (so every
+			 * copy in by then is processed before the deadline). */
+			int64_t d = next_deadline(p);
+			int64_t spin_at = d == INT64_MAX ? INT64_MAX : d - p->lead_ns;
+			if (p->round_at <= now || spin_at <= now) {
+				receive_round(p, NULL, 0, more, spin_at <= now ? d : INT64_MAX);
+				now = node_now(p);
+			}
+		}
 		tick(p, now);
-		int64_t wait = plan_wait(p, now);
+		int toward;
+		int64_t wait = plan_wait(p, now, &toward);
+		if (wait == 0 && !spinning) {
+			spinning = 1;
+			spin_from = now;
+		} else if (wait != 0 && spinning) {
+			spinning = 0;
+			p->spin_total_ns += (uint64_t)(now - spin_from);
+		}
+		if (p->round_due) {
+			int64_t left = p->round_at - now;
+			if (wait == 0 || left <= 0)
+				continue; /* the top of the loop runs it */
+			if (wait < 0 || left < wait) {
+				wait = left;
+				toward = 0;
+			}
+			pthread_mutex_unlock(&p->mu);
+			sleep_ns(wait);
+			pthread_mutex_lock(&p->mu);
+			p->wakeups++;
+			if (toward)
+				lead_sample(p, node_now(p) - now - wait);
+			continue;
+		}
 		pthread_mutex_unlock(&p->mu);
 		int n = wait_events(p, evs, MAX_EVENTS, wait);
 		pthread_mutex_lock(&p->mu);
-		if (wait != 0)
+		if (wait != 0) {
 			p->wakeups++;
-		for (int i = 0; i < n && p->state == RUNNING; i++) {
-			uint32_t tag = evs[i].data.u32;
-			if (tag == WAKE_TAG) {
+			if (n == 0 && toward)
+				lead_sample(p, node_now(p) - now - wait);
+		}
+		int data = 0;
+		for (int i = 0; i < n; i++) {
+			if (evs[i].data.u32 == WAKE_TAG) {
 				uint64_t v;
 				ssize_t rc = read(p->wake_fd, &v, sizeof v);
 				(void)rc;
-			} else if (tag < p->neps) {
-				receive_batch(p, tag);
+				evs[i].data.u32 = WAKE_SEEN;
+			} else {
+				data = 1;
 			}
 		}
+		if (p->state != RUNNING || !data)
+			continue;
+		if (wait != 0 && p->coalesce_ns > 0) {
+			/* Data after a sleep: let the rest of the burst gather for coalesce_ns (never
+			 * past a deadline's lead point). The kernel's receive stamps keep every
+			 * arrival exact; only the processing waits. */
+			p->round_due = 1;
+			p->round_at = node_now(p) + p->coalesce_ns;
+			p->coalesced++;
+			continue;
+		}
+		receive_round(p, evs, n, more, wait == 0 ? p->spin_for : INT64_MAX);
 	}
+	if (spinning)
+		p->spin_total_ns += (uint64_t)(node_now(p) - spin_from);
 	if (p->state == STOPPING && p->drain)
 		drain_phase(p);
 	pthread_mutex_unlock(&p->mu);
@@ -917,17 +1120,19 @@ static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
 	static char *names[] = {"endpoints", "ring_size", "hold_capacity", "pending_capacity",
 				"spin_ns", "priority", "cpu", "record_capacity",
-				"delivery_capacity", NULL};
-	PyObject *o[9] = {NULL};
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOO:ReceivePump", names, &o[0],
-					 &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8]))
+				"delivery_capacity", "coalesce_ns", NULL};
+	PyObject *o[10] = {NULL};
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOO:ReceivePump", names, &o[0],
+					 &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+					 &o[9]))
 		return NULL;
 	if (!o[0]) {
 		PyErr_SetString(PyExc_TypeError, "ReceivePump() needs endpoints=");
 		return NULL;
 	}
 	long long endpoints, ring = 4096, hold = 65536, pending = 65536, spin = 20000, prio = 0,
-			     cpu = -1, rec_bytes = 1 << 20, dcap = 65536;
+			     cpu = -1, rec_bytes = 1 << 20, dcap = 65536,
+			     coalesce = DEFAULT_COALESCE_NS;
 	if (int_in(o[0], 0, UINT32_MAX, "endpoints", &endpoints) ||
 	    opt_int(o[1], 0, UINT32_MAX, "ring_size", &ring) ||
 	    opt_int(o[2], 0, UINT32_MAX, "hold_capacity", &hold) ||
@@ -935,7 +1140,8 @@ static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	    opt_int(o[4], 0, NS, "spin_ns", &spin) || opt_int(o[5], 0, 99, "priority", &prio) ||
 	    opt_int(o[6], -1, CPU_SETSIZE - 1, "cpu", &cpu) ||
 	    opt_int(o[7], 0, (long long)1 << 34, "record_capacity", &rec_bytes) ||
-	    opt_int(o[8], 1, (long long)1 << 24, "delivery_capacity", &dcap))
+	    opt_int(o[8], 1, (long long)1 << 24, "delivery_capacity", &dcap) ||
+	    opt_int(o[9], 0, NS / 100, "coalesce_ns", &coalesce))
 		return NULL;
 	struct jc_config cfg = JC_CONFIG_DEFAULT;
 	cfg.endpoints = endpoints ? (uint32_t)endpoints : 1;
@@ -964,6 +1170,9 @@ static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 		goto fail;
 	}
 	p->spin_ns = spin;
+	p->lead_ns = spin; /* until the first oversleeps are seen */
+	p->coalesce_ns = coalesce;
+	p->warmed_for = -1;
 	p->priority = (int)prio;
 	p->cpu = (int)cpu;
 	p->pwait2 = 1;
@@ -1600,13 +1809,17 @@ static PyObject *pump_counters(Pump *p, PyObject *Py_UNUSED(ignored))
 			     p->deliveries_dropped, p->truncated,	p->wakeups,
 			     p->warmups,	   jc_held(p->core),	jc_pending(p->core),
 			     jc_clamped(p->core),  p->flushed,		p->rec_len,
-			     p->dq_len};
+			     p->dq_len,		   p->rounds,		p->coalesced,
+			     p->spins,		   p->spin_total_ns,	p->late_wakes,
+			     (uint64_t)p->lead_ns, p->rounds_cut};
 	const char *tkeys[] = {"recv_calls",	     "datagrams",     "batches",
 			       "link_lost",	     "link_overflow", "records_dropped",
 			       "deliveries_dropped", "truncated",     "wakeups",
 			       "warmups",	     "held",	      "pending",
 			       "clamped",	     "flushed",	      "records_waiting",
-			       "deliveries_waiting"};
+			       "deliveries_waiting", "rounds",	      "coalesced",
+			       "spins",		     "spin_ns",	      "late_wakes",
+			       "lead_ns",	     "rounds_cut"};
 	int realtime = p->realtime_ok, pinned = p->pinned, sched_errno = p->sched_errno,
 	    pin_errno = p->pin_errno;
 	pthread_mutex_unlock(&p->mu);
@@ -1749,7 +1962,7 @@ static PyTypeObject PumpType = {
 	.tp_flags = Py_TPFLAGS_DEFAULT,
 	.tp_doc = "ReceivePump(*, endpoints, ring_size=4096, hold_capacity=65536, "
 		  "pending_capacity=65536, spin_ns=20000, priority=0, cpu=-1, "
-		  "record_capacity=1<<20, delivery_capacity=65536)\n--\n\n"
+		  "record_capacity=1<<20, delivery_capacity=65536, coalesce_ns=200000)\n--\n\n"
 		  "The native receive pump of one receiver process: a thread that receives the\n"
 		  "endpoints' copies, runs the receiver core and releases at the deadlines.\n"
 		  "record_capacity is in bytes (whole records; 0: no records).",

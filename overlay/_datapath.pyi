@@ -42,7 +42,14 @@ class ReceivePump:
         cpu: int = -1,
         record_capacity: int = 1 << 20,
         delivery_capacity: int = 65536,
-    ) -> None: ...
+        coalesce_ns: int = 200_000,
+    ) -> None:
+        """spin_ns caps the adaptive lead: the thread wakes that long before a deadline (about
+        the 95th percentile of its recent oversleeps plus 5 µs) and spins the rest.
+        coalesce_ns (0..10 ms, 0: off): woken by data after a sleep, wait this long before
+        receiving (never past a deadline's lead point), so a burst is taken in one round; a
+        pending emulated arrival is processed up to coalesce_ns after it. Arrival stamps stay the
+        kernel's; unstamped copies are released up to coalesce_ns later."""
     def add_endpoint(self, index: int, fd: int, out_fd: int = -1, out_addr: bytes = b"") -> None:
         """Receive endpoint `index` on UDP socket `fd`; index == endpoints grows by one."""
     def set_deliver(self, index: int, out_fd: int, out_addr: bytes = b"") -> None:
@@ -76,10 +83,14 @@ class ReceivePump:
 
         Totals: recv_calls, datagrams, batches (recvmmsg calls that returned datagrams),
         link_lost, link_overflow (copies drawn from the shared generator: link table full),
-        records_dropped, deliveries_dropped, truncated, wakeups, warmups, held, pending,
-        clamped, flushed (released early by the final flush of stop), records_waiting,
-        deliveries_waiting (ints); realtime (SCHED_FIFO in force), pinned (bools); sched_error,
-        pin_error (errno names, "" when none).
+        records_dropped, deliveries_dropped, truncated, wakeups (sleeps that ended), warmups
+        (send-path warm-ups, at most one per deadline), held, pending, clamped, flushed
+        (released early by the final flush of stop), records_waiting, deliveries_waiting,
+        rounds (receive rounds), rounds_cut (rounds stopped at a deadline), coalesced (rounds
+        deferred by coalesce_ns), spins (deadlines spun toward), spin_ns (time spent spinning),
+        late_wakes (wake-ups toward a deadline later than the lead), lead_ns (the current
+        lead) (ints); realtime (SCHED_FIFO in force), pinned (bools); sched_error, pin_error
+        (errno names, "" when none).
 
         "endpoints": a list, per endpoint a dict: the core's counters (received, heartbeats,
         accepted, duplicates, stale, released, late, hold_overflow, pending_overflow,

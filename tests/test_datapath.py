@@ -495,3 +495,52 @@ def test_link_delays_follow_the_linkmodel_distribution() -> None:
         got = float(np.quantile(flight, q))
         assert abs(got - want) <= tolerance * want, (q, got, want)
     assert 0.12 < float(np.mean(flight >= 20 * MS)) < 0.28  # the spikes
+
+
+def test_a_coalesced_round_keeps_the_first_copy_in_emulated_time() -> None:
+    # Parent 1's copy reaches the socket first but its link takes 2 ms; parent 2's, sent just
+    # after, takes 20 us. With a 5 ms coalescing window both are read in one round, after both
+    # emulated arrivals have passed: the core must still keep parent 2's copy.
+    n = 20
+    with rig(parents=2, coalesce_ns=5 * MS) as r:
+        r.pump.set_link_model(median_ns=20_000, p99_ns=20_000, factors={(1, 0): 100.0})
+        r.pump.start()
+        base = time.time_ns() + 500 * MS
+        for seq in range(1, n + 1):
+            d = datagram(seq, base)
+            r.send(d, parents=[1])
+            r.send(d, parents=[2])
+            time.sleep(0.01)
+
+        def settled() -> bool:
+            return r.counters()["received"] == 2 * n and r.pump.pending == 0
+
+        wait_until(settled)
+        parents = r.counters()["parents"]
+        assert parents[2] == (n, n) and parents[1] == (n, 0), parents
+        totals = r.pump.counters()
+        assert totals["coalesced"] >= 1 and totals["rounds"] >= 1
+
+
+def test_timing_counters_and_coalesce_bounds() -> None:
+    with pytest.raises(ValueError):
+        _datapath.ReceivePump(endpoints=1, coalesce_ns=-1)
+    with pytest.raises(ValueError):
+        _datapath.ReceivePump(endpoints=1, coalesce_ns=20 * MS)
+    with rig(parents=1, spin_ns=300_000, coalesce_ns=0) as r:
+        c = r.pump.counters()
+        assert c["lead_ns"] == 300_000  # no oversleep seen yet: the cap
+        r.pump.start()
+        base = time.time_ns() + 20 * MS
+        for seq in range(1, 11):
+            r.send(datagram(seq, base + seq * 5 * MS))
+        got = deliveries(r.pump, 10)
+        assert [d[5] for d in got] == [0] * 10  # all on time
+        c = r.pump.counters()
+        keys = ("rounds", "rounds_cut", "coalesced", "spins", "spin_ns", "late_wakes")
+        assert all(isinstance(c[k], int) for k in keys)
+        assert c["coalesced"] == 0  # coalescing off
+        assert 1 <= c["spins"] <= 10 and c["warmups"] <= c["spins"]
+        assert 0 < c["lead_ns"] <= 300_000
+        rec = r.records()
+        assert (rec["handed_ns"] >= rec["deadline_ns"]).all()
