@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jasper.records import DELIVERY_DTYPE, SENT_DTYPE
+from jasper.records import (
+    DELIVERY_DTYPE,
+    SENT_DTYPE,
+    Releases,
+    message_offsets,
+    releases_from_deliveries,
+)
 
 PERCENTILES = (50.0, 99.0, 99.9)
 
@@ -128,9 +134,133 @@ class FairnessReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PairMatrices:
+    """Messages × endpoints of one stream, built from release records: the first record of each
+    pair (earliest arrival) fills its cell."""
+
+    arrival_ns: npt.NDArray[np.int64]
+    """(m, e) first accepted arrival (kernel clock), -1 when lost."""
+    release_ns: npt.NDArray[np.int64]
+    """(m, e) release time, -1 when lost."""
+    synced: npt.NDArray[np.bool_]
+    """(m, e) clock synchronized at release (True where lost)."""
+    matched: int
+    """Pairs (messages × endpoints the records stand for) that name an expected message and
+    endpoint, including messages skipped at the start."""
+    repeated: int
+    """Second and later records of one pair (skipped messages excluded)."""
+
+
+PAIR_CHUNK = 1 << 20
+"""Pairs expanded at a time from the records: bounds what locating them costs in memory."""
+
+
+def pair_matrices(
+    rows: npt.NDArray[Any], names: Sequence[str], releases: Releases, *, skip: int = 0
+) -> PairMatrices:
+    """Cells for messages `rows[skip:]` (SENT_DTYPE, in the order the rows come) × `names`.
+
+    Each record stands for `count` messages seq .. seq + count - 1 at one endpoint; they are
+    located from record indices repeated `count` times, PAIR_CHUNK pairs at a time, so no
+    per-message row is ever built. Records of other streams must be filtered out by the caller.
+    """
+    m, e = len(rows) - skip, len(names)
+    arrival = np.full((m, e), -1, dtype=np.int64)
+    release = np.full((m, e), -1, dtype=np.int64)
+    synced = np.ones((m, e), dtype=bool)
+    recs = releases.records
+    if m <= 0 or e == 0 or len(recs) == 0:
+        return PairMatrices(arrival, release, synced, 0, 0)
+    # Endpoint columns per record, from the name table (one lookup per name).
+    col = {name: j for j, name in enumerate(names)}
+    table = np.array([col.get(n, -1) for n in releases.endpoints] + [-1], dtype=np.int64)
+    ep = recs["endpoint"].astype(np.int64)
+    j_rec = table[np.where(ep < len(releases.endpoints), ep, len(releases.endpoints))]
+    keys = _SortedKeys(rows)
+    p0 = keys.position(recs["session"], recs["seq"])
+    filled = np.zeros(m * e, dtype=bool)
+    a_flat, r_flat, s_flat = arrival.reshape(-1), release.reshape(-1), synced.reshape(-1)
+    matched = kept = 0
+    ends = np.cumsum(recs["count"], dtype=np.int64)
+    lo = 0
+    while lo < len(recs):
+        # Whole records, about PAIR_CHUNK pairs (a larger record goes alone).
+        done = int(ends[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(ends, done + PAIR_CHUNK, side="right")))
+        src, offset = message_offsets(recs["count"][lo:hi])
+        src += lo
+        i_idx = keys.locate(
+            recs["session"][src], recs["seq"][src] + offset.astype(np.uint64), p0[src] + offset
+        )
+        del offset
+        j_idx = j_rec[src]
+        ok = (i_idx >= 0) & (j_idx >= 0)
+        matched += int(ok.sum())
+        ok &= i_idx >= skip
+        src = src[ok]
+        flat = (i_idx[ok] - skip) * e + j_idx[ok]
+        del i_idx, j_idx, ok
+        kept += len(flat)
+        # The earliest-arriving record of each pair, the first of equals in record order:
+        # within the chunk by sorting, against earlier chunks by a strictly earlier arrival.
+        at = recs["arrival_ns"][src]
+        order = np.lexsort((at, flat))
+        flat, src, at = flat[order], src[order], at[order]
+        first = np.ones(len(flat), dtype=bool)
+        first[1:] = flat[1:] != flat[:-1]
+        flat, src, at = flat[first], src[first], at[first]
+        take = ~filled[flat] | (at < a_flat[flat])
+        flat, src = flat[take], src[take]
+        filled[flat] = True
+        a_flat[flat] = at[take]
+        r_flat[flat] = recs["release_ns"][src]
+        s_flat[flat] = recs["synced"][src]
+        lo = hi
+    repeated = kept - int(np.count_nonzero(filled))
+    return PairMatrices(arrival, release, synced, matched, repeated)
+
+
+class _SortedKeys:
+    """The (session, seq) keys of SENT_DTYPE rows, sorted, to find messages' row indices."""
+
+    def __init__(self, rows: npt.NDArray[Any]) -> None:
+        self.order = np.lexsort((rows["seq"], rows["session"]))
+        self.session = rows["session"][self.order]
+        self.seq = rows["seq"][self.order]
+
+    def position(self, session: npt.NDArray[Any], seq: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+        """Where each (session, seq) is or would go in the sorted keys; -1 for a session the
+        rows lack."""
+        pos = np.full(len(seq), -1, dtype=np.int64)
+        for sess in np.unique(self.session):
+            a = int(np.searchsorted(self.session, sess, side="left"))
+            b = int(np.searchsorted(self.session, sess, side="right"))
+            sel = np.nonzero(session == sess)[0]
+            pos[sel] = a + np.searchsorted(self.seq[a:b], seq[sel])
+        return pos
+
+    def locate(
+        self, session: npt.NDArray[Any], seq: npt.NDArray[Any], guess: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
+        """Row index of each (session, seq) message, -1 where no row has it; `guess` is where
+        it is when the sent keys run without a gap (checked, and searched where wrong)."""
+        n = len(self.seq)
+        g = np.clip(guess, 0, n - 1)
+        hit = (guess >= 0) & (self.session[g] == session) & (self.seq[g] == seq)
+        i_idx = np.where(hit, self.order[g], -1)
+        miss = np.nonzero(~hit)[0]
+        if len(miss):
+            pos = self.position(session[miss], seq[miss])
+            pc = np.clip(pos, 0, n - 1)
+            found = (pos >= 0) & (self.session[pc] == session[miss]) & (self.seq[pc] == seq[miss])
+            i_idx[miss[found]] = self.order[pc[found]]
+        return i_idx
+
+
 def fairness_report(
     sent: npt.NDArray[Any],
-    deliveries: npt.NDArray[Any],
+    deliveries: npt.NDArray[Any] | Releases,
     subscriptions: Mapping[int, Sequence[str]],
     *,
     tau_ns: int = 0,
@@ -138,21 +268,42 @@ def fairness_report(
 ) -> FairnessReport:
     """Compute the report. The expected set is the publisher's log times the subscriptions.
 
-    `sent` has SENT_DTYPE, `deliveries` DELIVERY_DTYPE. The first `warmup_messages` messages of
+    `sent` has SENT_DTYPE; `deliveries` is either DELIVERY_DTYPE rows (one per message and
+    endpoint) or Releases (one record per datagram and endpoint, standing for `count`
+    consecutive messages): both give the same report. The first `warmup_messages` messages of
     each stream (in send order) are excluded, and so are their delivery records.
     """
+    return fairness_reports(
+        sent, deliveries, subscriptions, taus_ns=(tau_ns,), warmup_messages=warmup_messages
+    )[0]
+
+
+def fairness_reports(
+    sent: npt.NDArray[Any],
+    deliveries: npt.NDArray[Any] | Releases,
+    subscriptions: Mapping[int, Sequence[str]],
+    *,
+    taus_ns: Sequence[int],
+    warmup_messages: int = 0,
+) -> list[FairnessReport]:
+    """`fairness_report` at each of `taus_ns`, the pair matrices built once."""
     if sent.dtype != SENT_DTYPE:
         raise ValueError("sent must have SENT_DTYPE")
-    if deliveries.dtype != DELIVERY_DTYPE:
-        raise ValueError("deliveries must have DELIVERY_DTYPE")
-    if tau_ns < 0 or warmup_messages < 0:
+    if isinstance(deliveries, Releases):
+        releases = deliveries
+    elif deliveries.dtype == DELIVERY_DTYPE:
+        releases = releases_from_deliveries(deliveries)
+    else:
+        raise ValueError("deliveries must have DELIVERY_DTYPE or be Releases")
+    if any(t < 0 for t in taus_ns) or warmup_messages < 0:
         raise ValueError("tau_ns and warmup_messages must be >= 0")
 
     oml: list[npt.NDArray[np.float64]] = []
     dws: list[npt.NDArray[np.float64]] = []
     rel_err: list[npt.NDArray[np.float64]] = []
     owd: list[npt.NDArray[np.float64]] = []
-    messages = expected = delivered = lost = late = unsynced = repeated = fair = 0
+    messages = expected = delivered = lost = late = unsynced = repeated = 0
+    fair = [0] * len(taus_ns)
     matched_records = 0
     per_endpoint_late: dict[str, int] = {}
     all_endpoints: set[str] = set()
@@ -170,29 +321,18 @@ def fairness_report(
         messages += m
         expected += m * e
         if e == 0:
-            fair += m
+            fair = [f + m for f in fair]
             continue
-        # Index messages by (session, seq) and endpoints by name.
-        recs = deliveries[deliveries["stream_id"] == stream_id]
-        i_idx, j_idx = _locate(rows_all, names, recs)
-        ok = (i_idx >= 0) & (j_idx >= 0)
         # Records of warm-up messages are neither expected nor unexpected.
-        matched_records += int(ok.sum())
-        ok &= i_idx >= warm
-        i_idx, j_idx, recs = i_idx[ok] - warm, j_idx[ok], recs[ok]
-        # Keep the earliest-arriving record of each pair; count the rest as repeated.
-        order = np.lexsort((recs["arrival_ns"], j_idx, i_idx))
-        i_idx, j_idx, recs = i_idx[order], j_idx[order], recs[order]
-        first = np.ones(len(recs), dtype=bool)
-        first[1:] = (i_idx[1:] != i_idx[:-1]) | (j_idx[1:] != j_idx[:-1])
-        repeated += int((~first).sum())
-        i_idx, j_idx, recs = i_idx[first], j_idx[first], recs[first]
-        arrival = np.full((m, e), -1, dtype=np.int64)
-        release = np.full((m, e), -1, dtype=np.int64)
-        synced = np.ones((m, e), dtype=bool)
-        arrival[i_idx, j_idx] = recs["arrival_ns"]
-        release[i_idx, j_idx] = recs["release_ns"]
-        synced[i_idx, j_idx] = recs["synced"]
+        mats = pair_matrices(
+            rows_all,
+            names,
+            releases.select(releases.records["stream_id"] == stream_id),
+            skip=warm,
+        )
+        matched_records += mats.matched
+        repeated += mats.repeated
+        arrival, release = mats.arrival_ns, mats.release_ns
         send = rows["send_time_ns"].astype(np.int64)[:, None]
         deadline = rows["deadline_ns"].astype(np.int64)[:, None]
         got = arrival >= 0
@@ -200,74 +340,60 @@ def fairness_report(
         delivered += int(got.sum())
         lost += int((~got).sum())
         late += int(is_late.sum())
-        unsynced += int((got & ~synced).sum())
+        unsynced += int((got & ~mats.synced).sum())
+        del mats
         for col in np.nonzero(is_late.any(axis=0))[0]:
             per_endpoint_late[names[int(col)]] = int(is_late[:, col].sum())
-        owd.append((arrival - send)[got].astype(np.float64))
+        # In place, the matrices being ours: arrival becomes the delay from the send, release
+        # the release error (one deadline per row leaves each row's spread as it was).
+        arrival -= send
+        release -= deadline
+        owd.append(arrival[got].astype(np.float64))
         on_time = got & ~is_late
-        rel_err.append((release - deadline)[on_time].astype(np.float64))
+        rel_err.append(release[on_time].astype(np.float64))
+        del on_time
         complete = got.all(axis=1)
         if complete.any():
-            oml.append((arrival[complete] - send[complete]).max(axis=1).astype(np.float64))
+            oml.append(arrival[complete].max(axis=1).astype(np.float64))
             r = release[complete]
             window = (r.max(axis=1) - r.min(axis=1)).astype(np.float64)
             dws.append(window)
             no_late = ~is_late[complete].any(axis=1)
-            fair += int((no_late & (window <= tau_ns)).sum())
+            for k, tau in enumerate(taus_ns):
+                fair[k] += int((no_late & (window <= tau)).sum())
 
-    unexpected = len(deliveries) - matched_records
+    unexpected = releases.messages - matched_records
 
     def cat(parts: list[npt.NDArray[np.float64]]) -> npt.NDArray[np.float64]:
+        if len(parts) == 1:
+            return parts[0]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    return FairnessReport(
-        tau_ns=tau_ns,
-        messages=messages,
-        endpoints=len(all_endpoints),
-        expected_pairs=expected,
-        delivered_pairs=delivered,
-        lost_pairs=lost,
-        late_pairs=late,
-        unsynced_pairs=unsynced,
-        unexpected_records=unexpected,
-        repeated_records=repeated,
-        fair_messages=fair,
-        p_fair=fair / messages if messages else None,
-        p_fair_ci=wilson_interval(fair, messages),
-        oml_ns=Distribution.of(cat(oml)),
-        dws_ns=Distribution.of(cat(dws)),
-        release_error_ns=Distribution.of(cat(rel_err)),
-        owd_ns=Distribution.of(cat(owd)),
-        late_fraction=late / expected if expected else None,
-        lost_fraction=lost / expected if expected else None,
-        warmup_messages=warmup_messages,
-        per_endpoint_late=per_endpoint_late,
-    )
-
-
-def _locate(
-    rows: npt.NDArray[Any], names: Sequence[str], recs: npt.NDArray[Any]
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Row index into `rows` (message) and column index into `names` (endpoint) of each record;
-    -1 where a record matches no expected message or endpoint."""
-    # Messages: sort the expected (session, seq) keys and binary-search the records' keys.
-    order = np.lexsort((rows["seq"], rows["session"]))
-    s_sess, s_seq = rows["session"][order], rows["seq"][order]
-    lo = np.searchsorted(s_sess, recs["session"], side="left")
-    hi = np.searchsorted(s_sess, recs["session"], side="right")
-    i_idx = np.full(len(recs), -1, dtype=np.int64)
-    for sess in np.unique(recs["session"]):
-        sel = np.nonzero(recs["session"] == sess)[0]
-        a, b = int(lo[sel[0]]), int(hi[sel[0]])
-        if a == b:
-            continue
-        pos = np.searchsorted(s_seq[a:b], recs["seq"][sel])
-        pos_c = np.minimum(pos, b - a - 1)
-        hit = s_seq[a:b][pos_c] == recs["seq"][sel]
-        i_idx[sel[hit]] = order[a + pos_c[hit]]
-    # Endpoints: map each distinct name once.
-    ep_index = {name: j for j, name in enumerate(names)}
-    uniq, inverse = np.unique(recs["endpoint"], return_inverse=True)
-    lookup = np.array([ep_index.get(str(u), -1) for u in uniq], dtype=np.int64)
-    j_idx = lookup[inverse] if len(recs) else np.zeros(0, dtype=np.int64)
-    return i_idx, j_idx
+    oml_d, dws_d = Distribution.of(cat(oml)), Distribution.of(cat(dws))
+    rel_d, owd_d = Distribution.of(cat(rel_err)), Distribution.of(cat(owd))
+    return [
+        FairnessReport(
+            tau_ns=tau,
+            messages=messages,
+            endpoints=len(all_endpoints),
+            expected_pairs=expected,
+            delivered_pairs=delivered,
+            lost_pairs=lost,
+            late_pairs=late,
+            unsynced_pairs=unsynced,
+            unexpected_records=unexpected,
+            repeated_records=repeated,
+            fair_messages=fair_k,
+            p_fair=fair_k / messages if messages else None,
+            p_fair_ci=wilson_interval(fair_k, messages),
+            oml_ns=oml_d,
+            dws_ns=dws_d,
+            release_error_ns=rel_d,
+            owd_ns=owd_d,
+            late_fraction=late / expected if expected else None,
+            lost_fraction=lost / expected if expected else None,
+            warmup_messages=warmup_messages,
+            per_endpoint_late=dict(per_endpoint_late),
+        )
+        for tau, fair_k in zip(taus_ns, fair, strict=True)
+    ]
