@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from jasper.records import Releases, message_offsets
 from overlay.common import write_json
 from overlay.launch import Child, Cluster, free_port_base, jasper_argv
 
@@ -863,30 +864,26 @@ def summarize(
     run: _Run | None = None,
 ) -> dict[str, Any]:
     """Fairness report and counters of a finished run, from the files in `out`."""
-    from jasper.metrics import fairness_report
-    from jasper.records import empty_deliveries, empty_sent
+    from jasper.metrics import fairness_reports
+    from jasper.records import empty_sent
+    from overlay.recordlog import load_run_releases
 
     sent_path = out / "sent.npy"
     sent = np.load(sent_path) if sent_path.exists() else empty_sent()
-    parts = [np.load(p) for p in sorted(glob.glob(str(out / "deliveries-*.npy")))]
-    deliveries = np.concatenate(parts) if parts else empty_deliveries()
-    report = fairness_report(
+    # One record per (datagram, endpoint): the pair matrices are built from them, once for
+    # the headline tau and the ladder.
+    releases = load_run_releases(out)
+    report, *rungs = fairness_reports(
         sent,
-        deliveries,
+        releases,
         subscriptions,
-        tau_ns=cfg.tau_ns,
+        taus_ns=(cfg.tau_ns, *TAU_LADDER_NS),
         warmup_messages=min(cfg.warmup_messages, max(0, len(sent) - 1)),
     )
-    ladder = {}
-    for tau in TAU_LADDER_NS:
-        r = fairness_report(
-            sent,
-            deliveries,
-            subscriptions,
-            tau_ns=tau,
-            warmup_messages=min(cfg.warmup_messages, max(0, len(sent) - 1)),
-        )
-        ladder[str(tau)] = {"p_fair": r.p_fair, "ci": list(r.p_fair_ci), "n": r.messages}
+    ladder = {
+        str(tau): {"p_fair": r.p_fair, "ci": list(r.p_fair_ci), "n": r.messages}
+        for tau, r in zip(TAU_LADDER_NS, rungs, strict=True)
+    }
     statuses = {}
     for p in sorted(glob.glob(str(out / "status-*.json"))):
         statuses[Path(p).stem.removeprefix("status-")] = json.loads(Path(p).read_text())
@@ -963,11 +960,11 @@ def summarize(
     summary["control"] = cfg.control
     summary["tree"] = _tree_summary(run.tree if run is not None else None)
     hosts = run.hosts if run is not None else {}
-    summary["clocks"] = _clock_summary(deliveries, hosts, cfg, run)
-    summary["one_way_delay_us"] = _owd_summary(sent, deliveries, hosts)
+    summary["clocks"] = _clock_summary(releases, hosts, cfg, run)
+    summary["one_way_delay_us"] = _owd_summary(sent, releases, hosts)
     summary["hold_over_time"] = _hold_summary(sent, run)
     summary["link_steps"] = _step_summary(
-        sent, deliveries, summary["hold_over_time"]["windows"], cfg, run
+        sent, releases, summary["hold_over_time"]["windows"], cfg, run
     )
     summary["text"] = format_summary(summary, report.format_text(), cfg)
     return summary
@@ -1013,34 +1010,48 @@ def _pcts_us(values: np.ndarray) -> dict[str, float] | None:
     }
 
 
-def _host_index(deliveries: np.ndarray, hosts: Mapping[str, list[str]]) -> dict[str, np.ndarray]:
-    """Delivery rows of each receiver process (by its endpoint names)."""
+def _host_index(releases: Releases, hosts: Mapping[str, list[str]]) -> dict[str, np.ndarray]:
+    """Release records of each receiver process (by its endpoint names)."""
     if not hosts:
         return {}
-    return {h: np.isin(deliveries["endpoint"], names) for h, names in hosts.items()}
+    names = np.array(releases.endpoints, dtype=str)
+    ep = releases.records["endpoint"]
+    return {h: np.isin(ep, np.nonzero(np.isin(names, hs))[0]) for h, hs in hosts.items()}
+
+
+def _message_positions(
+    sent: np.ndarray, releases: Releases
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (message, endpoint) pair the records stand for: its record, and its message's
+    position in `sent` sorted by seq (only pairs whose seq was sent), and that sort order."""
+    order = np.argsort(sent["seq"], kind="stable")
+    seqs = sent["seq"][order]
+    src, offset = message_offsets(releases.records["count"])
+    seq = releases.records["seq"][src] + offset.astype(np.uint64)
+    del offset
+    pos = np.clip(np.searchsorted(seqs, seq), 0, len(seqs) - 1)
+    match = seqs[pos] == seq
+    return src[match], pos[match], order
 
 
 def _owd_summary(
-    sent: np.ndarray, deliveries: np.ndarray, hosts: Mapping[str, list[str]]
+    sent: np.ndarray, releases: Releases, hosts: Mapping[str, list[str]]
 ) -> dict[str, Any]:
     """One-way delay from the root's send stamp to the kernel arrival of the kept copy.
 
     The send stamp is the publisher's (corrected) clock and arrival the kernel clock, so a
     residual publisher clock error shows here as it would at a real endpoint.
     """
-    if len(sent) == 0 or len(deliveries) == 0:
+    if len(sent) == 0 or len(releases) == 0:
         return {"all": None, "per_receiver": {}}
-    order = np.argsort(sent["seq"], kind="stable")
-    seqs = sent["seq"][order]
-    pos = np.clip(np.searchsorted(seqs, deliveries["seq"]), 0, len(seqs) - 1)
-    match = seqs[pos] == deliveries["seq"]
-    owd = np.where(match, deliveries["arrival_ns"] - sent["send_time_ns"][order][pos], 0)
-    per = {h: _pcts_us(owd[mask & match]) for h, mask in _host_index(deliveries, hosts).items()}
-    return {"all": _pcts_us(owd[match]), "per_receiver": per}
+    src, pos, order = _message_positions(sent, releases)
+    owd = releases.records["arrival_ns"][src] - sent["send_time_ns"][order][pos]
+    per = {h: _pcts_us(owd[mask[src]]) for h, mask in _host_index(releases, hosts).items()}
+    return {"all": _pcts_us(owd), "per_receiver": per}
 
 
 def _clock_summary(
-    deliveries: np.ndarray, hosts: Mapping[str, list[str]], cfg: DemoConfig, run: _Run | None
+    releases: Releases, hosts: Mapping[str, list[str]], cfg: DemoConfig, run: _Run | None
 ) -> dict[str, Any]:
     """Per receiver process: injected skew, the bound its clock reported, and the truth.
 
@@ -1051,10 +1062,12 @@ def _clock_summary(
     clocks = run.clocks if run is not None else {}
     last = run.samples[-1]["clocks"] if run is not None and run.samples else {}
     per: dict[str, Any] = {}
-    for h, mask in _host_index(deliveries, hosts).items():
-        rows = deliveries[mask]
+    for h, mask in _host_index(releases, hosts).items():
+        rows = releases.records[mask]
         on_time = rows[rows["arrival_ns"] <= rows["deadline_ns"]]
-        err = on_time["release_ns"] - on_time["deadline_ns"]
+        # Per message: a record stands for `count` messages released together.
+        err = np.repeat(on_time["release_ns"] - on_time["deadline_ns"], on_time["count"])
+        n = int(rows["count"].sum())
         injected = clocks.get(f"receiver-{h}")
         reported = last.get(h) or {}
         per[h] = {
@@ -1067,7 +1080,9 @@ def _clock_summary(
             "true_release_error_p50_us": round(float(np.median(err)) / 1000, 1)
             if len(err)
             else None,
-            "synced_fraction": round(float(rows["synced"].mean()), 4) if len(rows) else None,
+            "synced_fraction": round(float(rows["count"][rows["synced"]].sum() / n), 4)
+            if n
+            else None,
         }
     return {
         "emulated": cfg.emulate_clocks,
@@ -1145,7 +1160,7 @@ def windows_to_objective(late: list[float], objective: float) -> int | None:
 
 def _step_summary(
     sent: np.ndarray,
-    deliveries: np.ndarray,
+    releases: Releases,
     windows: list[dict[str, Any]],
     cfg: DemoConfig,
     run: _Run | None,
@@ -1171,13 +1186,12 @@ def _step_summary(
     n_late = np.zeros(len(seqs), dtype=np.int64)
     n_got = np.zeros(len(seqs), dtype=np.int64)
     slowest = np.full(len(seqs), np.iinfo(np.int64).min, dtype=np.int64)
-    if len(seqs) and len(deliveries):
-        pos = np.clip(np.searchsorted(seqs, deliveries["seq"]), 0, len(seqs) - 1)
-        ok = seqs[pos] == deliveries["seq"]
-        pos, d = pos[ok], deliveries[ok]
-        np.add.at(n_got, pos, 1)
-        np.add.at(n_late, pos, (d["arrival_ns"] > d["deadline_ns"]).astype(np.int64))
-        np.maximum.at(slowest, pos, d["arrival_ns"])
+    if len(seqs) and len(releases):
+        src, pos, _ = _message_positions(sent, releases)
+        d = releases.records
+        n_got += np.bincount(pos, minlength=len(seqs))
+        n_late += np.bincount(pos[(d["arrival_ns"] > d["deadline_ns"])[src]], minlength=len(seqs))
+        np.maximum.at(slowest, pos, d["arrival_ns"][src])
     msg_s = send_s[order]
     oml = (slowest - sent["send_time_ns"][order]).astype(np.float64)
     hold = (sent["deadline_ns"][order] - sent["send_time_ns"][order]).astype(np.float64)

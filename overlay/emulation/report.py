@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from jasper.metrics import FairnessReport, fairness_report
+from jasper.metrics import FairnessReport, fairness_report, pair_matrices
+from jasper.records import DELIVERY_DTYPE, Releases, releases_from_deliveries
 
 NO_DEADLINE_NS = np.iinfo(np.int64).max
 """Deadline given to the metrics for schemes that have none: nothing is late, and their release
@@ -63,47 +64,35 @@ class PairMatrix:
         return np.asarray((self.release_ns - self.deadline_ns[:, None])[on_time])
 
 
-def pair_matrix(sent: np.ndarray, deliveries: np.ndarray, endpoints: Sequence[str]) -> PairMatrix:
-    """Build the matrix; `sent` rows in send order define the messages (session, seq)."""
+def pair_matrix(
+    sent: np.ndarray, deliveries: np.ndarray | Releases, endpoints: Sequence[str]
+) -> PairMatrix:
+    """Build the matrix; `sent` rows in send order define the messages (session, seq).
+
+    `deliveries` is Releases (one record per datagram and endpoint, standing for `count`
+    messages) or per-message DELIVERY_DTYPE rows. When a pair has several records (there
+    should be one), the earliest arrival wins."""
     sent = sent[np.argsort(sent["send_time_ns"], kind="stable")]
     names = tuple(endpoints)
-    col = {n: j for j, n in enumerate(names)}
-    m, e = len(sent), len(names)
-    arrival = np.full((m, e), -1, dtype=np.int64)
-    release = np.full((m, e), -1, dtype=np.int64)
-    if m and e and len(deliveries):
-        key_sent = (sent["session"].astype(np.uint64) << np.uint64(40)) | sent["seq"].astype(
-            np.uint64
-        )
-        order = np.argsort(key_sent)
-        sorted_keys = key_sent[order]
-        key_rec = (deliveries["session"].astype(np.uint64) << np.uint64(40)) | deliveries[
-            "seq"
-        ].astype(np.uint64)
-        pos = np.searchsorted(sorted_keys, key_rec)
-        pos = np.minimum(pos, m - 1)
-        found = sorted_keys[pos] == key_rec
-        rows = order[pos]
-        cols = np.array([col.get(str(n), -1) for n in deliveries["endpoint"]], dtype=np.int64)
-        ok = found & (cols >= 0)
-        # Earliest arrival wins when a pair has several records (there should be one).
-        recs = deliveries[ok]
-        r_i, c_i = rows[ok], cols[ok]
-        by_arrival = np.argsort(-recs["arrival_ns"], kind="stable")
-        arrival[r_i[by_arrival], c_i[by_arrival]] = recs["arrival_ns"][by_arrival]
-        release[r_i[by_arrival], c_i[by_arrival]] = recs["release_ns"][by_arrival]
+    mats = pair_matrices(sent, names, as_releases(deliveries))
     return PairMatrix(
         endpoints=names,
         send_ns=sent["send_time_ns"].astype(np.int64),
         deadline_ns=sent["deadline_ns"].astype(np.int64),
-        arrival_ns=arrival,
-        release_ns=release,
+        arrival_ns=mats.arrival_ns,
+        release_ns=mats.release_ns,
     )
+
+
+def as_releases(deliveries: np.ndarray | Releases) -> Releases:
+    if isinstance(deliveries, Releases):
+        return deliveries
+    return releases_from_deliveries(deliveries.astype(DELIVERY_DTYPE))
 
 
 def config_fairness(
     sent: np.ndarray,
-    deliveries: np.ndarray,
+    deliveries: np.ndarray | Releases,
     endpoints: Sequence[str],
     *,
     stream_id: int,
@@ -112,12 +101,14 @@ def config_fairness(
 ) -> FairnessReport:
     """The lead's fairness report; schemes without a deadline get NO_DEADLINE_NS so that
     nothing counts as late (their release error is then meaningless and dropped)."""
+    releases = as_releases(deliveries)
     if not has_deadline:
         sent = sent.copy()
         sent["deadline_ns"] = NO_DEADLINE_NS
-        deliveries = deliveries.copy()
-        deliveries["deadline_ns"] = NO_DEADLINE_NS
-    return fairness_report(sent, deliveries, {stream_id: list(endpoints)}, tau_ns=tau_ns)
+        recs = releases.records.copy()
+        recs["deadline_ns"] = NO_DEADLINE_NS
+        releases = Releases(recs, releases.endpoints, releases.parents)
+    return fairness_report(sent, releases, {stream_id: list(endpoints)}, tau_ns=tau_ns)
 
 
 @dataclass

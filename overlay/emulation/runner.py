@@ -28,12 +28,20 @@ from typing import Any
 
 import numpy as np
 
-from jasper.records import DELIVERY_DTYPE, SENT_DTYPE
+from jasper.records import (
+    SENT_DTYPE,
+    Releases,
+    concat_releases,
+    empty_releases,
+    message_offsets,
+    releases_within,
+)
 from jasper.topology import Topology, parse_topology
 from overlay.emulation.faults import Fault, FaultEvent, FaultInjector, attach_linkloss
 from overlay.emulation.netns import EmulatedNetwork, write_manifest
 from overlay.emulation.spawner import Spawner
 from overlay.emulation.timeref import TimeReference
+from overlay.recordlog import load_releases, load_run_releases, save_releases
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +318,8 @@ class BlockResult:
     config: str
     fault: Fault | None
     sent: np.ndarray
-    deliveries: np.ndarray
+    releases: Releases
+    """The receivers' records: one per (datagram, endpoint) released."""
     hold_ns: int
     offered_rate: float
     achieved_rate: float
@@ -326,16 +335,14 @@ class BlockResult:
     events: list[FaultEvent] = field(default_factory=list)
     daemon_errors: list[str] = field(default_factory=list)
 
-    def scored(self, warmup: int) -> tuple[np.ndarray, np.ndarray]:
-        """Records without the block's warm-up messages."""
+    def scored(self, warmup: int) -> tuple[np.ndarray, Releases]:
+        """Records without the block's warm-up messages (a datagram that straddles the end of
+        the warm-up keeps its later messages)."""
         sent = self.sent[np.argsort(self.sent["send_time_ns"], kind="stable")]
         keep = sent[warmup:]
-        if len(self.deliveries) == 0 or len(keep) == 0:
-            return keep, self.deliveries[:0]
-        ok = np.isin(self.deliveries["seq"], keep["seq"]) & np.isin(
-            self.deliveries["session"], keep["session"]
-        )
-        return keep, self.deliveries[ok]
+        if len(self.releases) == 0 or len(keep) == 0:
+            return keep, self.releases.select(np.zeros(0, dtype=np.intp))
+        return keep, releases_within(self.releases, keep)
 
 
 @dataclass
@@ -795,26 +802,24 @@ class Emulation:
         release is the deadline), so they count only when no tree-without-hold block ran."""
         held_tree = ("tree-nohold", "jasper", "jasper-file", "jasper-agents")
         usable = [
-            b
-            for b in self.blocks
-            if b.config in held_tree and b.fault is None and len(b.deliveries)
+            b for b in self.blocks if b.config in held_tree and b.fault is None and len(b.releases)
         ]
         nohold = [b for b in usable if b.config == "tree-nohold"]
         if not usable:
             return max(self.s.min_hold_ns, 2_000_000)
         b = (nohold or usable)[-1]
-        d = b.deliveries
+        d = b.releases.records
         sent = b.sent
+        # Per (message, endpoint) pair: a record stands for `count` messages from `seq` on.
+        src, offset = message_offsets(d["count"])
         order = np.argsort(sent["seq"])
-        idx = np.searchsorted(sent["seq"][order], d["seq"])
+        idx = np.searchsorted(sent["seq"][order], d["seq"][src] + offset.astype(np.uint64))
         idx = np.minimum(idx, len(sent) - 1)
         send = sent["send_time_ns"][order][idx]
         had = np.maximum(d["arrival_ns"], d["release_ns"]) if nohold else d["arrival_ns"]
-        owd = had - send
-        per_ep: dict[str, list[int]] = {}
-        for e, v in zip(d["endpoint"].tolist(), owd.tolist(), strict=True):
-            per_ep.setdefault(e, []).append(v)
-        est = max(float(np.percentile(v, self.s.hold_percentile)) for v in per_ep.values())
+        owd = had[src] - send
+        ep = d["endpoint"][src]
+        est = max(float(np.percentile(owd[ep == k], self.s.hold_percentile)) for k in np.unique(ep))
         return max(self.s.min_hold_ns, int(est) + self.s.extra_hold_ns)
 
     def run_block(
@@ -933,7 +938,7 @@ class Emulation:
         errors = self._stop_daemons(index)
         if spec.agents:
             self._normalize_agent_records(block_dir)
-        sent, deliveries = load_records(block_dir)
+        sent, releases = load_records(block_dir)
         achieved = 0.0
         if len(sent) > 1:
             span = float(sent["send_time_ns"].max() - sent["send_time_ns"].min()) / 1e9
@@ -943,7 +948,7 @@ class Emulation:
             config=config,
             fault=fault,
             sent=sent,
-            deliveries=deliveries,
+            releases=releases,
             hold_ns=hold_ns,
             offered_rate=rate,
             achieved_rate=achieved,
@@ -980,6 +985,13 @@ class Emulation:
                     self.ctl_endpoint_names.get(str(e), str(e)) for e in arr["endpoint"]
                 ]
             np.save(path, arr)
+        for path in block_dir.glob("releases-*.npz"):
+            rel = load_releases(path)
+            path.rename(raw / path.name)
+            recs = rel.records.copy()
+            recs["stream_id"] = STREAM_ID
+            names = tuple(self.ctl_endpoint_names.get(e, e) for e in rel.endpoints)
+            save_releases(path, Releases(recs, names, rel.parents))
 
     def _clock_step(self, block_dir: Path, node: str, step_ns: int) -> None:
         """Step `node`'s emulated clock: the step file says by how much, SIGUSR1 says now."""
@@ -1174,13 +1186,12 @@ def load_topology_file(path: Path) -> Topology:
     return parse_topology(json.loads(path.read_text()))
 
 
-def load_records(block_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All sent and delivery records (.npy) the block's daemons wrote."""
+def load_records(block_dir: Path) -> tuple[np.ndarray, Releases]:
+    """All sent records (.npy) and release records (releases-*.npz, or the per-message
+    deliveries-*.npy of older runs) the block's daemons wrote."""
     sent = [np.load(p) for p in sorted(block_dir.glob("*sent*.npy"))]
-    deliv = [np.load(p) for p in sorted(block_dir.glob("*deliver*.npy"))]
     sent_arr = np.concatenate(sent) if sent else np.zeros(0, dtype=SENT_DTYPE)
-    deliv_arr = np.concatenate(deliv) if deliv else np.zeros(0, dtype=DELIVERY_DTYPE)
-    return sent_arr.astype(SENT_DTYPE), deliv_arr.astype(DELIVERY_DTYPE)
+    return sent_arr.astype(SENT_DTYPE), load_run_releases(block_dir)
 
 
 def block_meta(b: BlockResult) -> dict[str, Any]:
@@ -1286,7 +1297,7 @@ def reload_run(out_dir: Path, settings: EmulationSettings | None = None) -> Emul
                 config=config,
                 fault=fault,
                 sent=sent,
-                deliveries=deliv,
+                releases=deliv,
                 hold_ns=int(meta.get("hold_ns", topo.stream.hold_ns)),
                 offered_rate=float(meta.get("offered_rate", settings.rate)),
                 achieved_rate=float(
@@ -1374,7 +1385,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         blocks = [b for b in em.blocks if b.config == name and b.fault is None]
         scored = [b.scored(s.warmup_messages) for b in blocks]
         sent = _concat([x[0] for x in scored], SENT_DTYPE)
-        deliv = _concat([x[1] for x in scored], DELIVERY_DTYPE)
+        deliv = concat_releases([x[1] for x in scored]) if scored else empty_releases()
         fair = rp.config_fairness(
             sent,
             deliv,
@@ -1592,7 +1603,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
                 "config": b.config,
                 "fault": b.fault.describe() if b.fault else None,
                 "sent": len(b.sent),
-                "deliveries": len(b.deliveries),
+                "deliveries": b.releases.messages,
                 "hold_us": round(b.hold_ns / 1e3),
                 "achieved_rate": round(b.achieved_rate, 2),
                 "machine_cpu_percent": round(100 * b.cpu_fraction, 1),
