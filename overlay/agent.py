@@ -708,10 +708,11 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
             await clock_service.stop()
     if getattr(args, "records", None):
         from overlay.common import write_json
+        from overlay.recordlog import releases_of, save_releases
 
         out = Path(args.records)
         if kind == "receiver":
-            daemon.rx.records.save(out / f"deliveries-{args.node_name}.npy")
+            save_releases(out / f"releases-{args.node_name}.npz", releases_of(daemon.rx.records))
         elif kind == "publisher":
             daemon.records.save(out / "sent.npy")
         write_json(out / f"status-{kind}-{names[0]}.json", status)

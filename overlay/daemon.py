@@ -204,6 +204,7 @@ def run_relay(args: argparse.Namespace) -> int:
 
 def run_receiver(args: argparse.Namespace) -> int:
     from overlay.receiver import Receiver, audit_log_of, deliver_of
+    from overlay.recordlog import releases_of, save_releases
 
     if args.controller:
         return controller_mode("receiver", args)
@@ -260,7 +261,7 @@ def run_receiver(args: argparse.Namespace) -> int:
                 await clock_service.stop()
         if args.records:
             out = Path(args.records)
-            rx.records.save(out / f"deliveries-{args.node_name}.npy")
+            save_releases(out / f"releases-{args.node_name}.npz", releases_of(rx.records))
             write_json(out / f"status-receiver-{args.node_name}.json", status)
         return 0
 

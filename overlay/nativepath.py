@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jasper.linkmodel import LinkModel
-from jasper.records import DELIVERY_DTYPE
+from jasper.records import RELEASE_DTYPE, Releases, expand_releases
 from jasper.topology import Topology
 from jasper.wire_spec import MALFORMED_REASONS
+from overlay.recordlog import RecordLog, save_releases
 
 if TYPE_CHECKING:
     from overlay.receiver import Endpoint, Receiver
@@ -228,7 +229,8 @@ class NativeDatapath:
         log_ = rx.records
         if isinstance(log_, ReleaseLog):
             log_.add(recs, synced=rx.synced())
-        else:
+        else:  # a per-message log handed to the receiver
+            assert isinstance(log_, RecordLog)
             log_.extend(self.delivery_rows(recs, synced=rx.synced()))
 
     def delivery_rows(self, recs: np.ndarray, *, synced: bool) -> np.ndarray:
@@ -327,8 +329,9 @@ class NativeDatapath:
 class ReleaseLog:
     """The native path's release records, one per (datagram, endpoint), kept as they came.
 
-    Expanded to one DELIVERY_DTYPE row per message only when read (`array`, `save`): at market
-    rates a batch of B messages to E endpoints is B·E rows, too many to build while running.
+    Saved compact (`compact`, `save`: RELEASE_DTYPE, releases-{node}.npz); expanded to one
+    DELIVERY_DTYPE row per message only when read (`array`): at market rates a batch of B
+    messages to E endpoints is B·E rows, too many to build while running or to write.
     """
 
     def __init__(self, path: NativeDatapath) -> None:
@@ -351,49 +354,40 @@ class ReleaseLog:
             return np.zeros(0, dtype=self._path.record_dtype)
         return np.concatenate([c for c, _ in self._chunks])
 
+    def compact(self) -> Releases:
+        """The records as RELEASE_DTYPE rows with the endpoint and parent name tables."""
+        parts = [release_rows(c, synced=s) for c, s in self._chunks]
+        recs = np.concatenate(parts) if parts else np.zeros(0, dtype=RELEASE_DTYPE)
+        names = tuple(ep.name for ep in self._path.rx.endpoints)
+        return Releases(recs, names, tuple(self._path.parent_names))
+
     def array(self) -> np.ndarray:
-        names = [ep.name for ep in self._path.rx.endpoints]
-        parts = [
-            delivery_rows(c, names, self._path.parent_names, synced=s) for c, s in self._chunks
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=DELIVERY_DTYPE)
+        return expand_releases(self.compact())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the expanded rows to `path` (.npy) atomically."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp.npy")
-        np.save(tmp, self.array())
-        os.replace(tmp, out)
-        return out
+        """Write releases-{node}.npz (overlay.recordlog.save_releases) atomically."""
+        return save_releases(path, self.compact())
+
+
+def release_rows(recs: np.ndarray, *, synced: bool) -> np.ndarray:
+    """One RELEASE_DTYPE row per released datagram (pump record) that reached its MP."""
+    recs = recs[recs["ok"] != 0]
+    rows = np.zeros(len(recs), dtype=RELEASE_DTYPE)
+    for name in ("endpoint", "parent", "stream_id", "session", "seq", "count"):
+        rows[name] = recs[name]
+    rows["arrival_ns"] = recs["arrival_ns"]
+    rows["release_ns"] = recs["handed_ns"]
+    rows["deadline_ns"] = recs["deadline_ns"]
+    rows["synced"] = synced
+    return rows
 
 
 def delivery_rows(
     recs: np.ndarray, endpoints: list[str], parents: list[str], *, synced: bool
 ) -> np.ndarray:
     """One DELIVERY_DTYPE row per message of each released datagram that reached its MP."""
-    recs = recs[recs["ok"] != 0]
-    counts = recs["count"].astype(np.int64)
-    n = int(counts.sum())
-    rows = np.zeros(n, dtype=DELIVERY_DTYPE)
-    if n == 0:
-        return rows
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    rep = np.repeat(np.arange(len(recs)), counts)
-    names = np.array(endpoints or [""])
-    parent_names = np.array([*parents, ""])
-    pidx = recs["parent"].astype(np.int64)
-    pidx = np.where(pidx < len(parents), pidx, len(parents))
-    rows["endpoint"] = names[recs["endpoint"][rep]]
-    rows["stream_id"] = recs["stream_id"][rep]
-    rows["session"] = recs["session"][rep]
-    rows["seq"] = recs["seq"][rep] + (np.arange(n) - first).astype(np.uint64)
-    rows["arrival_ns"] = recs["arrival_ns"][rep]
-    rows["release_ns"] = recs["handed_ns"][rep]
-    rows["deadline_ns"] = recs["deadline_ns"][rep]
-    rows["parent"] = parent_names[pidx[rep]]
-    rows["synced"] = synced
-    return rows
+    rel = Releases(release_rows(recs, synced=synced), tuple(endpoints), tuple(parents))
+    return expand_releases(rel)
 
 
 # Positions in a record tuple (RECORD_DTYPE order: endpoint, parent, stream_id, session, seq,

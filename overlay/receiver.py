@@ -27,7 +27,7 @@ from overlay.delayline import DelayLine, SenderNames
 from overlay.fastwire import peek
 from overlay.kernel import CpuWakeupLatency, drain, open_udp
 from overlay.nativepath import NativeDatapath, ReleaseLog, native_available
-from overlay.recordlog import RecordLog, delivery_log
+from overlay.recordlog import RecordLog, ReleaseRecords
 from overlay.release import DEFAULT_SPIN_NS, REALTIME_PRIORITY, PreciseRelease
 from overlay.releasec import ReleaseQueue, release_queue, sockaddr
 
@@ -228,9 +228,14 @@ class Receiver:
         self._use_link_model = link_model
         self.delay = DelayLine(link_model_of(topo) if link_model else None, clock=clock)
         self.senders = SenderNames(topo)
-        self._record_rows = records if records is not None else delivery_log()
-        """Where the Python path writes one row per message released."""
-        self.records: RecordLog | ReleaseLog = self._record_rows
+        self._record_rows: RecordLog | ReleaseRecords = (
+            records
+            if records is not None
+            else ReleaseRecords(lambda: [ep.name for ep in self.endpoints])
+        )
+        """Where the Python path books releases: one row per datagram and endpoint (or per
+        message, into a DELIVERY_DTYPE RecordLog passed as `records`)."""
+        self.records: RecordLog | ReleaseRecords | ReleaseLog = self._record_rows
         self.endpoints: list[Endpoint] = []
         self.by_name: dict[str, Endpoint] = {}
         self.sink: socket.socket | None = None
@@ -639,9 +644,24 @@ class Receiver:
                 late=late,
             )
         synced = self.synced()
-        name, append = ep.name, self._record_rows.append
-        for s in range(seq, seq + count):  # one record per message of the batch
-            append((name, stream, session, s, arrival_ns, release_ns, deadline, parent, synced))
+        rows = self._record_rows
+        if isinstance(rows, ReleaseRecords):  # one record stands for the batch's messages
+            rows.add(
+                endpoint=ep.index,
+                parent=parent,
+                stream_id=stream,
+                session=session,
+                seq=seq,
+                count=count,
+                arrival_ns=arrival_ns,
+                release_ns=release_ns,
+                deadline_ns=deadline,
+                synced=synced,
+            )
+        else:
+            name, append = ep.name, rows.append
+            for s in range(seq, seq + count):
+                append((name, stream, session, s, arrival_ns, release_ns, deadline, parent, synced))
         if ep.consumer is not None and ok:
             if len(ep.queue) >= ep.queue_len:
                 ep.counters.deliver_dropped["queue_full"] += 1

@@ -29,6 +29,7 @@ def test_daemons_deliver_every_message_through_the_kernel_path(tmp_path: Path) -
         from jasper.tree import tree_shape
         from overlay.common import write_json
         from overlay.launch import Cluster
+        from overlay.recordlog import load_run_releases
     except ImportError as e:  # the data plane is another engineer's, still moving
         pytest.skip(f"overlay daemons not importable: {e}")
     from ebpf.netlab import entered, sh
@@ -55,9 +56,7 @@ def test_daemons_deliver_every_message_through_the_kernel_path(tmp_path: Path) -
             assert pub.proc is not None and pub.proc.wait(60) == 0
             time.sleep(0.5)
         sent = np.load(tmp_path / "sent.npy")
-        deliveries = np.concatenate(
-            [np.load(p) for p in glob.glob(str(tmp_path / "deliveries-*.npy"))]
-        )
+        deliveries = load_run_releases(tmp_path)
         report = fairness_report(sent, deliveries, {1: [e.name for _, e in topo.endpoints()]})
         statuses: dict[str, Any] = {
             Path(p).stem: json.loads(Path(p).read_text())

@@ -3,7 +3,6 @@ the publisher stamps with it, lateness falls under the objective."""
 
 from __future__ import annotations
 
-import glob
 import json
 import time
 from pathlib import Path
@@ -13,6 +12,8 @@ import numpy as np
 import pytest
 
 from controller.loopback import DaemonSet, LoopbackController, free_udp_block, wait_for
+from jasper.records import expand_releases
+from overlay.recordlog import load_run_releases
 
 # Two modelled hops (publisher -> relay -> receiver) of ~1 ms each: the path takes ~2 ms,
 # ten times the starting hold.
@@ -96,7 +97,7 @@ def test_adaptive_hold_rises_until_lateness_meets_objective(tmp_path: Path) -> N
     assert any(w["action"] == "up" for w in hist)
     print(f"converged after {converged_after:.1f} s, {len(hist)} windows, hold {hold['hold_ns']}")
 
-    d = np.concatenate([np.load(p) for p in glob.glob(str(rx_dir / "deliveries-*.npy"))])
+    d = expand_releases(load_run_releases(rx_dir))
     assert len(d) > 0
     late = d["arrival_ns"] > d["deadline_ns"]  # kernel clock = node clock here
     seqs = np.sort(np.unique(d["seq"]))

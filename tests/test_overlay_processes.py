@@ -17,11 +17,13 @@ import pytest
 
 from jasper.layout import ports_needed, topology_from_plan
 from jasper.metrics import fairness_report
+from jasper.records import expand_releases
 from jasper.topology import Topology
 from jasper.tree import tree_shape
 from jasper.wire import Header, encode
 from overlay.common import write_json
 from overlay.launch import Cluster, free_port_base
+from overlay.recordlog import load_releases, load_run_releases
 
 ADDR = "127.0.0.1"
 
@@ -46,7 +48,7 @@ def start(
 
 def results(tmp: Path, topo: Topology) -> tuple[Any, dict[str, Any]]:
     sent = np.load(tmp / "sent.npy")
-    deliveries = np.concatenate([np.load(p) for p in glob.glob(str(tmp / "deliveries-*.npy"))])
+    deliveries = load_run_releases(tmp)
     report = fairness_report(sent, deliveries, {1: [e.name for _, e in topo.endpoints()]})
     statuses = {
         Path(p).stem: json.loads(Path(p).read_text()) for p in glob.glob(str(tmp / "status-*"))
@@ -160,7 +162,7 @@ def test_receiver_releases_on_its_own_node_clock(tmp_path: Path) -> None:
         cluster.add_publisher("--rate", "50", "--duration", "1")
         wait_publisher(cluster)
         time.sleep(0.5)
-    d = np.load(tmp_path / "deliveries-h0.npy")
+    d = expand_releases(load_releases(tmp_path / "releases-h0.npz"))
     assert len(d) == 50 * 4
     early = (d["deadline_ns"] - d["release_ns"]) / 1e3
     assert np.median(early) == pytest.approx(2000, abs=500)

@@ -15,9 +15,11 @@ import pytest
 from jasper.audit import decode_records
 from jasper.clockbound import ClockStatus
 from jasper.layout import ports_needed, topology_from_plan
+from jasper.records import expand_releases
 from jasper.tree import tree_shape
 from overlay.common import write_json
 from overlay.launch import Cluster, free_port_base
+from overlay.recordlog import load_releases
 from overlay.refclock import ChronyConfig, ReferenceChrony, chronyd_path
 from tests.conftest import require_privileged
 
@@ -64,8 +66,8 @@ def test_receiver_audit_log_read_by_jasper_audit(
     why = f"receiver exit {rx.proc.returncode}: {rx.log_path.read_text(errors='replace')[-3000:]}"
     audit = tmp_path / "audit-h0.jal"
     assert audit.exists(), why
-    assert (tmp_path / "deliveries-h0.npy").exists(), why
-    deliveries = np.load(tmp_path / "deliveries-h0.npy")
+    assert (tmp_path / "releases-h0.npz").exists(), why
+    deliveries = expand_releases(load_releases(tmp_path / "releases-h0.npz"))
     header, records, truncated = decode_records(audit.read_bytes())
     assert truncated == 0
     assert header.meta["node"] == "h0"
