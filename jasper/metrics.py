@@ -157,13 +157,18 @@ PAIR_CHUNK = 1 << 20
 
 
 def pair_matrices(
-    rows: npt.NDArray[Any], names: Sequence[str], releases: Releases, *, skip: int = 0
+    rows: npt.NDArray[Any],
+    names: Sequence[str],
+    releases: Releases,
+    *,
+    skip: int = 0,
+    chunk_pairs: int = PAIR_CHUNK,
 ) -> PairMatrices:
     """Cells for messages `rows[skip:]` (SENT_DTYPE, in the order the rows come) × `names`.
 
     Each record stands for `count` messages seq .. seq + count - 1 at one endpoint; they are
-    located from record indices repeated `count` times, PAIR_CHUNK pairs at a time, so no
-    per-message row is ever built. Records of other streams must be filtered out by the caller.
+    located from record indices repeated `count` times, about `chunk_pairs` pairs at a time, so
+    no per-message row is ever built. Records of other streams must be filtered out by the caller.
     """
     m, e = len(rows) - skip, len(names)
     arrival = np.full((m, e), -1, dtype=np.int64)
@@ -185,9 +190,9 @@ def pair_matrices(
     ends = np.cumsum(recs["count"], dtype=np.int64)
     lo = 0
     while lo < len(recs):
-        # Whole records, about PAIR_CHUNK pairs (a larger record goes alone).
+        # Whole records, about chunk_pairs pairs (a larger record goes alone).
         done = int(ends[lo - 1]) if lo else 0
-        hi = max(lo + 1, int(np.searchsorted(ends, done + PAIR_CHUNK, side="right")))
+        hi = max(lo + 1, int(np.searchsorted(ends, done + chunk_pairs, side="right")))
         src, offset = message_offsets(recs["count"][lo:hi])
         src += lo
         i_idx = keys.locate(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jasper.metrics import FairnessReport, fairness_report, fairness_reports
+from jasper.metrics import FairnessReport, fairness_report, fairness_reports, pair_matrices
 from jasper.records import (
     DELIVERY_DTYPE,
     NO_PARENT,
@@ -130,6 +130,29 @@ def test_fairness_of_compact_releases_equals_the_expanded_rows(seed: int) -> Non
     many = fairness_reports(sent, rel, subs, taus_ns=(0, 2_000, 10**9), warmup_messages=13)
     for tau, r in zip((0, 2_000, 10**9), many, strict=True):
         assert_same(r, fairness_report(sent, rows, subs, tau_ns=tau, warmup_messages=13))
+
+
+@pytest.mark.parametrize("chunk_pairs", [1, 7, 50])
+def test_pair_matrices_the_same_in_any_chunks(chunk_pairs: int) -> None:
+    """Records located a few pairs at a time: a pair recorded twice keeps the earliest arrival
+    (the first of equals) across chunks as within one."""
+    rng = np.random.default_rng(5)
+    sent, rel, names = batched_run(rng, datagrams=40, batch=6, endpoints=4, repeats=0.3)
+    rel = rel.select(rel.records["stream_id"] == 1)
+    ties = rel.records.copy()
+    ties["release_ns"] += 1  # the same pairs again, arriving at the same time
+    rel = concat_releases([rel, Releases(ties, rel.endpoints, rel.parents)])
+    rows = sent[np.argsort(sent["send_time_ns"], kind="stable")]
+    whole = pair_matrices(rows, names, rel, skip=5)
+    part = pair_matrices(rows, names, rel, skip=5, chunk_pairs=chunk_pairs)
+    assert whole.repeated > len(rel.records) // 2
+    assert (whole.matched, whole.repeated) == (part.matched, part.repeated)
+    for a, b in zip(dataclasses.astuple(whole)[:3], dataclasses.astuple(part)[:3], strict=True):
+        assert (a == b).all()
+    assert_same(
+        fairness_report(sent, rel, {1: names}, warmup_messages=5),
+        fairness_report(sent, expand_releases(rel), {1: names}, warmup_messages=5),
+    )
 
 
 def test_one_record_per_row_and_back() -> None:
