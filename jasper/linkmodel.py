@@ -47,6 +47,11 @@ class LinkModel:
     """Fraction of all other nodes chosen (by seed) as lemons."""
     lemon_factor: float = 1.0
     """Delay multiplier for links into or out of a lemon."""
+    emulated_at: str = "hops"
+    """Where the model is applied. "hops": every relay and receiver delays the copies it
+    receives (user space only). "receivers": relays forward at once (the kernel fast path
+    works) and each receiver's native path draws every hop of a copy's path itself, the same
+    draws on every host (docs/link-model.md)."""
 
     @property
     def sigma(self) -> float:
@@ -117,6 +122,7 @@ class LinkModel:
             "lemons": list(self.lemons),
             "lemon_fraction": self.lemon_fraction,
             "lemon_factor": self.lemon_factor,
+            "emulated_at": self.emulated_at,
         }
 
 
@@ -174,6 +180,9 @@ def _normal_ppf(q: float) -> float:
     return hi
 
 
+EMULATED_AT = ("hops", "receivers")
+"""Where a link model can be applied (LinkModel.emulated_at)."""
+
 _INT_FIELDS = ("seed", "median_ns", "p99_ns", "spike_min_ns", "spike_max_ns")
 _PROB_FIELDS = ("spike_prob", "loss", "lemon_fraction")
 
@@ -188,7 +197,8 @@ def parse_link_model(
         raise LinkModelError(f"{path}: expected an object")
     if not doc or doc.get("enabled", True) is False:
         return None
-    known = set(_INT_FIELDS) | set(_PROB_FIELDS) | {"lemons", "lemon_factor", "enabled"}
+    known = set(_INT_FIELDS) | set(_PROB_FIELDS)
+    known |= {"lemons", "lemon_factor", "enabled", "emulated_at"}
     unknown = sorted(str(k) for k in doc if k not in known)
     if unknown:
         raise LinkModelError(f"{path}: unknown field(s) {', '.join(unknown)}")
@@ -210,6 +220,13 @@ def parse_link_model(
         if not isinstance(lemons, list) or not all(isinstance(x, str) for x in lemons):
             raise LinkModelError(f"{path}.lemons: expected a list of node names")
         kwargs["lemons"] = tuple(lemons)
+    if "emulated_at" in doc:
+        where = doc["emulated_at"]
+        if where not in EMULATED_AT:
+            raise LinkModelError(
+                f"{path}.emulated_at: expected one of {', '.join(EMULATED_AT)}, got {where!r}"
+            )
+        kwargs["emulated_at"] = where
     model = LinkModel(**kwargs)
     if model.median_ns < 1:
         raise LinkModelError(f"{path}.median_ns: must be >= 1")

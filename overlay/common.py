@@ -86,6 +86,13 @@ def link_model_of(topo: Topology) -> LinkModel | None:
         raise TopologyError(str(exc)) from exc
 
 
+def hop_model_of(topo: Topology) -> LinkModel | None:
+    """The link model a relay applies to the copies it receives: none when the receivers
+    emulate whole paths (emulated_at "receivers"), so relays forward at once."""
+    model = link_model_of(topo)
+    return model if model is not None and model.emulated_at == "hops" else None
+
+
 def process_figures(started_ns: int) -> dict[str, Any]:
     """CPU seconds, peak RSS and wall time of this process so far."""
     ru = resource.getrusage(resource.RUSAGE_SELF)

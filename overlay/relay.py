@@ -12,7 +12,7 @@ from typing import Any
 
 from jasper.relay_core import Forward, RelayCore, RelayCoreCounters
 from jasper.topology import RelayConfig, Topology, TopologyError, parse_topology
-from overlay.common import link_model_of, process_figures
+from overlay.common import hop_model_of, link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
 from overlay.kernel import drain, open_udp
 
@@ -142,6 +142,15 @@ def _previous_plan(topo: Topology) -> Topology | None:
         return None
 
 
+def _model_at(topo: Topology) -> str | None:
+    """Where the plan's link model is applied ("hops", "receivers"), None when off."""
+    try:
+        model = link_model_of(topo)
+    except TopologyError:
+        return None
+    return None if model is None else model.emulated_at
+
+
 def _errno_name(exc: OSError) -> str:
     import errno
 
@@ -166,7 +175,7 @@ class Relay:
         self.clock = clock
         self.started_ns = time.time_ns()
         self._use_link_model = link_model
-        self.delay = DelayLine(link_model_of(topo) if link_model else None, clock=clock)
+        self.delay = DelayLine(hop_model_of(topo) if link_model else None, clock=clock)
         self.senders = SenderNames(topo)
         self.nodes: dict[str, RelayNode] = {}
         try:
@@ -277,7 +286,7 @@ class Relay:
         self.topo = topo
         self.senders = SenderNames(topo)
         if self._use_link_model:
-            self.delay.set_model(link_model_of(topo))
+            self.delay.set_model(hop_model_of(topo))
         previous = _previous_plan(topo)
         for node in self.nodes.values():
             try:
@@ -308,6 +317,7 @@ class Relay:
             "plan_epoch": self.topo.plan_epoch,
             "fast_path": self.fast_path_mode,
             "link_model": self.delay.model is not None,
+            "link_model_at": _model_at(self.topo) if self._use_link_model else None,
             "delay_line": vars(self.delay.counters).copy(),
             "process": process_figures(self.started_ns),
         }

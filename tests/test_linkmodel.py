@@ -91,3 +91,13 @@ def test_parse_off_and_on() -> None:
 def test_parse_errors_name_the_field(doc: dict[str, object], where: str) -> None:
     with pytest.raises(LinkModelError, match=where.replace("$", r"\$")):
         parse_link_model(doc)
+
+
+def test_emulated_at_is_validated_and_round_trips() -> None:
+    m = parse_link_model({"median_ns": 10_000, "p99_ns": 20_000, "emulated_at": "receivers"})
+    assert m is not None and m.emulated_at == "receivers"
+    assert parse_link_model(m.to_dict()) == m
+    default = parse_link_model({"median_ns": 10_000, "p99_ns": 20_000})
+    assert default is not None and default.emulated_at == "hops"
+    with pytest.raises(LinkModelError, match="emulated_at"):
+        parse_link_model({"emulated_at": "relays"})

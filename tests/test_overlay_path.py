@@ -562,3 +562,15 @@ async def test_batched_datagrams_keep_every_message_and_its_sequence_number(
     assert len(recs) == 9 * 4  # one record per message and endpoint
     st = o.rx.status()["endpoints"]
     assert all(c["delivered"] == 9 and c["accepted"] == 3 for c in st.values())
+
+
+def test_relays_forward_at_once_when_receivers_emulate_the_paths() -> None:
+    model = {"median_ns": 2_000_000, "p99_ns": 3_000_000, "emulated_at": "receivers"}
+    relay = Relay(make_topology(link_model=model), ["r0.0"])
+    hops = Relay(make_topology(link_model=dict(model, emulated_at="hops")), ["r0.0"])
+    try:
+        assert relay.delay.model is None and relay.status()["link_model_at"] == "receivers"
+        assert hops.delay.model is not None and hops.status()["link_model_at"] == "hops"
+    finally:
+        relay.close()
+        hops.close()
