@@ -299,6 +299,208 @@ static void link_free(struct linkmodel *m)
 	m->cap = m->n = 0;
 }
 
+/* ---- the path model: the whole tree's links, emulated at the receiver ---------------------- */
+/*
+ * With the plan known, a copy's emulated arrival is computed over its whole path instead of
+ * its last hop (docs/link-model.md, "The fast path and the link model"). Each hop's delay and
+ * loss for a datagram are drawn from a counter-based hash of (seed, link src->dst by the nodes'
+ * global keys, stream, session, first seq), so every receiver host draws the same fate for a
+ * shared relay's links without talking to others. The emulated time at which relay R forwards
+ * datagram m is E(R) = min over R's senders S of E(S) + d(S->R, m), over the copies not lost;
+ * the publisher's is the header's send time; a relay whose every input was lost never forwards.
+ */
+
+#define PATH_MAX_NODES (1u << 16)
+#define PATH_MAX_EDGES (1u << 20)
+#define PATH_MAX_DEPTH 64
+#define PATH_MEMO 4096 /* memoized E(node, datagram): a direct-mapped cache, a power of two */
+#define PATH_NEVER INT64_MAX /* E of a node that never forwards the datagram */
+#define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
+
+struct path_node {
+	uint32_t id; /* the parent id (set_parents' table) */
+	uint64_t key; /* global: the same on every host (a hash of the node's name) */
+	double factor; /* delay factor of links touching it (lemons), >= 1 */
+	uint32_t first_in, n_in; /* its senders: in[first_in .. first_in + n_in) */
+};
+
+struct path_in {
+	uint32_t src; /* node index of a sender */
+	double loss; /* loss on this link; < 0: the model's */
+};
+
+struct path_endpoint {
+	uint64_t key;
+	double factor;
+	uint8_t known;
+};
+
+struct path_memo {
+	uint64_t seq, send_ns;
+	uint32_t node, stream, session, used;
+	int64_t e;
+};
+
+struct pathmodel {
+	int on;
+	uint32_t publisher; /* node index */
+	struct path_node *nodes;
+	uint32_t nnodes;
+	struct path_in *in;
+	uint32_t nin;
+	uint32_t *index; /* open addressing: parent id -> node index + 1 (0: empty) */
+	size_t icap;
+	struct path_endpoint *eps; /* by endpoint index */
+	uint32_t neps;
+	struct path_memo *memo; /* PATH_MEMO entries */
+};
+
+static uint64_t mix64(uint64_t z)
+{
+	z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+	z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+	return z ^ (z >> 31);
+}
+
+static double unit_of(uint64_t x) /* [0, 1) */
+{
+	return (double)(x >> 11) * 0x1.0p-53;
+}
+
+static uint64_t datagram_key(uint32_t stream, uint32_t session, uint64_t seq)
+{
+	return mix64(((uint64_t)stream << 32 | session) ^ mix64(seq + GOLDEN));
+}
+
+/*
+ * The delay in ns of datagram `mkey` on the link src_key -> dst_key, or -1 when it is lost
+ * there: LinkSampler's distribution (lognormal body, spikes, loss, factor), each variate a
+ * hash of (seed, link, datagram, its index), so no state is carried from copy to copy.
+ */
+static int64_t path_draw(const struct linkmodel *m, uint64_t src_key, uint64_t dst_key,
+			 uint64_t mkey, double factor, double loss)
+{
+	uint64_t h = mix64(m->seed ^ mix64(src_key ^ mix64(dst_key + GOLDEN)) ^ mkey);
+	double u_loss = unit_of(mix64(h + 1 * GOLDEN));
+	double u1 = unit_of(mix64(h + 2 * GOLDEN)), u2 = unit_of(mix64(h + 3 * GOLDEN));
+	double u_spiked = unit_of(mix64(h + 4 * GOLDEN)), u_spike = unit_of(mix64(h + 5 * GOLDEN));
+	if (loss < 0.0)
+		loss = m->loss;
+	if (loss > 0.0 && u_loss < loss)
+		return -1;
+	double normal = sqrt(-2.0 * log(1.0 - u1)) * cos(2.0 * M_PI * u2); /* 1 - u1 in (0, 1] */
+	double delay = exp(m->mu + m->sigma * normal);
+	if (m->spike_prob > 0.0 && u_spiked < m->spike_prob)
+		delay = m->spike_min + u_spike * (m->spike_max - m->spike_min);
+	delay *= factor;
+	if (!(delay < 1e15))
+		delay = 1e15;
+	return delay > 0.0 ? (int64_t)delay : 0;
+}
+
+static size_t path_id_hash(uint32_t id)
+{
+	return (size_t)mix64(id);
+}
+
+/* The node index of parent id `id`, or -1. */
+static int64_t path_lookup(const struct pathmodel *pm, uint32_t id)
+{
+	if (!pm->icap)
+		return -1;
+	for (size_t i = path_id_hash(id) & (pm->icap - 1);; i = (i + 1) & (pm->icap - 1)) {
+		uint32_t v = pm->index[i];
+		if (!v)
+			return -1;
+		if (pm->nodes[v - 1].id == id)
+			return (int64_t)(v - 1);
+	}
+}
+
+static void path_free(struct pathmodel *pm)
+{
+	free(pm->nodes);
+	free(pm->in);
+	free(pm->index);
+	free(pm->eps);
+	free(pm->memo);
+	memset(pm, 0, sizeof *pm);
+}
+
+struct path_stats {
+	uint64_t memo_hits, memo_misses, too_deep;
+};
+
+/* E(node, m): the emulated time the node forwards the datagram (kernel-clock ns), or
+ * PATH_NEVER. Memoized; recursion bounded by PATH_MAX_DEPTH (a cycle counts too_deep). */
+static int64_t path_forward_time(const struct pathmodel *pm, const struct linkmodel *lm,
+				 uint32_t node, uint32_t stream, uint32_t session, uint64_t seq,
+				 uint64_t mkey, int64_t send_ns, int depth, struct path_stats *st)
+{
+	if (node == pm->publisher)
+		return send_ns;
+	if (depth >= PATH_MAX_DEPTH) {
+		st->too_deep++;
+		return PATH_NEVER;
+	}
+	struct path_memo *c = &pm->memo[(mix64(mkey ^ node) & (PATH_MEMO - 1))];
+	if (c->used && c->node == node && c->seq == seq && c->stream == stream &&
+	    c->session == session && c->send_ns == (uint64_t)send_ns) {
+		st->memo_hits++;
+		return c->e;
+	}
+	st->memo_misses++;
+	const struct path_node *n = &pm->nodes[node];
+	int64_t best = PATH_NEVER;
+	for (uint32_t k = 0; k < n->n_in; k++) {
+		const struct path_in *e = &pm->in[n->first_in + k];
+		int64_t from = path_forward_time(pm, lm, e->src, stream, session, seq, mkey, send_ns,
+						 depth + 1, st);
+		if (from == PATH_NEVER)
+			continue;
+		const struct path_node *s = &pm->nodes[e->src];
+		double f = s->factor > n->factor ? s->factor : n->factor;
+		int64_t d = path_draw(lm, s->key, n->key, mkey, f, e->loss);
+		if (d < 0)
+			continue;
+		int64_t t = from > INT64_MAX - 1 - d ? INT64_MAX - 1 : from + d;
+		if (t < best)
+			best = t;
+	}
+	/* The entry may have been reused by the recursion: write it whole. */
+	c = &pm->memo[(mix64(mkey ^ node) & (PATH_MEMO - 1))];
+	*c = (struct path_memo){.seq = seq, .send_ns = (uint64_t)send_ns, .node = node,
+				.stream = stream, .session = session, .used = 1, .e = best};
+	return best;
+}
+
+/*
+ * The emulated arrival at endpoint `endpoint` of the copy parent `parent_id` sent of the
+ * datagram (kernel-clock ns): 1 and *out; 0 when it is lost (the parent never forwarded it, or
+ * the last hop lost it); -1 when the path model does not know the parent or the endpoint.
+ */
+static int path_arrival_of(const struct pathmodel *pm, const struct linkmodel *lm,
+			   uint32_t parent_id, uint32_t endpoint, uint32_t stream, uint32_t session,
+			   uint64_t seq, int64_t send_ns, int64_t *out, struct path_stats *st)
+{
+	int64_t node = path_lookup(pm, parent_id);
+	if (node < 0 || endpoint >= pm->neps || !pm->eps[endpoint].known)
+		return -1;
+	uint64_t mkey = datagram_key(stream, session, seq);
+	int64_t from = path_forward_time(pm, lm, (uint32_t)node, stream, session, seq, mkey,
+					 send_ns, 0, st);
+	if (from == PATH_NEVER)
+		return 0;
+	const struct path_node *s = &pm->nodes[node];
+	const struct path_endpoint *x = &pm->eps[endpoint];
+	double f = s->factor > x->factor ? s->factor : x->factor;
+	int64_t d = path_draw(lm, s->key, x->key, mkey, f, -1.0);
+	if (d < 0)
+		return 0;
+	*out = from > INT64_MAX - 1 - d ? INT64_MAX - 1 : from + d;
+	return 1;
+}
+
 /* ---- parents: (IPv4, port) -> id --------------------------------------------------------- */
 
 struct parent_entry {
@@ -383,6 +585,8 @@ typedef struct {
 	struct parent_entry *ptab;
 	size_t pcap;
 	struct linkmodel lm;
+	struct pathmodel pm;
+	struct path_stats pst;
 
 	/* candidate deadlines: a min-heap */
 	int64_t *cand;
@@ -404,7 +608,7 @@ typedef struct {
 
 	uint64_t recv_calls, datagrams, batches, link_lost, link_overflow, records_dropped,
 		deliveries_dropped, truncated, wakeups, warmups, rounds, rounds_cut, coalesced, spins,
-		spin_total_ns, late_wakes;
+		spin_total_ns, late_wakes, path_copies, path_floored;
 	int realtime_ok, pinned, sched_errno, pin_errno;
 } Pump;
 
@@ -655,21 +859,45 @@ static int receive_batch(Pump *p, uint32_t idx)
 		}
 		uint32_t parent = parent_of(p, &p->names[k], h->msg_namelen);
 		int64_t now = p->core_now;
-		int64_t arrival = rx >= 0 ? rx + p->offset : p->last_now;
+		int64_t real = rx >= 0 ? rx : p->last_now - p->offset; /* kernel clock */
+		int64_t arrival = real + p->offset;
+		struct jc_header hdr;
+		int parsed = jc_parse(data, len, &hdr) == JC_PARSE_OK;
 		if (p->lm.on) {
-			struct link *l = link_get(&p->lm, parent, idx, &p->link_overflow);
-			int64_t delay = link_sample(&p->lm, l);
-			if (delay < 0) {
-				e->link_lost++;
-				p->link_lost++;
-				continue;
+			int fate = -1; /* path model: 1 emulated, 0 lost; -1 last hop only */
+			int64_t t = 0;
+			if (p->pm.on && parsed) {
+				int64_t send = hdr.send_time_ns > (uint64_t)INT64_MAX
+						       ? INT64_MAX
+						       : (int64_t)hdr.send_time_ns;
+				fate = path_arrival_of(&p->pm, &p->lm, parent, idx, hdr.stream_id,
+						       hdr.session, hdr.seq, send, &t, &p->pst);
 			}
-			arrival += delay;
+			if (fate == 1) {
+				/* The copy is here: no emulated path can make it arrive earlier. */
+				if (t < real) {
+					t = real;
+					p->path_floored++;
+				}
+				p->path_copies++;
+				arrival = t > INT64_MAX - p->offset ? INT64_MAX : t + p->offset;
+			} else {
+				int64_t delay = 0;
+				if (fate < 0) {
+					struct link *l = link_get(&p->lm, parent, idx, &p->link_overflow);
+					delay = link_sample(&p->lm, l);
+				}
+				if (fate == 0 || delay < 0) {
+					e->link_lost++;
+					p->link_lost++;
+					continue;
+				}
+				arrival += delay;
+			}
 		}
 		if (arrival < 0)
 			arrival = 0;
-		struct jc_header hdr;
-		if (jc_parse(data, len, &hdr) == JC_PARSE_OK && hdr.deadline_ns > (uint64_t)p->last_now &&
+		if (parsed && hdr.deadline_ns > (uint64_t)p->last_now &&
 		    hdr.deadline_ns <= (uint64_t)INT64_MAX)
 			cand_push(p, (int64_t)hdr.deadline_ns);
 		jc_datagram(p->core, idx, data, len, parent, arrival, now);
@@ -1055,6 +1283,7 @@ static void free_buffers(Pump *p)
 	}
 	free(p->ptab);
 	link_free(&p->lm);
+	path_free(&p->pm);
 	p->bufs = p->cmsgs = NULL;
 	p->names = NULL;
 	p->iov = NULL;
@@ -1560,6 +1789,241 @@ fail:
 	return NULL;
 }
 
+/* Parse one tuple of ints/floats: "II" style by hand, for clear messages. */
+static PyObject *tuple_item(PyObject *seq, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi,
+			    const char *what)
+{
+	PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+	if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < lo || PyTuple_GET_SIZE(item) > hi) {
+		PyErr_Format(PyExc_TypeError, "%s[%zd]: expected a tuple of %zd..%zd items", what, i,
+			     lo, hi);
+		return NULL;
+	}
+	return item;
+}
+
+static int get_key(PyObject *obj, uint64_t *out)
+{
+	unsigned long long v = PyLong_AsUnsignedLongLongMask(obj); /* any int: its low 64 bits */
+	if (v == (unsigned long long)-1 && PyErr_Occurred())
+		return -1;
+	*out = v;
+	return 0;
+}
+
+static PyObject *pump_set_path_model(Pump *p, PyObject *args, PyObject *kwds)
+{
+	static char *names[] = {"", "publisher", "nodes", "edges", "endpoints", NULL};
+	PyObject *off = Py_None, *opub = NULL, *onodes = NULL, *oedges = NULL, *oeps = NULL;
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O$OOOO:set_path_model", names, &off, &opub,
+					 &onodes, &oedges, &oeps))
+		return NULL;
+	if (check_open(p))
+		return NULL;
+	if (off != Py_None) {
+		PyErr_SetString(PyExc_TypeError,
+				"set_path_model(None) turns the model off; give it by keywords");
+		return NULL;
+	}
+	struct pathmodel pm = {0};
+	PyObject *nodes = NULL, *edges = NULL, *eps = NULL;
+	uint32_t *deg = NULL;
+	if (opub || onodes || oedges || oeps) {
+		long long pub;
+		if (!opub || !onodes || !oedges || !oeps) {
+			PyErr_SetString(PyExc_TypeError,
+					"set_path_model() needs publisher=, nodes=, edges= and endpoints=");
+			return NULL;
+		}
+		if (int_in(opub, 0, UINT32_MAX, "publisher", &pub))
+			return NULL;
+		nodes = PySequence_Fast(onodes, "nodes: a list of (id, key, factor)");
+		edges = nodes ? PySequence_Fast(oedges, "edges: a list of (src_id, dst_id[, loss])")
+			      : NULL;
+		eps = edges ? PySequence_Fast(oeps, "endpoints: a list of (index, key, factor)")
+			    : NULL;
+		if (!eps)
+			goto fail;
+		Py_ssize_t nn = PySequence_Fast_GET_SIZE(nodes), ne = PySequence_Fast_GET_SIZE(edges),
+			   nx = PySequence_Fast_GET_SIZE(eps);
+		if (nn < 1 || (size_t)nn > PATH_MAX_NODES || (size_t)ne > PATH_MAX_EDGES ||
+		    (size_t)nx > PATH_MAX_NODES) {
+			PyErr_Format(PyExc_ValueError,
+				     "path model: 1..%u nodes, up to %u edges and %u endpoints",
+				     PATH_MAX_NODES, PATH_MAX_EDGES, PATH_MAX_NODES);
+			goto fail;
+		}
+		pm.nnodes = (uint32_t)nn;
+		pm.icap = 8;
+		while (pm.icap < (size_t)nn * 2)
+			pm.icap *= 2;
+		pm.nodes = calloc((size_t)nn, sizeof *pm.nodes);
+		pm.index = calloc(pm.icap, sizeof *pm.index);
+		pm.in = calloc(ne ? (size_t)ne : 1, sizeof *pm.in);
+		pm.memo = calloc(PATH_MEMO, sizeof *pm.memo);
+		deg = calloc((size_t)nn + 1, sizeof *deg);
+		if (!pm.nodes || !pm.index || !pm.in || !pm.memo || !deg) {
+			PyErr_NoMemory();
+			goto fail;
+		}
+		for (Py_ssize_t i = 0; i < nn; i++) {
+			PyObject *t = tuple_item(nodes, i, 3, 3, "nodes");
+			long long id;
+			double f;
+			if (!t || int_in(PyTuple_GET_ITEM(t, 0), 0, UINT32_MAX, "node id", &id) ||
+			    get_key(PyTuple_GET_ITEM(t, 1), &pm.nodes[i].key) ||
+			    get_float(PyTuple_GET_ITEM(t, 2), 0.0, 1e9, "node factor", &f))
+				goto fail;
+			if (path_lookup(&pm, (uint32_t)id) >= 0) {
+				PyErr_Format(PyExc_ValueError, "nodes[%zd]: id %lld twice", i, id);
+				goto fail;
+			}
+			pm.nodes[i].id = (uint32_t)id;
+			pm.nodes[i].factor = f;
+			size_t k = path_id_hash((uint32_t)id) & (pm.icap - 1);
+			while (pm.index[k])
+				k = (k + 1) & (pm.icap - 1);
+			pm.index[k] = (uint32_t)i + 1;
+		}
+		int64_t pi = path_lookup(&pm, (uint32_t)pub);
+		if (pi < 0) {
+			PyErr_SetString(PyExc_ValueError, "publisher: not among the nodes");
+			goto fail;
+		}
+		pm.publisher = (uint32_t)pi;
+		/* Two passes over the edges: count senders per node, then place them. */
+		for (int pass = 0; pass < 2; pass++) {
+			if (pass == 1) {
+				uint32_t at = 0;
+				for (uint32_t i = 0; i < pm.nnodes; i++) {
+					pm.nodes[i].first_in = at;
+					at += deg[i];
+					deg[i] = 0;
+				}
+			}
+			for (Py_ssize_t i = 0; i < ne; i++) {
+				PyObject *t = tuple_item(edges, i, 2, 3, "edges");
+				long long src, dst;
+				double loss = -1.0;
+				if (!t || int_in(PyTuple_GET_ITEM(t, 0), 0, UINT32_MAX, "edge src", &src) ||
+				    int_in(PyTuple_GET_ITEM(t, 1), 0, UINT32_MAX, "edge dst", &dst) ||
+				    (PyTuple_GET_SIZE(t) == 3 && PyTuple_GET_ITEM(t, 2) != Py_None &&
+				     get_float(PyTuple_GET_ITEM(t, 2), 0.0, 1.0, "edge loss", &loss)))
+					goto fail;
+				int64_t si = path_lookup(&pm, (uint32_t)src),
+					di = path_lookup(&pm, (uint32_t)dst);
+				if (si < 0 || di < 0) {
+					PyErr_Format(PyExc_ValueError, "edges[%zd]: unknown node id", i);
+					goto fail;
+				}
+				if (pass == 0) {
+					deg[di]++;
+				} else {
+					struct path_node *n = &pm.nodes[di];
+					pm.in[n->first_in + deg[di]++] =
+						(struct path_in){.src = (uint32_t)si, .loss = loss};
+					n->n_in = deg[di];
+				}
+			}
+		}
+		pm.nin = (uint32_t)ne;
+		for (Py_ssize_t i = 0; i < nx; i++) {
+			PyObject *t = tuple_item(eps, i, 3, 3, "endpoints");
+			long long idx;
+			uint64_t key;
+			double f;
+			if (!t ||
+			    int_in(PyTuple_GET_ITEM(t, 0), 0, PATH_MAX_NODES - 1, "endpoint", &idx) ||
+			    get_key(PyTuple_GET_ITEM(t, 1), &key) ||
+			    get_float(PyTuple_GET_ITEM(t, 2), 0.0, 1e9, "endpoint factor", &f))
+				goto fail;
+			if ((uint32_t)idx >= pm.neps) {
+				uint32_t n = (uint32_t)idx + 1;
+				struct path_endpoint *grown = realloc(pm.eps, n * sizeof *grown);
+				if (!grown) {
+					PyErr_NoMemory();
+					goto fail;
+				}
+				memset(grown + pm.neps, 0, (n - pm.neps) * sizeof *grown);
+				pm.eps = grown;
+				pm.neps = n;
+			}
+			pm.eps[idx] = (struct path_endpoint){.key = key, .factor = f, .known = 1};
+		}
+		pm.on = 1;
+	}
+	Py_XDECREF(nodes);
+	Py_XDECREF(edges);
+	Py_XDECREF(eps);
+	free(deg);
+	pthread_mutex_lock(&p->mu);
+	struct pathmodel old = p->pm;
+	p->pm = pm;
+	pthread_mutex_unlock(&p->mu);
+	path_free(&old);
+	Py_RETURN_NONE;
+fail:
+	Py_XDECREF(nodes);
+	Py_XDECREF(edges);
+	Py_XDECREF(eps);
+	free(deg);
+	path_free(&pm);
+	return NULL;
+}
+
+/* The test hooks: what the pump thread would compute, under its lock. */
+static PyObject *path_query(Pump *p, PyObject *args, int arrival)
+{
+	unsigned int who, endpoint = 0, stream, session;
+	unsigned long long seq;
+	long long send;
+	int ok = arrival ? PyArg_ParseTuple(args, "IIIIKL:path_arrival", &who, &endpoint, &stream,
+					    &session, &seq, &send)
+			 : PyArg_ParseTuple(args, "IIIKL:path_forward", &who, &stream, &session, &seq,
+					    &send);
+	if (!ok || check_open(p))
+		return NULL;
+	int64_t t = 0;
+	int r;
+	pthread_mutex_lock(&p->mu);
+	if (!p->pm.on || !p->lm.on) {
+		r = -2;
+	} else if (arrival) {
+		r = path_arrival_of(&p->pm, &p->lm, who, endpoint, stream, session, seq, send, &t,
+				    &p->pst);
+	} else {
+		int64_t node = path_lookup(&p->pm, who);
+		r = -1;
+		if (node >= 0) {
+			t = path_forward_time(&p->pm, &p->lm, (uint32_t)node, stream, session, seq,
+					      datagram_key(stream, session, seq), send, 0, &p->pst);
+			r = t != PATH_NEVER;
+		}
+	}
+	pthread_mutex_unlock(&p->mu);
+	if (r == -2) {
+		PyErr_SetString(PyExc_ValueError, "the path model (or the link model) is off");
+		return NULL;
+	}
+	if (r < 0) {
+		PyErr_SetString(PyExc_ValueError, "unknown node or endpoint");
+		return NULL;
+	}
+	if (r == 0)
+		Py_RETURN_NONE;
+	return PyLong_FromLongLong(t);
+}
+
+static PyObject *pump_path_arrival(Pump *p, PyObject *args)
+{
+	return path_query(p, args, 1);
+}
+
+static PyObject *pump_path_forward(Pump *p, PyObject *args)
+{
+	return path_query(p, args, 0);
+}
+
 static PyObject *pump_set_clock_offset(Pump *p, PyObject *arg)
 {
 	long long off;
@@ -1811,7 +2275,9 @@ static PyObject *pump_counters(Pump *p, PyObject *Py_UNUSED(ignored))
 			     jc_clamped(p->core),  p->flushed,		p->rec_len,
 			     p->dq_len,		   p->rounds,		p->coalesced,
 			     p->spins,		   p->spin_total_ns,	p->late_wakes,
-			     (uint64_t)p->lead_ns, p->rounds_cut};
+			     (uint64_t)p->lead_ns, p->rounds_cut,	p->path_copies,
+			     p->path_floored,	   p->pst.memo_hits,	p->pst.memo_misses,
+			     p->pst.too_deep};
 	const char *tkeys[] = {"recv_calls",	     "datagrams",     "batches",
 			       "link_lost",	     "link_overflow", "records_dropped",
 			       "deliveries_dropped", "truncated",     "wakeups",
@@ -1819,7 +2285,9 @@ static PyObject *pump_counters(Pump *p, PyObject *Py_UNUSED(ignored))
 			       "clamped",	     "flushed",	      "records_waiting",
 			       "deliveries_waiting", "rounds",	      "coalesced",
 			       "spins",		     "spin_ns",	      "late_wakes",
-			       "lead_ns",	     "rounds_cut"};
+			       "lead_ns",	     "rounds_cut",    "path_copies",
+			       "path_floored",	     "path_memo_hits", "path_memo_misses",
+			       "path_too_deep"};
 	int realtime = p->realtime_ok, pinned = p->pinned, sched_errno = p->sched_errno,
 	    pin_errno = p->pin_errno;
 	pthread_mutex_unlock(&p->mu);
@@ -1920,6 +2388,19 @@ static PyMethodDef pump_methods[] = {
 	 "set_link_model(None, /) or set_link_model(*, median_ns, p99_ns=150000, spike_prob=0.0,\n"
 	 "spike_min_ns=500000, spike_max_ns=2000000, loss=0.0, seed=1, factors=None)\n--\n\n"
 	 "Emulated link delay and loss per (parent, endpoint), as jasper.linkmodel.LinkSampler."},
+	{"set_path_model", (PyCFunction)(void (*)(void))pump_set_path_model,
+	 METH_VARARGS | METH_KEYWORDS,
+	 "set_path_model(None, /) or set_path_model(*, publisher, nodes, edges, endpoints)\n--\n\n"
+	 "Emulate every hop of the plan (docs/link-model.md): nodes [(id, key, factor)] for the\n"
+	 "publisher and the relays (ids from set_parents' table, keys global), edges\n"
+	 "[(src_id, dst_id[, loss])], endpoints [(index, key, factor)]. The link model's\n"
+	 "parameters (set_link_model) apply; parents outside the graph get the last hop only."},
+	{"path_arrival", (PyCFunction)pump_path_arrival, METH_VARARGS,
+	 "path_arrival(parent_id, endpoint, stream, session, seq, send_ns, /)\n--\n\n"
+	 "The emulated arrival (kernel clock, before the floor) of that copy, None when lost."},
+	{"path_forward", (PyCFunction)pump_path_forward, METH_VARARGS,
+	 "path_forward(node_id, stream, session, seq, send_ns, /)\n--\n\n"
+	 "The emulated time the node forwards the datagram, None when it never does."},
 	{"set_clock_offset", (PyCFunction)pump_set_clock_offset, METH_O,
 	 "set_clock_offset(ns, /)\n--\n\nThe node clock minus CLOCK_REALTIME, in ns."},
 	{"start", (PyCFunction)pump_start, METH_NOARGS, "start()\n--\n\nStart the pump thread."},

@@ -71,6 +71,36 @@ class ReceivePump:
         factors: dict[tuple[int, int], float] | None = None,
     ) -> None:
         """Off with no median_ns; else LinkSampler's distribution per (parent, endpoint)."""
+    def set_path_model(
+        self,
+        model: None = None,
+        /,
+        *,
+        publisher: int | None = None,
+        nodes: list[tuple[int, int, float]] | None = None,
+        edges: list[tuple[int, int]] | list[tuple[int, int, float | None]] | None = None,
+        endpoints: list[tuple[int, int, float]] | None = None,
+    ) -> None:
+        """Emulate every hop of the plan (docs/link-model.md, "The fast path and the link
+        model"); off with None (the last hop only, as set_link_model).
+
+        nodes: (parent id, key, factor) for the publisher and every relay: ids from
+        set_parents' table, keys global (overlay.nativepath.node_key: the same on every host),
+        factor the lemon factor of links touching the node (1.0: none). edges: (src_id,
+        dst_id[, loss]) for every sender -> relay link (own parent and hedges; loss overrides
+        the model's on that link). endpoints: (index, key, factor) of this host's endpoints.
+        The link model's parameters (set_link_model) apply; with it off nothing is emulated.
+        A copy from a parent outside the graph gets the last-hop model.
+        """
+    def path_arrival(
+        self, parent_id: int, endpoint: int, stream: int, session: int, seq: int, send_ns: int, /
+    ) -> int | None:
+        """Emulated arrival (kernel clock, before the floor at the real receive time) of the
+        copy `parent_id` sends `endpoint` of that datagram; None when it is lost on the way."""
+    def path_forward(
+        self, node_id: int, stream: int, session: int, seq: int, send_ns: int, /
+    ) -> int | None:
+        """E(node): the emulated time the node forwards the datagram; None if it never does."""
     def set_clock_offset(self, offset_ns: int, /) -> None:
         """The node clock minus CLOCK_REALTIME, in ns."""
     def start(self) -> None: ...
@@ -89,8 +119,10 @@ class ReceivePump:
         rounds (receive rounds), rounds_cut (rounds stopped at a deadline), coalesced (rounds
         deferred by coalesce_ns), spins (deadlines spun toward), spin_ns (time spent spinning),
         late_wakes (wake-ups toward a deadline later than the lead), lead_ns (the current
-        lead) (ints); realtime (SCHED_FIFO in force), pinned (bools); sched_error, pin_error
-        (errno names, "" when none).
+        lead), path_copies (copies given a whole-path arrival), path_floored (of which the
+        emulated arrival was before the real one: floored), path_memo_hits, path_memo_misses,
+        path_too_deep (a sender chain deeper than 64: a cycle) (ints); realtime (SCHED_FIFO
+        in force), pinned (bools); sched_error, pin_error (errno names, "" when none).
 
         "endpoints": a list, per endpoint a dict: the core's counters (received, heartbeats,
         accepted, duplicates, stale, released, late, hold_overflow, pending_overflow,

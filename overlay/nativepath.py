@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,8 +106,16 @@ class NativeDatapath:
             self.parent_names.append(name)
         return pid
 
-    def apply_plan(self, topo: Topology, model: LinkModel | None) -> None:
-        """Sender addresses → parent ids, and the link model, of a (new) plan."""
+    def apply_plan(
+        self, topo: Topology, model: LinkModel | None, *, whole_path: bool = False
+    ) -> None:
+        """Sender addresses → parent ids, and the link model, of a (new) plan.
+
+        whole_path: emulate every hop of the plan here (the path model) instead of the last
+        hop only. Faithful only when no relay applies the link model itself (relays forward
+        at once: the eBPF fast path, or the user path without its delay line) and every
+        receiver host of the plan does the same; see docs/link-model.md.
+        """
         rows: list[tuple[str, int, int]] = []
         ips: dict[str, set[str]] = {}
         for name, (ip, port) in topo.addresses().items():
@@ -119,6 +128,7 @@ class NativeDatapath:
         self.pump.set_parents(rows)
         if model is None:
             self.pump.set_link_model(None)
+            self.pump.set_path_model(None)
             return
         factors: dict[tuple[int, int], float] = {}
         if model.lemon_factor != 1.0 and (model.lemons or model.lemon_fraction > 0):
@@ -137,6 +147,11 @@ class NativeDatapath:
             seed=model.seed,
             factors=factors,
         )
+        if whole_path:
+            graph = path_graph(topo, model, self._parent_id, self.rx.endpoints)
+            self.pump.set_path_model(**graph)
+        else:
+            self.pump.set_path_model(None)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -380,6 +395,40 @@ def release_rows(recs: np.ndarray, *, synced: bool) -> np.ndarray:
     rows["deadline_ns"] = recs["deadline_ns"]
     rows["synced"] = synced
     return rows
+
+
+def node_key(name: str) -> int:
+    """A node's 64-bit key for the path model's per-link hash: the same on every host."""
+    return int.from_bytes(hashlib.sha256(f"node:{name}".encode()).digest()[:8], "big")
+
+
+def path_graph(
+    topo: Topology,
+    model: LinkModel,
+    parent_id: Callable[[str], int],
+    endpoints: Sequence[Endpoint],
+) -> dict[str, Any]:
+    """ReceivePump.set_path_model's keywords for a plan: the publisher and every relay as
+    (parent id, key, lemon factor), every sender -> relay link (own parent and hedges), and
+    this host's endpoints (docs/link-model.md, "The fast path and the link model")."""
+    relays = {r.name for r in topo.relays}
+
+    def factor(name: str) -> float:
+        return model.lemon_factor if model.is_lemon(name) else 1.0
+
+    senders = [(topo.publisher.name, topo.publisher.targets)]
+    senders += [(r.name, r.targets) for r in topo.relays]
+    return {
+        "publisher": parent_id(topo.publisher.name),
+        "nodes": [(parent_id(name), node_key(name), factor(name)) for name, _ in senders],
+        "edges": [
+            (parent_id(name), parent_id(t.node))
+            for name, targets in senders
+            for t in targets
+            if t.node in relays
+        ],
+        "endpoints": [(ep.index, node_key(ep.name), factor(ep.name)) for ep in endpoints],
+    }
 
 
 def delivery_rows(

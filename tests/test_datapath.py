@@ -544,3 +544,207 @@ def test_timing_counters_and_coalesce_bounds() -> None:
         assert 0 < c["lead_ns"] <= 300_000
         rec = r.records()
         assert (rec["handed_ns"] >= rec["deadline_ns"]).all()
+
+
+# -- the path model: every hop of the plan emulated at the receiver --------------------------
+
+# A depth-2 plan with sibling hedging: pub -> root -> a, b, c -> d, e, f -> the endpoint. Each
+# level-2 relay hears from its own parent and the two others (H=2); the endpoint gets one copy
+# from each of d, e, f (the rig's parents 1, 2, 3).
+PLAN_IDS = {"pub": 10, "root": 11, "a": 12, "b": 13, "c": 14, "d": 1, "e": 2, "f": 3}
+PLAN_EDGES = [("pub", "root"), ("root", "a"), ("root", "b"), ("root", "c")] + [
+    (s, t) for t in "def" for s in "abc"
+]
+ENDPOINT = "mp-0"
+
+
+def path_model_kwargs(
+    ids: dict[str, int], *, lossy_into: str | None = None, lemons: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    from overlay.nativepath import node_key
+
+    def f(name: str) -> float:
+        return 3.0 if name in lemons else 1.0
+
+    return {
+        "publisher": ids["pub"],
+        "nodes": [(i, node_key(name), f(name)) for name, i in ids.items()],
+        "edges": [(ids[s], ids[t], 1.0 if t == lossy_into else None) for s, t in PLAN_EDGES],
+        "endpoints": [(0, node_key(ENDPOINT), f(ENDPOINT))],
+    }
+
+
+def test_path_model_is_the_same_on_every_host() -> None:
+    # Two receiver hosts number the nodes differently (their own parent-id tables); the keys
+    # come from the names, so both draw the same fate for the shared relays' links.
+    other = {name: 100 + i for i, name in enumerate(reversed(list(PLAN_IDS)))}
+    link: dict[str, Any] = {"median_ns": MS, "p99_ns": 3 * MS, "spike_prob": 0.05, "loss": 0.1}
+    a = _datapath.ReceivePump(endpoints=1)
+    b = _datapath.ReceivePump(endpoints=1)
+    try:
+        for pump, ids in ((a, PLAN_IDS), (b, other)):
+            pump.set_link_model(**link, seed=7)
+            pump.set_path_model(**path_model_kwargs(ids))
+        send = time.time_ns()
+        seen: dict[str, list[int | None]] = {}
+        for seq in range(1, 301):
+            for name in ("root", "a", "e"):
+                ea = a.path_forward(PLAN_IDS[name], STREAM, 1, seq, send)
+                eb = b.path_forward(other[name], STREAM, 1, seq, send)
+                assert ea == eb, (name, seq)
+                seen.setdefault(name, []).append(ea)
+            assert a.path_arrival(PLAN_IDS["d"], 0, STREAM, 1, seq, send) == b.path_arrival(
+                other["d"], 0, STREAM, 1, seq, send
+            )
+        # Deterministic, yet a draw per datagram: delays vary and about 10% of root's copies
+        # (one lossy link from the publisher) are lost.
+        root = seen["root"]
+        assert len({x for x in root if x is not None}) > 250
+        assert 10 <= sum(x is None for x in root) <= 55
+        assert all(x is None or x > send for x in seen["e"])
+        # Another seed is another emulation.
+        b.set_link_model(**link, seed=8)
+        reseeded = [b.path_forward(other["e"], STREAM, 1, s, send) for s in range(1, 50)]
+        assert reseeded != seen["e"][:49]
+        with pytest.raises(ValueError):
+            a.path_forward(999, STREAM, 1, 1, send)
+        a.set_path_model(None)
+        with pytest.raises(ValueError):
+            a.path_forward(PLAN_IDS["root"], STREAM, 1, 1, send)
+    finally:
+        a.close()
+        b.close()
+
+
+def monte_carlo_delays(model: Any, n: int) -> np.ndarray:
+    """End-to-end delay at the endpoint over the plan, drawn with jasper.linkmodel's samplers."""
+    links = {(s, t): model.link(s, t) for s, t in PLAN_EDGES}
+    links.update({(s, ENDPOINT): model.link(s, ENDPOINT) for s in "def"})
+    out = []
+    for _ in range(n):
+        e: dict[str, float] = {"pub": 0.0}
+        for s, t in PLAN_EDGES:
+            d = links[(s, t)].sample()
+            if s in e and d is not None:
+                e[t] = min(e.get(t, float("inf")), e[s] + d)
+        arrivals = [e[s] + d for s in "def" if s in e and (d := links[(s, ENDPOINT)].sample())]
+        if arrivals:
+            out.append(min(arrivals))
+    return np.array(out)
+
+
+def test_path_delays_follow_a_monte_carlo_of_the_link_model() -> None:
+    from jasper.linkmodel import LinkModel
+
+    model = LinkModel(
+        seed=11, median_ns=2 * MS, p99_ns=6 * MS, spike_prob=0.05, spike_min_ns=8 * MS,
+        spike_max_ns=12 * MS, lemons=("b",), lemon_factor=3.0,
+    )  # fmt: skip
+    n = 500
+    with rig(parents=3, coalesce_ns=0) as r:
+        r.pump.set_link_model(
+            median_ns=model.median_ns, p99_ns=model.p99_ns, spike_prob=model.spike_prob,
+            spike_min_ns=model.spike_min_ns, spike_max_ns=model.spike_max_ns, seed=model.seed,
+        )  # fmt: skip
+        r.pump.set_path_model(**path_model_kwargs(PLAN_IDS, lemons=("b",)))
+        r.pump.start()
+        for seq in range(1, n + 1):
+            r.send(datagram(seq, 0))
+            if seq % 50 == 0:
+                time.sleep(0.005)  # paced: the kernel never drops
+        deliveries(r.pump, n)
+        rec = r.records()
+        totals = r.pump.counters()
+    assert totals["path_copies"] == 3 * n and totals["path_floored"] == 0
+    assert totals["link_lost"] == 0
+    got = (rec["arrival_ns"] - rec["send_ns"]).astype(float)
+    want = monte_carlo_delays(model, 20_000)
+    for q, tolerance in ((0.1, 0.1), (0.5, 0.08), (0.9, 0.1)):
+        g, w = float(np.quantile(got, q)), float(np.quantile(want, q))
+        assert abs(g - w) <= tolerance * w, (q, g, w)
+    # The records are what the hook computes: the first of the three copies in emulated time.
+    with rig(parents=3) as check:
+        check.pump.set_link_model(
+            median_ns=model.median_ns, p99_ns=model.p99_ns, spike_prob=model.spike_prob,
+            spike_min_ns=model.spike_min_ns, spike_max_ns=model.spike_max_ns, seed=model.seed,
+        )  # fmt: skip
+        check.pump.set_path_model(**path_model_kwargs(PLAN_IDS, lemons=("b",)))
+        for row in rec[:50]:
+            firsts = [
+                check.pump.path_arrival(pid, 0, STREAM, 1, int(row["seq"]), int(row["send_ns"]))
+                for pid in (1, 2, 3)
+            ]
+            kept = min(x for x in firsts if x is not None)
+            assert int(row["arrival_ns"]) == kept
+            assert firsts[int(row["parent"]) - 1] == kept
+
+
+def test_path_loss_into_a_relay_leaves_the_hedges() -> None:
+    n = 40
+    with rig(parents=3, coalesce_ns=0) as r:
+        r.pump.set_link_model(median_ns=200_000, p99_ns=400_000, seed=3)
+        r.pump.set_path_model(**path_model_kwargs(PLAN_IDS, lossy_into="d"))
+        r.pump.start()
+        send = time.time_ns()
+        assert r.pump.path_forward(PLAN_IDS["d"], STREAM, 1, 1, send) is None
+        assert r.pump.path_forward(PLAN_IDS["e"], STREAM, 1, 1, send) is not None
+        for seq in range(1, n + 1):
+            r.send(datagram(seq, 0))
+        got = deliveries(r.pump, n)
+        assert sorted(d[3] for d in got) == list(range(1, n + 1))
+
+        def settled() -> bool:
+            return r.counters()["received"] == 2 * n and r.pump.pending == 0
+
+        wait_until(settled)
+        c = r.counters()
+        assert c["link_lost"] == n  # every copy from d: d never forwards
+        assert c["parents"].get(1, (0, 0)) == (0, 0)
+        assert c["parents"][2][0] == n and c["parents"][3][0] == n
+        assert set(r.records()["parent"].tolist()) <= {2, 3}
+
+
+def test_path_graph_of_a_hedged_plan() -> None:
+    from types import SimpleNamespace
+
+    from jasper.layout import topology_from_plan
+    from jasper.linkmodel import LinkModel
+    from jasper.tree import tree_shape
+    from overlay.nativepath import path_graph
+
+    plan = tree_shape(100, fanout=5, hedge=2)
+    topo = topology_from_plan(
+        plan, addr="127.0.0.1", port_base=20000, hold_ns=MS, endpoints_per_receiver=20
+    )
+    ids: dict[str, int] = {}
+
+    def parent_id(name: str) -> int:
+        return ids.setdefault(name, len(ids))
+
+    host = topo.receivers[0]
+    eps: Any = [SimpleNamespace(index=i, name=e.name) for i, e in enumerate(host.endpoints)]
+    graph = path_graph(topo, LinkModel(seed=3), parent_id, eps)
+    senders: dict[int, list[int]] = {}
+    for src, dst in graph["edges"]:
+        senders.setdefault(dst, []).append(src)
+    relays = {ids[r.name] for r in topo.relays}
+    assert set(senders) == relays  # every relay hears from someone
+    assert max(len(s) for s in senders.values()) == 3  # own parent + H=2 hedges
+    pump = _datapath.ReceivePump(endpoints=len(eps))
+    try:
+        pump.set_link_model(median_ns=50_000, p99_ns=150_000, seed=3)
+        pump.set_path_model(**graph)
+        send = time.time_ns()
+        for seq in (1, 2, 3):
+            e: dict[int, int] = {graph["publisher"]: send}
+            for i in relays:
+                t = pump.path_forward(i, STREAM, 1, seq, send)
+                assert t is not None  # no loss: every relay forwards
+                e[i] = t
+            for dst, srcs in senders.items():
+                assert e[dst] > min(e[s] for s in srcs)
+            parents = {ids[r.name] for r in topo.relays for t in r.targets if t.node == eps[0].name}
+            arrivals = [pump.path_arrival(p, 0, STREAM, 1, seq, send) for p in parents]
+            assert len(parents) == 3 and all(a is not None and a > send for a in arrivals)
+    finally:
+        pump.close()
