@@ -107,14 +107,14 @@ class NativeDatapath:
         return pid
 
     def apply_plan(
-        self, topo: Topology, model: LinkModel | None, *, whole_path: bool = False
+        self, topo: Topology, model: LinkModel | None, *, whole_path: bool | None = None
     ) -> None:
         """Sender addresses → parent ids, and the link model, of a (new) plan.
 
         whole_path: emulate every hop of the plan here (the path model) instead of the last
-        hop only. Faithful only when no relay applies the link model itself (relays forward
-        at once: the eBPF fast path, or the user path without its delay line) and every
-        receiver host of the plan does the same; see docs/link-model.md.
+        hop only; None: when the model says so (emulated_at "receivers"). Faithful only when
+        no relay applies the link model itself and every receiver host of the plan emulates
+        the whole path too; see docs/link-model.md.
         """
         rows: list[tuple[str, int, int]] = []
         ips: dict[str, set[str]] = {}
@@ -147,6 +147,8 @@ class NativeDatapath:
             seed=model.seed,
             factors=factors,
         )
+        if whole_path is None:
+            whole_path = model.emulated_at == "receivers"
         if whole_path:
             graph = path_graph(topo, model, self._parent_id, self.rx.endpoints)
             self.pump.set_path_model(**graph)

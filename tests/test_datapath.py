@@ -748,3 +748,54 @@ def test_path_graph_of_a_hedged_plan() -> None:
             assert len(parents) == 3 and all(a is not None and a > send for a in arrivals)
     finally:
         pump.close()
+
+
+async def test_receivers_emulate_the_paths_of_relays_that_forward_at_once() -> None:
+    import asyncio
+
+    from jasper.layout import ports_needed, topology_from_plan
+    from jasper.tree import tree_shape
+    from overlay.launch import free_port_base
+    from overlay.publisher import Publisher
+    from overlay.receiver import Receiver
+    from overlay.relay import Relay
+
+    # r1.1 is a lemon (5x): with the whole path emulated at the receiver, endpoints keep the
+    # other relays' copies although every relay forwards at once.
+    model = {"seed": 5, "median_ns": 2 * MS, "p99_ns": 4 * MS, "lemons": ["r1.1"],
+             "lemon_factor": 5.0, "emulated_at": "receivers"}  # fmt: skip
+    plan = tree_shape(20, fanout=5, hedge=2)
+    base = free_port_base("127.0.0.1", ports_needed(plan))
+    topo = topology_from_plan(
+        plan, addr="127.0.0.1", port_base=base, hold_ns=60 * MS, link_model=model,
+        endpoints_per_receiver=20,
+    )  # fmt: skip
+    relay = Relay(topo, [r.name for r in topo.relays])
+    rx = Receiver(topo, topo.receivers[0].name, datapath="native", realtime=False)
+    pub = Publisher(topo)
+    assert relay.delay.model is None  # relays forward at once
+    relay.start()
+    rx.start()
+    try:
+        for i in range(20):
+            pub.publish(b"update %d" % i)
+            await asyncio.sleep(0.005)
+        end = time.monotonic() + 20
+        while len(rx.records) < 20 * 20 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+    finally:
+        rx.stop()
+        rx.close()
+        relay.close()
+        pub.close()
+    assert rx.native is not None
+    status = rx.native.status()
+    assert status["path_copies"] > 0 and status["link_lost"] == 0
+    recs = rx.records.array()
+    assert len(recs) == 20 * 20
+    kept = np.array([str(p) for p in recs["parent"]])
+    assert (kept == "r1.1").sum() <= 3
+    # End-to-end delays are whole paths (pub -> r0.0 -> r1.x -> r2.x -> endpoint: 4 hops of a
+    # 2 ms median; the deadline is the send time + the 60 ms hold), not one hop.
+    flight = float(np.median(recs["arrival_ns"] - recs["deadline_ns"] + 60 * MS))
+    assert flight > 3.5 * MS  # one hop: ~1.5 ms (the first of three 2 ms links)
