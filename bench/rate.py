@@ -36,10 +36,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from jasper.layout import ports_needed, topology_from_plan  # noqa: E402
+from jasper.records import message_offsets  # noqa: E402
 from jasper.topology import Topology  # noqa: E402
 from jasper.tree import tree_shape  # noqa: E402
 from jasper.wire import Header, encode_batch  # noqa: E402
 from overlay.launch import free_port_base  # noqa: E402
+from overlay.recordlog import load_releases  # noqa: E402
 
 ADDR = "127.0.0.1"
 HZ = os.sysconf("SC_CLK_TCK")
@@ -133,12 +135,16 @@ def run_host(path: str, rate: float, batch: int, duration: float, hold_ns: int) 
                 proc.kill()
             log.close()
         status = json.loads((out / f"status-receiver-{host.name}.json").read_text())
-        deliveries = np.load(out / f"deliveries-{host.name}.npy")
+        rel = load_releases(out / f"releases-{host.name}.npz")
     eps = status["endpoints"]
     pairs = sent * len(eps)
-    delivered = len({(str(r["endpoint"]), int(r["seq"])) for r in deliveries})
+    # One record per (datagram, endpoint): expand to (endpoint, message) pairs by index only.
+    src, offset = message_offsets(rel.records["count"])
+    seqs = rel.records["seq"][src].astype(np.int64) + offset
+    pair_keys = np.unique(rel.records["endpoint"][src].astype(np.int64) << 40 | seqs)
+    delivered = len(pair_keys)
     late = sum(int(e["late"]) for e in eps.values())
-    per_seq = np.bincount(deliveries["seq"].astype(np.int64), minlength=sent + 1)[1:]
+    per_seq = np.bincount(pair_keys & ((1 << 40) - 1), minlength=sent + 1)[1:]
     complete = int((per_seq >= len(eps)).sum())
     received = sum(int(e["received"]) for e in eps.values())
     cpu = cpu1 - cpu0

@@ -214,6 +214,12 @@ def run(args: argparse.Namespace) -> int:
     link_model = None
     if not args.no_link_model:
         link_model = dict(DEMO_LINK_MODEL, seed=args.seed, loss=args.loss)
+        from overlay.nativepath import native_available
+
+        # With native receivers the whole path is emulated there and relays forward at once,
+        # in the kernel where eBPF loads (docs/link-model.md); else every hop delays in Python.
+        native = args.datapath != "python" and native_available()[0]
+        link_model["emulated_at"] = "receivers" if native else "hops"
         if args.link_median_us is not None:
             median_ns = round(args.link_median_us * 1000)
             link_model["median_ns"] = median_ns

@@ -880,7 +880,7 @@ static int receive_batch(Pump *p, uint32_t idx)
 					p->path_floored++;
 				}
 				p->path_copies++;
-				arrival = t > INT64_MAX - p->offset ? INT64_MAX : t + p->offset;
+				arrival = p->offset > 0 && t > INT64_MAX - p->offset ? INT64_MAX : t + p->offset;
 			} else {
 				int64_t delay = 0;
 				if (fate < 0) {

@@ -297,6 +297,12 @@ class Receiver:
             else:
                 log.warning("native data path unavailable (%s): the Python path runs", why)
         self.datapath = "python" if self.native is None else "native"
+        model = self.delay.model
+        if self.native is None and model is not None and model.emulated_at == "receivers":
+            log.warning(
+                "the plan emulates links at the receivers, which needs the native path: this "
+                "Python receiver applies the model to its last hop only (relays do not delay)"
+            )
         if self.native is not None and records is None:
             self.records = ReleaseLog(self.native)
         try:

@@ -704,6 +704,26 @@ def test_path_loss_into_a_relay_leaves_the_hedges() -> None:
         assert set(r.records()["parent"].tolist()) <= {2, 3}
 
 
+@pytest.mark.parametrize("offset_ns", [-400_000, 400_000])
+def test_path_model_on_a_node_clock_off_the_kernel_clock(offset_ns: int) -> None:
+    # Regression: with a negative offset, an overflow guard once made every emulated arrival
+    # INT64_MAX, so the copies waited until shutdown.
+    n = 20
+    with rig(parents=3, coalesce_ns=0) as r:
+        r.pump.set_clock_offset(offset_ns)
+        r.pump.set_link_model(median_ns=200_000, p99_ns=400_000, seed=3)
+        r.pump.set_path_model(**path_model_kwargs(PLAN_IDS))
+        r.pump.start()
+        for seq in range(1, n + 1):
+            r.send(datagram(seq, 0))
+        got = deliveries(r.pump, n)
+        assert sorted(d[3] for d in got) == list(range(1, n + 1))
+        wait_until(lambda: r.pump.pending == 0)
+        rec = r.records()
+    delay = rec["arrival_ns"] - offset_ns - rec["send_ns"]
+    assert len(rec) == n and (delay > 0).all() and (delay < 1_000_000_000).all()
+
+
 def test_path_graph_of_a_hedged_plan() -> None:
     from types import SimpleNamespace
 
