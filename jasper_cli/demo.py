@@ -14,6 +14,12 @@ from jasper_cli.receiver import wakeup_us_arg
 
 # Pure-Python data plane on this 2-core budget: about 3.3·N sends and receives per message.
 FULL_RATE_ENDPOINTS = 100
+NATIVE_RATE = 10_000.0
+"""Default msg/s with native receivers: bench/rate.py and docs/topology.md show the margin."""
+PYTHON_RATE = 100.0
+"""Default msg/s on the Python receive path (its late pairs stay under 0.1% near here)."""
+NATIVE_BATCH_US = 500.0
+"""Default batch window with native receivers: ~5 messages per datagram at 10,000 msg/s."""
 
 # Above this many endpoints `--control auto` uses the static path (see --help).
 CONTROLLER_AUTO_MAX_RECEIVERS = 200
@@ -40,16 +46,17 @@ def add_parser(sub: Any) -> None:
         "--rate",
         type=float,
         default=None,
-        help=f"messages/s (default 100, scaled down as 100*{FULL_RATE_ENDPOINTS}/N above "
+        help=f"messages/s (default {NATIVE_RATE:g} with native receivers, {PYTHON_RATE:g} on the "
+        f"Python path; scaled down as rate*{FULL_RATE_ENDPOINTS}/N above "
         f"{FULL_RATE_ENDPOINTS} endpoints)",
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (10)")
     p.add_argument(
         "--batch-us",
         type=window_us_arg,
-        default=0.0,
-        help="publisher batch window in µs: messages due within it share datagrams (0: one "
-        "message per datagram)",
+        default=None,
+        help=f"publisher batch window in µs: messages due within it share datagrams (default "
+        f"{NATIVE_BATCH_US:g} with native receivers, 0 = one message per datagram otherwise)",
     )
     p.add_argument(
         "--hold-us",
@@ -199,26 +206,29 @@ def run(args: argparse.Namespace) -> int:
     if n < 1:
         print("--receivers must be >= 1", file=sys.stderr)
         return 2
+    from overlay.nativepath import native_available
+
+    native = args.datapath != "python" and native_available()[0]
+    full = NATIVE_RATE if native else PYTHON_RATE
     rate = args.rate
     if rate is None:
-        rate = 100.0 if n <= FULL_RATE_ENDPOINTS else max(1.0, 100.0 * FULL_RATE_ENDPOINTS / n)
+        rate = full if n <= FULL_RATE_ENDPOINTS else max(1.0, full * FULL_RATE_ENDPOINTS / n)
         if n > FULL_RATE_ENDPOINTS:
             print(
-                f"rate defaults to {rate:g} msg/s for {n} endpoints (pure-Python data plane on "
-                "this CPU budget); pass --rate to override",
+                f"rate defaults to {rate:g} msg/s for {n} endpoints on this CPU budget; "
+                "pass --rate to override",
                 file=sys.stderr,
             )
+    if args.batch_us is None:
+        args.batch_us = NATIVE_BATCH_US if native else 0.0
     hold_us = args.hold_us
     if hold_us is None:
         hold_us = 5000.0 if n <= 200 else 20000.0
     link_model = None
     if not args.no_link_model:
         link_model = dict(DEMO_LINK_MODEL, seed=args.seed, loss=args.loss)
-        from overlay.nativepath import native_available
-
         # With native receivers the whole path is emulated there and relays forward at once,
         # in the kernel where eBPF loads (docs/link-model.md); else every hop delays in Python.
-        native = args.datapath != "python" and native_available()[0]
         link_model["emulated_at"] = "receivers" if native else "hops"
         if args.link_median_us is not None:
             median_ns = round(args.link_median_us * 1000)
