@@ -232,16 +232,16 @@ def run_demo(path: str, rate: float, batch_us: float, duration: float, link: boo
         argv = [sys.executable, "-m", "jasper_cli.main", "demo", "--receivers", "100",
                 "--hedge", "2", "--rate", str(rate), "--duration", str(duration),
                 "--batch-us", str(batch_us), "--datapath", path, "--output", str(out),
-                "--json"]  # fmt: skip
+                ]  # fmt: skip
         if not link:
             argv.append("--no-link-model")
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"demo failed: {proc.stderr[-2000:]}")
-        summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+        summary = json.loads((out / "summary.json").read_text())
         statuses = [json.loads(p.read_text()) for p in out.glob("status-receiver-*.json")]
-    rep = summary.get("report", summary)
-    pairs = int(rep.get("pairs", 0))
+    rep = summary["fairness"]
+    pairs = int(rep.get("expected_pairs", 0))
     copies = sum(int(e["received"]) for s in statuses for e in s["endpoints"].values())
     cpu = sum(float(s["process"]["cpu_s"]) for s in statuses)
     messages = int(rep.get("messages", 0))
@@ -261,6 +261,8 @@ def run_demo(path: str, rate: float, batch_us: float, duration: float, link: boo
         us_per_message=cpu / max(1, messages) * 1e6,
     )
     t.extra["batch_us"] = batch_us
+    t.extra["p_fair"] = rep.get("p_fair")
+    t.extra["data_paths"] = summary.get("counters", {}).get("data_paths")
     return t
 
 

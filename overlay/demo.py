@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -937,6 +938,7 @@ def summarize(
         "endpoints_with_h_plus_1_parents": sum(1 for p in parents if p >= hedge_target),
         "distinct_parents_min": min(parents) if parents else 0,
         "distinct_parents_max": max(parents) if parents else 0,
+        "data_paths": _data_paths(statuses),
         "receive_lag_mean_us": _lag_mean_us(statuses),
         "receive_lag_max_us": max(
             (s.get("receive_lag", {}).get("max_ns", 0) / 1000 for s in statuses.values()),
@@ -1263,6 +1265,28 @@ def _step_summary(
     }
 
 
+def _data_paths(statuses: Mapping[str, Any]) -> str:
+    """Which path each kind of node ran, e.g. "receivers native x2; relays ebpf x3; link
+    model emulated at receivers" (from the processes' status files)."""
+    rx: Counter[str] = Counter()
+    relays: Counter[str] = Counter()
+    where: set[str] = set()
+    for s in statuses.values():
+        if s.get("kind") == "receiver":
+            rx[str(s.get("datapath", "python"))] += 1
+        elif s.get("kind") == "relay":
+            relays[str(s.get("fast_path", "user"))] += 1
+            if s.get("link_model_at"):
+                where.add(str(s["link_model_at"]))
+    parts = [
+        "receivers " + ", ".join(f"{k} x{v}" for k, v in sorted(rx.items())),
+        "relays " + ", ".join(f"{k} x{v}" for k, v in sorted(relays.items())),
+    ]
+    if where:
+        parts.append("link model emulated at " + "/".join(sorted(where)))
+    return "; ".join(parts)
+
+
 def _lag_mean_us(statuses: Mapping[str, Mapping[str, Any]]) -> float:
     lags = [s["receive_lag"] for s in statuses.values() if "receive_lag" in s]
     count = sum(int(x["count"]) for x in lags)
@@ -1292,8 +1316,15 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
         f"kernel drops {c['kernel_drops']}; link-model losses {c['link_model_lost']}",
         f"released at once, past their deadline when processed: {c['late_deliveries']} pairs "
         "(late arrivals plus receive-path backlog)",
-        f"receive-path lag (processing − kernel arrival) mean {c['receive_lag_mean_us']:.0f} µs, "
-        f"max {c['receive_lag_max_us']:.0f} µs",
+        f"data paths: {c.get('data_paths') or '-'}",
+        *(
+            [
+                f"receive-path lag (processing − kernel arrival) mean "
+                f"{c['receive_lag_mean_us']:.0f} µs, max {c['receive_lag_max_us']:.0f} µs"
+            ]
+            if "python" in str(c.get("data_paths", "python"))
+            else []
+        ),
         f"endpoints with H+1={cfg.hedge + 1} distinct parents: "
         f"{c['endpoints_with_h_plus_1_parents']}/{c['endpoints_reporting']} "
         f"(min {c['distinct_parents_min']}, max {c['distinct_parents_max']})",
