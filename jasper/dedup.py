@@ -15,6 +15,14 @@ class Verdict(Enum):
     """The slot already holds this seq: a later hedged copy."""
     STALE = "stale"
     """Older than the ring remembers, or from an older publisher session: dropped."""
+    AHEAD = "ahead"
+    """Further ahead of the newest accepted seq than the window allows: dropped, no state
+    moved (only when `check` is given a window)."""
+
+
+AHEAD_RESYNC = 64
+"""Consecutive copies all beyond the window after which a ring takes the jump as real (the
+stream moved on while this node was cut off) and accepts again."""
 
 
 class DedupRing:
@@ -29,7 +37,7 @@ class DedupRing:
     from a smaller session is STALE (late hedges of the old session).
     """
 
-    __slots__ = ("_mask", "_slots", "session")
+    __slots__ = ("_mask", "_slots", "ahead_run", "highest", "session")
 
     def __init__(self, *, size: int = 4096) -> None:
         if size < 2 or size & (size - 1):
@@ -38,20 +46,35 @@ class DedupRing:
         self._slots = [0] * size
         self.session: int | None = None
         """The publisher session the ring holds sequence numbers of."""
+        self.highest = 0
+        """The largest seq accepted in this session (0: none yet)."""
+        self.ahead_run = 0
+        """Copies refused AHEAD since the last accepted one."""
 
     @property
     def size(self) -> int:
         return self._mask + 1
 
-    def check(self, session: int, seq: int) -> Verdict:
-        """Classify one copy and remember it when accepted."""
+    def check(self, session: int, seq: int, ahead: int = 0) -> Verdict:
+        """Classify one copy and remember it when accepted.
+
+        With `ahead` > 0, a seq more than `ahead` beyond the newest accepted one is AHEAD and
+        changes nothing, so one datagram cannot push the ring's slots out of reach of the real
+        stream; after AHEAD_RESYNC such copies in a row the jump is taken as real.
+        """
         if session != self.session:
             if self.session is not None and session < self.session:
                 return Verdict.STALE
             self.session = session
             self._slots = [0] * (self._mask + 1)
+            self.highest = 0
+            self.ahead_run = 0
         if seq == 0:
             return Verdict.STALE
+        if ahead and self.highest and seq - self.highest > ahead:
+            self.ahead_run += 1
+            if self.ahead_run < AHEAD_RESYNC:
+                return Verdict.AHEAD
         slot = seq & self._mask
         held = self._slots[slot]
         if held == seq:
@@ -59,6 +82,9 @@ class DedupRing:
         if held > seq:
             return Verdict.STALE
         self._slots[slot] = seq
+        self.ahead_run = 0
+        if seq > self.highest:
+            self.highest = seq
         return Verdict.ACCEPT
 
 

@@ -4,21 +4,27 @@ release order, counters) without I/O or clock; the contract is docs/receiver-cor
 from __future__ import annotations
 
 import heapq
+import hmac
 import struct
+from collections.abc import Mapping
 from enum import IntEnum
 from typing import NamedTuple
 
 from jasper.dedup import DedupRing, Verdict
 from jasper.schedule import ReleaseSchedule
+from jasper.wire import mac_of
 from jasper.wire_spec import (
     BLOCK_HEADER_LEN,
     FLAG_HEARTBEAT,
     HEADER_LEN,
+    KEY_LEN,
     KNOWN_FLAGS,
+    MAC_OFFSET,
     MAGIC,
     MALFORMED_REASONS,
     MAX_DATAGRAM,
     MAX_PAYLOAD,
+    REJECT_REASONS,
     STRUCT_FORMAT,
     VERSION,
 )
@@ -83,12 +89,19 @@ COUNTER_NAMES: tuple[str, ...] = (
     "hold_overflow",
     "pending_overflow",
     *(f"malformed_{reason}" for reason in MALFORMED_REASONS),
+    *(f"rejected_{reason}" for reason in REJECT_REASONS),
 )
 """Keys of `ReceiverCore.counters(endpoint)`, in a stable order (the native twin uses the same):
 received: copies handed in (pending overflow included); heartbeats: heartbeat copies parsed;
 accepted, duplicates, stale: admission verdicts; released: messages released, any kind; late:
 messages released LATE; hold_overflow: datagrams released OVERFLOW; pending_overflow: future
-copies refused because the pending set was full; malformed_<reason>: copies dropped by the parse."""
+copies refused because the pending set was full; malformed_<reason>: copies dropped by the parse;
+rejected_<reason>: well-formed copies refused by authentication or sequence hygiene."""
+
+AHEAD_WINDOW = 1 << 20
+"""Default for how far (in messages) a copy's first seq may lie beyond the newest accepted one
+of its stream and session: further ahead is refused ("ahead") and moves no state; after
+jasper.dedup.AHEAD_RESYNC such copies in a row the jump is taken as real."""
 
 # Counter indices into each endpoint's list: a list of ints is cheaper per copy than a dict.
 _RECEIVED = 0
@@ -102,6 +115,10 @@ _HOLD_OVERFLOW = 7
 _PENDING_OVERFLOW = 8
 _MALFORMED = 9
 _MALFORMED_LENGTH = _MALFORMED + MALFORMED_REASONS.index("length")
+_REJECTED = _MALFORMED + len(MALFORMED_REASONS)
+_REJECT_STREAM, _REJECT_KEY, _REJECT_MAC, _REJECT_SESSION, _REJECT_AHEAD = (
+    _REJECTED + REJECT_REASONS.index(r) for r in ("stream", "key", "mac", "session", "ahead")
+)
 
 # Indices into MALFORMED_REASONS, looked up once: _parse returns one of these on a bad datagram.
 _SHORT, _MAGIC, _VERSION, _FLAGS, _LENGTH, _COUNT, _OVERRUN = (
@@ -112,8 +129,8 @@ _SHORT, _MAGIC, _VERSION, _FLAGS, _LENGTH, _COUNT, _OVERRUN = (
 _HEADER = struct.Struct(STRUCT_FORMAT)
 _UNKNOWN_FLAGS = ~KNOWN_FLAGS & 0xFF
 
-_Fields = tuple[int, int, int, int, int, int, int]
-"""(flags, stream_id, session, seq, send_time_ns, deadline_ns, msg_count)."""
+_Fields = tuple[int, int, int, int, int, int, int, int]
+"""(flags, stream_id, session, seq, send_time_ns, deadline_ns, msg_count, key_epoch)."""
 
 _Held = tuple[int, int, int, int, int, bytes]
 """What the hold keeps beside (deadline, stream, seq, endpoint): (parent, session, count,
@@ -134,7 +151,7 @@ def _parse(data: bytes) -> _Fields | int:
     n = len(data)
     if n < HEADER_LEN:
         return _SHORT
-    (magic, version, flags, stream, session, _epoch, seq, sent, deadline, plen, count, _r1) = (
+    (magic, version, flags, stream, session, _epoch, seq, sent, deadline, plen, count, kep, _m) = (
         _HEADER.unpack_from(data)
     )
     if magic != MAGIC:
@@ -148,7 +165,7 @@ def _parse(data: bytes) -> _Fields | int:
     if flags & FLAG_HEARTBEAT:
         if count or plen:
             return _COUNT
-        return flags, stream, session, seq, sent, deadline, count
+        return flags, stream, session, seq, sent, deadline, count, kep
     if count == 0:
         return _COUNT
     if count == 1:  # an unbatched feed: one block filling the payload
@@ -159,7 +176,7 @@ def _parse(data: bytes) -> _Fields | int:
             return _OVERRUN
         if length < plen - BLOCK_HEADER_LEN:
             return _COUNT
-        return flags, stream, session, seq, sent, deadline, count
+        return flags, stream, session, seq, sent, deadline, count, kep
     at = HEADER_LEN
     for _ in range(count):
         if at + BLOCK_HEADER_LEN > n:
@@ -169,7 +186,7 @@ def _parse(data: bytes) -> _Fields | int:
             return _OVERRUN
     if at != n:
         return _COUNT
-    return flags, stream, session, seq, sent, deadline, count
+    return flags, stream, session, seq, sent, deadline, count, kep
 
 
 class ReceiverCore:
@@ -188,7 +205,10 @@ class ReceiverCore:
         ring_size: int = 4096,
         hold_capacity: int = 65536,
         pending_capacity: int = 65536,
+        ahead_window: int = AHEAD_WINDOW,
     ) -> None:
+        if ahead_window < 1:
+            raise ValueError(f"ahead_window must be >= 1, got {ahead_window}")
         if endpoints < 1:
             raise ValueError(f"endpoints must be >= 1, got {endpoints}")
         if pending_capacity < 0:
@@ -208,8 +228,43 @@ class ReceiverCore:
         self._rings: list[dict[int, DedupRing]] = [{} for _ in range(endpoints)]
         self._parents: list[dict[int, list[int]]] = [{} for _ in range(endpoints)]
         self._releases: list[CoreRelease] = []
+        self._ahead = ahead_window
+        # stream id -> (keys by epoch, or None for an unauthenticated stream; announced
+        # session, or None to follow the newest session seen).
+        self._streams: dict[int, tuple[dict[int, bytes] | None, int | None]] = {}
 
     # Inputs
+
+    def set_stream(
+        self, stream_id: int, *, keys: Mapping[int, bytes] | None, session: int | None = None
+    ) -> None:
+        """Accept copies of `stream_id` from now on (a plan or config named it).
+
+        `keys` maps key epoch -> stream key (KEY_LEN bytes): a copy must carry a MAC made with
+        one of them. None makes the stream unauthenticated (a lab topology without keys; the
+        controller always issues keys). `session`: the publisher session the control plane
+        announced; copies of any other session are refused. None follows the newest session
+        seen, as a DedupRing does. Calling again replaces both (key rotation, a new session);
+        copies of streams never set are refused ("stream").
+        """
+        if not 0 <= stream_id <= U32_MAX:
+            raise ValueError(f"stream {stream_id} out of range 0..{U32_MAX}")
+        if session is not None and not 0 <= session <= U32_MAX:
+            raise ValueError(f"session {session} out of range 0..{U32_MAX}")
+        held: dict[int, bytes] | None = None
+        if keys is not None:
+            held = {}
+            for epoch, key in keys.items():
+                if not 1 <= epoch <= U32_MAX:
+                    raise ValueError(f"key epoch {epoch} out of range 1..{U32_MAX}")
+                if len(key) != KEY_LEN:
+                    raise ValueError(f"a stream key has {KEY_LEN} bytes, got {len(key)}")
+                held[epoch] = bytes(key)
+        self._streams[stream_id] = (held, session)
+
+    def drop_stream(self, stream_id: int) -> None:
+        """Refuse copies of `stream_id` from now on; what is held is still released."""
+        self._streams.pop(stream_id, None)
 
     def datagram_received(
         self,
@@ -369,7 +424,24 @@ class ReceiverCore:
         if isinstance(fields, int):
             counts[_MALFORMED + fields] += 1
             return
-        flags, stream, session, seq, sent, deadline, count = fields
+        flags, stream, session, seq, sent, deadline, count, key_epoch = fields
+        # Authenticate before anything about the copy is believed or remembered.
+        config = self._streams.get(stream)
+        if config is None:
+            counts[_REJECT_STREAM] += 1
+            return
+        keys, announced = config
+        if keys is not None:
+            key = keys.get(key_epoch)
+            if key is None:
+                counts[_REJECT_KEY] += 1
+                return
+            if not hmac.compare_digest(mac_of(data, key), data[MAC_OFFSET:HEADER_LEN]):
+                counts[_REJECT_MAC] += 1
+                return
+        if announced is not None and session != announced:
+            counts[_REJECT_SESSION] += 1
+            return
         seen = self._parents[endpoint].get(parent)
         if seen is None:
             seen = self._parents[endpoint][parent] = [0, 0]
@@ -381,9 +453,14 @@ class ReceiverCore:
         ring = rings.get(stream)
         if ring is None:
             ring = rings[stream] = DedupRing(size=self._ring_size)
-        verdict = ring.check(session, seq)
+        verdict = ring.check(session, seq, self._ahead)
         if verdict is not Verdict.ACCEPT:
-            counts[_DUPLICATES if verdict is Verdict.DUPLICATE else _STALE] += 1
+            if verdict is Verdict.DUPLICATE:
+                counts[_DUPLICATES] += 1
+            elif verdict is Verdict.AHEAD:
+                counts[_REJECT_AHEAD] += 1
+            else:
+                counts[_STALE] += 1
             return
         counts[_ACCEPTED] += 1
         seen[1] += 1

@@ -7,21 +7,32 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from scapy.fields import ByteField, Field, IntField, LongField, ShortField, XShortField
+from scapy.fields import (
+    ByteField,
+    Field,
+    IntField,
+    LongField,
+    ShortField,
+    StrFixedLenField,
+    XShortField,
+)
 from scapy.layers.inet import UDP
 from scapy.packet import Packet, bind_layers
 
 from jasper.wire_spec import FIELDS, MAGIC, VERSION
+from jasper.wire_spec import Field as WireField
 
 _BY_CTYPE: dict[str, Any] = {"__u8": ByteField, "__u16": ShortField, "__u32": IntField}
 _BY_CTYPE["__u64"] = LongField
 _DEFAULTS = {"magic": MAGIC, "version": VERSION}
 
 
-def _scapy_field(name: str, ctype: str) -> Field[Any, Any]:
-    if name == "magic":
-        return XShortField(name, MAGIC)
-    field: Field[Any, Any] = _BY_CTYPE[ctype](name, _DEFAULTS.get(name, 0))
+def _scapy_field(spec: WireField) -> Field[Any, Any]:
+    if spec.name == "magic":
+        return XShortField(spec.name, MAGIC)
+    if spec.count:
+        return StrFixedLenField(spec.name, bytes(spec.size), length=spec.size)
+    field: Field[Any, Any] = _BY_CTYPE[spec.ctype](spec.name, _DEFAULTS.get(spec.name, 0))
     return field
 
 
@@ -29,7 +40,7 @@ class Jasper(Packet):
     """The Jasper data header; the payload follows as Raw."""
 
     name = "Jasper"
-    fields_desc: ClassVar[list[Any]] = [_scapy_field(f.name, f.ctype) for f in FIELDS]
+    fields_desc: ClassVar[list[Any]] = [_scapy_field(f) for f in FIELDS]
 
     def post_build(self, pkt: bytes, pay: bytes) -> bytes:
         # Fill payload_len from the payload unless the caller set it (to build bad packets).

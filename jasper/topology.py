@@ -6,6 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jasper.wire import StreamKey
+from jasper.wire_spec import KEY_LEN
+
 SCHEMA_VERSION = 1
 
 
@@ -35,6 +38,29 @@ class StreamConfig:
     """Hedging H: every endpoint gets H+1 copies where the tree allows."""
     hold_ns: int = 500_000
     """Time from root send to release (deadline − send time), in nanoseconds."""
+    auth: StreamAuth | None = None
+    """The stream's MAC keys; None: an unauthenticated lab stream (the controller always issues
+    keys)."""
+    session: int | None = None
+    """The publisher session the control plane announced; receivers and relays take no other.
+    None: follow the newest session seen (static lab topologies)."""
+
+
+@dataclass(frozen=True)
+class StreamAuth:
+    """The keys a node holds for one stream (docs/security.md: life cycle)."""
+
+    keys: tuple[StreamKey, ...]
+    """Every key epoch valid now: one, or two during a rotation (make before break)."""
+    sign_epoch: int
+    """The epoch the publisher signs with; one of `keys`."""
+
+    def by_epoch(self) -> dict[int, bytes]:
+        """Key epoch -> key, as the node cores take them."""
+        return {k.epoch: k.key for k in self.keys}
+
+    def signing_key(self) -> StreamKey:
+        return next(k for k in self.keys if k.epoch == self.sign_epoch)
 
 
 @dataclass(frozen=True)
@@ -129,12 +155,7 @@ class Topology:
         doc: dict[str, Any] = {
             "version": SCHEMA_VERSION,
             "plan_epoch": self.plan_epoch,
-            "stream": {
-                "id": self.stream.id,
-                "name": self.stream.name,
-                "hedge": self.stream.hedge,
-                "hold_ns": self.stream.hold_ns,
-            },
+            "stream": stream_dict(self.stream),
             "publisher": {
                 "name": self.publisher.name,
                 "addr": self.publisher.addr,
@@ -165,6 +186,24 @@ class Topology:
         }
         doc.update(self.extra)
         return doc
+
+
+def stream_dict(stream: StreamConfig) -> dict[str, Any]:
+    """The document form of a StreamConfig (keys as hex)."""
+    out: dict[str, Any] = {
+        "id": stream.id,
+        "name": stream.name,
+        "hedge": stream.hedge,
+        "hold_ns": stream.hold_ns,
+    }
+    if stream.auth is not None:
+        out["auth"] = {
+            "keys": [{"epoch": k.epoch, "key": k.key.hex()} for k in stream.auth.keys],
+            "sign_epoch": stream.auth.sign_epoch,
+        }
+    if stream.session is not None:
+        out["session"] = stream.session
+    return out
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -243,6 +282,36 @@ def _targets(obj: Mapping[str, Any], path: str) -> tuple[Target, ...]:
     return tuple(out)
 
 
+def _auth(obj: Any, path: str) -> StreamAuth:
+    if not isinstance(obj, Mapping):
+        raise TopologyError(f"{path}: expected an object")
+    entries = _get(obj, "keys", list, path)
+    if not 1 <= len(entries) <= 4:
+        raise TopologyError(f"{path}.keys: {len(entries)} keys, expected 1..4")
+    keys = []
+    for i, entry in enumerate(entries):
+        kp = f"{path}.keys[{i}]"
+        if not isinstance(entry, Mapping):
+            raise TopologyError(f"{kp}: expected an object")
+        epoch = _get(entry, "epoch", int, kp)
+        text = _get(entry, "key", str, kp)
+        try:
+            secret = bytes.fromhex(text)
+        except ValueError:
+            raise TopologyError(f"{kp}.key: not hexadecimal") from None
+        if len(secret) != KEY_LEN:
+            raise TopologyError(f"{kp}.key: {len(secret)} bytes, a stream key has {KEY_LEN}")
+        if not 1 <= epoch <= 2**32 - 1:
+            raise TopologyError(f"{kp}.epoch: {epoch} out of range 1..2^32-1")
+        keys.append(StreamKey(epoch, secret))
+    if len({k.epoch for k in keys}) != len(keys):
+        raise TopologyError(f"{path}.keys: an epoch appears twice")
+    sign_epoch = _opt(obj, "sign_epoch", int, path, max(k.epoch for k in keys))
+    if sign_epoch not in {k.epoch for k in keys}:
+        raise TopologyError(f"{path}.sign_epoch: {sign_epoch} is not one of the keys' epochs")
+    return StreamAuth(keys=tuple(keys), sign_epoch=sign_epoch)
+
+
 def parse_topology(doc: Mapping[str, Any]) -> Topology:
     """Validate a topology document (already parsed from JSON or TOML) into a Topology."""
     if not isinstance(doc, Mapping):
@@ -263,11 +332,16 @@ def parse_topology(doc: Mapping[str, Any]) -> Topology:
 
     s = _get(doc, "stream", dict, p)
     sp = "$.stream"
+    session = _opt(s, "session", int, sp, None)
+    if session is not None and not 0 <= session <= 2**32 - 1:
+        raise TopologyError(f"$.stream.session: {session} out of range 0..2^32-1")
     stream = StreamConfig(
         id=_get(s, "id", int, sp),
         name=_opt(s, "name", str, sp, "default"),
         hedge=_opt(s, "hedge", int, sp, 2),
         hold_ns=_opt(s, "hold_ns", int, sp, 500_000),
+        auth=_auth(s["auth"], f"{sp}.auth") if s.get("auth") is not None else None,
+        session=session,
     )
     if not 0 <= stream.id <= 2**32 - 1:
         raise TopologyError(f"$.stream.id: {stream.id} out of range 0..2^32-1")

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+import hmac
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from jasper.wire_spec import (
     BLOCK_HEADER_LEN,
     FLAG_HEARTBEAT,
+    FLAG_HEDGE_COPY,
     HEADER_LEN,
+    KEY_LEN,
     KNOWN_FLAGS,
+    MAC_DIGEST,
+    MAC_LEN,
+    MAC_OFFSET,
     MAGIC,
     MAX_PAYLOAD,
     STRUCT_FORMAT,
@@ -23,6 +29,9 @@ _HEADER = struct.Struct(STRUCT_FORMAT)
 _BLOCK = struct.Struct("!H")
 _OFFSETS = offsets()
 _FLAGS_OFFSET = _OFFSETS["flags"]
+_KEY_EPOCH = struct.Struct("!I")
+_KEY_EPOCH_OFFSET = _OFFSETS["key_epoch"]
+_NO_MAC = bytes(MAC_LEN)
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
@@ -63,6 +72,10 @@ class Header:
     """Length of the payload (all message blocks) in bytes; `encode` fills it in."""
     msg_count: int = 0
     """Messages in the datagram (0 for a heartbeat); `encode` fills it in."""
+    key_epoch: int = 0
+    """Epoch of the stream key the MAC was made with; `encode` fills it in from the key."""
+    mac: bytes = _NO_MAC
+    """The MAC (MAC_LEN bytes); zeros on an unauthenticated datagram."""
 
     @property
     def is_heartbeat(self) -> bool:
@@ -91,10 +104,73 @@ def _check_range(name: str, value: int, top: int) -> None:
         raise ValueError(f"{name}={value} out of range 0..{top}")
 
 
-def encode(header: Header, payload: bytes = b"") -> bytes:
-    """Serialize a datagram of one message (a heartbeat: none). Raises ValueError on a local
-    misuse (a field out of range, a payload too large)."""
-    return encode_batch(header, () if header.is_heartbeat else (payload,))
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    """One epoch of a stream's MAC key, as the controller issues it."""
+
+    epoch: int
+    """Key epoch, u32 >= 1; carried in every datagram signed with it (0 means unsigned)."""
+    key: bytes = b""
+    """The secret, KEY_LEN bytes."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.epoch <= U32_MAX:
+            raise ValueError(f"key epoch {self.epoch} out of range 1..{U32_MAX}")
+        if len(self.key) != KEY_LEN:
+            raise ValueError(f"a stream key has {KEY_LEN} bytes, got {len(self.key)}")
+
+    def __repr__(self) -> str:  # never print the secret into a log
+        return f"StreamKey(epoch={self.epoch}, key=<{len(self.key)} bytes>)"
+
+
+def mac_of(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
+    """The MAC of a datagram under `key`: HMAC-SHA256 truncated to MAC_LEN bytes, over the
+    header before the MAC field with the hedge-copy flag cleared, then the payload. The caller
+    has checked that `data` holds at least a header."""
+    view = memoryview(data)
+    covered = b"".join(
+        (
+            view[:_FLAGS_OFFSET],
+            bytes((view[_FLAGS_OFFSET] & ~FLAG_HEDGE_COPY & 0xFF,)),
+            view[_FLAGS_OFFSET + 1 : MAC_OFFSET],
+            view[HEADER_LEN:],
+        )
+    )
+    return hmac.digest(key, covered, MAC_DIGEST)[:MAC_LEN]
+
+
+def sign(datagram: bytes | bytearray, key: StreamKey) -> bytes:
+    """The datagram with `key_epoch` set to the key's epoch and its MAC filled in."""
+    out = bytearray(datagram)
+    _KEY_EPOCH.pack_into(out, _KEY_EPOCH_OFFSET, key.epoch)
+    out[MAC_OFFSET:HEADER_LEN] = mac_of(out, key.key)
+    return bytes(out)
+
+
+def key_epoch_of(data: bytes | bytearray | memoryview) -> int:
+    """The key epoch of a datagram whose header was validated."""
+    epoch: int = _KEY_EPOCH.unpack_from(data, _KEY_EPOCH_OFFSET)[0]
+    return epoch
+
+
+def mac_matches(data: bytes | bytearray | memoryview, keys: Mapping[int, bytes]) -> str | None:
+    """Check a validated datagram's MAC against the keys held for its stream (epoch -> key).
+
+    None when it matches; else the reject reason: "key" (no key of its epoch is held) or
+    "mac" (the MAC is wrong). The comparison takes constant time.
+    """
+    key = keys.get(key_epoch_of(data))
+    if key is None:
+        return "key"
+    if not hmac.compare_digest(mac_of(data, key), bytes(data[MAC_OFFSET:HEADER_LEN])):
+        return "mac"
+    return None
+
+
+def encode(header: Header, payload: bytes = b"", *, key: StreamKey | None = None) -> bytes:
+    """Serialize a datagram of one message (a heartbeat: none), signed with `key` when given.
+    Raises ValueError on a local misuse (a field out of range, a payload too large)."""
+    return encode_batch(header, () if header.is_heartbeat else (payload,), key=key)
 
 
 def pack_blocks(messages: Sequence[bytes]) -> bytes:
@@ -119,8 +195,11 @@ def unpack_blocks(payload: bytes | bytearray | memoryview) -> list[bytes]:
     return out
 
 
-def encode_batch(header: Header, messages: Sequence[bytes]) -> bytes:
-    """Serialize one datagram carrying `messages` (seq, seq+1, ...). ValueError on misuse."""
+def encode_batch(
+    header: Header, messages: Sequence[bytes], *, key: StreamKey | None = None
+) -> bytes:
+    """Serialize one datagram carrying `messages` (seq, seq+1, ...), signed with `key` when
+    given (else key_epoch and mac come from the header). ValueError on misuse."""
     if header.is_heartbeat and messages:
         raise ValueError("a heartbeat carries no messages")
     if not header.is_heartbeat and not messages:
@@ -141,7 +220,10 @@ def encode_batch(header: Header, messages: Sequence[bytes]) -> bytes:
         _check_range("last seq", header.seq + len(messages) - 1, U64_MAX)
     if header.flags & ~KNOWN_FLAGS or header.flags < 0:
         raise ValueError(f"unknown flags 0x{header.flags:x}")
-    return (
+    _check_range("key_epoch", header.key_epoch, U32_MAX)
+    if len(header.mac) != MAC_LEN:
+        raise ValueError(f"mac of {len(header.mac)} bytes, the header holds {MAC_LEN}")
+    datagram = (
         _HEADER.pack(
             MAGIC,
             VERSION,
@@ -154,10 +236,12 @@ def encode_batch(header: Header, messages: Sequence[bytes]) -> bytes:
             header.deadline_ns,
             len(body),
             len(messages),
-            0,
+            header.key_epoch,
+            header.mac,
         )
         + body
     )
+    return datagram if key is None else sign(datagram, key)
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> Header:
@@ -176,7 +260,8 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         deadline_ns,
         payload_len,
         msg_count,
-        _r1,
+        key_epoch,
+        mac,
     ) = _HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise WireError("magic", f"0x{magic:04x}")
@@ -203,6 +288,8 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
         flags=flags,
         payload_len=payload_len,
         msg_count=msg_count,
+        key_epoch=key_epoch,
+        mac=mac,
     )
 
 
@@ -238,9 +325,9 @@ def set_flags(datagram: bytes, flags: int) -> bytes:
     return datagram[:_FLAGS_OFFSET] + bytes((flags,)) + datagram[_FLAGS_OFFSET + 1 :]
 
 
-def with_header(message: Message, **changes: int) -> bytes:
-    """Re-encode a datagram with some header fields changed."""
-    return encode_batch(replace(message.header, **changes), message.messages)
+def with_header(message: Message, *, key: StreamKey | None = None, **changes: int) -> bytes:
+    """Re-encode a datagram with some header fields changed (signed again with `key`)."""
+    return encode_batch(replace(message.header, **changes), message.messages, key=key)
 
 
 _UNKNOWN_FLAGS = ~KNOWN_FLAGS & 0xFF
@@ -260,7 +347,7 @@ def peek(data: bytes) -> PeekFields:
     n = len(data)
     if n < HEADER_LEN:
         raise WireError("short", f"{n} bytes, header needs {HEADER_LEN}")
-    (magic, version, flags, stream, session, epoch, seq, sent, deadline, plen, count, _r1) = (
+    (magic, version, flags, stream, session, epoch, seq, sent, deadline, plen, count, _k, _m) = (
         _HEADER.unpack_from(data)
     )
     if magic != MAGIC:
@@ -305,14 +392,19 @@ __all__ = [
     "MAX_PAYLOAD",
     "Header",
     "Message",
+    "StreamKey",
     "WireError",
     "decode",
     "decode_header",
     "encode",
     "encode_batch",
+    "key_epoch_of",
+    "mac_matches",
+    "mac_of",
     "pack_blocks",
     "peek",
     "set_flags",
+    "sign",
     "split_blocks",
     "unpack_blocks",
     "with_header",

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAGIC = 0x4A53  # "JS"
-VERSION = 2
-"""Version 2: a datagram carries a batch of messages (`msg_count` blocks after the header)."""
+VERSION = 3
+"""Version 3: a datagram carries a batch of messages (`msg_count` blocks after the header) and
+a MAC over header and payload (`key_epoch`, `mac`)."""
 
 # Flags (bit values in the `flags` byte).
 FLAG_HEDGE_COPY = 0x01
@@ -34,14 +35,28 @@ class Field:
     """Fixed-width C type: one of __u8, __u16, __u32, __u64 (network byte order on the wire)."""
     doc: str
     """One line for the wire-format document and the C header."""
+    count: int = 0
+    """0 for a number; n > 0 for an array of n bytes (ctype __u8), kept as bytes in Python."""
 
     @property
     def size(self) -> int:
-        return {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8}[self.ctype]
+        one = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8}[self.ctype]
+        return one * self.count if self.count else one
+
+    @property
+    def align(self) -> int:
+        """The alignment the field needs: its size for a number, 1 for a byte array."""
+        return 1 if self.count else self.size
 
     @property
     def struct_code(self) -> str:
+        if self.count:
+            return f"{self.count}s"
         return {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q"}[self.ctype]
+
+    @property
+    def c_declaration(self) -> str:
+        return f"{self.ctype} {self.name}[{self.count}]" if self.count else f"{self.ctype} {self.name}"
 
 
 # The layout. Every field sits at an offset that is a multiple of its size, so the C struct has no
@@ -58,7 +73,8 @@ FIELDS: tuple[Field, ...] = (
     Field("deadline_ns", "__u64", "release time of every message, ns since the epoch; 0 = at once"),
     Field("payload_len", "__u16", "bytes of payload that follow the header"),
     Field("msg_count", "__u16", "messages in the payload: 0 for a heartbeat, >= 1 for data"),
-    Field("reserved1", "__u32", "zero on send, ignored on receive"),
+    Field("key_epoch", "__u32", "epoch of the stream key the MAC was made with (rotation)"),
+    Field("mac", "__u8", "HMAC-SHA256, first 16 bytes (docs/wire-format.md, MAC)", count=16),
 )
 
 
@@ -67,8 +83,8 @@ def offsets() -> dict[str, int]:
     out: dict[str, int] = {}
     at = 0
     for f in FIELDS:
-        if at % f.size:
-            raise AssertionError(f"field {f.name} at {at} is not aligned to {f.size}")
+        if at % f.align:
+            raise AssertionError(f"field {f.name} at {at} is not aligned to {f.align}")
         out[f.name] = at
         at += f.size
     return out
@@ -88,6 +104,17 @@ MAX_MESSAGE = MAX_PAYLOAD - BLOCK_HEADER_LEN
 MAX_MESSAGES = MAX_PAYLOAD // BLOCK_HEADER_LEN
 """Most messages one datagram can carry (all empty)."""
 
+# MAC: HMAC-SHA256 (RFC 2104) keyed by the stream key of `key_epoch`, truncated to its first
+# MAC_LEN bytes (as RFC 4868 does), over the header's first MAC_OFFSET bytes with the hedge-copy
+# flag cleared (relays set it on the copies they hedge), then the payload. docs/security.md says
+# why this primitive.
+MAC_LEN = 16
+MAC_OFFSET = 48
+"""Where the MAC sits in the header: every byte before it is covered, except the hedge bit."""
+MAC_DIGEST = "sha256"
+KEY_LEN = 32
+"""Bytes of a stream key."""
+
 MALFORMED_REASONS: tuple[str, ...] = (
     "short",
     "magic",
@@ -102,6 +129,12 @@ short: fewer bytes than the header; magic; version; flags: unknown bits; length:
 differs from the bytes that follow or exceeds MAX_PAYLOAD; count: msg_count disagrees with the
 blocks (bytes left after the last block, 0 for data, not 0 for a heartbeat); overrun: a block's
 length runs past the end of the datagram."""
+
+REJECT_REASONS: tuple[str, ...] = ("stream", "key", "mac", "session", "ahead")
+"""Why a well-formed datagram was refused, in the order the checks run (stable counter names):
+stream: a stream the node is not configured for; key: a key epoch the node holds no key for;
+mac: the MAC does not match; session: not the publisher session the control plane announced;
+ahead: its sequence number lies further ahead of the newest accepted one than the window."""
 
 
 def c_header() -> str:
@@ -123,12 +156,15 @@ def c_header() -> str:
         f"#define JASPER_MAX_PAYLOAD {MAX_PAYLOAD}",
         f"#define JASPER_BLOCK_HEADER_LEN {BLOCK_HEADER_LEN}",
         f"#define JASPER_MAX_MESSAGES {MAX_MESSAGES}",
+        f"#define JASPER_MAC_LEN {MAC_LEN}",
+        f"#define JASPER_MAC_OFFSET {MAC_OFFSET}",
+        f"#define JASPER_KEY_LEN {KEY_LEN}",
         "",
         "/* All multi-byte fields are in network byte order. */",
         "struct jasper_hdr {",
     ]
     for f in FIELDS:
-        lines.append(f"\t{f.ctype} {f.name}; /* {f.doc} */")
+        lines.append(f"\t{f.c_declaration}; /* {f.doc} */")
     lines.append("} __attribute__((packed));")
     lines.append("")
     lines.append(f'_Static_assert(sizeof(struct jasper_hdr) == {HEADER_LEN}, "jasper_hdr size");')

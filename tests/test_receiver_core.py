@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jasper.dedup import AHEAD_RESYNC
 from jasper.receiver_core import COUNTER_NAMES, CoreRelease, ReceiverCore, ReleaseKind
-from jasper.wire import Header, WireError, encode_batch, pack_blocks
-from jasper.wire_spec import FLAG_HEARTBEAT, HEADER_LEN, MALFORMED_REASONS, MAX_DATAGRAM, offsets
+from jasper.wire import Header, StreamKey, WireError, encode_batch, pack_blocks, sign
+from jasper.wire_spec import (
+    FLAG_HEARTBEAT,
+    FLAG_HEDGE_COPY,
+    HEADER_LEN,
+    MALFORMED_REASONS,
+    MAX_DATAGRAM,
+    REJECT_REASONS,
+    offsets,
+)
 from overlay.fastwire import peek
 
 ON_TIME, LATE, UNSTAMPED, OVERFLOW = (
@@ -20,6 +30,18 @@ ON_TIME, LATE, UNSTAMPED, OVERFLOW = (
     ReleaseKind.OVERFLOW,
 )
 OFFSETS = offsets()
+
+
+OPEN_STREAMS = (1, 2, 3)
+"""Streams the tests' cores accept without a MAC (set_stream with keys=None)."""
+
+
+def make(**config: int) -> ReceiverCore:
+    """A core that accepts OPEN_STREAMS unauthenticated, following the newest session."""
+    core = ReceiverCore(**config)
+    for stream in OPEN_STREAMS:
+        core.set_stream(stream, keys=None)
+    return core
 
 
 def dgram(
@@ -71,9 +93,10 @@ def test_counter_names() -> None:
         "hold_overflow",
         "pending_overflow",
         *(f"malformed_{r}" for r in MALFORMED_REASONS),
+        *(f"rejected_{r}" for r in REJECT_REASONS),
     )
     assert expected == COUNTER_NAMES
-    core = ReceiverCore(endpoints=2)
+    core = make(endpoints=2)
     assert tuple(core.counters(1)) == COUNTER_NAMES
     assert set(core.counters(1).values()) == {0}
     assert core.parents(0) == {}
@@ -93,7 +116,7 @@ def test_constructor_is_keyword_only_and_validates() -> None:
 
 
 def test_first_copy_in_emulated_time_wins() -> None:
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     d = dgram(1, deadline=1000, sent=7)
     # The kernel hands over parent 1's copy first, but parent 2's arrives first in emulated time.
     core.datagram_received(0, d, 1, 300, 100)
@@ -117,7 +140,7 @@ def test_first_copy_in_emulated_time_wins() -> None:
 
 
 def test_same_arrival_keeps_the_copy_handed_in_first() -> None:
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     d = dgram(1)
     core.datagram_received(0, d, 4, 50, 10)
     core.datagram_received(0, d, 3, 50, 10)
@@ -127,7 +150,7 @@ def test_same_arrival_keeps_the_copy_handed_in_first() -> None:
 
 
 def test_due_copies_all_processed_in_arrival_order_before_a_new_due_one() -> None:
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     core.datagram_received(0, dgram(1), 1, 150, 100)
     core.datagram_received(0, dgram(2), 1, 120, 100)
     # At 200 both are due, and so is the new copy of seq 1 that arrived at 110: it wins.
@@ -141,7 +164,7 @@ def test_due_copies_all_processed_in_arrival_order_before_a_new_due_one() -> Non
 
 
 def test_copy_from_the_future_waits_for_its_arrival() -> None:
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     core.datagram_received(0, dgram(1), 9, 500, 100)
     assert core.releases() == []
     assert (core.pending, core.get_timer()) == (1, 500)
@@ -156,7 +179,7 @@ def test_copy_from_the_future_waits_for_its_arrival() -> None:
 
 
 def test_pending_copy_owns_its_bytes() -> None:
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     buf = bytearray(dgram(1, msgs=(b"abc",)))
     core.datagram_received(0, memoryview(buf), 0, 20, 10)
     buf[:] = bytes(len(buf))  # the pump reuses its receive buffer
@@ -167,7 +190,7 @@ def test_pending_copy_owns_its_bytes() -> None:
 
 
 def test_pending_overflow() -> None:
-    core = ReceiverCore(endpoints=1, pending_capacity=2)
+    core = make(endpoints=1, pending_capacity=2)
     core.datagram_received(0, dgram(1), 0, 200, 100)
     core.datagram_received(0, dgram(2), 0, 300, 100)
     core.datagram_received(0, dgram(3), 0, 250, 100)  # refused
@@ -188,7 +211,7 @@ def test_pending_overflow() -> None:
 
 
 def test_duplicates_stale_and_session_reset() -> None:
-    core = ReceiverCore(endpoints=2, ring_size=4)
+    core = make(endpoints=2, ring_size=4)
     feed = [
         (0, dgram(5)),  # accepted
         (0, dgram(5)),  # duplicate
@@ -223,7 +246,7 @@ def test_duplicates_stale_and_session_reset() -> None:
 
 
 def test_heartbeat_is_counted_and_dropped() -> None:
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     core.datagram_received(0, dgram(3, deadline=50, flags=FLAG_HEARTBEAT), 6, 10, 10)
     assert core.releases() == []
     assert counts(core) == {"received": 1, "heartbeats": 1}
@@ -280,7 +303,7 @@ def test_every_malformed_reason() -> None:
             with pytest.raises(WireError) as exc:
                 peek(d)
             assert exc.value.reason == reason, (reason, d)
-            core = ReceiverCore(endpoints=1)
+            core = make(endpoints=1)
             core.datagram_received(0, d, 3, 10, 10)
             assert counts(core) == {"received": 1, f"malformed_{reason}": 1}, (reason, d)
             assert core.parents(0) == {}
@@ -288,7 +311,7 @@ def test_every_malformed_reason() -> None:
 
 
 def test_oversize_is_refused_on_entry_even_from_the_future() -> None:
-    core = ReceiverCore(endpoints=1, pending_capacity=0)
+    core = make(endpoints=1, pending_capacity=0)
     core.datagram_received(0, dgram(1) + bytes(MAX_DATAGRAM), 0, 500, 100)
     assert counts(core) == {"received": 1, "malformed_length": 1}
     assert (core.pending, core.get_timer()) == (0, None)
@@ -305,14 +328,14 @@ def test_malformed_verdict_equals_peek(tail: bytes, byte: int, at: int, cut: int
         expected = None
     except WireError as exc:
         expected = f"malformed_{exc.reason}"
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     core.datagram_received(0, data, 0, 0, 0)
     bad = [k for k, v in counts(core).items() if k.startswith("malformed_")]
     assert bad == ([expected] if expected else [])
 
 
 def test_late_unstamped_and_hold_overflow() -> None:
-    core = ReceiverCore(endpoints=1, hold_capacity=1)
+    core = make(endpoints=1, hold_capacity=1)
     core.datagram_received(0, dgram(1, deadline=100), 0, 100, 100)  # deadline == now: late
     core.datagram_received(0, dgram(2, deadline=0), 0, 100, 100)
     core.datagram_received(0, dgram(3, deadline=500), 0, 100, 100)  # held
@@ -335,14 +358,14 @@ def test_late_unstamped_and_hold_overflow() -> None:
 
 
 def test_late_copy_is_released_before_the_held_ones_due_in_the_same_call() -> None:
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     core.datagram_received(0, dgram(1, deadline=200), 0, 100, 100)
     core.datagram_received(0, dgram(2, deadline=150), 0, 300, 300)
     assert brief(core.releases()) == [(0, 0, 2, LATE, 150, 300), (0, 0, 1, ON_TIME, 200, 300)]
 
 
 def test_clamp_keeps_a_stream_in_order() -> None:
-    core = ReceiverCore(endpoints=2)
+    core = make(endpoints=2)
     core.datagram_received(0, dgram(1, deadline=1000), 0, 10, 10)
     core.datagram_received(0, dgram(2, deadline=900), 0, 10, 10)  # raised to 1000
     core.datagram_received(1, dgram(3, deadline=800), 0, 10, 10)  # one floor for the core
@@ -371,7 +394,7 @@ def test_clamp_keeps_a_stream_in_order() -> None:
 
 
 def test_rank_rotates_across_endpoints_with_seq() -> None:
-    core = ReceiverCore(endpoints=3)
+    core = make(endpoints=3)
     for seq in (1, 2, 3, 4):
         for endpoint in (0, 1, 2):
             core.datagram_received(endpoint, dgram(seq, deadline=1000), 0, 10, 10)
@@ -394,7 +417,7 @@ def test_rank_rotates_across_endpoints_with_seq() -> None:
 
 
 def test_flush_processes_pending_and_releases_everything() -> None:
-    core = ReceiverCore(endpoints=2)
+    core = make(endpoints=2)
     core.datagram_received(0, dgram(1, deadline=5000), 0, 100, 100)  # held
     core.datagram_received(1, dgram(2, deadline=300), 1, 900, 100)  # pending, late at flush
     core.datagram_received(0, dgram(3, deadline=4000), 2, 800, 100)  # pending, then held
@@ -413,7 +436,7 @@ def test_flush_processes_pending_and_releases_everything() -> None:
 
 
 def test_set_endpoints_grows_only() -> None:
-    core = ReceiverCore(endpoints=2)
+    core = make(endpoints=2)
     with pytest.raises(ValueError):
         core.datagram_received(2, dgram(1), 0, 0, 0)
     with pytest.raises(ValueError):
@@ -437,7 +460,7 @@ def test_set_endpoints_grows_only() -> None:
 
 
 def test_batches_count_messages() -> None:
-    core = ReceiverCore(endpoints=1)
+    core = make(endpoints=1)
     msgs = (b"a", b"bb", b"")
     core.datagram_received(0, dgram(10, deadline=500, msgs=msgs), 0, 100, 100)
     core.datagram_received(0, dgram(13, deadline=50, msgs=msgs[:2]), 0, 100, 100)
@@ -454,7 +477,7 @@ def test_batches_count_messages() -> None:
 
 
 def test_parents_per_endpoint() -> None:
-    core = ReceiverCore(endpoints=2)
+    core = make(endpoints=2)
     d = dgram(1)
     core.datagram_received(0, d, 7, 0, 0)
     core.datagram_received(0, d, 8, 1, 1)
@@ -463,3 +486,123 @@ def test_parents_per_endpoint() -> None:
     core.datagram_received(1, b"junk", 9, 4, 4)  # malformed: no parent entry
     assert core.parents(0) == {7: (2, 1), 8: (1, 0)}
     assert core.parents(1) == {8: (1, 1)}
+
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(100, 132))
+
+
+def signed(seq: int, key: StreamKey, **kw: Any) -> bytes:
+    return sign(dgram(seq, **kw), key)
+
+
+def test_a_stream_never_set_is_refused_before_anything_is_remembered() -> None:
+    core = make(endpoints=1)
+    core.datagram_received(0, dgram(1, stream=9), 4, 10, 10)
+    assert counts(core) == {"received": 1, "rejected_stream": 1}
+    assert core.parents(0) == {}
+    core.set_stream(9, keys=None)
+    core.datagram_received(0, dgram(1, stream=9), 4, 10, 10)
+    assert counts(core)["accepted"] == 1
+    core.drop_stream(9)
+    core.datagram_received(0, dgram(2, stream=9), 4, 10, 10)
+    assert counts(core)["rejected_stream"] == 2
+
+
+def test_a_keyed_stream_takes_only_copies_with_a_good_mac() -> None:
+    core = make(endpoints=1)
+    a = StreamKey(1, KEY_A)
+    core.set_stream(5, keys={1: KEY_A})
+    good = signed(1, a, stream=5, deadline=100)
+    tampered = bytearray(good)
+    tampered[-1] ^= 1  # a payload byte
+    moved = patched(good, "deadline_ns", "!Q", 50)  # an earlier release time
+    for data in (
+        dgram(2, stream=5),  # unsigned: key epoch 0
+        signed(3, StreamKey(2, KEY_A), stream=5),  # an epoch the core holds no key of
+        signed(4, StreamKey(1, KEY_B), stream=5),  # the wrong key
+        bytes(tampered),
+        moved,
+    ):
+        core.datagram_received(0, data, 1, 10, 10)
+    assert counts(core) == {
+        "received": 5,
+        "rejected_key": 2,
+        "rejected_mac": 3,
+    }
+    assert core.parents(0) == {}
+    core.datagram_received(0, good, 1, 10, 10)
+    # A relay's hedge copy differs in the hedge flag only, which the MAC leaves out.
+    hedge = patched(good, "flags", "!B", FLAG_HEDGE_COPY)
+    core.datagram_received(0, hedge, 2, 11, 11)
+    assert counts(core)["accepted"] == 1
+    assert counts(core)["duplicates"] == 1
+    core.timer(100)
+    assert [(r.seq, r.parent, r.kind) for r in core.releases()] == [(1, 1, ON_TIME)]
+
+
+def test_keys_rotate_with_two_epochs_valid_during_the_switch() -> None:
+    core = make(endpoints=1)
+    a, b = StreamKey(1, KEY_A), StreamKey(2, KEY_B)
+    core.set_stream(5, keys={1: KEY_A})
+    core.datagram_received(0, signed(1, a, stream=5), 0, 10, 10)
+    core.set_stream(5, keys={1: KEY_A, 2: KEY_B})  # make: both valid
+    core.datagram_received(0, signed(2, a, stream=5), 0, 10, 10)
+    core.datagram_received(0, signed(3, b, stream=5), 0, 10, 10)
+    core.set_stream(5, keys={2: KEY_B})  # break: the old epoch retires
+    core.datagram_received(0, signed(4, a, stream=5), 0, 10, 10)
+    core.datagram_received(0, signed(5, b, stream=5), 0, 10, 10)
+    assert [r.seq for r in core.releases()] == [1, 2, 3, 5]
+    assert counts(core)["rejected_key"] == 1
+
+
+def test_only_the_announced_session_is_taken() -> None:
+    core = make(endpoints=1)
+    core.set_stream(5, keys=None, session=7)
+    core.datagram_received(0, dgram(1, stream=5, session=8), 0, 10, 10)  # newer, not announced
+    core.datagram_received(0, dgram(1, stream=5, session=6), 0, 10, 10)
+    core.datagram_received(0, dgram(1, stream=5, session=7), 0, 10, 10)
+    core.datagram_received(0, dgram(2, stream=5, session=7), 0, 10, 10)
+    assert counts(core)["rejected_session"] == 2
+    assert [r.seq for r in core.releases()] == [1, 2]
+    core.set_stream(5, keys=None, session=8)  # the control plane announces the new session
+    core.datagram_received(0, dgram(1, stream=5, session=8), 0, 10, 10)
+    core.datagram_received(0, dgram(3, stream=5, session=7), 0, 10, 10)
+    assert [(r.session, r.seq) for r in core.releases()] == [(8, 1)]
+    assert counts(core)["rejected_session"] == 3
+
+
+def test_a_far_ahead_seq_moves_no_state_until_the_jump_persists() -> None:
+    core = make(endpoints=1, ahead_window=16, ring_size=8)
+    core.datagram_received(0, dgram(1), 0, 10, 10)
+    # 1 + 16 is the edge of the window; 18 lies beyond it.
+    core.datagram_received(0, dgram(18), 0, 10, 10)
+    core.datagram_received(0, dgram(17), 0, 10, 10)
+    assert counts(core)["rejected_ahead"] == 1
+    # 18 did not claim its slot (18 & 7 == 2): seq 2 is still accepted.
+    core.datagram_received(0, dgram(2), 0, 10, 10)
+    assert [r.seq for r in core.releases()] == [1, 17, 2]
+    # A real jump (this host was cut off): after AHEAD_RESYNC copies in a row it is taken.
+    far = [1000 + i for i in range(AHEAD_RESYNC)]
+    for seq in far:
+        core.datagram_received(0, dgram(seq), 0, 10, 10)
+    assert counts(core)["rejected_ahead"] == AHEAD_RESYNC
+    assert [r.seq for r in core.releases()] == [far[-1]]
+    core.datagram_received(0, dgram(far[-1] + 1), 0, 10, 10)
+    assert [r.seq for r in core.releases()] == [far[-1] + 1]
+
+
+def test_set_stream_validates() -> None:
+    core = make(endpoints=1)
+    for bad in (
+        {"keys": {1: b"short"}},
+        {"keys": {0: KEY_A}},
+        {"keys": None, "session": -1},
+        {"keys": None, "session": 2**32},
+    ):
+        with pytest.raises(ValueError):
+            core.set_stream(5, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        core.set_stream(2**32, keys=None)
+    with pytest.raises(ValueError):
+        make(endpoints=1, ahead_window=0)

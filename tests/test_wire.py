@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 
 import pytest
@@ -11,12 +13,16 @@ from hypothesis import strategies as st
 from jasper import wire_spec
 from jasper.wire import (
     Header,
+    StreamKey,
     WireError,
     decode,
     decode_header,
     encode,
     encode_batch,
+    mac_matches,
+    mac_of,
     set_flags,
+    sign,
 )
 from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY, HEADER_LEN, MAX_MESSAGE, MAX_PAYLOAD
 
@@ -29,9 +35,10 @@ GOLDEN_HEADER = Header(
     plan_epoch=7,
     flags=FLAG_HEDGE_COPY,
 )
+GOLDEN_KEY = StreamKey(1, bytes(range(32)))
 GOLDEN_BYTES = bytes.fromhex(
     "4a53"  # magic
-    "02"  # version
+    "03"  # version
     "01"  # flags: hedge copy
     "01020304"  # stream
     "0a0b0c0d"  # session
@@ -41,21 +48,57 @@ GOLDEN_BYTES = bytes.fromhex(
     "17979cfe3d8d6e35"  # deadline
     "0005"  # payload length
     "0001"  # message count
-    "00000000"  # reserved1
+    "00000001"  # key epoch
+    # HMAC-SHA256 over bytes 0..47 (flags 0x00) and the payload, first 16 bytes; the same as
+    # `openssl dgst -sha256 -mac HMAC -macopt hexkey:000102...1f` of those bytes.
+    "c55d91fbdbdec77e480a0d00997c472d"  # mac
     "0003"  # block: message length
     "616263"  # message "abc"
 )
 
 
-def test_layout_is_48_bytes_and_aligned() -> None:
-    assert HEADER_LEN == 48
+def test_layout_is_64_bytes_and_aligned() -> None:
+    assert HEADER_LEN == 64
     offs = wire_spec.offsets()
     assert offs["seq"] == 16 and offs["send_time_ns"] == 24 and offs["deadline_ns"] == 32
-    assert MAX_PAYLOAD == 1500 - 20 - 8 - 48
+    assert offs["key_epoch"] == 44 and offs["mac"] == wire_spec.MAC_OFFSET == 48
+    assert MAX_PAYLOAD == 1500 - 20 - 8 - 64
 
 
 def test_golden_bytes_encode() -> None:
-    assert encode(GOLDEN_HEADER, b"abc") == GOLDEN_BYTES
+    assert encode(GOLDEN_HEADER, b"abc", key=GOLDEN_KEY) == GOLDEN_BYTES
+
+
+def test_golden_mac_is_hmac_sha256_of_the_covered_bytes() -> None:
+    covered = GOLDEN_BYTES[:3] + b"\x00" + GOLDEN_BYTES[4:48] + GOLDEN_BYTES[64:]
+    full = hmac.new(GOLDEN_KEY.key, covered, hashlib.sha256).digest()
+    assert GOLDEN_BYTES[48:64] == full[:16] == mac_of(GOLDEN_BYTES, GOLDEN_KEY.key)
+    assert mac_matches(GOLDEN_BYTES, {1: GOLDEN_KEY.key}) is None
+    # The hedge bit is outside the MAC: a relay's copy keeps the tag valid.
+    assert mac_matches(set_flags(GOLDEN_BYTES, 0), {1: GOLDEN_KEY.key}) is None
+    assert mac_matches(set_flags(GOLDEN_BYTES, 2), {1: GOLDEN_KEY.key}) == "mac"
+    assert mac_matches(GOLDEN_BYTES, {2: GOLDEN_KEY.key}) == "key"
+    assert mac_matches(GOLDEN_BYTES, {1: bytes(32)}) == "mac"
+
+
+@given(data=st.binary(min_size=64, max_size=200), flip=st.integers(0, 199))
+def test_any_changed_covered_byte_breaks_the_mac(data: bytes, flip: int) -> None:
+    signed = sign(data, GOLDEN_KEY)
+    at = flip % len(signed)
+    if at == 3:
+        return  # the flags byte: the hedge bit is uncovered by design, tested above
+    changed = bytearray(signed)
+    changed[at] ^= 0x80
+    expect = "key" if 44 <= at < 48 else "mac"
+    assert mac_matches(bytes(changed), {1: GOLDEN_KEY.key}) == expect
+
+
+def test_stream_key_validates_and_hides_its_secret() -> None:
+    with pytest.raises(ValueError):
+        StreamKey(0, bytes(32))
+    with pytest.raises(ValueError):
+        StreamKey(1, bytes(31))
+    assert "000102" not in repr(GOLDEN_KEY)
 
 
 def test_golden_bytes_decode() -> None:
@@ -72,6 +115,7 @@ def test_golden_bytes_decode() -> None:
     assert h.send_time_ns == GOLDEN_HEADER.send_time_ns
     assert h.deadline_ns == GOLDEN_HEADER.deadline_ns
     assert h.payload_len == 5 and h.msg_count == 1
+    assert h.key_epoch == 1 and h.mac == GOLDEN_BYTES[48:64]
 
 
 @given(
@@ -174,10 +218,10 @@ HEARTBEAT = encode(
     ("data", "reason"),
     [
         (b"", "short"),
-        (GOLDEN_BYTES[:47], "short"),
+        (GOLDEN_BYTES[:63], "short"),
         (b"\x00\x00" + GOLDEN_BYTES[2:], "magic"),
         (GOLDEN_BYTES[:2] + b"\x01" + GOLDEN_BYTES[3:], "version"),
-        (GOLDEN_BYTES[:2] + b"\x03" + GOLDEN_BYTES[3:], "version"),
+        (GOLDEN_BYTES[:2] + b"\x02" + GOLDEN_BYTES[3:], "version"),
         (GOLDEN_BYTES[:3] + b"\x80" + GOLDEN_BYTES[4:], "flags"),
         (GOLDEN_BYTES[:-1], "length"),
         (GOLDEN_BYTES + b"x", "length"),
@@ -185,10 +229,10 @@ HEARTBEAT = encode(
         (_patched(BATCH, 42, b"\x00\x02"), "count"),  # 3 blocks, count 2: bytes left over
         (_patched(BATCH, 42, b"\x00\x04"), "overrun"),  # count 4: the 4th block is missing
         (_patched(BATCH, 42, b"\x00\x00"), "count"),  # data with no messages
-        (_patched(BATCH, 48, b"\x00\x09"), "overrun"),  # first block claims 9 bytes
-        (_patched(BATCH, 48, b"\x00\x01"), "overrun"),  # blocks misaligned from the first
-        (_patched(GOLDEN_BYTES, 48, b"\x00\x02"), "count"),  # one block, a byte left over
-        (_patched(GOLDEN_BYTES, 48, b"\x00\x04"), "overrun"),  # one block, one byte short
+        (_patched(BATCH, 64, b"\x00\x09"), "overrun"),  # first block claims 9 bytes
+        (_patched(BATCH, 64, b"\x00\x01"), "overrun"),  # blocks misaligned from the first
+        (_patched(GOLDEN_BYTES, 64, b"\x00\x02"), "count"),  # one block, a byte left over
+        (_patched(GOLDEN_BYTES, 64, b"\x00\x04"), "overrun"),  # one block, one byte short
         (_patched(HEARTBEAT, 42, b"\x00\x01"), "count"),  # a heartbeat with a message
     ],
 )

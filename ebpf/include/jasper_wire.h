@@ -6,14 +6,17 @@
 #include <linux/types.h>
 
 #define JASPER_MAGIC 0x4A53
-#define JASPER_VERSION 2
+#define JASPER_VERSION 3
 #define JASPER_FLAG_HEDGE_COPY 0x01
 #define JASPER_FLAG_RETRANSMIT 0x02
 #define JASPER_FLAG_HEARTBEAT 0x04
-#define JASPER_HEADER_LEN 48
-#define JASPER_MAX_PAYLOAD 1424
+#define JASPER_HEADER_LEN 64
+#define JASPER_MAX_PAYLOAD 1408
 #define JASPER_BLOCK_HEADER_LEN 2
-#define JASPER_MAX_MESSAGES 712
+#define JASPER_MAX_MESSAGES 704
+#define JASPER_MAC_LEN 16
+#define JASPER_MAC_OFFSET 48
+#define JASPER_KEY_LEN 32
 
 /* All multi-byte fields are in network byte order. */
 struct jasper_hdr {
@@ -28,10 +31,11 @@ struct jasper_hdr {
 	__u64 deadline_ns; /* release time of every message, ns since the epoch; 0 = at once */
 	__u16 payload_len; /* bytes of payload that follow the header */
 	__u16 msg_count; /* messages in the payload: 0 for a heartbeat, >= 1 for data */
-	__u32 reserved1; /* zero on send, ignored on receive */
+	__u32 key_epoch; /* epoch of the stream key the MAC was made with (rotation) */
+	__u8 mac[16]; /* HMAC-SHA256, first 16 bytes (docs/wire-format.md, MAC) */
 } __attribute__((packed));
 
-_Static_assert(sizeof(struct jasper_hdr) == 48, "jasper_hdr size");
+_Static_assert(sizeof(struct jasper_hdr) == 64, "jasper_hdr size");
 _Static_assert(__builtin_offsetof(struct jasper_hdr, magic) == 0, "jasper_hdr.magic offset");
 _Static_assert(__builtin_offsetof(struct jasper_hdr, version) == 2, "jasper_hdr.version offset");
 _Static_assert(__builtin_offsetof(struct jasper_hdr, flags) == 3, "jasper_hdr.flags offset");
@@ -43,6 +47,7 @@ _Static_assert(__builtin_offsetof(struct jasper_hdr, send_time_ns) == 24, "jaspe
 _Static_assert(__builtin_offsetof(struct jasper_hdr, deadline_ns) == 32, "jasper_hdr.deadline_ns offset");
 _Static_assert(__builtin_offsetof(struct jasper_hdr, payload_len) == 40, "jasper_hdr.payload_len offset");
 _Static_assert(__builtin_offsetof(struct jasper_hdr, msg_count) == 42, "jasper_hdr.msg_count offset");
-_Static_assert(__builtin_offsetof(struct jasper_hdr, reserved1) == 44, "jasper_hdr.reserved1 offset");
+_Static_assert(__builtin_offsetof(struct jasper_hdr, key_epoch) == 44, "jasper_hdr.key_epoch offset");
+_Static_assert(__builtin_offsetof(struct jasper_hdr, mac) == 48, "jasper_hdr.mac offset");
 
 #endif /* JASPER_WIRE_H */
