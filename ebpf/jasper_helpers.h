@@ -39,6 +39,7 @@ struct jasper_parsed {
 	__u32 session;    /* host order */
 	__u64 seq;        /* host order */
 	__u64 msg_id;     /* what tells messages apart: seq, or the send time for heartbeats */
+	__u64 tag;        /* the MAC's first 8 bytes, as on the wire */
 };
 
 /* Stage 1: Ethernet, IPv4, UDP. pkt_len is the real length of the packet (skb->len at TC), which
@@ -121,6 +122,10 @@ static __always_inline int jasper_parse_header(void *data, void *data_end, __u32
 	/* Heartbeats repeat the last data seq; each one is told apart by its send time, and the
 	 * heartbeat bit in the key keeps them from shadowing the data message with that seq. */
 	p->msg_id = (jh->flags & JASPER_FLAG_HEARTBEAT) ? bpf_be64_to_cpu(jh->send_time_ns) : p->seq;
+	/* The kernel cannot check the MAC (receivers do), but it keys its dedup on it: a forged
+	 * copy with a real message's (stream, session, seq) differs in the tag, so it cannot make
+	 * the real copies look like duplicates; it only reaches the receiver that rejects it. */
+	p->tag = *(__u64 *)jh->mac;
 	return JASPER_OK;
 }
 
@@ -135,12 +140,13 @@ static __always_inline __u64 jasper_mix64(__u64 x)
 	return x;
 }
 
-/* Fingerprint of one message (stream, session, msg_id); never 0, since 0 marks an empty slot.
+/* Fingerprint of one copy (stream, session, msg_id, MAC tag); never 0, since 0 marks an empty
+ * slot. Hedged copies of one datagram carry the same tag (the hedge bit is outside the MAC).
  * `extra` carries the heartbeat bit, and the destination port at receivers. */
 static __always_inline __u64 jasper_fingerprint(const struct jasper_parsed *p, __u64 extra)
 {
 	__u64 id = ((__u64)p->stream_id << 32) | p->session;
-	__u64 fp = jasper_mix64(id ^ jasper_mix64(p->msg_id ^ (extra << 40)));
+	__u64 fp = jasper_mix64(id ^ jasper_mix64(p->msg_id ^ (extra << 40)) ^ jasper_mix64(p->tag));
 	return fp ? fp : 1;
 }
 

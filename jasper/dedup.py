@@ -20,6 +20,9 @@ class Verdict(Enum):
     moved (only when `check` is given a window)."""
 
 
+AHEAD_WINDOW = 1 << 20
+"""How far (in messages) the node cores let a copy's seq lie beyond the newest accepted one of
+its stream and session: further is refused (AHEAD) and moves no state."""
 AHEAD_RESYNC = 64
 """Consecutive copies all beyond the window after which a ring takes the jump as real (the
 stream moved on while this node was cut off) and accepts again."""
@@ -47,7 +50,8 @@ class DedupRing:
         self.session: int | None = None
         """The publisher session the ring holds sequence numbers of."""
         self.highest = 0
-        """The largest seq accepted in this session (0: none yet)."""
+        """The largest seq accepted in this session (0: none yet, and the window counts from
+        there)."""
         self.ahead_run = 0
         """Copies refused AHEAD since the last accepted one."""
 
@@ -71,7 +75,9 @@ class DedupRing:
             self.ahead_run = 0
         if seq == 0:
             return Verdict.STALE
-        if ahead and self.highest and seq - self.highest > ahead:
+        # A fresh ring counts from 0: a session starts at seq 1, and a datagram may not set
+        # the base far ahead either (a node joining late resyncs after AHEAD_RESYNC copies).
+        if ahead and seq - self.highest > ahead:
             self.ahead_run += 1
             if self.ahead_run < AHEAD_RESYNC:
                 return Verdict.AHEAD

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from enum import IntEnum
 from typing import NamedTuple
 
-from jasper.dedup import DedupRing, Verdict
+from jasper.dedup import AHEAD_WINDOW, DedupRing, Verdict
 from jasper.schedule import ReleaseSchedule
 from jasper.wire import mac_of
 from jasper.wire_spec import (
@@ -98,10 +98,6 @@ messages released LATE; hold_overflow: datagrams released OVERFLOW; pending_over
 copies refused because the pending set was full; malformed_<reason>: copies dropped by the parse;
 rejected_<reason>: well-formed copies refused by authentication or sequence hygiene."""
 
-AHEAD_WINDOW = 1 << 20
-"""Default for how far (in messages) a copy's first seq may lie beyond the newest accepted one
-of its stream and session: further ahead is refused ("ahead") and moves no state; after
-jasper.dedup.AHEAD_RESYNC such copies in a row the jump is taken as real."""
 
 # Counter indices into each endpoint's list: a list of ints is cheaper per copy than a dict.
 _RECEIVED = 0

@@ -206,6 +206,16 @@ def stream_dict(stream: StreamConfig) -> dict[str, Any]:
     return out
 
 
+StreamRules = tuple[dict[int, bytes] | None, int | None]
+"""(keys by epoch, or None for an unauthenticated stream; the announced session, or None)."""
+
+
+def stream_rules(topo: Topology) -> dict[int, StreamRules]:
+    """What a node admits, per stream id, under `topo` (and its x-previous plan's stream)."""
+    auth = topo.stream.auth
+    return {topo.stream.id: (auth.by_epoch() if auth is not None else None, topo.stream.session)}
+
+
 # --- parsing -------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import hmac
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from jasper.wire_spec import (
     BLOCK_HEADER_LEN,
@@ -325,7 +326,7 @@ def set_flags(datagram: bytes, flags: int) -> bytes:
     return datagram[:_FLAGS_OFFSET] + bytes((flags,)) + datagram[_FLAGS_OFFSET + 1 :]
 
 
-def with_header(message: Message, *, key: StreamKey | None = None, **changes: int) -> bytes:
+def with_header(message: Message, *, key: StreamKey | None = None, **changes: Any) -> bytes:
     """Re-encode a datagram with some header fields changed (signed again with `key`)."""
     return encode_batch(replace(message.header, **changes), message.messages, key=key)
 

@@ -56,7 +56,9 @@ class Field:
 
     @property
     def c_declaration(self) -> str:
-        return f"{self.ctype} {self.name}[{self.count}]" if self.count else f"{self.ctype} {self.name}"
+        return (
+            f"{self.ctype} {self.name}[{self.count}]" if self.count else f"{self.ctype} {self.name}"
+        )
 
 
 # The layout. Every field sits at an offset that is a multiple of its size, so the C struct has no

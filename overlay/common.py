@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from jasper.dedup import DedupRing, Verdict
+from jasper.dedup import AHEAD_WINDOW, DedupRing, Verdict
 from jasper.linkmodel import LinkModel, parse_link_model
 from jasper.topology import Topology, TopologyError, parse_topology
 
@@ -24,6 +24,9 @@ class CopyCounters:
     """Datagrams received on the node's socket (before the link model)."""
     malformed: Counter[str] = field(default_factory=Counter)
     """Datagrams dropped as not Jasper, by WireError.reason."""
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Well-formed datagrams refused by wire_spec.REJECT_REASONS (stream, key, mac, session,
+    ahead), never delivered."""
     accepted: int = 0
     """First copies kept."""
     duplicates: int = 0
@@ -46,12 +49,14 @@ class CopyCounters:
         ring = rings.get(stream)
         if ring is None:
             ring = rings[stream] = DedupRing(size=ring_size)
-        verdict = ring.check(session, seq)
+        verdict = ring.check(session, seq, AHEAD_WINDOW)
         if verdict is Verdict.ACCEPT:
             self.accepted += 1
             return True
         if verdict is Verdict.DUPLICATE:
             self.duplicates += 1
+        elif verdict is Verdict.AHEAD:
+            self.rejected["ahead"] += 1
         else:
             self.stale += 1
         return False

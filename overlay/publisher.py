@@ -17,7 +17,7 @@ from typing import Any
 
 from jasper.deadline import DeadlineStamper
 from jasper.topology import Topology
-from jasper.wire import Header, WireError, encode, encode_batch, unpack_blocks
+from jasper.wire import Header, StreamKey, WireError, encode, encode_batch, unpack_blocks
 from jasper.wire_spec import BLOCK_HEADER_LEN, FLAG_HEARTBEAT, MAX_MESSAGE, MAX_PAYLOAD
 from overlay.common import process_figures
 from overlay.recordlog import RecordLog, sent_log
@@ -47,7 +47,13 @@ class Publisher:
     ) -> None:
         self.topo = topo
         self.clock = clock
+        # The session this process sends under; the controller announces it to the tree from
+        # the publisher's status (docs/security.md), unless the topology fixes one.
+        if session is None:
+            session = topo.stream.session
         self.session = session if session is not None else int(time.time()) & 0xFFFFFFFF
+        self.key: StreamKey | None = None
+        """The stream key datagrams are signed with (None: an unauthenticated lab stream)."""
         self.hold_ns = topo.stream.hold_ns if hold_ns is None else hold_ns
         self.stream_id = topo.stream.id
         self.plan_epoch = topo.plan_epoch
@@ -81,6 +87,9 @@ class Publisher:
         self.targets = [addrs[t.node] for t in topo.publisher.targets]
         self.plan_epoch = topo.plan_epoch
         self.topo = topo
+        # A rotation reaches the publisher as a new sign_epoch once every node holds the key.
+        auth = topo.stream.auth
+        self.key = auth.signing_key() if auth is not None else None
 
     def publish(self, payload: bytes) -> Header:
         """Stamp and send one message in a datagram of its own; returns its header."""
@@ -117,7 +126,7 @@ class Publisher:
             ),
             plan_epoch=self.plan_epoch,
         )
-        data = encode_batch(h, payloads)  # raises ValueError before the sequence moves
+        data = encode_batch(h, payloads, key=self.key)  # ValueError before the seq moves
         self.seq += len(payloads)
         self._send(data)
         self.datagrams += 1
@@ -138,7 +147,7 @@ class Publisher:
             plan_epoch=self.plan_epoch,
             flags=FLAG_HEARTBEAT,
         )
-        self._send(encode(h))
+        self._send(encode(h, key=self.key))
 
     def _send(self, data: bytes) -> None:
         for addr in self.targets:

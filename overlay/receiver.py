@@ -18,8 +18,8 @@ from typing import Any
 from jasper.dedup import DedupRing
 from jasper.owd import OwdCollector
 from jasper.schedule import Release
-from jasper.topology import EndpointConfig, Topology
-from jasper.wire import HEADER_LEN, WireError, unpack_blocks
+from jasper.topology import EndpointConfig, Topology, stream_rules
+from jasper.wire import HEADER_LEN, WireError, mac_matches, unpack_blocks
 from jasper.wire_spec import FLAG_HEARTBEAT
 from overlay.audit_log import ReleaseAuditor
 from overlay.common import CopyCounters, link_model_of, process_figures
@@ -222,6 +222,9 @@ class Receiver:
             raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}, got {datapath!r}")
         self.topo = topo
         self.host = topo.receiver(host)
+        self.streams = stream_rules(topo)
+        """Stream id -> (keys by epoch or None, announced session or None): what the Python
+        path admits (the native path gets the same from apply_plan)."""
         self.clock = clock
         self.synced = synced
         self.started_ns = time.time_ns()
@@ -512,6 +515,18 @@ class Receiver:
         except WireError as exc:
             c.malformed[exc.reason] += 1
             return
+        # Authenticate before anything about the copy is believed (jasper.receiver_core's
+        # order: stream, key, MAC, session).
+        rules = self.streams.get(stream)
+        if rules is None:
+            c.rejected["stream"] += 1
+            return
+        if rules[0] is not None and (reason := mac_matches(data, rules[0])) is not None:
+            c.rejected[reason] += 1
+            return
+        if rules[1] is not None and session != rules[1]:
+            c.rejected["session"] += 1
+            return
         c.copies_from[sender] += 1
         if flags & FLAG_HEARTBEAT:
             c.heartbeats += 1
@@ -747,6 +762,7 @@ class Receiver:
     def apply_topology(self, topo: Topology) -> None:
         """Take a new plan: endpoints keep their sockets, dedup state and held messages."""
         self.topo = topo
+        self.streams = stream_rules(topo)
         self.senders = SenderNames(topo)
         if self._use_link_model:
             self.delay.set_model(link_model_of(topo))

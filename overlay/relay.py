@@ -85,6 +85,12 @@ class RelayNode:
         self.own, self.hedges = tables[topo.plan_epoch]
         self.epoch = topo.plan_epoch
         self.config = config
+        auth = topo.stream.auth
+        self.core.set_stream(
+            topo.stream.id,
+            keys=auth.by_epoch() if auth is not None else None,
+            session=topo.stream.session,
+        )
 
     def process_raw(self, data: bytes, src: tuple[str, int], rx_ns: int) -> None:
         self.process(data, f"{src[0]}:{src[1]}", rx_ns)

@@ -278,7 +278,7 @@ async def test_malformed_counted_by_reason_and_valid_still_delivered(datapath: s
     o.start()
     junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     good = encode(Header(stream_id=1, session=1, seq=1, send_time_ns=1, deadline_ns=2), b"abc")
-    bad = [b"", b"\x00" * 10, b"\x00" * 60, good[:-1], good[:2] + b"\x07" + good[3:]]
+    bad = [b"", b"\x00" * 10, b"\x00" * 70, good[:-1], good[:2] + b"\x07" + good[3:]]
     relay_addr = topo.address_of("r1.0")
     ep_addr = topo.address_of("e3")
     try:
@@ -292,7 +292,7 @@ async def test_malformed_counted_by_reason_and_valid_still_delivered(datapath: s
         o.close()
     r = o.relay.status()["nodes"]["r1.0"]["malformed"]
     e = o.rx.status()["endpoints"]["e3"]["malformed"]
-    # b"" is short; 60 zero bytes fail the magic; good[:-1] fails the length; version 7.
+    # b"" is short; 70 zero bytes fail the magic; good[:-1] fails the length; version 7.
     assert r == e == {"short": 2, "magic": 1, "length": 1, "version": 1}
     assert len(o.rx.records) == 10 * 20
 

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
-from jasper.relay_core import RelayCore
-from jasper.wire import Header, decode, encode
+from jasper.relay_core import RelayCore as _RelayCore
+from jasper.wire import Header, StreamKey, decode, encode, mac_matches
 from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_HEDGE_COPY
 
+KEY = StreamKey(3, bytes(range(32)))
 
-def dgram(seq: int, *, session: int = 1, flags: int = 0, sent: int = 10, epoch: int = 1) -> bytes:
+
+def dgram(
+    seq: int,
+    *,
+    session: int = 1,
+    flags: int = 0,
+    sent: int = 10,
+    epoch: int = 1,
+    stream: int = 1,
+    key: StreamKey | None = None,
+) -> bytes:
     h = Header(
-        stream_id=1, session=session, seq=seq, send_time_ns=sent, deadline_ns=0 if
+        stream_id=stream, session=session, seq=seq, send_time_ns=sent, deadline_ns=0 if
         flags & FLAG_HEARTBEAT else 99, plan_epoch=epoch, flags=flags,
     )  # fmt: skip
-    return encode(h, b"" if flags & FLAG_HEARTBEAT else b"m%d" % seq)
+    return encode(h, b"" if flags & FLAG_HEARTBEAT else b"m%d" % seq, key=key)
+
+
+def RelayCore(**config: int) -> _RelayCore:
+    """A core that forwards stream 1 unauthenticated, as a lab topology without keys."""
+    core = _RelayCore(**config)
+    core.set_stream(1, keys=None)
+    return core
 
 
 def test_first_copy_forwarded_with_both_flaggings_later_copies_dropped() -> None:
@@ -53,3 +71,33 @@ def test_malformed_counted_by_reason_never_forwarded() -> None:
         assert core.datagram_received(bad, "x") is None
     assert dict(core.counters.malformed) == {"short": 1, "length": 1, "version": 1, "magic": 1}
     assert not core.counters.copies_from
+
+
+def test_a_keyed_stream_forwards_only_authentic_copies_and_keeps_the_mac_valid() -> None:
+    core = RelayCore()
+    core.set_stream(2, keys={KEY.epoch: KEY.key})
+    forged = [
+        dgram(1, stream=2),  # unsigned
+        dgram(1, stream=2, key=StreamKey(3, bytes(32))),  # the wrong key
+        dgram(1, stream=2, key=StreamKey(4, KEY.key)),  # an epoch not held
+        dgram(1, stream=9, key=KEY),  # a stream this relay is not in
+    ]
+    for data in forged:
+        assert core.datagram_received(data, "x") is None
+    assert dict(core.counters.rejected) == {"mac": 1, "key": 2, "stream": 1}
+    assert not core.counters.copies_from
+    fwd = core.datagram_received(dgram(1, stream=2, key=KEY), "a")
+    assert fwd is not None
+    # Flagging a hedge copy leaves the MAC valid for the receivers below.
+    assert mac_matches(fwd.hedge, {KEY.epoch: KEY.key}) is None
+    assert mac_matches(fwd.own, {KEY.epoch: KEY.key}) is None
+
+
+def test_an_announced_session_and_the_window_ahead_bound_what_moves_state() -> None:
+    core = RelayCore()
+    core.set_stream(1, keys=None, session=5)
+    assert core.datagram_received(dgram(1, session=6), "a") is None
+    assert core.datagram_received(dgram(1, session=5), "a") is not None
+    assert core.datagram_received(dgram(1 + (1 << 21), session=5), "a") is None
+    assert core.datagram_received(dgram(2, session=5), "a") is not None
+    assert dict(core.counters.rejected) == {"session": 1, "ahead": 1}
