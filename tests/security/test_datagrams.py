@@ -209,3 +209,50 @@ def test_ten_thousand_forgeries_at_a_receiver_core_release_nothing() -> None:
         sum(v for k, v in c.items() if k.startswith("rejected_")) + c["stale"] + c["duplicates"]
         >= count
     )
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("datapath", DATAPATHS)
+async def test_the_kernel_path_forwards_forgeries_only_for_the_receivers_to_reject(
+    datapath: str,
+) -> None:
+    """eBPF relays cannot check a MAC: they forward what they cannot judge, keyed on the MAC tag
+    so a forgery never shadows a real copy; the receivers' kernel filter drops strangers, and
+    user space rejects what a relay forwarded. The stream arrives whole."""
+    from ebpf import loader
+    from tests.conftest import can_netns, require_privileged
+
+    require_privileged("network namespaces", can_netns())
+    ok, why = loader.fast_path_available()
+    require_privileged(f"eBPF fast path ({why})", ok)
+    from ebpf.netlab import entered, sh
+
+    ns = f"jt-sec-{os.getpid()}-{datapath}"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        with entered(ns):
+            topo = keyed(make_topology(hold_ns=20_000_000))
+            o = Captured(topo, datapath=datapath)
+            o.start()
+            try:
+                assert o.relay.enable_fast_path("ebpf") == "ebpf"
+                assert o.rx.enable_fast_path("ebpf") == "ebpf"
+                await run_under_attack(o, topo)
+                kernel = o.rx.fast_path.counters()
+            finally:
+                o.close()
+    finally:
+        sh("ip", "netns", "del", ns)
+    recs = o.rx.records.array()
+    assert len(recs) == MESSAGES * len(topo.endpoints())
+    assert {int(s) for s in recs["seq"]} == set(range(1, MESSAGES + 1))
+    rejected: Counter[str] = Counter()
+    for c in o.rx.status()["endpoints"].values():
+        assert c["delivered"] == MESSAGES
+        rejected.update(c["rejected"])
+    # Sent straight at endpoints, forgeries die in the kernel (not a parent); sent at the root,
+    # the eBPF relay forwards them and user space rejects each by its reason.
+    assert kernel["not_parent"] > 0, kernel
+    for reason in ("key", "mac", "stream", "session", "ahead"):
+        assert rejected[reason] > 0, (reason, dict(rejected))
