@@ -10,6 +10,7 @@ from jasper.topology import (
     PublisherConfig,
     ReceiverConfig,
     RelayConfig,
+    StreamAuth,
     StreamConfig,
     Target,
     Topology,
@@ -40,6 +41,8 @@ def topology_from_plan(
     plan_epoch: int = 1,
     link_model: Mapping[str, Any] | None = None,
     deliver_port_base: int | None = None,
+    auth: StreamAuth | None = None,
+    session: int | None = None,
 ) -> Topology:
     """A Topology placing every node of `plan` on `addr`.
 
@@ -47,7 +50,8 @@ def topology_from_plan(
     order, so the layout spans `ports_needed(plan)` consecutive ports. Endpoints are grouped
     `endpoints_per_receiver` per receiver host ("h0" hosts e0..e19 by default). With
     `deliver_port_base`, endpoint i delivers to udp:addr:(deliver_port_base + i); without, in
-    process.
+    process. `auth` and `session` go into the stream as the controller would set them (a lab
+    topology without `auth` is unauthenticated).
     """
     if endpoints_per_receiver < 1:
         raise ValueError(f"endpoints_per_receiver must be >= 1, got {endpoints_per_receiver}")
@@ -83,7 +87,9 @@ def topology_from_plan(
             )
         hosts.append(ReceiverConfig(name=receiver_host_name(h), addr=addr, endpoints=tuple(eps)))
     return Topology(
-        stream=StreamConfig(id=stream_id, hedge=plan.hedge, hold_ns=hold_ns),
+        stream=StreamConfig(
+            id=stream_id, hedge=plan.hedge, hold_ns=hold_ns, auth=auth, session=session
+        ),
         publisher=PublisherConfig(
             name=PUBLISHER_NAME, addr=addr, targets=(Target(node=plan.levels[0][0]),)
         ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,11 @@ class StreamAuth:
 
     def signing_key(self) -> StreamKey:
         return next(k for k in self.keys if k.epoch == self.sign_epoch)
+
+    @classmethod
+    def fresh(cls, epoch: int = 1) -> StreamAuth:
+        """One new random key (a lab run without a controller makes its own)."""
+        return cls(keys=(StreamKey(epoch, secrets.token_bytes(KEY_LEN)),), sign_epoch=epoch)
 
 
 @dataclass(frozen=True)

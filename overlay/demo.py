@@ -15,13 +15,16 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jasper.records import Releases, message_offsets
 from overlay.common import write_json
 from overlay.launch import Child, Cluster, free_port_base, jasper_argv
+
+if TYPE_CHECKING:
+    from controller.loopback import LoopbackController
 
 DEMO_LINK_MODEL: dict[str, Any] = {
     "seed": 1,
@@ -365,10 +368,19 @@ class _Run:
 
 def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[str, Any]:
     """Run the demo, write records and summary.json into `out`, return the summary."""
-    from jasper.tree import tree_shape
+    from jasper.tree import default_depth, hedged_shape, tree_shape
 
     out.mkdir(parents=True, exist_ok=True)
-    plan = tree_shape(cfg.receivers, fanout=cfg.fanout, hedge=cfg.hedge)
+    # A small N would get the paper's one-level tree, where hedging cannot reach a leaf.
+    fanout, depth = hedged_shape(cfg.receivers, fanout=cfg.fanout, hedge=cfg.hedge)
+    plan = tree_shape(cfg.receivers, fanout=fanout, hedge=cfg.hedge, depth=depth)
+    if depth != default_depth(cfg.receivers, cfg.fanout):
+        print(
+            f"jasper demo: {cfg.receivers} endpoints: depth {depth} instead of the paper's "
+            f"round(log_F N) = 1, so that the H={cfg.hedge} hedge copies reach the endpoints "
+            + ("" if fanout == cfg.fanout else f"(fan-out {fanout} on a static plan)"),
+            file=stream,
+        )
     run = _Run(cfg, out)
     interrupted = False
     startup_s: float | None = None
@@ -465,6 +477,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
 def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     """Write the topology file, start relays and receivers on it; the publisher's arguments."""
     from jasper.layout import ports_needed, relay_groups, topology_from_plan
+    from jasper.topology import StreamAuth
 
     cfg, out = run.cfg, run.out
     n_ports = ports_needed(plan)
@@ -478,6 +491,8 @@ def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         hold_ns=cfg.hold_ns,
         link_model=cfg.link_model,
         deliver_port_base=base + n_ports if cfg.deliver == "udp" else None,
+        # Without a controller the demo issues the stream key itself (in topology.json).
+        auth=StreamAuth.fresh(),
     )
     topo_path = out / "topology.json"
     write_json(topo_path, topo.to_dict())
@@ -647,7 +662,6 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
             **({"JASPER_LINK_MODEL": json.dumps(dict(cfg.link_model))} if cfg.link_model else {}),
         },
     ).start()
-    token_file = ctl.write_token_file(out / "node-token")
     # The controller shapes an explicit depth for F^D endpoints at once; give it the relays
     # for that shape (or the static plan's, whichever is more).
     n_relays = max(len(plan.relays()), sum(cfg.fanout**i for i in range(plan.depth)))
@@ -665,7 +679,6 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         ctl.call(
             "POST",
             "/v1/nodes",
-            token=ctl.node_token,
             json={
                 "name": name,
                 "role": "relay",
@@ -692,7 +705,6 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         ctl.call(
             "POST",
             "/v1/nodes",
-            token=ctl.node_token,
             json={
                 "name": name,
                 "role": "receiver",
@@ -754,7 +766,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         file=stream,
     )
     common = (
-        "--controller", ctl.url, "--token-file", str(token_file), "--data-addr", cfg.addr,
+        "--controller", ctl.url, "--data-addr", cfg.addr,
         "--records", str(out), "--status-interval", "1.0",
     )  # fmt: skip
     link = () if cfg.link_model else ("--no-link-model",)
@@ -764,7 +776,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         ready = out / "run" / f"{label}.ready"
         ready.parent.mkdir(parents=True, exist_ok=True)
         argv = rt + jasper_argv(
-            "relay", *common, "--node-name", ",".join(g),
+            "relay", *common, *_node_credential_args(ctl, out, g), "--node-name", ",".join(g),
             "--port", str(base + relay_names.index(g[0])), "--ready-file", str(ready),
             "--fast-path", cfg.fast_path, *link,
             *(("--realtime",) if cfg.realtime else ()), *run.clock_args(label),
@@ -774,7 +786,7 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         label = f"receiver-{name}"
         ready = out / "run" / f"{label}.ready"
         argv = rt + jasper_argv(
-            "receiver", *common, "--node-name", name,
+            "receiver", *common, *_node_credential_args(ctl, out, [name]), "--node-name", name,
             "--port-base", str(rx_base + h * per_host), "--endpoints", str(len(run.hosts[name])),
             "--ready-file", str(ready), "--fast-path", cfg.fast_path, *link,
             "--deliver", "topology" if cfg.deliver == "udp" else "memory",
@@ -789,8 +801,20 @@ def _start_controlled(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     startup_timeout_s = max(120.0, 0.5 * cfg.receivers)
     run.cluster.wait_ready(timeout_s=startup_timeout_s)
     ctl.wait_applied({n for g in groups for n in g} | set(host_names), timeout_s=startup_timeout_s)
-    return ("--controller", ctl.url, "--token-file", str(token_file), "--data-addr", cfg.addr,
-            "--node-name", "pub", "--stream", "1", *link)  # fmt: skip
+    return ("--controller", ctl.url, *_node_credential_args(ctl, out, ["pub"]),
+            "--data-addr", cfg.addr, "--node-name", "pub", "--stream", "1", *link)  # fmt: skip
+
+
+def _node_credential_args(ctl: LoopbackController, out: Path, names: list[str]) -> list[str]:
+    """A daemon's own join token (admin-issued for its node names) and where it keeps the
+    credential it enrols for: every node of the demo enrols as an operator's node would."""
+    folder = out / "run" / "credentials"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    label = names[0]
+    credential = folder / f"credential-{label}"
+    credential.unlink(missing_ok=True)  # an earlier run's, from another controller database
+    join = ctl.write_join_token_file(folder / f"join-token-{label}", *names)
+    return ["--join-token-file", str(join), "--credential-file", str(credential)]
 
 
 def _accepted_pairs(out: Path) -> int:
@@ -1298,7 +1322,7 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
     procs: Mapping[str, Mapping[str, float]] = summary["processes"]
     achieved = summary["achieved_rate"]
     lines = [
-        "== Jasper demo: fairness report",
+        "== Jasper demo: fairness report" + _hedging_warning(summary, cfg),
         _control_line(summary),
         fairness_text,
         "P(F) at other tau: "
@@ -1351,6 +1375,40 @@ def format_summary(summary: Mapping[str, Any], fairness_text: str, cfg: DemoConf
     lines += _clock_lines(summary)
     lines += _step_lines(summary)
     return "\n".join(lines)
+
+
+def _hedging_warning(summary: Mapping[str, Any], cfg: DemoConfig) -> str:
+    """Empty when every endpoint got copies from H+1 distinct parents (or H=0 was asked);
+    else why not, for the report's first line: a reader must not take H for granted."""
+    c = summary["counters"]
+    full, reporting = c["endpoints_with_h_plus_1_parents"], c["endpoints_reporting"]
+    if cfg.hedge == 0 or (reporting and full == reporting):
+        return ""
+    tree = summary.get("tree")
+    if tree is not None:
+        planned = int(tree["planned_parents_min"])
+    else:
+        from jasper.tree import hedged_shape, tree_shape
+
+        fanout, depth = hedged_shape(cfg.receivers, fanout=cfg.fanout, hedge=cfg.hedge)
+        plan = tree_shape(cfg.receivers, fanout=fanout, hedge=cfg.hedge, depth=depth)
+        planned = min(len(set(plan.parents[leaf])) for leaf in plan.leaf_names())
+    if planned <= 1:
+        why = f"hedging OFF: with N={cfg.receivers} the tree has one relay above the endpoints"
+    elif planned < cfg.hedge + 1:
+        why = (
+            f"hedging reduced: with N={cfg.receivers} an endpoint has at most {planned} "
+            f"distinct parents, not H+1={cfg.hedge + 1}"
+        )
+    elif not c["distinct_parents_max"]:
+        why = "no endpoint received a copy, so hedging is unchecked"
+    else:
+        why = (
+            f"hedging short: {full}/{reporting} endpoints saw copies from H+1={cfg.hedge + 1} "
+            f"distinct parents although {planned} were planned (min seen "
+            f"{c['distinct_parents_min']})"
+        )
+    return f" (WARNING {why})"
 
 
 def _control_line(summary: Mapping[str, Any]) -> str:

@@ -36,7 +36,7 @@ from jasper.records import (
     message_offsets,
     releases_within,
 )
-from jasper.topology import Topology, parse_topology
+from jasper.topology import StreamAuth, StreamConfig, Topology, parse_topology, stream_dict
 from overlay.emulation.faults import Fault, FaultEvent, FaultInjector, attach_linkloss
 from overlay.emulation.netns import EmulatedNetwork, write_manifest
 from overlay.emulation.spawner import Spawner
@@ -229,9 +229,11 @@ def build_topology(
     hedge: int,
     link_model: Mapping[str, Any] | None,
     plan_epoch: int = 1,
+    auth: StreamAuth | None = None,
 ) -> Topology:
     """The static topology of one configuration. `plan` is a TreePlan, or None for direct
-    unicast (the publisher's targets are then every endpoint)."""
+    unicast (the publisher's targets are then every endpoint). `auth`: the stream's keys (the
+    emulation makes one per run, as the controller would)."""
     host_eps = layout.hosts
     if plan is None:
         leaves = [e for _, eps in host_eps.values() for e in eps]
@@ -253,7 +255,9 @@ def build_topology(
     doc: dict[str, Any] = {
         "version": 1,
         "plan_epoch": plan_epoch,
-        "stream": {"id": STREAM_ID, "name": "md", "hedge": hedge, "hold_ns": hold_ns},
+        "stream": stream_dict(
+            StreamConfig(id=STREAM_ID, name="md", hedge=hedge, hold_ns=hold_ns, auth=auth)
+        ),
         "publisher": {"name": "pub", "addr": layout.publisher, "targets": pub_targets},
         "relays": relays,
         "receivers": [
@@ -409,6 +413,8 @@ class Emulation:
         """The controller's endpoint keys -> the emulation's leaf names."""
         self.tree_topos: dict[int, Topology] = {}
         """Hedge -> the controller's plan (as a topology), when the control plane is on."""
+        self.auth = StreamAuth.fresh()
+        """The stream key of the static plans (the controller issues its own)."""
         from overlay.emulation.control import TreeView
 
         self.static_view = TreeView.of(
@@ -669,17 +675,20 @@ class Emulation:
         self.live[key] = pid
         return pid
 
-    def _token_file(self) -> Path:
-        path = self.out / "controller" / "node-token"
-        if getattr(self, "_token_written", None) != self.control.node_token:
-            # This run's token (an old run in the same folder left its own).
-            path.unlink(missing_ok=True)
-            path.touch(mode=0o600)
-            path.write_text(self.control.node_token)
-            self._token_written = self.control.node_token
-        return path
+    def _credential_args(self, node: str, block_dir: Path) -> list[str]:
+        """The daemon's own one-time join token (issued now for its node name) and where it
+        keeps the credential it enrols for, fresh per block."""
+        folder = block_dir / "credentials"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        join = folder / f"join-token-{node}"
+        join.unlink(missing_ok=True)
+        join.touch(mode=0o600)
+        join.write_text(self.control.join_token(node))
+        credential = folder / f"credential-{node}"
+        credential.unlink(missing_ok=True)
+        return ["--join-token-file", str(join), "--credential-file", str(credential)]
 
-    def _source(self, spec: ConfigSpec, topo_path: Path, node: str) -> list[str]:
+    def _source(self, spec: ConfigSpec, topo_path: Path, node: str, block_dir: Path) -> list[str]:
         """Where a daemon takes its plan from: the file, or the controller (agents)."""
         if not spec.agents:
             return ["--topology", str(topo_path)]
@@ -687,8 +696,7 @@ class Emulation:
         return [
             "--controller",
             self.control.url,
-            "--token-file",
-            str(self._token_file()),
+            *self._credential_args(node, block_dir),
             "--data-addr",
             host.addr,
         ]
@@ -724,7 +732,7 @@ class Emulation:
                 extra = ["--port-base", str(ENDPOINT_PORT_BASE), "--endpoints", str(len(eps))]
             return [
                 kind,
-                *self._source(spec, topo_path, node),
+                *self._source(spec, topo_path, node, block_dir),
                 *extra,
                 "--node-name",
                 node,
@@ -850,6 +858,7 @@ class Emulation:
                 hedge=spec.hedge or 0,
                 link_model=self.s.link_model,
                 plan_epoch=index + 1,
+                auth=self.auth,
             )
         block_dir = self.out / "blocks" / f"{index:03d}-{config}"
         if block_dir.exists():
@@ -886,7 +895,7 @@ class Emulation:
             self.net.hosts["pub"].netns,
             [
                 "publisher",
-                *self._source(spec, topo_path, "pub"),
+                *self._source(spec, topo_path, "pub", block_dir),
                 *pub_extra,
                 "--node-name",
                 "pub",
