@@ -8,10 +8,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from controller import store
 from controller.errors import ApiError
+from controller.limits import AuthFailureLimit, BodyLimit, StrictJson, validation_error
 from controller.metrics import ControllerMetrics
 from controller.planner import Planner
 from controller.routers import health, mps, nodes, streams, subscriptions, tree
@@ -93,6 +95,17 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+
+    # Innermost first: strict JSON inside the body limit inside the failed-auth limit.
+    app.add_middleware(StrictJson)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        AuthFailureLimit,
+        burst=settings.auth_failure_burst,
+        per_s=settings.auth_failure_per_s,
+        clients=settings.auth_failure_clients,
+    )
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

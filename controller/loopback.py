@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from controller.files import open_log
+
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 """Methods a client may send twice: retried on a fresh connection when the first try broke."""
 
@@ -182,7 +184,7 @@ class LoopbackController:
             str(self.heartbeat_timeout_s),
         ]
         self.client.reset()
-        log = self.log_path.open("ab")
+        log = open_log(self.log_path)
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -405,7 +407,7 @@ class DaemonSet:
             "127.0.0.1",
             *extra,
         ]
-        log = (self.workdir / f"{name}.log").open("ab")
+        log = open_log(self.workdir / f"{name}.log")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()

@@ -5,7 +5,9 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from controller.deliver import validate_deliver
 
 NodeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$", examples=["relay-1"])]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -13,7 +15,10 @@ Role = Literal["relay", "receiver", "publisher"]
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are no numbers any field means (the strict JSON decoder in
+    # controller.limits already refuses them in request bodies; this covers direct use).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
 
 
 # --- nodes ---------------------------------------------------------------------------------
@@ -215,15 +220,27 @@ class EndpointAddr(Body):
     port: Port
 
 
-Deliver = Annotated[str, Field(pattern=r"^(udp:[0-9.]+:[0-9]{1,5}|unix:/[^\x00]{1,200})$")]
+Deliver = Annotated[
+    str,
+    Field(
+        max_length=1024,
+        description=(
+            "Where the receiver hands released messages: udp:ADDR:PORT with ADDR the "
+            "endpoint's own address and PORT 1-65535, not a data-plane port; or unix:PATH, "
+            "an absolute normalised path inside the controller's MP delivery folder "
+            "(setting mp_deliver_dir, default /run/jasper/mp/). A target another MP uses is "
+            "refused. Null: the receiver keeps messages in process."
+        ),
+        examples=["udp:10.0.1.5:40000", "unix:/run/jasper/mp/feed.sock"],
+    ),
+    AfterValidator(validate_deliver),
+]
 
 
 class SubscriptionCreate(Body):
     stream_id: int = Field(ge=0, le=2**32 - 1)
     endpoint: EndpointAddr = Field(description="Must be a port of a registered receiver host")
-    deliver: (
-        Annotated[str, Field(pattern=r"^(udp:[0-9.]+:[0-9]{1,5}|unix:/[^\x00]{1,200})$")] | None
-    ) = None
+    deliver: Deliver | None = None
 
 
 class SubscriptionPublic(BaseModel):
@@ -274,7 +291,12 @@ class TreePublic(BaseModel):
     levels: list[list[TreeSlot]]
     parents: dict[str, list[str]] = Field(description="Relay or endpoint -> senders, own first")
     hedge_edges: list[tuple[str, str]]
-    endpoints: list[TreeEndpoint]
+    endpoints: list[TreeEndpoint] = Field(
+        description="Endpoints of the plan; for an MP token only its own"
+    )
+    other_endpoints: int = Field(
+        0, description="Endpoints of other MPs, counted but not listed (MP view; 0 for admin)"
+    )
     lemons: list[str]
     predicted_oml_ns: int = Field(description="Cost-model OML: slowest endpoint's first copy")
     predicted_median_ns: int

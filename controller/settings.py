@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
@@ -37,6 +38,19 @@ class Settings(BaseSettings):
     or this long after its first report."""
     hold_objective_late_fraction: float = Field(0.01, gt=0, lt=1)
     """Adaptive hold: at most this fraction of one endpoint's messages late per window."""
+    mp_deliver_dir: str = Field("/run/jasper/mp/", pattern=r"^/[A-Za-z0-9._/-]{0,80}$")
+    """Folder on receiver hosts under which an MP may name a `unix:` deliver target (an
+    absolute path, normalised; targets must lie strictly inside it)."""
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    """Largest request body accepted (413 beyond): checked from Content-Length before the
+    body is read, and counted chunk by chunk for chunked bodies."""
+    auth_failure_burst: int = Field(20, ge=1, le=100_000)
+    """Failed authentications (401) a client address may cause in a burst before its API
+    requests get 429."""
+    auth_failure_per_s: float = Field(1.0, gt=0, le=100_000)
+    """Refill rate of that budget: failed authentications per second, sustained."""
+    auth_failure_clients: int = Field(4096, ge=16, le=1_000_000)
+    """Client addresses the failed-auth limiter tracks at most (least recently seen go)."""
     link_model: dict[str, Any] | None = None
     """Emulation only: the link model (docs/link-model.md) every topology carries
     (JASPER_LINK_MODEL as JSON). None: the data plane runs on the bare network."""
@@ -48,3 +62,10 @@ class Settings(BaseSettings):
 
         parse_link_model(v)  # raises ValueError naming the field
         return v
+
+    @field_validator("mp_deliver_dir")
+    @classmethod
+    def _normal_folder(cls, v: str) -> str:
+        if ".." in v.split("/"):
+            raise ValueError("mp_deliver_dir must not contain '..'")
+        return posixpath.normpath(v).rstrip("/") + "/"

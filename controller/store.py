@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from controller.files import prepare_database
+
 # Plain SQL that PostgreSQL also accepts (INTEGER PRIMARY KEY becomes a sequence there, "?"
 # placeholders become "%s"); no SQLite-only types or AUTOINCREMENT.
 SCHEMA = (
@@ -94,6 +96,7 @@ class Database:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        prepare_database(path)  # 0600 before SQLite creates it (0644) or its -wal/-shm
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         if path != ":memory:":

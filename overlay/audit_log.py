@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -18,6 +19,9 @@ from jasper.audit import (
 )
 from jasper.clockbound import ClockBound, ClockStatus
 from overlay.clocks import NodeClock
+
+AUDIT_MODE = 0o640
+"""Mode audit files are created with (and tightened to)."""
 
 
 class AuditLogWriter:
@@ -52,7 +56,11 @@ class AuditLogWriter:
             "time_unit": "ns since the Unix epoch, receiver's corrected clock",
         }
         exists = self.path.exists() and self.path.stat().st_size > 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # 0640: the audit trail is the MPs' evidence of fair release; its group may read it,
+        # nobody else. A file left wider by an older version is tightened too.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
+        with contextlib.suppress(PermissionError):
+            os.fchmod(self._fd, AUDIT_MODE)
         if exists:
             with self.path.open("rb") as f:
                 head = f.read(65536)

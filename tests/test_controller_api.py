@@ -262,7 +262,7 @@ def test_tree_json_and_node_configs_are_valid_topologies(client: TestClient) -> 
             ).status_code
             == 201
         )
-    tree = client.get("/v1/streams/1/tree", headers=bearer(alpha)).json()
+    tree = client.get("/v1/streams/1/tree", headers=ADMIN).json()
     assert tree["depth"] == 2 and tree["levels"][0][0]["slot"] == "r0.0"
     assert len(tree["endpoints"]) == 20
     assert all(len(set(e["parents"])) == 3 for e in tree["endpoints"])  # H+1 copies
@@ -272,6 +272,9 @@ def test_tree_json_and_node_configs_are_valid_topologies(client: TestClient) -> 
     assert topo.publisher.name == "pub"
     assert len(topo.endpoints()) == 20
     assert {e.mp for _, e in topo.endpoints()} == {"alpha", "beta"}
+    # An MP's view is a valid topology too, with only its own endpoints (tests/security).
+    mine = client.get("/v1/streams/1/tree", headers=bearer(alpha)).json()
+    assert {e.mp for _, e in parse_topology(mine["topology"]).endpoints()} == {"alpha"}
     for name in ("relay0", "rx0", "pub"):
         cfg = client.get(f"/v1/nodes/{name}/config?version=0&wait=0", headers=NODE).json()
         assert cfg["node"] == name

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response, status
 
 from controller import store
-from controller.deps import DbDep, MpDep, MpOrAdminDep, PlannerDep
-from controller.errors import Forbidden, NotFound
+from controller.deliver import check_target, parse_target
+from controller.deps import DbDep, MpDep, MpOrAdminDep, PlannerDep, SettingsDep
+from controller.errors import Forbidden, NotFound, Unprocessable
 from controller.planner import Planner, endpoint_key
 from controller.schemas import EndpointAddr, SubscriptionCreate, SubscriptionPublic
 from controller.store import SubscriptionRow
@@ -43,8 +44,24 @@ def public(sub: SubscriptionRow, planner: Planner) -> SubscriptionPublic:
     responses={200: {"model": SubscriptionPublic, "description": "Already subscribed"}},
 )
 async def subscribe(
-    body: SubscriptionCreate, response: Response, planner: PlannerDep, mp: MpDep
+    body: SubscriptionCreate,
+    response: Response,
+    planner: PlannerDep,
+    db: DbDep,
+    settings: SettingsDep,
+    mp: MpDep,
 ) -> SubscriptionPublic:
+    if body.deliver is not None:
+        why = check_target(
+            parse_target(body.deliver),
+            mp_id=mp.id,
+            endpoint_addr=str(body.endpoint.addr),
+            folder=settings.mp_deliver_dir,
+            nodes=store.list_nodes(db=db),
+            subscriptions=store.list_subscriptions(db=db),
+        )
+        if why is not None:
+            raise Unprocessable(why, field=("body", "deliver"))
     sub, created = planner.subscribe(
         mp_id=mp.id,
         stream_id=body.stream_id,

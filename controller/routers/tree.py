@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Path
 from controller import store
 from controller.deps import AdminDep, DbDep, PlannerDep, PrincipalDep
 from controller.errors import NotFound
-from controller.planner import Planner
+from controller.planner import Planner, endpoint_key
 from controller.schemas import (
     HoldDecisionPublic,
     LinkPublic,
@@ -18,13 +18,16 @@ from controller.schemas import (
     TreePublic,
     TreeSlot,
 )
+from controller.visibility import mp_topology
 
 router = APIRouter(prefix="/v1/streams", tags=["tree"])
 
 StreamPath = Annotated[int, Path(ge=0, le=2**32 - 1, description="Stream id")]
 
 
-def tree_of(planner: Planner, stream_id: int) -> TreePublic:
+def tree_of(planner: Planner, stream_id: int, *, mp_id: int | None = None) -> TreePublic:
+    """The stream's tree; for `mp_id` as that MP may see it (controller.visibility): its own
+    endpoints listed, other MPs' endpoints counted in `other_endpoints`."""
     db = planner.database.conn
     plans = planner.plans.get(stream_id)
     if plans is None or store.get_stream(db=db, stream_id=stream_id) is None:
@@ -48,10 +51,18 @@ def tree_of(planner: Planner, stream_id: int) -> TreePublic:
                 parents[f.target].append(src)
     subs = {s.id: s for s in store.list_subscriptions(db=db, stream_id=stream_id)}
     mps = {m.id: m.name for m in store.list_mps(db=db)}
+    all_keys = set(p.endpoints())
+    hidden: set[str] = set()
+    if mp_id is not None:
+        own = {endpoint_key(s.id) for s in subs.values() if s.mp_id == mp_id}
+        hidden = all_keys - own
+        parents = {k: v for k, v in parents.items() if k not in hidden}
+        hedge_edges = [e for e in hedge_edges if e[1] not in hidden]
+        doc = mp_topology(doc, own)
     endpoints = []
     for key in p.endpoints():
         sub = subs.get(int(key[1:]))
-        if sub is None:
+        if sub is None or key in hidden:
             continue
         endpoints.append(
             TreeEndpoint(
@@ -77,6 +88,7 @@ def tree_of(planner: Planner, stream_id: int) -> TreePublic:
         parents=parents,
         hedge_edges=hedge_edges,
         endpoints=endpoints,
+        other_endpoints=len(hidden),
         lemons=list(planner.lemons()),
         predicted_oml_ns=prediction.oml_ns,
         predicted_median_ns=prediction.median_ns,
@@ -85,8 +97,9 @@ def tree_of(planner: Planner, stream_id: int) -> TreePublic:
 
 
 @router.get("/{stream_id}/tree", response_model=TreePublic, summary="Current tree of a stream")
-async def get_tree(stream_id: StreamPath, planner: PlannerDep, _: PrincipalDep) -> TreePublic:
-    return tree_of(planner, stream_id)
+async def get_tree(stream_id: StreamPath, planner: PlannerDep, who: PrincipalDep) -> TreePublic:
+    # An MP sees its own endpoints only; admin and nodes (which get whole plans anyway) all.
+    return tree_of(planner, stream_id, mp_id=who.mp.id if who.mp is not None else None)
 
 
 @router.post(
