@@ -307,17 +307,15 @@ def test_body_over_the_limit_is_413_before_it_is_read(server: LoopbackController
 
 
 def test_chunked_body_over_the_limit_is_413(server: LoopbackController) -> None:
-    sent = 0
-
     def chunks() -> Iterator[bytes]:
-        nonlocal sent
         yield b'{"id": 9, "name": "'
         for _ in range(64):  # 4 MiB in 64 KiB chunks, no Content-Length
-            sent += 1
             yield b"x" * 65536
         yield b'"}'
 
+    answers = []
     for ctype in ("application/json", "application/octet-stream"):
+        # JSON is refused while the strict decoder reads it, other types while the route does.
         try:
             r = httpx.post(
                 server.url + "/v1/streams",
@@ -326,7 +324,8 @@ def test_chunked_body_over_the_limit_is_413(server: LoopbackController) -> None:
             )
         except httpx.HTTPError:  # the server may close before the client wrote everything
             continue
-        assert r.status_code == 413, r.text
+        answers.append(r.status_code)
+    assert answers and set(answers) == {413}, answers
     # Within the limit, chunked still works.
     r = httpx.post(
         server.url + "/v1/streams",
