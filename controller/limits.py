@@ -7,9 +7,11 @@ one 422 shape for input the API cannot take, the same as FastAPI's validation er
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -238,9 +240,13 @@ class AuthFailureLimit:
     A token bucket per address (`burst` deep, refilled at `per_s`) is drawn from only by 401
     answers, so valid clients never spend it. While an address's bucket is empty its /v1
     requests are refused before their token is checked, else guessing could go on behind the
-    429s; /healthz, /metrics and the docs stay open. At most `clients` addresses are tracked,
-    the least recently seen dropped first (a dropped address starts with a full bucket, as a
-    new one would). The address is the TCP peer's: behind a proxy, every client shares it.
+    429s; /healthz, /metrics and the docs stay open. One exception keeps valid clients that
+    share the address (a NAT, a proxy, a loopback harness) unslowed: a bearer token this
+    address presented to an authenticating route within the last `clients` such successes
+    still passes (the app then checks it as ever; a 401 drops it). A guess cannot be on that
+    list unless it is a token in use there. At most `clients` addresses and `clients` trusted
+    (address, token) pairs are kept, least recently seen dropped first (a dropped address
+    starts with a full bucket, as a new one would); tokens are kept as keyed digests.
     """
 
     def __init__(
@@ -252,6 +258,9 @@ class AuthFailureLimit:
         self.clients = clients
         self.prefix = prefix
         self.buckets: collections.OrderedDict[str, _Bucket] = collections.OrderedDict()
+        self.trusted: collections.OrderedDict[tuple[str, bytes], None] = collections.OrderedDict()
+        self._key = secrets.token_bytes(16)
+        self._authenticates: dict[int, bool] = {}
 
     def _level(self, client: str, now: float) -> _Bucket | None:
         b = self.buckets.get(client)
@@ -273,14 +282,40 @@ class AuthFailureLimit:
                 self.buckets.popitem(last=False)
         b.tokens = max(0.0, b.tokens - 1.0)
 
+    def _digest(self, scope: Scope) -> bytes | None:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer" and token.strip():
+                    return hashlib.blake2b(token.strip(), key=self._key, digest_size=16).digest()
+        return None
+
+    def _route_authenticates(self, route: object) -> bool:
+        """Whether `route` resolves the caller's token (depends on `get_principal`): only then
+        does an answer other than 401 prove the token valid."""
+        known = self._authenticates.get(id(route))
+        if known is None:
+            from controller.deps import get_principal
+
+            known = False
+            stack = list(getattr(getattr(route, "dependant", None), "dependencies", ()))
+            while stack and not known:
+                d = stack.pop()
+                known = d.call is get_principal
+                stack.extend(d.dependencies)
+            self._authenticates[id(route)] = known
+        return known
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
             await self.app(scope, receive, send)
             return
         peer = scope.get("client")
         client = peer[0] if peer else "unknown"
+        digest = self._digest(scope)
+        pair = (client, digest) if digest is not None else None
         b = self._level(client, time.monotonic())
-        if b is not None and b.tokens < 1.0:
+        if b is not None and b.tokens < 1.0 and (pair is None or pair not in self.trusted):
             wait = math.ceil((1.0 - b.tokens) / self.per_s)
             await _send_json(
                 send,
@@ -291,8 +326,16 @@ class AuthFailureLimit:
             return
 
         async def watched(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 401:
-                self._failed(client, time.monotonic())
+            if message["type"] == "http.response.start":
+                if message["status"] == 401:
+                    self._failed(client, time.monotonic())
+                    if pair is not None:
+                        self.trusted.pop(pair, None)
+                elif pair is not None and self._route_authenticates(scope.get("route")):
+                    self.trusted[pair] = None
+                    self.trusted.move_to_end(pair)
+                    while len(self.trusted) > self.clients:
+                        self.trusted.popitem(last=False)
             await send(message)
 
         await self.app(scope, receive, watched)

@@ -167,6 +167,9 @@ class LoopbackController:
             **os.environ,
             "JASPER_ADMIN_TOKEN": self.admin_token,
             "JASPER_NODE_TOKEN": self.node_token,
+            # Every client of a harness is 127.0.0.1: one agent stuck on a stale credential
+            # would lock the rest out of the API (tests of the limit set it in settings_env).
+            "JASPER_AUTH_FAILURE_BURST": "100000",
             **self.settings_env,
         }
         cmd = [

@@ -347,12 +347,16 @@ def test_failed_auth_is_rate_limited_per_address(tmp_path: Path) -> None:
     with (
         LoopbackController(db_path=tmp_path / "c.db", settings_env=env) as ctl,
         from_address(ctl, "127.0.0.2") as guesser,
+        from_address(ctl, "127.0.0.2") as neighbour,
         from_address(ctl, "127.0.0.3") as member,
     ):
         admin = {"Authorization": f"Bearer {ctl.admin_token}"}
-        # Valid calls never spend the budget.
+        _, mp_token = ctl.create_mp("fresh")
+        # Valid calls never spend the budget; the guesser's neighbour behind the same
+        # address (a NAT) has used its token before the guessing starts.
         for _ in range(30):
             assert member.get("/v1/streams", headers=admin).status_code == 200
+        assert neighbour.get("/v1/streams", headers=admin).status_code == 200
         codes = [
             guesser.get("/v1/streams", headers={"Authorization": f"Bearer guess{i}"}).status_code
             for i in range(40)
@@ -360,18 +364,35 @@ def test_failed_auth_is_rate_limited_per_address(tmp_path: Path) -> None:
         assert codes[:5] == [401] * 5 and set(codes[5:]) == {429}, codes
         r = guesser.get("/v1/streams", headers={"Authorization": "Bearer guess"})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-        # Blocked means blocked before the token is checked: the right token gets 429 too.
-        assert guesser.get("/v1/streams", headers=admin).status_code == 429
+        # Blocked means blocked before the token is checked: a right token the address has
+        # not used before gets 429 too, and so does a request with no token.
+        assert guesser.get("/v1/streams", headers=bearer(mp_token)).status_code == 429
+        assert guesser.get("/v1/streams").status_code == 429
         assert guesser.get("/healthz").status_code == 200
-        # Other addresses are not slowed.
+        # Valid clients are not slowed: on other addresses, and on this one with a token it
+        # had already used.
         started = time.monotonic()
         for _ in range(20):
             assert member.get("/v1/streams", headers=admin).status_code == 200
+            assert neighbour.get("/v1/streams", headers=admin).status_code == 200
         assert time.monotonic() - started < 5
         # After Retry-After the address may try again.
         time.sleep(int(r.headers["retry-after"]) + 0.1)
         r = guesser.get("/v1/streams", headers={"Authorization": "Bearer guess"})
         assert r.status_code == 401
+
+
+def test_only_a_checked_token_is_trusted_past_the_limit(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, auth_failure_burst=2, auth_failure_per_s=0.01)
+    with TestClient(create_app(settings)) as c:
+        guess = bearer("guess")
+        # Answers of routes that check no token (404, enrolment) prove nothing about it.
+        assert c.get("/v1/no-such-route", headers=guess).status_code == 404
+        assert c.get("/v1/streams", headers=ADMIN).status_code == 200
+        for _ in range(2):
+            assert c.get("/v1/streams", headers=bearer("wrong")).status_code == 401
+        assert c.get("/v1/streams", headers=guess).status_code == 429
+        assert c.get("/v1/streams", headers=ADMIN).status_code == 200
 
 
 # --- 8. files ------------------------------------------------------------------------------
