@@ -129,6 +129,29 @@ def default_depth(leaves: int, fanout: int) -> int:
     return max(1, k)
 
 
+def hedged_shape(leaves: int, *, fanout: int, hedge: int) -> tuple[int, int]:
+    """(fan-out, depth) for `tree_shape` so that hedging reaches the leaves of a small tree.
+
+    The paper's depth is 1 for N < F**1.5 (31 endpoints at F=10): the root is the only relay,
+    it has no siblings, and every leaf gets one copy whatever H is. Then this returns depth 2
+    with the largest fan-out <= F that puts at least H+1 relays below the root, so each leaf
+    gets H+1 copies from distinct parents; when N is too small for that (fewer than about
+    (H+1)**2 leaves), the fan-out that gives the most parents. Otherwise (F, round(log_F N)).
+    """
+    depth = default_depth(leaves, fanout)
+    if hedge == 0 or depth > 1:
+        return fanout, depth
+    best_fanout, best_parents = fanout, 1
+    for f in range(fanout, 1, -1):
+        per_level = max(f, _integer_root_ceil(leaves, 2))
+        parents = min(hedge + 1, -(-leaves // per_level))
+        if parents > best_parents:
+            best_fanout, best_parents = f, parents
+        if parents == hedge + 1:
+            break
+    return (best_fanout, 2) if best_parents > 1 else (fanout, 1)
+
+
 def _check_counts(leaves: int, fanout: int) -> None:
     if leaves < 1:
         raise ValueError(f"leaves must be >= 1, got {leaves}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from jasper_cli.options import count, input_file, non_negative
 
 RTS25_NOTE = """\
 MiFID II RTS 25 (Commission Delegated Regulation (EU) 2017/574), for trading venues whose
@@ -33,15 +34,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "releases whose bound exceeded a threshold (default: RTS 25's 100 us)."
         ),
     )
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audit log files")
+    p.add_argument("files", nargs="+", type=input_file, metavar="FILE", help="audit log files")
     p.add_argument(
         "--threshold-us",
-        type=float,
+        type=non_negative("µs"),
         default=100.0,
         help="flag releases whose clock bound exceeded this (us, default 100)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--examples", type=int, default=5, help="flagged records to list")
+    p.add_argument("--examples", type=count(0), default=5, help="flagged records to list")
     p.set_defaults(func=run)
 
 

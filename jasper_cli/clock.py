@@ -8,6 +8,16 @@ import signal
 import sys
 import time
 
+from jasper_cli.options import (
+    CLOCK_DRIFT_PPM,
+    PORT,
+    PORT_OR_ANY,
+    Number,
+    host_port,
+    non_negative,
+    positive,
+)
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -30,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ),
     )
     st.add_argument("--chrony-host", help="chronyd command address or Unix socket path")
-    st.add_argument("--chrony-port", type=int, help="chronyd command port")
+    st.add_argument("--chrony-port", type=PORT, help="chronyd command port")
     st.add_argument("--shm", default="/var/run/clockbound/shm0", help="ClockBound segment path")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=run_status)
@@ -43,9 +53,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "folder, serving this machine's clock as stratum 1 on 127.0.0.1, until Ctrl-C."
         ),
     )
-    rs.add_argument("--port", type=int, default=0, help="NTP port (default: a free one)")
-    rs.add_argument("--cmd-port", type=int, default=0, help="command port (default: a free one)")
-    rs.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds")
+    rs.add_argument("--port", type=PORT_OR_ANY, default=0, help="NTP port (default: a free one)")
+    rs.add_argument(
+        "--cmd-port", type=PORT_OR_ANY, default=0, help="command port (default: a free one)"
+    )
+    rs.add_argument(
+        "--duration", type=non_negative("s"), default=0.0, help="stop after this many seconds"
+    )
     rs.set_defaults(func=run_refserver)
 
     sy = csub.add_parser(
@@ -56,11 +70,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "bursts against SERVER (host:port), and print its true error beside its bound."
         ),
     )
-    sy.add_argument("server", nargs="?", help="NTP server host:port (default: start one here)")
-    sy.add_argument("--offset-us", type=float, default=500.0, help="injected offset (us)")
-    sy.add_argument("--drift-ppm", type=float, default=20.0, help="injected drift (ppm)")
-    sy.add_argument("--interval", type=float, default=1.0, help="seconds between bursts")
-    sy.add_argument("--duration", type=float, default=5.0, help="seconds to run")
+    sy.add_argument(
+        "server", nargs="?", type=host_port, help="NTP server host:port (default: start one here)"
+    )
+    sy.add_argument(
+        "--offset-us", type=Number(float, unit="µs"), default=500.0, help="injected offset (us)"
+    )
+    sy.add_argument("--drift-ppm", type=CLOCK_DRIFT_PPM, default=20.0, help="injected drift (ppm)")
+    sy.add_argument("--interval", type=positive("s"), default=1.0, help="seconds between bursts")
+    sy.add_argument("--duration", type=positive("s"), default=5.0, help="seconds to run")
     sy.add_argument("--no-correct", action="store_true", help="measure only (negative control)")
     sy.set_defaults(func=run_sync)
 

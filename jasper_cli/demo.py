@@ -9,6 +9,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jasper_cli.options import (
+    FANOUT,
+    HEDGE,
+    HOLD_US,
+    RATE,
+    Number,
+    UsageError,
+    count,
+    fraction,
+    host_port,
+    non_negative,
+    output_dir,
+    positive,
+)
 from jasper_cli.publisher import window_us_arg
 from jasper_cli.receiver import wakeup_us_arg
 
@@ -39,18 +53,20 @@ def add_parser(sub: Any) -> None:
             "JSON summary go to the output folder."
         ),
     )
-    p.add_argument("--receivers", type=int, default=100, help="MP endpoints N (default 100)")
-    p.add_argument("--fanout", type=int, default=10, help="tree fan-out F (default 10)")
-    p.add_argument("--hedge", type=int, default=2, help="sibling hedging H (default 2)")
+    p.add_argument("--receivers", type=count(1), default=100, help="MP endpoints N (default 100)")
+    p.add_argument("--fanout", type=FANOUT, default=10, help="tree fan-out F (default 10)")
+    p.add_argument("--hedge", type=HEDGE, default=2, help="sibling hedging H (default 2)")
     p.add_argument(
         "--rate",
-        type=float,
+        type=RATE,
         default=None,
         help=f"messages/s (default {NATIVE_RATE:g} with native receivers, {PYTHON_RATE:g} on the "
         f"Python path; scaled down as rate*{FULL_RATE_ENDPOINTS}/N above "
         f"{FULL_RATE_ENDPOINTS} endpoints)",
     )
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (10)")
+    p.add_argument(
+        "--duration", type=positive("s"), default=10.0, help="seconds of publishing (10)"
+    )
     p.add_argument(
         "--batch-us",
         type=window_us_arg,
@@ -60,18 +76,20 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--hold-us",
-        type=float,
+        type=HOLD_US,
         default=None,
         help="deadline − send time in µs (default 5000 up to 200 endpoints, 20000 above)",
     )
-    p.add_argument("--tau-us", type=float, default=50.0, help="DWS threshold of P(F), µs (50)")
-    p.add_argument("--warmup", type=int, default=0, help="messages excluded at the start (0)")
+    p.add_argument(
+        "--tau-us", type=non_negative("µs"), default=50.0, help="DWS threshold of P(F), µs (50)"
+    )
+    p.add_argument("--warmup", type=count(0), default=0, help="messages excluded at the start (0)")
     p.add_argument("--no-link-model", action="store_true", help="turn the link model off")
-    p.add_argument("--seed", type=int, default=1, help="link-model seed (1)")
-    p.add_argument("--loss", type=float, default=0.0, help="link-model loss per copy (0)")
+    p.add_argument("--seed", type=count(0), default=1, help="link-model seed (1)")
+    p.add_argument("--loss", type=fraction(), default=0.0, help="link-model loss per copy (0)")
     p.add_argument(
         "--link-median-us",
-        type=float,
+        type=positive("µs"),
         default=None,
         help="median delay of one modelled link, µs (default 40, a cloud region's; the "
         "pure-Python path on a shared 2-core host adds about 1 ms and a tail of several ms, "
@@ -79,13 +97,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--link-p99-us",
-        type=float,
+        type=positive("µs"),
         default=None,
         help="99th percentile delay of one modelled link, µs (default 3x the median)",
     )
     p.add_argument(
         "--link-step",
         metavar="AT_S:SCALE",
+        type=link_step_arg,
         action="append",
         default=[],
         help="step change of the link model AT_S seconds after the first message: every "
@@ -103,7 +122,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--endpoints-per-receiver",
-        type=int,
+        type=count(1),
         default=None,
         help="endpoints per receiver process (default: up to 200 endpoints, one receiver "
         "process per CPU, since receivers spinning to the same deadline on fewer cores than "
@@ -122,7 +141,9 @@ def add_parser(sub: Any) -> None:
         help="receivers ask the kernel that idle CPUs wake within US µs while they run (0: "
         "idle vCPUs poll instead of halting; see `jasper receiver --help`)",
     )
-    p.add_argument("--relays-per-process", type=int, default=6, help="relay nodes per process (6)")
+    p.add_argument(
+        "--relays-per-process", type=count(1), default=6, help="relay nodes per process (6)"
+    )
     p.add_argument(
         "--datapath",
         choices=("auto", "native", "python"),
@@ -135,7 +156,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--output",
-        type=Path,
+        type=output_dir,
         default=None,
         help="output folder (default ./jasper-out/demo-<UTC timestamp>)",
     )
@@ -158,7 +179,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--hold-objective",
-        type=float,
+        type=fraction(zero=False),
         default=0.01,
         metavar="FRACTION",
         help="adaptive hold: at most this fraction of one endpoint's messages late per "
@@ -166,17 +187,17 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--clock-skew-us",
-        type=float,
+        type=non_negative("µs"),
         default=500.0,
         help="emulated clock offsets drawn from ±this per process, µs (500)",
     )
     p.add_argument(
         "--clock-drift-ppm",
-        type=float,
+        type=Number(float, low=0, high=1000, unit="ppm"),
         default=20.0,
         help="emulated clock drifts drawn from ±this per process, ppm (20)",
     )
-    p.add_argument("--clock-seed", type=int, default=1, help="seed of the clock skews (1)")
+    p.add_argument("--clock-seed", type=count(0), default=1, help="seed of the clock skews (1)")
     p.add_argument(
         "--no-clock-sync",
         action="store_true",
@@ -189,6 +210,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--ntp-server",
+        type=host_port,
         metavar="HOST:PORT",
         default=None,
         help="correct the clocks against this server (default: start a reference chronyd on "
@@ -203,9 +225,6 @@ def run(args: argparse.Namespace) -> int:
     from overlay.publisher import batch_ns_of
 
     n = args.receivers
-    if n < 1:
-        print("--receivers must be >= 1", file=sys.stderr)
-        return 2
     from overlay.nativepath import native_available
 
     native = args.datapath != "python" and native_available()[0]
@@ -237,24 +256,32 @@ def run(args: argparse.Namespace) -> int:
         if args.link_p99_us is not None:
             link_model["p99_ns"] = round(args.link_p99_us * 1000)
         if link_model["p99_ns"] < link_model["median_ns"]:
-            print("jasper demo: --link-p99-us must be >= the median", file=sys.stderr)
-            return 2
-    try:
-        link_steps = tuple(sorted(parse_link_step(x) for x in args.link_step))
-    except ValueError as exc:
-        print(f"jasper demo: {exc}", file=sys.stderr)
-        return 2
-    if not 0.0 < args.hold_objective < 1.0:
-        print("jasper demo: --hold-objective must be in (0, 1)", file=sys.stderr)
-        return 2
-    out = args.output or Path("jasper-out") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
+            raise UsageError(
+                f"--link-p99-us must be >= the median {link_model['median_ns'] / 1000:g} µs "
+                f"(got {link_model['p99_ns'] / 1000:g})"
+            )
+    link_steps = tuple(sorted(args.link_step))
+    messages = int(rate * args.duration)
+    if messages < 1:
+        raise UsageError(
+            f"--duration {args.duration:g} s at {rate:g} msg/s sends no message: "
+            f"the duration must be >= {1 / rate:g} s at this rate"
+        )
+    if args.warmup >= messages:
+        raise UsageError(
+            f"--warmup must be below the {messages} messages the run sends (got {args.warmup})"
+        )
+    out = args.output
+    if out is None:
+        out = Path("jasper-out") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            output_dir(out)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"the default output folder {exc}; pass --output") from None
     per_receiver = args.endpoints_per_receiver
     if per_receiver is None:
         cores = os.cpu_count() or 1
         per_receiver = max(20, -(-n // cores)) if n <= CONTROLLER_AUTO_MAX_RECEIVERS else 20
-    if per_receiver < 1:
-        print("jasper demo: --endpoints-per-receiver must be >= 1", file=sys.stderr)
-        return 2
     control = args.control
     if control == "auto":
         control = "controller" if n <= CONTROLLER_AUTO_MAX_RECEIVERS else "static"
@@ -273,8 +300,7 @@ def run(args: argparse.Namespace) -> int:
         elif link_steps[-1][0] >= args.duration:
             problem = f"--link-step at {link_steps[-1][0]:g} s is not before --duration"
         if problem:
-            print(f"jasper demo: {problem}", file=sys.stderr)
-            return 2
+            raise UsageError(problem)
     cfg = DemoConfig(
         receivers=n,
         fanout=args.fanout,
@@ -315,6 +341,15 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("interrupted"):
         return 130
     return 0
+
+
+def link_step_arg(text: str) -> tuple[float, float]:
+    try:
+        return parse_link_step(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be AT_S:SCALE with AT_S >= 0 and SCALE > 0, e.g. 5:3 (got {text!r})"
+        ) from None
 
 
 def parse_link_step(text: str) -> tuple[float, float]:

@@ -10,6 +10,19 @@ import time
 from types import FrameType
 from typing import Any
 
+from jasper_cli.options import (
+    DEPTH,
+    FANOUT,
+    HEDGE,
+    RATE,
+    Number,
+    count,
+    input_dir,
+    non_negative,
+    output_dir,
+    percentile,
+)
+
 # Machine CPU per message per endpoint in the H=2 blocks (tree-nohold and Jasper, the dearest:
 # three copies, the link model's delay line, dedup, release, 118 agents and the controller,
 # the kernel's share of veth and bridge), measured at N=1000 and 3.5 msg/s: the blocks used
@@ -55,21 +68,21 @@ def add_parser(sub: Any) -> None:
             "run left behind."
         ),
     )
-    p.add_argument("--receivers", type=int, default=1000, help="MP endpoints (default 1000)")
+    p.add_argument("--receivers", type=count(1), default=1000, help="MP endpoints (default 1000)")
     p.add_argument(
         "--per-host",
-        type=int,
+        type=count(1),
         default=None,
         help="endpoints per receiver host (default 20, and 50 above 200 endpoints: on 2 cores "
         "fewer, bigger receiver processes release one message to all their endpoints closer "
         "together, see docs/emulation.md)",
     )
-    p.add_argument("--fanout", type=int, default=10, help="tree fan-out F (default 10)")
-    p.add_argument("--hedge", type=int, default=2, help="sibling hedging H (default 2)")
-    p.add_argument("--depth", type=int, default=None, help="tree depth (default round(log_F N))")
+    p.add_argument("--fanout", type=FANOUT, default=10, help="tree fan-out F (default 10)")
+    p.add_argument("--hedge", type=HEDGE, default=2, help="sibling hedging H (default 2)")
+    p.add_argument("--depth", type=DEPTH, default=None, help="tree depth (default round(log_F N))")
     p.add_argument(
         "--rate",
-        type=float,
+        type=RATE,
         default=None,
         help="messages per second (default: sized to this machine so the H=2 blocks use about "
         "half its CPU, under the 60%% limit for timing figures: 3.4 at 1000 endpoints on 2 "
@@ -77,21 +90,23 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--messages",
-        type=int,
+        type=count(1),
         default=None,
         help="scored messages per configuration (default 3000 at >= 500 endpoints, else 600)",
     )
     p.add_argument(
         "--block-messages",
-        type=int,
+        type=count(1),
         default=None,
         help="messages per block (default 500; at >= 500 endpoints 1010: three blocks per "
         "configuration, fewer daemon restarts)",
     )
-    p.add_argument("--warmup", type=int, default=10, help="unscored messages at each block's start")
+    p.add_argument(
+        "--warmup", type=count(0), default=10, help="unscored messages at each block's start"
+    )
     p.add_argument(
         "--tau-us",
-        type=float,
+        type=non_negative("µs"),
         default=None,
         help="headline DWS threshold of P(F), µs (default: measured by a calibration block, "
         "the p90 DWS this machine reaches when every copy arrives long before its deadline; "
@@ -99,7 +114,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--hold-percentile",
-        type=float,
+        type=percentile,
         default=99.9,
         help="Jasper's hold: max over endpoints of this OWD percentile in the previous "
         "H-tree block (default 99.9)",
@@ -110,18 +125,22 @@ def add_parser(sub: Any) -> None:
         help="plan trees with jasper.tree instead of the controller's REST API",
     )
     p.add_argument(
-        "--extra-hold-us", type=float, default=100.0, help="added to Jasper's measured hold, µs"
+        "--extra-hold-us",
+        type=non_negative("µs"),
+        default=100.0,
+        help="added to Jasper's measured hold, µs",
     )
     p.add_argument(
         "--configs",
+        type=configs_arg,
         default="unicast,tree-h0,tree-nohold,jasper",
         help="comma-separated configurations to measure",
     )
     p.add_argument("--no-faults", action="store_true", help="skip the fault blocks")
-    p.add_argument("--fault-messages", type=int, default=None, help="messages per fault block")
+    p.add_argument("--fault-messages", type=count(1), default=None, help="messages per fault block")
     p.add_argument(
         "--clock-step-us",
-        type=float,
+        type=Number(float, unit="µs"),
         default=-10000.0,
         help="clock-step fault: jump of one receiver host's emulated clock, µs (default -10000)",
     )
@@ -137,10 +156,18 @@ def add_parser(sub: Any) -> None:
             "'--no-realtime-loop --spin-us 0 --cpu-wakeup-us 0', see docs/emulation.md)"
         ),
     )
-    p.add_argument("--out", default="emulation-out", help="output folder (default emulation-out)")
-    p.add_argument("--tag", default="", help="run tag in namespace names (default from pid)")
+    p.add_argument(
+        "--out",
+        type=output_dir,
+        default="emulation-out",
+        help="output folder (default emulation-out)",
+    )
+    p.add_argument(
+        "--tag", type=tag_arg, default="", help="run tag in namespace names (default from pid)"
+    )
     p.add_argument(
         "--reanalyse",
+        type=input_dir,
         metavar="DIR",
         help="rebuild report.json/report.html from a finished or killed run's folder",
     )
@@ -150,6 +177,27 @@ def add_parser(sub: Any) -> None:
         help="remove every jemu-* namespace, process and pinned object left by a killed run",
     )
     p.set_defaults(func=run)
+
+
+def configs_arg(text: str) -> tuple[str, ...]:
+    """Comma-separated configuration names, each one the runner knows."""
+    from overlay.emulation.runner import config_specs
+
+    known = list(config_specs(2))
+    names = tuple(c for c in text.split(",") if c)
+    unknown = [c for c in names if c not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"must be a comma-separated list of {', '.join(known)} (got {text!r})"
+        )
+    return names
+
+
+def tag_arg(text: str) -> str:
+    """A run tag: it goes into namespace names and the cleanup prefix, so letters and digits."""
+    if len(text) > 12 or not (text == "" or (text.isascii() and text.isalnum())):
+        raise argparse.ArgumentTypeError(f"must be up to 12 letters or digits (got {text!r})")
+    return text
 
 
 class _Progress:
@@ -226,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         extra_hold_ns=int(args.extra_hold_us * 1000),
         hold_percentile=args.hold_percentile,
         controller=not args.no_controller,
-        configs=tuple(c for c in args.configs.split(",") if c),
+        configs=args.configs,
         faults=not args.no_faults,
         fault_block_messages=args.fault_messages or max(100, min(300, int(10 * rate))),
         link_model=None if args.no_link_model else EmulationSettings().link_model,
@@ -239,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
             ).split()
         ),
         tag=args.tag,
-        out_dir=args.out,
+        out_dir=str(args.out),
     )
 
     if args.reanalyse:

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from jasper_cli.options import output_file
+
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "ebpf" / "include" / "jasper_wire.h"
 
 
@@ -15,7 +17,7 @@ def add_parser(sub: Any) -> None:
         help="write ebpf/include/jasper_wire.h from jasper/wire_spec.py",
         description="Regenerate the C header of the wire format from the Python spec.",
     )
-    p.add_argument("--output", type=Path, default=DEFAULT_PATH, help="file to write")
+    p.add_argument("--output", type=output_file, default=DEFAULT_PATH, help="file to write")
     p.set_defaults(func=run)
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+from jasper_cli.options import UsageError
 
 # Each module defines `add_parser(subparsers)`, which registers one subcommand and sets
 # `func` to a callable taking the parsed args and returning an exit code. Modules import their
@@ -28,8 +32,43 @@ COMMAND_MODULES = (
 )
 
 
+# Errors of the user's environment rather than of our code: a path that is missing, not
+# writable or full, a port in use. Any other exception is a bug and keeps its traceback.
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.ENAMETOOLONG,
+        errno.EADDRINUSE,
+        errno.EADDRNOTAVAIL,
+    }
+)
+
+
+class JasperParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `jasper demo: error: --rate must be > 0 (got -1)`.
+
+    The usage block argparse prints first is left out (`--help` shows it), and "argument X:
+    must ..." reads "X must ...". Subcommand parsers inherit this class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "argument "
+        if message.startswith(prefix) and ": must " in message:
+            name, _, rest = message[len(prefix) :].partition(": ")
+            message = f"{name} {rest}"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = JasperParser(
         prog="jasper",
         description=(
             "Jasper: fair multicast for financial exchanges in a public cloud. A tree of relays "
@@ -59,11 +98,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    prog = f"jasper {args.command}"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS or args.verbose >= 2:
+            raise
+        where = " ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        print(
+            f"{prog}: error: {exc.strerror or exc}{': ' + where if where else ''} "
+            "(jasper -vv shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from jasper_cli.options import (
+    HOLD_US,
+    RATE,
+    STREAM_ID,
+    Number,
+    daemon_types,
+    non_negative,
+    positive,
+    retype,
+)
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -18,7 +29,8 @@ def add_parser(sub: Any) -> None:
     from overlay.daemon import add_common_arguments
 
     add_common_arguments(p, kind="publisher")
-    p.add_argument("--stream", type=int, default=1, help="stream id (controller mode)")
+    retype(p, daemon_types())
+    p.add_argument("--stream", type=STREAM_ID, default=1, help="stream id (controller mode)")
     p.add_argument(
         "--source",
         type=source_arg,
@@ -27,9 +39,11 @@ def add_parser(sub: Any) -> None:
         "udp:HOST:PORT or unix:PATH (the matching engine sends datagrams of one or more "
         "messages, each a u16 length and the bytes; see docs/wire-format.md)",
     )
-    p.add_argument("--rate", type=float, default=100.0, help="messages per second (synthetic)")
-    p.add_argument("--duration", type=float, default=None, help="seconds (default: until stopped)")
-    p.add_argument("--hold-us", type=float, default=None, help="hold in µs (default: topology's)")
+    p.add_argument("--rate", type=RATE, default=100.0, help="messages per second (synthetic)")
+    p.add_argument(
+        "--duration", type=positive("s"), default=None, help="seconds (default: until stopped)"
+    )
+    p.add_argument("--hold-us", type=HOLD_US, default=None, help="hold in µs (default: topology's)")
     p.add_argument(
         "--batch-us",
         type=window_us_arg,
@@ -37,7 +51,9 @@ def add_parser(sub: Any) -> None:
         help="pack the messages due within this window into shared datagrams, up to the MTU "
         "(µs; default 0: one message per datagram)",
     )
-    p.add_argument("--start-at", type=float, default=None, help="start at this Unix time (seconds)")
+    p.add_argument(
+        "--start-at", type=non_negative("s"), default=None, help="start at this Unix time (seconds)"
+    )
     p.add_argument(
         "--realtime",
         action="store_true",
@@ -56,14 +72,7 @@ def source_arg(text: str) -> str:
     return text
 
 
-def window_us_arg(text: str) -> float:
-    try:
-        us = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of µs") from None
-    if not 0 <= us <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{us:g} µs: must be within 0..1000000")
-    return us
+window_us_arg = Number(float, low=0, high=1_000_000, unit="µs")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from jasper_cli.options import PORT, Number, count, daemon_types, output_file, retype
 
 
 def add_parser(sub: Any) -> None:
@@ -18,10 +21,13 @@ def add_parser(sub: Any) -> None:
     from overlay.daemon import add_common_arguments
 
     add_common_arguments(p, kind="receiver")
+    retype(p, daemon_types())
     p.add_argument(
-        "--port-base", type=int, default=7100, help="first endpoint port (controller mode)"
+        "--port-base", type=PORT, default=7100, help="first endpoint port (controller mode)"
     )
-    p.add_argument("--endpoints", type=int, default=20, help="endpoints hosted (controller mode)")
+    p.add_argument(
+        "--endpoints", type=count(1), default=20, help="endpoints hosted (controller mode)"
+    )
     p.add_argument(
         "--fast-path",
         choices=("auto", "ebpf", "user"),
@@ -45,7 +51,10 @@ def add_parser(sub: Any) -> None:
         "MP, through the C release threads, without MP processes (emulation, benchmarks)",
     )
     p.add_argument(
-        "--spin-us", type=int, default=100, help="busy-wait this long before each deadline (µs)"
+        "--spin-us",
+        type=Number(int, low=0, high=1_000_000, unit="µs"),
+        default=100,
+        help="busy-wait this long before each deadline (µs)",
     )
     p.add_argument(
         "--no-realtime",
@@ -81,6 +90,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--audit-log",
+        type=audit_log_arg,
         metavar="PATH",
         help="append one record per release (stream, seq, endpoint, deadline, release time, "
         "clock bound) to PATH; {node} in PATH becomes the node name (read with `jasper audit`)",
@@ -88,29 +98,20 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def wakeup_us_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of µs") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} µs: a wake-up latency is >= 0")
-    return value
+wakeup_us_arg = Number(int, low=0, unit="µs")
+
+
+def audit_log_arg(text: str) -> str:
+    """A file to append to, where "{node}" stands for the node name."""
+    output_file(text.replace("{node}", "node"))
+    return str(Path(text).expanduser())
 
 
 def release_threads_arg(text: str) -> int:
     import os
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    cpus = len(os.sched_getaffinity(0))
-    if not 1 <= value <= cpus:
-        raise argparse.ArgumentTypeError(
-            f"{value}: between 1 and the {cpus} CPU(s) this process may run on"
-        )
-    return value
+    # The upper bound is the CPUs this process may run on.
+    return int(Number(int, low=1, high=len(os.sched_getaffinity(0)))(text))
 
 
 def run(args: argparse.Namespace) -> int:

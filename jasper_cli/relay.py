@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from jasper_cli.options import PORT, daemon_types, retype
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -18,7 +20,8 @@ def add_parser(sub: Any) -> None:
     from overlay.daemon import add_common_arguments
 
     add_common_arguments(p, kind="relay")
-    p.add_argument("--port", type=int, default=7000, help="data port (controller mode)")
+    retype(p, daemon_types())
+    p.add_argument("--port", type=PORT, default=7000, help="data port (controller mode)")
     p.add_argument(
         "--fast-path",
         choices=("auto", "ebpf", "user"),

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
+
+from jasper_cli.options import (
+    FANOUT,
+    HEDGE,
+    RATE,
+    UsageError,
+    count,
+    fraction,
+    non_negative,
+    output_file,
+    percentile,
+    positive,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -21,53 +33,73 @@ def add_parser(sub: Any) -> None:
         ),
     )
     g = p.add_argument_group("scenario")
-    g.add_argument("--receivers", type=int, default=1000, help="endpoints N (default 1000)")
-    g.add_argument("--fanout", type=int, default=10, help="tree fan-out F (default 10)")
-    g.add_argument("--hedge", type=int, default=2, help="sibling hedging H (default 2)")
-    g.add_argument("--depth", type=int, default=None, help="tree depth (default round(log_F N))")
-    g.add_argument("--messages", type=int, default=1000, help="messages incl. warm-up (1000)")
-    g.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    g.add_argument("--tau-us", type=float, default=0.0, help="fairness threshold τ (0 µs)")
+    g.add_argument("--receivers", type=count(1), default=1000, help="endpoints N (default 1000)")
+    g.add_argument("--fanout", type=FANOUT, default=10, help="tree fan-out F (default 10)")
+    g.add_argument("--hedge", type=HEDGE, default=2, help="sibling hedging H (default 2)")
+    g.add_argument(
+        "--depth", type=count(1, 64), default=None, help="tree depth (default round(log_F N))"
+    )
+    g.add_argument("--messages", type=count(2), default=1000, help="messages incl. warm-up (1000)")
+    g.add_argument("--seed", type=count(0), default=1, help="random seed (default 1)")
+    g.add_argument(
+        "--tau-us", type=non_negative("µs"), default=0.0, help="fairness threshold τ (0 µs)"
+    )
     g.add_argument(
         "--rate",
-        type=float,
+        type=RATE,
         default=None,
         help="messages per second at the publisher; copies then queue at busy senders "
         "(default: messages never queue)",
     )
     c = p.add_argument_group("cost model")
-    c.add_argument("--level-us", type=float, default=30.0, help="relay processing (30 µs)")
-    c.add_argument("--send-us", type=float, default=2.7, help="per copy sent (2.7 µs)")
+    c.add_argument(
+        "--level-us", type=non_negative("µs"), default=30.0, help="relay processing (30 µs)"
+    )
+    c.add_argument("--send-us", type=non_negative("µs"), default=2.7, help="per copy sent (2.7 µs)")
     ln = p.add_argument_group("link latency")
     ln.add_argument(
         "--link", choices=("lognormal", "uniform"), default="lognormal", help="distribution"
     )
-    ln.add_argument("--link-base-us", type=float, default=5.0, help="lognormal: fixed part")
-    ln.add_argument("--link-median-us", type=float, default=10.0, help="lognormal: median")
-    ln.add_argument("--link-sigma", type=float, default=0.35, help="lognormal: sigma")
-    ln.add_argument("--spike-prob", type=float, default=0.001, help="lognormal: spike chance")
-    ln.add_argument("--spike-min-us", type=float, default=50.0, help="lognormal: spike min")
-    ln.add_argument("--spike-max-us", type=float, default=250.0, help="lognormal: spike max")
-    ln.add_argument("--uniform-low-us", type=float, default=5.0, help="uniform: low")
-    ln.add_argument("--uniform-high-us", type=float, default=25.0, help="uniform: high")
-    ln.add_argument("--lemon-fraction", type=float, default=0.0, help="share of lemon VMs")
-    ln.add_argument("--lemon-extra-us", type=float, default=20.0, help="lemon VM extra latency")
     ln.add_argument(
-        "--endpoints-per-vm", type=int, default=1, help="endpoints sharing one receiver VM"
+        "--link-base-us", type=non_negative("µs"), default=5.0, help="lognormal: fixed part"
+    )
+    ln.add_argument("--link-median-us", type=positive("µs"), default=10.0, help="lognormal: median")
+    ln.add_argument("--link-sigma", type=non_negative(), default=0.35, help="lognormal: sigma")
+    ln.add_argument(
+        "--spike-prob", type=fraction(one=True), default=0.001, help="lognormal: spike chance"
+    )
+    ln.add_argument(
+        "--spike-min-us", type=non_negative("µs"), default=50.0, help="lognormal: spike min"
+    )
+    ln.add_argument(
+        "--spike-max-us", type=non_negative("µs"), default=250.0, help="lognormal: spike max"
+    )
+    ln.add_argument("--uniform-low-us", type=non_negative("µs"), default=5.0, help="uniform: low")
+    ln.add_argument("--uniform-high-us", type=positive("µs"), default=25.0, help="uniform: high")
+    ln.add_argument(
+        "--lemon-fraction", type=fraction(one=True), default=0.0, help="share of lemon VMs"
+    )
+    ln.add_argument(
+        "--lemon-extra-us", type=non_negative("µs"), default=20.0, help="lemon VM extra latency"
+    )
+    ln.add_argument(
+        "--endpoints-per-vm", type=count(1), default=1, help="endpoints sharing one receiver VM"
     )
     h = p.add_argument_group("Jasper hold")
-    h.add_argument("--percentile", type=float, default=97.0, help="OWD percentile (97)")
-    h.add_argument("--window", type=int, default=100, help="messages per OWD window (100)")
-    h.add_argument("--extra-hold-us", type=float, default=0.0, help="extra hold (0 µs)")
+    h.add_argument("--percentile", type=percentile, default=97.0, help="OWD percentile (97)")
+    h.add_argument("--window", type=count(1), default=100, help="messages per OWD window (100)")
+    h.add_argument(
+        "--extra-hold-us", type=non_negative("µs"), default=0.0, help="extra hold (0 µs)"
+    )
     m = p.add_argument_group("paper checks")
     m.add_argument(
-        "--hedging-receivers", type=int, default=10_000, help="Monte Carlo N (D=4, F=10)"
+        "--hedging-receivers", type=count(1), default=10_000, help="Monte Carlo N (D=4, F=10)"
     )
-    m.add_argument("--hedging-messages", type=int, default=200, help="Monte Carlo messages")
+    m.add_argument("--hedging-messages", type=count(1), default=200, help="Monte Carlo messages")
     m.add_argument(
         "--skip-paper-checks", action="store_true", help="only the baselines, no paper tables"
     )
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write JSON")
+    p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write JSON")
     p.set_defaults(func=run)
 
 
@@ -86,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
     )
     from jasper.tree import tree_shape
 
+    if args.messages <= args.window:
+        raise UsageError(
+            f"--messages must be above the --window of {args.window} warm-up messages "
+            f"(got {args.messages})"
+        )
     try:
         body: LognormalLatency | UniformLatency
         if args.link == "uniform":
@@ -128,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
         )
         plan = tree_shape(args.receivers, fanout=args.fanout, hedge=args.hedge, depth=args.depth)
     except (ValueError, ZeroDivisionError) as exc:
-        print(f"jasper simulate: {exc}")
-        return 2
+        raise UsageError(str(exc)) from None
 
     baselines = simulate_baselines(scenario)
     relays = sum(len(level) for level in plan.levels)
