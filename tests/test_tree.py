@@ -16,6 +16,7 @@ from jasper.tree import (
     Forward,
     TreePlan,
     default_depth,
+    hedged_shape,
     leaf_name,
     parse_node,
     relay_name,
@@ -216,3 +217,30 @@ def test_importing_the_names_does_not_load_networkx() -> None:
     # Data-plane daemons use the naming helpers; networkx (40+ MB) loads only in tree_shape.
     code = "import sys, jasper.tree; assert 'networkx' not in sys.modules, 'networkx loaded'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def min_parents(plan: TreePlan) -> int:
+    return min(len(set(plan.parents[leaf])) for leaf in plan.leaf_names())
+
+
+@pytest.mark.parametrize("leaves", [9, 12, 20, 30, 31])
+def test_small_trees_keep_hedging(leaves: int) -> None:
+    # The paper's depth is 1 here: the root alone, no siblings, one copy per endpoint.
+    assert default_depth(leaves, 10) == 1
+    assert min_parents(tree_shape(leaves, fanout=10, hedge=2)) == 1
+    fanout, depth = hedged_shape(leaves, fanout=10, hedge=2)
+    plan = tree_shape(leaves, fanout=fanout, hedge=2, depth=depth)
+    assert depth == 2
+    assert fanout <= 10
+    assert min_parents(plan) == 3
+    check_invariants(plan)
+
+
+def test_hedged_shape_leaves_other_trees_alone() -> None:
+    assert hedged_shape(100, fanout=10, hedge=2) == (10, 2)
+    assert hedged_shape(1000, fanout=10, hedge=2) == (10, 3)
+    assert hedged_shape(20, fanout=10, hedge=0) == (10, 1)
+    # Too few endpoints for H+1 relays below the root: the most parents there can be.
+    assert hedged_shape(2, fanout=10, hedge=2) == (10, 1)
+    fanout, depth = hedged_shape(6, fanout=10, hedge=2)
+    assert min_parents(tree_shape(6, fanout=fanout, hedge=2, depth=depth)) == 2
