@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     if out is None:
         out = Path("jasper-out") / time.strftime("demo-%Y%m%dT%H%M%SZ", time.gmtime())
         try:
-            output_dir(out)
+            output_dir.check(out)
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"the default output folder {exc}; pass --output") from None
     per_receiver = args.endpoints_per_receiver

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from jasper_cli.options import UsageError
+from jasper_cli.options import UsageError, check_paths
 
 # Each module defines `add_parser(subparsers)`, which registers one subcommand and sets
 # `func` to a callable taking the parsed args and returning an exit code. Modules import their
@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    check_paths(parser, args)
     prog = f"jasper {args.command}"
     try:
         return int(args.func(args) or 0)

@@ -10,6 +10,7 @@ and removing a probe folder beside where the output will go.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import math
 import os
@@ -180,27 +181,15 @@ def _existing_ancestor(path: Path) -> Path:
     return Path("/")
 
 
-def output_dir(text: str | Path) -> Path:
-    """A folder to write into: an existing writable folder, or a path whose nearest existing
-    ancestor is a writable folder (it is created when the work starts, not here)."""
-    text = str(text)
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must be a folder path (got an empty string)")
-    path = Path(text).expanduser()
+def _check_output_dir(text: str, path: Path) -> None:
     base = _existing_ancestor(path.absolute())
     if not base.is_dir():
         what = "is a file" if base == path.absolute() else f"is under the file {base}"
         raise argparse.ArgumentTypeError(f"must be a folder, but {text} {what}")
     _probe_writable(base, text)
-    return path
 
 
-def output_file(text: str | Path) -> Path:
-    """A file to write: not a folder, in an existing writable folder."""
-    text = str(text)
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must be a file path (got an empty string)")
-    path = Path(text).expanduser()
+def _check_output_file(text: str, path: Path) -> None:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"must be a file, but {text} is a folder")
     parent = path.absolute().parent
@@ -208,28 +197,87 @@ def output_file(text: str | Path) -> Path:
         problem = "does not exist" if not parent.exists() else "is not a folder"
         raise argparse.ArgumentTypeError(f"must be in an existing folder, but {parent} {problem}")
     _probe_writable(parent, text)
-    return path
 
 
-def input_file(text: str) -> Path:
-    """A file to read: it exists, is not a folder, and can be read."""
-    path = Path(text).expanduser()
+def _check_input_file(text: str, path: Path) -> None:
     if not path.exists():
         raise argparse.ArgumentTypeError(f"must be an existing file, but {text} does not exist")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"must be a file, but {text} is a folder")
     if not os.access(path, os.R_OK):
         raise argparse.ArgumentTypeError(f"must be readable, but {text} is not")
-    return path
 
 
-def input_dir(text: str) -> Path:
-    """A folder to read: it exists."""
-    path = Path(text).expanduser()
+def _check_input_dir(text: str, path: Path) -> None:
     if not path.is_dir():
         problem = "does not exist" if not path.exists() else "is not a folder"
         raise argparse.ArgumentTypeError(f"must be an existing folder, but {text} {problem}")
-    return path
+
+
+@dataclass(frozen=True)
+class PathOption:
+    """A path option checked against this machine once the command runs, not while parsing:
+    parsing must also work where the paths live elsewhere (a systemd unit read on a
+    developer's machine, tests/test_deploy_files.py). `main` calls `check` on every parsed
+    path option of the chosen command before its `run`, so no work starts on a bad one.
+    """
+
+    check_path: Callable[[str, Path], None]
+    what: str
+    """"file" or "folder", for the message on an empty value."""
+    template: str = ""
+    """A placeholder such as "{node}" that the daemon fills in; checked with a stand-in."""
+    as_text: bool = False
+    """Parse to the text as given (for code that treats the value as a str) instead of a Path."""
+
+    def __call__(self, text: str | Path) -> Path | str:
+        if not str(text).strip():
+            raise argparse.ArgumentTypeError(f"must be a {self.what} path (got an empty string)")
+        return str(text) if self.as_text else Path(text).expanduser()
+
+    def text(self) -> PathOption:
+        """The same check, parsing to the text as given."""
+        return dataclasses.replace(self, as_text=True)
+
+    def check(self, value: str | Path) -> None:
+        """Raise ArgumentTypeError when `value` cannot be used here and now."""
+        text = str(value)
+        stand_in = text.replace(self.template, "node") if self.template else text
+        self.check_path(text, Path(stand_in).expanduser())
+
+
+output_dir = PathOption(_check_output_dir, "folder")
+"""A folder to write into: an existing writable folder, or a path whose nearest existing
+ancestor is a writable folder (it is created when the work starts, not here)."""
+output_file = PathOption(_check_output_file, "file")
+"""A file to write: not a folder, in an existing writable folder."""
+input_file = PathOption(_check_input_file, "file")
+"""A file to read: it exists, is not a folder, and can be read."""
+input_dir = PathOption(_check_input_dir, "folder")
+"""A folder to read: it exists."""
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the path options of the command `args` chose (see `PathOption`); a bad one ends
+    the program through that command's `parser.error`, like any other bad value."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                check_paths(chosen, args)
+            continue
+        if not isinstance(action.type, PathOption):
+            continue
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None:
+                continue
+            try:
+                action.type.check(v)
+            except argparse.ArgumentTypeError as exc:
+                name = max(action.option_strings, key=len, default=action.metavar or action.dest)
+                parser.error(f"{name} {exc}")
 
 
 def retype(parser: argparse.ArgumentParser, types: Mapping[str, Callable[[str], Any]]) -> None:
@@ -252,11 +300,11 @@ def daemon_types() -> dict[str, Callable[[str], Any]]:
     """Allowed values of `overlay.daemon.add_common_arguments` (relay, receiver, publisher),
     by dest, for `retype`."""
     return {
-        "topology": input_file,
+        "topology": input_file.text(),
         "controller": http_url,
         "data_addr": ip_address,
-        "records": output_dir,
-        "ready_file": output_file,
+        "records": output_dir.text(),
+        "ready_file": output_file.text(),
         "status_interval": non_negative("s"),
         "clock_offset_us": Number(float, unit="µs"),
         "clock_drift_ppm": CLOCK_DRIFT_PPM,

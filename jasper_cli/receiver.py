@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from jasper_cli.options import PORT, Number, count, daemon_types, output_file, retype
+from jasper_cli.options import PORT, Number, PathOption, count, daemon_types, output_file, retype
 
 
 def add_parser(sub: Any) -> None:
@@ -90,7 +89,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--audit-log",
-        type=audit_log_arg,
+        type=AUDIT_LOG,
         metavar="PATH",
         help="append one record per release (stream, seq, endpoint, deadline, release time, "
         "clock bound) to PATH; {node} in PATH becomes the node name (read with `jasper audit`)",
@@ -99,12 +98,8 @@ def add_parser(sub: Any) -> None:
 
 
 wakeup_us_arg = Number(int, low=0, unit="µs")
-
-
-def audit_log_arg(text: str) -> str:
-    """A file to append to, where "{node}" stands for the node name."""
-    output_file(text.replace("{node}", "node"))
-    return str(Path(text).expanduser())
+AUDIT_LOG = PathOption(output_file.check_path, "file", template="{node}", as_text=True)
+"""A file to append to, where "{node}" stands for the node name."""
 
 
 def release_threads_arg(text: str) -> int:

@@ -187,15 +187,25 @@ def test_number_messages() -> None:
 
 
 def test_paths_are_checked_without_creating_anything(tmp_path: Path) -> None:
-    assert output_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
-    assert output_file(str(tmp_path / "s.json")) == tmp_path / "s.json"
+    for option, path in ((output_dir, tmp_path / "a" / "b"), (output_file, tmp_path / "s.json")):
+        assert option(str(path)) == path
+        option.check(path)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "f").write_text("")
     with pytest.raises(argparse.ArgumentTypeError, match="is a file"):
-        output_dir(str(tmp_path / "f"))
+        output_dir.check(tmp_path / "f")
     with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
-        output_file(str(tmp_path))
+        output_file.check(tmp_path)
     assert host_port(":123") == ":123"
+
+
+def test_paths_of_another_machine_still_parse() -> None:
+    # A systemd unit names paths of the VM it runs on; parsing it here must work (the
+    # check runs when the command starts, tests/test_deploy_files.py parses units).
+    args = cli_main.build_parser().parse_args(
+        ["controller", "--db", "/var/lib/no-such-folder/controller.db"]
+    )
+    assert str(args.db) == "/var/lib/no-such-folder/controller.db"
 
 
 def test_environment_oserror_is_one_line_exit_1(

@@ -350,5 +350,7 @@ def test_cli_prints_baselines_and_paper_tables(
 
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["simulate", "--receivers", "0", "--skip-paper-checks"]) == 2
-    assert "receivers" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--receivers", "0", "--skip-paper-checks"])
+    assert exit_info.value.code == 2
+    assert "--receivers must be >= 1 (got 0)" in capsys.readouterr().err
