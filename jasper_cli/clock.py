@@ -13,6 +13,7 @@ from jasper_cli.options import (
     PORT,
     PORT_OR_ANY,
     Number,
+    check_resolves,
     host_port,
     non_negative,
     positive,
@@ -187,6 +188,7 @@ def run_sync(args: argparse.Namespace) -> int:
             await disc.stop()
 
     if args.server:
+        check_resolves("server", args.server)
         host, _, port = args.server.rpartition(":")
         asyncio.run(main((host or "127.0.0.1", int(port))))
         return 0

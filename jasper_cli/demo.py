@@ -16,6 +16,7 @@ from jasper_cli.options import (
     RATE,
     Number,
     UsageError,
+    check_resolves,
     count,
     fraction,
     host_port,
@@ -261,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
                 f"(got {link_model['p99_ns'] / 1000:g})"
             )
     link_steps = tuple(sorted(args.link_step))
+    if args.ntp_server:
+        check_resolves("--ntp-server", args.ntp_server)
     messages = int(rate * args.duration)
     if messages < 1:
         raise UsageError(

@@ -128,13 +128,17 @@ def host_port(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"must be HOST:PORT with a port in 1..65535, e.g. 127.0.0.1:123 (got {text!r})"
         )
+    return text
+
+
+def check_resolves(option: str, text: str) -> None:
+    """UsageError unless the host of `text` (HOST:PORT, checked by `host_port`) resolves here.
+    Called when a command starts, not while parsing: a unit file's hosts live elsewhere."""
+    host, _, port = text.rpartition(":")
     try:
         socket.getaddrinfo(host or "127.0.0.1", int(port), type=socket.SOCK_DGRAM)
     except (OSError, UnicodeError):
-        raise argparse.ArgumentTypeError(
-            f"must be HOST:PORT with a host that resolves, but {host!r} does not"
-        ) from None
-    return text
+        raise UsageError(f"{option} {text}: the host {host!r} does not resolve") from None
 
 
 def ip_address(text: str) -> str:

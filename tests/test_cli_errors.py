@@ -96,7 +96,8 @@ BAD_VALUES: list[tuple[list[str], str]] = [
     (["receiver", "--topology", TOPOLOGY, "--node-name", "h0", "--spin-us", "-1"], "--spin-us"),
     # clock, audit, emulate, gen-header, ebpf
     (["clock", "sync", "127.0.0.1:99999"], "server must be HOST:PORT"),
-    (["clock", "sync", "no-such-host.invalid:123"], "a host that resolves"),
+    (["clock", "sync", "no-such-host.invalid:123"], "server no-such-host.invalid:123: the host"),
+    (["demo", "--ntp-server", "no-such-host.invalid:123"], "does not resolve"),
     (["clock", "sync", "--interval", "0"], "--interval must be > 0 s"),
     (["clock", "refserver", "--port", "-1"], "--port must be 0..65535"),
     (["clock", "status", "--chrony-port", "x"], "--chrony-port must be a whole number"),
