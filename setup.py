@@ -10,6 +10,7 @@ setup(
             depends=["native/receiver_core.h", "ebpf/include/jasper_wire.h"],
             include_dirs=["native", "ebpf/include"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+            libraries=["crypto"],  # OpenSSL libcrypto: HMAC-SHA256 of the datagram MAC
         ),
         Extension(
             "overlay._datapath",
@@ -18,7 +19,7 @@ setup(
             include_dirs=["native", "ebpf/include"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-pthread"],
             extra_link_args=["-pthread"],
-            libraries=["m"],
+            libraries=["m", "crypto"],
         ),
         Extension(
             "overlay._releasequeue",

@@ -1,5 +1,7 @@
 """Type stubs of jasper._native: the native receiver core (native/receiver_core.c) and parser."""
 
+from collections.abc import Mapping
+
 from _typeshed import ReadableBuffer as Buffer
 
 from jasper.receiver_core import CoreRelease
@@ -25,7 +27,14 @@ class ReceiverCore:
         ring_size: int = 4096,
         hold_capacity: int = 65536,
         pending_capacity: int = 65536,
+        ahead_window: int = 1 << 20,
     ) -> None: ...
+    def set_stream(
+        self, stream_id: int, *, keys: Mapping[int, Buffer] | None, session: int | None = None
+    ) -> None:
+        """As the Python core's; native only: at most 4 keys (ValueError beyond). The key bytes
+        are keyed into libcrypto HMAC contexts at once and not kept."""
+    def drop_stream(self, stream_id: int) -> None: ...
     def datagram_received(
         self, endpoint: int, data: Buffer, parent: int, arrival_ns: int, now_ns: int
     ) -> None: ...

@@ -3,10 +3,16 @@
  * Usage: fuzz_core CORPUS. The corpus is a sequence of records, each a u16 length (little
  * endian) and that many bytes; byte 0 of a record picks the operation, the rest are its
  * arguments (missing bytes read as zero, so any file is a valid corpus):
- *   'N' endpoints u8, ring log2 u8, hold u16, pending u16, max_streams u8: a new core
+ *   'N' endpoints u8, ring log2 u8, hold u16, pending u16, max_streams u8, ahead u8 (0: the
+ *       default window): a new core, with the initial streams (below)
  *   'D' endpoint u8, parent u32, arrival offset i16, then the datagram: jc_datagram
  *   'A' dt u16: jc_advance        'F' dt u16: jc_flush
  *   'T' max u8: jc_take_releases  'E' grow u8: jc_set_endpoints
+ *   'S' stream u8, nkeys u8 (255: unkeyed, else % 6), has_session u8, session u8, then one
+ *       epoch u8 per key: jc_set_stream, each key fuzz_key(epoch)
+ *   'X' stream u8: jc_drop_stream
+ * Initial streams: 1 keyed with epoch 1, 2 and 3 unkeyed (tests/test_native_sanitizers.py signs
+ * part of its stream-1 datagrams with fuzz_key(1), so the MAC path accepts as well as refuses).
  * After every call the driver reads every payload byte it was handed and checks the bounds
  * the header promises; a broken promise aborts. tests/test_native_sanitizers.py builds it with
  * ASan and UBSan and feeds it random and mutated datagrams.
@@ -40,6 +46,22 @@ static uint64_t take(struct reader *r, size_t bytes)
 	return v;
 }
 
+/* The key of an epoch: byte j is epoch * 31 + j (the Python side makes the same). */
+static void fuzz_key(uint32_t epoch, uint8_t *key)
+{
+	for (int j = 0; j < JC_KEY_LEN; j++)
+		key[j] = (uint8_t)(epoch * 31 + (uint32_t)j);
+}
+
+static void initial_streams(struct jc_core *core)
+{
+	struct jc_stream_key k = {.epoch = 1};
+	fuzz_key(1, k.key);
+	CHECK(jc_set_stream(core, 1, &k, 1, 0, 0) == 0);
+	CHECK(jc_set_stream(core, 2, NULL, -1, 0, 0) == 0);
+	CHECK(jc_set_stream(core, 3, NULL, -1, 0, 0) == 0);
+}
+
 static struct jc_release out[256];
 static size_t nout; /* releases of the last take, their payloads still valid */
 static uint64_t checksum;
@@ -68,7 +90,10 @@ static void check_core(const struct jc_core *core, const struct jc_config *cfg)
 		struct jc_counters c;
 		struct jc_parent p[JC_PARENT_SLOTS];
 		CHECK(jc_counters(core, e, &c) == 0);
-		CHECK(c.accepted + c.duplicates + c.stale <= c.received);
+		uint64_t rejected = 0;
+		for (int i = 0; i < JC_REJECT_REASONS; i++)
+			rejected += c.rejected[i];
+		CHECK(c.accepted + c.duplicates + c.stale + rejected <= c.received);
 		int n = jc_parents(core, e, p, JC_PARENT_SLOTS);
 		CHECK(n >= 0 && n <= JC_PARENT_SLOTS);
 		uint64_t copies = 0;
@@ -120,8 +145,9 @@ int main(int argc, char **argv)
 	cfg.pending_capacity = 16;
 	struct jc_core *core = jc_new(&cfg);
 	CHECK(core);
+	initial_streams(core);
 	int64_t now = 1000;
-	uint64_t records = 0, datagrams = 0;
+	uint64_t records = 0, datagrams = 0, keyed_accepted = 0, mac_rejected = 0;
 	size_t at = 0;
 	while (at + 2 <= size) {
 		size_t len = (size_t)corpus[at] | (size_t)corpus[at + 1] << 8;
@@ -141,7 +167,10 @@ int main(int argc, char **argv)
 				.hold_capacity = (uint32_t)take(&r, 2),
 				.pending_capacity = (uint32_t)take(&r, 2),
 				.max_streams = (uint32_t)take(&r, 1),
+				.ahead_window = take(&r, 1),
 			};
+			if (!next.ahead_window)
+				next.ahead_window = JC_AHEAD_WINDOW;
 			struct jc_core *c2 = jc_new(&next);
 			CHECK(!c2 == !!jc_config_check(&next));
 			if (c2) {
@@ -149,6 +178,15 @@ int main(int argc, char **argv)
 				nout = 0;
 				core = c2;
 				cfg = next;
+				/* max_streams may refuse some (JC_EFULL): set what fits. */
+				struct jc_stream_key k = {.epoch = 1};
+				fuzz_key(1, k.key);
+				int rc1 = jc_set_stream(core, 1, &k, 1, 0, 0);
+				CHECK(rc1 == 0 || rc1 == JC_EFULL);
+				rc1 = jc_set_stream(core, 2, NULL, -1, 0, 0);
+				CHECK(rc1 == 0 || rc1 == JC_EFULL);
+				rc1 = jc_set_stream(core, 3, NULL, -1, 0, 0);
+				CHECK(rc1 == 0 || rc1 == JC_EFULL);
 			}
 			break;
 		}
@@ -165,9 +203,19 @@ int main(int argc, char **argv)
 			CHECK(d);
 			memcpy(d, r.p + off, n);
 			nout = 0;
+			struct jc_counters before = {0}, after = {0};
+			jc_counters(core, endpoint, &before);
+			size_t waiting = jc_pending(core);
 			rc = jc_datagram(core, endpoint, d, n, parent, arrival, now);
+			jc_counters(core, endpoint, &after);
 			struct jc_header h;
 			int pr = jc_parse(d, n, &h);
+			/* Processed at once, alone (nothing pending): a stream-1 copy taken passed its
+			 * MAC. */
+			if (!pr && h.stream_id == 1 && after.accepted > before.accepted &&
+			    arrival <= now && !waiting)
+				keyed_accepted++;
+			mac_rejected += after.rejected[JC_REJECT_MAC] - before.rejected[JC_REJECT_MAC];
 			CHECK(pr >= 0 && pr <= JC_MALFORMED_REASONS);
 			free(d);
 			if (endpoint < jc_endpoints(core)) {
@@ -206,6 +254,33 @@ int main(int argc, char **argv)
 				CHECK(jc_set_endpoints(core, n - 1) == JC_EINVAL);
 			break;
 		}
+		case 'S': {
+			uint32_t stream = (uint32_t)take(&r, 1) % 6;
+			uint32_t nk = (uint32_t)take(&r, 1);
+			int nkeys = nk == 255 ? -1 : (int)(nk % 6); /* 5: one too many */
+			int has_session = (int)(take(&r, 1) & 1);
+			uint32_t session = (uint32_t)take(&r, 1) % 4;
+			struct jc_stream_key keys[6];
+			int dup = 0, zero = 0;
+			for (int i = 0; i < (nkeys > 0 ? nkeys : 0); i++) {
+				keys[i].epoch = (uint32_t)take(&r, 1) % 5;
+				fuzz_key(keys[i].epoch, keys[i].key);
+				zero |= keys[i].epoch == 0;
+				for (int j = 0; j < i; j++)
+					dup |= keys[j].epoch == keys[i].epoch;
+			}
+			nout = 0;
+			rc = jc_set_stream(core, stream, keys, nkeys, has_session, session);
+			if (nkeys > JC_MAX_KEYS || dup || zero)
+				CHECK(rc == JC_EINVAL);
+			else
+				CHECK(rc == 0 || rc == JC_EFULL);
+			break;
+		}
+		case 'X':
+			nout = 0;
+			jc_drop_stream(core, (uint32_t)take(&r, 1) % 6);
+			break;
 		default:
 			break;
 		}
@@ -217,7 +292,9 @@ int main(int argc, char **argv)
 		touch_releases(&cfg, jc_endpoints(core));
 	jc_free(core);
 	free(corpus);
-	printf("records %llu datagrams %llu checksum %llu\n", (unsigned long long)records,
-	       (unsigned long long)datagrams, (unsigned long long)checksum);
+	printf("records %llu datagrams %llu checksum %llu keyed_accepted %llu mac_rejected %llu\n",
+	       (unsigned long long)records, (unsigned long long)datagrams,
+	       (unsigned long long)checksum, (unsigned long long)keyed_accepted,
+	       (unsigned long long)mac_rejected);
 	return 0;
 }

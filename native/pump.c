@@ -57,6 +57,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "jasper_wire.h"
 #include "receiver_core.h"
 
@@ -584,6 +586,8 @@ typedef struct {
 
 	struct parent_entry *ptab;
 	size_t pcap;
+	uint32_t *streams; /* stream ids given to jc_set_stream by the last set_streams */
+	size_t nstreams;
 	struct linkmodel lm;
 	struct pathmodel pm;
 	struct path_stats pst;
@@ -1282,6 +1286,9 @@ static void free_buffers(Pump *p)
 		free(p->dq);
 	}
 	free(p->ptab);
+	free(p->streams);
+	p->streams = NULL;
+	p->nstreams = 0;
 	link_free(&p->lm);
 	path_free(&p->pm);
 	p->bufs = p->cmsgs = NULL;
@@ -1673,6 +1680,124 @@ fail:
 	Py_DECREF(seq);
 	free(tab);
 	return NULL;
+}
+
+/* One stream of set_streams, parsed before the lock is taken. */
+struct stream_rule {
+	uint32_t id, session;
+	int nkeys; /* -1: unauthenticated */
+	int has_session;
+	struct jc_stream_key keys[JC_MAX_KEYS];
+};
+
+static int parse_stream_rule(PyObject *item, Py_ssize_t i, struct stream_rule *r)
+{
+	PyObject *oid, *okeys, *osession;
+	if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "OOO", &oid, &okeys, &osession)) {
+		PyErr_Clear();
+		PyErr_Format(PyExc_TypeError,
+			     "set_streams()[%zd]: expected (stream_id, keys: {epoch: key} | None, "
+			     "session: int | None)", i);
+		return -1;
+	}
+	long long id, session = 0;
+	if (int_in(oid, 0, UINT32_MAX, "stream", &id) ||
+	    (osession != Py_None && int_in(osession, 0, UINT32_MAX, "session", &session)))
+		return -1;
+	r->id = (uint32_t)id;
+	r->session = (uint32_t)session;
+	r->has_session = osession != Py_None;
+	r->nkeys = -1;
+	if (okeys == Py_None)
+		return 0;
+	PyObject *items = PyMapping_Items(okeys);
+	if (!items)
+		return -1;
+	Py_ssize_t n = PyList_GET_SIZE(items);
+	if (n > JC_MAX_KEYS) {
+		Py_DECREF(items);
+		PyErr_Format(PyExc_ValueError, "stream %u: at most %d keys, got %zd", r->id,
+			     JC_MAX_KEYS, n);
+		return -1;
+	}
+	r->nkeys = 0;
+	for (Py_ssize_t k = 0; k < n; k++) {
+		PyObject *pair = PyList_GET_ITEM(items, k);
+		long long epoch;
+		Py_buffer view;
+		if (int_in(PyTuple_GET_ITEM(pair, 0), 1, UINT32_MAX, "key epoch", &epoch) ||
+		    PyObject_GetBuffer(PyTuple_GET_ITEM(pair, 1), &view, PyBUF_SIMPLE) < 0) {
+			Py_DECREF(items);
+			return -1;
+		}
+		int ok = view.len == JC_KEY_LEN;
+		if (ok)
+			memcpy(r->keys[k].key, view.buf, JC_KEY_LEN);
+		PyBuffer_Release(&view);
+		if (!ok) {
+			Py_DECREF(items);
+			PyErr_Format(PyExc_ValueError, "a stream key has %d bytes", JC_KEY_LEN);
+			return -1;
+		}
+		r->keys[k].epoch = (uint32_t)epoch;
+		r->nkeys++;
+	}
+	Py_DECREF(items);
+	return 0;
+}
+
+static PyObject *pump_set_streams(Pump *p, PyObject *arg)
+{
+	if (check_open(p))
+		return NULL;
+	PyObject *seq = PySequence_Fast(arg, "set_streams() takes a list of (id, keys, session)");
+	if (!seq)
+		return NULL;
+	Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+	struct stream_rule *rules = calloc(n ? (size_t)n : 1, sizeof *rules);
+	uint32_t *ids = malloc((n ? (size_t)n : 1) * sizeof *ids);
+	PyObject *ret = NULL;
+	if (!rules || !ids) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		if (parse_stream_rule(PySequence_Fast_GET_ITEM(seq, i), i, &rules[i]))
+			goto out;
+		ids[i] = rules[i].id;
+	}
+	int rc = 0;
+	pthread_mutex_lock(&p->mu);
+	/* Streams of the last plan that this one no longer names are refused from now on. */
+	for (size_t j = 0; j < p->nstreams; j++) {
+		Py_ssize_t i = 0;
+		while (i < n && ids[i] != p->streams[j])
+			i++;
+		if (i == n)
+			jc_drop_stream(p->core, p->streams[j]);
+	}
+	for (Py_ssize_t i = 0; i < n && !rc; i++) {
+		struct stream_rule *r = &rules[i];
+		rc = jc_set_stream(p->core, r->id, r->keys, r->nkeys, r->has_session, r->session);
+	}
+	uint32_t *old = p->streams;
+	p->streams = ids;
+	p->nstreams = (size_t)n;
+	ids = old;
+	pthread_mutex_unlock(&p->mu);
+	if (rc) {
+		PyErr_Format(rc == JC_EINVAL ? PyExc_ValueError : PyExc_RuntimeError,
+			     "set_streams: the core refused a stream (%d)", rc);
+		goto out;
+	}
+	ret = Py_NewRef(Py_None);
+out:
+	if (rules)
+		OPENSSL_cleanse(rules, (n ? (size_t)n : 1) * sizeof *rules);
+	free(rules);
+	free(ids);
+	Py_DECREF(seq);
+	return ret;
 }
 
 static int get_float(PyObject *obj, double lo, double hi, const char *what, double *out)
@@ -2199,10 +2324,10 @@ static PyObject *endpoint_dict(const struct ep_snapshot *s)
 	const struct jc_counters *c = &s->c;
 	const char *keys[] = {"received", "heartbeats", "accepted",	"duplicates",
 			      "stale",	  "released",	"late",		"hold_overflow",
-			      "pending_overflow", "stream_overflow", "nomem"};
+			      "pending_overflow", "nomem"};
 	const uint64_t vals[] = {c->received, c->heartbeats, c->accepted, c->duplicates,
 				 c->stale,    c->released,   c->late,	  c->hold_overflow,
-				 c->pending_overflow, c->stream_overflow, c->nomem};
+				 c->pending_overflow, c->nomem};
 	for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
 		if (set_u64(d, keys[i], vals[i]))
 			goto fail;
@@ -2210,6 +2335,12 @@ static PyObject *endpoint_dict(const struct ep_snapshot *s)
 		char key[64];
 		snprintf(key, sizeof key, "malformed_%s", jc_malformed_reason[i]);
 		if (set_u64(d, key, c->malformed[i]))
+			goto fail;
+	}
+	for (int i = 0; i < JC_REJECT_REASONS; i++) {
+		char key[64];
+		snprintf(key, sizeof key, "rejected_%s", jc_reject_reason[i]);
+		if (set_u64(d, key, c->rejected[i]))
 			goto fail;
 	}
 	if (set_u64(d, "kernel_drops", s->e.kernel_drops) ||
@@ -2383,6 +2514,11 @@ static PyMethodDef pump_methods[] = {
 	 "set_parents(parents, /)\n--\n\n"
 	 "[(ip, port, parent_id)]: the parent id of a source; port 0 matches any port of ip;\n"
 	 "sources not listed get UNKNOWN_PARENT."},
+	{"set_streams", (PyCFunction)pump_set_streams, METH_O,
+	 "set_streams(streams, /)\n--\n\n"
+	 "[(stream_id, keys, session)] of a plan: the streams the core admits (keys {epoch: key}\n"
+	 "or None: unauthenticated; session: the announced one or None); streams of the last\n"
+	 "call not named again are dropped. Copies of streams never set are refused."},
 	{"set_link_model", (PyCFunction)(void (*)(void))pump_set_link_model,
 	 METH_VARARGS | METH_KEYWORDS,
 	 "set_link_model(None, /) or set_link_model(*, median_ns, p99_ns=150000, spike_prob=0.0,\n"

@@ -9,11 +9,13 @@
 
 #include <stdio.h>
 
+#include <openssl/crypto.h>
+
 #include "jasper_wire.h"
 #include "receiver_core.h"
 
 #define MAX_DATAGRAM (JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD)
-#define COUNTERS (9 + JC_MALFORMED_REASONS)
+#define COUNTERS (9 + JC_MALFORMED_REASONS + JC_REJECT_REASONS)
 #define AT(field) (__builtin_offsetof(struct jasper_hdr, field))
 
 /* Imported lazily (jasper.receiver_core imports nothing native, but keep import order free). */
@@ -178,6 +180,10 @@ static int check_rc(int rc)
 		PyErr_NoMemory();
 		return -1;
 	}
+	if (rc == JC_ECRYPTO) {
+		PyErr_SetString(PyExc_RuntimeError, "libcrypto could not key an HMAC-SHA256");
+		return -1;
+	}
 	if (rc) {
 		PyErr_SetString(PyExc_ValueError, "invalid argument");
 		return -1;
@@ -188,12 +194,29 @@ static int check_rc(int rc)
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
 	static char *kwlist[] = {"endpoints", "ring_size", "hold_capacity", "pending_capacity",
-				 NULL};
-	PyObject *endpoints = NULL;
+				 "ahead_window", NULL};
+	PyObject *endpoints = NULL, *ahead = NULL;
 	Py_ssize_t ring_size = 4096, hold_capacity = 65536, pending_capacity = 65536;
-	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$Onnn:ReceiverCore", kwlist, &endpoints,
-					 &ring_size, &hold_capacity, &pending_capacity))
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OnnnO:ReceiverCore", kwlist, &endpoints,
+					 &ring_size, &hold_capacity, &pending_capacity, &ahead))
 		return NULL;
+	uint64_t ahead_window = JC_AHEAD_WINDOW;
+	if (ahead) {
+		if (!PyLong_Check(ahead)) {
+			PyErr_Format(PyExc_TypeError, "ahead_window must be an int, got %R", ahead);
+			return NULL;
+		}
+		int overflow = 0;
+		long long v = PyLong_AsLongLongAndOverflow(ahead, &overflow);
+		if (v == -1 && PyErr_Occurred())
+			return NULL;
+		if (overflow < 0 || (!overflow && v < 1)) {
+			PyErr_Format(PyExc_ValueError, "ahead_window must be >= 1, got %R", ahead);
+			return NULL;
+		}
+		/* Wider than any seq difference: the same as no window at all. */
+		ahead_window = overflow ? UINT64_MAX : (uint64_t)v;
+	}
 	if (!endpoints) {
 		PyErr_SetString(PyExc_TypeError,
 				"ReceiverCore() missing required keyword-only argument: 'endpoints'");
@@ -223,6 +246,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 		.hold_capacity = (uint32_t)hold_capacity,
 		.pending_capacity = (uint32_t)pending_capacity,
 		.max_streams = 0,
+		.ahead_window = ahead_window,
 	};
 	CoreObject *self = (CoreObject *)type->tp_alloc(type, 0);
 	if (!self)
@@ -341,6 +365,97 @@ static PyObject *core_set_endpoints(CoreObject *self, PyObject *const *args, Py_
 	Py_RETURN_NONE;
 }
 
+/* set_stream's keys: a mapping key epoch -> key bytes, checked in iteration order like the
+ * Python core (epoch range, then length). Returns the count, or -1 with an exception set. */
+static int stream_keys(PyObject *mapping, struct jc_stream_key *out)
+{
+	PyObject *items = PyMapping_Items(mapping);
+	if (!items)
+		return -1;
+	Py_ssize_t n = PyList_GET_SIZE(items);
+	int got = 0;
+	for (Py_ssize_t i = 0; i < n; i++) {
+		PyObject *item = PyList_GET_ITEM(items, i); /* borrowed: items holds it */
+		PyObject *epoch = PyTuple_GET_ITEM(item, 0), *key = PyTuple_GET_ITEM(item, 1);
+		long long e;
+		if (int_in(epoch, 1, UINT32_MAX, "key epoch", &e) < 0)
+			goto fail;
+		Py_buffer view;
+		if (PyObject_GetBuffer(key, &view, PyBUF_SIMPLE) < 0)
+			goto fail;
+		if (view.len != JC_KEY_LEN) {
+			PyErr_Format(PyExc_ValueError, "a stream key has %d bytes, got %zd",
+				     JC_KEY_LEN, view.len);
+			PyBuffer_Release(&view);
+			goto fail;
+		}
+		if (got == JC_MAX_KEYS) {
+			PyBuffer_Release(&view);
+			PyErr_Format(PyExc_ValueError,
+				     "the native core holds at most %d keys per stream, got %zd",
+				     JC_MAX_KEYS, n);
+			goto fail;
+		}
+		out[got].epoch = (uint32_t)e;
+		memcpy(out[got].key, view.buf, JC_KEY_LEN);
+		PyBuffer_Release(&view);
+		got++;
+	}
+	Py_DECREF(items);
+	return got;
+fail:
+	Py_DECREF(items);
+	OPENSSL_cleanse(out, sizeof *out * JC_MAX_KEYS);
+	return -1;
+}
+
+static PyObject *core_set_stream(CoreObject *self, PyObject *args, PyObject *kwargs)
+{
+	static char *kwlist[] = {"stream_id", "keys", "session", NULL};
+	PyObject *stream = NULL, *keys = NULL, *session = Py_None;
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:set_stream", kwlist, &stream, &keys,
+					 &session))
+		return NULL;
+	if (!keys) {
+		PyErr_SetString(PyExc_TypeError,
+				"set_stream() missing required keyword-only argument: 'keys'");
+		return NULL;
+	}
+	long long id, sess = 0;
+	if (int_in(stream, 0, UINT32_MAX, "stream", &id) < 0)
+		return NULL;
+	if (session != Py_None && int_in(session, 0, UINT32_MAX, "session", &sess) < 0)
+		return NULL;
+	struct jc_stream_key held[JC_MAX_KEYS];
+	int nkeys = -1;
+	if (keys != Py_None && (nkeys = stream_keys(keys, held)) < 0)
+		return NULL;
+	int rc = jc_set_stream(self->core, (uint32_t)id, held, nkeys, session != Py_None,
+			       (uint32_t)sess);
+	OPENSSL_cleanse(held, sizeof held); /* the core keyed its own HMAC contexts */
+	if (check_rc(rc) < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+static PyObject *core_drop_stream(CoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+				  PyObject *kwnames)
+{
+	static const char *const names[] = {"stream_id"};
+	PyObject *arg;
+	if (one_arg(args, nargs, kwnames, names, &arg, "drop_stream") < 0)
+		return NULL;
+	if (PyLong_Check(arg)) { /* like dict.pop(id, None): anything else names no stream */
+		int overflow = 0;
+		long long v = PyLong_AsLongLongAndOverflow(arg, &overflow);
+		if (v == -1 && PyErr_Occurred())
+			return NULL;
+		if (!overflow && v >= 0 && v <= (long long)UINT32_MAX)
+			jc_drop_stream(self->core, (uint32_t)v);
+	}
+	Py_RETURN_NONE;
+}
+
 static PyObject *core_get_timer(CoreObject *self, PyObject *Py_UNUSED(ignored))
 {
 	uint64_t when;
@@ -425,6 +540,8 @@ static PyObject *core_counters(CoreObject *self, PyObject *const *args, Py_ssize
 	};
 	for (int i = 0; i < JC_MALFORMED_REASONS; i++)
 		values[9 + i] = c.malformed[i];
+	for (int i = 0; i < JC_REJECT_REASONS; i++)
+		values[9 + JC_MALFORMED_REASONS + i] = c.rejected[i];
 	PyObject *d = PyDict_New();
 	if (!d)
 		return NULL;
@@ -503,6 +620,12 @@ static PyMethodDef core_methods[] = {
 	 "flush(now_ns)\n--\n\nShutdown: process every pending copy, release every held one."},
 	{"set_endpoints", (PyCFunction)(void (*)(void))core_set_endpoints, METH_FASTCALL | METH_KEYWORDS,
 	 "set_endpoints(endpoints)\n--\n\nA new plan: grow to `endpoints` endpoints."},
+	{"set_stream", (PyCFunction)(void (*)(void))core_set_stream, METH_VARARGS | METH_KEYWORDS,
+	 "set_stream(stream_id, *, keys, session=None)\n--\n\n"
+	 "Accept copies of `stream_id`: keys {epoch: 32-byte key} (at most 4) or None for an "
+	 "unauthenticated stream; session: the announced publisher session, or None."},
+	{"drop_stream", (PyCFunction)(void (*)(void))core_drop_stream, METH_FASTCALL | METH_KEYWORDS,
+	 "drop_stream(stream_id)\n--\n\nRefuse copies of `stream_id` from now on."},
 	{"get_timer", (PyCFunction)core_get_timer, METH_NOARGS,
 	 "get_timer()\n--\n\nThe next pending arrival or held deadline in ns, or None."},
 	{"releases", (PyCFunction)core_releases, METH_NOARGS,
@@ -530,7 +653,7 @@ static PyTypeObject CoreType = {
 	.tp_dealloc = (destructor)core_dealloc,
 	.tp_flags = Py_TPFLAGS_DEFAULT,
 	.tp_doc = "ReceiverCore(*, endpoints, ring_size=4096, hold_capacity=65536, "
-		  "pending_capacity=65536)\n--\n\n"
+		  "pending_capacity=65536, ahead_window=1 << 20)\n--\n\n"
 		  "The receiver core in C; jasper.receiver_core.ReceiverCore is its specification.",
 	.tp_methods = core_methods,
 	.tp_getset = core_getset,
@@ -654,9 +777,11 @@ PyMODINIT_FUNC PyInit__native(void)
 	for (int i = 0; i < COUNTERS; i++) {
 		if (counter_names[i])
 			continue;
+		int r = i - 9 - JC_MALFORMED_REASONS;
 		counter_names[i] =
-			i < 9 ? PyUnicode_InternFromString(base[i])
-			      : PyUnicode_FromFormat("malformed_%s", jc_malformed_reason[i - 9]);
+			i < 9	 ? PyUnicode_InternFromString(base[i])
+			: r < 0 ? PyUnicode_FromFormat("malformed_%s", jc_malformed_reason[i - 9])
+				 : PyUnicode_FromFormat("rejected_%s", jc_reject_reason[r]);
 		if (!counter_names[i])
 			return NULL;
 		if (i >= 9)

@@ -6,6 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
 #include "jasper_wire.h"
 
 #define MAX_DATAGRAM (JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD)
@@ -26,6 +30,13 @@
 const char *const jc_malformed_reason[JC_MALFORMED_REASONS] = {
 	"short", "magic", "version", "flags", "length", "count", "overrun",
 };
+
+const char *const jc_reject_reason[JC_REJECT_REASONS] = {
+	"stream", "key", "mac", "session", "ahead",
+};
+
+_Static_assert(JC_KEY_LEN == JASPER_KEY_LEN, "stream key length");
+_Static_assert(JASPER_MAC_OFFSET + JASPER_MAC_LEN == JASPER_HEADER_LEN, "MAC ends the header");
 
 /* ---- parsing ----------------------------------------------------------------------------- */
 
@@ -66,6 +77,7 @@ int jc_parse(const uint8_t *data, size_t n, struct jc_header *h)
 	h->seq = load64(data + AT(seq));
 	h->send_time_ns = load64(data + AT(send_time_ns));
 	h->deadline_ns = load64(data + AT(deadline_ns));
+	h->key_epoch = load32(data + AT(key_epoch));
 
 	/* From here n == JASPER_HEADER_LEN + payload_len <= MAX_DATAGRAM: no sum below overflows. */
 	size_t plen = h->payload_len, count = h->msg_count;
@@ -118,7 +130,7 @@ struct copy {
 	uint32_t parent;
 	uint16_t len; /* bytes in buf */
 	uint8_t reason; /* jc_parse result */
-	struct buf *buf; /* NULL for malformed and heartbeat copies */
+	struct buf *buf; /* NULL for malformed copies */
 };
 
 struct pending_key {
@@ -145,12 +157,23 @@ struct release_entry {
 struct ring {
 	uint32_t session;
 	bool has_session;
+	uint32_t ahead_run; /* copies refused AHEAD since the last accepted one (saturates) */
+	uint64_t highest; /* largest seq accepted in this session, 0: none yet */
 	uint64_t slots[];
 };
 
+/* A stream id the core has been told about: its clamp floor (kept for the whole core, as
+ * ReleaseSchedule does) and, while configured, what it admits. */
 struct stream {
 	uint32_t id;
 	uint64_t floor; /* last held deadline (the clamp's floor), 0 = none */
+	bool configured; /* set and not dropped */
+	bool keyed; /* copies need a MAC */
+	bool has_session; /* only `session` is taken */
+	uint8_t nkeys;
+	uint32_t session;
+	uint32_t epochs[JC_MAX_KEYS];
+	EVP_MAC_CTX *mac[JC_MAX_KEYS]; /* keyed HMAC-SHA256, re-initialised per copy */
 };
 
 struct endpoint {
@@ -195,6 +218,8 @@ struct jc_core {
 	struct buf *free_bufs;
 	struct buf *lent; /* handed out by the last jc_take_releases */
 	struct buf_chunk *chunks;
+
+	EVP_MAC *hmac; /* fetched on the first keyed stream */
 
 	int status; /* JC_ENOMEM seen during the current call */
 };
@@ -361,7 +386,21 @@ static bool table_rebuild(struct jc_core *c, uint32_t size)
 	return true;
 }
 
-/* Index of a stream (made on first use), or -1 (table full: counted by the caller) / -2. */
+/* Index of a known stream, or -1. */
+static int64_t stream_find(const struct jc_core *c, uint32_t id)
+{
+	uint32_t at = hash32(id) & c->table_mask;
+	for (;;) {
+		uint32_t v = c->table[at];
+		if (!v)
+			return -1;
+		if (c->streams[v - 1].id == id)
+			return v - 1;
+		at = (at + 1) & c->table_mask;
+	}
+}
+
+/* Index of a stream (made on first use), or -1 (max_streams reached) / -2 (no memory). */
 static int64_t stream_index(struct jc_core *c, uint32_t id)
 {
 	uint32_t at = hash32(id) & c->table_mask;
@@ -382,8 +421,8 @@ static int64_t stream_index(struct jc_core *c, uint32_t id)
 		return -2;
 	c->streams_cap = (uint32_t)cap;
 	uint32_t i = c->nstreams++;
+	memset(&c->streams[i], 0, sizeof c->streams[i]);
 	c->streams[i].id = id;
-	c->streams[i].floor = 0;
 	if ((uint64_t)c->nstreams * 2 > (uint64_t)c->table_mask + 1) {
 		if (!table_rebuild(c, (c->table_mask + 1) * 2)) {
 			c->nstreams--;
@@ -409,9 +448,10 @@ static struct ring *ring_for(struct jc_core *c, struct endpoint *ep, uint32_t si
 	return ep->rings[si];
 }
 
-enum verdict { ACCEPT, DUPLICATE, STALE };
+enum verdict { ACCEPT, DUPLICATE, STALE, AHEAD };
 
-static enum verdict ring_check(struct ring *r, uint32_t mask, uint32_t session, uint64_t seq)
+static enum verdict ring_check(struct ring *r, uint32_t mask, uint32_t session, uint64_t seq,
+			       uint64_t ahead)
 {
 	if (!r->has_session || session != r->session) {
 		if (r->has_session && session < r->session)
@@ -420,16 +460,119 @@ static enum verdict ring_check(struct ring *r, uint32_t mask, uint32_t session, 
 			memset(r->slots, 0, ((size_t)mask + 1) * sizeof r->slots[0]);
 		r->session = session;
 		r->has_session = true;
+		r->highest = 0;
+		r->ahead_run = 0;
 	}
 	if (seq == 0)
 		return STALE;
+	/* Saturating at JC_AHEAD_RESYNC keeps `ahead_run < JC_AHEAD_RESYNC` exact. */
+	if (seq > r->highest && seq - r->highest > ahead) {
+		if (r->ahead_run < JC_AHEAD_RESYNC)
+			r->ahead_run++;
+		if (r->ahead_run < JC_AHEAD_RESYNC)
+			return AHEAD;
+	}
 	uint64_t *slot = &r->slots[seq & mask];
 	if (*slot == seq)
 		return DUPLICATE;
 	if (*slot > seq)
 		return STALE;
 	*slot = seq;
+	r->ahead_run = 0;
+	if (seq > r->highest)
+		r->highest = seq;
 	return ACCEPT;
+}
+
+/* ---- MAC --------------------------------------------------------------------------------- */
+
+/* 1 when the copy's MAC is the HMAC-SHA256 (truncated) of its header before the MAC, hedge bit
+ * cleared, then its payload, under `mac` (a keyed context); compared in constant time. */
+static bool mac_ok(EVP_MAC_CTX *mac, const uint8_t *data, size_t len)
+{
+	uint8_t head[JASPER_MAC_OFFSET], tag[EVP_MAX_MD_SIZE];
+	size_t n = 0;
+	memcpy(head, data, sizeof head);
+	head[AT(flags)] &= (uint8_t)~JASPER_FLAG_HEDGE_COPY;
+	/* init with no key re-uses the key schedule made by jc_set_stream. */
+	if (!EVP_MAC_init(mac, NULL, 0, NULL) || !EVP_MAC_update(mac, head, sizeof head) ||
+	    !EVP_MAC_update(mac, data + JASPER_HEADER_LEN, len - JASPER_HEADER_LEN) ||
+	    !EVP_MAC_final(mac, tag, &n, sizeof tag) || n < JASPER_MAC_LEN)
+		return false;
+	return CRYPTO_memcmp(tag, data + JASPER_MAC_OFFSET, JASPER_MAC_LEN) == 0;
+}
+
+static void stream_forget_keys(struct stream *s)
+{
+	for (int i = 0; i < s->nkeys; i++) {
+		EVP_MAC_CTX_free(s->mac[i]); /* libcrypto cleanses the key material it held */
+		s->mac[i] = NULL;
+	}
+	OPENSSL_cleanse(s->epochs, sizeof s->epochs);
+	s->nkeys = 0;
+	s->keyed = false;
+}
+
+int jc_set_stream(struct jc_core *c, uint32_t stream_id, const struct jc_stream_key *keys,
+		  int nkeys, int has_session, uint32_t session)
+{
+	if (nkeys > JC_MAX_KEYS || (nkeys > 0 && !keys))
+		return JC_EINVAL;
+	for (int i = 0; i < nkeys; i++) {
+		if (keys[i].epoch == 0)
+			return JC_EINVAL;
+		for (int j = 0; j < i; j++)
+			if (keys[j].epoch == keys[i].epoch)
+				return JC_EINVAL;
+	}
+	EVP_MAC_CTX *mac[JC_MAX_KEYS] = {NULL};
+	int rc = 0;
+	if (nkeys > 0 && !c->hmac && !(c->hmac = EVP_MAC_fetch(NULL, "HMAC", NULL)))
+		return JC_ECRYPTO;
+	OSSL_PARAM params[] = {
+		OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0),
+		OSSL_PARAM_construct_end(),
+	};
+	for (int i = 0; i < nkeys; i++) {
+		mac[i] = EVP_MAC_CTX_new(c->hmac);
+		if (!mac[i] || !EVP_MAC_init(mac[i], keys[i].key, JC_KEY_LEN, params)) {
+			rc = JC_ECRYPTO;
+			goto fail;
+		}
+	}
+	int64_t si = stream_index(c, stream_id);
+	if (si < 0) {
+		rc = si == -1 ? JC_EFULL : JC_ENOMEM;
+		goto fail;
+	}
+	struct stream *s = &c->streams[si];
+	stream_forget_keys(s);
+	s->configured = true;
+	s->keyed = nkeys >= 0;
+	s->nkeys = (uint8_t)(nkeys > 0 ? nkeys : 0);
+	for (int i = 0; i < s->nkeys; i++) {
+		s->epochs[i] = keys[i].epoch;
+		s->mac[i] = mac[i];
+	}
+	s->has_session = has_session != 0;
+	s->session = has_session ? session : 0;
+	return 0;
+fail:
+	for (int i = 0; i < nkeys; i++)
+		EVP_MAC_CTX_free(mac[i]);
+	return rc;
+}
+
+void jc_drop_stream(struct jc_core *c, uint32_t stream_id)
+{
+	int64_t si = stream_find(c, stream_id);
+	if (si < 0)
+		return;
+	struct stream *s = &c->streams[si];
+	stream_forget_keys(s);
+	s->configured = false;
+	s->has_session = false;
+	s->session = 0;
 }
 
 static struct jc_parent *parent_for(struct endpoint *ep, uint32_t id)
@@ -460,6 +603,8 @@ int jc_config_check(const struct jc_config *cfg)
 	if (!cfg || cfg->endpoints < 1 || cfg->hold_capacity < 1)
 		return JC_EINVAL;
 	if (cfg->ring_size < 2 || (cfg->ring_size & (cfg->ring_size - 1)))
+		return JC_EINVAL;
+	if (cfg->ahead_window < 1)
 		return JC_EINVAL;
 	return 0;
 }
@@ -500,6 +645,9 @@ void jc_free(struct jc_core *c)
 		free(c->eps[e].rings);
 	}
 	free(c->eps);
+	for (uint32_t i = 0; i < c->nstreams; i++)
+		stream_forget_keys(&c->streams[i]);
+	EVP_MAC_free(c->hmac);
 	free(c->streams);
 	free(c->table);
 	free(c->slots);
@@ -581,20 +729,34 @@ static void process(struct jc_core *c, struct copy *cp, const uint8_t *data, str
 		ep->c.malformed[cp->reason - 1]++;
 		goto drop;
 	}
+	/* Authenticate before anything about the copy is believed or remembered. */
+	int64_t si = stream_find(c, cp->h.stream_id);
+	const struct stream *st = si < 0 ? NULL : &c->streams[si];
+	if (!st || !st->configured) {
+		ep->c.rejected[JC_REJECT_STREAM]++;
+		goto drop;
+	}
+	if (st->keyed) {
+		int k = 0;
+		while (k < st->nkeys && st->epochs[k] != cp->h.key_epoch)
+			k++;
+		if (k == st->nkeys) {
+			ep->c.rejected[JC_REJECT_KEY]++;
+			goto drop;
+		}
+		if (!mac_ok(st->mac[k], b ? b->data : data, cp->len)) {
+			ep->c.rejected[JC_REJECT_MAC]++;
+			goto drop;
+		}
+	}
+	if (st->has_session && cp->h.session != st->session) {
+		ep->c.rejected[JC_REJECT_SESSION]++;
+		goto drop;
+	}
 	struct jc_parent *par = parent_for(ep, cp->parent);
 	par->copies++;
 	if (cp->h.flags & JASPER_FLAG_HEARTBEAT) {
 		ep->c.heartbeats++;
-		goto drop;
-	}
-	int64_t si = stream_index(c, cp->h.stream_id);
-	if (si < 0) {
-		if (si == -1) {
-			ep->c.stream_overflow++;
-		} else {
-			ep->c.nomem++;
-			c->status = JC_ENOMEM;
-		}
 		goto drop;
 	}
 	struct ring *r = ring_for(c, ep, (uint32_t)si);
@@ -603,10 +765,13 @@ static void process(struct jc_core *c, struct copy *cp, const uint8_t *data, str
 		c->status = JC_ENOMEM;
 		goto drop;
 	}
-	enum verdict v = ring_check(r, c->cfg.ring_size - 1, cp->h.session, cp->h.seq);
+	enum verdict v = ring_check(r, c->cfg.ring_size - 1, cp->h.session, cp->h.seq,
+				    c->cfg.ahead_window);
 	if (v != ACCEPT) {
 		if (v == DUPLICATE)
 			ep->c.duplicates++;
+		else if (v == AHEAD)
+			ep->c.rejected[JC_REJECT_AHEAD]++;
 		else
 			ep->c.stale++;
 		goto drop;
@@ -743,7 +908,8 @@ int jc_flush(struct jc_core *c, int64_t now_ns)
 static void pending_push(struct jc_core *c, const struct copy *in, const uint8_t *data)
 {
 	struct buf *b = NULL;
-	if (!in->reason && !(in->h.flags & JASPER_FLAG_HEARTBEAT)) {
+	/* Heartbeats too: their MAC is checked when they are processed. */
+	if (!in->reason) {
 		b = buf_get(c);
 		if (!b)
 			goto nomem;

@@ -9,7 +9,8 @@
  * Not thread-safe: one thread drives a core. Nothing here blocks or reads a clock.
  *
  * Memory: every store is bounded by the config except the queue of releases not yet taken
- * (take them after every input call) and the stream tables (bounded by max_streams when set).
+ * (take them after every input call) and the stream tables (one entry per stream id ever given
+ * to jc_set_stream, bounded by max_streams when set; copies never create one).
  * Datagram buffers (MAX_DATAGRAM bytes each) come from a free list that grows lazily up to
  * about pending_capacity + hold_capacity + untaken releases; nothing is allocated per copy
  * once the pools are warm.
@@ -42,6 +43,17 @@ enum jc_parse_result {
 /* "short", "magic", ... in MALFORMED_REASONS order: jc_malformed_reason[result - 1]. */
 extern const char *const jc_malformed_reason[JC_MALFORMED_REASONS];
 
+/* Why a well-formed copy was refused: indices into jasper.wire_spec.REJECT_REASONS. */
+enum jc_reject {
+	JC_REJECT_STREAM = 0, /* a stream never set (or dropped) */
+	JC_REJECT_KEY = 1, /* a keyed stream holds no key of the copy's key_epoch */
+	JC_REJECT_MAC = 2, /* the MAC does not match */
+	JC_REJECT_SESSION = 3, /* not the announced session */
+	JC_REJECT_AHEAD = 4, /* seq beyond the window ahead of the newest accepted */
+};
+#define JC_REJECT_REASONS 5
+extern const char *const jc_reject_reason[JC_REJECT_REASONS];
+
 /* The fixed header in host byte order. */
 struct jc_header {
 	uint8_t version;
@@ -54,6 +66,7 @@ struct jc_header {
 	uint64_t seq;
 	uint64_t send_time_ns;
 	uint64_t deadline_ns;
+	uint32_t key_epoch;
 };
 
 /*
@@ -68,16 +81,22 @@ int jc_parse(const uint8_t *data, size_t len, struct jc_header *out);
 #define JC_EINVAL (-1) /* the caller's bug: endpoint out of range, negative time, bad config */
 #define JC_ENOMEM (-2) /* an allocation failed; the copy concerned was dropped, counted nomem,
 			 * and the call still did the rest of its work */
+#define JC_EFULL (-3) /* jc_set_stream: max_streams stream ids are known already */
+#define JC_ECRYPTO (-4) /* jc_set_stream: libcrypto could not key an HMAC-SHA256 */
 
 struct jc_config {
 	uint32_t endpoints; /* MP endpoints, >= 1 */
 	uint32_t ring_size; /* dedup ring slots per (endpoint, stream): a power of two >= 2 */
 	uint32_t hold_capacity; /* held entries at most */
 	uint32_t pending_capacity; /* copies waiting for a future arrival at most */
-	uint32_t max_streams; /* distinct stream ids at most, 0 = unbounded (copies of further
-				 streams are dropped, counted stream_overflow) */
+	uint32_t max_streams; /* stream ids jc_set_stream takes at most, 0 = unbounded */
+	uint64_t ahead_window; /* >= 1: a seq further than this beyond the newest accepted one of
+				  its (endpoint, stream, session) is refused ("ahead") and moves no
+				  state, until JC_AHEAD_RESYNC such copies in a row */
 };
-#define JC_CONFIG_DEFAULT {1, 4096, 65536, 65536, 0}
+#define JC_AHEAD_WINDOW (UINT64_C(1) << 20) /* jasper.dedup.AHEAD_WINDOW */
+#define JC_AHEAD_RESYNC 64 /* jasper.dedup.AHEAD_RESYNC */
+#define JC_CONFIG_DEFAULT {1, 4096, 65536, 65536, 0, JC_AHEAD_WINDOW}
 
 enum jc_release_kind {
 	JC_ON_TIME = 0,
@@ -115,7 +134,7 @@ struct jc_counters {
 	uint64_t hold_overflow;
 	uint64_t pending_overflow;
 	uint64_t malformed[JC_MALFORMED_REASONS]; /* by jc_parse result - 1 */
-	uint64_t stream_overflow; /* native only: dropped, the stream table was full */
+	uint64_t rejected[JC_REJECT_REASONS]; /* by enum jc_reject */
 	uint64_t nomem; /* native only: dropped, an allocation failed */
 };
 
@@ -138,6 +157,33 @@ int jc_config_check(const struct jc_config *cfg);
 /* A new core, or NULL (invalid config: see jc_config_check; or no memory). */
 struct jc_core *jc_new(const struct jc_config *cfg);
 void jc_free(struct jc_core *core);
+
+/* ---- streams: what the core admits (jasper.receiver_core.ReceiverCore.set_stream) -------- */
+
+/* Keys one stream holds at most (two during a rotation; four leaves room). */
+#define JC_MAX_KEYS 4
+#define JC_KEY_LEN 32 /* jasper.wire_spec.KEY_LEN */
+
+struct jc_stream_key {
+	uint32_t epoch; /* >= 1 */
+	uint8_t key[JC_KEY_LEN];
+};
+
+/*
+ * Accept copies of `stream_id` from now on, replacing what was set before. nkeys < 0: an
+ * unauthenticated stream; 0..JC_MAX_KEYS: copies must carry a MAC (HMAC-SHA256 truncated, see
+ * docs/wire-format.md) made with the key of their key_epoch (0 keys: every copy is refused
+ * "key"). has_session: only copies of `session` are taken; else the newest session seen is
+ * followed, as a dedup ring does. The core keeps no copy of the key bytes: each is keyed into
+ * an HMAC context at once (the caller should OPENSSL_cleanse its own copy). JC_EINVAL: nkeys >
+ * JC_MAX_KEYS, an epoch 0 or twice; JC_EFULL: max_streams reached; JC_ENOMEM; JC_ECRYPTO. On
+ * an error nothing changed.
+ */
+int jc_set_stream(struct jc_core *core, uint32_t stream_id, const struct jc_stream_key *keys,
+		  int nkeys, int has_session, uint32_t session);
+/* Refuse copies of `stream_id` from now on (its keys are freed and cleansed); held entries are
+ * still released, and its dedup rings and clamp floor stay. Unknown ids: nothing. */
+void jc_drop_stream(struct jc_core *core, uint32_t stream_id);
 
 /* Grow to n endpoints (a new plan); n < current is JC_EINVAL, n == current does nothing. */
 int jc_set_endpoints(struct jc_core *core, uint32_t n);

@@ -15,10 +15,18 @@ import tests.test_receiver_core as reference_tests
 from jasper import _native
 from jasper.receiver_core import COUNTER_NAMES, CoreRelease, ReleaseKind
 from jasper.wire import Header, WireError, encode_batch
-from jasper.wire_spec import FLAG_HEARTBEAT, MALFORMED_REASONS, MAX_DATAGRAM
+from jasper.wire_spec import FLAG_HEARTBEAT, MALFORMED_REASONS, MAX_DATAGRAM, REJECT_REASONS
 from overlay.fastwire import peek
 
 U64_MAX = 2**64 - 1
+
+
+def native(**config: int) -> _native.ReceiverCore:
+    """A native core taking streams 1..3 unauthenticated, as tests.test_receiver_core.make."""
+    core = _native.ReceiverCore(**config)
+    for stream in reference_tests.OPEN_STREAMS:
+        core.set_stream(stream, keys=None)
+    return core
 
 
 def dgram(
@@ -52,7 +60,10 @@ def test_reference_tests_were_found() -> None:
 def test_counter_names_and_reasons_match_the_reference() -> None:
     core = _native.ReceiverCore(endpoints=1)
     assert tuple(core.counters(0)) == COUNTER_NAMES
-    assert [n[len("malformed_") :] for n in COUNTER_NAMES[9:]] == list(MALFORMED_REASONS)
+    malformed = COUNTER_NAMES[9 : 9 + len(MALFORMED_REASONS)]
+    rejected = COUNTER_NAMES[9 + len(MALFORMED_REASONS) :]
+    assert [n[len("malformed_") :] for n in malformed] == list(MALFORMED_REASONS)
+    assert [n[len("rejected_") :] for n in rejected] == list(REJECT_REASONS)
 
 
 def test_constructor_arguments() -> None:
@@ -80,7 +91,7 @@ def test_constructor_arguments() -> None:
 
 
 def test_call_arguments() -> None:
-    core = _native.ReceiverCore(endpoints=2)
+    core = native(endpoints=2)
     d = dgram(1)
     for endpoint in (-1, 2, 2**70):
         with pytest.raises(ValueError):
@@ -117,7 +128,7 @@ def test_call_arguments() -> None:
 
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
 def test_buffer_types_and_owned_payloads(kind: Callable[[bytes], object]) -> None:
-    core = _native.ReceiverCore(endpoints=1)
+    core = native(endpoints=1)
     raw = bytearray(dgram(1, deadline=500, msgs=(b"hello",)))
     data = kind(bytes(raw)) if kind is bytes else kind(raw)
     core.datagram_received(0, data, 3, 200, 100)  # waits for its arrival
@@ -134,7 +145,7 @@ def test_buffer_types_and_owned_payloads(kind: Callable[[bytes], object]) -> Non
 
 
 def test_timer_and_deadline_at_the_top_of_u64() -> None:
-    core = _native.ReceiverCore(endpoints=1)
+    core = native(endpoints=1)
     core.datagram_received(0, dgram(1, deadline=U64_MAX), 0, 10, 10)
     assert core.get_timer() == U64_MAX
     core.timer(2**63 - 1)
@@ -146,7 +157,7 @@ def test_timer_and_deadline_at_the_top_of_u64() -> None:
 
 def test_parents_beyond_64_are_counted_under_the_last_id() -> None:
     assert (_native.MAX_PARENTS, _native.PARENT_OTHER) == (64, 0xFFFFFFFF)
-    core = _native.ReceiverCore(endpoints=2)
+    core = native(endpoints=2)
     for parent in range(70):
         core.datagram_received(0, dgram(parent + 1), parent, 10, 10)
     core.datagram_received(0, dgram(1), 3, 10, 10)  # a duplicate from a tracked parent
@@ -162,8 +173,10 @@ def test_parents_beyond_64_are_counted_under_the_last_id() -> None:
 
 
 def test_many_streams_and_endpoints() -> None:
-    core = _native.ReceiverCore(endpoints=1, ring_size=2)
+    core = native(endpoints=1, ring_size=2)
     core.set_endpoints(40)
+    for stream in range(2000):
+        core.set_stream(stream * 7919, keys=None)
     for stream in range(2000):
         core.datagram_received(stream % 40, dgram(1, stream=stream * 7919), 0, 10, 10)
         core.datagram_received(stream % 40, dgram(1, stream=stream * 7919), 1, 10, 10)
@@ -172,7 +185,7 @@ def test_many_streams_and_endpoints() -> None:
 
 
 def test_oversize_and_heartbeats_take_no_buffer() -> None:
-    core = _native.ReceiverCore(endpoints=1, pending_capacity=2)
+    core = native(endpoints=1, pending_capacity=2)
     huge = dgram(1) + bytes(MAX_DATAGRAM)
     heartbeat = encode_batch(
         Header(stream_id=1, session=1, seq=1, send_time_ns=5, deadline_ns=0, flags=FLAG_HEARTBEAT),
@@ -210,7 +223,7 @@ def run_cycles(core: _native.ReceiverCore, data: list[bytes], rounds: int, now: 
 def test_no_leaks_per_copy() -> None:
     """Reference counts of the inputs stay put, and a second run of the same work allocates
     nothing more (the pools are warm)."""
-    core = _native.ReceiverCore(endpoints=4, ring_size=65536)
+    core = native(endpoints=4, ring_size=65536)
     data = [dgram(seq, deadline=0 if seq % 5 == 0 else 10**6 + seq * 10) for seq in range(1, 3001)]
     now = run_cycles(core, data, 2, 10**6)
     refs = [sys.getrefcount(d) for d in data[:10]]

@@ -1,6 +1,7 @@
 """The native receiver core under AddressSanitizer and UBSan: native/fuzz_core.c drives
-native/receiver_core.c through a corpus of random, valid and mutated datagrams and the core's
-other calls; any out-of-bounds access, use after free, leak or undefined behaviour fails."""
+native/receiver_core.c through a corpus of random, valid, signed, forged and mutated datagrams
+and the core's other calls (streams keyed, rotated and dropped); any out-of-bounds access, use
+after free, leak or undefined behaviour fails."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jasper.wire import Header, encode_batch
+from jasper.wire import Header, StreamKey, encode_batch, sign
 from jasper.wire_spec import (
     FLAG_HEARTBEAT,
     FLAG_HEDGE_COPY,
@@ -53,7 +54,7 @@ def fuzz_core(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exe = tmp / "fuzz_core"
     sources = [str(ROOT / "native" / "receiver_core.c"), str(ROOT / "native" / "fuzz_core.c")]
     built = subprocess.run(
-        ["gcc", *SANITIZE, *CFLAGS, *INCLUDES, *sources, "-o", str(exe)],
+        ["gcc", *SANITIZE, *CFLAGS, *INCLUDES, *sources, "-lcrypto", "-o", str(exe)],
         capture_output=True,
         text=True,
     )
@@ -63,6 +64,11 @@ def fuzz_core(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def record(body: bytes) -> bytes:
     return struct.pack("<H", len(body)) + body
+
+
+def fuzz_key(epoch: int) -> StreamKey:
+    """native/fuzz_core.c's key of an epoch."""
+    return StreamKey(epoch, bytes((epoch * 31 + j) & 0xFF for j in range(32)))
 
 
 def datagram(rnd: random.Random, base: int) -> bytes:
@@ -83,7 +89,10 @@ def datagram(rnd: random.Random, base: int) -> bytes:
         plan_epoch=rnd.getrandbits(32),
         flags=flags,
     )
-    return encode_batch(header, msgs)
+    data = encode_batch(header, msgs)
+    # Signed with an epoch's key most of the time: the MAC path both accepts and refuses.
+    epoch = rnd.choice([0, 1, 1, 1, 2, 3, 4])
+    return sign(data, fuzz_key(epoch)) if epoch else data
 
 
 def mutate(rnd: random.Random, data: bytes) -> bytes:
@@ -137,12 +146,20 @@ def corpus(seed: int, records: int) -> bytes:
             out.append(record(b"F" + struct.pack("<H", rnd.randint(0, 50))))
         elif roll < 0.96:
             out.append(record(b"E" + bytes([rnd.randrange(4)])))
-        elif roll < 0.98:
+        elif roll < 0.97:
             cfg = struct.pack(
-                "<BBHHB", rnd.randint(0, 6), rnd.randrange(14), rnd.randint(0, 40),
-                rnd.randint(0, 40), rnd.choice([0, 0, 1, 2]),
+                "<BBHHBB", rnd.randint(0, 6), rnd.randrange(14), rnd.randint(0, 40),
+                rnd.randint(0, 40), rnd.choice([0, 0, 1, 2, 5]), rnd.choice([0, 0, 1, 4, 64]),
             )  # fmt: skip
             out.append(record(b"N" + cfg))
+        elif roll < 0.98:  # a new plan: keys rotate, a session is announced, a stream dropped
+            if rnd.random() < 0.2:
+                out.append(record(b"X" + bytes([rnd.randrange(6)])))
+            else:
+                nkeys = rnd.choice([255, 0, 1, 1, 2, 2, 3, 4, 5])
+                epochs = bytes(rnd.randrange(5) for _ in range(nkeys if nkeys != 255 else 0))
+                head = bytes([rnd.randrange(6), nkeys, rnd.randrange(2), rnd.randrange(4)])
+                out.append(record(b"S" + head + epochs))
         else:  # a record of random bytes: whatever operation it names
             out.append(record(rnd.randbytes(rnd.randint(0, 30))))
     return b"".join(out)
@@ -158,9 +175,12 @@ def test_core_is_clean_under_asan_and_ubsan(fuzz_core: Path, tmp_path: Path, see
     )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "runtime error" not in run.stderr
-    records, datagrams = (int(w) for w in run.stdout.split()[1:4:2])
-    assert records > 3000
-    assert datagrams > 1000
+    words = run.stdout.split()
+    counts = dict(zip(words[::2], (int(w) for w in words[1::2]), strict=True))
+    assert counts["records"] > 3000
+    assert counts["datagrams"] > 1000
+    assert counts["keyed_accepted"] > 0  # signed copies passed the MAC check
+    assert counts["mac_rejected"] > 0
 
 
 def test_random_files_are_valid_corpora(fuzz_core: Path, tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 This file is the definition of "the same" (docs/receiver-core.md): hypothesis drives both cores
 with random sequences of copies (valid batches, duplicates, future arrivals, malformed
-mutations, heartbeats), timer calls, flushes and plan changes, and requires equal releases,
-counters, parents, timers and sizes after every step. The parsers are held to the same verdicts
-(and error text) on arbitrary bytes and on mutated valid datagrams.
+mutations, heartbeats; signed with the right key, the wrong key or an unknown epoch, unsigned,
+tampered with after signing; far-ahead runs), timer calls, flushes, plan changes and stream
+changes (keyed, unkeyed, announced sessions, key rotation, dropped streams), and requires equal
+releases, counters, parents, timers and sizes after every step. The parsers are held to the same
+verdicts (and error text) on arbitrary bytes and on mutated valid datagrams.
 """
 
 from __future__ import annotations
@@ -17,17 +19,39 @@ from hypothesis import strategies as st
 
 from jasper import _native
 from jasper.receiver_core import ReceiverCore
-from jasper.wire import Header, WireError, encode_batch
+from jasper.wire import Header, StreamKey, WireError, encode_batch, sign
 from jasper.wire_spec import (
     FLAG_HEARTBEAT,
     FLAG_HEDGE_COPY,
     FLAG_RETRANSMIT,
     HEADER_LEN,
+    MAC_OFFSET,
     MAX_DATAGRAM,
+    MAX_MESSAGE,
+    offsets,
 )
 from overlay.fastwire import peek
 
 U64_MAX = 2**64 - 1
+FLAGS_AT = offsets()["flags"]
+
+KEYS = {1: bytes(range(32)), 2: bytes(range(50, 82)), 3: bytes(range(200, 232))}
+"""The key of each epoch the streams may hold; a copy signed with another epoch's key under
+this epoch's number is a forgery with a wrong key."""
+
+Rule = tuple[tuple[int, ...] | None, int | None] | None
+"""What set_stream gets for one stream: (key epochs held or None for unkeyed, announced session
+or None); None: the stream is not set (or dropped)."""
+
+rules: st.SearchStrategy[Rule] = st.one_of(
+    st.none(),
+    st.tuples(
+        st.one_of(
+            st.none(), st.lists(st.sampled_from([1, 2, 3]), max_size=3, unique=True).map(tuple)
+        ),
+        st.one_of(st.none(), st.sampled_from([0, 1, 2, 3])),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +65,8 @@ class Template:
     """Relative to the start of the run (None: unstamped, 0 in the header)."""
     flags: int
     msgs: tuple[bytes, ...]
+    signer: tuple[int, int] | None = None
+    """(key epoch written, epoch whose key signs): equal for a good MAC; None: unsigned."""
 
     def encode(self, start: int = 0) -> bytes:
         deadline = 0 if self.deadline is None else min(U64_MAX, max(1, start + self.deadline))
@@ -53,23 +79,48 @@ class Template:
             plan_epoch=self.stream,
             flags=self.flags,
         )
-        return encode_batch(header, () if self.flags & FLAG_HEARTBEAT else self.msgs)
+        data = encode_batch(header, () if self.flags & FLAG_HEARTBEAT else self.msgs)
+        if self.signer is None:
+            return data
+        epoch, by = self.signer
+        signed = bytearray(sign(data, StreamKey(by, KEYS[by])))
+        # Another epoch's number on it: the MAC stays the one made with the other key.
+        signed[MAC_OFFSET - 4 : MAC_OFFSET] = epoch.to_bytes(4, "big")
+        return bytes(signed)
 
+
+signers = st.one_of(
+    st.none(),
+    st.sampled_from([1, 2, 3]).map(lambda e: (e, e)),
+    st.sampled_from([1, 2, 3]).map(lambda e: (e, e)),
+    st.tuples(st.sampled_from([1, 2, 3, 4]), st.sampled_from([1, 2, 3])),
+)
 
 templates = st.builds(
     Template,
-    stream=st.integers(1, 3),
+    stream=st.integers(1, 5),
     session=st.sampled_from([0, 1, 1, 1, 2, 3]),
-    seq=st.one_of(st.integers(0, 12), st.integers(13, 200), st.just(U64_MAX - 3)),
+    seq=st.one_of(
+        st.integers(0, 12),
+        st.integers(13, 200),
+        st.integers(10**6, 10**6 + 4),
+        st.just(U64_MAX - 3),
+    ),
     deadline=st.one_of(st.none(), st.integers(-50, 800), st.integers(800, 10**6), st.just(U64_MAX)),
     flags=st.sampled_from([0, 0, 0, FLAG_HEDGE_COPY, FLAG_RETRANSMIT, FLAG_HEARTBEAT]),
     msgs=st.lists(st.binary(max_size=6), min_size=1, max_size=4).map(tuple),
+    signer=signers,
 )
 
 mutations = st.one_of(
     st.none(),
     st.none(),
     st.none(),
+    st.none(),
+    st.tuples(st.just("hedge"), st.just(0), st.just(0)),  # a relay's hedge bit: MAC unchanged
+    st.tuples(st.just("flip"), st.integers(4, 39), st.integers(0, 7)),  # a header field bit
+    st.tuples(st.just("flip"), st.integers(HEADER_LEN, HEADER_LEN + 30), st.integers(0, 7)),
+    st.tuples(st.just("flip"), st.integers(MAC_OFFSET, HEADER_LEN - 1), st.integers(0, 7)),
     st.tuples(st.just("set"), st.integers(0, 80), st.integers(0, 255)),
     st.tuples(st.just("cut"), st.integers(0, 80), st.just(0)),
     st.tuples(st.just("append"), st.integers(1, 4), st.integers(0, 255)),
@@ -82,6 +133,14 @@ def mutate(data: bytes, mutation: tuple[str, int, int] | None) -> bytes:
     if mutation is None:
         return data
     kind, a, b = mutation
+    if kind == "hedge":
+        out = bytearray(data)
+        out[FLAGS_AT] |= FLAG_HEDGE_COPY
+        return bytes(out)
+    if kind == "flip":  # tampered after signing: still well formed when it hits a field
+        out = bytearray(data)
+        out[a % len(out)] ^= 1 << b
+        return bytes(out)
     if kind == "set":
         out = bytearray(data)
         out[a % len(out)] = b
@@ -115,6 +174,15 @@ ops = st.tuples(
         st.tuples(st.just("timer")),
         st.tuples(st.just("flush")),
         st.tuples(st.just("grow"), st.integers(0, 2)),
+        st.tuples(st.just("stream"), st.integers(1, 5), rules),
+        st.tuples(
+            st.just("run"),  # consecutive seqs from far ahead: the resync after AHEAD_RESYNC
+            st.integers(1, 5),
+            st.integers(0, 7),
+            st.sampled_from([30, 10**6, 2**40]),
+            st.integers(60, 70),
+            st.sampled_from([None, 1, 2]),
+        ),
     ),
 )
 configs = st.fixed_dictionaries(
@@ -123,8 +191,18 @@ configs = st.fixed_dictionaries(
         "ring_size": st.sampled_from([2, 4, 8, 16, 4096]),
         "hold_capacity": st.one_of(st.integers(1, 8), st.just(65536)),
         "pending_capacity": st.one_of(st.integers(0, 8), st.just(65536)),
+        "ahead_window": st.sampled_from([1, 3, 16, 100, 1 << 20, 2**70]),
     }
 )
+
+
+def set_rule(core: Any, stream: int, rule: Rule) -> None:
+    if rule is None:
+        core.drop_stream(stream)
+        return
+    epochs, session = rule
+    keys = None if epochs is None else {e: KEYS[e] for e in epochs}
+    core.set_stream(stream, keys=keys, session=session)
 
 
 def state(core: Any) -> tuple[object, ...]:
@@ -151,15 +229,19 @@ def as_kind(data: bytes, kind: str) -> bytes | bytearray | memoryview:
 @settings(max_examples=400, deadline=None)
 @given(
     configs,
+    st.lists(rules, min_size=5, max_size=5),
     st.lists(templates, min_size=2, max_size=16),
     st.integers(0, 10**12),
     st.lists(ops, min_size=20, max_size=120),
 )
 def test_native_core_equals_reference(
-    config: dict[str, int], pool: list[Template], start: int, steps: list[Any]
+    config: dict[str, int], streams: list[Rule], pool: list[Template], start: int, steps: list[Any]
 ) -> None:
     ref = ReceiverCore(**config)
     nat = _native.ReceiverCore(**config)
+    for stream, rule in enumerate(streams, 1):
+        set_rule(ref, stream, rule)
+        set_rule(nat, stream, rule)
     datagrams = [t.encode(start) for t in pool]
     now = start
     for i, (dt, pull, op) in enumerate(steps):
@@ -177,6 +259,19 @@ def test_native_core_equals_reference(
         elif op[0] == "flush":
             ref.flush(now)
             nat.flush(now)
+        elif op[0] == "stream":  # a new plan: keys rotate, a session is announced, a drop
+            set_rule(ref, op[1], op[2])
+            set_rule(nat, op[1], op[2])
+        elif op[0] == "run":
+            _, stream, endpoint, base, count, epoch = op
+            endpoint %= ref.endpoints
+            for seq in range(base, base + count):
+                t = Template(
+                    stream, 1, seq, None, 0, (b"r",), None if epoch is None else (epoch, epoch)
+                )
+                data = t.encode(start)
+                ref.datagram_received(endpoint, data, 1, now, now)
+                nat.datagram_received(endpoint, data, 1, now, now)
         else:
             n = ref.endpoints + op[1]
             ref.set_endpoints(n)
@@ -204,7 +299,7 @@ VALID = (
     Template(7, 3, 99, 20, 0, (b"payload",)).encode(),
     Template(7, 3, 99, 20, FLAG_HEDGE_COPY, (b"one", b"", b"three", b"4")).encode(),
     Template(7, 3, 99, 20, FLAG_HEARTBEAT, ()).encode(),
-    Template(1, 1, 1, None, 0, (b"x" * 1422,)).encode(),
+    Template(1, 1, 1, None, 0, (b"x" * MAX_MESSAGE,)).encode(),
 )
 
 
