@@ -315,3 +315,35 @@ def daemon_types() -> dict[str, Callable[[str], Any]]:
         "ntp_server": host_port,
         "chrony_port": PORT,
     }
+
+
+def check_static_node(args: argparse.Namespace, kind: str) -> None:
+    """UsageError unless `--topology` (when given) is a valid topology file that has the
+    `--node-name` of this `kind` of daemon ("relay": a comma-separated list, "receiver", or
+    "publisher": any name). Run before the daemon starts, so a typo is one line, not a
+    traceback from inside its event loop."""
+    if not getattr(args, "topology", None):
+        return
+    from jasper.topology import TopologyError
+    from overlay.common import load_topology
+
+    try:
+        topo = load_topology(args.topology)
+    except TopologyError as exc:
+        where = "" if str(exc).startswith(str(args.topology)) else f"{args.topology}: "
+        raise UsageError(f"--topology {where}{exc}") from None
+    if kind == "relay":
+        known = [r.name for r in topo.relays]
+        asked = [n for n in str(args.node_name).split(",") if n]
+    elif kind == "receiver":
+        known = [h.name for h in topo.receivers]
+        asked = [str(args.node_name)]
+    else:
+        return
+    missing = [n for n in asked if n not in known]
+    if missing or not asked:
+        shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
+        raise UsageError(
+            f"--node-name {args.node_name}: no such {kind} in {args.topology} "
+            f"(its {kind}s: {shown or 'none'})"
+        )

@@ -10,6 +10,7 @@ from jasper_cli.options import (
     RATE,
     STREAM_ID,
     Number,
+    check_static_node,
     daemon_types,
     non_negative,
     positive,
@@ -78,4 +79,5 @@ window_us_arg = Number(float, low=0, high=1_000_000, unit="µs")
 def run(args: argparse.Namespace) -> int:
     from overlay.daemon import run_publisher
 
+    check_static_node(args, "publisher")
     return run_publisher(args)

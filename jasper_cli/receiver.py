@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jasper_cli.options import PORT, Number, PathOption, count, daemon_types, output_file, retype
+from jasper_cli.options import (
+    PORT,
+    Number,
+    PathOption,
+    check_static_node,
+    count,
+    daemon_types,
+    output_file,
+    retype,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -112,4 +121,5 @@ def release_threads_arg(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from overlay.daemon import run_receiver
 
+    check_static_node(args, "receiver")
     return run_receiver(args)

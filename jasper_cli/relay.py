@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jasper_cli.options import PORT, daemon_types, retype
+from jasper_cli.options import PORT, check_static_node, daemon_types, retype
 
 
 def add_parser(sub: Any) -> None:
@@ -40,4 +40,5 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from overlay.daemon import run_relay
 
+    check_static_node(args, "relay")
     return run_relay(args)

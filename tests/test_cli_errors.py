@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from jasper.layout import topology_from_plan
+from jasper.tree import tree_shape
 from jasper_cli import main as cli_main
 from jasper_cli.options import Number, host_port, output_dir, output_file
 
 TOPOLOGY = "TOPOLOGY"
 """Stands for an existing file in the argv below (daemons need --topology to parse)."""
+PLAN = "PLAN"
+"""Stands for a valid topology file (N=4, F=2: relays r0.0, r1.0, r1.1; receiver host h0)."""
 
 # (argv, text the one error line must contain: the option at fault)
 BAD_VALUES: list[tuple[list[str], str]] = [
@@ -69,6 +74,10 @@ BAD_VALUES: list[tuple[list[str], str]] = [
         "--duration must be > 0 s",
     ),
     (["relay", "--topology", TOPOLOGY, "--node-name", "r0.0", "--port", "0"], "--port"),
+    (["relay", "--topology", PLAN, "--node-name", "r9.9"], "--node-name r9.9: no such relay"),
+    (["relay", "--topology", PLAN, "--node-name", "r0.0,x"], "--node-name r0.0,x: no such relay"),
+    (["receiver", "--topology", PLAN, "--node-name", "h7"], "--node-name h7: no such receiver"),
+    (["publisher", "--topology", TOPOLOGY, "--node-name", "pub"], "--topology"),
     (["relay", "--topology", TOPOLOGY, "--node-name", "r", "--port", "65536"], "--port"),
     (
         ["relay", "--topology", TOPOLOGY, "--node-name", "r", "--status-interval", "-1"],
@@ -129,7 +138,10 @@ def run_jasper(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_bad_value_is_one_line_and_exit_2(tmp_path: Path, argv: list[str], needle: str) -> None:
     topology = tmp_path / "topology.json"
     topology.write_text("{}")
-    argv = [str(topology) if a == TOPOLOGY else a for a in argv]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(topology_from_plan(tree_shape(4, fanout=2, hedge=1)).to_dict()))
+    files = {TOPOLOGY: str(topology), PLAN: str(plan)}
+    argv = [files.get(a, a) for a in argv]
     out = tmp_path / "out"
     if argv[0] == "demo" and not any(a.startswith("--out") for a in argv):
         argv += ["--output", str(out)]
