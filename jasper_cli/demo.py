@@ -36,6 +36,9 @@ PYTHON_RATE = 100.0
 NATIVE_BATCH_US = 500.0
 """Default batch window with native receivers: ~5 messages per datagram at 10,000 msg/s."""
 
+# Every endpoint takes a loopback port (two with --deliver udp), and so does every relay.
+MAX_RECEIVERS = 20_000
+
 # Above this many endpoints `--control auto` uses the static path (see --help).
 CONTROLLER_AUTO_MAX_RECEIVERS = 200
 
@@ -54,7 +57,12 @@ def add_parser(sub: Any) -> None:
             "JSON summary go to the output folder."
         ),
     )
-    p.add_argument("--receivers", type=count(1), default=100, help="MP endpoints N (default 100)")
+    p.add_argument(
+        "--receivers",
+        type=count(1, MAX_RECEIVERS),
+        default=100,
+        help="MP endpoints N (default 100)",
+    )
     p.add_argument("--fanout", type=FANOUT, default=10, help="tree fan-out F (default 10)")
     p.add_argument("--hedge", type=HEDGE, default=2, help="sibling hedging H (default 2)")
     p.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             for role, path in build_all(force=args.force).items():
                 print(f"{role}: {path}")
         except BuildError as e:
-            print(f"error: {e}")
+            print(f"jasper ebpf: error: {e}", file=sys.stderr)
             return 1
         return 0
 

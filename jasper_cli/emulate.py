@@ -16,6 +16,7 @@ from jasper_cli.options import (
     HEDGE,
     RATE,
     Number,
+    UsageError,
     count,
     input_dir,
     non_negative,
@@ -239,8 +240,7 @@ def run(args: argparse.Namespace) -> int:
     from overlay.emulation.netns import PREFIX, cleanup
 
     if os.geteuid() != 0:
-        print("jasper emulate needs root (network namespaces)", file=sys.stderr)
-        return 2
+        raise UsageError("needs root (it builds network namespaces): run it with sudo")
     if args.cleanup:
         prefix = f"{PREFIX}{args.tag}-" if args.tag else PREFIX
         rep = cleanup(prefix=prefix)

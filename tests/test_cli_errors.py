@@ -34,7 +34,8 @@ BAD_VALUES: list[tuple[list[str], str]] = [
     (["demo", "--output", "/etc/hostname/sub"], "--output must be a folder"),
     (["simulate", "--json", "/missing/dir/s.json"], "--json must be in an existing folder"),
     # More of the demo's values.
-    (["demo", "--receivers", "0"], "--receivers must be >= 1"),
+    (["demo", "--receivers", "0"], "--receivers must be 1..20000 (got 0)"),
+    (["demo", "--receivers", "30000"], "--receivers must be 1..20000 (got 30000)"),
     (["demo", "--receivers", "ten"], "--receivers must be a whole number >= 1 (got 'ten')"),
     (["demo", "--rate", "nan"], "--rate must be a finite number"),
     (["demo", "--rate", "0.1", "--duration", "1"], "--duration 1 s at 0.1 msg/s sends no message"),
