@@ -1,6 +1,9 @@
 """Type stubs of overlay._datapath: the native receive pump (native/pump.c)."""
 
+from collections.abc import Mapping
 from typing import Any
+
+from _typeshed import ReadableBuffer
 
 RECORD_FIELDS: tuple[tuple[str, str], ...]
 """The release record as (name, numpy type) pairs: numpy.dtype(list(RECORD_FIELDS))."""
@@ -56,6 +59,13 @@ class ReceivePump:
         """Deliver endpoint `index` by sendto(out_fd, out_addr), or in process (out_fd -1)."""
     def set_parents(self, parents: list[tuple[str, int, int]], /) -> None:
         """[(ip, port, parent_id)]; port 0 matches any port of ip."""
+    def set_streams(
+        self, streams: list[tuple[int, Mapping[int, ReadableBuffer] | None, int | None]], /
+    ) -> None:
+        """[(stream_id, keys, session)] of a plan: the streams the core admits. keys: {key
+        epoch: 32-byte key} (at most 4; the MAC is checked) or None (unauthenticated); session:
+        the announced publisher session, or None (follow the newest). Streams of the last call
+        not named again are dropped; copies of streams never set are refused ("stream")."""
     def set_link_model(
         self,
         model: None = None,
@@ -126,7 +136,7 @@ class ReceivePump:
 
         "endpoints": a list, per endpoint a dict: the core's counters (received, heartbeats,
         accepted, duplicates, stale, released, late, hold_overflow, pending_overflow,
-        stream_overflow, nomem, malformed_<reason> for every reason), kernel_drops (the
+        nomem, malformed_<reason> and rejected_<reason> for every reason), kernel_drops (the
         socket's cumulative SO_RXQ_OVFL count), truncated (longer than SLOT_BYTES; also
         malformed_length), link_lost, delivered, recv_errors, deliver_errors ({errno name: n};
         "ENOBUFS": in-process queue full; "other" past 8 names) and parents ({parent id:

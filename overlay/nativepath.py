@@ -17,8 +17,8 @@ import numpy as np
 
 from jasper.linkmodel import LinkModel
 from jasper.records import RELEASE_DTYPE, Releases, expand_releases
-from jasper.topology import Topology
-from jasper.wire_spec import MALFORMED_REASONS
+from jasper.topology import Topology, stream_rules
+from jasper.wire_spec import MALFORMED_REASONS, REJECT_REASONS
 from overlay.recordlog import RecordLog, save_releases
 
 if TYPE_CHECKING:
@@ -109,7 +109,8 @@ class NativeDatapath:
     def apply_plan(
         self, topo: Topology, model: LinkModel | None, *, whole_path: bool | None = None
     ) -> None:
-        """Sender addresses → parent ids, and the link model, of a (new) plan.
+        """Sender addresses → parent ids, the streams admitted (keys, announced session), and
+        the link model, of a (new) plan.
 
         whole_path: emulate every hop of the plan here (the path model) instead of the last
         hop only; None: when the model says so (emulated_at "receivers"). Faithful only when
@@ -126,6 +127,11 @@ class NativeDatapath:
         if not ips.get(pub.addr) or ips[pub.addr] == {pub.name}:
             rows.append((pub.addr, 0, self._parent_id(pub.name)))
         self.pump.set_parents(rows)
+        # What the core admits, as the Python path's stream_rules: a key rotation is a new plan
+        # with two keys; a stream the plan no longer names is refused from now on.
+        self.pump.set_streams(
+            [(sid, keys, session) for sid, (keys, session) in stream_rules(topo).items()]
+        )
         if model is None:
             self.pump.set_link_model(None)
             self.pump.set_path_model(None)
@@ -302,6 +308,7 @@ class NativeDatapath:
         for ep in self.rx.endpoints:
             e = c["endpoints"][ep.index]
             malformed = {r: e[f"malformed_{r}"] for r in MALFORMED_REASONS if e[f"malformed_{r}"]}
+            rejected = {r: e[f"rejected_{r}"] for r in REJECT_REASONS if e[f"rejected_{r}"]}
             copies_from: dict[str, int] = {}
             kept_from: dict[str, int] = {}
             for pid, (copies, kept) in e["parents"].items():
@@ -313,6 +320,7 @@ class NativeDatapath:
             out[ep.name] = {
                 "received": e["received"],
                 "malformed": malformed,
+                "rejected": rejected,
                 "accepted": e["accepted"],
                 "duplicates": e["duplicates"],
                 "stale": e["stale"],

@@ -1,5 +1,6 @@
 """overlay._datapath.ReceivePump over real UDP sockets on 127.0.0.1: delivery at the deadline,
-hedged duplicates, the link model, malformed floods, drain on stop, records and counters."""
+hedged duplicates, the link model, malformed floods, authenticated streams (forgeries counted
+by reason, keys rotated by plan), drain on stop, records and counters."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jasper.wire import Header, encode, encode_batch, pack_blocks
-from jasper.wire_spec import MAX_DATAGRAM
+from jasper.wire import Header, StreamKey, encode, encode_batch, pack_blocks
+from jasper.wire_spec import MAX_DATAGRAM, REJECT_REASONS
 from overlay.kernel import open_udp
 from overlay.releasec import sockaddr
 
@@ -42,22 +43,43 @@ def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.002)
 
 
-def datagram(seq: int, deadline_ns: int, payload: bytes = b"", *, stream: int = STREAM) -> bytes:
+def datagram(
+    seq: int,
+    deadline_ns: int,
+    payload: bytes = b"",
+    *,
+    stream: int = STREAM,
+    session: int = 1,
+    key: StreamKey | None = None,
+) -> bytes:
     header = Header(
         stream_id=stream,
-        session=1,
+        session=session,
         seq=seq,
         send_time_ns=time.time_ns(),
         deadline_ns=deadline_ns,
     )
-    return encode(header, payload or b"m%d" % seq)
+    return encode(header, payload or b"m%d" % seq, key=key)
+
+
+OPEN = [(STREAM, None, None)]
+"""set_streams of the rigs: STREAM unauthenticated, following the newest session."""
 
 
 class Rig:
     """A pump with endpoints on real sockets, parents 1..n on their own sender sockets."""
 
-    def __init__(self, *, endpoints: int, parents: int, sink: bool, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        endpoints: int,
+        parents: int,
+        sink: bool,
+        streams: list[tuple[int, dict[int, bytes] | None, int | None]],
+        **kwargs: Any,
+    ) -> None:
         self.pump = _datapath.ReceivePump(endpoints=0, **kwargs)
+        self.pump.set_streams(streams)
         self.rx = [open_udp("127.0.0.1", 0) for _ in range(endpoints)]
         self.sinks: list[socket.socket] = []
         self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -96,8 +118,15 @@ class Rig:
 
 
 @contextmanager
-def rig(*, endpoints: int = 1, parents: int = 3, sink: bool = False, **kw: Any) -> Iterator[Rig]:
-    r = Rig(endpoints=endpoints, parents=parents, sink=sink, **kw)
+def rig(
+    *,
+    endpoints: int = 1,
+    parents: int = 3,
+    sink: bool = False,
+    streams: list[tuple[int, dict[int, bytes] | None, int | None]] | None = None,
+    **kw: Any,
+) -> Iterator[Rig]:
+    r = Rig(endpoints=endpoints, parents=parents, sink=sink, streams=streams or OPEN, **kw)
     try:
         yield r
     finally:
@@ -338,6 +367,67 @@ def test_malformed_flood_is_counted_and_valid_traffic_delivered() -> None:
             assert c[f"malformed_{reason}"] > 0, reason
         assert c["kernel_drops"] == 0
         assert r.pump.counters()["records_dropped"] == 0  # records off: none counted
+
+
+KEY_1 = StreamKey(1, bytes(range(32)))
+KEY_2 = StreamKey(2, bytes(range(40, 72)))
+
+
+def test_a_keyed_stream_releases_signed_datagrams_and_counts_forgeries() -> None:
+    """Real sockets, in-process delivery: only copies with a good MAC under a key the plan holds
+    are released; every forgery is counted under its reason; keys rotate by plan."""
+    guess = StreamKey(1, bytes(32))
+    streams: list[tuple[int, dict[int, bytes] | None, int | None]] = [(STREAM, {1: KEY_1.key}, 5)]
+    with rig(parents=1, streams=streams) as r:
+        r.pump.start()
+        good = [datagram(s, 0, stream=STREAM, session=5, key=KEY_1) for s in range(1, 11)]
+        tampered = bytearray(good[0])
+        tampered[-1] ^= 0x20  # a payload byte, after signing
+        forged = {
+            "key": [datagram(s, 0, b"EVIL", session=5) for s in range(11, 16)]  # unsigned
+            + [datagram(16, 0, b"EVIL", session=5, key=StreamKey(2, KEY_1.key))],
+            "mac": [datagram(s, 0, b"EVIL", session=5, key=guess) for s in range(17, 22)]
+            + [bytes(tampered)],
+            "stream": [datagram(1, 0, b"EVIL", stream=STREAM + 1, session=5, key=KEY_1)],
+            "session": [datagram(30, 0, b"EVIL", session=6, key=KEY_1)],
+            "ahead": [datagram(2**40, 0, b"EVIL", session=5, key=KEY_1)],
+        }
+        for d in [x for kind in forged.values() for x in kind] + good:
+            r.send(d)
+        got = deliveries(r.pump, 10)
+        wait_until(lambda: r.counters()["received"] == 10 + sum(map(len, forged.values())))
+        assert sorted(g[3] for g in got) == list(range(1, 11))
+        assert all(b"EVIL" not in g[8] for g in got)
+        c = r.counters()
+        assert {k: c[f"rejected_{k}"] for k in REJECT_REASONS} == {
+            k: len(v) for k, v in forged.items()
+        }
+        assert c["accepted"] == 10
+        # A rotation is a new plan with both keys, then one without the old.
+        r.pump.set_streams([(STREAM, {1: KEY_1.key, 2: KEY_2.key}, 5)])
+        r.send(datagram(11, 0, session=5, key=KEY_2))
+        r.send(datagram(12, 0, session=5, key=KEY_1))
+        assert sorted(g[3] for g in deliveries(r.pump, 2)) == [11, 12]
+        r.pump.set_streams([(STREAM, {2: KEY_2.key}, 5)])
+        r.send(datagram(13, 0, session=5, key=KEY_1))
+        r.send(datagram(14, 0, session=5, key=KEY_2))
+        assert [g[3] for g in deliveries(r.pump, 1)] == [14]
+        wait_until(lambda: r.counters()["rejected_key"] == len(forged["key"]) + 1)
+        # A plan without the stream: refused from then on.
+        r.pump.set_streams([])
+        r.send(datagram(15, 0, session=5, key=KEY_2))
+        wait_until(lambda: r.counters()["rejected_stream"] == 2)
+        assert r.pump.take_deliveries() == []
+        with pytest.raises(ValueError):
+            r.pump.set_streams([(STREAM, {1: b"short"}, None)])
+        with pytest.raises(ValueError):
+            r.pump.set_streams([(STREAM, {0: KEY_1.key}, None)])
+        with pytest.raises(ValueError):
+            r.pump.set_streams([(STREAM, {e: KEY_1.key for e in range(1, 6)}, None)])
+        with pytest.raises(ValueError):
+            r.pump.set_streams([(2**32, None, None)])
+        with pytest.raises(TypeError):
+            r.pump.set_streams([(STREAM, None)])  # type: ignore[list-item]
 
 
 def test_stop_drain_releases_held_on_time() -> None:
