@@ -68,7 +68,8 @@ class Number:
             value = self.kind(text)
         except ValueError:
             bounds = self.allowed()
-            shape = bounds if bounds.startswith(what) else f"{what} {bounds}"
+            joint = " in " if bounds[:1].isdigit() or bounds[:1] == "-" else " "
+            shape = bounds if bounds.startswith(what) else f"{what}{joint}{bounds}"
             raise argparse.ArgumentTypeError(f"must be {shape} (got {text!r})") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
