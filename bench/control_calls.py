@@ -78,7 +78,7 @@ def main() -> None:
     with LoopbackController(heartbeat_timeout_s=600.0) as ctl:
         for h, port in (("rx0", 30_000), ("rx1", 31_000)):
             body = {"name": h, "role": "receiver", "data_addr": "127.0.0.1", "port": port}
-            ctl.call("POST", "/v1/nodes", token=ctl.node_token, json={**body, "capacity": 1000})
+            ctl.call("POST", "/v1/nodes", json={**body, "capacity": 1000})
         ctl.create_stream(1, "md")
 
         def old_sub(i: int) -> None:

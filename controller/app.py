@@ -16,7 +16,7 @@ from controller.errors import ApiError
 from controller.limits import AuthFailureLimit, BodyLimit, StrictJson, validation_error
 from controller.metrics import ControllerMetrics
 from controller.planner import Planner
-from controller.routers import health, mps, nodes, streams, subscriptions, tree
+from controller.routers import health, join_tokens, mps, nodes, streams, subscriptions, tree
 from controller.settings import Settings
 from controller.store import Database
 
@@ -123,7 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
             metrics.requests.labels(request.method, path, str(response.status_code)).inc()
         return response
 
-    for module in (nodes, streams, tree, mps, subscriptions, health):
+    for module in (nodes, join_tokens, streams, tree, mps, subscriptions, health):
         app.include_router(module.router)
     app.include_router(tree.latency_router)
     app.include_router(tree.emulation_router)

@@ -49,6 +49,13 @@ class Principal:
 
     kind: Literal["admin", "node", "mp"]
     mp: MpRow | None = None
+    nodes: tuple[str, ...] | None = None
+    """Node names a node credential speaks for; None: any (admin, legacy shared token)."""
+
+    def may_act_as(self, node: str) -> bool:
+        if self.kind == "admin":
+            return True
+        return self.kind == "node" and (self.nodes is None or node in self.nodes)
 
 
 def _unauthorized(msg: str) -> HTTPException:
@@ -65,8 +72,14 @@ async def get_principal(
     token = creds.credentials
     if hmac.compare_digest(token.encode(), settings.admin_token.get_secret_value().encode()):
         return Principal("admin")
-    if hmac.compare_digest(token.encode(), settings.node_token.get_secret_value().encode()):
+    legacy = settings.node_token
+    if legacy is not None and hmac.compare_digest(
+        token.encode(), legacy.get_secret_value().encode()
+    ):
         return Principal("node")
+    nodes = store.nodes_of_credential(db=db, token_hash=hash_token(token))
+    if nodes is not None:
+        return Principal("node", nodes=nodes)
     mp = store.mp_by_token_hash(db=db, token_hash=hash_token(token))
     if mp is not None:
         return Principal("mp", mp)
@@ -84,8 +97,20 @@ async def require_admin(who: PrincipalDep) -> Principal:
 
 async def require_node(who: PrincipalDep) -> Principal:
     if who.kind not in ("admin", "node"):
-        raise HTTPException(403, "node token required")
+        raise HTTPException(403, "node credential required")
     return who
+
+
+def require_self(who: Principal, node: str) -> None:
+    """403 unless `who` may act as node `node` (its own credential, or the admin)."""
+    if not who.may_act_as(node):
+        if who.kind != "node":
+            raise HTTPException(403, "node credential required")
+        mine = ", ".join(repr(n) for n in who.nodes or ())
+        raise HTTPException(
+            403,
+            f"this node credential speaks for {mine}, not {node!r}: a node acts only as itself",
+        )
 
 
 async def require_mp(who: PrincipalDep) -> MpRow:

@@ -124,7 +124,6 @@ class LoopbackController:
         db_path: str | Path | None = None,
         port: int | None = None,
         admin_token: str | None = None,
-        node_token: str | None = None,
         heartbeat_timeout_s: float = 5.0,
         log_path: str | Path | None = None,
         settings_env: dict[str, str] | None = None,
@@ -136,7 +135,6 @@ class LoopbackController:
         self.db_path = Path(db_path)
         self.port = port or free_tcp_port()
         self.admin_token = admin_token or secrets.token_urlsafe(16)
-        self.node_token = node_token or secrets.token_urlsafe(16)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.log_path = Path(log_path) if log_path else self.db_path.with_suffix(".log")
         self.settings_env = dict(settings_env or {})
@@ -149,24 +147,30 @@ class LoopbackController:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def env(self) -> dict[str, str]:
-        """Environment for processes that talk to this controller as nodes."""
-        return {**os.environ, "JASPER_NODE_TOKEN": self.node_token}
+    def join_token(self, *nodes: str, ttl_s: float = 3600.0) -> str:
+        """A one-time join token (admin) for the node names one agent process runs."""
+        doc = self.call("POST", "/v1/join-tokens", json={"nodes": list(nodes), "ttl_s": ttl_s})
+        return str(doc["token"])
 
-    def write_token_file(self, path: str | Path) -> Path:
-        """The node token in a file, for `--token-file` of the daemons."""
+    def write_join_token_file(self, path: str | Path, *nodes: str) -> Path:
+        """A new join token for `nodes` in a 0600 file, for `--join-token-file`."""
         path = Path(path)
-        path.write_text(self.node_token)
-        path.chmod(0o600)
+        path.unlink(missing_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(self.join_token(*nodes))
         return path
+
+    def node_credential(self, *nodes: str) -> str:
+        """Enrol as `nodes` (a join token traded at once): that node's own credential."""
+        doc = self.call("POST", "/v1/nodes/enrol", json={"join_token": self.join_token(*nodes)})
+        return str(doc["credential"])
 
     # --- process ----------------------------------------------------------------------------
 
     def start(self, timeout_s: float = 60.0) -> LoopbackController:
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "JASPER_NODE_TOKEN"},
             "JASPER_ADMIN_TOKEN": self.admin_token,
-            "JASPER_NODE_TOKEN": self.node_token,
             # Every client of a harness is 127.0.0.1: one agent stuck on a stale credential
             # would lock the rest out of the API (tests of the limit set it in settings_env).
             "JASPER_AUTH_FAILURE_BURST": "100000",
@@ -386,15 +390,16 @@ class DeliverySink:
 
 
 class DaemonSet:
-    """`jasper relay|receiver|publisher --controller URL` processes."""
+    """`jasper relay|receiver|publisher --controller URL` processes, each enrolling with its
+    own join token and keeping its credential in `workdir` (re-used when started again)."""
 
     def __init__(self, ctl: LoopbackController, workdir: Path) -> None:
         self.ctl = ctl
         self.workdir = workdir
-        self.token_file = ctl.write_token_file(workdir / "node-token")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, kind: str, name: str, *extra: str) -> None:
+        join = self.ctl.write_join_token_file(self.workdir / f"join-token-{name}", *name.split(","))
         cmd = [
             sys.executable,
             "-m",
@@ -404,14 +409,19 @@ class DaemonSet:
             self.ctl.url,
             "--node-name",
             name,
-            "--token-file",
-            str(self.token_file),
+            "--join-token-file",
+            str(join),
+            "--credential-file",
+            str(self.workdir / f"credential-{name}"),
             "--data-addr",
             "127.0.0.1",
             *extra,
         ]
         log = open_log(self.workdir / f"{name}.log")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "JASPER_NODE_TOKEN"},
+            "PYTHONUNBUFFERED": "1",
+        }
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 

@@ -20,7 +20,6 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-
 # --- nodes ---------------------------------------------------------------------------------
 
 
@@ -301,3 +300,34 @@ class TreePublic(BaseModel):
     predicted_oml_ns: int = Field(description="Cost-model OML: slowest endpoint's first copy")
     predicted_median_ns: int
     topology: dict[str, Any]
+
+
+# --- node credentials (docs/security-nodes.md) ---------------------------------------------
+
+
+class JoinTokenCreate(Body):
+    """An admin issuing a one-time join token for the node names one agent process runs."""
+
+    nodes: list[NodeName] = Field(
+        min_length=1, max_length=256, description="Node names the enrolled credential speaks for"
+    )
+    ttl_s: float = Field(
+        3600.0, gt=0, le=30 * 86400, description="Seconds until the join token expires"
+    )
+
+
+class JoinTokenCreated(BaseModel):
+    token: str = Field(description="The join token; shown only in this answer")
+    nodes: list[str]
+    expires_at: float = Field(description="Unix time, seconds, after which enrolment fails")
+
+
+class Enrolment(Body):
+    """A node trading its join token for its own credential."""
+
+    join_token: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class NodeCredential(BaseModel):
+    credential: str = Field(description="The node's bearer token; shown only in this answer")
+    nodes: list[str] = Field(description="Node names this credential may act as")

@@ -18,8 +18,10 @@ class Settings(BaseSettings):
     """SQLite file holding MPs, subscriptions, nodes and plans (":memory:" for throwaway)."""
     admin_token: SecretStr
     """Bearer token for node and stream administration."""
-    node_token: SecretStr
-    """Bearer token agents present to register, heartbeat and fetch configs."""
+    node_token: SecretStr | None = None
+    """Legacy shared node token, off by default. When set, any holder may register, heartbeat
+    and poll as any node, as before per-node credentials; keep it unset and enrol each node
+    with a join token instead (docs/security-nodes.md)."""
     heartbeat_timeout_s: float = Field(5.0, gt=0)
     """A node that sent no heartbeat for this long is declared dead."""
     long_poll_max_s: float = Field(30.0, gt=0)

@@ -45,6 +45,24 @@ SCHEMA = (
         token_hash TEXT NOT NULL UNIQUE,
         created_ns BIGINT NOT NULL
     )""",
+    # Node credentials (docs/security-nodes.md): one-time join tokens an admin issues for a
+    # set of node names, and the long-lived credential a node enrols for with one. Hashes only.
+    """CREATE TABLE IF NOT EXISTS join_tokens (
+        token_hash TEXT PRIMARY KEY,
+        nodes TEXT NOT NULL,
+        created_ns BIGINT NOT NULL,
+        expires_ns BIGINT NOT NULL,
+        used_ns BIGINT
+    )""",
+    """CREATE TABLE IF NOT EXISTS node_credentials (
+        id INTEGER PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_ns BIGINT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS node_credential_names (
+        node_name TEXT PRIMARY KEY,
+        credential_id INTEGER NOT NULL REFERENCES node_credentials(id)
+    )""",
     """CREATE TABLE IF NOT EXISTS subscriptions (
         id INTEGER PRIMARY KEY,
         mp_id INTEGER NOT NULL REFERENCES mps(id),
@@ -385,6 +403,112 @@ def list_mps(*, db: sqlite3.Connection) -> list[MpRow]:
         MpRow(id=r["id"], name=r["name"], created_ns=r["created_ns"])
         for r in db.execute("SELECT id, name, created_ns FROM mps ORDER BY id")
     ]
+
+
+# --- node credentials ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JoinTokenRow:
+    nodes: tuple[str, ...]
+    created_ns: int
+    expires_ns: int
+    used_ns: int | None
+
+
+def insert_join_token(
+    *,
+    db: sqlite3.Connection,
+    token_hash: str,
+    nodes: tuple[str, ...],
+    now_ns: int,
+    expires_ns: int,
+) -> JoinTokenRow:
+    db.execute(
+        """INSERT INTO join_tokens (token_hash, nodes, created_ns, expires_ns, used_ns)
+           VALUES (?, ?, ?, ?, NULL)""",
+        (token_hash, json.dumps(list(nodes)), now_ns, expires_ns),
+    )
+    return JoinTokenRow(nodes=nodes, created_ns=now_ns, expires_ns=expires_ns, used_ns=None)
+
+
+def get_join_token(*, db: sqlite3.Connection, token_hash: str) -> JoinTokenRow | None:
+    r = db.execute(
+        "SELECT nodes, created_ns, expires_ns, used_ns FROM join_tokens WHERE token_hash = ?",
+        (token_hash,),
+    ).fetchone()
+    if r is None:
+        return None
+    return JoinTokenRow(
+        nodes=tuple(json.loads(r["nodes"])),
+        created_ns=r["created_ns"],
+        expires_ns=r["expires_ns"],
+        used_ns=r["used_ns"],
+    )
+
+
+def use_join_token(*, db: sqlite3.Connection, token_hash: str, now_ns: int) -> bool:
+    """Mark a join token used; False when it already was (or does not exist)."""
+    cur = db.execute(
+        "UPDATE join_tokens SET used_ns = ? WHERE token_hash = ? AND used_ns IS NULL",
+        (now_ns, token_hash),
+    )
+    return cur.rowcount == 1
+
+
+def insert_node_credential(
+    *, db: sqlite3.Connection, token_hash: str, nodes: tuple[str, ...], now_ns: int
+) -> int:
+    """A credential for `nodes`; each name leaves the credential that held it before."""
+    cur = db.execute(
+        "INSERT INTO node_credentials (token_hash, created_ns) VALUES (?, ?)",
+        (token_hash, now_ns),
+    )
+    assert cur.lastrowid is not None
+    for name in nodes:
+        revoke_node_credential(db=db, node_name=name)
+        db.execute(
+            "INSERT INTO node_credential_names (node_name, credential_id) VALUES (?, ?)",
+            (name, cur.lastrowid),
+        )
+    return cur.lastrowid
+
+
+def nodes_of_credential(*, db: sqlite3.Connection, token_hash: str) -> tuple[str, ...] | None:
+    """The node names a credential speaks for; None for an unknown (or fully revoked) one."""
+    rows = db.execute(
+        """SELECT n.node_name FROM node_credentials c
+           JOIN node_credential_names n ON n.credential_id = c.id
+           WHERE c.token_hash = ? ORDER BY n.node_name""",
+        (token_hash,),
+    ).fetchall()
+    return tuple(r["node_name"] for r in rows) or None
+
+
+def revoke_node_credential(*, db: sqlite3.Connection, node_name: str) -> bool:
+    """Take `node_name` from its credential (dropped once it speaks for no node)."""
+    r = db.execute(
+        "SELECT credential_id FROM node_credential_names WHERE node_name = ?", (node_name,)
+    ).fetchone()
+    if r is None:
+        return False
+    db.execute("DELETE FROM node_credential_names WHERE node_name = ?", (node_name,))
+    db.execute(
+        """DELETE FROM node_credentials WHERE id = ? AND NOT EXISTS
+           (SELECT 1 FROM node_credential_names WHERE credential_id = ?)""",
+        (r["credential_id"], r["credential_id"]),
+    )
+    return True
+
+
+def purge_join_tokens(*, db: sqlite3.Connection, expired_before_ns: int) -> int:
+    """Forget unused join tokens that expired before then (kept a while, so a late one is told
+    "expired"). Used ones stay, so a replay is told "already used" and seeding the same token
+    again (the controller's boot seeds) never revives it."""
+    cur = db.execute(
+        "DELETE FROM join_tokens WHERE expires_ns < ? AND used_ns IS NULL", (expired_before_ns,)
+    )
+    return cur.rowcount
 
 
 # --- subscriptions -------------------------------------------------------------------------

@@ -24,7 +24,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--controller", required=True, metavar="URL", help="http://HOST:PORT")
     p.add_argument("--role", required=True, choices=["relay", "receiver", "publisher"])
     p.add_argument("--node-name", required=True, metavar="NAME")
-    p.add_argument("--token-file", metavar="FILE", help="node token (else $JASPER_NODE_TOKEN)")
     p.add_argument("--data-addr", default="127.0.0.1", metavar="IP")
     p.add_argument("--port", type=int, default=None, help="data port / first endpoint port")
     p.add_argument("--capacity", type=int, default=1, help="receiver: endpoint ports")
@@ -34,12 +33,15 @@ def add_parser(sub: Any) -> None:
         "--write-topology", metavar="FILE", help="write each new plan for this node to FILE"
     )
     p.add_argument("--heartbeat", type=float, default=1.0, metavar="S", help="interval")
+    from overlay.credential import add_credential_arguments
+
+    add_credential_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from jasper.topology import Topology
-    from overlay.agent import Agent, read_token
+    from overlay.agent import Agent, node_credential
 
     default_port = {"relay": 7000, "receiver": 7100, "publisher": 1}[args.role]
 
@@ -60,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
         def status(self) -> dict[str, Any]:
             return {"plans_written": self.applied}
 
+    credential = node_credential(args, args.node_name)
+
     async def main() -> int:
         agent = Agent(
             controller=args.controller,
-            token=read_token(args.token_file),
+            credential=credential,
             node_name=args.node_name,
             role=args.role,
             data_addr=args.data_addr,

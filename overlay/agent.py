@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from jasper.topology import Topology, TopologyError, parse_topology
+from overlay.credential import CredentialError, NodeCredentialSource, credential_source
 from overlay.prober import Prober
 
 log = logging.getLogger("jasper.agent")
@@ -51,7 +51,7 @@ class ControllerClient:
     it avoids importing an HTTP library (httpx pulls in ~15 MB); one request per connection.
     """
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str | None) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"controller URL must be http://HOST[:PORT], got {url!r}")
@@ -59,6 +59,7 @@ class ControllerClient:
         self.port = parts.port or 80
         self.prefix = parts.path.rstrip("/")
         self.token = token
+        """Bearer credential; None sends no Authorization header (enrolment)."""
 
     async def request(
         self, method: str, path: str, body: Any = None, *, timeout_s: float = 5.0
@@ -75,8 +76,8 @@ class ControllerClient:
             head = (
                 f"{method} {self.prefix}{path} HTTP/1.1\r\n"
                 f"Host: {self.host}:{self.port}\r\n"
-                f"Authorization: Bearer {self.token}\r\n"
-                "Accept: application/json\r\n"
+                + (f"Authorization: Bearer {self.token}\r\n" if self.token else "")
+                + "Accept: application/json\r\n"
                 "Connection: close\r\n"
             )
             if body is not None:
@@ -128,6 +129,7 @@ class AgentCounters:
     """What the agent did so far; reported in heartbeats and status."""
 
     registrations: int = 0
+    enrolments: int = 0
     heartbeats: int = 0
     heartbeat_failures: int = 0
     polls: int = 0
@@ -187,7 +189,8 @@ class Agent:
         self,
         *,
         controller: str,
-        token: str,
+        token: str | None = None,
+        credential: NodeCredentialSource | None = None,
         node_name: str,
         role: str,
         data_addr: str,
@@ -202,7 +205,14 @@ class Agent:
         daemon: AppliesTopology | None = None,
         co_nodes: Sequence[tuple[str, int]] = (),
     ) -> None:
-        self.client = ControllerClient(controller, token)
+        self.credential = credential or NodeCredentialSource(credential_file=None, credential=token)
+        """The node's credential, and the join token to enrol with when it has none."""
+        with contextlib.suppress(CredentialError):
+            self.credential.load()
+        self.client = ControllerClient(controller, self.credential.credential)
+        self._join_tried = False
+        """The join token was refused: it is not presented again."""
+        self._register_lock = asyncio.Lock()
         self.node_name = node_name
         self.co_nodes = tuple(co_nodes)
         """Further relay nodes (name, data port) this process hosts; registered and kept
@@ -308,6 +318,8 @@ class Agent:
         attempt = 0
         while not self._stopping:
             try:
+                if self.client.token is None and not await self._enrol():
+                    continue
                 for body in bodies:
                     await self.client.request("POST", "/v1/nodes", body)
                 self.counters.registrations += 1
@@ -316,6 +328,12 @@ class Agent:
                 log.info("%s registered with the controller", self.node_name)
                 return
             except ControllerRefused as exc:
+                if exc.status == 401 and self.credential.join_token and not self._join_tried:
+                    # A credential from an earlier enrolment the controller no longer knows
+                    # (revoked, or a new database): enrol again with the join token we have.
+                    log.warning("credential of %s refused; enrolling again", self.node_name)
+                    self.client.token = None
+                    continue
                 # A wrong token or a port clash will not fix itself; keep trying slowly so an
                 # operator can correct the controller side without restarting us.
                 log.error("registration of %s refused: %s", self.node_name, exc)
@@ -325,6 +343,63 @@ class Agent:
                 log.debug("registration failed: %s", exc)
                 await asyncio.sleep(self._backoff(attempt))
                 attempt += 1
+
+    async def _enrol(self) -> bool:
+        """Trade the join token for this node's credential and keep it; False (after a pause)
+        when that failed, True once the client holds the credential."""
+        join = self.credential.join_token
+        if not join or self._join_tried:
+            # An operator may have put a new credential in the file meanwhile.
+            refused = self.credential.credential
+            with contextlib.suppress(CredentialError):
+                if self.credential.load() not in (None, refused):
+                    self.client.token = self.credential.credential
+                    return True
+            log.error(
+                "%s has no usable credential and no unused join token: ask the admin for a "
+                "join token (POST /v1/join-tokens) and restart with --join-token-file",
+                self.node_name,
+            )
+            await asyncio.sleep(self.max_backoff_s)
+            return False
+        try:
+            doc = await self.client.request("POST", "/v1/nodes/enrol", {"join_token": join})
+        except ControllerRefused as exc:
+            self._join_tried = True
+            detail = exc.body.get("detail") if isinstance(exc.body, dict) else exc.body
+            log.error("enrolment of %s refused: %s", self.node_name, detail)
+            await asyncio.sleep(self.max_backoff_s)
+            return False
+        except ControllerUnavailable as exc:
+            self._set_connected(False)
+            log.debug("enrolment failed: %s", exc)
+            await asyncio.sleep(self._backoff(0))
+            return False
+        # Not spent for us yet: should this credential be refused later (a new database that
+        # the deployment seeded with the same join token), enrolling again is worth a try.
+        credential = str(doc["credential"])
+        try:
+            self.credential.save(credential)
+        except OSError as exc:
+            self.credential.credential = credential
+            log.error(
+                "%s enrolled, but its credential could not be kept in %s (%s): a restart will "
+                "need a new join token",
+                self.node_name,
+                self.credential.credential_file,
+                exc,
+            )
+        self.client.token = credential
+        self.counters.enrolments += 1
+        log.info("%s enrolled with the controller as %s", self.node_name, doc.get("nodes"))
+        return True
+
+    async def _register_again(self, seen: int) -> None:
+        """Register again, once for all loops that found the registration numbered `seen`
+        gone."""
+        async with self._register_lock:
+            if self.counters.registrations == seen:
+                await self._register()
 
     def _set_connected(self, ok: bool) -> None:
         if self.connected and not ok:
@@ -377,6 +452,7 @@ class Agent:
         await self.registered.wait()
         attempt = 0
         while not self._stopping:
+            seen = self.counters.registrations
             try:
                 body = self._heartbeat_body()
                 for name in self.names():
@@ -387,11 +463,12 @@ class Agent:
                 delay = self.heartbeat_s
             except ControllerRefused as exc:
                 self.counters.heartbeat_failures += 1
-                if exc.status != 404:
+                if exc.status not in (401, 404):
                     log.warning("heartbeat of %s refused: %s", self.node_name, exc)
-                if exc.status == 404:
-                    # The controller lost us (new database): register again.
-                    await self._register()
+                else:
+                    # The controller lost us (404: a new database) or our credential (401):
+                    # register again, enrolling first if need be.
+                    await self._register_again(seen)
                 delay = self.heartbeat_s
             except ControllerUnavailable:
                 self.counters.heartbeat_failures += 1
@@ -410,6 +487,7 @@ class Agent:
             path = (
                 f"/v1/nodes/{self.node_name}/config?version={self.version}&wait={self.poll_wait_s}"
             )
+            seen = self.counters.registrations
             try:
                 doc = await self.client.request("GET", path, timeout_s=self.poll_wait_s + 5)
                 self.counters.polls += 1
@@ -417,8 +495,8 @@ class Agent:
                 attempt = 0
             except ControllerRefused as exc:
                 self.counters.poll_failures += 1
-                if exc.status == 404:
-                    await self._register()
+                if exc.status in (401, 404):
+                    await self._register_again(seen)
                 else:
                     await asyncio.sleep(self.max_backoff_s)
                 continue
@@ -518,14 +596,13 @@ class Agent:
 # --- running a daemon under an agent (jasper relay/receiver/publisher --controller URL) ---------
 
 
-def read_token(path: str | None) -> str:
-    """The node token from --token-file, else from JASPER_NODE_TOKEN."""
-    if path:
-        return Path(path).read_text().strip()
-    token = os.environ.get("JASPER_NODE_TOKEN", "")
-    if not token:
-        raise SystemExit("a node token is needed: --token-file FILE or JASPER_NODE_TOKEN")
-    return token
+def node_credential(args: argparse.Namespace, node_name: str) -> NodeCredentialSource:
+    """The node's credential source from its arguments; exits with a message (status 2) when
+    it has neither a credential nor a join token."""
+    try:
+        return credential_source(args, node_name)
+    except CredentialError as exc:
+        raise SystemExit(f"jasper: {exc}") from None
 
 
 class ReceiverHost:
@@ -598,13 +675,14 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
     heartbeat_s = float(getattr(args, "heartbeat_s", 1.0))
     names = [n for n in args.node_name.split(",") if n] if kind == "relay" else [args.node_name]
     base_port = port.get(kind, 1)
+    credential = node_credential(args, names[0])
     from overlay.daemon import _node_clock
 
     # The node's clock first: its first correction happens before any traffic or heartbeat.
     clock, _synced, clock_service = await _node_clock(args, names[0])
     agent = Agent(
         controller=args.controller,
-        token=read_token(args.token_file),
+        credential=credential,
         node_name=names[0],
         # Several relay nodes per process (as `jasper demo` packs them) take consecutive ports.
         co_nodes=[(n, base_port + i) for i, n in enumerate(names) if i > 0],

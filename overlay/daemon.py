@@ -54,7 +54,9 @@ def add_common_arguments(p: argparse.ArgumentParser, *, kind: str) -> None:
             + ("; several relays may share one process: r1.0,r1.1" if kind == "relay" else "")
         ),
     )
-    p.add_argument("--token-file", metavar="FILE", help="node token (controller mode)")
+    from overlay.credential import add_credential_arguments
+
+    add_credential_arguments(p)
     p.add_argument("--data-addr", metavar="IP", help="data-plane address (controller mode)")
     p.add_argument(
         "--probe-port",

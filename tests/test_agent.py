@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from controller.loopback import LoopbackController
+from controller.planner import hash_token
 from jasper.latency import (
     ECHO,
     PROBE,
@@ -21,7 +22,9 @@ from jasper.latency import (
     echo_for,
 )
 from jasper.topology import Topology
+from jasper_cli.controller import seed_join_tokens
 from overlay.agent import Agent, ControllerClient, ControllerRefused, ControllerUnavailable
+from overlay.credential import NodeCredentialSource
 from overlay.prober import Prober
 
 # --- probe bookkeeping (sans-IO) -----------------------------------------------------------
@@ -107,6 +110,10 @@ class RecordingDaemon:
         return {"plans": len(self.plans), "nested": {"sent": 5}}
 
 
+join_tokens: dict[str, str] = {}
+"""The join token each agent of make_agent enrolled with, by node name."""
+
+
 async def until(cond: Any, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -117,9 +124,11 @@ async def until(cond: Any, timeout_s: float, what: str) -> None:
 
 
 def make_agent(ctl: LoopbackController, name: str, role: str, port: int, **kw: Any) -> Agent:
+    """An agent that enrols with its own join token (kept in `join_tokens` for re-seeding)."""
+    join_tokens[name] = ctl.join_token(name)
     return Agent(
         controller=ctl.url,
-        token=ctl.node_token,
+        credential=NodeCredentialSource(credential_file=None, join_token=join_tokens[name]),
         node_name=name,
         role=role,
         data_addr="127.0.0.1",
@@ -176,10 +185,14 @@ async def test_agent_follows_plans_survives_outage_and_reregisters(tmp_path: Pat
         await asyncio.to_thread(ctl.subscribe, token, 1, "127.0.0.1", 17102)
         await until(lambda: len(rx_daemon.plans[-1].endpoints()) == 2, 10, "plan after the restart")
 
-        # Back with an empty database: the agents register again.
+        # Back with an empty database: the agents register again. Their join tokens are seeded
+        # into it as a deployment's controller does at boot (--seed-join-tokens), so the
+        # agents, whose credentials the new database does not know, enrol again.
         await asyncio.to_thread(ctl.kill)
         for suffix in ("", "-wal", "-shm"):
             Path(str(ctl.db_path) + suffix).unlink(missing_ok=True)
+        seeds = {name: hash_token(token) for name, token in join_tokens.items()}
+        assert seed_join_tokens(str(ctl.db_path), seeds, ttl_s=600) == 2
         await asyncio.to_thread(ctl.start)
         # Both agents come back, each at its own retry time.
         await until(
@@ -243,12 +256,19 @@ def test_daemon_flags_turn_the_prober_off_and_set_the_heartbeat(tmp_path: Path) 
     import sys
 
     with LoopbackController(db_path=tmp_path / "c.db") as ctl:
-        token = ctl.write_token_file(tmp_path / "token")
         base = [sys.executable, "-m", "jasper_cli.main", "receiver", "--controller", ctl.url,
-                "--token-file", str(token), "--no-realtime", "--endpoints", "2"]  # fmt: skip
+                "--no-realtime", "--endpoints", "2"]  # fmt: skip
         procs = [
             subprocess.Popen(
-                [*base, "--node-name", name, "--port-base", str(port), *extra],
+                [
+                    *base,
+                    "--node-name",
+                    name,
+                    "--port-base",
+                    str(port),
+                    *extra,
+                    *credential_args(ctl, tmp_path, name),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=open(tmp_path / f"{name}.log", "wb"),  # noqa: SIM115
             )
@@ -280,6 +300,12 @@ def test_daemon_flags_turn_the_prober_off_and_set_the_heartbeat(tmp_path: Path) 
                 p.terminate()
             for p in procs:
                 assert p.wait(20) == 0
+
+
+def credential_args(ctl: LoopbackController, folder: Path, name: str) -> list[str]:
+    """A daemon's own join token and credential file (docs/security-nodes.md)."""
+    join = ctl.write_join_token_file(folder / f"{name}.join", name)
+    return ["--join-token-file", str(join), "--credential-file", str(folder / f"{name}.cred")]
 
 
 def test_daemon_flags_are_validated() -> None:

@@ -24,14 +24,12 @@ def test_200_concurrent_subscribes(ctl: LoopbackController) -> None:
         ctl.call(
             "POST",
             "/v1/nodes",
-            token=ctl.node_token,
             json={"name": f"relay{i}", "role": "relay", "data_addr": "127.0.0.1", "port": 9000 + i},
         )
     for h in range(2):
         ctl.call(
             "POST",
             "/v1/nodes",
-            token=ctl.node_token,
             json={
                 "name": f"rx{h}",
                 "role": "receiver",
@@ -100,7 +98,6 @@ def test_subscribe_endpoints_helper(ctl: LoopbackController) -> None:
     ctl.call(
         "POST",
         "/v1/nodes",
-        token=ctl.node_token,
         json={
             "name": "rx0",
             "role": "receiver",

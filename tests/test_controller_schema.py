@@ -25,7 +25,6 @@ def test_schemathesis_finds_no_server_errors(tmp_path: Path) -> None:
         ctl.call(
             "POST",
             "/v1/nodes",
-            token=ctl.node_token,
             json={
                 "name": "rx0",
                 "role": "receiver",

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, status
 
-from controller import store
-from controller.deps import AdminDep, DbDep, NodeAuthDep, PlannerDep, SettingsDep
+from controller import credentials, store
+from controller.deps import AdminDep, DbDep, NodeAuthDep, PlannerDep, SettingsDep, require_self
 from controller.errors import NotFound
 from controller.schemas import (
+    Enrolment,
     Heartbeat,
     HeartbeatReply,
     NodeConfig,
     NodeCreate,
+    NodeCredential,
     NodeName,
     NodePublic,
     Peer,
@@ -43,7 +45,8 @@ def public(node: NodeRow) -> NodePublic:
 
 
 @router.post("", response_model=NodePublic, summary="Register (or re-register) a node")
-async def register(body: NodeCreate, planner: PlannerDep, _: NodeAuthDep) -> NodePublic:
+async def register(body: NodeCreate, planner: PlannerDep, who: NodeAuthDep) -> NodePublic:
+    require_self(who, body.name)
     node = planner.register_node(
         name=body.name,
         role=body.role,
@@ -55,13 +58,36 @@ async def register(body: NodeCreate, planner: PlannerDep, _: NodeAuthDep) -> Nod
     return public(node)
 
 
+@router.post(
+    "/enrol",
+    response_model=NodeCredential,
+    status_code=status.HTTP_201_CREATED,
+    summary="Trade a one-time join token for the node's own credential (shown once)",
+    responses={401: {"description": "Unknown, used or expired join token"}},
+)
+async def enrol(body: Enrolment, planner: PlannerDep) -> NodeCredential:
+    enrolled = credentials.enrol(planner.database, join_token=body.join_token)
+    return NodeCredential(credential=enrolled.credential, nodes=list(enrolled.nodes))
+
+
+@router.delete(
+    "/{name}/credential",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Revoke the node's credential (it must enrol again with a new join token)",
+)
+async def revoke_credential(name: NamePath, planner: PlannerDep, _: AdminDep) -> None:
+    if not credentials.revoke(planner.database, node=name):
+        raise NotFound(f"node {name!r} has no credential")
+
+
 @router.get("", response_model=list[NodePublic], summary="List nodes")
 async def list_nodes(db: DbDep, planner: PlannerDep, _: AdminDep) -> list[NodePublic]:
     return [public(planner.view(n)) for n in store.list_nodes(db=db, telemetry=True)]
 
 
 @router.get("/{name}", response_model=NodePublic, summary="One node")
-async def get_node(name: NamePath, db: DbDep, planner: PlannerDep, _: NodeAuthDep) -> NodePublic:
+async def get_node(name: NamePath, db: DbDep, planner: PlannerDep, who: NodeAuthDep) -> NodePublic:
+    require_self(who, name)
     node = store.get_node(db=db, name=name)
     if node is None:
         raise NotFound(f"node {name!r} not found")
@@ -70,8 +96,9 @@ async def get_node(name: NamePath, db: DbDep, planner: PlannerDep, _: NodeAuthDe
 
 @router.post("/{name}/heartbeat", response_model=HeartbeatReply, summary="Heartbeat")
 async def heartbeat(
-    name: NamePath, body: Heartbeat, planner: PlannerDep, _: NodeAuthDep
+    name: NamePath, body: Heartbeat, planner: PlannerDep, who: NodeAuthDep
 ) -> HeartbeatReply:
+    require_self(who, name)
     node = planner.heartbeat(
         name=name,
         applied_version=body.applied_version,
@@ -89,12 +116,13 @@ async def get_config(
     name: NamePath,
     planner: PlannerDep,
     settings: SettingsDep,
-    _: NodeAuthDep,
+    who: NodeAuthDep,
     version: Annotated[
         int, Query(ge=0, le=2**62, description="Answer once the config is newer than this")
     ] = 0,
     wait: Annotated[float, Query(ge=0, le=3600, description="Longest wait, seconds")] = 25.0,
 ) -> NodeConfig:
+    require_self(who, name)
     node = store.get_node(db=planner.database.conn, name=name, telemetry=False)
     if node is None:
         raise NotFound(f"node {name!r} is not registered")

@@ -60,15 +60,14 @@ class ControlPlane:
     def __init__(self, *, netns: str, addr: str, port: int = CONTROLLER_PORT) -> None:
         self.url = f"http://{addr}:{port}"
         self.admin_token = secrets.token_urlsafe(18)
-        self.node_token = secrets.token_urlsafe(18)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, initializer=enter, initargs=(netns,), thread_name_prefix="ctl"
         )
         self._client: ControllerClient | None = None
 
     def env(self) -> dict[str, str]:
-        """Environment of the controller process."""
-        return {"JASPER_ADMIN_TOKEN": self.admin_token, "JASPER_NODE_TOKEN": self.node_token}
+        """Environment of the controller process (no shared node token: nodes enrol)."""
+        return {"JASPER_ADMIN_TOKEN": self.admin_token}
 
     def _in_ns(self, fn: Callable[[], T]) -> T:
         return self._pool.submit(fn).result()
@@ -114,10 +113,15 @@ class ControlPlane:
     def register(
         self, *, name: str, role: str, addr: str, port: int, capacity: int = 1
     ) -> dict[str, Any]:
-        """Register a node as its agent would (the node token)."""
+        """Register a node ahead of its agent (as the admin may)."""
         body = {"name": name, "role": role, "data_addr": addr, "port": port, "capacity": capacity}
-        doc: dict[str, Any] = self.call("POST", "/v1/nodes", token=self.node_token, json=body)
+        doc: dict[str, Any] = self.call("POST", "/v1/nodes", json=body)
         return doc
+
+    def join_token(self, *nodes: str, ttl_s: float = 3600.0) -> str:
+        """A one-time join token for the node names one agent process runs."""
+        doc = self.call("POST", "/v1/join-tokens", json={"nodes": list(nodes), "ttl_s": ttl_s})
+        return str(doc["token"])
 
     def create_stream(self, **fields: Any) -> dict[str, Any]:
         doc: dict[str, Any] = self.call("POST", "/v1/streams", json=fields)
