@@ -263,3 +263,53 @@ def test_peek_fields_and_errors() -> None:
         assert str(err.value) == str(want.value)
     with pytest.raises(TypeError):
         _native.peek("text")  # type: ignore[arg-type]
+
+
+KEY = bytes(range(32))
+
+
+def test_set_stream_arguments_and_the_four_key_bound() -> None:
+    core = _native.ReceiverCore(endpoints=1)
+    core.set_stream(5, keys={e: KEY for e in range(1, 5)}, session=0)  # four: the bound
+    with pytest.raises(ValueError):
+        core.set_stream(5, keys={e: KEY for e in range(1, 6)})  # native only: five
+    core.set_stream(stream_id=6, keys={1: bytearray(KEY), 2: memoryview(KEY)}, session=None)
+    with pytest.raises(TypeError):
+        core.set_stream(5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        core.set_stream(5, None)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        core.set_stream(5, keys={1: "text" * 8})  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        core.set_stream("5", keys=None)  # type: ignore[arg-type]
+    for bad in (-1, 2**32, 2**70):
+        with pytest.raises(ValueError):
+            core.set_stream(bad, keys=None)
+    for epoch in (-1, 0, 2**32):
+        with pytest.raises(ValueError):
+            core.set_stream(5, keys={epoch: KEY})
+    # drop_stream is dict.pop(id, None): anything that names no stream is ignored.
+    for other in (7, -1, 2**70, "x", None):
+        core.drop_stream(other)  # type: ignore[arg-type]
+    for bad_window in (0, -1, -(2**70)):
+        with pytest.raises(ValueError):
+            _native.ReceiverCore(endpoints=1, ahead_window=bad_window)
+    with pytest.raises(TypeError):
+        _native.ReceiverCore(endpoints=1, ahead_window=1.5)  # type: ignore[arg-type]
+    _native.ReceiverCore(endpoints=1, ahead_window=2**70)  # wider than any seq gap
+
+
+def test_set_stream_keeps_no_references_and_rotation_leaks_nothing() -> None:
+    core = _native.ReceiverCore(endpoints=1)
+    keys = {1: bytes(KEY), 2: bytes(range(50, 82))}
+    refs = (sys.getrefcount(keys), *(sys.getrefcount(k) for k in keys.values()))
+    for i in range(2000):
+        core.set_stream(5, keys=keys, session=i)
+        core.drop_stream(5)
+    assert (sys.getrefcount(keys), *(sys.getrefcount(k) for k in keys.values())) == refs
+    before = rss_kib()
+    for i in range(20000):  # a keyed context per key and call: all freed on replace or drop
+        core.set_stream(5 + i % 3, keys=keys, session=None)
+        if i % 7 == 0:
+            core.drop_stream(5 + i % 3)
+    assert rss_kib() - before < 2048
