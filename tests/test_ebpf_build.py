@@ -23,7 +23,7 @@ def test_cli_build_reports_missing_clang(
 
     monkeypatch.setenv("JASPER_CLANG", "clang-that-does-not-exist")
     assert main(["ebpf", "build"]) == 1
-    assert "clang not found" in capsys.readouterr().out
+    assert "jasper ebpf: error: clang not found" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed")
