@@ -9,6 +9,19 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from jasper_cli.options import (
+    PORT,
+    PORT_OR_ANY,
+    STREAM_ID,
+    count,
+    http_url,
+    input_file,
+    ip_address,
+    output_file,
+    positive,
+    retype,
+)
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -21,21 +34,29 @@ def add_parser(sub: Any) -> None:
             "host that only probes, or that runs a daemon from a topology file it writes."
         ),
     )
-    p.add_argument("--controller", required=True, metavar="URL", help="http://HOST:PORT")
+    p.add_argument(
+        "--controller", required=True, type=http_url, metavar="URL", help="http://HOST:PORT"
+    )
     p.add_argument("--role", required=True, choices=["relay", "receiver", "publisher"])
     p.add_argument("--node-name", required=True, metavar="NAME")
-    p.add_argument("--data-addr", default="127.0.0.1", metavar="IP")
-    p.add_argument("--port", type=int, default=None, help="data port / first endpoint port")
-    p.add_argument("--capacity", type=int, default=1, help="receiver: endpoint ports")
-    p.add_argument("--stream", type=int, default=None, help="stream to follow (publisher)")
-    p.add_argument("--probe-port", type=int, default=None, help="UDP port for latency probes")
+    p.add_argument("--data-addr", type=ip_address, default="127.0.0.1", metavar="IP")
+    p.add_argument("--port", type=PORT, default=None, help="data port / first endpoint port")
+    p.add_argument("--capacity", type=count(1), default=1, help="receiver: endpoint ports")
+    p.add_argument("--stream", type=STREAM_ID, default=None, help="stream to follow (publisher)")
     p.add_argument(
-        "--write-topology", metavar="FILE", help="write each new plan for this node to FILE"
+        "--probe-port", type=PORT_OR_ANY, default=None, help="UDP port for latency probes"
     )
-    p.add_argument("--heartbeat", type=float, default=1.0, metavar="S", help="interval")
+    p.add_argument(
+        "--write-topology",
+        type=output_file,
+        metavar="FILE",
+        help="write each new plan for this node to FILE",
+    )
+    p.add_argument("--heartbeat", type=positive("s"), default=1.0, metavar="S", help="interval")
     from overlay.credential import add_credential_arguments
 
     add_credential_arguments(p)
+    retype(p, {"join_token_file": input_file.text()})
     p.set_defaults(func=run)
 
 

@@ -8,6 +8,8 @@ import secrets
 import sys
 from typing import Any
 
+from jasper_cli.options import PORT, Number, UsageError, input_file, output_file, positive
+
 DEFAULT_DB = "jasper-controller.db"
 
 
@@ -25,33 +27,40 @@ def add_parser(sub: Any) -> None:
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="listen port (default 8080)")
+    p.add_argument("--port", type=PORT, default=8080, help="listen port (default 8080)")
     p.add_argument(
         "--db",
+        type=output_file.text(),
         default=os.environ.get("JASPER_DB_PATH", DEFAULT_DB),
         help=f"SQLite file (default $JASPER_DB_PATH or ./{DEFAULT_DB})",
     )
     p.add_argument(
         "--heartbeat-timeout",
-        type=float,
+        type=positive("s"),
         default=None,
         metavar="S",
         help="declare a node dead after S seconds without heartbeat (default 5)",
     )
     p.add_argument(
         "--seed-join-tokens",
+        type=input_file.text(),
         metavar="FILE",
         help='JSON {"node name": "SHA-256 hex of its join token", ...}: join tokens made '
         "elsewhere (Terraform), stored before serving; seeding one again is harmless",
     )
     p.add_argument(
         "--join-token-ttl",
-        type=float,
+        type=Number(float, low=0, high=30 * 86400, low_open=True, unit="s"),
         default=86400.0,
         metavar="S",
         help="seeded join tokens expire S seconds after seeding (default 86400)",
     )
-    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument(
+        "--log-level",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        default="warning",
+        help="uvicorn log level (warning)",
+    )
     p.set_defaults(func=run)
 
 
@@ -78,11 +87,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             seeds = read_seed_file(args.seed_join_tokens)
         except ValueError as exc:
-            print(f"jasper controller: --seed-join-tokens: {exc}", file=sys.stderr)
-            return 2
-        if not 0 < args.join_token_ttl <= 30 * 86400:
-            print("jasper controller: --join-token-ttl must be in (0, 2592000] s", file=sys.stderr)
-            return 2
+            raise UsageError(f"--seed-join-tokens {args.seed_join_tokens}: {exc}") from None
         seed_join_tokens(settings.db_path, seeds, args.join_token_ttl)
     uvicorn.run(
         create_app(settings),
