@@ -15,11 +15,9 @@ from jasper_cli.options import (
     STREAM_ID,
     count,
     http_url,
-    input_file,
     ip_address,
     output_file,
     positive,
-    retype,
 )
 
 
@@ -56,7 +54,6 @@ def add_parser(sub: Any) -> None:
     from overlay.credential import add_credential_arguments
 
     add_credential_arguments(p)
-    retype(p, {"join_token_file": input_file.text()})
     p.set_defaults(func=run)
 
 

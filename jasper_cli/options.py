@@ -314,7 +314,6 @@ def daemon_types() -> dict[str, Callable[[str], Any]]:
         "clock_offset_us": Number(float, unit="µs"),
         "clock_drift_ppm": CLOCK_DRIFT_PPM,
         "ntp_server": host_port,
-        "join_token_file": input_file.text(),
         "chrony_port": PORT,
     }
 

@@ -125,32 +125,6 @@ BAD_VALUES: list[tuple[list[str], str]] = [
     (["controller", "--heartbeat-timeout", "-1"], "--heartbeat-timeout"),
     (["controller", "--join-token-ttl", "0"], "--join-token-ttl must be in (0, 2592000] s"),
     (["controller", "--seed-join-tokens", "/missing.json"], "--seed-join-tokens must be"),
-    (
-        [
-            "relay",
-            "--controller",
-            "http://127.0.0.1:1",
-            "--node-name",
-            "r",
-            "--join-token-file",
-            "/missing-token",
-        ],
-        "--join-token-file must be an existing file",
-    ),
-    (
-        [
-            "agent",
-            "--controller",
-            "http://127.0.0.1:1",
-            "--role",
-            "relay",
-            "--node-name",
-            "r",
-            "--join-token-file",
-            "/missing-token",
-        ],
-        "--join-token-file must be an existing file",
-    ),
     # clock, audit, emulate, gen-header, ebpf
     (["clock", "sync", "127.0.0.1:99999"], "server must be HOST:PORT"),
     (["clock", "sync", "no-such-host.invalid:123"], "server no-such-host.invalid:123: the host"),
