@@ -110,11 +110,16 @@ def credential_source(args: argparse.Namespace, node_name: str) -> NodeCredentia
         path = Path(state) / f"node-credential-{node_name}"
     join: str | None = getattr(args, "join_token", None)
     if getattr(args, "join_token_file", None):
+        # A missing file is fine once the node holds a credential (a unit may keep passing
+        # the file after first boot removed the spent token).
         join = read_secret(Path(args.join_token_file))
-        if join is None:
-            raise CredentialError(f"join token file {args.join_token_file} is missing or empty")
     join = join or os.environ.get(JOIN_TOKEN_ENV) or None
     credential = read_secret(path) or os.environ.get(LEGACY_TOKEN_ENV) or None
+    if credential is None and join is None and getattr(args, "join_token_file", None):
+        raise CredentialError(
+            f"node {node_name} has no credential in {path} and its join token file "
+            f"{args.join_token_file} is missing or empty"
+        )
     if credential is None and join is None:
         raise CredentialError(
             f"node {node_name} has no credential in {path} and no join token: ask the admin "

@@ -297,7 +297,8 @@ CONTRACT: dict[str, tuple[str, dict[str, str | int]]] = {
         {
             "controller": "http://10.42.0.10:8080",
             "node_name": "jasper-small-relay-000",
-            "token_file": "/etc/jasper/node-token",
+            # --token-file is the legacy spelling of --credential-file.
+            "credential_file": "/etc/jasper/node-token",
             "data_addr": "10.42.1.17",
             "port": 7000,
             "fast_path": "auto",
@@ -308,7 +309,8 @@ CONTRACT: dict[str, tuple[str, dict[str, str | int]]] = {
         {
             "controller": "http://10.42.0.10:8080",
             "node_name": "jasper-small-relay-000",
-            "token_file": "/etc/jasper/node-token",
+            # --token-file is the legacy spelling of --credential-file.
+            "credential_file": "/etc/jasper/node-token",
             "data_addr": "10.42.1.17",
             "port_base": 7100,
             "endpoints": 20,
@@ -320,7 +322,8 @@ CONTRACT: dict[str, tuple[str, dict[str, str | int]]] = {
         {
             "controller": "http://10.42.0.10:8080",
             "node_name": "jasper-small-publisher",
-            "token_file": "/etc/jasper/node-token",
+            # --token-file is the legacy spelling of --credential-file.
+            "credential_file": "/etc/jasper/node-token",
             "data_addr": "10.42.1.17",
             "stream": 1,
             "rate": 100,
