@@ -909,3 +909,64 @@ async def test_receivers_emulate_the_paths_of_relays_that_forward_at_once() -> N
     # 2 ms median; the deadline is the send time + the 60 ms hold), not one hop.
     flight = float(np.median(recs["arrival_ns"] - recs["deadline_ns"] + 60 * MS))
     assert flight > 3.5 * MS  # one hop: ~1.5 ms (the first of three 2 ms links)
+
+
+async def test_a_native_receiver_takes_its_keys_from_each_plan() -> None:
+    """Receiver -> NativeDatapath.apply_plan -> set_streams: the plan's keys and announced
+    session, replaced by every new plan (make before break), reported in the status."""
+    import asyncio
+    import dataclasses
+
+    from jasper.topology import StreamAuth, Topology
+    from overlay.receiver import Receiver
+    from tests.test_overlay_path import make_topology
+
+    def keyed(topo: Topology, *keys: StreamKey) -> Topology:
+        auth = StreamAuth(keys=keys, sign_epoch=keys[-1].epoch)
+        return dataclasses.replace(
+            topo, stream=dataclasses.replace(topo.stream, auth=auth, session=9)
+        )
+
+    base = make_topology(n=2, fanout=2, hedge=0)
+    topo = keyed(base, KEY_1)
+    rx = Receiver(topo, topo.receivers[0].name, datapath="native", realtime=False)
+    assert rx.datapath == "native"
+    ep = topo.receivers[0].endpoints[0].name
+    target = topo.address_of(ep)
+    sid = topo.stream.id
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def send(seq: int, key: StreamKey | None, session: int = 9) -> None:
+        tx.sendto(datagram(seq, 0, stream=sid, session=session, key=key), target)
+
+    async def settled(n: int) -> list[int]:
+        end = time.monotonic() + 10
+        while rx.native is not None and time.monotonic() < end:
+            rx.native.book()
+            if rx.status()["endpoints"][ep]["received"] >= n:
+                break
+            await asyncio.sleep(0.01)
+        recs = rx.records.array()
+        return sorted(int(r["seq"]) for r in recs if str(r["endpoint"]) == ep)
+
+    rx.start()
+    try:
+        send(1, KEY_1)
+        send(2, KEY_2)  # an epoch this plan does not hold
+        send(3, None)  # unsigned
+        send(4, KEY_1, session=10)  # not the announced session
+        assert await settled(4) == [1]
+        rx.apply_topology(keyed(base, KEY_1, KEY_2))  # make: both keys
+        send(5, KEY_1)
+        send(6, KEY_2)
+        assert await settled(6) == [1, 5, 6]
+        rx.apply_topology(keyed(base, KEY_2))  # break: the old key retires
+        send(7, KEY_1)
+        send(8, KEY_2)
+        assert await settled(8) == [1, 5, 6, 8]
+        status = rx.status()["endpoints"][ep]
+        assert status["rejected"] == {"key": 3, "session": 1}
+    finally:
+        tx.close()
+        rx.stop()
+        rx.close()
