@@ -51,13 +51,14 @@ def _state_gauges(planner: Planner) -> dict[str, list[tuple[dict[str, str], floa
 
 
 async def _monitor(planner: Planner, interval_s: float) -> None:
-    """Declares silent nodes dead and completes plan switches, forever."""
+    """Declares silent nodes dead and completes plan switches and key rotations, forever."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             planner.flush_telemetry()
             planner.check_liveness()
             planner.check_switches()
+            planner.check_keys()
             planner.check_holds()
         except Exception:  # a bad tick must not end monitoring for good
             log.exception("monitor tick failed")

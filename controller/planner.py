@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from controller import store
 from controller.errors import Conflict, NotFound, Unprocessable
 from controller.hold import HoldControl, StreamHold
+from controller.keys import GRACE_HOLDS, PUBLISHED, KeyPhase, RotationInProgress, StreamKeyRing
 from controller.metrics import ControllerMetrics
 from controller.settings import Settings
 from controller.store import Database, NodeRow, StreamRow, SubscriptionRow
@@ -29,7 +32,9 @@ from jasper.placement import (
     rank_relays,
     relays_needed,
 )
-from jasper.topology import SCHEMA_VERSION
+from jasper.topology import SCHEMA_VERSION, StreamConfig, stream_dict
+from jasper.wire import StreamKey
+from jasper.wire_spec import KEY_LEN
 
 log = logging.getLogger("jasper.controller")
 
@@ -51,6 +56,14 @@ def new_token() -> str:
 def _hold_key(stream_id: int) -> str:
     """Meta row keeping a stream's hold in force across controller restarts."""
     return f"hold_ns:{stream_id}"
+
+
+def _session_key(stream_id: int) -> str:
+    """Meta row holding the publisher session the control plane announces for a stream."""
+    return f"session:{stream_id}"
+
+
+SESSION_MAX = 2**32 - 1
 
 
 def endpoint_key(sub_id: int) -> str:
@@ -89,8 +102,17 @@ class Planner:
     the event loop thread without awaiting in between, so requests never interleave inside it.
     """
 
-    def __init__(self, *, database: Database, settings: Settings, metrics: ControllerMetrics):
+    def __init__(
+        self,
+        *,
+        database: Database,
+        settings: Settings,
+        metrics: ControllerMetrics,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+    ):
         self.database = database
+        self.clock_ns = clock_ns
+        """Monotonic clock, ns, for key rotation graces (a hook: tests step it by hand)."""
         self.settings = settings
         self.metrics = metrics
         self.plans: dict[int, StreamPlans] = {}
@@ -116,6 +138,12 @@ class Planner:
             window_s=settings.hold_window_s,
             objective_late_fraction=settings.hold_objective_late_fraction,
         )
+        self.keys: dict[int, StreamKeyRing] = {}
+        """Stream id -> its MAC keys and rotation phase (docs/security-keys.md)."""
+        self.sessions: dict[int, int] = {}
+        """Stream id -> the publisher session announced in its documents."""
+        self._refused_sessions: set[tuple[int, int]] = set()
+        """(stream, session) reports already logged as going backwards."""
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -142,6 +170,37 @@ class Planner:
         now = time.monotonic()
         for node in store.list_nodes(db=db):
             self.last_seen[node.name] = now
+        self._load_keys()
+
+    def _load_keys(self) -> None:
+        """Keys and announced sessions as stored; a stream stored before keys existed gets its
+        first key now (and nodes a new config carrying it)."""
+        db = self.database.conn
+        by_stream: dict[int, list[store.StreamKeyRow]] = {}
+        for row in store.list_stream_keys(db=db):
+            by_stream.setdefault(row.stream_id, []).append(row)
+        missing = []
+        for stream in store.list_streams(db=db):
+            session = store.get_meta(db=db, key=_session_key(stream.id), default=-1)
+            if session >= 0:
+                self.sessions[stream.id] = session
+            rows = by_stream.get(stream.id)
+            if not rows:
+                missing.append(stream.id)
+                continue
+            signing = [r.epoch for r in rows if r.signing]
+            self.keys[stream.id] = StreamKeyRing.restore(
+                stream_id=stream.id,
+                keys=tuple(StreamKey(r.epoch, r.secret) for r in rows),
+                sign_epoch=signing[0] if signing else rows[-1].epoch,
+                version=self.version,
+            )
+        if missing:
+            with self.database.transaction() as tx:
+                for stream_id in missing:
+                    self._issue_first_key(tx, stream_id)
+                self._bump(tx)
+            log.info("issued first keys for streams %s", ", ".join(map(str, missing)))
 
     # --- change notification ----------------------------------------------------------------
 
@@ -197,7 +256,9 @@ class Planner:
         port: int,
         capacity: int,
         probe_port: int | None,
+        session: int | None = None,
     ) -> NodeRow:
+        """Register or update a node; a publisher may say which session it sends under."""
         span = capacity if role == "receiver" else 1
         with self.database.transaction() as db:
             for other in store.list_nodes(db=db):
@@ -228,6 +289,8 @@ class Planner:
             if previous is None or any(getattr(previous, f) != getattr(node, f) for f in fields):
                 self._bump(db)
             self._plan_new_streams_if_needed(db, node)
+        if role == "publisher" and session is not None:
+            self.announce_session(name, session)
         return node
 
     def _plan_new_streams_if_needed(self, db: Any, node: NodeRow) -> None:
@@ -274,12 +337,18 @@ class Planner:
                 self._bump(db)
             node = replace(node, alive=True)
         self.metrics.heartbeats.inc()
+        if node.role == "publisher" and "session" in status:
+            # A publisher process sends one stream; when its status names it, only that one.
+            sid = status.get("stream_id")
+            only = int(sid) if isinstance(sid, int | float) and math.isfinite(sid) else None
+            self.announce_session(name, status["session"], stream_id=only)
         if owd_reports:
             for r in owd_reports:
                 self._hold_of(r.stream_id)
             self.holds.report(name, owd_reports)
             self.check_holds()
         self.check_switches()
+        self.check_keys()
         return self.view(node)
 
     def view(self, node: NodeRow) -> NodeRow:
@@ -356,6 +425,7 @@ class Planner:
                 raise Conflict(f"stream {row.id} exists", field=("body", "id"))
             store.insert_stream(db=db, row=row, now_ns=time.time_ns())
             store.set_meta(db=db, key=_hold_key(row.id), value=row.hold_ns)
+            self._issue_first_key(db, row.id)
             self.plans.pop(row.id, None)
             self._replan(db, row.id, reason="stream_created")
         return row
@@ -447,6 +517,164 @@ class Planner:
                 log.info(
                     "stream %d: hold now %d ns", stream_id, self.holds.streams[stream_id].hold_ns
                 )
+        return changed
+
+    # --- stream keys and publisher sessions (docs/security-keys.md) ------------------------
+
+    def _issue_first_key(self, db: Any, stream_id: int) -> StreamKeyRing:
+        key = StreamKey(1, secrets.token_bytes(KEY_LEN))
+        store.insert_stream_key(
+            db=db,
+            stream_id=stream_id,
+            epoch=key.epoch,
+            secret=key.key,
+            signing=True,
+            now_ns=time.time_ns(),
+        )
+        ring = StreamKeyRing(stream_id=stream_id, keys=(key,), sign_epoch=key.epoch)
+        self.keys[stream_id] = ring
+        return ring
+
+    def key_ring(self, stream_id: int) -> StreamKeyRing:
+        ring = self.keys.get(stream_id)
+        if ring is None or store.get_stream(db=self.database.conn, stream_id=stream_id) is None:
+            raise NotFound(f"stream {stream_id} not found")
+        return ring
+
+    def rotate_keys(self, stream_id: int) -> StreamKeyRing:
+        """Start a rotation: epoch n+1 goes to every node, the publisher keeps signing with n
+        until they all run it (`check_keys` takes it from there)."""
+        ring = self.key_ring(stream_id)
+        with self.database.transaction() as db:
+            try:
+                key = ring.rotate(secrets.token_bytes(KEY_LEN))
+            except RotationInProgress as exc:
+                raise Conflict(str(exc)) from exc
+            store.insert_stream_key(
+                db=db,
+                stream_id=stream_id,
+                epoch=key.epoch,
+                secret=key.key,
+                signing=False,
+                now_ns=time.time_ns(),
+            )
+            self._bump(db)
+            ring.phase_version = self.version
+        log.info("stream %d: key epoch %d issued (rotation started)", stream_id, key.epoch)
+        return ring
+
+    def key_nodes(self, stream_id: int) -> list[NodeRow]:
+        """The nodes a rotation waits for: those of the stream's plans and its publisher."""
+        plans = self.plans.get(stream_id)
+        if plans is None:
+            return []
+        names = set(plans.active.relay_nodes()) | set(plans.active.hosts.values())
+        if plans.pending is not None:
+            names |= set(plans.pending.relay_nodes()) | set(plans.pending.hosts.values())
+        db = self.database.conn
+        stream = store.get_stream(db=db, stream_id=stream_id)
+        pub = self._publisher_of(db, stream) if stream is not None else None
+        if pub is not None:
+            names.add(pub.name)
+        return [self.view(n) for n in store.list_nodes(db=db) if n.name in names]
+
+    def key_waiting_for(self, stream_id: int) -> list[str]:
+        """Live nodes of the stream that do not run the rotation phase's config yet."""
+        ring = self.keys.get(stream_id)
+        if ring is None or ring.phase in (KeyPhase.STEADY, KeyPhase.RETIRING):
+            return []
+        return [
+            n.name
+            for n in self.key_nodes(stream_id)
+            if n.alive and n.applied_version < ring.phase_version
+        ]
+
+    def key_grace_ns(self, stream_id: int) -> int:
+        stream = store.get_stream(db=self.database.conn, stream_id=stream_id)
+        if stream is None:
+            return 0
+        return GRACE_HOLDS * max(stream.hold_ns, self.hold_in_force(stream))
+
+    def check_keys(self) -> list[tuple[int, KeyPhase]]:
+        """Make-before-break for keys: move each rotating stream on once every live node of
+        it runs the phase's config (and, to drop the old key, the grace passed). Nodes that
+        never apply hold the rotation where it is; `GET /v1/streams/{id}/keys` names them."""
+        now = self.clock_ns()
+        moved = []
+        for stream_id, ring in list(self.keys.items()):
+            if ring.phase is KeyPhase.STEADY:
+                continue
+            applied = ring.phase is not KeyPhase.RETIRING and not self.key_waiting_for(stream_id)
+            old, new = ring.oldest.epoch, ring.newest.epoch
+            to = ring.step(applied=applied, now_ns=now, grace_ns=self.key_grace_ns(stream_id))
+            if to is None:
+                continue
+            moved.append((stream_id, to))
+            if to not in PUBLISHED:
+                log.info("stream %d: every node signs with key epoch %d", stream_id, new)
+                continue
+            with self.database.transaction() as db:
+                if to is KeyPhase.SIGNING:
+                    store.set_signing_epoch(db=db, stream_id=stream_id, epoch=new)
+                elif to is KeyPhase.STEADY:
+                    store.delete_stream_key(db=db, stream_id=stream_id, epoch=old)
+                self._bump(db)
+                ring.phase_version = self.version
+            if to is KeyPhase.SIGNING:
+                log.info("stream %d: the publisher signs with key epoch %d", stream_id, new)
+            else:
+                log.info("stream %d: key epoch %d dropped (rotation done)", stream_id, old)
+        return moved
+
+    def announce_session(
+        self, name: str, session: object, *, stream_id: int | None = None
+    ) -> list[int]:
+        """The publisher node `name` runs publisher session `session`: announce it in the
+        documents of the streams it publishes (of `stream_id` only, when given). Receivers
+        and relays take no other session, so only the stream's publisher may move it, and
+        never backwards. The streams whose announced session changed."""
+        if (
+            isinstance(session, bool)
+            or not isinstance(session, int | float)
+            or not math.isfinite(session)
+            or session != int(session)
+            or not 0 <= session <= SESSION_MAX
+        ):
+            log.warning("node %s reported session %r: not a u32; ignored", name, session)
+            return []
+        value = int(session)
+        changed: list[int] = []
+        db = self.database.conn
+        for stream in store.list_streams(db=db):
+            if stream_id is not None and stream.id != stream_id:
+                continue
+            if self.sessions.get(stream.id) == value:
+                continue
+            pub = self._publisher_of(db, stream)
+            if pub is None or pub.name != name or pub.role != "publisher":
+                continue
+            current = self.sessions.get(stream.id)
+            if current is not None and value < current:
+                if (stream.id, value) not in self._refused_sessions:
+                    self._refused_sessions.add((stream.id, value))
+                    log.warning(
+                        "stream %d: publisher %s reports session %d, older than the announced "
+                        "%d; ignored (sessions never go backwards)",
+                        stream.id,
+                        name,
+                        value,
+                        current,
+                    )
+                continue
+            changed.append(stream.id)
+        if changed:
+            with self.database.transaction() as tx:
+                for sid in changed:
+                    store.set_meta(db=tx, key=_session_key(sid), value=value)
+                    self.sessions[sid] = value
+                self._bump(tx)
+            for sid in changed:
+                log.info("stream %d: publisher %s announced session %d", sid, name, value)
         return changed
 
     # --- MPs --------------------------------------------------------------------------------
@@ -764,14 +992,19 @@ class Planner:
         doc: dict[str, Any] = {
             "version": SCHEMA_VERSION,
             "plan_epoch": placement.epoch,
-            "stream": {
-                "id": stream.id,
-                "name": stream.name,
-                "hedge": stream.hedge,
-                # The stream's setting; the publisher's copy carries the hold in force
-                # (node_streams), so a moving hold does not change every node's document.
-                "hold_ns": stream.hold_ns,
-            },
+            # hold_ns is the stream's setting; the publisher's copy carries the hold in force
+            # (node_streams), so a moving hold does not change every node's document. The keys
+            # are the same in every document of the stream (also x-previous).
+            "stream": stream_dict(
+                StreamConfig(
+                    id=stream.id,
+                    name=stream.name,
+                    hedge=stream.hedge,
+                    hold_ns=stream.hold_ns,
+                    auth=ring.auth() if (ring := self.keys.get(stream_id)) else None,
+                    session=self.sessions.get(stream_id),
+                )
+            ),
             "publisher": {
                 "name": pub_name,
                 "addr": pub.data_addr if pub else "0.0.0.0",

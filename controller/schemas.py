@@ -198,6 +198,32 @@ class StreamHoldPublic(BaseModel):
     history: list[HoldDecisionPublic] = Field(description="Windows, oldest first (bounded)")
 
 
+class StreamKeyEpochPublic(BaseModel):
+    epoch: int = Field(description="Key epoch, carried in every datagram signed with it")
+    signing: bool = Field(description="The publisher signs with this epoch")
+
+
+class StreamKeysPublic(BaseModel):
+    """A stream's MAC key epochs and rotation phase (docs/security-keys.md); never a secret:
+    keys reach nodes in their own configs only."""
+
+    stream_id: int
+    phase: Literal["steady", "distributing", "signing", "retiring"]
+    epochs: list[StreamKeyEpochPublic] = Field(description="Valid epochs, oldest first")
+    sign_epoch: int
+    config_version: int = Field(
+        description="Config version whose documents began the phase; the rotation moves on "
+        "once every live node of the stream runs it or a later one"
+    )
+    waiting_for: list[str] = Field(description="Live nodes of the stream not running it yet")
+    grace_left_ns: int | None = Field(
+        description="Retiring: time left until the old epoch is dropped, ns"
+    )
+    session: int | None = Field(
+        description="Publisher session announced to the stream's nodes (None: none yet)"
+    )
+
+
 # --- MPs and subscriptions -----------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from controller.files import prepare_database
@@ -101,6 +101,16 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS meta (
         key TEXT PRIMARY KEY,
         value BIGINT NOT NULL
+    )""",
+    # Stream MAC keys (docs/security-keys.md): one row per valid epoch, the secret as hex;
+    # `signing` marks the epoch the publisher signs with.
+    """CREATE TABLE IF NOT EXISTS stream_keys (
+        stream_id INTEGER NOT NULL REFERENCES streams(id),
+        epoch BIGINT NOT NULL,
+        secret TEXT NOT NULL,
+        signing INTEGER NOT NULL,
+        created_ns BIGINT NOT NULL,
+        PRIMARY KEY (stream_id, epoch)
     )""",
 )
 
@@ -635,3 +645,61 @@ def set_meta(*, db: sqlite3.Connection, key: str, value: int) -> None:
            ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
         (key, value),
     )
+
+
+# --- stream keys ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamKeyRow:
+    stream_id: int
+    epoch: int
+    secret: bytes = field(repr=False)  # never printed into a log
+    signing: bool
+    created_ns: int
+
+
+def insert_stream_key(
+    *,
+    db: sqlite3.Connection,
+    stream_id: int,
+    epoch: int,
+    secret: bytes,
+    signing: bool,
+    now_ns: int,
+) -> None:
+    db.execute(
+        """INSERT INTO stream_keys (stream_id, epoch, secret, signing, created_ns)
+           VALUES (?, ?, ?, ?, ?)""",
+        (stream_id, epoch, secret.hex(), int(signing), now_ns),
+    )
+
+
+def list_stream_keys(*, db: sqlite3.Connection, stream_id: int | None = None) -> list[StreamKeyRow]:
+    """Valid key epochs by stream, then epoch; of one stream with `stream_id`."""
+    sql, args = "SELECT * FROM stream_keys", list[int]()
+    if stream_id is not None:
+        sql, args = sql + " WHERE stream_id = ?", [stream_id]
+    return [
+        StreamKeyRow(
+            stream_id=r["stream_id"],
+            epoch=r["epoch"],
+            secret=bytes.fromhex(r["secret"]),
+            signing=bool(r["signing"]),
+            created_ns=r["created_ns"],
+        )
+        for r in db.execute(sql + " ORDER BY stream_id, epoch", args)
+    ]
+
+
+def set_signing_epoch(*, db: sqlite3.Connection, stream_id: int, epoch: int) -> None:
+    """The publisher of `stream_id` signs with `epoch` (and no other) from now on."""
+    db.execute(
+        """UPDATE stream_keys SET signing = CASE WHEN epoch = ? THEN 1 ELSE 0 END
+           WHERE stream_id = ?""",
+        (epoch, stream_id),
+    )
+
+
+def delete_stream_key(*, db: sqlite3.Connection, stream_id: int, epoch: int) -> None:
+    db.execute("DELETE FROM stream_keys WHERE stream_id = ? AND epoch = ?", (stream_id, epoch))

@@ -1,4 +1,4 @@
-"""Streams: the market-data streams an exchange publishes (admin only)."""
+"""Streams: the market-data streams an exchange publishes, and their MAC keys (admin only)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from fastapi import APIRouter, Path, status
 from controller import store
 from controller.deps import AdminDep, DbDep, PlannerDep, PrincipalDep, SettingsDep
 from controller.errors import NotFound
-from controller.schemas import StreamCreate, StreamPublic, StreamUpdate
+from controller.keys import KeyPhase
+from controller.planner import Planner
+from controller.schemas import (
+    StreamCreate,
+    StreamKeyEpochPublic,
+    StreamKeysPublic,
+    StreamPublic,
+    StreamUpdate,
+)
 from controller.store import StreamRow
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
@@ -73,3 +81,42 @@ async def update_stream(
         raise NotFound(f"stream {stream_id} not found")
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     return public(planner.update_stream(replace(row, **changes)))
+
+
+def keys_public(planner: Planner, stream_id: int) -> StreamKeysPublic:
+    """The stream's key epochs and rotation phase, without the secrets."""
+    ring = planner.key_ring(stream_id)
+    grace_left = None
+    if ring.phase is KeyPhase.RETIRING and ring.since_ns is not None:
+        elapsed = planner.clock_ns() - ring.since_ns
+        grace_left = max(0, planner.key_grace_ns(stream_id) - elapsed)
+    return StreamKeysPublic(
+        stream_id=stream_id,
+        phase=ring.phase.value,
+        epochs=[
+            StreamKeyEpochPublic(epoch=k.epoch, signing=k.epoch == ring.sign_epoch)
+            for k in ring.keys
+        ],
+        sign_epoch=ring.sign_epoch,
+        config_version=ring.phase_version,
+        waiting_for=planner.key_waiting_for(stream_id),
+        grace_left_ns=grace_left,
+        session=planner.sessions.get(stream_id),
+    )
+
+
+@router.get("/{stream_id}/keys", response_model=StreamKeysPublic, summary="Key epochs and phase")
+async def get_keys(stream_id: StreamPath, planner: PlannerDep, _: AdminDep) -> StreamKeysPublic:
+    return keys_public(planner, stream_id)
+
+
+@router.post(
+    "/{stream_id}/keys/rotate",
+    response_model=StreamKeysPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Rotate the stream's MAC key (make-before-break)",
+    responses={409: {"description": "A rotation of this stream is still running"}},
+)
+async def rotate_keys(stream_id: StreamPath, planner: PlannerDep, _: AdminDep) -> StreamKeysPublic:
+    planner.rotate_keys(stream_id)
+    return keys_public(planner, stream_id)

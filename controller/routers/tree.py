@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Path
 from controller import store
 from controller.deps import AdminDep, DbDep, PlannerDep, PrincipalDep
 from controller.errors import NotFound
+from controller.keys import without_keys
 from controller.planner import Planner, endpoint_key
 from controller.schemas import (
     HoldDecisionPublic,
@@ -33,7 +34,7 @@ def tree_of(planner: Planner, stream_id: int, *, mp_id: int | None = None) -> Tr
     if plans is None or store.get_stream(db=db, stream_id=stream_id) is None:
         raise NotFound(f"stream {stream_id} not found")
     p = plans.active
-    doc = planner.topology_doc(stream_id)
+    doc = without_keys(planner.topology_doc(stream_id))  # keys go to nodes' configs only
     prediction = planner.prediction(stream_id)
     fwd = p.forwarding()
     parents: dict[str, list[str]] = {}
