@@ -7,6 +7,7 @@ import random
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -42,9 +43,20 @@ class ControllerClient:
     safe: an idempotent method, or a request that was not fully written (as Go's net/http does).
     """
 
-    def __init__(self, url: str, *, admin_token: str, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        admin_token: str,
+        timeout_s: float = 10.0,
+        ca_file: str | Path | None = None,
+    ) -> None:
         self.url = url
         self.admin_token = admin_token
+        self.verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True
+        )
+        """How an https:// controller's certificate is checked (`ca_file`, else system CAs)."""
         self.timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
@@ -53,6 +65,7 @@ class ControllerClient:
         return httpx.Client(
             base_url=self.url,
             timeout=self.timeout,
+            verify=self.verify,
             limits=httpx.Limits(max_keepalive_connections=16, keepalive_expiry=KEEPALIVE_S),
         )
 
@@ -127,6 +140,7 @@ class LoopbackController:
         heartbeat_timeout_s: float = 5.0,
         log_path: str | Path | None = None,
         settings_env: dict[str, str] | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if db_path is None:
@@ -139,13 +153,18 @@ class LoopbackController:
         self.log_path = Path(log_path) if log_path else self.db_path.with_suffix(".log")
         self.settings_env = dict(settings_env or {})
         """Extra JASPER_* settings for the controller process (e.g. JASPER_LONG_POLL_MAX_S)."""
+        self.tls = tls
+        """(certificate, key, CA file): serve HTTPS (tests of TLS); None: plain HTTP, on
+        127.0.0.1 only, as the demo and the other tests run it."""
         self.proc: subprocess.Popen[bytes] | None = None
-        self.client = ControllerClient(self.url, admin_token=self.admin_token)
+        self.client = ControllerClient(
+            self.url, admin_token=self.admin_token, ca_file=tls[2] if tls else None
+        )
         """Every REST call of this controller goes through this one client."""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def join_token(self, *nodes: str, ttl_s: float = 3600.0) -> str:
         """A one-time join token (admin) for the node names one agent process runs."""
@@ -190,6 +209,8 @@ class LoopbackController:
             "--heartbeat-timeout",
             str(self.heartbeat_timeout_s),
         ]
+        if self.tls is not None:
+            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         self.client.reset()
         log = open_log(self.log_path)
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

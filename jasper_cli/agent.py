@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         agent = Agent(
             controller=args.controller,
             credential=credential,
+            ca_file=args.ca_file,
             node_name=args.node_name,
             role=args.role,
             data_addr=args.data_addr,

@@ -56,6 +56,16 @@ def add_parser(sub: Any) -> None:
         help="seeded join tokens expire S seconds after seeding (default 86400)",
     )
     p.add_argument(
+        "--tls-cert",
+        type=input_file.text(),
+        metavar="FILE",
+        help="serve HTTPS with this certificate chain (PEM); needs --tls-key. Without it the "
+        "API is plain HTTP: keep it on loopback or a private network",
+    )
+    p.add_argument(
+        "--tls-key", type=input_file.text(), metavar="FILE", help="private key of --tls-cert"
+    )
+    p.add_argument(
         "--log-level",
         choices=("critical", "error", "warning", "info", "debug", "trace"),
         default="warning",
@@ -70,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from controller.app import create_app
     from controller.settings import Settings
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("jasper controller: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     if not os.environ.get("JASPER_ADMIN_TOKEN"):
         os.environ["JASPER_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
         print(f"JASPER_ADMIN_TOKEN={os.environ['JASPER_ADMIN_TOKEN']}", file=sys.stderr)
@@ -94,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
         # Long polls hold connections open; a node's poll must not stall a shutdown long.
         timeout_graceful_shutdown=2,
     )

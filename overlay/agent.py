@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,12 +52,17 @@ class ControllerClient:
     it avoids importing an HTTP library (httpx pulls in ~15 MB); one request per connection.
     """
 
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(self, url: str, token: str | None, *, ca_file: str | None = None) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"controller URL must be http://HOST[:PORT], got {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"controller URL must be http(s)://HOST[:PORT], got {url!r}")
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls: ssl.SSLContext | None = None
+        """HTTPS: the controller's certificate is verified against `ca_file` (else the
+        system's CAs) and must name the URL's host."""
+        if parts.scheme == "https":
+            self.tls = ssl.create_default_context(cafile=ca_file)
         self.prefix = parts.path.rstrip("/")
         self.token = token
         """Bearer credential; None sends no Authorization header (enrolment)."""
@@ -71,7 +77,12 @@ class ControllerClient:
 
     async def _request(self, method: str, path: str, body: Any) -> Any:
         payload = b"" if body is None else json.dumps(body).encode()
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = await asyncio.open_connection(
+            self.host,
+            self.port,
+            ssl=self.tls,
+            server_hostname=self.host if self.tls is not None else None,
+        )
         try:
             head = (
                 f"{method} {self.prefix}{path} HTTP/1.1\r\n"
@@ -204,12 +215,13 @@ class Agent:
         clock_status: Callable[[], dict[str, Any]] = _unknown_clock,
         daemon: AppliesTopology | None = None,
         co_nodes: Sequence[tuple[str, int]] = (),
+        ca_file: str | None = None,
     ) -> None:
         self.credential = credential or NodeCredentialSource(credential_file=None, credential=token)
         """The node's credential, and the join token to enrol with when it has none."""
         with contextlib.suppress(CredentialError):
             self.credential.load()
-        self.client = ControllerClient(controller, self.credential.credential)
+        self.client = ControllerClient(controller, self.credential.credential, ca_file=ca_file)
         self._join_tried = False
         """The join token was refused: it is not presented again."""
         self._register_lock = asyncio.Lock()
@@ -683,6 +695,7 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
     agent = Agent(
         controller=args.controller,
         credential=credential,
+        ca_file=getattr(args, "ca_file", None),
         node_name=names[0],
         # Several relay nodes per process (as `jasper demo` packs them) take consecutive ports.
         co_nodes=[(n, base_port + i) for i, n in enumerate(names) if i > 0],

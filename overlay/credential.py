@@ -87,6 +87,12 @@ def add_credential_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("STATE_DIRECTORY") or DEFAULT_STATE_DIR,
         help="folder for the node's state (default $STATE_DIRECTORY or /var/lib/jasper)",
     )
+    g.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="CA certificate(s) (PEM) to verify an https:// controller against (default: the "
+        "system's CAs)",
+    )
     join = g.add_mutually_exclusive_group()
     join.add_argument(
         "--join-token-file",

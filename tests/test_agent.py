@@ -234,7 +234,7 @@ async def test_client_errors_are_classified(tmp_path: Path) -> None:
     with pytest.raises(ControllerUnavailable):
         await client.request("GET", "/healthz", timeout_s=1)
     with pytest.raises(ValueError):
-        ControllerClient("https://example.com", "t")
+        ControllerClient("ftp://example.com", "t")  # http and https only
     ctl = LoopbackController(db_path=tmp_path / "c.db")
     await asyncio.to_thread(ctl.start)
     try:

@@ -290,7 +290,8 @@ def _expand(argv: list[str]) -> list[str]:
 CONTRACT: dict[str, tuple[str, dict[str, str | int]]] = {
     "jasper-controller": (
         "controller",
-        {"host": "0.0.0.0", "port": 8080, "db": "/var/lib/jasper/controller.db"},
+        # The private address (JASPER_DATA_ADDR), never every address.
+        {"host": "10.42.1.17", "port": 8080, "db": "/var/lib/jasper/controller.db"},
     ),
     "jasper-relay": (
         "relay",
@@ -384,12 +385,11 @@ def test_daemons_started_as_the_units_say_join_the_controller(tmp_path: Path) ->
         "JASPER_FAST_PATH": "user",
         "JASPER_PUBLISHER_RATE": "10",
     }
-    # Paths of a real node, moved into tmp_path; the API binds loopback, not every address.
+    # Paths of a real node, moved into tmp_path; the API binds JASPER_DATA_ADDR (loopback).
     moved = {
         INSTALLED_JASPER: jasper,
         "/etc/jasper/node-token": str(token_file),
         "/var/lib/jasper/controller.db": str(tmp_path / "controller.db"),
-        "0.0.0.0": "127.0.0.1",
     }
 
     def argv(unit: str, node_name: str) -> list[str]:
