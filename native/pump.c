@@ -28,8 +28,11 @@
  * next held deadline, and a pending arrival needs no spin (processing a copy a little after its
  * emulated arrival never changes which copy wins: every later copy arrives later still), so the
  * pump keeps its own min-heap of candidate deadlines: the header deadline of every valid copy
- * fed while it lies in the future. Every held entry's deadline in force is one of them (a
- * clamped deadline is an earlier held one's), so spinning toward the heap's minimum never misses
+ * fed while it lies in the future and that may pass authentication (jc_may_admit: stream,
+ * key epoch and session; the MAC is checked once, by the core), so a forger cannot schedule
+ * spins. Every held entry's deadline in force is one of them (a clamped deadline is an earlier
+ * held one's; a copy of a stream set between its receipt and its processing is the exception,
+ * released at the next tick without a spin), so spinning toward the heap's minimum never misses
  * a release; a duplicate's deadline only costs a spin that finds nothing.
  */
 #ifndef _GNU_SOURCE
@@ -901,8 +904,10 @@ static int receive_batch(Pump *p, uint32_t idx)
 		}
 		if (arrival < 0)
 			arrival = 0;
+		/* Only copies that may pass authentication plan a wake-up: a forger without the
+		 * stream's key epoch cannot make the thread spin toward deadlines of its choosing. */
 		if (parsed && hdr.deadline_ns > (uint64_t)p->last_now &&
-		    hdr.deadline_ns <= (uint64_t)INT64_MAX)
+		    hdr.deadline_ns <= (uint64_t)INT64_MAX && jc_may_admit(p->core, &hdr))
 			cand_push(p, (int64_t)hdr.deadline_ns);
 		jc_datagram(p->core, idx, data, len, parent, arrival, now);
 		if (jc_releases_waiting(p->core))

@@ -563,6 +563,22 @@ fail:
 	return rc;
 }
 
+int jc_may_admit(const struct jc_core *c, const struct jc_header *h)
+{
+	int64_t si = stream_find(c, h->stream_id);
+	if (si < 0 || !c->streams[si].configured)
+		return 0;
+	const struct stream *s = &c->streams[si];
+	if (s->has_session && h->session != s->session)
+		return 0;
+	if (!s->keyed)
+		return 1;
+	for (int k = 0; k < s->nkeys; k++)
+		if (s->epochs[k] == h->key_epoch)
+			return 1;
+	return 0;
+}
+
 void jc_drop_stream(struct jc_core *c, uint32_t stream_id)
 {
 	int64_t si = stream_find(c, stream_id);

@@ -185,6 +185,11 @@ int jc_set_stream(struct jc_core *core, uint32_t stream_id, const struct jc_stre
  * still released, and its dedup rings and clamp floor stay. Unknown ids: nothing. */
 void jc_drop_stream(struct jc_core *core, uint32_t stream_id);
 
+/* 1 when a parsed header passes every check short of the MAC (stream set, key epoch held,
+ * announced session): what the pump asks before it plans a wake-up for the copy's deadline,
+ * so unauthenticated junk cannot schedule spins. The core itself still checks everything. */
+int jc_may_admit(const struct jc_core *core, const struct jc_header *h);
+
 /* Grow to n endpoints (a new plan); n < current is JC_EINVAL, n == current does nothing. */
 int jc_set_endpoints(struct jc_core *core, uint32_t n);
 uint32_t jc_endpoints(const struct jc_core *core);
