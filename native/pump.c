@@ -1730,6 +1730,11 @@ static int parse_stream_rule(PyObject *item, Py_ssize_t i, struct stream_rule *r
 		PyObject *pair = PyList_GET_ITEM(items, k);
 		long long epoch;
 		Py_buffer view;
+		if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+			Py_DECREF(items);
+			PyErr_SetString(PyExc_TypeError, "keys.items() must give (epoch, key) pairs");
+			return -1;
+		}
 		if (int_in(PyTuple_GET_ITEM(pair, 0), 1, UINT32_MAX, "key epoch", &epoch) ||
 		    PyObject_GetBuffer(PyTuple_GET_ITEM(pair, 1), &view, PyBUF_SIMPLE) < 0) {
 			Py_DECREF(items);

@@ -376,6 +376,10 @@ static int stream_keys(PyObject *mapping, struct jc_stream_key *out)
 	int got = 0;
 	for (Py_ssize_t i = 0; i < n; i++) {
 		PyObject *item = PyList_GET_ITEM(items, i); /* borrowed: items holds it */
+		if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+			PyErr_SetString(PyExc_TypeError, "keys.items() must give (epoch, key) pairs");
+			goto fail;
+		}
 		PyObject *epoch = PyTuple_GET_ITEM(item, 0), *key = PyTuple_GET_ITEM(item, 1);
 		long long e;
 		if (int_in(epoch, 1, UINT32_MAX, "key epoch", &e) < 0)
