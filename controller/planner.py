@@ -1044,7 +1044,14 @@ class Planner:
                 stream = store.get_stream(db=self.database.conn, stream_id=stream_id)
                 if stream is not None:
                     hold = self.hold_in_force(stream)
-                    doc = {**doc, "stream": {**doc["stream"], "hold_ns": hold}}
+                    section = {**doc["stream"], "hold_ns": hold}
+                    # The session is the publisher's to choose, not to be told: a restarted
+                    # publisher that took the announced one back would restart its sequence
+                    # under it, and every copy up to the old high-water mark would be dropped
+                    # as a duplicate. Without it the new process picks a new (later) session,
+                    # which its heartbeat announces.
+                    section.pop("session", None)
+                    doc = {**doc, "stream": section}
             out.append((stream_id, int(doc["plan_epoch"]), doc))
         return out
 

@@ -352,8 +352,11 @@ def test_publisher_session_is_announced_forward_only(
     version = p.version
     world.beat("pub", 0, session=1000.0, seq=5.0)
     assert p.version > version
-    for name in world.nodes:
+    for name in ("relay0", "relay1", "rx0"):
         assert session_of(world, name) == 1000
+    # The publisher chooses its session: a restarted one takes a new one rather than the
+    # announced one, under which its sequence would start over behind the old high-water mark.
+    assert session_of(world, "pub") is None
     version = p.version
     world.beat("pub", 0, session=1000.0)
     assert p.version == version  # unchanged: no new config
@@ -583,6 +586,47 @@ def test_rotation_and_session_over_real_processes(tmp_path: Path) -> None:
                     assert k.encode() not in data, f"key in {path}"
         for k in both:
             assert k not in tree
+    finally:
+        daemons.stop()
+        sink.close()
+        ctl.close()
+
+
+@pytest.mark.slow
+def test_a_restarted_publisher_gets_a_new_session_announced(tmp_path: Path) -> None:
+    """The publisher's config carries no session, so a restarted publisher does not start its
+    sequence over under the old one (every copy up to the old high-water mark would be dropped
+    as a duplicate); its new session is announced instead."""
+    ctl = LoopbackController(db_path=tmp_path / "controller.db")
+    ctl.start()
+    daemons = DaemonSet(ctl, tmp_path)
+    sink = DeliverySink(2)
+    try:
+        ctl.create_stream(1, "md", depth=1, fanout=3, hold_ns=5_000_000)
+        daemons.start("relay", "relay0", "--port", str(free_udp_block(1)), "--fast-path", "user")
+        base = free_udp_block(2)
+        daemons.start("receiver", "rx0", "--port-base", str(base), "--endpoints", "2",
+                      "--fast-path", "user", "--no-realtime")  # fmt: skip
+        daemons.start("publisher", "pub", "--stream", "1", "--rate", "100")
+        ctl.wait_nodes({"relay0", "rx0", "pub"}, 60)
+        _, token = ctl.create_mp("mp")
+        for i in range(2):
+            ctl.subscribe(token, 1, "127.0.0.1", base + i, deliver=f"udp:127.0.0.1:{sink.port(i)}")
+
+        def session() -> Any:
+            return ctl.call("GET", "/v1/streams/1/keys")["session"]
+
+        wait_for(lambda: session() is not None and len(sink.times[0]) > 200, 60, "traffic")
+        first = session()
+        daemons.procs["pub"].kill()
+        daemons.procs["pub"].wait()
+        daemons.start("publisher", "pub", "--stream", "1", "--rate", "100")
+        mark = time.monotonic()
+        wait_for(lambda: session() != first, 30, "the new session announced")
+        assert session() > first
+        wait_for(lambda: sink.count_between(0, mark, time.monotonic()) > 200, 60, "traffic")
+        relay = next(n for n in ctl.nodes() if n["name"] == "relay0")["status"] or {}
+        assert relay.get("nodes.relay0.duplicates", 0) == 0
     finally:
         daemons.stop()
         sink.close()
