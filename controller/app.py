@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from controller import store
 from controller.errors import ApiError
+from controller.keys import KeyPhase
 from controller.limits import AuthFailureLimit, BodyLimit, StrictJson, validation_error
 from controller.metrics import ControllerMetrics
 from controller.planner import Planner
@@ -41,12 +42,19 @@ def _state_gauges(planner: Planner) -> dict[str, list[tuple[dict[str, str], floa
         "jasper_plan_epoch": [],
         "jasper_plan_pending": [],
         "jasper_predicted_oml_seconds": [],
+        # Key epochs only (never key material): which epoch signs, and whether a rotation runs.
+        "jasper_key_sign_epoch": [],
+        "jasper_key_rotating": [],
     }
     for sid, plans in sorted(planner.plans.items()):
         label = {"stream": str(sid)}
         out["jasper_plan_epoch"].append((label, float(plans.active.epoch)))
         out["jasper_plan_pending"].append((label, float(plans.pending is not None)))
         out["jasper_predicted_oml_seconds"].append((label, planner.prediction(sid).oml_ns / 1e9))
+    for sid, ring in sorted(planner.keys.items()):
+        label = {"stream": str(sid)}
+        out["jasper_key_sign_epoch"].append((label, float(ring.sign_epoch)))
+        out["jasper_key_rotating"].append((label, float(ring.phase is not KeyPhase.STEADY)))
     return out
 
 

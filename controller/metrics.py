@@ -23,6 +23,8 @@ class StateCollector(Collector):
             "jasper_plan_epoch": "Plan epoch of the active plan per stream",
             "jasper_predicted_oml_seconds": "Predicted OML of the active plan per stream",
             "jasper_plan_pending": "1 while a stream switches to a new plan",
+            "jasper_key_sign_epoch": "Key epoch the publisher of a stream signs with",
+            "jasper_key_rotating": "1 while a stream's key rotates",
         }
         for name, samples in self.read().items():
             labels = sorted({k for lab, _ in samples for k in lab})

@@ -484,6 +484,9 @@ def test_keys_appear_only_in_node_configs(
         r = client.request(method, path, headers=who)
         assert r.status_code < 400, (path, r.status_code, r.text)
         answers.append((path, r.text))
+    metrics = client.get("/metrics").text
+    assert 'jasper_key_sign_epoch{stream="1"} 2.0' in metrics  # nodes ran epoch 2: signing
+    assert 'jasper_key_rotating{stream="1"} 1.0' in metrics
     tree = client.get("/v1/streams/1/tree", headers=ADMIN).json()
     assert "auth" not in tree["topology"]["stream"]
     assert tree["topology"]["stream"]["session"] == 4  # the session is no secret
