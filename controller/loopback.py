@@ -436,6 +436,7 @@ class DaemonSet:
             str(self.workdir / f"credential-{name}"),
             "--data-addr",
             "127.0.0.1",
+            *(("--ca-file", str(self.ctl.tls[2])) if self.ctl.tls else ()),
             *extra,
         ]
         log = open_log(self.workdir / f"{name}.log")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controller.loopback import LoopbackController
+from controller.loopback import DaemonSet, LoopbackController, free_udp_block
 from overlay.agent import Agent, ControllerClient, ControllerUnavailable
 from overlay.credential import NodeCredentialSource
 
@@ -86,6 +86,19 @@ def test_controller_serves_https_and_agents_verify_it(
 
     asyncio.run(scenario())
     assert [n["name"] for n in tls_ctl.nodes()] == ["relay-a"]
+
+
+def test_daemon_joins_an_https_controller_with_its_ca_file(
+    tls_ctl: LoopbackController, tmp_path: Path
+) -> None:
+    """`jasper relay --controller https://... --ca-file CA` enrols and registers."""
+    daemons = DaemonSet(tls_ctl, tmp_path)
+    try:
+        daemons.start("relay", "relay-b", "--port", str(free_udp_block(1)), "--fast-path", "user")
+        tls_ctl.wait_nodes({"relay-b"}, 60)
+    finally:
+        codes = daemons.stop()
+    assert codes == {"relay-b": 0}, daemons.log("relay-b")
 
 
 def test_tls_options_go_together(tmp_path: Path) -> None:
