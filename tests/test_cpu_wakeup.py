@@ -121,4 +121,4 @@ def test_cli_refuses_a_negative_wakeup_latency() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "--cpu-wakeup-us" in proc.stderr and "-5 µs" in proc.stderr
+    assert "--cpu-wakeup-us must be >= 0 µs (got -5)" in proc.stderr

@@ -519,14 +519,15 @@ async def test_publisher_run_sends_rate_times_duration_and_stops() -> None:
 
 def test_receiver_cli_refuses_more_release_threads_than_cpus() -> None:
     too_many = len(os.sched_getaffinity(0)) + 1
-    for bad, said in ((str(too_many), f"{too_many}: between 1"), ("0", "0: between 1")):
+    for bad in (str(too_many), "0"):
         proc = subprocess.run(
             [sys.executable, "-m", "jasper_cli.main", "receiver", "--topology", "x.json",
              "--node-name", "h0", "--release-threads", bad],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 2
-        assert "--release-threads" in proc.stderr and said in proc.stderr
+        said = f"--release-threads must be 1..{too_many - 1} (got {bad})"
+        assert said in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
