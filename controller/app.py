@@ -67,6 +67,7 @@ async def _monitor(planner: Planner, interval_s: float) -> None:
             planner.check_liveness()
             planner.check_switches()
             planner.check_keys()
+            planner.check_sessions()
             planner.check_holds()
         except Exception:  # a bad tick must not end monitoring for good
             log.exception("monitor tick failed")

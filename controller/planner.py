@@ -144,6 +144,9 @@ class Planner:
         """Stream id -> the publisher session announced in its documents."""
         self._refused_sessions: set[tuple[int, int]] = set()
         """(stream, session) reports already logged as going backwards."""
+        self.session_versions: dict[int, int] = {}
+        """Stream id -> the config version that announced its session, while some live node
+        of the stream does not run it yet; the publisher sends once this is empty for it."""
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -349,6 +352,7 @@ class Planner:
             self.check_holds()
         self.check_switches()
         self.check_keys()
+        self.check_sessions()
         return self.view(node)
 
     def view(self, node: NodeRow) -> NodeRow:
@@ -673,9 +677,42 @@ class Planner:
                     store.set_meta(db=tx, key=_session_key(sid), value=value)
                     self.sessions[sid] = value
                 self._bump(tx)
+                for sid in changed:
+                    self.session_versions[sid] = self.version
             for sid in changed:
                 log.info("stream %d: publisher %s announced session %d", sid, name, value)
         return changed
+
+    def session_waiting_for(self, stream_id: int) -> list[str]:
+        """Live nodes of the stream (its publisher aside) that do not yet run the config that
+        announced its session: they would refuse the new session's copies."""
+        version = self.session_versions.get(stream_id)
+        if version is None:
+            return []
+        stream = store.get_stream(db=self.database.conn, stream_id=stream_id)
+        pub = self._publisher_of(self.database.conn, stream) if stream is not None else None
+        return [
+            n.name
+            for n in self.key_nodes(stream_id)
+            if n.alive and n.applied_version < version and (pub is None or n.name != pub.name)
+        ]
+
+    def session_in_force(self, stream_id: int) -> bool:
+        """Whether every live node of the stream takes its announced session."""
+        return stream_id in self.sessions and stream_id not in self.session_versions
+
+    def check_sessions(self) -> list[int]:
+        """Streams whose announced session every live node now runs: their publisher's
+        document says so (a new config version), and the publisher starts sending."""
+        done = [sid for sid in list(self.session_versions) if not self.session_waiting_for(sid)]
+        if done:
+            with self.database.transaction() as db:
+                for sid in done:
+                    del self.session_versions[sid]
+                self._bump(db)
+            for sid in done:
+                log.info("stream %d: session %d in force at every node", sid, self.sessions[sid])
+        return done
 
     # --- MPs --------------------------------------------------------------------------------
 
@@ -1050,7 +1087,11 @@ class Planner:
                     # under it, and every copy up to the old high-water mark would be dropped
                     # as a duplicate. Without it the new process picks a new (later) session,
                     # which its heartbeat announces.
-                    section.pop("session", None)
+                    # It is told which one is announced and whether every node runs it
+                    # yet: it picks a later one and sends once that is in force
+                    # (docs/security.md, "Publisher sessions").
+                    section["announced_session"] = section.pop("session", None)
+                    section["session_in_force"] = self.session_in_force(stream_id)
                     doc = {**doc, "stream": section}
             out.append((stream_id, int(doc["plan_epoch"]), doc))
         return out

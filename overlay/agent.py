@@ -23,6 +23,10 @@ from overlay.prober import Prober
 
 log = logging.getLogger("jasper.agent")
 
+SESSION_WAIT_S = 10.0
+"""How long a publisher under the controller waits for its session to be in force at every
+node before it sends anyway (a node that never applies plans must not stop the feed)."""
+
 
 class AppliesTopology(Protocol):
     """What the agent drives: a relay, receiver or publisher daemon object."""
@@ -292,6 +296,37 @@ class Agent:
         assert self.topology is not None
         return self.topology
 
+    def beat_now(self) -> None:
+        """Send the next heartbeat now rather than at the end of the interval."""
+        self._ack.set()
+
+    def session_state(self) -> tuple[int | None, bool | None]:
+        """(announced session, in force at every node) from the publisher's document;
+        in force is None when the controller does not say (a static or older plan)."""
+        stream = (self.topology_doc or {}).get("stream") or {}
+        announced = stream.get("announced_session")
+        in_force = stream.get("session_in_force")
+        return (
+            announced if isinstance(announced, int) else None,
+            in_force if isinstance(in_force, bool) else None,
+        )
+
+    async def wait_session(self, session: int, stop: asyncio.Event, timeout_s: float) -> bool:
+        """Until the controller announces `session` and every node of the stream runs it
+        (True), `stop` is set or `timeout_s` passes (False). Copies sent before that would
+        be refused by session at the nodes that do not run it yet."""
+        deadline = time.monotonic() + timeout_s
+        self.beat_now()
+        while not stop.is_set():
+            announced, in_force = self.session_state()
+            if in_force is None or (announced == session and in_force):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.01)
+        return False
+
     def attach(self, daemon: AppliesTopology) -> None:
         """Hand plans to `daemon` from now on; it already runs the current one."""
         self.daemon = daemon
@@ -465,6 +500,11 @@ class Agent:
         attempt = 0
         while not self._stopping:
             seen = self.counters.registrations
+            # Cleared before the body is read: a plan applied (or a beat asked for) while this
+            # heartbeat is in flight wakes the next one at once instead of a whole interval
+            # later (the controller waits for acks to finish plan switches, key rotations and
+            # publisher sessions).
+            self._ack.clear()
             try:
                 body = self._heartbeat_body()
                 for name in self.names():
@@ -487,7 +527,6 @@ class Agent:
                 self._set_connected(False)
                 delay = min(self.heartbeat_s, self._backoff(attempt))
                 attempt += 1
-            self._ack.clear()
             # Wake early after applying a plan: the ack lets the controller switch sooner.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ack.wait(), delay)
@@ -733,12 +772,13 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         elif kind == "receiver":
             daemon = ReceiverHost(topo, args, clock_service)
         else:
-            from overlay.publisher import Publisher, batch_ns_of
+            from overlay.publisher import Publisher, batch_ns_of, session_after
 
             hold = getattr(args, "hold_us", None)
             daemon = Publisher(
                 topo,
                 clock=clock,
+                session=session_after(agent.session_state()[0], time.time()),
                 hold_ns=None if hold is None else int(hold * 1000),
                 batch_ns=batch_ns_of(args),
             )
@@ -746,6 +786,19 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
         _ready(args.ready_file)
         log.info("%s %s up under the controller at %s", kind, args.node_name, args.controller)
         if kind == "publisher":
+            # The tree takes only the session the controller announced: send once every node
+            # runs the config that announces ours (its status reports it, the heartbeat goes
+            # now), or copies would be refused by session until they poll it.
+            if not await agent.wait_session(daemon.session, stop, SESSION_WAIT_S):
+                if not stop.is_set():
+                    log.warning(
+                        "session %d not in force at every node after %.0f s; sending anyway "
+                        "(nodes that do not run it yet refuse its copies)",
+                        daemon.session,
+                        SESSION_WAIT_S,
+                    )
+            elif agent.session_state()[1]:
+                log.info("session %d in force at every node of the stream", daemon.session)
             start_at = getattr(args, "start_at", None)
             if start_at:
                 # Start on a shared wall-clock instant, as with a static topology.

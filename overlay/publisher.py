@@ -297,6 +297,7 @@ class Publisher:
             "kind": "publisher",
             "ingress": self.ingress.to_dict(),
             "session": self.session,
+            "stream_id": self.stream_id,
             "seq": self.seq,
             "messages": self.seq,
             "datagrams": self.datagrams,
@@ -396,6 +397,16 @@ class OrderBook:
         price = self._mid[i] + (level + 1) * (100 if side else -100)
         qty = rng.randrange(1, 1000)
         return _UPDATE.pack(i, side, price, qty, level) + seq.to_bytes(8, "big")
+
+
+def session_after(announced: int | None, now_s: float) -> int:
+    """A publisher session for a new process: from the wall clock (seconds, as a u32), and
+    later than the announced one, so a process restarted within the same second never reuses
+    its predecessor's session (the tree would drop its copies as duplicates)."""
+    session = int(now_s) & 0xFFFFFFFF
+    if announced is not None and session <= announced:
+        session = (announced + 1) & 0xFFFFFFFF
+    return session
 
 
 def batch_ns_of(args: Any) -> int:

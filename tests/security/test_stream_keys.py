@@ -597,9 +597,10 @@ def test_rotation_and_session_over_real_processes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_restarted_publisher_gets_a_new_session_announced(tmp_path: Path) -> None:
-    """The publisher's config carries no session, so a restarted publisher does not start its
-    sequence over under the old one (every copy up to the old high-water mark would be dropped
-    as a duplicate); its new session is announced instead."""
+    """The publisher's config carries no session to send under, so a restarted publisher does
+    not start its sequence over under the old one (every copy up to the old high-water mark
+    would be dropped as a duplicate); it picks a later one, which is announced, and it sends
+    only once every node runs the config that announces it: no copy is refused by session."""
     ctl = LoopbackController(db_path=tmp_path / "controller.db")
     ctl.start()
     daemons = DaemonSet(ctl, tmp_path)
@@ -630,6 +631,15 @@ def test_a_restarted_publisher_gets_a_new_session_announced(tmp_path: Path) -> N
         wait_for(lambda: sink.count_between(0, mark, time.monotonic()) > 200, 60, "traffic")
         relay = next(n for n in ctl.nodes() if n["name"] == "relay0")["status"] or {}
         assert relay.get("nodes.relay0.duplicates", 0) == 0
+
+        # Heartbeats carry the counters: wait for one after the traffic, then none refused.
+        def rx0_status() -> Any:
+            return next(n for n in ctl.nodes() if n["name"] == "rx0")["status"]
+
+        beats = rx0_status()
+        wait_for(lambda: rx0_status() != beats, 10, "a heartbeat from rx0")
+        refused = rejected(ctl, ["relay0", "rx0"])
+        assert not any(refused.values()), refused
     finally:
         daemons.stop()
         sink.close()
