@@ -12,10 +12,11 @@ import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jasper.dedup import DedupRing
+from jasper.deliver import parse_target
 from jasper.owd import OwdCollector
 from jasper.schedule import Release
 from jasper.topology import EndpointConfig, Topology, stream_rules
@@ -138,24 +139,27 @@ class Endpoint:
         """File descriptor of the delivery socket (-1 when delivering in process)."""
         self.out_sockaddr = b""
         """The delivery address as a struct sockaddr, for the C release path."""
-        self.set_deliver(config.deliver)
+        try:
+            self.set_deliver(config.deliver)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def set_deliver(self, target: str | None) -> None:
-        """Open the delivery socket for "udp:HOST:PORT" or "unix:/path"; None = in-process."""
+        """Open the delivery socket for "udp:ADDR:PORT" or "unix:/path"; None = in-process.
+        A malformed target is a ValueError and leaves the current one in place."""
+        parsed = parse_target(target) if target is not None else None
         if self._out is not None:
             self._out.close()
             self._out = None
-        if target is None:
+        if parsed is None:
             self._out_addr = None
-        elif target.startswith("udp:"):
-            host, _, port = target[4:].rpartition(":")
+        elif parsed.kind == "udp":
             self._out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self._out_addr = (host or "127.0.0.1", int(port))
-        elif target.startswith("unix:"):
-            self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._out_addr = target[5:]
+            self._out_addr = (parsed.addr, parsed.port)
         else:
-            raise ValueError(f"delivery target {target!r} must start with udp: or unix:")
+            self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._out_addr = parsed.path
         if self._out is not None:
             self._out.setblocking(False)
             self.out_fd = self._out.fileno()
@@ -308,9 +312,15 @@ class Receiver:
             )
         if self.native is not None and records is None:
             self.records = ReleaseLog(self.native)
+        self.plan_refused: dict[str, str] = {}
+        """Endpoints of the plan left out or kept on their old target, with the reason."""
         try:
             for cfg in self.host.endpoints:
-                self._add_endpoint(cfg)
+                try:
+                    self._add_endpoint(cfg)
+                except ValueError as exc:  # a malformed deliver target: this endpoint only
+                    log.error("endpoint %s of plan %d left out: %s", cfg.name, topo.plan_epoch, exc)
+                    self.plan_refused[cfg.name] = str(exc)
         except BaseException:
             for ep in self.endpoints:
                 ep.close()
@@ -771,21 +781,34 @@ class Receiver:
         except KeyError:
             return
         self.host = host
+        # One bad entry (a port in use, a malformed deliver target) never blocks the rest of
+        # the plan, nor later plans: it is logged, reported in the status and left out.
+        refused: dict[str, str] = {}
         for cfg in host.endpoints:
             ep = self.by_name.get(cfg.name)
             if ep is None:
                 try:
                     self._add_endpoint(cfg)
-                except OSError as exc:
-                    log.error("endpoint %s of plan %d: %s", cfg.name, topo.plan_epoch, exc)
+                except (OSError, ValueError) as exc:
+                    refused[cfg.name] = str(exc)
                 continue
             if self._deliver_override == "topology" and cfg.deliver != ep.config.deliver:
-                ep.set_deliver(cfg.deliver)
-                if self.native is not None:
-                    self.native.set_deliver(ep)
-                elif ep.out_fd >= 0:
-                    self._start_queue()
+                try:
+                    ep.set_deliver(cfg.deliver)
+                except (OSError, ValueError) as exc:
+                    # The endpoint keeps receiving and delivering where it did.
+                    refused[cfg.name] = str(exc)
+                    cfg = replace(cfg, deliver=ep.config.deliver)
+                else:
+                    if self.native is not None:
+                        self.native.set_deliver(ep)
+                    elif ep.out_fd >= 0:
+                        self._start_queue()
             ep.config = cfg
+        for name, reason in refused.items():
+            if self.plan_refused.get(name) != reason:
+                log.error("endpoint %s of plan %d left out: %s", name, topo.plan_epoch, reason)
+        self.plan_refused = refused
         if self.native is not None:
             self.native.apply_plan(topo, self.delay.model)
         if self.fast_path is not None:
@@ -809,6 +832,8 @@ class Receiver:
                 "kind": "receiver",
                 "host": self.host.name,
                 "datapath": "native",
+                "refused_endpoints": len(self.plan_refused),
+                "refused": dict(self.plan_refused),
                 "endpoints": self.native.endpoint_status(),
                 "plan_epoch": self.topo.plan_epoch,
                 "fast_path": self.fast_path_mode,
@@ -824,6 +849,8 @@ class Receiver:
             "kind": "receiver",
             "host": self.host.name,
             "datapath": "python",
+            "refused_endpoints": len(self.plan_refused),
+            "refused": dict(self.plan_refused),
             "endpoints": {ep.name: ep.counters.to_dict() for ep in self.endpoints},
             "plan_epoch": self.topo.plan_epoch,
             "fast_path": self.fast_path_mode,

@@ -9,6 +9,8 @@ import socket
 import time
 from typing import Any
 
+import pytest
+
 from jasper.layout import ports_needed, topology_from_plan
 from jasper.topology import parse_topology
 from jasper.tree import tree_shape
@@ -182,3 +184,62 @@ def test_relay_forwards_by_plan_epoch_during_a_switch() -> None:
     assert before == {"e0": [1], "e1": []}
     assert during == {"e0": [2], "e1": [3]}
     assert after == {"e0": [], "e1": [4, 5]}
+
+
+@pytest.mark.parametrize("datapath", ["python", "native"])
+def test_a_bad_deliver_target_leaves_out_that_endpoint_only(datapath: str) -> None:
+    """Issue 15 item 4: a receiver applies the valid part of a plan and reports the rest; a
+    bad entry never blocks the plan nor the next one (once, udp:…:99999 failed every later
+    plan with struct.error)."""
+    sinks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    for s in sinks:
+        s.bind((ADDR, 0))
+        s.settimeout(10)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    plan = tree_shape(3, fanout=3, hedge=0)
+    base = free_port_base(ADDR, ports_needed(plan))
+    first = topology_from_plan(plan, addr=ADDR, port_base=base, hold_ns=1_000_000).to_dict()
+    eps = first["receivers"][0]["endpoints"]
+    assert [e["name"] for e in eps] == ["e0", "e1", "e2"]
+    eps[0]["deliver"] = f"udp:{ADDR}:{sinks[0].getsockname()[1]}"
+    eps[1]["deliver"] = f"udp:{ADDR}:99999"
+    eps[2]["deliver"] = "unix:relative/mp.sock"
+    second = copy.deepcopy(first)
+    second["plan_epoch"] = 2
+    eps = second["receivers"][0]["endpoints"]
+    eps[0]["deliver"] = "tcp:10.0.0.1:80"  # e0 keeps delivering where it did
+    eps[1]["deliver"] = f"udp:{ADDR}:{sinks[1].getsockname()[1]}"  # e1 fixed: it opens
+    port = {e["name"]: e["port"] for e in eps}
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        rx = Receiver(parse_topology(first), "h0", realtime=False, link_model=False,
+                      datapath=datapath)  # fmt: skip
+        rx.start()
+        try:
+            assert set(rx.by_name) == {"e0"}
+            before = rx.status()
+            rx.apply_topology(parse_topology(second))
+            assert set(rx.by_name) == {"e0", "e1"}
+            after = rx.status()
+            deadline = time.time_ns() + 20_000_000
+            for name in ("e0", "e1"):
+                sender.sendto(_message(1, deadline), (ADDR, port[name]))
+            await _until(lambda: len(rx.records) == 2, 20)
+        finally:
+            rx.stop()
+            rx.close()
+        return before, after
+
+    try:
+        before, after = asyncio.run(main())
+        assert [unpack_blocks(s.recv(65536)) for s in sinks] == [[b"update-1"]] * 2
+    finally:
+        for s in sinks:
+            s.close()
+        sender.close()
+    assert before["refused_endpoints"] == 2
+    assert "port 99999 is out of range" in before["refused"]["e1"]
+    assert "not absolute" in before["refused"]["e2"]
+    assert after["refused_endpoints"] == 2
+    assert set(after["refused"]) == {"e0", "e2"}
+    assert "deliver must be udp:ADDR:PORT" in after["refused"]["e0"]

@@ -83,7 +83,6 @@ def _broken(path: list[Any], value: Any) -> dict[str, Any]:
         (["relays", 0, "addr"], "localhost", r"\$\.relays\[0\]\.addr: 'localhost' is not an IPv4"),
         (["relays", 0, "targets", 0, "node"], "r9.9", r"unknown relay or endpoint 'r9.9'"),
         (["receivers", 0, "endpoints", 1, "port"], 7100, r"address 127\.0\.0\.2:7100 already used"),
-        (["receivers", 0, "endpoints", 0, "deliver"], "tcp:x", r"deliver: 'tcp:x' must start"),
         (["relays", 2, "name"], "r1.0", r"\$\.relays\[2\]\.name: 'r1\.0' already used"),
         (["surprise"], 1, r"unknown field\(s\) surprise"),
         (["version"], 2, r"unsupported schema version 2"),
