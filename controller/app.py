@@ -16,6 +16,7 @@ from controller.errors import ApiError
 from controller.keys import KeyPhase
 from controller.limits import AuthFailureLimit, BodyLimit, StrictJson, validation_error
 from controller.metrics import ControllerMetrics
+from controller.node_metrics import NodeCollector, fleet_view
 from controller.planner import Planner
 from controller.routers import health, join_tokens, mps, nodes, streams, subscriptions, tree
 from controller.settings import Settings
@@ -83,6 +84,11 @@ def create_app(settings: Settings) -> FastAPI:
         planner = Planner(database=database, settings=settings, metrics=metrics)
         planner.load()
         metrics.watch(lambda: _state_gauges(planner))
+        metrics.registry.register(
+            NodeCollector(
+                lambda: fleet_view(planner), endpoint_series=settings.metrics_endpoint_series
+            )
+        )
         app.state.planner = planner
         app.state.metrics = metrics
         task = asyncio.create_task(_monitor(planner, settings.monitor_interval_s))

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     """Refill rate of that budget: failed authentications per second, sustained."""
     auth_failure_clients: int = Field(4096, ge=16, le=1_000_000)
     """Client addresses the failed-auth limiter tracks at most (least recently seen go)."""
+    metrics_endpoint_series: int = Field(2000, ge=0, le=100_000)
+    """/metrics: per-endpoint series (released, late, parents) while the nodes report at most
+    this many endpoints in all; above it only per-node sums (docs/metrics.md). 0: never."""
     link_model: dict[str, Any] | None = None
     """Emulation only: the link model (docs/link-model.md) every topology carries
     (JASPER_LINK_MODEL as JSON). None: the data plane runs on the bare network."""
