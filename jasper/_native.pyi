@@ -13,6 +13,9 @@ PARENT_OTHER: int
 MAX_DATAGRAM: int
 """Longest datagram stored; longer ones are malformed ("length")."""
 
+def frame(release: CoreRelease, /) -> bytes:
+    """The MP delivery datagram of a release (native jc_frame), like jasper.mp_spec.frame."""
+
 def peek(data: Buffer, /) -> tuple[int, int, int, int, int, int, int, int]:
     """(flags, stream_id, session, plan_epoch, seq, send_time_ns, deadline_ns, msg_count), like
     overlay.fastwire.peek; raises jasper.wire.WireError on a malformed datagram."""

@@ -11,6 +11,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from jasper.dedup import AHEAD_WINDOW, DedupRing, Verdict
+from jasper.mp_spec import MP_FLAG_GAP_BEFORE, MP_FLAG_LATE, GapTracker
 from jasper.schedule import ReleaseSchedule
 from jasper.wire import mac_of
 from jasper.wire_spec import (
@@ -76,6 +77,10 @@ class CoreRelease(NamedTuple):
     """The `now_ns` of the call that released it."""
     payload: bytes
     """The message blocks: every byte after the header."""
+    flags: int = 0
+    """MP flags of the delivery (jasper.mp_spec): MP_FLAG_LATE for a LATE release, and
+    MP_FLAG_GAP_BEFORE when its first seq lies beyond the next one expected for its endpoint
+    and stream (it applies to the first message only)."""
 
 
 COUNTER_NAMES: tuple[str, ...] = (
@@ -88,6 +93,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "late",
     "hold_overflow",
     "pending_overflow",
+    "gaps",
+    "gap_messages",
     *(f"malformed_{reason}" for reason in MALFORMED_REASONS),
     *(f"rejected_{reason}" for reason in REJECT_REASONS),
 )
@@ -95,7 +102,9 @@ COUNTER_NAMES: tuple[str, ...] = (
 received: copies handed in (pending overflow included); heartbeats: heartbeat copies parsed;
 accepted, duplicates, stale: admission verdicts; released: messages released, any kind; late:
 messages released LATE; hold_overflow: datagrams released OVERFLOW; pending_overflow: future
-copies refused because the pending set was full; malformed_<reason>: copies dropped by the parse;
+copies refused because the pending set was full; gaps: releases flagged gap-before (a seq
+skipped at this endpoint, in release order); gap_messages: the sequence numbers so skipped (one
+may still come later, out of order); malformed_<reason>: copies dropped by the parse;
 rejected_<reason>: well-formed copies refused by authentication or sequence hygiene."""
 
 
@@ -109,7 +118,9 @@ _RELEASED = 5
 _LATE = 6
 _HOLD_OVERFLOW = 7
 _PENDING_OVERFLOW = 8
-_MALFORMED = 9
+_GAPS = 9
+_GAP_MESSAGES = 10
+_MALFORMED = 11
 _MALFORMED_LENGTH = _MALFORMED + MALFORMED_REASONS.index("length")
 _REJECTED = _MALFORMED + len(MALFORMED_REASONS)
 _REJECT_STREAM, _REJECT_KEY, _REJECT_MAC, _REJECT_SESSION, _REJECT_AHEAD = (
@@ -224,6 +235,7 @@ class ReceiverCore:
         self._rings: list[dict[int, DedupRing]] = [{} for _ in range(endpoints)]
         self._parents: list[dict[int, list[int]]] = [{} for _ in range(endpoints)]
         self._releases: list[CoreRelease] = []
+        self._gaps = GapTracker()
         self._ahead = ahead_window
         # stream id -> (keys by epoch, or None for an unauthenticated stream; announced
         # session, or None to follow the newest session seen).
@@ -406,13 +418,25 @@ class ReceiverCore:
         self, endpoint: int, stream: int, seq: int, deadline: int, item: _Held, now_ns: int
     ) -> None:
         parent, session, count, sent, arrival, payload = item
-        self._counts[endpoint][_RELEASED] += count
+        counts = self._counts[endpoint]
+        counts[_RELEASED] += count
+        flags = self._gap_flag(counts, endpoint, stream, session, seq, count)
         self._releases.append(
             CoreRelease(
                 endpoint, parent, stream, session, seq, count, ReleaseKind.ON_TIME, deadline,
-                sent, arrival, now_ns, payload,
+                sent, arrival, now_ns, payload, flags,
             )
         )  # fmt: skip
+
+    def _gap_flag(
+        self, counts: list[int], endpoint: int, stream: int, session: int, seq: int, count: int
+    ) -> int:
+        missed = self._gaps.released(endpoint, stream, session, seq, count)
+        if not missed:
+            return 0
+        counts[_GAPS] += 1
+        counts[_GAP_MESSAGES] += missed
+        return MP_FLAG_GAP_BEFORE
 
     def _process(self, endpoint: int, data: bytes, parent: int, arrival: int, now_ns: int) -> None:
         counts = self._counts[endpoint]
@@ -478,10 +502,13 @@ class ReceiverCore:
             kind = ReleaseKind.OVERFLOW
             counts[_HOLD_OVERFLOW] += 1
         counts[_RELEASED] += count
+        flags = self._gap_flag(counts, endpoint, stream, session, seq, count)
+        if kind is ReleaseKind.LATE:
+            flags |= MP_FLAG_LATE
         self._releases.append(
             CoreRelease(
                 endpoint, parent, stream, session, seq, count, kind, deadline, sent, arrival,
-                now_ns, payload,
+                now_ns, payload, flags,
             )
         )  # fmt: skip
 

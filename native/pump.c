@@ -62,6 +62,7 @@
 
 #include <openssl/crypto.h>
 
+#include "jasper_mp.h"
 #include "jasper_wire.h"
 #include "receiver_core.h"
 
@@ -549,7 +550,7 @@ struct delivery {
 	uint32_t endpoint, stream_id, session;
 	uint64_t seq;
 	uint16_t count;
-	uint8_t kind;
+	uint8_t kind, mp_flags;
 	int64_t deadline_ns, handed_ns;
 	uint8_t *payload;
 	size_t len;
@@ -612,6 +613,7 @@ typedef struct {
 	struct iovec *iov;
 	struct mmsghdr *msgs;
 	struct jc_release rel[BATCH];
+	uint8_t *mp_out; /* one delivery datagram framed for an MP (JASPER_MP_MAX_DELIVERY) */
 
 	uint64_t recv_calls, datagrams, batches, link_lost, link_overflow, records_dropped,
 		deliveries_dropped, truncated, wakeups, warmups, rounds, rounds_cut, coalesced, spins,
@@ -716,6 +718,7 @@ static int deliver_in_process(Pump *p, const struct jc_release *r, int64_t hande
 	d->seq = r->seq;
 	d->count = r->count;
 	d->kind = r->kind;
+	d->mp_flags = r->mp_flags;
 	d->deadline_ns = (int64_t)r->deadline_ns;
 	d->handed_ns = handed;
 	d->payload = copy;
@@ -739,11 +742,15 @@ static void release_all(Pump *p)
 			if (e && e->out_fd >= 0) {
 				const struct sockaddr *to =
 					e->addr_len ? (const struct sockaddr *)&e->addr : NULL;
-				ssize_t rc = sendto(e->out_fd, r->payload, r->payload_len, MSG_DONTWAIT,
-						    to, e->addr_len);
+				/* Framed in place: a header per message (docs/mp-feed.md). */
+				size_t len = jc_frame(r, p->mp_out, JASPER_MP_MAX_DELIVERY);
+				ssize_t rc = len || !r->count
+						     ? sendto(e->out_fd, p->mp_out, len, MSG_DONTWAIT, to,
+							      e->addr_len)
+						     : -1;
 				handed = realtime_ns();
 				if (rc < 0)
-					err = errno ? errno : EIO;
+					err = len || !r->count ? (errno ? errno : EIO) : EMSGSIZE;
 			} else {
 				handed = realtime_ns();
 				err = deliver_in_process(p, r, handed);
@@ -1283,6 +1290,8 @@ static void free_buffers(Pump *p)
 	free(p->names);
 	free(p->iov);
 	free(p->msgs);
+	free(p->mp_out);
+	p->mp_out = NULL;
 	free(p->cand);
 	free(p->rec);
 	if (p->dq) {
@@ -1426,6 +1435,7 @@ static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	p->names = calloc(BATCH, sizeof *p->names);
 	p->iov = calloc(BATCH, sizeof *p->iov);
 	p->msgs = calloc(BATCH, sizeof *p->msgs);
+	p->mp_out = malloc(JASPER_MP_MAX_DELIVERY);
 	p->cap_cand = (size_t)hold + (size_t)pending;
 	p->cand = malloc(p->cap_cand * sizeof *p->cand);
 	p->rec_cap = (size_t)rec_bytes / sizeof(struct pump_record);
@@ -1433,7 +1443,7 @@ static PyObject *pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	p->dq_cap = (size_t)dcap;
 	p->dq = calloc(p->dq_cap, sizeof *p->dq);
 	if (!p->eps || !p->core || !p->bufs || !p->cmsgs || !p->names || !p->iov || !p->msgs ||
-	    !p->cand || (p->rec_cap && !p->rec) || !p->dq) {
+	    !p->mp_out || !p->cand || (p->rec_cap && !p->rec) || !p->dq) {
 		PyErr_NoMemory();
 		goto fail;
 	}
@@ -2284,10 +2294,10 @@ static PyObject *pump_take_deliveries(Pump *p, PyObject *Py_UNUSED(ignored))
 	PyObject *list = PyList_New((Py_ssize_t)n);
 	for (size_t i = 0; list && i < n; i++) {
 		struct delivery *d = &items[i];
-		PyObject *t = Py_BuildValue("(IIIKHBLLy#)", d->endpoint, d->stream_id, d->session,
+		PyObject *t = Py_BuildValue("(IIIKHBLLy#B)", d->endpoint, d->stream_id, d->session,
 					    (unsigned long long)d->seq, d->count, d->kind,
 					    (long long)d->deadline_ns, (long long)d->handed_ns,
-					    (const char *)d->payload, (Py_ssize_t)d->len);
+					    (const char *)d->payload, (Py_ssize_t)d->len, d->mp_flags);
 		if (!t)
 			Py_CLEAR(list);
 		else
@@ -2334,10 +2344,10 @@ static PyObject *endpoint_dict(const struct ep_snapshot *s)
 	const struct jc_counters *c = &s->c;
 	const char *keys[] = {"received", "heartbeats", "accepted",	"duplicates",
 			      "stale",	  "released",	"late",		"hold_overflow",
-			      "pending_overflow", "nomem"};
+			      "pending_overflow", "gaps", "gap_messages", "nomem"};
 	const uint64_t vals[] = {c->received, c->heartbeats, c->accepted, c->duplicates,
 				 c->stale,    c->released,   c->late,	  c->hold_overflow,
-				 c->pending_overflow, c->nomem};
+				 c->pending_overflow, c->gaps, c->gap_messages, c->nomem};
 	for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
 		if (set_u64(d, keys[i], vals[i]))
 			goto fail;
@@ -2562,7 +2572,7 @@ static PyMethodDef pump_methods[] = {
 	{"take_deliveries", (PyCFunction)pump_take_deliveries, METH_NOARGS,
 	 "take_deliveries()\n--\n\n"
 	 "In-process deliveries since the last call, oldest first: (endpoint, stream_id,\n"
-	 "session, seq, count, kind, deadline_ns, handed_ns, payload); handed_ns is\n"
+	 "session, seq, count, kind, deadline_ns, handed_ns, payload, mp_flags); handed_ns is\n"
 	 "CLOCK_REALTIME when the pump queued it (the record has the core's release_ns too).\n"
 	 "Also clears notify_fd."},
 	{"counters", (PyCFunction)pump_counters, METH_NOARGS,

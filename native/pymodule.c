@@ -11,11 +11,13 @@
 
 #include <openssl/crypto.h>
 
+#include "jasper_mp.h"
 #include "jasper_wire.h"
 #include "receiver_core.h"
 
 #define MAX_DATAGRAM (JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD)
-#define COUNTERS (9 + JC_MALFORMED_REASONS + JC_REJECT_REASONS)
+#define BASE_COUNTERS 11
+#define COUNTERS (BASE_COUNTERS + JC_MALFORMED_REASONS + JC_REJECT_REASONS)
 #define AT(field) (__builtin_offsetof(struct jasper_hdr, field))
 
 /* Imported lazily (jasper.receiver_core imports nothing native, but keep import order free). */
@@ -470,10 +472,10 @@ static PyObject *core_get_timer(CoreObject *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *make_release(const struct jc_release *r)
 {
-	PyObject *t = core_release_type->tp_alloc(core_release_type, 12);
+	PyObject *t = core_release_type->tp_alloc(core_release_type, 13);
 	if (!t)
 		return NULL;
-	PyObject *items[12] = {
+	PyObject *items[13] = {
 		PyLong_FromUnsignedLong(r->endpoint),
 		PyLong_FromUnsignedLong(r->parent),
 		PyLong_FromUnsignedLong(r->stream_id),
@@ -486,9 +488,10 @@ static PyObject *make_release(const struct jc_release *r)
 		PyLong_FromLongLong(r->arrival_ns),
 		PyLong_FromLongLong(r->release_ns),
 		PyBytes_FromStringAndSize((const char *)r->payload, (Py_ssize_t)r->payload_len),
+		PyLong_FromUnsignedLong(r->mp_flags),
 	};
 	int failed = 0;
-	for (int i = 0; i < 12; i++) {
+	for (int i = 0; i < 13; i++) {
 		if (!items[i])
 			failed = 1;
 		PyTuple_SET_ITEM(t, i, items[i]); /* NULL items are fine for the tuple's dealloc */
@@ -540,12 +543,12 @@ static PyObject *core_counters(CoreObject *self, PyObject *const *args, Py_ssize
 	jc_counters(self->core, endpoint, &c);
 	uint64_t values[COUNTERS] = {
 		c.received, c.heartbeats, c.accepted, c.duplicates, c.stale,
-		c.released, c.late, c.hold_overflow, c.pending_overflow,
+		c.released, c.late, c.hold_overflow, c.pending_overflow, c.gaps, c.gap_messages,
 	};
 	for (int i = 0; i < JC_MALFORMED_REASONS; i++)
-		values[9 + i] = c.malformed[i];
+		values[BASE_COUNTERS + i] = c.malformed[i];
 	for (int i = 0; i < JC_REJECT_REASONS; i++)
-		values[9 + JC_MALFORMED_REASONS + i] = c.rejected[i];
+		values[BASE_COUNTERS + JC_MALFORMED_REASONS + i] = c.rejected[i];
 	PyObject *d = PyDict_New();
 	if (!d)
 		return NULL;
@@ -756,7 +759,43 @@ static PyObject *native_peek(PyObject *Py_UNUSED(module), PyObject *arg)
 			     (unsigned)h.msg_count);
 }
 
+/* frame(release): jc_frame of a CoreRelease, for the tests that hold it to jasper.mp_spec. */
+static PyObject *native_frame(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+	unsigned int endpoint, parent, stream, session, count, flags;
+	unsigned long long seq, deadline, sent;
+	long long arrival, release;
+	PyObject *kind;
+	Py_buffer payload;
+	if (!PyArg_ParseTuple(arg, "IIIIKIOKKLLy*I:frame", &endpoint, &parent, &stream, &session,
+			      &seq, &count, &kind, &deadline, &sent, &arrival, &release, &payload,
+			      &flags))
+		return NULL;
+	struct jc_release r = {
+		.endpoint = endpoint, .parent = parent, .stream_id = stream, .session = session,
+		.seq = seq, .count = (uint16_t)count, .deadline_ns = deadline, .send_ns = sent,
+		.arrival_ns = arrival, .release_ns = release, .payload = payload.buf,
+		.payload_len = (size_t)payload.len, .mp_flags = (uint8_t)flags,
+	};
+	PyObject *out = PyBytes_FromStringAndSize(NULL, JASPER_MP_MAX_DELIVERY);
+	if (!out) {
+		PyBuffer_Release(&payload);
+		return NULL;
+	}
+	size_t n = jc_frame(&r, (uint8_t *)PyBytes_AS_STRING(out), JASPER_MP_MAX_DELIVERY);
+	PyBuffer_Release(&payload);
+	if (n == 0 && count) {
+		Py_DECREF(out);
+		PyErr_SetString(PyExc_ValueError, "blocks do not match the count");
+		return NULL;
+	}
+	_PyBytes_Resize(&out, (Py_ssize_t)n);
+	return out;
+}
+
 static PyMethodDef module_methods[] = {
+	{"frame", (PyCFunction)native_frame, METH_O,
+	 "frame(release)\n--\n\nThe MP delivery datagram of a CoreRelease (jc_frame)."},
 	{"peek", (PyCFunction)native_peek, METH_O,
 	 "peek(data)\n--\n\nThe header fields like overlay.fastwire.peek: (flags, stream_id, "
 	 "session, plan_epoch, seq, send_time_ns, deadline_ns, msg_count); raises "
@@ -774,21 +813,22 @@ static struct PyModuleDef native_module = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
-	static const char *const base[9] = {
-		"received", "heartbeats", "accepted", "duplicates", "stale",
-		"released", "late", "hold_overflow", "pending_overflow",
+	static const char *const base[BASE_COUNTERS] = {
+		"received", "heartbeats", "accepted", "duplicates", "stale", "released",
+		"late", "hold_overflow", "pending_overflow", "gaps", "gap_messages",
 	};
 	for (int i = 0; i < COUNTERS; i++) {
 		if (counter_names[i])
 			continue;
-		int r = i - 9 - JC_MALFORMED_REASONS;
+		int r = i - BASE_COUNTERS - JC_MALFORMED_REASONS;
 		counter_names[i] =
-			i < 9	 ? PyUnicode_InternFromString(base[i])
-			: r < 0 ? PyUnicode_FromFormat("malformed_%s", jc_malformed_reason[i - 9])
-				 : PyUnicode_FromFormat("rejected_%s", jc_reject_reason[r]);
+			i < BASE_COUNTERS ? PyUnicode_InternFromString(base[i])
+			: r < 0 ? PyUnicode_FromFormat("malformed_%s",
+						       jc_malformed_reason[i - BASE_COUNTERS])
+				: PyUnicode_FromFormat("rejected_%s", jc_reject_reason[r]);
 		if (!counter_names[i])
 			return NULL;
-		if (i >= 9)
+		if (i >= BASE_COUNTERS)
 			PyUnicode_InternInPlace(&counter_names[i]);
 	}
 	if (PyType_Ready(&CoreType) < 0)

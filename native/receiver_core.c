@@ -10,6 +10,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "jasper_mp.h"
 #include "jasper_wire.h"
 
 #define MAX_DATAGRAM (JASPER_HEADER_LEN + JASPER_MAX_PAYLOAD)
@@ -39,6 +40,17 @@ _Static_assert(JC_KEY_LEN == JASPER_KEY_LEN, "stream key length");
 _Static_assert(JASPER_MAC_OFFSET + JASPER_MAC_LEN == JASPER_HEADER_LEN, "MAC ends the header");
 
 /* ---- parsing ----------------------------------------------------------------------------- */
+
+/* Host to network byte order for the MP header (the build is -std=c11: no htobe64). */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define NET16(x) __builtin_bswap16(x)
+#define NET32(x) __builtin_bswap32(x)
+#define NET64(x) __builtin_bswap64(x)
+#else
+#define NET16(x) (x)
+#define NET32(x) (x)
+#define NET64(x) (x)
+#endif
 
 static inline uint16_t load16(const uint8_t *p)
 {
@@ -159,6 +171,11 @@ struct ring {
 	bool has_session;
 	uint32_t ahead_run; /* copies refused AHEAD since the last accepted one (saturates) */
 	uint64_t highest; /* largest seq accepted in this session, 0: none yet */
+	/* Gap tracking in release order (jasper.mp_spec.GapTracker): the next seq expected of
+	 * gap_session; none until the first release. */
+	bool gap_started;
+	uint32_t gap_session;
+	uint64_t gap_next;
 	uint64_t slots[];
 };
 
@@ -724,7 +741,58 @@ static void emit(struct jc_core *c, const struct copy *cp, struct buf *b, uint8_
 	e->r.release_ns = now_ns;
 	e->r.payload = b->data + JASPER_HEADER_LEN;
 	e->r.payload_len = (size_t)cp->len - JASPER_HEADER_LEN;
-	c->eps[cp->endpoint].c.released += cp->h.msg_count;
+	struct endpoint *ep = &c->eps[cp->endpoint];
+	ep->c.released += cp->h.msg_count;
+	e->r.mp_flags = kind == JC_LATE ? JASPER_MP_FLAG_LATE : 0;
+	/* The copy was accepted, so its ring exists (rings outlive a dropped stream). */
+	int64_t si = stream_find(c, cp->h.stream_id);
+	struct ring *r = si >= 0 && (uint32_t)si < ep->rings_cap ? ep->rings[si] : NULL;
+	if (!r)
+		return;
+	uint64_t seq = cp->h.seq, end = seq + cp->h.msg_count;
+	if (!r->gap_started || r->gap_session != cp->h.session) {
+		r->gap_started = true;
+		r->gap_session = cp->h.session;
+		r->gap_next = end;
+		return;
+	}
+	if (seq > r->gap_next) {
+		e->r.mp_flags |= JASPER_MP_FLAG_GAP_BEFORE;
+		ep->c.gaps++;
+		ep->c.gap_messages += seq - r->gap_next;
+	}
+	if (end > r->gap_next)
+		r->gap_next = end;
+}
+
+size_t jc_frame(const struct jc_release *r, uint8_t *out, size_t cap)
+{
+	size_t at = 0, o = 0;
+	struct jasper_mp_hdr h = {
+		.magic = NET16(JASPER_MP_MAGIC),
+		.version = JASPER_MP_VERSION,
+		.flags = r->mp_flags,
+		.stream_id = NET32(r->stream_id),
+		.release_ns = NET64((uint64_t)r->release_ns),
+		.deadline_ns = NET64(r->deadline_ns),
+		.session = NET32(r->session),
+	};
+	for (uint32_t i = 0; i < r->count; i++) {
+		if (at + JASPER_BLOCK_HEADER_LEN > r->payload_len)
+			return 0; /* cannot happen for a parsed datagram */
+		size_t len = ((size_t)r->payload[at] << 8) | r->payload[at + 1];
+		at += JASPER_BLOCK_HEADER_LEN;
+		if (at + len > r->payload_len || o + JASPER_MP_HEADER_LEN + len > cap)
+			return 0;
+		h.seq = NET64(r->seq + i);
+		h.length = NET16((uint16_t)len);
+		memcpy(out + o, &h, sizeof h);
+		memcpy(out + o + JASPER_MP_HEADER_LEN, r->payload + at, len);
+		o += JASPER_MP_HEADER_LEN + len;
+		at += len;
+		h.flags = r->mp_flags & ~JASPER_MP_FLAG_GAP_BEFORE;
+	}
+	return o;
 }
 
 static inline bool due(uint64_t deadline_ns, int64_t now_ns)

@@ -122,7 +122,18 @@ struct jc_release {
 	int64_t release_ns; /* now_ns of the call that released it */
 	const uint8_t *payload; /* the message blocks (bytes after the header); see jc_take_releases */
 	size_t payload_len;
+	uint8_t mp_flags; /* JASPER_MP_FLAG_* of the delivery (jasper_mp.h): late for JC_LATE,
+			     gap-before when its first seq lies beyond the next one expected for
+			     its (endpoint, stream) in release order (first message only) */
 };
+
+/*
+ * The delivery datagram of one release (docs/mp-feed.md): a JASPER_MP_HEADER_LEN header
+ * before each message, seq counting up, gap-before on the first only, release_ns as the
+ * release time. Writes at most JASPER_MP_MAX_DELIVERY bytes into out[0..cap); returns the
+ * length, or 0 when cap is too small. The blocks were checked by the parse; never allocates.
+ */
+size_t jc_frame(const struct jc_release *r, uint8_t *out, size_t cap);
 
 /* Per-endpoint counters (names as in the Python core's counters()). */
 struct jc_counters {
@@ -135,6 +146,8 @@ struct jc_counters {
 	uint64_t late; /* messages */
 	uint64_t hold_overflow;
 	uint64_t pending_overflow;
+	uint64_t gaps; /* releases flagged gap-before */
+	uint64_t gap_messages; /* sequence numbers skipped by those */
 	uint64_t malformed[JC_MALFORMED_REASONS]; /* by jc_parse result - 1 */
 	uint64_t rejected[JC_REJECT_REASONS]; /* by enum jc_reject */
 	uint64_t nomem; /* native only: dropped, an allocation failed */

@@ -14,7 +14,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "jasper_mp.h"
+
 #define ADDR_MAX 112
+/* (endpoint, stream) pairs whose next seq the MP framing tracks per queue (gap-before); pairs
+ * beyond it are never flagged. */
+#define GAP_SLOTS 4096
 /* Warm the send path only when this much time is left before a deadline: a cold first
  * sendto after a sleep costs 30-45 us, a warm one 3 us (measured on loopback). */
 #define WARM_LEAD_NS 50000
@@ -31,13 +36,25 @@ struct held {
     socklen_t addr_len;
     unsigned char addr[ADDR_MAX];
     int len;
+    /* MP framing (jasper_mp.h): the payload is a delivery datagram whose headers get the
+     * release time (kernel clock + offset, the node clock) and gap-before when sent. */
+    int mp;
+    uint32_t endpoint, session, count;
+    int64_t offset;
     unsigned char payload[];
+};
+
+struct gap_slot {
+    uint64_t key;          /* endpoint << 32 | stream, + 1 (0: empty) */
+    uint64_t next;         /* next seq expected */
+    uint32_t session;
 };
 
 struct done {
     uint64_t token;
     int64_t stamp;         /* CLOCK_REALTIME ns when sendto returned */
     int err;               /* errno, 0 when sent */
+    uint32_t gap;          /* MP framing: sequence numbers skipped before it (0: none) */
 };
 
 struct queue {
@@ -59,6 +76,7 @@ struct queue {
     struct done *done;     /* its completions */
     int warm_fd;           /* a private loopback socket the threads send to before a batch */
     struct sockaddr_in warm_addr;
+    struct gap_slot *gaps; /* GAP_SLOTS, touched by the release thread only (and stop) */
 };
 
 static int64_t now_ns(void)
@@ -136,13 +154,58 @@ static void wait_until(struct queue *q, int64_t deadline)
         ;
 }
 
+/* jasper.mp_spec.GapTracker for one release: the messages skipped before it. */
+static uint32_t gap_check(struct queue *q, const struct held *h)
+{
+    uint64_t key = ((uint64_t)h->endpoint << 32 | (h->stream & 0xFFFFFFFFu)) + 1;
+    uint64_t end = h->seq + h->count;
+    for (uint32_t i = 0; i < GAP_SLOTS; i++) {
+        struct gap_slot *g = &q->gaps[((key * 0x9E3779B97F4A7C15ULL >> 52) + i) & (GAP_SLOTS - 1)];
+        if (g->key == 0 || (g->key == key && g->session != h->session)) {
+            g->key = key;
+            g->session = h->session;
+            g->next = end;
+            return 0;
+        }
+        if (g->key != key)
+            continue;
+        uint64_t skipped = h->seq > g->next ? h->seq - g->next : 0;
+        if (end > g->next) g->next = end;
+        return skipped > UINT32_MAX ? UINT32_MAX : (uint32_t)skipped;
+    }
+    return 0;
+}
+
+static void put64(unsigned char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--, v >>= 8) p[i] = (unsigned char)v;
+}
+
+/* Release time and gap-before into every header of a framed delivery. */
+static uint32_t stamp_mp(struct queue *q, struct held *h)
+{
+    uint32_t gap = gap_check(q, h);
+    uint64_t release = (uint64_t)(now_ns() + h->offset);
+    size_t at = 0, len = (size_t)h->len;
+    for (uint32_t i = 0; i < h->count && at + JASPER_MP_HEADER_LEN <= len; i++) {
+        unsigned char *p = h->payload + at;
+        put64(p + __builtin_offsetof(struct jasper_mp_hdr, release_ns), release);
+        if (i == 0 && gap) p[__builtin_offsetof(struct jasper_mp_hdr, flags)] |=
+                JASPER_MP_FLAG_GAP_BEFORE;
+        const unsigned char *l = p + __builtin_offsetof(struct jasper_mp_hdr, length);
+        at += JASPER_MP_HEADER_LEN + ((size_t)l[0] << 8 | l[1]);
+    }
+    return gap;
+}
+
 /* Send in order (fd < 0: stamp only); with on_time, none before its own deadline. */
-static void send_all(struct held **items, struct done *out, int m, int on_time)
+static void send_all(struct queue *q, struct held **items, struct done *out, int m, int on_time)
 {
     for (int i = 0; i < m; i++) {
         struct held *h = items[i];
         while (on_time && now_ns() < h->deadline)
             ;
+        out[i].gap = h->mp ? stamp_mp(q, h) : 0;
         ssize_t rc = h->fd < 0 ? 0 : sendto(h->fd, h->payload, (size_t)h->len, MSG_DONTWAIT,
                     (const struct sockaddr *)h->addr, h->addr_len);
         out[i].stamp = now_ns();
@@ -195,14 +258,14 @@ static void *run(void *arg)
         q->batches++;
         pthread_mutex_unlock(&q->mu);
         wait_until(q, deadline);
-        send_all(batch, q->done, m, 1);
+        send_all(q, batch, q->done, m, 1);
         /* Copies pushed during the spin for this batch's window go right after. */
         pthread_mutex_lock(&q->mu);
         int late = 0;
         while (q->n > 0 && q->heap[0]->deadline <= last)
             batch[m + late++] = pop_min(q);
         pthread_mutex_unlock(&q->mu);
-        send_all(batch + m, q->done + m, late, 1);
+        send_all(q, batch + m, q->done + m, late, 1);
         book(q, batch, q->done, m + late);
         pthread_mutex_lock(&q->mu);
     }
@@ -213,7 +276,7 @@ static void *run(void *arg)
 static void release_memory(struct queue *q)
 {
     if (q->warm_fd >= 0) close(q->warm_fd);
-    free(q->heap); free(q->ring); free(q->batch); free(q->done); free(q);
+    free(q->heap); free(q->ring); free(q->batch); free(q->done); free(q->gaps); free(q);
 }
 
 void *jasper_rq_create(int cap, int64_t spin_ns, int priority, int notify_fd, int cpu)
@@ -225,7 +288,8 @@ void *jasper_rq_create(int cap, int64_t spin_ns, int priority, int notify_fd, in
     q->ring = calloc((size_t)cap, sizeof *q->ring);
     q->batch = calloc((size_t)cap, sizeof *q->batch);
     q->done = calloc((size_t)cap, sizeof *q->done);
-    if (!q->heap || !q->ring || !q->batch || !q->done) { release_memory(q); return NULL; }
+    q->gaps = calloc(GAP_SLOTS, sizeof *q->gaps);
+    if (!q->heap || !q->ring || !q->batch || !q->done || !q->gaps) { release_memory(q); return NULL; }
     q->cap = cap;
     q->spin_ns = spin_ns;
     q->priority = priority;
@@ -258,10 +322,13 @@ void *jasper_rq_create(int cap, int64_t spin_ns, int priority, int notify_fd, in
 }
 
 /* Hold one datagram until deadline_ns (CLOCK_REALTIME). 0 when held, -1 when the queue (held
- * plus completions not yet taken) is full, -2 when stopping or the arguments are bad. */
+ * plus completions not yet taken) is full, -2 when stopping or the arguments are bad. With mp,
+ * the payload is an MP delivery of `count` messages (jasper_mp.h) of endpoint `endpoint`:
+ * sending writes the release time (CLOCK_REALTIME + offset) and gap-before into it. */
 int jasper_rq_push(void *handle, int64_t deadline_ns, uint64_t stream, uint64_t seq,
            uint64_t rank, uint64_t token, int fd, const unsigned char *addr, int addr_len,
-           const unsigned char *payload, int len)
+           const unsigned char *payload, int len, int mp, uint32_t endpoint, uint32_t session,
+           uint32_t count, int64_t offset)
 {
     struct queue *q = handle;
     if (addr_len < 0 || addr_len > ADDR_MAX || len < 0) return -2;
@@ -269,6 +336,8 @@ int jasper_rq_push(void *handle, int64_t deadline_ns, uint64_t stream, uint64_t 
     if (!h) return -1;
     h->deadline = deadline_ns; h->stream = stream; h->seq = seq; h->rank = rank;
     h->token = token; h->fd = fd; h->addr_len = (socklen_t)addr_len; h->len = len;
+    h->mp = mp; h->endpoint = endpoint; h->session = session; h->count = count;
+    h->offset = offset;
     memcpy(h->addr, addr, (size_t)addr_len);
     memcpy(h->payload, payload, (size_t)len);
     pthread_mutex_lock(&q->mu);
@@ -288,15 +357,17 @@ int jasper_rq_push(void *handle, int64_t deadline_ns, uint64_t stream, uint64_t 
     return 0;
 }
 
-/* Move up to max completions out: tokens, send stamps, errnos. Returns how many. */
-int jasper_rq_take(void *handle, uint64_t *tokens, int64_t *stamps, int *errs, int max)
+/* Move up to max completions out: tokens, send stamps, errnos, gaps (sequence numbers skipped
+ * before an MP delivery). Returns how many. */
+int jasper_rq_take(void *handle, uint64_t *tokens, int64_t *stamps, int *errs, uint32_t *gaps,
+                   int max)
 {
     struct queue *q = handle;
     pthread_mutex_lock(&q->mu);
     int k = 0;
     while (k < max && q->ring_len > 0) {
         struct done *d = &q->ring[q->ring_head];
-        tokens[k] = d->token; stamps[k] = d->stamp; errs[k] = d->err;
+        tokens[k] = d->token; stamps[k] = d->stamp; errs[k] = d->err; gaps[k] = d->gap;
         q->ring_head = (q->ring_head + 1) % q->cap;
         q->ring_len--;
         k++;
@@ -343,7 +414,7 @@ int jasper_rq_stop(void *handle, int drain, int64_t timeout_ns)
         if (drain) q->batch[m++] = h; else { free(h); dropped++; }
     }
     pthread_mutex_unlock(&q->mu);
-    send_all(q->batch, q->done, m, 0);
+    send_all(q, q->batch, q->done, m, 0);
     book(q, q->batch, q->done, m);
     return dropped;
 }

@@ -22,10 +22,11 @@ SLOT_BYTES: int
 MAX_DATAGRAM: int
 """Longest valid datagram (header plus MAX_PAYLOAD)."""
 
-Delivery = tuple[int, int, int, int, int, int, int, int, bytes]
-"""(endpoint, stream_id, session, seq, count, kind, deadline_ns, handed_ns, payload): one
-in-process delivery; handed_ns is CLOCK_REALTIME when the pump queued it (the matching record
-also has the core's release_ns on the node clock)."""
+Delivery = tuple[int, int, int, int, int, int, int, int, bytes, int]
+"""(endpoint, stream_id, session, seq, count, kind, deadline_ns, handed_ns, payload, mp_flags):
+one in-process delivery (payload: the message blocks; mp_flags: jasper.mp_spec MP_FLAG_*);
+handed_ns is CLOCK_REALTIME when the pump queued it (the matching record also has the core's
+release_ns on the node clock)."""
 
 class ReceivePump:
     """The native receive pump of one receiver process (see native/pump.c).

@@ -277,6 +277,7 @@ class NativeDatapath:
             deadline,
             stamp,
             payload,
+            mp_flags,
         ) in self.pump.take_deliveries():
             ep = eps[endpoint]
             if ep.consumer is None:
@@ -294,6 +295,7 @@ class NativeDatapath:
                     release_ns=stamp,
                     late=kind == 1,
                     payload=payload,
+                    flags=mp_flags,
                 )
             )
             if loop is not None:

@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,6 +18,8 @@ from typing import Any
 
 from jasper.dedup import DedupRing
 from jasper.deliver import parse_target
+from jasper.mp_spec import MP_FLAG_GAP_BEFORE, MP_FLAG_LATE, GapTracker
+from jasper.mp_spec import frame as mp_frame
 from jasper.owd import OwdCollector
 from jasper.schedule import Release
 from jasper.topology import EndpointConfig, Topology, stream_rules
@@ -59,6 +62,9 @@ class Delivery:
     """True when it arrived after its deadline and was delivered at once."""
     payload: bytes
     """The message blocks as on the wire (each a u16 length and the bytes); see `messages`."""
+    flags: int = 0
+    """MP flags (jasper.mp_spec): MP_FLAG_LATE, MP_FLAG_GAP_BEFORE (before the first message),
+    as a socket delivery's headers carry them."""
 
     @property
     def messages(self) -> list[bytes]:
@@ -78,6 +84,10 @@ class EndpointCounters(CopyCounters):
     """Messages refused by a full release schedule, delivered at once instead."""
     deliver_dropped: Counter[str] = field(default_factory=Counter)
     """Deliveries the MP could not take: its queue full, or the socket refusing (by errno)."""
+    gaps: int = 0
+    """Deliveries flagged gap-before: a sequence number skipped at this endpoint."""
+    gap_messages: int = 0
+    """Sequence numbers so skipped (one may still come later, out of order)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -169,7 +179,7 @@ class Endpoint:
             self.out_sockaddr = b""
 
     def hand_over(self, payload: bytes) -> bool:
-        """Give one message to the MP; False (and counted) when it cannot take it."""
+        """Give one delivery datagram to the MP; False (and counted) when it cannot take it."""
         out = self._out
         if out is not None:
             try:
@@ -281,9 +291,12 @@ class Receiver:
         socket deliveries and time-stamp in-process ones without the GIL. Several threads send
         one deadline's batch in parallel, so the last endpoint waits behind fewer sends."""
         self._notify_fd = -1
-        self._inflight: dict[int, tuple[Endpoint, _Held]] = {}
+        self._inflight: dict[int, tuple[Endpoint, _Held, bool]] = {}
         """What the C thread holds or sent but the loop has not booked yet, by token."""
         self._next_token = 0
+        self._gaps = GapTracker()
+        """Gap-before in release order where Python releases (the C threads track their own)."""
+        self._gap_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.native: NativeDatapath | None = None
         """The native data path (a C thread per receiver) when it runs; None: the Python one."""
@@ -335,7 +348,9 @@ class Receiver:
             realtime=realtime,
         )
         self.lag = LagStats()
-        self._booking: collections.deque[tuple[Endpoint, _Held, int, bool]] = collections.deque()
+        self._booking: collections.deque[tuple[Endpoint, _Held, int, bool, int]] = (
+            collections.deque()
+        )
         self._book_scheduled = False
         self.fast_path_mode = "user"
         self.fast_path: Any = None
@@ -454,7 +469,8 @@ class Receiver:
             for queue in self._queues:
                 queue.stop(drain=True, timeout_s=wait_s)
             self._on_released()
-            for ep, _held in self._inflight.values():  # cannot happen after a drain; said if so
+            # Cannot happen after a drain; said if so.
+            for ep, _held, _late in self._inflight.values():
                 ep.counters.deliver_dropped["shutdown"] += 1
             self._inflight.clear()
         self._book()
@@ -569,16 +585,23 @@ class Receiver:
         ):
             return
         c.hold_overflow += 1
-        self._deliver_now(ep, held, late=False)
+        # Not through the C threads, which are full; gap-before of such a delivery is then
+        # tracked apart from theirs (an overflow is already a fault to be counted).
+        self._deliver_now(ep, held, late=False, via_queue=False)
 
-    def _hold_in_c(self, ep: Endpoint, held: _Held, now: int) -> bool:
+    def _hold_in_c(
+        self, ep: Endpoint, held: _Held, now: int, *, at_once: bool = False, late: bool = False
+    ) -> bool:
         """Queue one delivery on the C release thread (in process: its time stamp); False when
-        it is full."""
+        it is full. `at_once`: first in line (deadline 0); `late`: flagged late."""
         queues = self._queues
-        stream, _session, seq, deadline, payload, _arrival, _parent, _count = held
-        deadline, rank = self.release.schedule.order(
-            deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index
-        )
+        stream, session, seq, deadline, _payload, _arrival, _parent, count = held
+        if at_once:
+            deadline, rank = 0, 0
+        else:
+            deadline, rank = self.release.schedule.order(
+                deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index
+            )
         token = self._next_token
         self._next_token += 1
         # The C thread waits on the kernel clock; the node clock may be offset from it. The
@@ -586,20 +609,46 @@ class Receiver:
         # differ per copy by the time between them (the C thread's batch window absorbs that).
         kernel_ns = time.time_ns()
         node_ns = self.reading_then(kernel_ns) if self._clock_arithmetic else now
+        framed = b""
+        if ep.out_fd >= 0:  # the C thread writes the release time and gap-before
+            framed = self._framed(held, MP_FLAG_LATE if late else 0, 0)
         rc = queues[ep.index % len(queues)].push(
-            deadline_ns=deadline - (node_ns - kernel_ns),
+            deadline_ns=deadline - (node_ns - kernel_ns) if deadline else 0,
             stream_id=stream,
             seq=seq,
             rank=rank,
             token=token,
             fd=ep.out_fd,  # -1 in process: stamped, not sent
             addr=ep.out_sockaddr,
-            payload=payload if ep.out_fd >= 0 else b"",
+            payload=framed,
+            mp_endpoint=ep.index,
+            session=session,
+            count=count,
+            clock_offset_ns=node_ns - kernel_ns,
         )
         if rc != 0:
             return False
-        self._inflight[token] = (ep, held)
+        self._inflight[token] = (ep, held, late)
         return True
+
+    @staticmethod
+    def _framed(held: _Held, flags: int, release_ns: int) -> bytes:
+        stream, session, seq, deadline, payload, _arrival, _parent, count = held
+        return mp_frame(
+            payload, stream_id=stream, session=session, seq=seq, count=count, flags=flags,
+            release_ns=release_ns, deadline_ns=deadline,
+        )  # fmt: skip
+
+    def _gap_flag(self, ep: Endpoint, held: _Held) -> int:
+        """Book a Python release with the gap tracker: MP_FLAG_GAP_BEFORE or 0."""
+        stream, session, seq, _deadline, _payload, _arrival, _parent, count = held
+        with self._gap_lock:
+            missed = self._gaps.released(ep.index, stream, session, seq, count)
+            if not missed:
+                return 0
+            ep.counters.gaps += 1
+            ep.counters.gap_messages += missed
+        return MP_FLAG_GAP_BEFORE
 
     def _on_released(self) -> None:
         """Book what the C release thread sent (woken through its eventfd)."""
@@ -607,36 +656,50 @@ class Receiver:
             os.eventfd_read(self._notify_fd)
         inflight = self._inflight
         for queue in self._queues:
-            for token, stamp, err in queue.take():
-                ep, held = inflight.pop(token)
+            for token, stamp, err, gap in queue.take_mp():
+                ep, held, late = inflight.pop(token)
                 if err:
                     ep.counters.deliver_dropped[errno.errorcode.get(err, str(err))] += 1
-                self._after(ep, held, stamp, False, err == 0)
+                flags = MP_FLAG_LATE if late else 0
+                if gap:
+                    ep.counters.gaps += 1
+                    ep.counters.gap_messages += gap
+                    flags |= MP_FLAG_GAP_BEFORE
+                self._after(ep, held, stamp, late, err == 0, flags)
 
-    def _deliver_now(self, ep: Endpoint, held: _Held, *, late: bool) -> None:
-        ok = ep.hand_over(held[4])
-        release_ns = time.time_ns()
+    def _deliver_now(
+        self, ep: Endpoint, held: _Held, *, late: bool, via_queue: bool = True
+    ) -> None:
         if late:
             ep.counters.late += held[7]
-        self._after(ep, held, release_ns, late, ok)
+        # With C release threads, a late one goes out through them too (deadline 0, first in
+        # line), so gap-before is tracked in one place, in release order.
+        queued = via_queue and self._queues
+        if queued and self._hold_in_c(ep, held, self.clock(), at_once=True, late=late):
+            return
+        flags = self._gap_flag(ep, held) | (MP_FLAG_LATE if late else 0)
+        ok = ep.hand_over(self._framed(held, flags, self.clock())) if ep.out_fd >= 0 else True
+        release_ns = time.time_ns()
+        self._after(ep, held, release_ns, late, ok, flags)
 
     def _release_batch(self, batch: Sequence[Release[_Held]]) -> None:
         # Hand every endpoint its message first, bookkeeping after, so the last endpoint of
         # the batch does not wait behind the others' records.
         eps = self.endpoints
-        done: list[tuple[Endpoint, _Held, int, bool]] = []
+        done: list[tuple[Endpoint, _Held, int, bool, int]] = []
         append = done.append
         now = time.time_ns
         for r in batch:
             ep = eps[r.endpoint]
+            flags = self._gap_flag(ep, r.item)
             if ep.out_fd < 0:  # in process: the hand-over is the time stamp itself
-                append((ep, r.item, now(), True))
+                append((ep, r.item, now(), True, flags))
             else:
-                ok = ep.hand_over(r.item[4])
-                append((ep, r.item, now(), ok))
+                ok = ep.hand_over(self._framed(r.item, flags, self.clock()))
+                append((ep, r.item, now(), ok, flags))
         self._book_later(done)
 
-    def _book_later(self, done: list[tuple[Endpoint, _Held, int, bool]]) -> None:
+    def _book_later(self, done: list[tuple[Endpoint, _Held, int, bool, int]]) -> None:
         """Leave records and counters to the event loop.
 
         The release thread runs at a higher real-time priority than the loops of this host's
@@ -658,10 +721,12 @@ class Receiver:
         self._book_scheduled = False
         booking = self._booking
         while booking:
-            ep, held, release_ns, ok = booking.popleft()
-            self._after(ep, held, release_ns, False, ok)
+            ep, held, release_ns, ok, flags = booking.popleft()
+            self._after(ep, held, release_ns, False, ok, flags)
 
-    def _after(self, ep: Endpoint, held: _Held, release_ns: int, late: bool, ok: bool) -> None:
+    def _after(
+        self, ep: Endpoint, held: _Held, release_ns: int, late: bool, ok: bool, flags: int = 0
+    ) -> None:
         stream, session, seq, deadline, payload, arrival_ns, parent, count = held
         if ok:
             ep.counters.delivered += count
@@ -707,6 +772,7 @@ class Receiver:
                     release_ns=release_ns,
                     late=late,
                     payload=payload,
+                    flags=flags,
                 )
             )
             if self._loop is not None:

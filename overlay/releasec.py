@@ -78,6 +78,7 @@ class ReleaseQueue:
         self._tokens = (ctypes.c_uint64 * take_max)()
         self._stamps = (ctypes.c_int64 * take_max)()
         self._errs = (ctypes.c_int * take_max)()
+        self._gaps = (ctypes.c_uint32 * take_max)()
         self._counters = (ctypes.c_uint64 * len(self.COUNTERS))()
         self._stopped = False
 
@@ -92,12 +93,21 @@ class ReleaseQueue:
         fd: int,
         addr: bytes,
         payload: bytes,
+        mp_endpoint: int | None = None,
+        session: int = 0,
+        count: int = 0,
+        clock_offset_ns: int = 0,
     ) -> int:
         """Hold `payload` for sendto(fd, addr) at deadline_ns (CLOCK_REALTIME); with fd -1
         nothing is sent, the entry is only stamped then.
 
         0 when held, -1 when full, -2 when stopping. Entries go out in (deadline, stream, seq,
         rank) order; `token` comes back with the send time.
+
+        With `mp_endpoint` set, `payload` is an MP delivery of `count` messages
+        (jasper.mp_spec.frame): the thread writes the release time (CLOCK_REALTIME plus
+        `clock_offset_ns`, the node clock) and gap-before (tracked per mp_endpoint and stream)
+        into it as it sends; take_mp() reports the messages skipped.
         """
         assert self._handle is not None
         return int(
@@ -113,19 +123,30 @@ class ReleaseQueue:
                 len(addr),
                 payload,
                 len(payload),
+                mp_endpoint is not None,
+                mp_endpoint or 0,
+                session,
+                count,
+                clock_offset_ns,
             )
         )
 
     def take(self) -> list[tuple[int, int, int]]:
         """Datagrams sent since the last call: (token, send-return time ns, errno or 0)."""
+        return [(token, stamp, err) for token, stamp, err, _gap in self.take_mp()]
+
+    def take_mp(self) -> list[tuple[int, int, int, int]]:
+        """As take, with the sequence numbers an MP delivery skipped (0: no gap) last."""
         if self._handle is None:
             return []
-        out: list[tuple[int, int, int]] = []
+        out: list[tuple[int, int, int, int]] = []
         while True:
             k = self._lib.jasper_rq_take(
-                self._handle, self._tokens, self._stamps, self._errs, self._max
+                self._handle, self._tokens, self._stamps, self._errs, self._gaps, self._max
             )
-            out.extend(zip(self._tokens[:k], self._stamps[:k], self._errs[:k], strict=True))
+            out.extend(
+                zip(self._tokens[:k], self._stamps[:k], self._errs[:k], self._gaps[:k], strict=True)
+            )
             if k < self._max:
                 return out
 
@@ -170,10 +191,12 @@ def _library() -> ctypes.CDLL | None:
                 lib.jasper_rq_create.restype = vp
                 lib.jasper_rq_create.argtypes = [i, i64, i, i, i]
                 lib.jasper_rq_push.restype = i
+                u32 = ctypes.c_uint32
                 lib.jasper_rq_push.argtypes = [vp, i64, u64, u64, u64, u64, i, ctypes.c_char_p, i,
-                                               ctypes.c_char_p, i]  # fmt: skip
+                                               ctypes.c_char_p, i, i, u32, u32, u32,
+                                               i64]  # fmt: skip
                 lib.jasper_rq_take.restype = i
-                lib.jasper_rq_take.argtypes = [vp, vp, vp, vp, i]
+                lib.jasper_rq_take.argtypes = [vp, vp, vp, vp, vp, i]
                 lib.jasper_rq_counters.restype = None
                 lib.jasper_rq_counters.argtypes = [vp, vp]
                 lib.jasper_rq_stop.restype = i

@@ -60,8 +60,8 @@ def test_reference_tests_were_found() -> None:
 def test_counter_names_and_reasons_match_the_reference() -> None:
     core = _native.ReceiverCore(endpoints=1)
     assert tuple(core.counters(0)) == COUNTER_NAMES
-    malformed = COUNTER_NAMES[9 : 9 + len(MALFORMED_REASONS)]
-    rejected = COUNTER_NAMES[9 + len(MALFORMED_REASONS) :]
+    malformed = COUNTER_NAMES[11 : 11 + len(MALFORMED_REASONS)]
+    rejected = COUNTER_NAMES[11 + len(MALFORMED_REASONS) :]
     assert [n[len("malformed_") :] for n in malformed] == list(MALFORMED_REASONS)
     assert [n[len("rejected_") :] for n in rejected] == list(REJECT_REASONS)
 
@@ -141,7 +141,7 @@ def test_buffer_types_and_owned_payloads(kind: Callable[[bytes], object]) -> Non
     assert r.kind is ReleaseKind.ON_TIME
     assert r.payload == b"\x00\x05hello"
     assert type(r.payload) is bytes
-    assert r == (0, 3, 1, 1, 1, 1, ReleaseKind.ON_TIME, 500, 5, 200, 500, b"\x00\x05hello")
+    assert r == (0, 3, 1, 1, 1, 1, ReleaseKind.ON_TIME, 500, 5, 200, 500, b"\x00\x05hello", 0)
 
 
 def test_timer_and_deadline_at_the_top_of_u64() -> None:

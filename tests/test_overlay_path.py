@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from jasper.layout import ports_needed, topology_from_plan
+from jasper.mp_spec import payloads as mp_payloads
 from jasper.topology import Topology
 from jasper.tree import tree_shape
-from jasper.wire import Header, encode, unpack_blocks
+from jasper.wire import Header, encode
 from jasper.wire_spec import FLAG_HEDGE_COPY
 from overlay.launch import free_port_base
 from overlay.publisher import Publisher
@@ -198,7 +199,7 @@ async def test_async_iterator_and_udp_delivery(
         payloads = []
         while True:
             try:
-                payloads += unpack_blocks(s.recv(2048))
+                payloads += mp_payloads(s.recv(2048))
             except BlockingIOError:
                 break
         s.close()
@@ -484,7 +485,7 @@ async def test_unix_datagram_delivery(tmp_path: Any, datapath: str) -> None:
         got = []
         while True:
             try:
-                got += unpack_blocks(s.recv(2048))
+                got += mp_payloads(s.recv(2048))
             except BlockingIOError:
                 break
         s.close()

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jasper.dedup import AHEAD_RESYNC
+from jasper.mp_spec import MP_FLAG_GAP_BEFORE, MP_FLAG_LATE
 from jasper.receiver_core import COUNTER_NAMES, CoreRelease, ReceiverCore, ReleaseKind
 from jasper.wire import Header, StreamKey, WireError, encode_batch, pack_blocks, sign
 from jasper.wire_spec import (
@@ -92,6 +93,8 @@ def test_counter_names() -> None:
         "late",
         "hold_overflow",
         "pending_overflow",
+        "gaps",
+        "gap_messages",
         *(f"malformed_{r}" for r in MALFORMED_REASONS),
         *(f"rejected_{r}" for r in REJECT_REASONS),
     )
@@ -232,6 +235,9 @@ def test_duplicates_stale_and_session_reset() -> None:
         "duplicates": 1,
         "stale": 3,
         "released": 5,
+        # 9 after 5 skips 6..8; 5 after 1 in session 2 skips 2..4 (gap-before, in release order)
+        "gaps": 2,
+        "gap_messages": 6,
     }
     assert counts(core, 1) == {"received": 1, "accepted": 1, "released": 1}
     assert [(r.endpoint, r.stream_id, r.session, r.seq) for r in core.releases()] == [
@@ -340,20 +346,27 @@ def test_late_unstamped_and_hold_overflow() -> None:
     core.datagram_received(0, dgram(2, deadline=0), 0, 100, 100)
     core.datagram_received(0, dgram(3, deadline=500), 0, 100, 100)  # held
     core.datagram_received(0, dgram(4, deadline=600), 0, 100, 100)  # hold full
-    assert brief(core.releases()) == [
+    got = core.releases()
+    assert brief(got) == [
         (0, 0, 1, LATE, 100, 100),
         (0, 0, 2, UNSTAMPED, 0, 100),
         (0, 0, 4, OVERFLOW, 600, 100),
     ]
+    # Late is flagged late; 4 released before 3 has seq 3 missing before it (gap-before).
+    assert [r.flags for r in got] == [MP_FLAG_LATE, 0, MP_FLAG_GAP_BEFORE]
     assert (core.held, core.get_timer(), core.clamped) == (1, 500, 0)
     core.timer(500)
-    assert brief(core.releases()) == [(0, 0, 3, ON_TIME, 500, 500)]
+    got = core.releases()
+    assert brief(got) == [(0, 0, 3, ON_TIME, 500, 500)]
+    assert got[0].flags == 0  # out of order, below the next expected: no flag
     assert counts(core) == {
         "received": 4,
         "accepted": 4,
         "released": 4,
         "late": 1,
         "hold_overflow": 1,
+        "gaps": 1,
+        "gap_messages": 1,
     }
 
 

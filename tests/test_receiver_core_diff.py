@@ -6,7 +6,9 @@ mutations, heartbeats; signed with the right key, the wrong key or an unknown ep
 tampered with after signing; far-ahead runs), timer calls, flushes, plan changes and stream
 changes (keyed, unkeyed, announced sessions, key rotation, dropped streams), and requires equal
 releases, counters, parents, timers and sizes after every step. The parsers are held to the same
-verdicts (and error text) on arbitrary bytes and on mutated valid datagrams.
+verdicts (and error text) on arbitrary bytes and on mutated valid datagrams. Releases carry the
+MP flags (late, gap-before in release order), and every release frames to the same MP delivery
+bytes in C (jc_frame) as in jasper.mp_spec.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jasper import _native
-from jasper.receiver_core import ReceiverCore
-from jasper.wire import Header, StreamKey, WireError, encode_batch, sign
+from jasper import _native, mp_spec
+from jasper.receiver_core import CoreRelease, ReceiverCore
+from jasper.wire import Header, StreamKey, WireError, encode_batch, sign, unpack_blocks
 from jasper.wire_spec import (
     FLAG_HEARTBEAT,
     FLAG_HEDGE_COPY,
@@ -277,7 +279,9 @@ def test_native_core_equals_reference(
             ref.set_endpoints(n)
             nat.set_endpoints(n)
         if pull:
-            assert nat.releases() == ref.releases(), f"step {i}: {op}"
+            got = nat.releases()
+            assert got == ref.releases(), f"step {i}: {op}"
+            assert_same_framing(got)
         assert state(nat) == state(ref), f"step {i}: {op}"
     now += 1
     ref.flush(now)
@@ -286,6 +290,31 @@ def test_native_core_equals_reference(
     assert got == want
     assert [type(r) for r in got] == [type(r) for r in want]
     assert state(nat) == state(ref)
+    assert_same_framing(got)
+
+
+def mp_frame_of(r: CoreRelease) -> bytes:
+    return mp_spec.frame(
+        r.payload, stream_id=r.stream_id, session=r.session, seq=r.seq, count=r.count,
+        flags=r.flags, release_ns=r.release_ns, deadline_ns=r.deadline_ns,
+    )  # fmt: skip
+
+
+def assert_same_framing(releases: list[CoreRelease]) -> None:
+    """What an MP receives for each release (equal flags came with the releases): the native
+    jc_frame writes the bytes jasper.mp_spec.frame does, and they parse back to the release."""
+    for r in releases:
+        framed = _native.frame(r)
+        assert framed == mp_frame_of(r)
+        msgs = mp_spec.parse(framed)
+        assert [m.seq for m in msgs] == list(range(r.seq, r.seq + r.count))
+        assert [m.payload for m in msgs] == unpack_blocks(r.payload)
+        assert {(m.stream_id, m.session, m.release_ns, m.deadline_ns) for m in msgs} <= {
+            (r.stream_id, r.session, r.release_ns, r.deadline_ns)
+        }
+        assert [m.flags for m in msgs] == [r.flags] + [r.flags & ~mp_spec.MP_FLAG_GAP_BEFORE] * (
+            r.count - 1
+        )
 
 
 def verdict(parse: Any, data: bytes) -> object:

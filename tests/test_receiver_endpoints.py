@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from jasper.layout import ports_needed, topology_from_plan
+from jasper.mp_spec import payloads as mp_payloads
 from jasper.topology import parse_topology
 from jasper.tree import tree_shape
-from jasper.wire import Header, encode, unpack_blocks
+from jasper.wire import Header, encode
 from overlay.launch import free_port_base
 from overlay.receiver import Receiver
 
@@ -99,7 +100,7 @@ def test_new_endpoint_opens_in_place_keeping_held_messages_and_records() -> None
     try:
         rows = asyncio.run(main())
         # The new endpoint's socket delivery reached its MP.
-        assert unpack_blocks(sink.recv(65536)) == [b"update-2"]
+        assert mp_payloads(sink.recv(65536)) == [b"update-2"]
     finally:
         sink.close()
         sender.close()
@@ -232,7 +233,7 @@ def test_a_bad_deliver_target_leaves_out_that_endpoint_only(datapath: str) -> No
 
     try:
         before, after = asyncio.run(main())
-        assert [unpack_blocks(s.recv(65536)) for s in sinks] == [[b"update-1"]] * 2
+        assert [mp_payloads(s.recv(65536)) for s in sinks] == [[b"update-1"]] * 2
     finally:
         for s in sinks:
             s.close()

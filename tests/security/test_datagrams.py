@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from jasper.mp_spec import payloads as mp_payloads
 from jasper.topology import StreamAuth, Topology
-from jasper.wire import Header, StreamKey, encode, encode_batch, unpack_blocks
+from jasper.wire import Header, StreamKey, encode, encode_batch
 from jasper.wire_spec import FLAG_HEARTBEAT
 from tests.test_overlay_path import DATAPATHS, Overlay, make_topology, settle
 
@@ -162,7 +163,7 @@ async def test_payloads_delivered_to_the_mp_are_the_publishers_only() -> None:
     for s in sinks:
         while True:
             try:
-                got += unpack_blocks(s.recv(65536))
+                got += mp_payloads(s.recv(65536))
             except BlockingIOError:
                 break
         s.close()
