@@ -29,7 +29,7 @@ MP_FIELDS: tuple[Field, ...] = (
     Field("stream_id", "__u32", "market-data stream"),
     Field("seq", "__u64", "sequence number of this message within (stream, session), from 1"),
     Field("release_ns", "__u64", "receiver clock when released, ns since the Unix epoch"),
-    Field("deadline_ns", "__u64", "release deadline stamped by the root (ns); 0 = unstamped"),
+    Field("deadline_ns", "__u64", "deadline held to (ns): the root's stamp or the stream's floor"),
     Field("session", "__u32", "publisher session; sequence numbers restart in a new one"),
     Field("length", "__u16", "bytes of message that follow this header"),
     Field("reserved", "__u16", "0"),
@@ -71,7 +71,8 @@ class MpMessage:
     release_ns: int
     """The receiver's clock when it released the message, in ns since the epoch."""
     deadline_ns: int
-    """The deadline stamped by the root, in ns since the epoch (0: unstamped)."""
+    """The deadline the receiver held it to, in ns since the epoch: the root's stamp, raised to
+    the stream's previous deadline when lower (0: unstamped)."""
     payload: bytes
     """The market-data message."""
 

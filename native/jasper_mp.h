@@ -21,7 +21,7 @@ struct jasper_mp_hdr {
 	__u32 stream_id; /* market-data stream */
 	__u64 seq; /* sequence number of this message within (stream, session), from 1 */
 	__u64 release_ns; /* receiver clock when released, ns since the Unix epoch */
-	__u64 deadline_ns; /* release deadline stamped by the root (ns); 0 = unstamped */
+	__u64 deadline_ns; /* deadline held to (ns): the root's stamp or the stream's floor */
 	__u32 session; /* publisher session; sequence numbers restart in a new one */
 	__u16 length; /* bytes of message that follow this header */
 	__u16 reserved; /* 0 */

@@ -334,6 +334,8 @@ class NativeDatapath:
                 "late": e["late"],
                 "hold_overflow": e["hold_overflow"],
                 "pending_overflow": e["pending_overflow"],
+                "gaps": e["gaps"],
+                "gap_messages": e["gap_messages"],
                 "deliver_dropped": errors,
                 "malformed_total": sum(malformed.values()),
                 "distinct_parents": len(copies_from),
