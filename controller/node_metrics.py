@@ -65,6 +65,7 @@ _KERNEL_RELAY_EVENTS = (
     "passed",
     "clone_seen",
 )
+_KERNEL_RECEIVER_EVENTS = ("in", "accepted", "duplicates", "not_parent", "malformed", "passed")
 _NATIVE_EVENTS = (
     "recv_calls",
     "batches",
@@ -180,6 +181,12 @@ SERIES: tuple[Series, ...] = (
     Series("jasper_receiver_late_total", "counter",
            "Messages whose first copy arrived after the deadline (handed over at once)",
            "endpoints", _k("late")),
+    Series("jasper_receiver_gaps_total", "counter",
+           "Releases flagged gap-before: a sequence number skipped at an endpoint",
+           "endpoints", _k("gaps")),
+    Series("jasper_receiver_gap_messages_total", "counter",
+           "Sequence numbers skipped in release order (lost, unless they come later)",
+           "endpoints", _k("gap_messages")),
     Series("jasper_receiver_hold_overflow_total", "counter",
            "Messages refused by a full release schedule, handed over at once",
            "endpoints", _k("hold_overflow")),
@@ -220,6 +227,9 @@ SERIES: tuple[Series, ...] = (
     Series("jasper_receiver_deadlines_clamped_total", "counter",
            "Deadlines the native core raised to the stream's floor", "receiver",
            _k("native.clamped")),
+    Series("jasper_receiver_fast_path_events_total", "counter",
+           "Outcomes of the receiver host's eBPF filter (per-CPU map counters, summed), by event",
+           "receiver", _k("kernel.{event}"), values=_KERNEL_RECEIVER_EVENTS),
     Series("jasper_receiver_refused_endpoints", "gauge",
            "Endpoints of the plan the receiver refused (bad deliver target)", "receiver",
            _k("refused_endpoints")),

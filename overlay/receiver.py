@@ -506,6 +506,16 @@ class Receiver:
                 log.exception("closing fast path")
             self.fast_path = None
 
+    def _kernel_counters(self) -> dict[str, int]:
+        """The eBPF filter's counters (its BPF map, summed over CPUs); {} without it."""
+        if self.fast_path is None:
+            return {}
+        try:
+            return dict(self.fast_path.counters())
+        except Exception:  # a map that cannot be read must not fail the status
+            log.exception("reading the receiver fast path's counters failed")
+            return {}
+
     def held(self) -> int:
         """Messages held for release on either path (the C threads' count includes those sent
         but not yet booked by the loop)."""
@@ -903,6 +913,7 @@ class Receiver:
                 "endpoints": self.native.endpoint_status(),
                 "plan_epoch": self.topo.plan_epoch,
                 "fast_path": self.fast_path_mode,
+                "kernel": self._kernel_counters(),
                 "link_model": self.delay.model is not None,
                 "cpu_wakeup_us": wakeup,
                 "native": native,
@@ -920,6 +931,7 @@ class Receiver:
             "endpoints": {ep.name: ep.counters.to_dict() for ep in self.endpoints},
             "plan_epoch": self.topo.plan_epoch,
             "fast_path": self.fast_path_mode,
+            "kernel": self._kernel_counters(),
             "link_model": self.delay.model is not None,
             "cpu_wakeup_us": wakeup,
             "delay_line": vars(self.delay.counters).copy(),

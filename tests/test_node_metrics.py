@@ -342,3 +342,19 @@ def test_real_daemons_export_their_counters_through_the_controller(tmp_path: Pat
         daemons.stop()
         sink.close()
         ctl.close()
+
+
+def test_kernel_events_are_the_bpf_maps_counters() -> None:
+    """The table's event lists name exactly the counters the eBPF loader reads."""
+    from controller import node_metrics
+    from ebpf.loader import RECEIVER_COUNTERS, RELAY_COUNTERS
+
+    assert tuple(RECEIVER_COUNTERS) == node_metrics._KERNEL_RECEIVER_EVENTS
+    relay_rows = {"in", "copies", "duplicates", *node_metrics._KERNEL_RELAY_EVENTS}
+    assert relay_rows == set(RELAY_COUNTERS)
+    status = {"kernel.not_parent": 4.0, "kernel.in": 9.0, "kernel.bogus": 1.0}
+    out = samples(view(report("rx", "receiver", status)), endpoint_series=10)
+    assert out["jasper_receiver_fast_path_events_total"] == {
+        ("rx", "", "in"): 9.0,
+        ("rx", "", "not_parent"): 4.0,
+    }
