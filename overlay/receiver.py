@@ -18,7 +18,7 @@ from typing import Any
 
 from jasper.dedup import DedupRing
 from jasper.deliver import parse_target
-from jasper.mp_spec import MP_FLAG_GAP_BEFORE, MP_FLAG_LATE, GapTracker
+from jasper.mp_spec import MP_FLAG_GAP_BEFORE, MP_FLAG_LATE, GapTracker, MpMessage
 from jasper.mp_spec import frame as mp_frame
 from jasper.owd import OwdCollector
 from jasper.schedule import Release
@@ -70,6 +70,23 @@ class Delivery:
     def messages(self) -> list[bytes]:
         """The market-data messages, in sequence order."""
         return unpack_blocks(self.payload)
+
+    @property
+    def mp_messages(self) -> list[MpMessage]:
+        """The messages as a socket delivery carries them (docs/mp-feed.md): each with its
+        seq, the flags (gap-before on the first only) and the times."""
+        return [
+            MpMessage(
+                self.stream_id,
+                self.session,
+                self.seq + i,
+                self.flags if i == 0 else self.flags & ~MP_FLAG_GAP_BEFORE,
+                self.release_ns,
+                self.deadline_ns,
+                m,
+            )
+            for i, m in enumerate(unpack_blocks(self.payload))
+        ]
 
 
 @dataclass

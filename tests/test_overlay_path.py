@@ -180,6 +180,8 @@ async def test_async_iterator_and_udp_delivery(
     async def consume() -> None:
         async for d in o.rx.messages("e1"):
             got.append(d.seq)
+            # In process, the same fields a socket delivery's MP headers carry: no gap, none late.
+            assert [(m.seq, m.flags) for m in d.mp_messages] == [(d.seq, 0)]
             if len(got) == 5:
                 return
 
