@@ -80,7 +80,7 @@ _NATIVE_EVENTS = (
 SERIES: tuple[Series, ...] = (
     # --- every node -----------------------------------------------------------------------
     Series("jasper_node_clock_error_bound_seconds", "gauge",
-           "Clock error bound the node reported (|offset| + dispersion + delay/2)",
+           "Clock error bound the node reported: abs(offset) + root dispersion + root delay / 2",
            "node", _k("clock.bound_ns"), scale=1e-9),
     Series("jasper_node_clock_synced", "gauge",
            "1 while the node's clock is synchronized, 0 when free-running or unknown",

@@ -358,3 +358,9 @@ def test_kernel_events_are_the_bpf_maps_counters() -> None:
         ("rx", "", "in"): 9.0,
         ("rx", "", "not_parent"): 4.0,
     }
+
+
+def test_docs_list_every_series() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    for name in exported_names():
+        assert f"`{name}`" in docs, name
