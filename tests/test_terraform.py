@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import ipaddress
 import json
 import os
@@ -28,8 +29,9 @@ DOC = REPO / "docs" / "deploy-aws.md"
 
 AMI = "ami-0123456789abcdef0"
 PACKAGE = "jasper-multicast==0.1.0"
-# Obviously fake tokens; the tests check that they never leak into user data or outputs.
-NODE_TOKEN = "node0token0for0offline0plan0only0000000000"
+# Obviously fake secrets; the tests check that they (and every join token derived from the
+# join token secret) never leak into user data or outputs.
+JOIN_SECRET = "join0secret0for0offline0plan0only000000000"
 ADMIN_TOKEN = "admin0token0for0offline0plan0only000000000"
 
 # Where machine images and distributions put a Terraform filesystem mirror.
@@ -199,6 +201,7 @@ module "jasper" {
   receiver_count         = 3
   endpoints_per_receiver = 4
   relay_instance_type    = "c6i.large"
+  join_token_secret      = "byo0join0secret0for0offline0plan0only00000"
 }
 
 output "controller_url" {
@@ -227,7 +230,7 @@ SCENARIOS = {
             "ami_id": AMI,
             "jasper_package": PACKAGE,
             "admin_cidrs": ["203.0.113.0/24"],
-            "node_token": NODE_TOKEN,
+            "join_token_secret": JOIN_SECRET,
             "admin_token": ADMIN_TOKEN,
         },
     ),
@@ -238,6 +241,7 @@ SCENARIOS = {
             "ami_id": AMI,
             "jasper_package": PACKAGE,
             "admin_cidrs": ["198.51.100.0/24"],
+            "join_token_secret": JOIN_SECRET,
         },
     ),
     "existing_network": Scenario("byo", {}, validate=False),
@@ -555,7 +559,7 @@ def test_existing_network_is_used_and_ssh_opens_only_when_enabled(
     ]
     assert [r["cidr_ipv4"] for r in ssh_rules] == ["192.0.2.0/28"]
     # The controller's fixed address comes from the existing subnet's CIDR.
-    assert output(plan, "controller_url") == "http://172.31.32.10:8080"
+    assert output(plan, "controller_url") == "https://172.31.32.10:8080"
     assert not creates(plan, "aws_iam_role_policy_attachment")  # Session Manager off
 
 
@@ -606,6 +610,42 @@ def _setup_script_required_keys() -> set[str]:
     return set(re.findall(r'^: "\$\{([A-Z_]+):\?', script, re.M))
 
 
+def setup_script_as_rendered() -> str:
+    """The setup script as main.tf puts it into user data: without its comment lines (the
+    shebang stays), so that the controller's user data leaves room for the join token hashes."""
+    text = (DEPLOY / "cloud-init" / "jasper-node-setup.sh").read_text()
+    return re.sub(r"(?m)^[ \t]*#(?:[^!\n][^\n]*)?\n", "", text).rstrip("\n")
+
+
+def join_secret(plan: dict[str, Any]) -> str:
+    secret: str = module_input(plan, "join_token_secret")
+    return secret
+
+
+def derived_join_token(secret: str, node: str, version: int = 1) -> str:
+    """A node's join token as main.tf derives it from join_token_secret (nested keyed SHA-256)."""
+
+    def h(*parts: str) -> str:
+        return hashlib.sha256(":".join(parts).encode()).hexdigest()
+
+    return h("jasper-join-token-v1", secret, h("jasper-join-token-v1", secret, node, str(version)))
+
+
+def joining_nodes(plan: dict[str, Any]) -> list[str]:
+    """Every name that enrols: each relay and receiver host, and the publisher."""
+    names = [after(rc)["tags"]["Name"] for rc in instances(plan) if role_of(rc) != "controller"]
+    return sorted([*names, f"{module_input(plan, 'name')}-publisher"])
+
+
+def exec_start(unit_body: str) -> list[str]:
+    (line,) = [x for x in unit_body.splitlines() if x.startswith("ExecStart=")]
+    return line.removeprefix("ExecStart=").split()
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*EXAMPLES, "existing_network"])
 def test_user_data_carries_chrony_units_and_agent_setup(
@@ -616,19 +656,19 @@ def test_user_data_carries_chrony_units_and_agent_setup(
     (controller,) = [rc for rc in nodes if role_of(rc) == "controller"]
     controller_ip = after(controller)["private_ip"]
     assert ipaddress.ip_address(controller_ip) in ipaddress.ip_network(vpc_cidr(plan))
-    controller_url = f"http://{controller_ip}:{module_input(plan, 'controller_port')}"
+    controller_url = f"https://{controller_ip}:{module_input(plan, 'controller_port')}"
     assert output(plan, "controller_url") == controller_url
 
     chrony_conf = (DEPLOY / "chrony" / "chrony.conf").read_text().rstrip("\n")
     phc_conf = (DEPLOY / "chrony" / "jasper-phc.conf").read_text().rstrip("\n")
-    setup = (DEPLOY / "cloud-init" / "jasper-node-setup.sh").read_text().rstrip("\n")
+    setup = setup_script_as_rendered()
     required = _setup_script_required_keys()
     prefix = module_input(plan, "name")
-    token_parameter = module_input(plan, "node_token_parameter") or f"/{prefix}/node-token"
 
     for rc in nodes:
         script = user_data(rc)
         role = role_of(rc)
+        node = after(rc)["tags"]["Name"]
         assert script.startswith("#!/bin/bash\n")
         assert len(gzip.compress(script.encode())) <= 16 * 1024  # EC2's user data limit
 
@@ -647,14 +687,21 @@ def test_user_data_carries_chrony_units_and_agent_setup(
         env = deploy_env(script)
         assert required <= set(env), required - set(env)
         assert env["JASPER_ROLE"] == role
-        assert env["JASPER_NODE_NAME"] == after(rc)["tags"]["Name"]
+        assert env["JASPER_NODE_NAME"] == node
         assert env["JASPER_CONTROLLER_URL"] == controller_url
-        assert env["JASPER_NODE_TOKEN_PARAMETER"] == token_parameter
+        assert env["JASPER_CONTROLLER_ADDR"] == controller_ip
         assert env["JASPER_UNITS"].split() == UNITS_BY_ROLE[role]
         assert env["JASPER_PACKAGE"] == PACKAGE
         assert env["JASPER_ENDPOINTS"] == str(module_input(plan, "endpoints_per_receiver"))
+        assert env["JASPER_CA_CERT_PARAMETER"] == f"/{prefix}/tls/ca-cert"
+        # Each node fetches its own join token; the controller host the publisher's.
+        owner = f"{prefix}-publisher" if role == "controller" else node
+        assert env["JASPER_JOIN_TOKEN_PARAMETER"] == f"/{prefix}/join-token/{owner}"
         assert heredoc(script, "/opt/jasper/jasper-node-setup.sh") == setup
         assert script.rstrip().endswith("exec /opt/jasper/jasper-node-setup.sh")
+        # The legacy shared node token is gone from every node.
+        assert "JASPER_NODE_TOKEN" not in script
+        assert "node-token" not in script
 
     # AWS must not give the controller's address to another node launched beside it.
     (reservation,) = creates(plan, "aws_ec2_subnet_cidr_reservation")
@@ -666,13 +713,64 @@ def test_user_data_carries_chrony_units_and_agent_setup(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", [*EXAMPLES, "existing_network"])
+def test_controller_gets_join_token_hashes_and_no_node_secret(
+    planned: dict[str, PlannedRun], name: str, tmp_path: Path
+) -> None:
+    plan = planned[name].plan
+    secret = join_secret(plan)
+    tokens = {n: derived_join_token(secret, n) for n in joining_nodes(plan)}
+    hashes = {n: hashlib.sha256(t.encode()).hexdigest() for n, t in tokens.items()}
+    for rc in instances(plan):
+        script = user_data(rc)
+        for token in (secret, *tokens.values()):
+            assert token not in script, after(rc)["tags"]["Name"]
+        if role_of(rc) == "controller":
+            # Exactly one hash per joining node, in the format --seed-join-tokens reads.
+            seeds = json.loads(heredoc(script, "/etc/jasper/join-token-hashes.json"))
+            assert seeds == hashes
+            from jasper_cli.controller import read_seed_file
+
+            seed_file = tmp_path / "join-token-hashes.json"
+            seed_file.write_text(json.dumps(seeds))
+            assert read_seed_file(str(seed_file)) == hashes
+        else:
+            assert "cat >/etc/jasper/join-token-hashes.json" not in script
+            assert not any(h in script for h in hashes.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*EXAMPLES, "existing_network"])
+def test_units_in_user_data_use_https_and_per_node_join_tokens(
+    planned: dict[str, PlannedRun], name: str
+) -> None:
+    plan = planned[name].plan
+    for rc in instances(plan):
+        script = user_data(rc)
+        assert deploy_env(script)["JASPER_CONTROLLER_URL"].startswith("https://")
+        for unit in UNITS_BY_ROLE[role_of(rc)]:
+            argv = exec_start(heredoc(script, f"/opt/jasper/units/{unit}"))
+            assert "--token-file" not in argv
+            if unit == "jasper-controller.service":
+                assert flag(argv, "--tls-cert") == "/etc/jasper/tls/controller.crt"
+                assert flag(argv, "--tls-key") == "/etc/jasper/tls/controller.key"
+                assert flag(argv, "--host") == "${JASPER_DATA_ADDR}"
+                assert flag(argv, "--seed-join-tokens") == "/etc/jasper/join-token-hashes.json"
+            else:
+                assert flag(argv, "--controller") == "${JASPER_CONTROLLER_URL}"
+                assert flag(argv, "--ca-file") == "/etc/jasper/controller-ca.pem"
+                assert flag(argv, "--join-token-file") == "/etc/jasper/join-token"
+                assert flag(argv, "--state-dir") == "/var/lib/jasper"
+
+
+@pytest.mark.slow
 def test_rendered_user_data_passes_shellcheck(
     planned: dict[str, PlannedRun], tmp_path: Path
 ) -> None:
     shellcheck = shutil.which("shellcheck")
     require_privileged("shellcheck", shellcheck is not None)
     assert shellcheck is not None
-    files = []
+    files, setups = [], []
     for name in (*EXAMPLES, "existing_network"):
         seen: set[str] = set()
         for rc in instances(planned[name].plan):
@@ -682,7 +780,16 @@ def test_rendered_user_data_passes_shellcheck(
             path = tmp_path / f"{name}-{role_of(rc)}.sh"
             path.write_text(user_data(rc))
             files.append(str(path))
+            # The setup script as unpacked on the node (comment lines stripped by main.tf).
+            setup = tmp_path / f"{name}-{role_of(rc)}-setup.sh"
+            setup.write_text(heredoc(user_data(rc), "/opt/jasper/jasper-node-setup.sh") + "\n")
+            setups.append(str(setup))
     result = subprocess.run([shellcheck, *files], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Stripping took the `shellcheck source=` directive of the deploy.env line with it.
+    result = subprocess.run(
+        [shellcheck, "--exclude=SC1090", *setups], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -692,51 +799,110 @@ def test_rendered_user_data_passes_shellcheck(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", [*EXAMPLES, "existing_network"])
 def test_tokens_stay_out_of_resources_outputs_and_user_data(
-    planned: dict[str, PlannedRun],
-) -> None:
-    plan = planned["small"].plan
-    exposed = json.dumps([plan["resource_changes"], plan["planned_values"], plan["output_changes"]])
-    for token in (NODE_TOKEN, ADMIN_TOKEN):
-        assert token not in exposed
-        for rc in instances(plan):
-            assert token not in user_data(rc)
-
-    # The tokens go to SSM as write-only SecureString values: never in the state.
-    params = {after(rc)["name"]: rc for rc in creates(plan, "aws_ssm_parameter")}
-    assert set(params) == {"/jasper-small/node-token", "/jasper-small/admin-token"}
-    for rc in params.values():
-        assert after(rc)["type"] == "SecureString"
-        assert after(rc)["value_wo"] is None
-        assert rc["change"]["after_sensitive"].get("value_wo") is True
-
-    # The full example expects the parameters to exist already and creates none.
-    assert not creates(planned["full"].plan, "aws_ssm_parameter")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_instance_roles_read_only_their_token_parameters(
     planned: dict[str, PlannedRun], name: str
 ) -> None:
     plan = planned[name].plan
     prefix = module_input(plan, "name")
-    node = f"arn:aws:ssm:*:*:parameter/{prefix}/node-token"
-    admin = f"arn:aws:ssm:*:*:parameter/{prefix}/admin-token"
+    secret = join_secret(plan)
+    nodes = joining_nodes(plan)
+    exposed = json.dumps([plan["resource_changes"], plan["planned_values"], plan["output_changes"]])
+    for token in (ADMIN_TOKEN, secret, *(derived_join_token(secret, n) for n in nodes)):
+        assert token not in exposed
+        for rc in instances(plan):
+            assert token not in user_data(rc)
+
+    # One SecureString per joining node (and the admin token when given), each written
+    # write-only: no token enters the state.
+    params = {after(rc)["name"]: rc for rc in creates(plan, "aws_ssm_parameter")}
+    join_params = {f"/{prefix}/join-token/{n}" for n in nodes}
+    admin = {f"/{prefix}/admin-token"} if name == "small" else set()
+    assert set(params) == join_params | admin
+    assert len(join_params) == (
+        module_input(plan, "relay_count") + module_input(plan, "receiver_count") + 1
+    )
+    for rc in params.values():
+        assert after(rc)["type"] == "SecureString"
+        assert after(rc)["value_wo"] is None
+        assert rc["change"]["after_sensitive"].get("value_wo") is True
+    if name != "existing_network":
+        assert output(plan, "ca_cert_parameter") == f"/{prefix}/tls/ca-cert"
+
+
+def _policies(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Role policy statements by role module key: "controller_role" or the node's name."""
     policies = {}
     for rc in creates(plan, "aws_iam_role_policy"):
-        (statement,) = json.loads(after(rc)["policy"])["Statement"]
-        resources = statement["Resource"]
-        policies[rc["module_address"].split(".")[-1]] = (
-            statement["Action"],
-            set([resources] if isinstance(resources, str) else resources),
+        match = re.search(
+            r'module\.(controller_role|node_role\["([^"]+)"\])$', rc["module_address"]
         )
-    assert policies == {
-        "controller_role": ("ssm:GetParameter", {node, admin}),
-        "node_role": ("ssm:GetParameter", {node}),
+        assert match, rc["module_address"]
+        key = match.group(2) or match.group(1)
+        statements = {}
+        for st in json.loads(after(rc)["policy"])["Statement"]:
+            actions = st["Action"]
+            key_res = "Resource" if "Resource" in st else "NotResource"
+            res = st[key_res]
+            statements[st["Sid"]] = (
+                st["Effect"],
+                set([actions] if isinstance(actions, str) else actions),
+                key_res,
+                set([res] if isinstance(res, str) else res),
+            )
+        policies[key] = statements
+    return policies
+
+
+READS = {
+    "ssm:GetParameter",
+    "ssm:GetParameters",
+    "ssm:GetParametersByPath",
+    "ssm:GetParameterHistory",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*EXAMPLES, "existing_network"])
+def test_each_node_role_may_read_only_its_own_join_token(
+    planned: dict[str, PlannedRun], name: str
+) -> None:
+    plan = planned[name].plan
+    prefix = module_input(plan, "name")
+
+    def arn(parameter: str) -> str:
+        return f"arn:aws:ssm:*:*:parameter/{prefix}/{parameter}"
+
+    ca_cert, ca_key = arn("tls/ca-cert"), arn("tls/ca-key")
+    policies = _policies(plan)
+    agents = [rc for rc in instances(plan) if role_of(rc) != "controller"]
+    assert set(policies) == {"controller_role", *(after(rc)["tags"]["Name"] for rc in agents)}
+    for rc in agents:
+        node = after(rc)["tags"]["Name"]
+        # Its own role, whose policy names its own join token and the public CA certificate:
+        # no other node's parameter, nor the admin token or the CA key.
+        assert after(rc)["iam_instance_profile"] == node
+        own = {arn(f"join-token/{node}"), ca_cert}
+        assert policies[node] == {
+            "ReadJasperParameters": ("Allow", {"ssm:GetParameter"}, "Resource", own),
+            # Session Manager's managed policy allows reading every parameter; this deny
+            # takes that back for all but the node's own.
+            "NoOtherParameters": ("Deny", READS, "NotResource", own),
+        }
+    controller_reads = {
+        arn("admin-token"),
+        arn(f"join-token/{prefix}-publisher"),
+        ca_cert,
+        ca_key,
     }
-    profiles = {after(rc)["iam_instance_profile"] for rc in instances(plan)}
-    assert profiles == {f"{prefix}-controller", f"{prefix}-node"}
+    assert policies["controller_role"] == {
+        "ReadJasperParameters": ("Allow", {"ssm:GetParameter"}, "Resource", controller_reads),
+        "WriteJasperParameters": ("Allow", {"ssm:PutParameter"}, "Resource", {ca_cert, ca_key}),
+        "NoOtherParameters": ("Deny", READS, "NotResource", controller_reads),
+    }
+    (controller,) = [rc for rc in instances(plan) if role_of(rc) == "controller"]
+    assert after(controller)["iam_instance_profile"] == f"{prefix}-controller"
+    assert len(creates(plan, "aws_iam_instance_profile")) == 1 + len(agents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,7 +919,7 @@ def test_variable_validation_rejects_unsafe_and_unsupported_values(
         '-var=admin_cidrs=["0.0.0.0/0"]',
         "-var=relay_instance_type=t3.micro",
         "-var=relay_count=0",
-        "-var=node_token=short",
+        "-var=join_token_secret=short",
         "-var=availability_zone=eu-west-1a",
     ]
     result = terraform.run(
@@ -764,7 +930,7 @@ def test_variable_validation_rejects_unsafe_and_unsupported_values(
     assert "must not open the controller API to the whole internet" in messages
     assert "relay_instance_type must be an ENA-capable Nitro type" in messages
     assert "relay_count must be an integer from 1 to 1000" in messages
-    assert "node_token must be at least 32 characters" in messages
+    assert "join_token_secret must be at least 32 characters" in messages
     assert "availability_zone must be a zone of region" in messages
 
 

@@ -1,7 +1,14 @@
 #!/bin/bash
 # First-boot setup of a Jasper node on EC2: packages, chrony on the Amazon Time Sync Service
-# (plus the ENA PTP hardware clock where the instance has one), the Jasper package, the node
-# token from SSM Parameter Store, and the systemd units of the node's role.
+# (plus the ENA PTP hardware clock where the instance has one), the Jasper package, the node's
+# own one-time join token from SSM Parameter Store, the controller's TLS material, and the
+# systemd units of the node's role.
+#
+# Control channel: every agent enrols with its join token (/etc/jasper/join-token, 0600) and
+# keeps the credential it gets under its unit's StateDirectory (/var/lib/jasper). The
+# controller host keeps a private CA in SSM (key: SecureString only its role may read), signs
+# the controller's certificate for its private address with it, and publishes the CA
+# certificate, which every other node fetches into /etc/jasper/controller-ca.pem (--ca-file).
 #
 # Inputs: /etc/jasper/deploy.env (written by the user data that Terraform renders) and the
 # repository files the user data unpacked under /opt/jasper/{units,chrony}. Idempotent: a rerun
@@ -17,6 +24,10 @@ CHRONY_INCLUDE_DIR=/etc/chrony/jasper.d # chrony.conf includes *.conf from here
 IMDS=http://169.254.169.254
 PTP_SYSFS=${JASPER_PTP_SYSFS:-/sys/class/ptp} # overridable so tests can present a PTP clock
 DEV_DIR=${JASPER_DEV_DIR:-/dev}
+JOIN_TOKEN_FILE=/etc/jasper/join-token
+SEED_FILE=/etc/jasper/join-token-hashes.json # written by the controller's user data
+CA_FILE=${JASPER_CA_FILE:-/etc/jasper/controller-ca.pem} # overridable for tests
+TLS_DIR=/etc/jasper/tls
 
 log() { printf 'jasper-setup: %s\n' "$*" >&2; }
 die() {
@@ -32,9 +43,12 @@ die() {
 : "${JASPER_PUBLISHER_NAME:?deploy.env lacks JASPER_PUBLISHER_NAME}"
 : "${JASPER_PACKAGE:?deploy.env lacks JASPER_PACKAGE}"
 : "${JASPER_CONTROLLER_URL:?deploy.env lacks JASPER_CONTROLLER_URL}"
+: "${JASPER_CONTROLLER_ADDR:?deploy.env lacks JASPER_CONTROLLER_ADDR}"
 : "${JASPER_CONTROLLER_PORT:?deploy.env lacks JASPER_CONTROLLER_PORT}"
-: "${JASPER_NODE_TOKEN_PARAMETER:?deploy.env lacks JASPER_NODE_TOKEN_PARAMETER}"
+: "${JASPER_JOIN_TOKEN_PARAMETER:?deploy.env lacks JASPER_JOIN_TOKEN_PARAMETER}"
 : "${JASPER_ADMIN_TOKEN_PARAMETER:?deploy.env lacks JASPER_ADMIN_TOKEN_PARAMETER}"
+: "${JASPER_CA_CERT_PARAMETER:?deploy.env lacks JASPER_CA_CERT_PARAMETER}"
+: "${JASPER_CA_KEY_PARAMETER:?deploy.env lacks JASPER_CA_KEY_PARAMETER}"
 : "${JASPER_RELAY_PORT:?deploy.env lacks JASPER_RELAY_PORT}"
 : "${JASPER_RECEIVER_PORT_BASE:?deploy.env lacks JASPER_RECEIVER_PORT_BASE}"
 : "${JASPER_ENDPOINTS:?deploy.env lacks JASPER_ENDPOINTS}"
@@ -84,13 +98,13 @@ install_packages() {
 		export DEBIAN_FRONTEND=noninteractive
 		retry 5 10 apt-get update -qq
 		retry 3 10 apt-get install -y -qq --no-install-recommends \
-			chrony curl ca-certificates python3 python3-venv python3-pip iproute2 ethtool
+			chrony curl ca-certificates openssl python3 python3-venv python3-pip iproute2 ethtool
 		if [ "$JASPER_ROLE" != controller ]; then
 			install_optional apt-get install -y -qq --no-install-recommends -- \
 				clang llvm libbpf-dev bpftool
 		fi
 	elif command -v dnf >/dev/null 2>&1; then
-		retry 3 10 dnf install -y -q chrony python3.11 python3.11-pip iproute ethtool
+		retry 3 10 dnf install -y -q chrony openssl python3.11 python3.11-pip iproute ethtool
 		command -v curl >/dev/null 2>&1 || retry 3 10 dnf install -y -q curl-minimal
 		if [ "$JASPER_ROLE" != controller ]; then
 			install_optional dnf install -y -q -- clang llvm libbpf-devel bpftool
@@ -244,12 +258,56 @@ install_aws_cli() {
 	echo "$AWSCLI_VENV/bin/aws"
 }
 
-# Prints the decrypted value of an SSM SecureString parameter. The instance role may take a
-# few seconds to become usable after launch, hence the retries.
+# Prints the decrypted value of an SSM parameter. Exit status 3: the parameter does not exist;
+# 1: any other failure (no permission, no network, the role not usable yet).
+ssm_lookup() {
+	local name=$1 err out status=0
+	err=$(mktemp)
+	out=$("$AWS" ssm get-parameter --region "$REGION" --name "$name" --with-decryption \
+		--query Parameter.Value --output text 2>"$err") || status=$?
+	if [ "$status" -eq 0 ]; then
+		rm -f "$err"
+		printf '%s\n' "$out"
+		return 0
+	fi
+	if grep -q ParameterNotFound "$err"; then
+		status=3
+	else
+		status=1
+		cat "$err" >&2
+	fi
+	rm -f "$err"
+	return "$status"
+}
+
+# ssm_lookup with retries over transient failures (the instance role may take a few seconds
+# to become usable after launch); a missing parameter is an answer, not a failure.
+ssm_lookup_retry() {
+	local name=$1 n status
+	for n in $(seq 1 20); do
+		status=0
+		ssm_lookup "$name" || status=$?
+		case "$status" in
+		0 | 3) return "$status" ;;
+		esac
+		log "retrying ($n/20): read SSM parameter $name"
+		sleep 6
+	done
+	return 1
+}
+
+ssm_put() {
+	local name=$1 type=$2 file=$3
+	shift 3
+	# file:// keeps the value (a private key) off the command line.
+	"$AWS" ssm put-parameter --region "$REGION" --name "$name" --type "$type" \
+		--value "file://$file" "$@" >/dev/null
+}
+
+# Prints the decrypted value of an SSM SecureString parameter holding a token.
 read_parameter() {
 	local name=$1 value
-	value=$(retry 20 6 "$AWS" ssm get-parameter --region "$REGION" --name "$name" \
-		--with-decryption --query Parameter.Value --output text) ||
+	value=$(ssm_lookup_retry "$name") ||
 		die "cannot read SSM parameter $name (does it exist, and may this role read it?)"
 	# Tokens go into EnvironmentFile= lines and files as they are; refuse anything that would
 	# need quoting there.
@@ -259,10 +317,154 @@ read_parameter() {
 	printf '%s' "$value"
 }
 
+# write_secret PATH MODE OWNER:GROUP CONTENT: the file is created with its final mode and
+# owner before the secret goes in.
 write_secret() {
-	local path=$1 content=$2
-	install -m 0640 -o root -g jasper /dev/null "$path"
+	local path=$1 mode=$2 owner=$3 content=$4
+	install -m "$mode" -o "${owner%%:*}" -g "${owner##*:}" /dev/null "$path"
 	printf '%s\n' "$content" >"$path"
+}
+
+# ---------------------------------------------------------------------------------------------
+# TLS: a private CA and the controller's certificate (openssl; the deployment's Terraform has
+# no tls provider, so the controller host makes them at first boot)
+# ---------------------------------------------------------------------------------------------
+
+# make_ca_key DIR: a new EC P-256 key for the CA, DIR/ca.key (0600).
+make_ca_key() {
+	(umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1/ca.key")
+}
+
+# make_ca_cert DIR: the CA's self-signed certificate (10 years) for DIR/ca.key, DIR/ca.pem.
+make_ca_cert() {
+	local dir=$1
+	cat >"$dir/ca.cnf" <<CACNF
+[req]
+distinguished_name = dn
+prompt = no
+x509_extensions = v3_ca
+[dn]
+CN = Jasper controller CA ($JASPER_PUBLISHER_NAME)
+[v3_ca]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+CACNF
+	openssl req -x509 -new -config "$dir/ca.cnf" -key "$dir/ca.key" -sha256 -days 3650 \
+		-set_serial "0x$(openssl rand -hex 16)" -out "$dir/ca.pem"
+}
+
+# make_controller_cert CA_DIR OUT_DIR NAME...: OUT_DIR/controller.key and controller.crt
+# (2 years), signed by the CA in CA_DIR, valid for every NAME: IPv4/IPv6 literals become IP
+# subject alternative names, anything else a DNS name. Empty names are skipped.
+make_controller_cert() {
+	local ca=$1 out=$2 san="" name
+	shift 2
+	for name in "$@"; do
+		[ -n "$name" ] || continue
+		if [[ $name =~ ^[0-9.]+$ || $name == *:* ]]; then
+			san+="${san:+, }IP:$name"
+		else
+			san+="${san:+, }DNS:$name"
+		fi
+	done
+	[ -n "$san" ] || die "make_controller_cert: no address to certify"
+	cat >"$ca/leaf.cnf" <<LEAFCNF
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = $1
+[v3_leaf]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = $san
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+LEAFCNF
+	(umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+		-out "$out/controller.key")
+	openssl req -new -config "$ca/leaf.cnf" -key "$out/controller.key" -out "$ca/controller.csr"
+	openssl x509 -req -in "$ca/controller.csr" -CA "$ca/ca.pem" -CAkey "$ca/ca.key" \
+		-set_serial "0x$(openssl rand -hex 16)" -days 730 -sha256 \
+		-extfile "$ca/leaf.cnf" -extensions v3_leaf -out "$out/controller.crt"
+}
+
+# True when the certificate FILE is for the private key KEY.
+cert_matches_key() {
+	[ "$(openssl x509 -noout -pubkey -in "$1" 2>/dev/null)" = "$(openssl pkey -pubout -in "$2")" ]
+}
+
+# ensure_ca DIR: the deployment's CA into DIR (ca.key, ca.pem). The CA lives in SSM, so that
+# a rebuilt controller host signs with the same CA and the nodes' copies of its certificate
+# stay valid: the key as a SecureString only the controller's role may read or write, the
+# certificate as a String every node may read. Made here on the first boot of the first
+# controller host.
+ensure_ca() {
+	local dir=$1 key cert status=0
+	key=$(ssm_lookup_retry "$JASPER_CA_KEY_PARAMETER") || status=$?
+	if [ "$status" -eq 0 ] && [[ $key == "-----BEGIN PRIVATE KEY-----"* ]]; then
+		(umask 077 && printf '%s\n' "$key" >"$dir/ca.key")
+		log "TLS: CA key from $JASPER_CA_KEY_PARAMETER"
+	elif [ "$status" -eq 3 ]; then
+		make_ca_key "$dir"
+		ssm_put "$JASPER_CA_KEY_PARAMETER" SecureString "$dir/ca.key" ||
+			die "cannot store the CA key in SSM parameter $JASPER_CA_KEY_PARAMETER"
+		log "TLS: new CA key stored in $JASPER_CA_KEY_PARAMETER"
+	elif [ "$status" -eq 0 ]; then
+		die "SSM parameter $JASPER_CA_KEY_PARAMETER holds no PEM private key"
+	else
+		die "cannot read SSM parameter $JASPER_CA_KEY_PARAMETER (may this role read it?)"
+	fi
+	status=0
+	cert=$(ssm_lookup_retry "$JASPER_CA_CERT_PARAMETER") || status=$?
+	if [ "$status" -eq 0 ]; then
+		printf '%s\n' "$cert" >"$dir/ca.pem"
+	fi
+	if [ "$status" -ne 0 ] || ! cert_matches_key "$dir/ca.pem" "$dir/ca.key"; then
+		make_ca_cert "$dir"
+		ssm_put "$JASPER_CA_CERT_PARAMETER" String "$dir/ca.pem" --overwrite ||
+			die "cannot publish the CA certificate in SSM parameter $JASPER_CA_CERT_PARAMETER"
+		log "TLS: CA certificate published in $JASPER_CA_CERT_PARAMETER"
+	fi
+}
+
+# The controller's certificate, for the address the agents use (JASPER_CONTROLLER_ADDR, the
+# host in JASPER_CONTROLLER_URL), the instance's private DNS name and, when it has one, its
+# public address (operators from admin_cidrs).
+setup_controller_tls() {
+	local work public_ip hostname
+	work=$(mktemp -d)
+	ensure_ca "$work"
+	hostname=$(imds_get local-hostname || true)
+	public_ip=$(imds_get public-ipv4 2>/dev/null || true)
+	install -d -m 0750 -o root -g jasper "$TLS_DIR"
+	make_controller_cert "$work" "$work" "$JASPER_CONTROLLER_ADDR" "$hostname" "$public_ip"
+	install -m 0640 -o root -g jasper "$work/controller.key" "$TLS_DIR/controller.key"
+	install -m 0644 "$work/controller.crt" "$TLS_DIR/controller.crt"
+	install -m 0644 "$work/ca.pem" "$CA_FILE"
+	rm -rf "$work"
+}
+
+# Every other node: the CA certificate the controller host publishes, once it has. The
+# controller may still be installing, so wait for it (bounded).
+fetch_ca_cert() {
+	local n cert status
+	for n in $(seq 1 120); do
+		status=0
+		cert=$(ssm_lookup "$JASPER_CA_CERT_PARAMETER") || status=$?
+		if [ "$status" -eq 0 ] && [[ $cert == "-----BEGIN CERTIFICATE-----"* ]]; then
+			install -m 0644 /dev/null "$CA_FILE"
+			printf '%s\n' "$cert" >"$CA_FILE"
+			openssl x509 -noout -in "$CA_FILE" || die "$JASPER_CA_CERT_PARAMETER holds no certificate"
+			return 0
+		fi
+		log "waiting for the controller's CA certificate in $JASPER_CA_CERT_PARAMETER ($n/120)"
+		sleep 10
+	done
+	die "no CA certificate in SSM parameter $JASPER_CA_CERT_PARAMETER after 20 minutes: is the controller host up?"
 }
 
 write_node_env() {
@@ -310,16 +512,24 @@ main() {
 
 	AWS=$(install_aws_cli)
 	# Assignments, not arguments: a failed read then stops the script (set -e).
-	local node_token admin_token
-	node_token=$(read_parameter "$JASPER_NODE_TOKEN_PARAMETER")
-	write_secret /etc/jasper/node-token "$node_token"
+	local join_token admin_token
+	join_token=$(read_parameter "$JASPER_JOIN_TOKEN_PARAMETER")
 	if [ "$JASPER_ROLE" = controller ]; then
+		# On the controller host the join token is the publisher's, which runs as jasper.
+		write_secret "$JOIN_TOKEN_FILE" 0600 jasper:jasper "$join_token"
 		admin_token=$(read_parameter "$JASPER_ADMIN_TOKEN_PARAMETER")
-		write_secret /etc/jasper/controller.env \
-			"$(printf 'JASPER_ADMIN_TOKEN=%s\nJASPER_NODE_TOKEN=%s' "$admin_token" "$node_token")"
+		write_secret /etc/jasper/controller.env 0640 root:jasper \
+			"$(printf 'JASPER_ADMIN_TOKEN=%s' "$admin_token")"
+		[ -s "$SEED_FILE" ] || die "$SEED_FILE (the nodes' join token hashes) is missing"
+		setup_controller_tls
+	else
+		write_secret "$JOIN_TOKEN_FILE" 0600 root:root "$join_token"
 	fi
 
 	install_jasper
+	if [ "$JASPER_ROLE" != controller ]; then
+		fetch_ca_cert
+	fi
 	write_node_env
 	start_units
 	touch /var/lib/jasper/setup-done

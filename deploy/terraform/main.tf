@@ -1,6 +1,11 @@
 # Jasper in one AWS region: network, cluster placement group, security groups, node identity,
 # and the controller, relay and receiver hosts whose first boot installs the project, syncs
 # chrony to the Amazon Time Sync Service and starts the daemons.
+#
+# Control channel: every node enrols with its own one-time join token (an SSM SecureString
+# only that node's role may read; the controller is given only the tokens' SHA-256) and then
+# talks to the controller over HTTPS, verified against a private CA that the controller host
+# makes at first boot and publishes in SSM (docs/deploy-aws.md, "Tokens" and "TLS").
 
 locals {
   create_network = var.existing_network == null
@@ -12,19 +17,45 @@ locals {
 
   # The controller gets a fixed address so every node's user data can name it at plan time.
   controller_private_ip = cidrhost(local.subnet_cidr, var.controller_host_number)
-  controller_url        = "http://${local.controller_private_ip}:${var.controller_port}"
+  controller_url        = "https://${local.controller_private_ip}:${var.controller_port}"
 
-  node_token_parameter  = coalesce(var.node_token_parameter, "/${var.name}/node-token")
   admin_token_parameter = coalesce(var.admin_token_parameter, "/${var.name}/admin-token")
+  ca_cert_parameter     = "/${var.name}/tls/ca-cert"
+  ca_key_parameter      = "/${var.name}/tls/ca-key"
+
+  controller_name = "${var.name}-controller"
+  publisher_name  = "${var.name}-publisher"
+  relay_names     = [for i in range(var.relay_count) : format("%s-relay-%03d", var.name, i)]
+  receiver_names  = [for i in range(var.receiver_count) : format("%s-receiver-%04d", var.name, i)]
+
+  # Every name that enrols with the controller: each relay and receiver host, and the
+  # publisher on the controller host (made even when run_publisher is false, so that it can
+  # be started by hand later).
+  joining_nodes        = concat(local.relay_names, local.receiver_names, [local.publisher_name])
+  join_token_parameter = { for n in local.joining_nodes : n => "/${var.name}/join-token/${n}" }
+
+  # One join token per node. The random provider is not part of this deployment's offline
+  # provider set, and Terraform has no random function whose value is known at plan time, so
+  # each token is derived from the operator's 256-bit join_token_secret with a nested keyed
+  # SHA-256 (no length extension): knowing one node's token reveals nothing of another's.
+  # token_version takes part, so raising it issues every node a new token.
+  join_token = {
+    for n in local.joining_nodes : n => sha256(join(":", [
+      "jasper-join-token-v1", var.join_token_secret,
+      sha256(join(":", ["jasper-join-token-v1", var.join_token_secret, n, tostring(var.token_version)])),
+    ]))
+  }
+  # What the controller is given (--seed-join-tokens): the SHA-256 of each token, which is
+  # what it stores and compares. A hash of a 256-bit token reveals nothing usable.
+  join_token_hashes = { for n in local.joining_nodes : n => nonsensitive(sha256(local.join_token[n])) }
 
   # ARNs built from names, with region and account wildcarded: knowing them would need a call
   # to AWS at plan time.
-  node_token_arn  = "arn:${var.aws_partition}:ssm:*:*:parameter/${trimprefix(local.node_token_parameter, "/")}"
-  admin_token_arn = "arn:${var.aws_partition}:ssm:*:*:parameter/${trimprefix(local.admin_token_parameter, "/")}"
-
-  controller_name = "${var.name}-controller"
-  relay_names     = [for i in range(var.relay_count) : format("%s-relay-%03d", var.name, i)]
-  receiver_names  = [for i in range(var.receiver_count) : format("%s-receiver-%04d", var.name, i)]
+  parameter_arn_prefix = "arn:${var.aws_partition}:ssm:*:*:parameter/"
+  admin_token_arn      = "${local.parameter_arn_prefix}${trimprefix(local.admin_token_parameter, "/")}"
+  ca_cert_arn          = "${local.parameter_arn_prefix}${trimprefix(local.ca_cert_parameter, "/")}"
+  ca_key_arn           = "${local.parameter_arn_prefix}${trimprefix(local.ca_key_parameter, "/")}"
+  join_token_arn       = { for n, p in local.join_token_parameter : n => "${local.parameter_arn_prefix}${trimprefix(p, "/")}" }
 
   deploy_dir = "${path.module}/.."
 
@@ -35,14 +66,17 @@ locals {
   }
 
   # Settings every node's setup script reads from /etc/jasper/deploy.env (no secrets here: the
-  # tokens are fetched from SSM at boot).
+  # tokens are fetched from SSM at boot, each node's by that node only).
   common_env = {
     JASPER_PACKAGE               = var.jasper_package
     JASPER_CONTROLLER_URL        = local.controller_url
+    JASPER_CONTROLLER_ADDR       = local.controller_private_ip
     JASPER_CONTROLLER_PORT       = tostring(var.controller_port)
-    JASPER_PUBLISHER_NAME        = "${var.name}-publisher"
-    JASPER_NODE_TOKEN_PARAMETER  = local.node_token_parameter
+    JASPER_PUBLISHER_NAME        = local.publisher_name
+    JASPER_JOIN_TOKEN_PARAMETER  = ""
     JASPER_ADMIN_TOKEN_PARAMETER = local.admin_token_parameter
+    JASPER_CA_CERT_PARAMETER     = local.ca_cert_parameter
+    JASPER_CA_KEY_PARAMETER      = local.ca_key_parameter
     JASPER_RELAY_PORT            = tostring(var.relay_port)
     JASPER_RECEIVER_PORT_BASE    = tostring(var.receiver_port_base)
     JASPER_ENDPOINTS             = tostring(var.endpoints_per_receiver)
@@ -59,17 +93,26 @@ locals {
     [for n in local.receiver_names : { role = "receiver", name = n }],
   )
 
+  # The setup script without its comment lines (the commented copy is in the repository): the
+  # controller's user data also carries a SHA-256 per joining node and must stay under EC2's
+  # 16 KiB (docs/deploy-aws.md, "Tokens").
+  setup_script = replace(file("${local.deploy_dir}/cloud-init/jasper-node-setup.sh"), "/(?m)^[ \t]*#(?:[^!\n][^\n]*)?\n/", "")
+
   user_data = {
     for node in local.nodes : node.name => templatefile("${local.deploy_dir}/cloud-init/user-data.sh.tftpl", {
       deploy_env = merge(local.common_env, {
         JASPER_ROLE      = node.role
         JASPER_NODE_NAME = node.name
         JASPER_UNITS     = join(" ", local.units_by_role[node.role])
+        # The controller host holds the publisher's join token; every other node its own.
+        JASPER_JOIN_TOKEN_PARAMETER = local.join_token_parameter[node.role == "controller" ? local.publisher_name : node.name]
       })
-      unit_files   = { for u in local.units_by_role[node.role] : u => file("${local.deploy_dir}/systemd/${u}") }
-      chrony_conf  = file("${local.deploy_dir}/chrony/chrony.conf")
-      phc_conf     = file("${local.deploy_dir}/chrony/jasper-phc.conf")
-      setup_script = file("${local.deploy_dir}/cloud-init/jasper-node-setup.sh")
+      # Only the controller is given the join tokens, and only as hashes.
+      join_token_hashes = node.role == "controller" ? jsonencode(local.join_token_hashes) : ""
+      unit_files        = { for u in local.units_by_role[node.role] : u => file("${local.deploy_dir}/systemd/${u}") }
+      chrony_conf       = file("${local.deploy_dir}/chrony/chrony.conf")
+      phc_conf          = file("${local.deploy_dir}/chrony/jasper-phc.conf")
+      setup_script      = local.setup_script
     })
   }
 
@@ -127,17 +170,19 @@ resource "aws_ec2_subnet_cidr_reservation" "controller" {
   description      = "Jasper controller ${local.controller_name}"
 }
 
-resource "aws_ssm_parameter" "node_token" {
-  count = nonsensitive(var.node_token != null) ? 1 : 0
+# One SecureString per node holding its join token; only that node's instance role may read
+# it (modules/node_role).
+resource "aws_ssm_parameter" "join_token" {
+  for_each = local.join_token_parameter
 
-  name        = local.node_token_parameter
-  description = "Token Jasper nodes present to the controller"
+  name        = each.value
+  description = "One-time join token of Jasper node ${each.key}"
   type        = "SecureString"
   # Write-only: the provider sends the value to SSM and never stores it in the state.
-  value_wo         = var.node_token
+  value_wo         = local.join_token[each.key]
   value_wo_version = var.token_version
 
-  tags = var.tags
+  tags = merge(var.tags, { JasperNode = each.key })
 }
 
 resource "aws_ssm_parameter" "admin_token" {
@@ -153,21 +198,27 @@ resource "aws_ssm_parameter" "admin_token" {
   tags = var.tags
 }
 
+# The controller host reads the admin token and the publisher's join token, and keeps the
+# private CA: it reads its key back on a rebuild, and writes key and certificate once.
 module "controller_role" {
   source = "./modules/node_role"
 
   name                   = "${var.name}-controller"
-  token_parameter_arns   = [local.node_token_arn, local.admin_token_arn]
+  read_parameter_arns    = [local.admin_token_arn, local.join_token_arn[local.publisher_name], local.ca_cert_arn, local.ca_key_arn]
+  write_parameter_arns   = [local.ca_cert_arn, local.ca_key_arn]
   enable_session_manager = var.enable_session_manager
   aws_partition          = var.aws_partition
   tags                   = var.tags
 }
 
+# A role per relay and receiver host: it reads its own join token and the CA certificate,
+# nothing else.
 module "node_role" {
-  source = "./modules/node_role"
+  source   = "./modules/node_role"
+  for_each = toset(concat(local.relay_names, local.receiver_names))
 
-  name                   = "${var.name}-node"
-  token_parameter_arns   = [local.node_token_arn]
+  name                   = each.key
+  read_parameter_arns    = [local.join_token_arn[each.key], local.ca_cert_arn]
   enable_session_manager = var.enable_session_manager
   aws_partition          = var.aws_partition
   tags                   = var.tags
@@ -176,23 +227,23 @@ module "node_role" {
 module "controller" {
   source = "./modules/node_group"
 
-  role                 = "controller"
-  node_names           = [local.controller_name]
-  user_data            = [local.user_data[local.controller_name]]
-  private_ips          = [local.controller_private_ip]
-  instance_type        = var.controller_instance_type
-  ami_id               = var.ami_id
-  subnet_id            = local.subnet_id
-  security_group_ids   = concat(local.data_plane_sgs, [module.security.controller_security_group_id])
-  placement_group      = aws_placement_group.this.name
-  iam_instance_profile = module.controller_role.instance_profile_name
-  key_name             = local.ssh_key_name
-  associate_public_ip  = var.assign_public_ip
-  root_volume_size_gb  = var.root_volume_size_gb
-  tags                 = var.tags
+  role                  = "controller"
+  node_names            = [local.controller_name]
+  user_data             = [local.user_data[local.controller_name]]
+  private_ips           = [local.controller_private_ip]
+  instance_type         = var.controller_instance_type
+  ami_id                = var.ami_id
+  subnet_id             = local.subnet_id
+  security_group_ids    = concat(local.data_plane_sgs, [module.security.controller_security_group_id])
+  placement_group       = aws_placement_group.this.name
+  iam_instance_profiles = [module.controller_role.instance_profile_name]
+  key_name              = local.ssh_key_name
+  associate_public_ip   = var.assign_public_ip
+  root_volume_size_gb   = var.root_volume_size_gb
+  tags                  = var.tags
 
   depends_on = [
-    aws_ssm_parameter.node_token,
+    aws_ssm_parameter.join_token,
     aws_ssm_parameter.admin_token,
     aws_ec2_subnet_cidr_reservation.controller,
   ]
@@ -201,41 +252,41 @@ module "controller" {
 module "relays" {
   source = "./modules/node_group"
 
-  role                 = "relay"
-  node_names           = local.relay_names
-  user_data            = [for n in local.relay_names : local.user_data[n]]
-  instance_type        = var.relay_instance_type
-  ami_id               = var.ami_id
-  subnet_id            = local.subnet_id
-  security_group_ids   = local.data_plane_sgs
-  placement_group      = aws_placement_group.this.name
-  iam_instance_profile = module.node_role.instance_profile_name
-  key_name             = local.ssh_key_name
-  associate_public_ip  = var.assign_public_ip
-  root_volume_size_gb  = var.root_volume_size_gb
-  tags                 = var.tags
+  role                  = "relay"
+  node_names            = local.relay_names
+  user_data             = [for n in local.relay_names : local.user_data[n]]
+  iam_instance_profiles = [for n in local.relay_names : module.node_role[n].instance_profile_name]
+  instance_type         = var.relay_instance_type
+  ami_id                = var.ami_id
+  subnet_id             = local.subnet_id
+  security_group_ids    = local.data_plane_sgs
+  placement_group       = aws_placement_group.this.name
+  key_name              = local.ssh_key_name
+  associate_public_ip   = var.assign_public_ip
+  root_volume_size_gb   = var.root_volume_size_gb
+  tags                  = var.tags
 
-  depends_on = [aws_ssm_parameter.node_token, aws_ec2_subnet_cidr_reservation.controller]
+  depends_on = [aws_ssm_parameter.join_token, aws_ec2_subnet_cidr_reservation.controller]
 }
 
 module "receivers" {
   source = "./modules/node_group"
 
-  role                 = "receiver"
-  node_names           = local.receiver_names
-  user_data            = [for n in local.receiver_names : local.user_data[n]]
-  instance_type        = var.receiver_instance_type
-  ami_id               = var.ami_id
-  subnet_id            = local.subnet_id
-  security_group_ids   = local.data_plane_sgs
-  placement_group      = aws_placement_group.this.name
-  iam_instance_profile = module.node_role.instance_profile_name
-  key_name             = local.ssh_key_name
-  associate_public_ip  = var.assign_public_ip
-  root_volume_size_gb  = var.root_volume_size_gb
-  tags                 = var.tags
+  role                  = "receiver"
+  node_names            = local.receiver_names
+  user_data             = [for n in local.receiver_names : local.user_data[n]]
+  iam_instance_profiles = [for n in local.receiver_names : module.node_role[n].instance_profile_name]
+  instance_type         = var.receiver_instance_type
+  ami_id                = var.ami_id
+  subnet_id             = local.subnet_id
+  security_group_ids    = local.data_plane_sgs
+  placement_group       = aws_placement_group.this.name
+  key_name              = local.ssh_key_name
+  associate_public_ip   = var.assign_public_ip
+  root_volume_size_gb   = var.root_volume_size_gb
+  tags                  = var.tags
 
-  depends_on = [aws_ssm_parameter.node_token, aws_ec2_subnet_cidr_reservation.controller]
+  depends_on = [aws_ssm_parameter.join_token, aws_ec2_subnet_cidr_reservation.controller]
 }
 
 # ---------------------------------------------------------------------------------------------

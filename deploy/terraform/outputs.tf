@@ -1,11 +1,11 @@
 output "controller_url" {
-  description = "Controller API URL on its private address, as the nodes use it."
+  description = "Controller API URL (HTTPS) on its private address, as the nodes use it. Verify it against the CA certificate in ca_cert_parameter."
   value       = local.controller_url
 }
 
 output "controller_public_url" {
-  description = "Controller API URL on its public address, reachable only from admin_cidrs (null without a public address)."
-  value       = var.assign_public_ip ? "http://${module.controller.public_ips[0]}:${var.controller_port}" : null
+  description = "Controller API URL (HTTPS; the certificate names this address too) on its public address, reachable only from admin_cidrs (null without a public address)."
+  value       = var.assign_public_ip ? "https://${module.controller.public_ips[0]}:${var.controller_port}" : null
 }
 
 output "controller_private_ip" {
@@ -57,9 +57,14 @@ output "subnet_id" {
   value       = local.subnet_id
 }
 
-output "node_token_parameter" {
-  description = "Name (not value) of the SSM SecureString parameter holding the node token."
-  value       = local.node_token_parameter
+output "join_token_parameters" {
+  description = "Map of node name to the name (not value) of the SSM SecureString parameter holding its one-time join token; only that node's instance role may read it."
+  value       = local.join_token_parameter
+}
+
+output "ca_cert_parameter" {
+  description = "Name of the SSM String parameter where the controller host publishes the private CA's certificate (PEM) at first boot: pass it to jasper's --ca-file to reach the API."
+  value       = local.ca_cert_parameter
 }
 
 output "admin_token_parameter" {

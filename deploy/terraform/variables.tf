@@ -140,7 +140,7 @@ variable "admin_cidrs" {
 }
 
 variable "allow_public_admin_api" {
-  description = "Allow a /0 block in admin_cidrs. The API is plain HTTP guarded by tokens; leave this false."
+  description = "Allow a /0 block in admin_cidrs. The API is HTTPS with a private CA, guarded by tokens; leave this false."
   type        = bool
   default     = false
 }
@@ -378,17 +378,6 @@ variable "publisher_rate" {
 # Tokens (SSM Parameter Store)
 # ---------------------------------------------------------------------------------------------
 
-variable "node_token_parameter" {
-  description = "Name of the SSM SecureString parameter holding the token nodes present to the controller. Null means /<name>/node-token."
-  type        = string
-  default     = null
-
-  validation {
-    condition     = var.node_token_parameter == null || can(regex("^/[A-Za-z0-9_./-]+$", var.node_token_parameter))
-    error_message = "node_token_parameter must be a path-style SSM parameter name such as /jasper/node-token."
-  }
-}
-
 variable "admin_token_parameter" {
   description = "Name of the SSM SecureString parameter holding the controller's admin token. Null means /<name>/admin-token."
   type        = string
@@ -400,15 +389,15 @@ variable "admin_token_parameter" {
   }
 }
 
-variable "node_token" {
-  description = "When set, Terraform creates the node-token SecureString parameter with this value, as a write-only argument that never enters the state. When null, the parameter must already exist."
+variable "join_token_secret" {
+  description = "256-bit secret (e.g. openssl rand -hex 32) from which Terraform derives each node's own one-time join token. Each token goes write-only into its node's SSM SecureString (never into the state); the controller gets only their SHA-256. Keep it like the admin token."
   type        = string
-  default     = null
   sensitive   = true
+  nullable    = false
 
   validation {
-    condition     = var.node_token == null ? true : can(regex("^[A-Za-z0-9._~+/=-]{32,}$", var.node_token))
-    error_message = "node_token must be at least 32 characters of A-Z a-z 0-9 . _ ~ + / = - (e.g. openssl rand -hex 32)."
+    condition     = can(regex("^[A-Za-z0-9._~+/=-]{32,}$", var.join_token_secret))
+    error_message = "join_token_secret must be at least 32 characters of A-Z a-z 0-9 . _ ~ + / = - (e.g. openssl rand -hex 32)."
   }
 }
 
@@ -425,7 +414,7 @@ variable "admin_token" {
 }
 
 variable "token_version" {
-  description = "Version of node_token and admin_token: write-only values are not compared with the state, so raise this to push changed tokens to SSM."
+  description = "Version of the join tokens and admin_token: write-only values are not compared with the state, so raise this to push a changed admin token to SSM; raising it also issues every node a new join token (and so rebuilds the controller host, whose user data carries their hashes)."
   type        = number
   default     = 1
 

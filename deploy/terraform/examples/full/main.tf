@@ -1,6 +1,7 @@
 # Full Jasper deployment for 1000 market-participant endpoints: one controller and publisher
 # host, 111 relays (fan-out 10, depth 3) and 50 receiver hosts with 20 endpoints each. The
-# tokens live in SSM parameters created beforehand (docs/deploy-aws.md), never in the state.
+# admin token lives in an SSM parameter created beforehand (docs/deploy-aws.md); each node's
+# join token is written write-only to its own parameter. No token enters the state.
 
 provider "aws" {
   region = var.region
@@ -28,6 +29,7 @@ module "jasper" {
   ami_id            = var.ami_id
   jasper_package    = var.jasper_package
   admin_cidrs       = var.admin_cidrs
+  join_token_secret = var.join_token_secret
 
   fast_path = "auto"
 

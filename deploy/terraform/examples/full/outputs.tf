@@ -23,9 +23,9 @@ output "endpoint_count" {
   value       = module.jasper.endpoint_count
 }
 
-output "node_token_parameter" {
-  description = "SSM parameter (name only) holding the node token."
-  value       = module.jasper.node_token_parameter
+output "ca_cert_parameter" {
+  description = "SSM parameter (name only) where the controller host publishes the CA certificate that verifies the API (HTTPS)."
+  value       = module.jasper.ca_cert_parameter
 }
 
 output "hourly_cost_usd" {

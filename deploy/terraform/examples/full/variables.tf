@@ -36,6 +36,12 @@ variable "admin_cidrs" {
   default     = []
 }
 
+variable "join_token_secret" {
+  description = "Secret from which each node's own one-time join token is derived (openssl rand -hex 32). Terraform writes every token write-only to its node's SSM SecureString; the controller gets only their hashes."
+  type        = string
+  sensitive   = true
+}
+
 variable "relay_count" {
   description = "Number of relays: the tree of fan-out 10 and depth 3 over 1000 endpoints needs 1 + 10 + 100 (jasper.tree.tree_shape)."
   type        = number

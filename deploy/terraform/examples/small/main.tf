@@ -27,8 +27,8 @@ module "jasper" {
   jasper_package    = var.jasper_package
   admin_cidrs       = var.admin_cidrs
 
-  node_token  = var.node_token
-  admin_token = var.admin_token
+  join_token_secret = var.join_token_secret
+  admin_token       = var.admin_token
 
   controller_instance_type = var.controller_instance_type
   relay_instance_type      = var.relay_instance_type

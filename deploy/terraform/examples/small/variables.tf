@@ -36,10 +36,9 @@ variable "admin_cidrs" {
   default     = []
 }
 
-variable "node_token" {
-  description = "Node token; when set, Terraform stores it as an SSM SecureString (write-only, kept out of the state). When null, create /jasper-small/node-token yourself."
+variable "join_token_secret" {
+  description = "Secret from which each node's own one-time join token is derived (openssl rand -hex 32). Terraform writes every token write-only to its node's SSM SecureString; the controller gets only their hashes."
   type        = string
-  default     = null
   sensitive   = true
 }
 

@@ -9,7 +9,7 @@ resource "aws_instance" "this" {
   subnet_id            = var.subnet_id
   private_ip           = length(var.private_ips) > 0 ? var.private_ips[count.index] : null
   placement_group      = var.placement_group
-  iam_instance_profile = var.iam_instance_profile
+  iam_instance_profile = var.iam_instance_profiles[count.index]
   key_name             = var.key_name
 
   vpc_security_group_ids      = var.security_group_ids
@@ -41,6 +41,10 @@ resource "aws_instance" "this" {
     precondition {
       condition     = length(var.user_data) == length(var.node_names)
       error_message = "user_data needs one entry per node name."
+    }
+    precondition {
+      condition     = length(var.iam_instance_profiles) == length(var.node_names)
+      error_message = "iam_instance_profiles needs one entry per node name."
     }
     precondition {
       condition     = length(var.private_ips) == 0 || length(var.private_ips) == length(var.node_names)

@@ -54,9 +54,9 @@ variable "placement_group" {
   type        = string
 }
 
-variable "iam_instance_profile" {
-  description = "Instance profile that lets the node read its tokens from SSM."
-  type        = string
+variable "iam_instance_profiles" {
+  description = "Instance profile per instance, in the order of node_names: each lets its node read its own join token from SSM."
+  type        = list(string)
 }
 
 variable "key_name" {

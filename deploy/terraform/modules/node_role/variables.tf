@@ -3,14 +3,20 @@ variable "name" {
   type        = string
 }
 
-variable "token_parameter_arns" {
-  description = "ARNs of the SSM SecureString parameters (tokens) the instances may read at boot."
+variable "read_parameter_arns" {
+  description = "ARNs of the SSM parameters the instances may read (ssm:GetParameter): the node's own join token, the CA certificate and, on the controller host, the admin token and the CA key."
   type        = list(string)
 
   validation {
-    condition     = length(var.token_parameter_arns) > 0
-    error_message = "At least one token parameter ARN is needed; nodes cannot join the controller without the node token."
+    condition     = length(var.read_parameter_arns) > 0
+    error_message = "At least one parameter ARN is needed; a node cannot join the controller without its join token."
   }
+}
+
+variable "write_parameter_arns" {
+  description = "ARNs of the SSM parameters the instances may write (ssm:PutParameter): the private CA's key and certificate, on the controller host only. Empty for every other node."
+  type        = list(string)
+  default     = []
 }
 
 variable "enable_session_manager" {
