@@ -435,13 +435,11 @@ ensure_ca() {
 # host in JASPER_CONTROLLER_URL), the instance's private DNS name and, when it has one, its
 # public address (operators from admin_cidrs).
 setup_controller_tls() {
-	local work public_ip hostname
+	local work
 	work=$(mktemp -d)
 	ensure_ca "$work"
-	hostname=$(imds_get local-hostname || true)
-	public_ip=$(imds_get public-ipv4 2>/dev/null || true)
 	install -d -m 0750 -o root -g jasper "$TLS_DIR"
-	make_controller_cert "$work" "$work" "$JASPER_CONTROLLER_ADDR" "$hostname" "$public_ip"
+	make_controller_cert "$work" "$work" "$JASPER_CONTROLLER_ADDR" "$PRIVATE_DNS" "$PUBLIC_IP"
 	install -m 0640 -o root -g jasper "$work/controller.key" "$TLS_DIR/controller.key"
 	install -m 0644 "$work/controller.crt" "$TLS_DIR/controller.crt"
 	install -m 0644 "$work/ca.pem" "$CA_FILE"
@@ -509,6 +507,10 @@ main() {
 	IMDS_TOKEN=$(retry 5 2 imds_token)
 	DATA_ADDR=$(retry 5 2 imds_get local-ipv4)
 	REGION=$(retry 5 2 imds_get placement/region)
+	# Names the controller's certificate carries besides its private address (the IMDS token
+	# is short-lived: read them now). No public address: empty.
+	PRIVATE_DNS=$(imds_get local-hostname || true)
+	PUBLIC_IP=$(imds_get public-ipv4 2>/dev/null || true)
 
 	AWS=$(install_aws_cli)
 	# Assignments, not arguments: a failed read then stops the script (set -e).
