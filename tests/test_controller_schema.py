@@ -35,8 +35,12 @@ def test_schemathesis_finds_no_server_errors(tmp_path: Path) -> None:
         )
         ctl.create_stream(1, "md")
         _, mp_token = ctl.create_mp("fuzz")
-        # As admin (every admin and node route) and as an MP (subscriptions).
-        for token in (ctl.admin_token, mp_token):
+        # A node's own credential, enrolled with a join token (issue 15 item 3).
+        join = ctl.call("POST", "/v1/join-tokens", json={"nodes": ["rx0"]})["token"]
+        node_token = ctl.call("POST", "/v1/nodes/enrol", json={"join_token": join})["credential"]
+        # As admin (every admin and node route), as an MP (subscriptions) and as a node (its
+        # own routes; every other name is a 403, never a 5xx).
+        for token in (ctl.admin_token, mp_token, node_token):
             run = subprocess.run(
                 [
                     exe,
