@@ -1056,6 +1056,22 @@ class ReceiverFastPath(_Attachment):
             raise
         log.info("receiver fast path of %s attached on %s (%s)", self.node, self.ifname, self.hook)
 
+    def set_ports(self, ports: Sequence[int]) -> None:
+        """The endpoint ports filtered (a plan that adds endpoints adds theirs); new ones go in
+        before stale ones leave. A port not listed passes to user space unfiltered."""
+        wanted = tuple(dict.fromkeys(int(p) for p in ports))
+        for p in wanted:
+            if not 0 < p < 65536:
+                raise ValueError(f"port {p} out of range")
+        m = self._map("recv_ports")
+        for p in wanted:
+            m.update(struct.pack("!H", p), b"\1")
+        keep = {struct.pack("!H", p) for p in wanted}
+        for key in list(m.keys()):
+            if key not in keep:
+                m.delete(key)
+        self.ports = wanted
+
     def set_parents(self, parents: Sequence[tuple[str, int]]) -> None:
         """Allow-list of (source IPv4, source port or 0 for any). New entries go in before stale
         ones leave, so a parent present in both lists is never refused in between."""

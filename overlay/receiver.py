@@ -905,6 +905,8 @@ class Receiver:
         if self.native is not None:
             self.native.apply_plan(topo, self.delay.model)
         if self.fast_path is not None:
+            # Endpoints this plan added are filtered too, not only those of the first plan.
+            self.fast_path.set_ports([ep.config.port for ep in self.endpoints])
             self.fast_path.set_parents(self._parent_rows())
 
     def owd_reports(self) -> list[dict[str, Any]]:
