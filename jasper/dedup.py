@@ -59,6 +59,10 @@ class DedupRing:
     def size(self) -> int:
         return self._mask + 1
 
+    def seen(self, session: int, seq: int) -> bool:
+        """Whether (session, seq) is held: `check` would call it DUPLICATE. Changes nothing."""
+        return session == self.session and seq != 0 and self._slots[seq & self._mask] == seq
+
     def check(self, session: int, seq: int, ahead: int = 0) -> Verdict:
         """Classify one copy and remember it when accepted.
 

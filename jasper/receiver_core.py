@@ -456,6 +456,21 @@ class ReceiverCore:
             if key is None:
                 counts[_REJECT_KEY] += 1
                 return
+            # A duplicate of a copy already kept is dropped whatever its MAC says: it moves no
+            # state and releases nothing, so it need not be hashed (at H=2 two copies in three).
+            ring = self._rings[endpoint].get(stream)
+            if (
+                ring is not None
+                and not flags & FLAG_HEARTBEAT
+                and (announced is None or session == announced)
+                and ring.seen(session, seq)
+            ):
+                seen = self._parents[endpoint].get(parent)
+                if seen is None:
+                    seen = self._parents[endpoint][parent] = [0, 0]
+                seen[0] += 1
+                counts[_DUPLICATES] += 1
+                return
             if not hmac.compare_digest(mac_of(data, key), data[MAC_OFFSET:HEADER_LEN]):
                 counts[_REJECT_MAC] += 1
                 return

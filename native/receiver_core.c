@@ -467,6 +467,14 @@ static struct ring *ring_for(struct jc_core *c, struct endpoint *ep, uint32_t si
 
 enum verdict { ACCEPT, DUPLICATE, STALE, AHEAD };
 
+/* Whether the ring holds exactly (session, seq): a copy that ring_check would call DUPLICATE,
+ * found without changing anything (jasper.dedup.DedupRing.seen). NULL: no ring yet. */
+static bool ring_seen(const struct ring *r, uint32_t mask, uint32_t session, uint64_t seq)
+{
+	return r && r->has_session && session == r->session && seq != 0 &&
+	       r->slots[seq & mask] == seq;
+}
+
 static enum verdict ring_check(struct ring *r, uint32_t mask, uint32_t session, uint64_t seq,
 			       uint64_t ahead)
 {
@@ -826,6 +834,16 @@ static void process(struct jc_core *c, struct copy *cp, const uint8_t *data, str
 			k++;
 		if (k == st->nkeys) {
 			ep->c.rejected[JC_REJECT_KEY]++;
+			goto drop;
+		}
+		/* A duplicate of a copy already kept is dropped whatever its MAC says: it moves no
+		 * state and releases nothing, so it need not be hashed (at H=2 two copies in three). */
+		const struct ring *seen = (uint32_t)si < ep->rings_cap ? ep->rings[si] : NULL;
+		if (!(cp->h.flags & JASPER_FLAG_HEARTBEAT) &&
+		    (!st->has_session || cp->h.session == st->session) &&
+		    ring_seen(seen, c->cfg.ring_size - 1, cp->h.session, cp->h.seq)) {
+			parent_for(ep, cp->parent)->copies++;
+			ep->c.duplicates++;
 			goto drop;
 		}
 		if (!mac_ok(st->mac[k], b ? b->data : data, cp->len)) {
