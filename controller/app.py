@@ -18,7 +18,16 @@ from controller.limits import AuthFailureLimit, BodyLimit, StrictJson, validatio
 from controller.metrics import ControllerMetrics
 from controller.node_metrics import NodeCollector, fleet_view
 from controller.planner import Planner
-from controller.routers import health, join_tokens, mps, nodes, streams, subscriptions, tree
+from controller.routers import (
+    dashboard,
+    health,
+    join_tokens,
+    mps,
+    nodes,
+    streams,
+    subscriptions,
+    tree,
+)
 from controller.settings import Settings
 from controller.store import Database
 
@@ -139,7 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
             metrics.requests.labels(request.method, path, str(response.status_code)).inc()
         return response
 
-    for module in (nodes, join_tokens, streams, tree, mps, subscriptions, health):
+    for module in (nodes, join_tokens, streams, tree, mps, subscriptions, health, dashboard):
         app.include_router(module.router)
     app.include_router(tree.latency_router)
     app.include_router(tree.emulation_router)
