@@ -292,6 +292,93 @@ def fairness_reports(
     warmup_messages: int = 0,
 ) -> list[FairnessReport]:
     """`fairness_report` at each of `taus_ns`, the pair matrices built once."""
+    return fairness_analysis(
+        sent, deliveries, subscriptions, taus_ns=taus_ns, warmup_messages=warmup_messages
+    )[0]
+
+
+FIGURE_QUANTILES = 401
+"""Points of each distribution kept for a report's CDF plots (exact order statistics of all
+values, so a plot's size does not grow with the run)."""
+
+FIGURE_BINS = 120
+"""Time bins of a report's over-time plots (their width follows the run's length)."""
+
+
+@dataclass(frozen=True)
+class Quantiles:
+    """A distribution for plotting: `values_ns[k]` is the order statistic at probability
+    `k / (len - 1)` of all `n` values (rank rounded to the nearest)."""
+
+    n: int
+    """How many values the distribution has (all of them, not only the points kept)."""
+    values_ns: tuple[float, ...]
+    """FIGURE_QUANTILES order statistics (empty when n == 0), in nanoseconds."""
+
+    @staticmethod
+    def of_sorted(values: npt.NDArray[np.float64], points: int = FIGURE_QUANTILES) -> Quantiles:
+        n = len(values)
+        if n == 0:
+            return Quantiles(0, ())
+        idx = np.rint(np.linspace(0, n - 1, points)).astype(np.int64)
+        return Quantiles(n, tuple(float(x) for x in values[idx]))
+
+
+@dataclass(frozen=True)
+class TimeBins:
+    """Per-message outcomes over send time, summed in FIGURE_BINS equal bins."""
+
+    t0_ns: int
+    """Send time of the first scored message; bin k covers t0 + k·bin_ns .. + bin_ns."""
+    bin_ns: int
+    """Width of a bin in nanoseconds."""
+    messages: tuple[int, ...]
+    """Messages sent in each bin."""
+    expected_pairs: tuple[int, ...]
+    late_pairs: tuple[int, ...]
+    lost_pairs: tuple[int, ...]
+    hold_min_ns: tuple[float | None, ...]
+    """Least stamped hold (deadline − send time) in each bin; None where nothing was sent."""
+    hold_mean_ns: tuple[float | None, ...]
+    hold_max_ns: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class FairnessFigures:
+    """What a report plots, computed in the same pass as the FairnessReport and bounded in
+    size whatever the run's length or rate."""
+
+    oml: Quantiles
+    """OML per message (messages delivered everywhere)."""
+    dws: Quantiles
+    """DWS per message (messages delivered everywhere)."""
+    release_error: Quantiles
+    """Release time − deadline over on-time pairs."""
+    over_time: TimeBins
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _time_bins(sent: npt.NDArray[Any], bins: int) -> tuple[int, int]:
+    """(t0, width) of `bins` bins covering every send time of `sent` (width >= 1 ns)."""
+    if len(sent) == 0:
+        return 0, 1
+    t = sent["send_time_ns"].astype(np.int64)
+    t0, span = int(t.min()), int(t.max()) - int(t.min())
+    return t0, max(1, span // bins + 1)
+
+
+def fairness_analysis(
+    sent: npt.NDArray[Any],
+    deliveries: npt.NDArray[Any] | Releases,
+    subscriptions: Mapping[int, Sequence[str]],
+    *,
+    taus_ns: Sequence[int],
+    warmup_messages: int = 0,
+) -> tuple[list[FairnessReport], FairnessFigures]:
+    """`fairness_reports` and the figures of its distributions and of lateness, loss and the
+    stamped hold over time, from one pass over the pair matrices."""
     if sent.dtype != SENT_DTYPE:
         raise ValueError("sent must have SENT_DTYPE")
     if isinstance(deliveries, Releases):
@@ -312,6 +399,17 @@ def fairness_reports(
     matched_records = 0
     per_endpoint_late: dict[str, int] = {}
     all_endpoints: set[str] = set()
+    scored = [
+        _scored_rows(sent[sent["stream_id"] == sid], warmup_messages) for sid in subscriptions
+    ]
+    t0, bin_ns = _time_bins(np.concatenate(scored) if scored else sent[:0], FIGURE_BINS)
+    bin_msgs = np.zeros(FIGURE_BINS, dtype=np.int64)
+    bin_expected = np.zeros(FIGURE_BINS, dtype=np.int64)
+    bin_late = np.zeros(FIGURE_BINS, dtype=np.int64)
+    bin_lost = np.zeros(FIGURE_BINS, dtype=np.int64)
+    hold_sum = np.zeros(FIGURE_BINS, dtype=np.float64)
+    hold_min = np.full(FIGURE_BINS, np.inf)
+    hold_max = np.full(FIGURE_BINS, -np.inf)
 
     for stream_id, endpoints in sorted(subscriptions.items()):
         names = sorted(set(endpoints))
@@ -325,6 +423,15 @@ def fairness_reports(
             continue
         messages += m
         expected += m * e
+        in_bin = (rows["send_time_ns"].astype(np.int64) - t0) // bin_ns
+        hold = (
+            rows["deadline_ns"].astype(np.int64) - rows["send_time_ns"].astype(np.int64)
+        ).astype(np.float64)
+        bin_msgs += np.bincount(in_bin, minlength=FIGURE_BINS)
+        bin_expected += e * np.bincount(in_bin, minlength=FIGURE_BINS)
+        hold_sum += np.bincount(in_bin, weights=hold, minlength=FIGURE_BINS)
+        np.minimum.at(hold_min, in_bin, hold)
+        np.maximum.at(hold_max, in_bin, hold)
         if e == 0:
             fair = [f + m for f in fair]
             continue
@@ -345,6 +452,12 @@ def fairness_reports(
         delivered += int(got.sum())
         lost += int((~got).sum())
         late += int(is_late.sum())
+        bin_late += np.bincount(in_bin, weights=is_late.sum(axis=1), minlength=FIGURE_BINS).astype(
+            np.int64
+        )
+        bin_lost += np.bincount(in_bin, weights=(~got).sum(axis=1), minlength=FIGURE_BINS).astype(
+            np.int64
+        )
         unsynced += int((got & ~mats.synced).sum())
         del mats
         for col in np.nonzero(is_late.any(axis=0))[0]:
@@ -374,9 +487,39 @@ def fairness_reports(
             return parts[0]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    oml_d, dws_d = Distribution.of(cat(oml)), Distribution.of(cat(dws))
-    rel_d, owd_d = Distribution.of(cat(rel_err)), Distribution.of(cat(owd))
-    return [
+    # Sorted in place once the summary is taken: the arrays are ours and not needed after.
+    figures_q = []
+    dists = []
+    for parts in (oml, dws, rel_err):
+        values = cat(parts)
+        dists.append(Distribution.of(values))
+        values.sort()
+        figures_q.append(Quantiles.of_sorted(values))
+        del values
+    oml_d, dws_d, rel_d = dists
+    owd_d = Distribution.of(cat(owd))
+    sent_any = bin_msgs > 0
+
+    def per_bin(x: npt.NDArray[np.float64]) -> tuple[float | None, ...]:
+        return tuple(float(v) if ok else None for v, ok in zip(x, sent_any, strict=True))
+
+    figures = FairnessFigures(
+        oml=figures_q[0],
+        dws=figures_q[1],
+        release_error=figures_q[2],
+        over_time=TimeBins(
+            t0_ns=t0,
+            bin_ns=bin_ns,
+            messages=tuple(int(x) for x in bin_msgs),
+            expected_pairs=tuple(int(x) for x in bin_expected),
+            late_pairs=tuple(int(x) for x in bin_late),
+            lost_pairs=tuple(int(x) for x in bin_lost),
+            hold_min_ns=per_bin(hold_min),
+            hold_mean_ns=per_bin(hold_sum / np.maximum(1, bin_msgs)),
+            hold_max_ns=per_bin(hold_max),
+        ),
+    )
+    reports = [
         FairnessReport(
             tau_ns=tau,
             messages=messages,
@@ -402,3 +545,10 @@ def fairness_reports(
         )
         for tau, fair_k in zip(taus_ns, fair, strict=True)
     ]
+    return reports, figures
+
+
+def _scored_rows(rows: npt.NDArray[Any], warmup_messages: int) -> npt.NDArray[Any]:
+    """A stream's messages in send order without its first `warmup_messages`."""
+    rows = rows[np.argsort(rows["send_time_ns"], kind="stable")]
+    return rows[min(warmup_messages, len(rows)) :]

@@ -349,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary["text"])
         print(f"records and summary.json in {out}")
+        print(f"report with plots: {summary['report_html']}")
     if summary.get("interrupted"):
         return 130
     return 0

@@ -25,6 +25,7 @@ from overlay.launch import Child, Cluster, free_port_base, jasper_argv
 
 if TYPE_CHECKING:
     from controller.loopback import LoopbackController
+    from jasper.metrics import FairnessFigures
 
 DEMO_LINK_MODEL: dict[str, Any] = {
     "seed": 1,
@@ -460,7 +461,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
-    summary = summarize(out, run.subscriptions, cfg, run=run)
+    summary, figures = summarize_with_figures(out, run.subscriptions, cfg, run=run)
     summary["startup_s"] = startup_s
     summary["interrupted"] = interrupted
     if cfg.deliver == "udp":
@@ -469,8 +470,12 @@ def run_demo(cfg: DemoConfig, out: Path, *, stream: Any = sys.stderr) -> dict[st
     summary["exit_codes"] = {
         c.name: (c.proc.returncode if c.proc is not None else None) for c in run.cluster.children
     }
+    from overlay.report_page import write_demo_report
+
+    summary["report_html"] = str(out / "report.html")
     write_json(out / "summary.json", summary)
     (out / "report.txt").write_text(summary["text"] + "\n")
+    write_demo_report(out, summary, figures)
     return summary
 
 
@@ -889,7 +894,18 @@ def summarize(
     run: _Run | None = None,
 ) -> dict[str, Any]:
     """Fairness report and counters of a finished run, from the files in `out`."""
-    from jasper.metrics import fairness_reports
+    return summarize_with_figures(out, subscriptions, cfg, run=run)[0]
+
+
+def summarize_with_figures(
+    out: Path,
+    subscriptions: Mapping[int, list[str]],
+    cfg: DemoConfig,
+    *,
+    run: _Run | None = None,
+) -> tuple[dict[str, Any], FairnessFigures]:
+    """`summarize` and what the HTML report plots, from the same pass over the records."""
+    from jasper.metrics import fairness_analysis
     from jasper.records import empty_sent
     from overlay.recordlog import load_run_releases
 
@@ -898,7 +914,7 @@ def summarize(
     # One record per (datagram, endpoint): the pair matrices are built from them, once for
     # the headline tau and the ladder.
     releases = load_run_releases(out)
-    report, *rungs = fairness_reports(
+    (report, *rungs), figures = fairness_analysis(
         sent,
         releases,
         subscriptions,
@@ -982,6 +998,7 @@ def summarize(
         "counters": counters,
         "cpu_s_total": round(cpu_total, 2),
         "processes": processes,
+        "data_path_per_node": _data_path_per_node(statuses),
     }
     summary["control"] = cfg.control
     summary["tree"] = _tree_summary(run.tree if run is not None else None)
@@ -993,7 +1010,7 @@ def summarize(
         sent, releases, summary["hold_over_time"]["windows"], cfg, run
     )
     summary["text"] = format_summary(summary, report.format_text(), cfg)
-    return summary
+    return summary, figures
 
 
 def _achieved_rate(sent: np.ndarray) -> float | None:
@@ -1309,6 +1326,18 @@ def _data_paths(statuses: Mapping[str, Any]) -> str:
     if where:
         parts.append("link model emulated at " + "/".join(sorted(where)))
     return "; ".join(parts)
+
+
+def _data_path_per_node(statuses: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Per relay and receiver process: its kind and the data path it ran (receivers: native
+    or python; relays: ebpf or user), from its status file."""
+    out: dict[str, dict[str, str]] = {}
+    for name, s in statuses.items():
+        if s.get("kind") == "receiver":
+            out[name] = {"kind": "receiver", "path": str(s.get("datapath", "python"))}
+        elif s.get("kind") == "relay":
+            out[name] = {"kind": "relay", "path": str(s.get("fast_path", "user"))}
+    return out
 
 
 def _lag_mean_us(statuses: Mapping[str, Mapping[str, Any]]) -> float:
