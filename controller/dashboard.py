@@ -78,18 +78,19 @@ class DashboardPublic(BaseModel):
     fairness_note: str
 
 
-def _data_path(node: NodeReport) -> str:
-    s = node.status
-    fast = s.get("fast_path")
+def _data_path(node: NodeReport, data: Mapping[str, Mapping[tuple[str, ...], float]]) -> str:
+    """Which path a node's counters came from: heartbeat statuses carry numbers only, so the
+    path is read from which families of the table the node has samples in."""
+
+    def has(family: str, *values: str) -> bool:
+        return any(k[0] == node.name and set(values) <= set(k) for k in data.get(family, {}))
+
     if node.role == "relay":
-        return str(fast) if isinstance(fast, str) else "unknown"
+        return "ebpf" if has("jasper_relay_copies_in_total", "kernel") else "user"
     if node.role == "receiver":
-        base = s.get("datapath")
-        path = str(base) if isinstance(base, str) else "unknown"
-        return f"{path}+ebpf" if fast == "ebpf" else path
-    if node.role == "publisher":
-        return "user" if s else "unknown"
-    return "unknown"
+        path = "native" if has("jasper_receiver_native_datagrams_total") else "python"
+        return f"{path}+ebpf" if has("jasper_receiver_fast_path_events_total") else path
+    return "user"
 
 
 def _int(v: float | None) -> int | None:
@@ -150,7 +151,7 @@ def snapshot(planner: Planner, *, endpoint_series: int) -> DashboardPublic:
                 clock_status=str(clock_status) if clock_status is not None else None,
                 clock_bound_ns=int(bound) if isinstance(bound, int | float) else None,
                 clock_offset_ns=int(offset) if isinstance(offset, int | float) else None,
-                data_path=_data_path(n) if n.alive else "unknown",
+                data_path=_data_path(n, data) if n.alive and n.status else "unknown",
                 plan_epoch=int(epoch) if isinstance(epoch, int | float) else None,
                 streams=sorted(node_streams.get(n.name, ())),
                 released=_int(released.get(n.name)) if n.role == "receiver" else None,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a Debian 12/13 machine for Jasper: system packages (eBPF toolchain, iproute2, chrony,
-# linters, a C compiler, Python and OpenSSL headers: the native path links libcrypto), a virtual environment at .venv in this checkout made
+# linters, a C compiler, Python and OpenSSL headers: the native path links libcrypto; Chromium
+# and its WebDriver for the dashboard test), a virtual environment at .venv in this checkout made
 # with the system Python (Debian's Python is externally managed, PEP 668: no pip into it), the
 # package installed there editable with its dev extras, and `jasper` linked into /usr/local/bin.
 # Run as root (or with sudo). Re-running is safe and quick: it only does what is missing.
@@ -24,6 +25,7 @@ die() {
 PACKAGES=(
     clang llvm libbpf-dev bpftool iproute2 ethtool tcpdump chrony shellcheck systemd
     gcc libc6-dev ca-certificates python3 python3-venv python3-dev libssl-dev
+    chromium chromium-driver fonts-dejavu-core
 )
 
 # apt-get that waits for another apt or dpkg run (unattended-upgrades, cloud-init) instead of

@@ -20,6 +20,7 @@ from controller.loopback import (
     free_udp_block,
     wait_for,
 )
+from overlay.refclock import ChronyConfig, ReferenceChrony, chronyd_path
 from tests.conftest import require_privileged
 from tests.test_controller_api import make_settings
 
@@ -105,23 +106,35 @@ return {names, charts, endpoints: document.querySelectorAll('svg.tree-svg circle
 
 @pytest.mark.slow
 def test_the_dashboard_draws_live_data_in_chromium(tmp_path: Path) -> None:
+    require_privileged("chronyd", chronyd_path() is not None)
     driver = _browser()
+    # Node clocks off by a few hundred µs, corrected by SNTP against a reference chronyd: each
+    # node then reports a real, different clock bound.
+    reference = ReferenceChrony(ChronyConfig(exit_after_s=300))
+    offsets = iter(range(100, 2000, 150))
+
+    def clock() -> tuple[str, ...]:
+        server = f"127.0.0.1:{reference.ntp_port}"
+        return ("--clock-offset-us", str(next(offsets)), "--ntp-server", server)
+
     ctl = LoopbackController(db_path=tmp_path / "controller.db")
     daemons = DaemonSet(ctl, tmp_path)
     sink = DeliverySink(6)
     try:
+        reference.start()
         ctl.start()
         ctl.create_stream(1, HOSTILE, depth=2, fanout=2, hold_ns=5_000_000)
         relays = ("relay-a", "relay-b", "relay-c")
         for name in relays:
-            daemons.start("relay", name, "--port", str(free_udp_block(1)), "--fast-path", "user")
+            port = str(free_udp_block(1))
+            daemons.start("relay", name, "--port", port, "--fast-path", "user", *clock())
         bases = {}
         for rx in ("rx-east", "rx-west"):
             bases[rx] = free_udp_block(3)
             daemons.start("receiver", rx, "--port-base", str(bases[rx]), "--endpoints", "3",
                           "--fast-path", "user", "--datapath", "python",
-                          "--no-realtime")  # fmt: skip
-        daemons.start("publisher", "pub", "--stream", "1", "--rate", "200")
+                          "--no-realtime", *clock())  # fmt: skip
+        daemons.start("publisher", "pub", "--stream", "1", "--rate", "200", *clock())
         ctl.wait_nodes({*relays, "rx-east", "rx-west", "pub"}, 60)
         tokens = [ctl.create_mp(name)[1] for name in ("mp-alpha", "mp-beta")]
         k = 0
@@ -199,7 +212,12 @@ def test_the_dashboard_draws_live_data_in_chromium(tmp_path: Path) -> None:
         # A whole-page screenshot of a live run.
         time.sleep(2.0)  # a few more polls on the charts
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1400, min(int(height) + 20, 4000))
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1400, "height": min(int(height), 4000), "deviceScaleFactor": 1,
+             "mobile": False},
+        )  # fmt: skip
+        time.sleep(0.3)
         shot = tmp_path / "dashboard.png"
         assert driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
@@ -218,3 +236,4 @@ def test_the_dashboard_draws_live_data_in_chromium(tmp_path: Path) -> None:
         daemons.stop()
         sink.close()
         ctl.close()
+        reference.cleanup()
