@@ -1,22 +1,22 @@
 """The emulation's report: per-message pair matrices, the side-by-side table, JSON, and an HTML
-page with matplotlib plots embedded as PNG."""
+page with matplotlib plots embedded as PNG (page, table and CDF code shared with the demo in
+overlay/report_page.py)."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jasper.metrics import FairnessReport, fairness_report, pair_matrices
+from jasper.metrics import FairnessFigures, FairnessReport, fairness_analysis, pair_matrices
 from jasper.records import DELIVERY_DTYPE, Releases, releases_from_deliveries
+from overlay.report_page import json_default as _json_default
+from overlay.report_page import page, plot_cdf, png, table_html
 
 NO_DEADLINE_NS = np.iinfo(np.int64).max
 """Deadline given to the metrics for schemes that have none: nothing is late, and their release
@@ -101,6 +101,27 @@ def config_fairness(
 ) -> FairnessReport:
     """The lead's fairness report; schemes without a deadline get NO_DEADLINE_NS so that
     nothing counts as late (their release error is then meaningless and dropped)."""
+    return config_analysis(
+        sent,
+        deliveries,
+        endpoints,
+        stream_id=stream_id,
+        has_deadline=has_deadline,
+        tau_ns=tau_ns,
+    )[0]
+
+
+def config_analysis(
+    sent: np.ndarray,
+    deliveries: np.ndarray | Releases,
+    endpoints: Sequence[str],
+    *,
+    stream_id: int,
+    has_deadline: bool,
+    tau_ns: int,
+) -> tuple[FairnessReport, FairnessFigures]:
+    """`config_fairness` and its figures (jasper.metrics.fairness_analysis); without a
+    deadline the release error and hold figures measure nothing and are not to be drawn."""
     releases = as_releases(deliveries)
     if not has_deadline:
         sent = sent.copy()
@@ -108,7 +129,10 @@ def config_fairness(
         recs = releases.records.copy()
         recs["deadline_ns"] = NO_DEADLINE_NS
         releases = Releases(recs, releases.endpoints, releases.parents)
-    return fairness_report(sent, releases, {stream_id: list(endpoints)}, tau_ns=tau_ns)
+    (report,), figures = fairness_analysis(
+        sent, releases, {stream_id: list(endpoints)}, taus_ns=(tau_ns,)
+    )
+    return report, figures
 
 
 @dataclass
@@ -129,6 +153,8 @@ class ConfigResult:
     cpu_fraction: float
     """Machine CPU busy fraction (all cores, softirq included) during the blocks."""
     per_endpoint_late: dict[str, int] = field(default_factory=dict)
+    figures: FairnessFigures | None = None
+    """The distributions to plot, from the same pass as `fairness` (None: not drawn)."""
 
     def row(self) -> dict[str, Any]:
         f = self.fairness
@@ -242,50 +268,32 @@ _COLOURS = {
 
 
 def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _cdf(ax: Any, values_ns: np.ndarray, label: str, colour: str | None) -> None:
-    if len(values_ns) == 0:
-        return
-    x = np.sort(np.asarray(values_ns, dtype=np.float64)) / 1e3
-    y = np.arange(1, len(x) + 1) / len(x)
-    ax.plot(x, y, label=f"{label} (n={len(x)})", color=colour)
+    return png(fig)
 
 
 def plot_cdfs(configs: Sequence[ConfigResult]) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out: dict[str, str] = {}
-    plots: tuple[tuple[str, str, Callable[[ConfigResult], np.ndarray]], ...] = (
-        ("oml", "OML per message (µs)", lambda c: c.matrix.oml_ns()),
-        ("dws", "DWS per message (µs)", lambda c: c.matrix.dws_ns()),
-        (
-            "release_error",
-            "release error, on-time pairs (µs)",
-            lambda c: c.matrix.release_error_ns(c.has_deadline),
+    """CDFs of OML, DWS and release error per configuration, from each one's FairnessFigures
+    (configurations without figures are left out; without a deadline, so is release error)."""
+    with_figures = [(c, c.figures) for c in configs if c.figures is not None]
+    return {
+        "oml": plot_cdf(
+            [(c.name, _COLOURS.get(c.name), f.oml) for c, f in with_figures],
+            "OML per message (µs)",
         ),
-    )
-    for key, title, getter in plots:
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for c in configs:
-            _cdf(ax, getter(c), c.name, _COLOURS.get(c.name))
-        ax.set_xlabel(title)
-        ax.set_ylabel("CDF")
-        if key == "dws":
-            ax.set_xscale("symlog", linthresh=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        out[key] = _png(fig)
-    return out
+        "dws": plot_cdf(
+            [(c.name, _COLOURS.get(c.name), f.dws) for c, f in with_figures],
+            "DWS per message (µs)",
+            symlog=True,
+        ),
+        "release_error": plot_cdf(
+            [
+                (c.name, _COLOURS.get(c.name), f.release_error)
+                for c, f in with_figures
+                if c.has_deadline
+            ],
+            "release error, on-time pairs (µs)",
+        ),
+    }
 
 
 def plot_pfair(configs: Sequence[ConfigResult]) -> str:
@@ -504,33 +512,14 @@ def plot_tree(
 
 
 def _table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
-    for r in rows:
-        cells = []
-        for c in columns:
-            v = r.get(c)
-            if isinstance(v, float):
-                v = f"{v:.4g}"
-            elif isinstance(v, list | tuple):
-                v = ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v)
-            cells.append(f"<td>{html.escape('-' if v is None else str(v))}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
+    return table_html(rows, columns)
 
 
 def write_report(out_dir: Path, doc: Mapping[str, Any], images: Mapping[str, str]) -> Path:
     """Write report.json (doc) and report.html (doc's tables + the PNG images)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(doc, indent=2, default=_json_default))
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Jasper emulation</title>",
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
-        "padding:3px 6px;text-align:right}th{background:#eee}.bad{color:#b00}"
-        "pre{background:#f6f6f6;padding:8px;overflow:auto}</style></head><body>",
-        "<h1>Jasper emulation on network namespaces</h1>",
-    ]
+    parts = ["<h1>Jasper emulation on network namespaces</h1>"]
     summary = doc.get("summary", {})
     parts.append("<pre>" + html.escape(json.dumps(summary, indent=2, default=_json_default)))
     parts.append("</pre>")
@@ -599,19 +588,6 @@ def write_report(out_dir: Path, doc: Mapping[str, Any], images: Mapping[str, str
         )
     parts.append("<h2>Settings</h2><pre>")
     parts.append(html.escape(json.dumps(doc.get("settings", {}), indent=2)) + "</pre>")
-    parts.append("</body></html>")
     path = out_dir / "report.html"
-    path.write_text("\n".join(parts))
+    path.write_text(page("Jasper emulation", parts))
     return path
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, set | frozenset | tuple):
-        return list(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

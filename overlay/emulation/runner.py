@@ -1395,7 +1395,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         scored = [b.scored(s.warmup_messages) for b in blocks]
         sent = _concat([x[0] for x in scored], SENT_DTYPE)
         deliv = concat_releases([x[1] for x in scored]) if scored else empty_releases()
-        fair = rp.config_fairness(
+        fair, figures = rp.config_analysis(
             sent,
             deliv,
             leaves,
@@ -1409,6 +1409,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
                 description=spec.description,
                 has_deadline=spec.hold,
                 fairness=fair,
+                figures=figures,
                 matrix=rp.pair_matrix(sent, deliv, leaves),
                 blocks=len(blocks),
                 offered_rate=s.rate,
