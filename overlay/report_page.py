@@ -221,7 +221,7 @@ def headline_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, Any, str]]
             f"{_pct(f['p_fair'])} [{100 * lo:.1f}–{100 * hi:.1f}%]",
         )
     )
-    for tau, v in summary["p_fair_by_tau_ns"].items():
+    for tau, v in sorted(summary["p_fair_by_tau_ns"].items(), key=lambda kv: int(kv[0])):
         lo, hi = v["ci"]
         rows.append(
             (
@@ -420,8 +420,8 @@ def demo_page(
             )
             if summary.get("control") == "controller":
                 note += (
-                    " Dots: the controller's deadline-policy windows (the hold it set), when "
-                    "the policy is adaptive."
+                    " Dots: the hold the controller's deadline policy set at each of its windows "
+                    "(constant under the fixed policy)."
                 )
             else:
                 note += " Static path: no controller, so the hold is the fixed --hold-us."
