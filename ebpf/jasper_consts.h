@@ -36,7 +36,7 @@ _Static_assert((JASPER_RING_SLOTS & (JASPER_RING_SLOTS - 1)) == 0, "ring slots: 
 #define JASPER_TABLE_CSUM_HELPERS 0x01 /* patch UDP checksums with bpf_l4_csum_replace only */
 
 /* Relay counters: indices into the per-CPU array jasper_relay_stats. Keep in step with
- * RELAY_COUNTERS in ebpf/loader.py (tests/test_ebpf_programs.py checks both move). */
+ * RELAY_COUNTERS in ebpf/structs.py (tests/test_ebpf_wire_layout.py checks the counts agree). */
 enum jasper_relay_counter {
 	RELAY_IN = 0,        /* Jasper data packets to the listen port, valid or not */
 	RELAY_COPIES,        /* clones sent */
@@ -51,7 +51,7 @@ enum jasper_relay_counter {
 	RELAY_COUNTER_MAX,
 };
 
-/* Receiver counters: indices into jasper_receiver_stats; RECEIVER_COUNTERS in ebpf/loader.py. */
+/* Receiver counters: indices into jasper_receiver_stats; RECEIVER_COUNTERS in ebpf/structs.py. */
 enum jasper_receiver_counter {
 	RECV_IN = 0,        /* UDP packets to one of the endpoint ports */
 	RECV_ACCEPTED,      /* first copy from a parent, passed to the socket */

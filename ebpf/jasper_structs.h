@@ -1,12 +1,13 @@
-/* jasper_structs.h: map keys and values shared by the eBPF programs and ebpf/loader.py. */
+/* jasper_structs.h: map keys and values shared by the eBPF programs and ebpf/structs.py. */
 #ifndef JASPER_STRUCTS_H
 #define JASPER_STRUCTS_H
 
 #include <linux/types.h>
 #include "jasper_consts.h"
 
-/* One copy destination of the relay. Addresses and ports in network byte order. The loader packs
- * the same layout with struct.Struct(TARGET_FORMAT); tests/test_ebpf_programs.py checks the size. */
+/* One copy destination of the relay. Addresses and ports in network byte order. User space packs
+ * the same layout with TARGET in ebpf/structs.py; tests/test_ebpf_wire_layout.py checks its size
+ * and offsets. */
 struct jasper_target {
 	__u32 ifindex;  /* egress interface of the copy */
 	__u32 daddr;    /* destination IPv4 */
