@@ -318,6 +318,27 @@ class LoopbackController:
         doc: dict[str, Any] = self.call("GET", f"/v1/streams/{stream_id}/tree")
         return doc
 
+    def wait_plan_over_relays(
+        self, stream_id: int, relays: int = 2, timeout_s: float = 30.0
+    ) -> set[str]:
+        """Re-plan `stream_id` until its settled plan uses at least `relays` relay nodes; their
+        names. The planner fits the depth to the relays it counts alive and to its early probes,
+        so a plan asked for right after start-up may use one relay (a depth-1 tree): ask again
+        every 2 s while that lasts."""
+        deadline = time.monotonic() + timeout_s
+        asked = -1.0
+        tree: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if time.monotonic() - asked > 2:
+                asked = time.monotonic()
+                self.call("POST", f"/v1/streams/{stream_id}/replan")
+            tree = self.tree(stream_id)
+            used = {s["node"] for level in tree["levels"] for s in level}
+            if tree["pending_epoch"] is None and len(used) >= relays:
+                return used
+            time.sleep(0.1)
+        raise TimeoutError(f"no settled plan over {relays} relays: {tree}")
+
     def nodes(self) -> list[dict[str, Any]]:
         doc: list[dict[str, Any]] = self.call("GET", "/v1/nodes")
         return doc

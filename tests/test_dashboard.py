@@ -143,27 +143,7 @@ def test_the_dashboard_draws_live_data_in_chromium(tmp_path: Path) -> None:
                 deliver = f"udp:127.0.0.1:{sink.port(k)}"
                 ctl.subscribe(tokens[k % 2], 1, "127.0.0.1", bases[rx] + i, deliver=deliver)
                 k += 1
-        ctl.call("POST", "/v1/streams/1/replan")
-
-        asked = [time.monotonic()]
-
-        def planned() -> set[str]:
-            tree = ctl.tree(1)
-            used = {s["node"] for level in tree["levels"] for s in level}
-            # The planner may judge one relay fastest from the probes it has so far (a depth-1
-            # tree on a quiet loopback); the page is to be seen on a real tree, so ask again as
-            # more probes come in.
-            settled_on_one = tree["pending_epoch"] is None and len(used) == 1
-            if settled_on_one and time.monotonic() - asked[0] > 2:
-                asked[0] = time.monotonic()
-                ctl.call("POST", "/v1/streams/1/replan")
-            return used if tree["pending_epoch"] is None and len(used) > 1 else set()
-
-        try:
-            wait_for(planned, 30, "a plan over several relays")
-        except AssertionError:
-            raise AssertionError(f"no plan over several relays: {ctl.tree(1)}") from None
-        used = planned()
+        used = ctl.wait_plan_over_relays(1, 2, 60)
         mark = time.monotonic()
         wait_for(
             lambda: all(sink.count_between(i, mark, time.monotonic()) > 20 for i in range(6)),

@@ -256,15 +256,7 @@ def test_real_daemons_export_their_counters_through_the_controller(tmp_path: Pat
                 sub = ctl.subscribe(token, 1, "127.0.0.1", bases[rx] + i, deliver=deliver)
                 subs[f"s{sub['id']}"] = rx
         # A full plan over every relay (the one made when the first relay joined has one).
-        ctl.call("POST", "/v1/streams/1/replan")
-
-        def planned() -> set[str]:
-            tree = ctl.tree(1)
-            relays = {s["node"] for level in tree["levels"] for s in level}
-            return relays if tree["pending_epoch"] is None and len(relays) > 1 else set()
-
-        wait_for(planned, 30, "the switch to a plan with several relays")
-        used = planned()
+        used = ctl.wait_plan_over_relays(1, 2, 60)
         mark = time.monotonic()
         wait_for(
             lambda: all(sink.count_between(i, mark, time.monotonic()) > 20
