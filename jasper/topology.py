@@ -17,6 +17,10 @@ class TopologyError(ValueError):
     """The topology document is invalid; the message names the offending path."""
 
 
+MAX_HOLD_NS = 10_000_000_000
+"""The longest hold a topology may carry (10 s): beyond it a stream is not a live feed."""
+
+
 @dataclass(frozen=True)
 class Target:
     """One forwarding target of a publisher or relay."""
@@ -363,7 +367,7 @@ def parse_topology(doc: Mapping[str, Any]) -> Topology:
         raise TopologyError(f"$.stream.id: {stream.id} out of range 0..2^32-1")
     if not 0 <= stream.hedge <= 16:
         raise TopologyError(f"$.stream.hedge: {stream.hedge} out of range 0..16")
-    if not 0 <= stream.hold_ns <= 10_000_000_000:
+    if not 0 <= stream.hold_ns <= MAX_HOLD_NS:
         raise TopologyError(f"$.stream.hold_ns: {stream.hold_ns} out of range 0..10 s")
 
     pub = _get(doc, "publisher", dict, p)

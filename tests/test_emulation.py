@@ -458,3 +458,33 @@ def test_killed_or_interrupted_runner_leaves_nothing(
             proc.wait()
         subprocess.run(_jasper("emulate", "--cleanup", "--tag", tag), cwd=REPO, check=False)
         runner_log.close()
+
+
+def test_a_block_that_fell_behind_caps_the_next_hold_with_a_note() -> None:
+    """Delays of seconds (the machine could not keep the offered rate: N=1000 at 300 msg/s
+    gave 19 s) once made the next Jasper block's plan invalid and `jasper emulate` end in a
+    traceback; now the hold is capped at the longest a plan may carry, and the report says why."""
+    from types import SimpleNamespace
+
+    from jasper.records import RELEASE_DTYPE, Releases
+    from jasper.topology import MAX_HOLD_NS
+    from overlay.emulation.runner import Emulation
+
+    def block(delay_ns: int) -> SimpleNamespace:
+        sent = np.zeros(10, dtype=SENT_DTYPE)
+        sent["seq"] = np.arange(1, 11)
+        sent["send_time_ns"] = 1_000_000_000
+        rel = np.zeros(10, dtype=RELEASE_DTYPE)
+        rel["seq"], rel["count"] = np.arange(1, 11), 1
+        rel["arrival_ns"] = rel["release_ns"] = 1_000_000_000 + delay_ns
+        return SimpleNamespace(index=3, config="tree-nohold", fault=None, sent=sent,
+                               releases=Releases(rel, ("e0",), ("r0",)))  # fmt: skip
+
+    settings = SimpleNamespace(min_hold_ns=1_000_000, hold_percentile=99.9, extra_hold_ns=0)
+    fine = SimpleNamespace(s=settings, notes=[], blocks=[block(3_000_000)])
+    assert Emulation._hold_for_next_jasper(fine) == 3_000_000  # type: ignore[arg-type]
+    assert fine.notes == []
+    behind = SimpleNamespace(s=settings, notes=[], blocks=[block(19_300_000_000)])
+    assert Emulation._hold_for_next_jasper(behind) == MAX_HOLD_NS  # type: ignore[arg-type]
+    assert "block 3: delay p99.9 19.3 s" in behind.notes[0]
+    assert "capped at 10 s" in behind.notes[0]
