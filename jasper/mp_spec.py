@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from jasper.wire_spec import BLOCK_HEADER_LEN, MAX_MESSAGES, MAX_PAYLOAD, Field
+from jasper.wire_spec import BLOCK_HEADER_LEN, MAX_MESSAGES, MAX_PAYLOAD, Field, offsets
 
 MP_MAGIC = 0x4A4D  # "JM"
 MP_VERSION = 1
@@ -38,14 +38,7 @@ MP_FIELDS: tuple[Field, ...] = (
 
 def mp_offsets() -> dict[str, int]:
     """Offset of every field from the start of a message header, in bytes."""
-    out: dict[str, int] = {}
-    at = 0
-    for f in MP_FIELDS:
-        if at % f.align:
-            raise AssertionError(f"field {f.name} at {at} is not aligned to {f.align}")
-        out[f.name] = at
-        at += f.size
-    return out
+    return offsets(MP_FIELDS)
 
 
 MP_HEADER_LEN = sum(f.size for f in MP_FIELDS)

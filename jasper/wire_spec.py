@@ -65,7 +65,7 @@ class Field:
 # implicit padding and eBPF can load each field with one aligned access.
 FIELDS: tuple[Field, ...] = (
     Field("magic", "__u16", "0x4A53 ('JS'); anything else is not a Jasper datagram"),
-    Field("version", "__u8", "header version, 2; other versions are rejected"),
+    Field("version", "__u8", "header version, 3; other versions are rejected"),
     Field("flags", "__u8", "bit 0 hedge copy, bit 1 retransmit, bit 2 heartbeat; others zero"),
     Field("stream_id", "__u32", "market-data stream"),
     Field("session", "__u32", "publisher session (epoch); a restarted publisher takes a new one"),
@@ -80,11 +80,11 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
-def offsets() -> dict[str, int]:
-    """Offset of every field from the start of the header, in bytes."""
+def offsets(fields: tuple[Field, ...] = FIELDS) -> dict[str, int]:
+    """Offset of every field from the start of the header (of `fields`' layout), in bytes."""
     out: dict[str, int] = {}
     at = 0
-    for f in FIELDS:
+    for f in fields:
         if at % f.align:
             raise AssertionError(f"field {f.name} at {at} is not aligned to {f.align}")
         out[f.name] = at

@@ -21,7 +21,7 @@
 /* All multi-byte fields are in network byte order. */
 struct jasper_hdr {
 	__u16 magic; /* 0x4A53 ('JS'); anything else is not a Jasper datagram */
-	__u8 version; /* header version, 2; other versions are rejected */
+	__u8 version; /* header version, 3; other versions are rejected */
 	__u8 flags; /* bit 0 hedge copy, bit 1 retransmit, bit 2 heartbeat; others zero */
 	__u32 stream_id; /* market-data stream */
 	__u32 session; /* publisher session (epoch); a restarted publisher takes a new one */
