@@ -86,10 +86,9 @@ def world(
     eps = [Endpoint(f"s{i}", f"h{i // PER_HOST}") for i in range(n)]
     hosts = sorted({e.host for e in eps})
     # As many relays as the paper's tree needs, plus spares so lemons can sit out.
-    from jasper.placement import _relay_counts
-    from jasper.tree import default_depth
+    from jasper.tree import default_depth, level_counts
 
-    need = sum(_relay_counts(n, 10, default_depth(n, 10)))
+    need = sum(level_counts(n, fanout=10, depth=default_depth(n, 10))[:-1])
     relays = [f"relay{i}" for i in range(int(need * (1 + lemon_share)) + 1)]
     lemons = set(rng.sample(relays, int(len(relays) * lemon_share)))
     truth = TrueLatency(["pub", *relays, *hosts], lemons, rng)

@@ -27,10 +27,11 @@ from jasper.placement import (
     LinkStats,
     OmlPrediction,
     Placement,
+    fresh_shape,
     full_plan,
+    hedging_note,
     predict_oml,
     rank_relays,
-    relays_needed,
 )
 from jasper.topology import SCHEMA_VERSION, StreamConfig, stream_dict
 from jasper.wire import StreamKey
@@ -296,14 +297,35 @@ class Planner:
             self.announce_session(name, session)
         return node
 
-    def _plan_new_streams_if_needed(self, db: Any, node: NodeRow) -> None:
-        # A stream planned before any relay existed is fed by the publisher directly; the
-        # first relays to register get a real tree.
+    def _plan_new_streams_if_needed(
+        self, db: Any, node: NodeRow, *, reason: str = "relay_joined"
+    ) -> None:
+        # A stream planned before any relay existed is fed by the publisher directly, and one
+        # planned when the first relay joined has that relay alone above its endpoints (one
+        # copy each, whatever H): re-plan when the relays alive now give its endpoints more
+        # distinct parents. Endpoints attach without a re-plan, so nothing else would.
         if node.role != "relay":
             return
+        relays = len(self._usable_relays(db))
         for stream_id, plans in self.plans.items():
-            if not plans.active.shape.levels and plans.pending is None:
-                self._replan(db, stream_id, reason="relay_joined")
+            if plans.pending is not None:
+                continue
+            active = plans.active
+            if not active.shape.levels:
+                self._replan(db, stream_id, reason=reason)
+                continue
+            stream = store.get_stream(db=db, stream_id=stream_id)
+            if stream is None or stream.hedge == 0:
+                continue
+            fresh = fresh_shape(
+                len(active.where),
+                relays,
+                fanout=stream.fanout,
+                hedge=stream.hedge,
+                depth=stream.depth,
+            )
+            if fresh.parents_per_leaf() > active.parents_min():
+                self._replan(db, stream_id, reason=reason)
 
     def heartbeat(
         self,
@@ -338,7 +360,9 @@ class Planner:
             with self.database.transaction() as db:
                 store.set_node_alive(db=db, name=name, alive=True)
                 self._bump(db)
-            node = replace(node, alive=True)
+                node = replace(node, alive=True)
+                # A relay back from the dead is one more relay to plan with, as a new one is.
+                self._plan_new_streams_if_needed(db, node, reason="relay_back")
         self.metrics.heartbeats.inc()
         if node.role == "publisher" and "session" in status:
             # A publisher process sends one stream; when its status names it, only that one.
@@ -801,14 +825,15 @@ class Planner:
         if target.shape.levels and target.load(slot) > 2 * target.shape.fanout:
             stream = store.get_stream(db=db, stream_id=sub.stream_id)
             assert stream is not None
-            need = relays_needed(
+            fresh = fresh_shape(
                 len(target.where),
                 len(self._usable_relays(db)),
                 fanout=stream.fanout,
+                hedge=stream.hedge,
                 depth=stream.depth,
             )
             # Only when a fresh plan would spread over more relays than this one uses.
-            if need > len(target.relay_nodes()):
+            if sum(map(len, fresh.levels)) > len(target.relay_nodes()):
                 self._replan(db, sub.stream_id, reason="leaf_relays_full")
 
     def unsubscribe(self, sub: SubscriptionRow) -> None:
@@ -851,9 +876,10 @@ class Planner:
         if plans is not None:
             epoch = max(plans.active.epoch, plans.pending.epoch if plans.pending else 0) + 1
         started = time.perf_counter()
+        relays = self._usable_relays(db)
         placement = full_plan(
             [Endpoint(endpoint_key(s.id), s.host) for s in subs],
-            self._usable_relays(db),
+            relays,
             publisher=pub.name if pub else NO_PUBLISHER,
             matrix=LatencyMatrix(self.matrix),
             fanout=stream.fanout,
@@ -895,6 +921,9 @@ class Planner:
         if plans is not None and plans.pending is placement:
             plans.pending_version = self.version
         log.info("stream %d re-planned (%s): epoch %d", stream_id, reason, epoch)
+        note = hedging_note(placement, relays=len(relays), depth=stream.depth)
+        if note:
+            log.warning("stream %d, epoch %d: %s", stream_id, epoch, note)
         return placement
 
     def check_switches(self) -> list[int]:
@@ -1054,6 +1083,18 @@ class Planner:
             "link_model": self.link_model,
             "x-hold-policy": stream.hold_policy,
             "x-rate-hint": stream.rate_hint,
+            # Whether every endpoint gets H+1 copies from distinct parents, and if not why
+            # (too few relays, depth 1 asked, fan-out below H+1): a reader of the plan must
+            # not take H for granted.
+            "x-hedging": {
+                "hedge": placement.shape.hedge,
+                "parents_min": placement.parents_min(),
+                "note": hedging_note(
+                    placement,
+                    relays=sum(1 for n in nodes.values() if n.role == "relay" and n.alive),
+                    depth=stream.depth,
+                ),
+            },
         }
         if old is not None:
             doc["x-previous"] = self.topology_doc(stream_id, ACTIVE)

@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from jasper.tree import Forward, default_depth, relay_name, tree_shape
+from jasper.tree import Forward, Shape, build_shape, default_depth, level_counts
 
 # Cost model of the paper (c5.2xlarge): a level costs about 30 µs, each copy a relay sends
 # before the one in question costs about 2.7 µs more.
@@ -114,114 +114,6 @@ class Endpoint:
     """Receiver host (node name) the endpoint lives on; used for latency lookups."""
 
 
-@dataclass(frozen=True)
-class Shape:
-    """Relay levels of a tree, without its leaves."""
-
-    fanout: int
-    """Own children per relay (the last level may take more under incremental growth)."""
-    hedge: int
-    """Sibling hedging H."""
-    levels: tuple[tuple[str, ...], ...]
-    """Relay slot names per level ("r<level>.<i>"); empty when the publisher feeds leaves."""
-    inner: Mapping[str, tuple[Forward, ...]]
-    """Forwarding between relay slots, for every level but the last."""
-    groups: Mapping[str, tuple[str, ...]]
-    """Last-level slot -> its sibling group in order (the slot itself included)."""
-
-    @property
-    def leaf_slots(self) -> tuple[str, ...]:
-        return self.levels[-1] if self.levels else ()
-
-    def hedgers(self, slot: str) -> tuple[str, ...]:
-        """Siblings that send hedge copies of `slot`'s leaves, nearest first (i-1, i-2..)."""
-        group = self.groups[slot]
-        pos = group.index(slot)
-        reach = min(self.hedge, len(group) - 1)
-        return tuple(group[(pos - step) % len(group)] for step in range(1, reach + 1))
-
-    def hedged(self, slot: str) -> tuple[str, ...]:
-        """Siblings whose leaves `slot` also feeds, in send order (i+1, i+2..)."""
-        group = self.groups[slot]
-        pos = group.index(slot)
-        reach = min(self.hedge, len(group) - 1)
-        return tuple(group[(pos + step) % len(group)] for step in range(1, reach + 1))
-
-
-def _root_ceil(n: int, depth: int) -> int:
-    f: int = max(1, round(float(n) ** (1.0 / depth)))
-    while f**depth < n:
-        f += 1
-    while f > 1 and (f - 1) ** depth >= n:
-        f -= 1
-    return f
-
-
-def _relay_counts(leaves: int, fanout: int, depth: int) -> list[int]:
-    """Relays per level of `tree_shape(leaves, fanout=fanout, depth=depth)`, computed alone."""
-    per_level = max(fanout, _root_ceil(leaves, depth))
-    counts = [leaves]
-    for _ in range(depth):
-        counts.append(-(-counts[-1] // per_level))
-    counts.reverse()
-    return counts[:-1]
-
-
-def choose_depth(leaves: int, relays: int, *, fanout: int = 10, depth: int | None = None) -> int:
-    """The paper's depth round(log_F N), reduced until the tree needs at most `relays` relays.
-
-    With fewer relays than the ideal tree needs, a shallower tree with a larger fan-out costs
-    more per hop but uses only VMs we have. 0 means no relay at all (publisher sends direct).
-    An explicit `depth` replaces the paper's (e.g. 2 on a small demo, for hedged copies).
-    """
-    if relays <= 0:
-        return 0
-    if depth is None:
-        depth = default_depth(max(1, leaves), fanout)
-    while depth > 1 and sum(_relay_counts(max(1, leaves), fanout, depth)) > relays:
-        depth -= 1
-    return depth
-
-
-def build_shape(leaves: int, *, fanout: int, hedge: int, depth: int) -> Shape:
-    """Relay levels for `leaves` endpoints at `depth` (see `jasper.tree.tree_shape`).
-
-    Only the relay skeleton is built: the last relay level is planned as the leaves of a tree
-    one level shallower, so a 10,000-endpoint plan costs as much as a 1,000-leaf tree_shape.
-    """
-    if depth <= 0:
-        return Shape(fanout=fanout, hedge=hedge, levels=(), inner={}, groups={})
-    leaves = max(1, leaves)
-    counts = _relay_counts(leaves, fanout, depth)
-    if depth == 1:
-        return Shape(
-            fanout=fanout,
-            hedge=hedge,
-            levels=((ROOT_SLOT,),),
-            inner={},
-            groups={ROOT_SLOT: (ROOT_SLOT,)},
-        )
-    per_level = max(fanout, _root_ceil(leaves, depth))
-    upper = tree_shape(counts[-1], fanout=per_level, hedge=hedge, depth=depth - 1)
-    last = depth - 1
-
-    def slot(node: str) -> str:
-        # Leaves "e<i>" of the upper tree are the last relay level "r<depth-1>.<i>".
-        return relay_name(last, int(node[1:])) if node.startswith("e") else node
-
-    inner = {
-        r: tuple(Forward(slot(f.target), f.hedge) for f in fwd)
-        for r, fwd in upper.forwarding.items()
-    }
-    groups: dict[str, tuple[str, ...]] = {}
-    for parent in upper.levels[-1]:
-        group = tuple(slot(c) for c in upper.children(parent))
-        for member in group:
-            groups[member] = group
-    levels = (*upper.levels, tuple(relay_name(last, i) for i in range(counts[-1])))
-    return Shape(fanout=per_level, hedge=hedge, levels=levels, inner=inner, groups=groups)
-
-
 @dataclass
 class Placement:
     """A placed tree for one stream: which VM fills each relay slot and where each endpoint
@@ -315,12 +207,19 @@ class Placement:
         out[self.publisher] = (Forward(self.node_of(ROOT_SLOT), False),)
         for slot, fwd in self.shape.inner.items():
             out[self.node_of(slot)] = tuple(Forward(self.node_of(f.target), f.hedge) for f in fwd)
-        for slot in self.shape.leaf_slots:
-            table = [Forward(k, False) for k in self.children[slot]]
-            for sibling in self.shape.hedged(slot):
-                table.extend(Forward(k, True) for k in self.children[sibling])
-            out[self.node_of(slot)] = tuple(table)
+        for slot, table in self.shape.leaf_tables(self.children).items():
+            out[self.node_of(slot)] = table
         return out
+
+    def parents_min(self) -> int:
+        """Fewest distinct parents of any endpoint (copies over equal-length paths); what the
+        shape promises (`Shape.parents_per_leaf`) while no endpoint is attached."""
+        if not self.shape.levels:
+            return 1
+        used = [s for s in self.shape.leaf_slots if self.children[s]]
+        if not used:
+            return self.shape.parents_per_leaf()
+        return min(len({s, *self.shape.hedgers(s)}) for s in used)
 
     def relay_nodes(self) -> tuple[str, ...]:
         return tuple(self.slot_node[s] for level in self.shape.levels for s in level)
@@ -362,6 +261,27 @@ class Placement:
         )
 
 
+def _relays_in(leaves: int, fanout: int, depth: int) -> int:
+    """Relays of a tree of `leaves` at `depth` (see `jasper.tree.level_counts`)."""
+    return sum(level_counts(max(1, leaves), fanout=fanout, depth=depth)[:-1])
+
+
+def choose_depth(leaves: int, relays: int, *, fanout: int = 10, depth: int | None = None) -> int:
+    """The paper's depth round(log_F N), reduced until the tree needs at most `relays` relays.
+
+    With fewer relays than the ideal tree needs, a shallower tree with a larger fan-out costs
+    more per hop but uses only VMs we have. 0 means no relay at all (publisher sends direct).
+    An explicit `depth` replaces the paper's (e.g. 2 on a small demo, for hedged copies).
+    """
+    if relays <= 0:
+        return 0
+    if depth is None:
+        depth = default_depth(max(1, leaves), fanout)
+    while depth > 1 and _relays_in(leaves, fanout, depth) > relays:
+        depth -= 1
+    return depth
+
+
 def _planned_leaves(endpoints: int, relays: int, *, fanout: int, depth: int | None) -> int:
     """Leaves to shape the tree for. With an explicit depth, a tree full at that depth
     (F**D leaves, if the relays suffice), so that the first subscribers already spread over
@@ -371,20 +291,74 @@ def _planned_leaves(endpoints: int, relays: int, *, fanout: int, depth: int | No
     if depth is None or full > 100_000:
         return n
     planned = max(n, full)
-    while planned > n and sum(_relay_counts(planned, fanout, depth)) > relays:
+    while planned > n and _relays_in(planned, fanout, depth) > relays:
         planned = max(n, planned // 2)
     return planned
 
 
-def relays_needed(
-    endpoints: int, relays: int, *, fanout: int = 10, depth: int | None = None
-) -> int:
-    """Relays a full plan of `endpoints` would use with `relays` available (lemons aside)."""
-    if relays <= 0:
-        return 0
+def plan_shape(
+    endpoints: int, relays: int, *, fanout: int = 10, hedge: int = 2, depth: int | None = None
+) -> tuple[int, int]:
+    """(leaves to shape the tree for, depth) of a full plan of `endpoints` over `relays`.
+
+    Small trees keep hedging: where the depth comes out as 1 (few endpoints, or too few
+    relays for a second level of the paper's fan-out) the root would be the only relay above
+    the endpoints and every endpoint would get one copy whatever H is. With H > 0 and at
+    least 3 relays the plan is instead a root over a full second level of min(relays - 1, F)
+    siblings, so each endpoint gets min(H+1, that) copies from distinct parents; the
+    endpoints spread over that level whatever their number. A stream that asks for depth 1
+    gets it. (The lab's static trees apply the same idea through `jasper.tree.hedged_shape`,
+    where N is known up front; here subscribers come one by one, so the level is planned
+    full.)
+    """
     planned = _planned_leaves(endpoints, relays, fanout=fanout, depth=depth)
-    d = choose_depth(planned, relays, fanout=fanout, depth=depth)
-    return sum(_relay_counts(planned, fanout, d))
+    chosen = choose_depth(planned, relays, fanout=fanout, depth=depth)
+    if chosen == 1 and hedge > 0 and depth != 1 and relays >= 3:
+        return min(relays - 1, fanout) * fanout, 2
+    return planned, chosen
+
+
+def fresh_shape(
+    endpoints: int, relays: int, *, fanout: int = 10, hedge: int = 2, depth: int | None = None
+) -> Shape:
+    """The relay levels a full plan of `endpoints` over `relays` would have (lemons aside):
+    how many relays it uses, and how many distinct parents its endpoints get
+    (`Shape.parents_per_leaf`), without placing anything."""
+    if relays <= 0:
+        return build_shape(0, fanout=fanout, hedge=hedge, depth=0)
+    planned, d = plan_shape(endpoints, relays, fanout=fanout, hedge=hedge, depth=depth)
+    return build_shape(planned, fanout=fanout, hedge=hedge, depth=d)
+
+
+def hedging_note(placement: Placement, *, relays: int, depth: int | None = None) -> str:
+    """Empty when every endpoint of `placement` gets H+1 copies from distinct parents (or
+    H = 0); else one line saying that hedging is off or reduced, and why. `relays`: the
+    relays that were usable for the plan; `depth`: the depth the stream asks for, if any."""
+    shape = placement.shape
+    h = shape.hedge
+    got = placement.parents_min()
+    if h == 0 or got >= h + 1:
+        return ""
+    state = "off" if got <= 1 else "reduced"
+    head = f"hedging {state}: each endpoint gets {got} distinct parent(s), not H+1={h + 1}"
+    if not shape.levels:
+        why = "no relay is alive, so the publisher sends to every endpoint"
+    elif depth == 1:
+        why = "the stream asks for depth 1 (one relay above the endpoints)"
+    elif relays < h + 2:
+        why = (
+            f"{relays} relay(s) usable; H={h} needs {h + 2} "
+            f"(a root over H+1={h + 1} siblings above the endpoints)"
+        )
+    elif shape.fanout < h + 1:
+        why = f"fan-out {shape.fanout} makes sibling groups of at most {shape.fanout} relays"
+    else:
+        smallest = min(len(g) for g in shape.sibling_groups())
+        why = (
+            f"the smallest sibling group above the endpoints has {smallest} relay(s) "
+            f"(fan-out {shape.fanout}, {relays} usable)"
+        )
+    return f"{head}: {why}"
 
 
 def full_plan(
@@ -399,16 +373,19 @@ def full_plan(
     lemon_factor: float = 2.0,
     depth: int | None = None,
 ) -> Placement:
-    """Plan a tree from scratch.
+    """Plan a tree from scratch (its shape from `plan_shape`).
 
     Relays are ranked by measured latency and jitter: the best fill the upper levels (a slow
     VM near the root delays every endpoint, one at the last level only its own leaves), lemons
     are left out. Endpoints are grouped by host and spread evenly (loads differ by at most
     one) over the last-level relays.
 
-    When leaving the lemons out forces a shallower tree (fewer relays than the paper's depth
-    needs), the plan with the lemons at the last level, where hedged copies from healthy
-    siblings cover for them, is also built; the one with the lower predicted OML wins.
+    When leaving the lemons out forces a smaller tree (a shallower one, or one whose
+    endpoints get fewer distinct parents), the plan with the lemons at the last level, where
+    hedged copies from healthy siblings cover for them, is also built. The plan whose
+    endpoints get more distinct parents (up to H+1) wins: the cost model below has no
+    latency variance, so it cannot see what hedging is for; between equals, the one with
+    the lower predicted OML.
     """
     matrix = matrix or LatencyMatrix()
     ranking = rank_relays(relays, matrix, lemon_factor=lemon_factor)
@@ -416,8 +393,11 @@ def full_plan(
     if ranking.lemons:
         least_bad = sorted(ranking.lemons, key=lambda r: ranking.scores.get(r, 0.0))
         everyone = len(ranking.ranked) + len(least_bad)
-        n = _planned_leaves(len(endpoints), everyone, fanout=fanout, depth=depth)
-        if choose_depth(n, everyone, fanout=fanout, depth=depth) > len(candidates[0].shape.levels):
+        n = len(endpoints)
+        with_lemons = fresh_shape(n, everyone, fanout=fanout, hedge=hedge, depth=depth)
+        without = candidates[0].shape
+        deeper = len(with_lemons.levels) > len(without.levels)
+        if deeper or with_lemons.parents_per_leaf() > without.parents_per_leaf():
             candidates.append(
                 _plan_with(
                     endpoints, ranking.ranked, publisher, fanout, hedge, epoch, depth, least_bad
@@ -425,7 +405,9 @@ def full_plan(
             )
     if len(candidates) == 1:
         return candidates[0]
-    return min(candidates, key=lambda p: predict_oml(p, matrix).oml_ns)
+    return min(
+        candidates, key=lambda p: (-p.shape.parents_per_leaf(), predict_oml(p, matrix).oml_ns)
+    )
 
 
 def _plan_with(
@@ -442,8 +424,9 @@ def _plan_with(
     the good relays cannot, one per sibling group, so their siblings' hedge copies cover
     for them."""
     everyone = (*ranked, *lemons)
-    planned = _planned_leaves(len(endpoints), len(everyone), fanout=fanout, depth=depth)
-    depth = choose_depth(planned, len(everyone), fanout=fanout, depth=depth)
+    planned, depth = plan_shape(
+        len(endpoints), len(everyone), fanout=fanout, hedge=hedge, depth=depth
+    )
     shape = build_shape(planned, fanout=fanout, hedge=hedge, depth=depth)
     slots = [s for level in shape.levels for s in level]
     spare = max(0, len(slots) - len(ranked))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -137,14 +137,16 @@ def hedged_shape(leaves: int, *, fanout: int, hedge: int) -> tuple[int, int]:
     with the largest fan-out <= F that puts at least H+1 relays below the root, so each leaf
     gets H+1 copies from distinct parents; when N is too small for that (fewer than about
     (H+1)**2 leaves), the fan-out that gives the most parents. Otherwise (F, round(log_F N)).
+    (The controller, whose endpoints come one by one, has its own form of this rule in
+    `jasper.placement`: a full second level of the relays it has.)
     """
     depth = default_depth(leaves, fanout)
     if hedge == 0 or depth > 1:
         return fanout, depth
     best_fanout, best_parents = fanout, 1
     for f in range(fanout, 1, -1):
-        per_level = max(f, _integer_root_ceil(leaves, 2))
-        parents = min(hedge + 1, -(-leaves // per_level))
+        leaf_relays = level_counts(leaves, fanout=f, depth=2)[1]
+        parents = min(hedge + 1, leaf_relays)
         if parents > best_parents:
             best_fanout, best_parents = f, parents
         if parents == hedge + 1:
@@ -159,7 +161,7 @@ def _check_counts(leaves: int, fanout: int) -> None:
         raise ValueError(f"fanout must be >= 2, got {fanout}")
 
 
-def _integer_root_ceil(n: int, depth: int) -> int:
+def integer_root_ceil(n: int, depth: int) -> int:
     """Smallest f with f**depth >= n."""
     f = max(1, round(math.pow(n, 1.0 / depth)))
     while f**depth < n:
@@ -169,9 +171,154 @@ def _integer_root_ceil(n: int, depth: int) -> int:
     return f
 
 
+def level_fanout(leaves: int, *, fanout: int, depth: int) -> int:
+    """The fan-out every level is built with: F, or the smallest f with f**D >= N when F**D
+    does not cover N (so that the root is one relay)."""
+    return max(fanout, integer_root_ceil(leaves, depth))
+
+
+def level_counts(leaves: int, *, fanout: int, depth: int) -> tuple[int, ...]:
+    """Nodes per level of `tree_shape(leaves, fanout=fanout, depth=depth)`, root first and
+    the leaves last (length depth + 1). Filled from the bottom: level D-1 has ceil(N/f)
+    relays, each level above ceil(count below / f), so counts[0] == 1."""
+    per_level = level_fanout(leaves, fanout=fanout, depth=depth)
+    counts = [leaves]
+    for _ in range(depth):
+        counts.append(-(-counts[-1] // per_level))
+    counts.reverse()
+    return tuple(counts)
+
+
 def _spread(children: int, parents: int) -> list[range]:
     """Split child indices 0..children-1 into `parents` contiguous blocks differing by <= 1."""
     return [range(p * children // parents, (p + 1) * children // parents) for p in range(parents)]
+
+
+def hedge_siblings(group: Sequence[str], member: str, hedge: int, *, step: int) -> tuple[str, ...]:
+    """The sibling-hedging rule: who `member` of a sibling group hedges for, or who hedges
+    for it. step=+1: the siblings whose children `member` also feeds, in send order (i+1,
+    i+2, .. cyclically); step=-1: the siblings that feed `member`'s children, nearest first
+    (i-1, i-2, ..), which is also the order in which their copies are queued behind those
+    senders' own children. At most H of them, and never the member itself, so a group of
+    s relays gives min(H+1, s) distinct parents."""
+    pos = group.index(member)
+    reach = min(hedge, len(group) - 1)
+    return tuple(group[(pos + step * k) % len(group)] for k in range(1, reach + 1))
+
+
+def level_tables(
+    groups: Iterable[Sequence[str]], own: Mapping[str, Sequence[str]], hedge: int
+) -> tuple[dict[str, tuple[Forward, ...]], dict[str, tuple[str, ...]]]:
+    """Forwarding tables of one relay level and the parents of the nodes one level below.
+
+    `groups` are the level's sibling groups (the own children of each relay one level up, or
+    the root alone); `own[r]` are relay r's own children in order. A relay sends to its own
+    children first, then to the children of the siblings it hedges for; a child's parents
+    are its own relay first, then the siblings hedging for it (`hedge_siblings`).
+    """
+    forwarding: dict[str, tuple[Forward, ...]] = {}
+    parents: dict[str, tuple[str, ...]] = {}
+    for group in groups:
+        for relay in group:
+            table = [Forward(c, False) for c in own[relay]]
+            for sibling in hedge_siblings(group, relay, hedge, step=1):
+                table.extend(Forward(c, True) for c in own[sibling])
+            forwarding[relay] = tuple(table)
+            hedgers = hedge_siblings(group, relay, hedge, step=-1)
+            for c in own[relay]:
+                parents[c] = (relay, *hedgers)
+    return forwarding, parents
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Relay levels of a tree, without its leaves: the one model of a plan's relays.
+
+    A `TreePlan` is a Shape with leaves "e0".."e{N-1}" spread evenly over its last level; the
+    controller's `jasper.placement.Placement` is a Shape with VMs in its slots and endpoints
+    attached one by one. Both take their forwarding tables from `level_tables`.
+    """
+
+    fanout: int
+    """Own children per relay (the last level may take more under incremental growth)."""
+    hedge: int
+    """Sibling hedging H."""
+    levels: tuple[tuple[str, ...], ...]
+    """Relay slot names per level ("r<level>.<i>"); empty when the publisher feeds leaves."""
+    inner: Mapping[str, tuple[Forward, ...]]
+    """Forwarding between relay slots, for every level but the last."""
+    groups: Mapping[str, tuple[str, ...]]
+    """Last-level slot -> its sibling group in order (the slot itself included)."""
+
+    @property
+    def leaf_slots(self) -> tuple[str, ...]:
+        return self.levels[-1] if self.levels else ()
+
+    def hedgers(self, slot: str) -> tuple[str, ...]:
+        """Siblings that send hedge copies of `slot`'s leaves, nearest first (i-1, i-2..)."""
+        return hedge_siblings(self.groups[slot], slot, self.hedge, step=-1)
+
+    def hedged(self, slot: str) -> tuple[str, ...]:
+        """Siblings whose leaves `slot` also feeds, in send order (i+1, i+2..)."""
+        return hedge_siblings(self.groups[slot], slot, self.hedge, step=1)
+
+    def sibling_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The last level's sibling groups, in level order."""
+        return tuple(dict.fromkeys(self.groups[s] for s in self.leaf_slots))
+
+    def leaf_tables(self, leaves: Mapping[str, Sequence[str]]) -> dict[str, tuple[Forward, ...]]:
+        """Forwarding tables of the last level when slot s holds the leaves `leaves[s]`."""
+        return level_tables(self.sibling_groups(), leaves, self.hedge)[0]
+
+    def parents_per_leaf(self) -> int:
+        """Distinct parents every leaf gets (copies over equal-length paths): the smallest
+        sibling group of the last level, capped at H+1; 1 with no relay at all."""
+        if not self.levels:
+            return 1
+        return min(min(self.hedge + 1, len(g)) for g in self.sibling_groups())
+
+
+def build_shape(leaves: int, *, fanout: int, hedge: int, depth: int) -> Shape:
+    """Relay levels of `tree_shape(leaves, fanout=fanout, hedge=hedge, depth=depth)`.
+
+    Only the relays are built (no graph, no leaves), so a 10,000-endpoint plan costs about
+    as much as its 1,111 relays. Depth 0 is the empty shape (the publisher feeds leaves).
+    """
+    return _relay_levels(leaves, fanout=fanout, hedge=hedge, depth=depth)[0]
+
+
+def _relay_levels(
+    leaves: int, *, fanout: int, hedge: int, depth: int
+) -> tuple[Shape, dict[str, tuple[str, ...]], tuple[int, ...]]:
+    """(shape, parents of every relay, most own children per relay level)."""
+    if depth <= 0:
+        return Shape(fanout=fanout, hedge=hedge, levels=(), inner={}, groups={}), {}, ()
+    leaves = max(1, leaves)
+    per_level = level_fanout(leaves, fanout=fanout, depth=depth)
+    counts = level_counts(leaves, fanout=fanout, depth=depth)
+    levels = tuple(
+        tuple(relay_name(level, i) for i in range(counts[level])) for level in range(depth)
+    )
+    root = levels[0][0]
+    inner: dict[str, tuple[Forward, ...]] = {}
+    parents: dict[str, tuple[str, ...]] = {root: ()}
+    groups: list[tuple[str, ...]] = [(root,)]
+    fanouts = []
+    for level in range(depth):
+        here = levels[level]
+        blocks = _spread(counts[level + 1], counts[level])
+        fanouts.append(max(len(b) for b in blocks))
+        if level == depth - 1:
+            break
+        below = levels[level + 1]
+        own = {r: tuple(below[c] for c in block) for r, block in zip(here, blocks, strict=True)}
+        fwd, ps = level_tables(groups, own, hedge)
+        inner.update(fwd)
+        parents.update(ps)
+        groups = [own[r] for r in here]
+    group_of = {slot: group for group in groups for slot in group}
+    shape = Shape(fanout=per_level, hedge=hedge, levels=levels, inner=inner, groups=group_of)
+    return shape, parents, tuple(fanouts)
 
 
 def tree_shape(
@@ -205,53 +352,23 @@ def tree_shape(
 
     import networkx as nx
 
-    per_level = max(fanout, _integer_root_ceil(leaves, depth))
-    # counts[l] = number of nodes at level l; counts[depth] = leaves.
-    counts = [leaves]
-    for _ in range(depth):
-        counts.append(-(-counts[-1] // per_level))
-    counts.reverse()
-    assert counts[0] == 1
-
-    levels = tuple(
-        tuple(relay_name(level, i) for i in range(counts[level])) for level in range(depth)
-    )
-
-    names = [*levels, tuple(leaf_name(i) for i in range(leaves))]
-    # One Forward per (node, own/hedge), shared by every relay that sends it that way.
-    own_copy = [tuple(Forward(n, False) for n in level_names) for level_names in names]
-    hedge_copy = [tuple(Forward(n, True) for n in level_names) for level_names in names]
-
-    # own[l][p] = indices at level l+1 of the own children of relay p at level l
-    own = [_spread(counts[level + 1], counts[level]) for level in range(depth)]
-    level_fanouts = tuple(max(len(block) for block in own[level]) for level in range(depth))
-
-    forwarding: dict[str, tuple[Forward, ...]] = {}
-    parents: dict[str, list[str]] = {n: [] for level_names in names for n in level_names}
-    for level in range(depth):
-        here, below = names[level], names[level + 1]
-        # Sibling groups at this level: the own children of each relay one level up.
-        groups = [range(1)] if level == 0 else own[level - 1]
-        for group in groups:
-            size = len(group)
-            reach = min(hedge, size - 1)
-            for pos, relay_index in enumerate(group):
-                table = [own_copy[level + 1][c] for c in own[level][relay_index]]
-                for step in range(1, reach + 1):
-                    sibling = group[(pos + step) % size]
-                    table.extend(hedge_copy[level + 1][c] for c in own[level][sibling])
-                forwarding[here[relay_index]] = tuple(table)
-                # Parents of each own child: this relay first, then the hedging siblings in
-                # order of distance (i-1, i-2, ...), which is also the order in which their
-                # copies are queued behind those senders' own children.
-                hedgers = [here[group[(pos - step) % size]] for step in range(1, reach + 1)]
-                for c in own[level][relay_index]:
-                    parents[below[c]] = [here[relay_index], *hedgers]
+    shape, parents, level_fanouts = _relay_levels(leaves, fanout=fanout, hedge=hedge, depth=depth)
+    slots = shape.leaf_slots
+    held = {
+        slot: tuple(leaf_name(i) for i in block)
+        for slot, block in zip(slots, _spread(leaves, len(slots)), strict=True)
+    }
+    forwarding = {**shape.inner, **shape.leaf_tables(held)}
+    for slot, names in held.items():
+        hedgers = shape.hedgers(slot)
+        for leaf in names:
+            parents[leaf] = (slot, *hedgers)
 
     graph = nx.DiGraph()
     graph.add_nodes_from(
-        (n, {"level": level}) for level, level_names in enumerate(names) for n in level_names
+        (r, {"level": level}) for level, names in enumerate(shape.levels) for r in names
     )
+    graph.add_nodes_from((leaf_name(i), {"level": depth}) for i in range(leaves))
     graph.add_edges_from(
         (relay, fwd.target, {"hedge": fwd.hedge})
         for relay, sends in forwarding.items()
@@ -263,9 +380,9 @@ def tree_shape(
         fanout=fanout,
         hedge=hedge,
         depth=depth,
-        levels=levels,
+        levels=shape.levels,
         forwarding=MappingProxyType(forwarding),
-        parents=MappingProxyType({node: tuple(ps) for node, ps in parents.items()}),
+        parents=MappingProxyType(parents),
         graph=graph,
         level_fanouts=level_fanouts,
     )

@@ -41,13 +41,15 @@ def register(c: TestClient, name: str, role: str, port: int, **kw: Any) -> dict[
     return doc
 
 
-def setup_world(c: TestClient, relays: int = 3) -> tuple[str, str]:
-    """Relays, one receiver host with 50 endpoint ports, a publisher, stream 1, two MPs."""
+def setup_world(c: TestClient, relays: int = 3, **stream: Any) -> tuple[str, str]:
+    """Relays, one receiver host with 50 endpoint ports, a publisher, stream 1 (with the
+    fields `stream`), two MPs."""
     for i in range(relays):
         register(c, f"relay{i}", "relay", 7000 + i)
     register(c, "rx0", "receiver", 7100, capacity=50)
     register(c, "pub", "publisher", 6000)
-    assert c.post("/v1/streams", json={"id": 1, "name": "md"}, headers=ADMIN).status_code == 201
+    body = {"id": 1, "name": "md", **stream}
+    assert c.post("/v1/streams", json=body, headers=ADMIN).status_code == 201
     tokens = []
     for name in ("alpha", "beta"):
         r = c.post("/v1/mps", json={"name": name}, headers=ADMIN)
@@ -406,6 +408,58 @@ def test_lemon_relays_stay_out_of_the_tree(client: TestClient) -> None:
     assert "relay5" not in relays
 
 
+def distinct_parents(topology: dict[str, Any]) -> set[int]:
+    return {len(set(e["parents"])) for rx in topology["receivers"] for e in rx["endpoints"]}
+
+
+def forwarded_parents(topology: dict[str, Any]) -> set[int]:
+    """Distinct relays forwarding to each endpoint by the plan's own tables (during a switch
+    the endpoints' `parents` also list the old plan's)."""
+    senders: dict[str, set[str]] = {}
+    for r in topology["relays"]:
+        for t in r["targets"]:
+            senders.setdefault(t["node"], set()).add(r["name"])
+    names = [e["name"] for rx in topology["receivers"] for e in rx["endpoints"]]
+    return {len(senders.get(n, ())) for n in names}
+
+
+def test_small_tree_says_hedging_is_off_and_regains_it_when_relays_join(
+    client: TestClient,
+) -> None:
+    alpha, _ = setup_world(client, relays=1)
+    for i in range(6):
+        client.post("/v1/subscriptions", json=sub_body(7100 + i), headers=bearer(alpha))
+    topo = client.get("/v1/streams/1/tree", headers=ADMIN).json()["topology"]
+    assert distinct_parents(topo) == {1}
+    hedging = topo["x-hedging"]
+    assert hedging["hedge"] == 2 and hedging["parents_min"] == 1
+    assert hedging["note"].startswith("hedging off: each endpoint gets 1 distinct parent")
+    assert "1 relay(s) usable; H=2 needs 4" in hedging["note"]
+    # A second relay cannot give a second parent (a root over one sibling): no re-plan.
+    register(client, "relay1", "relay", 7001)
+    assert "relay_joined" not in client.get("/metrics").text
+    # With a root over two siblings each endpoint gets two parents.
+    register(client, "relay2", "relay", 7002)
+    assert 'jasper_replans_total{reason="relay_joined"} 1.0' in client.get("/metrics").text
+    rx = client.get("/v1/nodes/rx0/config?wait=0", headers=NODE).json()
+    pending = rx["streams"][0]["topology"]
+    assert forwarded_parents(pending) == {2} and pending["x-hedging"]["parents_min"] == 2
+    assert pending["x-hedging"]["note"].startswith("hedging reduced")
+    # Once every node runs the new plan the stream switches; a fourth relay then re-plans
+    # again, to H+1 parents, and the plan has nothing to confess.
+    for name in ("relay0", "relay1", "relay2", "rx0", "pub"):
+        body = {"applied_version": rx["version"]}
+        assert client.post(f"/v1/nodes/{name}/heartbeat", json=body, headers=NODE).is_success
+    tree = client.get("/v1/streams/1/tree", headers=ADMIN).json()
+    assert tree["pending_epoch"] is None and distinct_parents(tree["topology"]) == {2}
+    register(client, "relay3", "relay", 7003)
+    assert 'jasper_replans_total{reason="relay_joined"} 2.0' in client.get("/metrics").text
+    rx = client.get("/v1/nodes/rx0/config?wait=0", headers=NODE).json()
+    pending = rx["streams"][0]["topology"]
+    assert forwarded_parents(pending) == {3}
+    assert pending["x-hedging"] == {"hedge": 2, "parents_min": 3, "note": ""}
+
+
 def test_healthz_and_metrics(client: TestClient) -> None:
     alpha, _ = setup_world(client)
     client.post("/v1/subscriptions", json=sub_body(7100), headers=bearer(alpha))
@@ -421,7 +475,9 @@ def test_healthz_and_metrics(client: TestClient) -> None:
 
 
 def test_full_leaf_relays_replan_only_when_more_relays_help(client: TestClient) -> None:
-    alpha, _ = setup_world(client, relays=3)
+    # H=0: relays joining re-plan nothing by themselves (a hedged stream re-plans for more
+    # distinct parents, see the next test), so only the leaf relays' load does.
+    alpha, _ = setup_world(client, relays=3, hedge=0)
     for i in range(40):
         client.post("/v1/subscriptions", json=sub_body(7100 + i), headers=bearer(alpha))
     # Three relays cannot make a deeper tree for 40 endpoints: no re-plan churn.

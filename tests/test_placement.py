@@ -16,6 +16,7 @@ from jasper.placement import (
     build_shape,
     choose_depth,
     full_plan,
+    hedging_note,
     predict_oml,
     random_plan,
     rank_relays,
@@ -182,3 +183,68 @@ def test_lemons_fill_only_last_level_slots_in_distinct_groups_when_short() -> No
             assert not set(plan.parents(key)[1:]) & lemons
     rnd = predict_oml(random_plan(eps, relays, publisher="pub", rng=random.Random(1)), m)
     assert predict_oml(plan, m).oml_ns < rnd.oml_ns
+
+
+def min_distinct_parents(plan: Placement) -> int:
+    return min(len(set(plan.parents(k))) for k in plan.endpoints())
+
+
+@pytest.mark.parametrize(
+    ("n", "relays", "parents"),
+    [(1, 3, 2), (6, 3, 2), (6, 4, 3), (20, 11, 3), (30, 4, 3), (500, 3, 2), (6, 2, 1)],
+)
+def test_small_trees_keep_hedging_when_relays_allow(n: int, relays: int, parents: int) -> None:
+    # The paper's depth for these is 1 (or relays too few for its depth-2 tree): the root
+    # alone above the endpoints. A second level of siblings brings the H+1 copies back.
+    plan = full_plan(endpoints(n), [f"r{i}" for i in range(relays)], publisher="pub", hedge=2)
+    assert min_distinct_parents(plan) == parents == plan.parents_min()
+    if relays >= 3:
+        assert len(plan.shape.levels) == 2
+        assert len(plan.shape.leaf_slots) == min(relays - 1, 10)
+    loads = [plan.load(s) for s in plan.leaf_slots()]
+    assert max(loads) - min(loads) <= 1
+
+
+def test_small_tree_rule_leaves_h0_and_depth_1_alone() -> None:
+    relays = [f"r{i}" for i in range(11)]
+    assert len(full_plan(endpoints(20), relays, publisher="pub", hedge=0).shape.levels) == 1
+    asked = full_plan(endpoints(20), relays, publisher="pub", hedge=2, depth=1)
+    assert len(asked.shape.levels) == 1
+    assert hedging_note(asked, relays=11, depth=1).endswith(
+        "the stream asks for depth 1 (one relay above the endpoints)"
+    )
+
+
+def test_hedging_note_says_why() -> None:
+    def note(n: int, relays: int, **kw: int) -> str:
+        plan = full_plan(endpoints(n), [f"r{i}" for i in range(relays)], publisher="pub", **kw)
+        return hedging_note(plan, relays=relays, depth=kw.get("depth"))
+
+    assert note(6, 0) == (
+        "hedging off: each endpoint gets 1 distinct parent(s), not H+1=3: "
+        "no relay is alive, so the publisher sends to every endpoint"
+    )
+    assert note(6, 2).endswith(
+        "2 relay(s) usable; H=2 needs 4 (a root over H+1=3 siblings above the endpoints)"
+    )
+    assert note(6, 3).startswith("hedging reduced: each endpoint gets 2 distinct parent(s)")
+    assert note(2, 9, depth=2, fanout=2).endswith(
+        "fan-out 2 makes sibling groups of at most 2 relays"
+    )
+    # 6 endpoints at depth 2 raise the fan-out to 3 (3**2 >= 6), in one group of 2.
+    assert note(6, 9, depth=2, fanout=2).endswith(
+        "the smallest sibling group above the endpoints has 2 relay(s) (fan-out 3, 9 usable)"
+    )
+    assert note(6, 4) == note(6, 3, hedge=1) == note(6, 1, hedge=0) == ""
+
+
+def test_lemons_stand_in_when_they_bring_the_second_parent() -> None:
+    # Three relays, one a lemon: without it the tree is the root alone (one parent each);
+    # with it at the last level each endpoint gets two. Hedging wins over the cost model's
+    # OML, which has no variance and so cannot see what the copies are for.
+    relays = ["r0", "r1", "r2"]
+    eps = endpoints(6)
+    m = matrix_with_lemons(relays, {"r2"}, sorted({e.host for e in eps}))
+    plan = full_plan(eps, relays, publisher="pub", matrix=m)
+    assert plan.parents_min() == 2 and "r2" in plan.relay_nodes()
+    assert plan.slot_node["r0.0"] != "r2"
