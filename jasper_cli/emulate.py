@@ -147,7 +147,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--no-link-model", action="store_true", help="links without delay or loss")
     p.add_argument(
-        "--fast-path", choices=("auto", "ebpf", "user"), default="user", help="data-plane path"
+        "--fast-path",
+        choices=("auto", "ebpf", "user"),
+        default="auto",
+        help=(
+            "relays' and receivers' kernel fast path: auto (eBPF where it loads, else user "
+            "space, saying why), ebpf (required), user (default auto)"
+        ),
     )
     p.add_argument(
         "--receiver-args",
@@ -199,6 +205,32 @@ def tag_arg(text: str) -> str:
     if len(text) > 12 or not (text == "" or (text.isascii() and text.isalnum())):
         raise argparse.ArgumentTypeError(f"must be up to 12 letters or digits (got {text!r})")
     return text
+
+
+def _link_model(receiver_args: tuple[str, ...]) -> dict[str, Any]:
+    """The run's link model, emulated where the copies' path allows the kernel fast path.
+
+    With native receivers the whole path of every copy is emulated there (an emulated arrival
+    per copy, before admission) and relays forward at once, in the kernel where eBPF loads;
+    with Python receivers every hop delays its copies in user space (docs/link-model.md).
+    """
+    from overlay.emulation.runner import DEFAULT_LINK_MODEL
+    from overlay.nativepath import native_available
+
+    model = dict(DEFAULT_LINK_MODEL)
+    if _datapath_arg(receiver_args) == "python" or not native_available()[0]:
+        model["emulated_at"] = "hops"
+    return model
+
+
+def _datapath_arg(receiver_args: tuple[str, ...]) -> str:
+    """The --datapath the receivers are given in --receiver-args (auto when absent)."""
+    for i, arg in enumerate(receiver_args):
+        if arg == "--datapath" and i + 1 < len(receiver_args):
+            return receiver_args[i + 1]
+        if arg.startswith("--datapath="):
+            return arg.split("=", 1)[1]
+    return "auto"
 
 
 class _Progress:
@@ -259,6 +291,13 @@ def run(args: argparse.Namespace) -> int:
     many = args.receivers > _MANY_RECEIVERS
     per_host = args.per_host or (50 if many else 20)
     rate = args.rate or default_rate(args.receivers)
+    receiver_args = tuple(
+        (
+            args.receiver_args
+            if args.receiver_args is not None
+            else (_MANY_RECEIVERS_ARGS if many else "")
+        ).split()
+    )
     settings = EmulationSettings(
         receivers=args.receivers,
         endpoints_per_host=per_host,
@@ -277,15 +316,9 @@ def run(args: argparse.Namespace) -> int:
         configs=args.configs,
         faults=not args.no_faults,
         fault_block_messages=args.fault_messages or max(100, min(300, int(10 * rate))),
-        link_model=None if args.no_link_model else EmulationSettings().link_model,
+        link_model=None if args.no_link_model else _link_model(receiver_args),
         fast_path=args.fast_path,
-        receiver_args=tuple(
-            (
-                args.receiver_args
-                if args.receiver_args is not None
-                else (_MANY_RECEIVERS_ARGS if many else "")
-            ).split()
-        ),
+        receiver_args=receiver_args,
         tag=args.tag,
         out_dir=str(args.out),
     )
@@ -399,6 +432,8 @@ def _print_summary(doc: dict[str, Any]) -> None:
         f"machine CPU max {summ['machine_cpu_max_percent']}% -> "
         + ("valid for timing" if summ["timing_valid"] else "NOT valid for timing figures")
     )
+    for config, paths in (summ.get("data_paths") or {}).items():
+        print(f"data paths {config}: {' | '.join(paths) or '-'}")
     for p in doc["processes"]:
         print(
             f"process {p['role']:<9} x{p['count']:<4} CPU total {p['cpu_s_total']} s, "

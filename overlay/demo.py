@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from jasper.records import Releases, message_offsets
 from overlay.common import write_json
 from overlay.launch import Child, Cluster, free_port_base, jasper_argv
+from overlay.report_page import data_path_per_node, data_paths
 
 if TYPE_CHECKING:
     from controller.loopback import LoopbackController
@@ -978,7 +978,7 @@ def summarize_with_figures(
         "endpoints_with_h_plus_1_parents": sum(1 for p in parents if p >= hedge_target),
         "distinct_parents_min": min(parents) if parents else 0,
         "distinct_parents_max": max(parents) if parents else 0,
-        "data_paths": _data_paths(statuses),
+        "data_paths": data_paths(statuses),
         "receive_lag_mean_us": _lag_mean_us(statuses),
         "receive_lag_max_us": max(
             (s.get("receive_lag", {}).get("max_ns", 0) / 1000 for s in statuses.values()),
@@ -998,7 +998,7 @@ def summarize_with_figures(
         "counters": counters,
         "cpu_s_total": round(cpu_total, 2),
         "processes": processes,
-        "data_path_per_node": _data_path_per_node(statuses),
+        "data_path_per_node": data_path_per_node(statuses),
     }
     summary["control"] = cfg.control
     summary["tree"] = _tree_summary(run.tree if run is not None else None)
@@ -1304,40 +1304,6 @@ def _step_summary(
         "phases": phases,
         "per_second": per_second,
     }
-
-
-def _data_paths(statuses: Mapping[str, Any]) -> str:
-    """Which path each kind of node ran, e.g. "receivers native x2; relays ebpf x3; link
-    model emulated at receivers" (from the processes' status files)."""
-    rx: Counter[str] = Counter()
-    relays: Counter[str] = Counter()
-    where: set[str] = set()
-    for s in statuses.values():
-        if s.get("kind") == "receiver":
-            rx[str(s.get("datapath", "python"))] += 1
-        elif s.get("kind") == "relay":
-            relays[str(s.get("fast_path", "user"))] += 1
-            if s.get("link_model_at"):
-                where.add(str(s["link_model_at"]))
-    parts = [
-        "receivers " + ", ".join(f"{k} x{v}" for k, v in sorted(rx.items())),
-        "relays " + ", ".join(f"{k} x{v}" for k, v in sorted(relays.items())),
-    ]
-    if where:
-        parts.append("link model emulated at " + "/".join(sorted(where)))
-    return "; ".join(parts)
-
-
-def _data_path_per_node(statuses: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """Per relay and receiver process: its kind and the data path it ran (receivers: native
-    or python; relays: ebpf or user), from its status file."""
-    out: dict[str, dict[str, str]] = {}
-    for name, s in statuses.items():
-        if s.get("kind") == "receiver":
-            out[name] = {"kind": "receiver", "path": str(s.get("datapath", "python"))}
-        elif s.get("kind") == "relay":
-            out[name] = {"kind": "relay", "path": str(s.get("fast_path", "user"))}
-    return out
 
 
 def _lag_mean_us(statuses: Mapping[str, Mapping[str, Any]]) -> float:

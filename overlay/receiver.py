@@ -823,8 +823,10 @@ class Receiver:
 
     # -- control ------------------------------------------------------------------------------
 
-    def enable_fast_path(self, mode: str, *, ifname: str = "lo") -> str:
-        """Try in-kernel dedup and source filtering per `mode`; returns the mode used."""
+    def enable_fast_path(self, mode: str, *, ifname: str | None = None) -> str:
+        """Try in-kernel dedup and source filtering per `mode`; returns the mode used.
+
+        ifname: where to attach; None: the interface holding the host's address."""
         if mode == "user":
             return "user"
         reason = ""
@@ -840,7 +842,7 @@ class Receiver:
                 else:
                     fp = loader.ReceiverFastPath(
                         node=self.host.name,
-                        ifname=ifname,
+                        ifname=ifname or loader.interface_of(self.host.addr),
                         ports=[ep.config.port for ep in self.endpoints],
                     )
                     fp.attach()

@@ -237,8 +237,11 @@ class Relay:
 
     # -- control ------------------------------------------------------------------------------
 
-    def enable_fast_path(self, mode: str, *, ifname: str = "lo") -> str:
-        """Try the eBPF replication path per `mode` (auto, ebpf, user); returns the mode used."""
+    def enable_fast_path(self, mode: str, *, ifname: str | None = None) -> str:
+        """Try the eBPF replication path per `mode` (auto, ebpf, user); returns the mode used.
+
+        ifname: where to attach; None: the interface holding each node's address (lo on
+        loopback, eth0 in an emulated host's namespace)."""
         if mode == "user":
             self.fast_path_mode = "user"
             return "user"
@@ -255,7 +258,9 @@ class Relay:
                 else:
                     for node in self.nodes.values():
                         fp = loader.RelayFastPath(
-                            node=node.name, ifname=ifname, listen_port=node.config.port
+                            node=node.name,
+                            ifname=ifname or loader.interface_of(node.config.addr),
+                            listen_port=node.config.port,
                         )
                         fp.attach()
                         fp.set_targets(_target_rows(node))

@@ -9,6 +9,7 @@ import html
 import io
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,39 @@ STYLE = (
 
 READING_THE_REPORT = "docs/metrics.md#reading-the-report"
 """Where the README-level explanation of the page's figures lives (relative to the checkout)."""
+
+
+def data_paths(statuses: Mapping[str, Any]) -> str:
+    """Which path each kind of node ran, e.g. "receivers native x2; relays ebpf x3; link
+    model emulated at receivers" (from the processes' status files)."""
+    rx: Counter[str] = Counter()
+    relays: Counter[str] = Counter()
+    where: set[str] = set()
+    for s in statuses.values():
+        if s.get("kind") == "receiver":
+            rx[str(s.get("datapath", "python"))] += 1
+        elif s.get("kind") == "relay":
+            relays[str(s.get("fast_path", "user"))] += 1
+            if s.get("link_model_at"):
+                where.add(str(s["link_model_at"]))
+    parts = ["receivers " + ", ".join(f"{k} x{v}" for k, v in sorted(rx.items()))]
+    if relays:
+        parts.append("relays " + ", ".join(f"{k} x{v}" for k, v in sorted(relays.items())))
+    if where:
+        parts.append("link model emulated at " + "/".join(sorted(where)))
+    return "; ".join(parts)
+
+
+def data_path_per_node(statuses: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Per relay and receiver process: its kind and the data path it ran (receivers: native
+    or python; relays: ebpf or user), from its status file."""
+    out: dict[str, dict[str, str]] = {}
+    for name, s in statuses.items():
+        if s.get("kind") == "receiver":
+            out[name] = {"kind": "receiver", "path": str(s.get("datapath", "python"))}
+        elif s.get("kind") == "relay":
+            out[name] = {"kind": "relay", "path": str(s.get("fast_path", "user"))}
+    return out
 
 
 def page(title: str, body: Sequence[str]) -> str:

@@ -20,6 +20,7 @@ from overlay.emulation.faults import (
     Fault,
     FaultEvent,
     FaultInjector,
+    NodeGate,
     attach_linkloss,
     burst_durations_ns,
     fault_cost,
@@ -264,6 +265,36 @@ def test_link_loss_drops_only_while_attached(netns_ok: None) -> None:
         net.teardown()
 
 
+@pytest.mark.privileged
+def test_node_gate_stops_a_host_network_in_place_and_leaves_the_link_loss_qdisc_alone(
+    netns_ok: None,
+) -> None:
+    net = EmulatedNetwork(tag=f"tg{os.getpid() % 10000}")
+    for name in ("a", "b"):
+        net.add_host(name)
+    try:
+        net.build()
+        b = net.hosts["b"]
+        gate = NodeGate(b.netns)
+        try:
+            assert _udp_count(net, "a", "b", 50) == 50  # attached and open: everything passes
+            gate.close()
+            assert _udp_count(net, "a", "b", 100) == 0
+            assert gate.dropped() >= 100
+            gate.open()
+            assert _udp_count(net, "a", "b", 50) == 50
+            # A link-loss fault on the same interface ends without removing the gate's qdisc.
+            detach = attach_linkloss(b.netns, "eth0", net.hosts["a"].addr, 1.0)
+            detach()
+            gate.close()
+            assert _udp_count(net, "a", "b", 20) == 0
+        finally:
+            gate.remove()
+        assert _udp_count(net, "a", "b", 50) == 50
+    finally:
+        net.teardown()
+
+
 # --- a small full run ------------------------------------------------------------------------
 
 
@@ -336,6 +367,17 @@ def test_small_emulation_runs_all_configurations_and_survives_a_killed_relay(
     assert 0 < fault["messages_before"] < fault["messages"]
     relay_exits = [p for p in em.processes if p.node == killed and p.block == fault["block"]]
     assert [p.status for p in relay_exits] == [-signal.SIGKILL]
+    # The relays forwarded in the kernel (the link model emulated at the native receivers), so
+    # killing the process alone would have stopped nothing: its host's network gate closed and
+    # dropped what its parent kept sending.
+    assert all(
+        "relays ebpf x" in p and "link model emulated at receivers" in p
+        for c in ("tree-h0", "tree-nohold", "jasper")
+        for p in rows[c]["data_paths"]
+    )
+    assert "relays" not in " ".join(rows["unicast"]["data_paths"])
+    gate_note = next(n for n in doc["summary"]["notes"] if f"{killed}'s network gate" in n)
+    assert int(gate_note.split(" dropped ")[1].split()[0]) > 0
     # ...and one host's emulated clock jumped 50 ms behind mid-block, by its own daemon's hook.
     assert step["error"] == ""
     assert step["event"]["target"] == stepped

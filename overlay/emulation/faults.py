@@ -129,6 +129,7 @@ class FaultInjector:
         *,
         clock_step: Callable[[str, int], None] | None = None,
         link_loss: Callable[[str, str, float], Callable[[], None]] | None = None,
+        gates: Mapping[str, NodeGate] | None = None,
         send: Callable[[int, int], None] = _signal,
     ) -> None:
         self.faults = list(faults)
@@ -136,6 +137,9 @@ class FaultInjector:
         self.clock_step = clock_step
         self.link_loss = link_loss
         """Starts loss on link (src, dst) and returns the function that ends it."""
+        self.gates = dict(gates or {})
+        """Node -> its network gate, closed with the kill or pause of a relay whose copies the
+        kernel forwards (NodeGate)."""
         self.send = send
         self.events: list[FaultEvent] = []
         self._stop = threading.Event()
@@ -173,6 +177,9 @@ class FaultInjector:
             event.pid = self.pids[fault.target]
             event.start_ns = event.end_ns = time.time_ns()
             self.send(event.pid, signal.SIGKILL)
+            gate = self.gates.get(fault.target)
+            if gate is not None:
+                gate.close()
         elif fault.kind == "pause-relay":
             event.pid = self.pids[fault.target]
             gap_ns = int(fault.burst_gap_s * 1e9)
@@ -184,10 +191,15 @@ class FaultInjector:
                 t_stop = time.monotonic_ns()
                 if i == 0:
                     event.start_ns = time.time_ns()
+                gate = self.gates.get(fault.target)
                 self.send(event.pid, signal.SIGSTOP)
+                if gate is not None:
+                    gate.close()
                 try:
                     _spin_until(t_stop + length)
                 finally:
+                    if gate is not None:
+                        gate.open()
                     self.send(event.pid, signal.SIGCONT)
                 event.pauses_ns.append(time.monotonic_ns() - t_stop)
             event.end_ns = time.time_ns()
@@ -223,30 +235,37 @@ def compile_linkloss(src_addr: str, loss: float) -> Path:
     """Compile the link-loss program for one source address and probability (cached by hash)."""
     if not 0.0 <= loss <= 1.0:
         raise ValueError(f"loss must be in 0..1, got {loss}")
-    clang = shutil.which("clang")
-    if clang is None:
-        raise RuntimeError("clang is needed for link-loss faults (apt-get install clang)")
     # The address as the u32 the kernel compares: network byte order read in host order.
     addr_u32 = int.from_bytes(ipaddress.IPv4Address(src_addr).packed, sys.byteorder)
     threshold = min(2**32 - 1, int(loss * 2**32))
-    source = _LINKLOSS_SOURCE.read_bytes()
-    key = hashlib.sha256(source + f"{addr_u32}:{threshold}".encode()).hexdigest()[:16]
+    return _compile_bpf(
+        _LINKLOSS_SOURCE, {"SRC_ADDR": f"{addr_u32}U", "DROP_THRESHOLD": f"{threshold}U"}
+    )
+
+
+def _compile_bpf(source_path: Path, defines: Mapping[str, str]) -> Path:
+    """Compile one of the emulation's TC programs with `defines` (cached by source and defines:
+    the emulation's own fault programs, not the data path's, which the package build makes)."""
+    clang = shutil.which("clang")
+    if clang is None:
+        raise RuntimeError("clang is needed for the emulation's fault programs (apt install clang)")
+    source = source_path.read_bytes()
+    flags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     _CACHE.mkdir(parents=True, exist_ok=True)
-    obj = _CACHE / f"linkloss-{key}.o"
+    obj = _CACHE / f"{source_path.name.removesuffix('.bpf.c')}-{key}.o"
     if not obj.exists():
         arch = os.uname().machine
         tmp = obj.with_suffix(f".{os.getpid()}.tmp")
         proc = subprocess.run(
             [
-                clang, "-O2", "-g", "-target", "bpf",
-                f"-I/usr/include/{arch}-linux-gnu",
-                f"-DSRC_ADDR={addr_u32}U", f"-DDROP_THRESHOLD={threshold}U",
-                "-c", str(_LINKLOSS_SOURCE), "-o", str(tmp),
+                clang, "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}-linux-gnu",
+                *flags, "-c", str(source_path), "-o", str(tmp),
             ],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if proc.returncode != 0:
-            raise RuntimeError(f"clang failed on {_LINKLOSS_SOURCE.name}: {proc.stderr[-500:]}")
+            raise RuntimeError(f"clang failed on {source_path.name}: {proc.stderr[-500:]}")
         tmp.replace(obj)
     return obj
 
@@ -266,9 +285,78 @@ def attach_linkloss(netns: str, ifname: str, src_addr: str, loss: float) -> Call
 
     def detach() -> None:
         _tc(netns, "filter", "del", "dev", ifname, "ingress", "pref", "7")
-        _tc(netns, "qdisc", "del", "dev", ifname, "clsact")
+        # The qdisc goes only when nothing else hangs on it: a relay's fast path may.
+        left = _tc(netns, "filter", "show", "dev", ifname, "ingress").stdout.strip()
+        left += _tc(netns, "filter", "show", "dev", ifname, "egress").stdout.strip()
+        if not left:
+            _tc(netns, "qdisc", "del", "dev", ifname, "clsact")
 
     return detach
+
+
+_NODEGATE_SOURCE = Path(__file__).with_name("nodegate.bpf.c")
+NODEGATE_PREF = 6
+"""TC priority of the gate: before the link-loss program (7) and any node's fast path (from
+0x4000, ebpf/tc.py), so a closed gate drops a copy before anything forwards it."""
+
+
+class NodeGate:
+    """One emulated host's network, switchable off and on in microseconds.
+
+    A relay on the eBPF fast path forwards in the kernel: SIGKILL or SIGSTOP of its process
+    leaves the TC program attached and forwarding, while a dead or paused VM forwards nothing.
+    Kill and pause faults close this gate too (the copies that arrive while it is closed are
+    dropped: a paused VM would forward them late, after the pause, which its hedged children
+    discard as duplicates)."""
+
+    def __init__(self, netns: str, ifname: str = "eth0") -> None:
+        from ebpf.libbpf import BpfObject
+        from ebpf.netlink import in_netns
+        from ebpf.tc import tc_attach
+
+        self.netns = netns
+        self.ifname = ifname
+        self._obj = BpfObject(_compile_bpf(_NODEGATE_SOURCE, {}))
+        self._closed = self._obj.map("nodegate_closed")
+        self._dropped = self._obj.map("nodegate_dropped")
+        self._ns_fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with in_netns(self._ns_fd):
+                tc_attach(ifname, self._obj.prog_fd("node_gate"), "node_gate", [NODEGATE_PREF])
+        except BaseException:
+            os.close(self._ns_fd)
+            self._obj.close()
+            raise
+        self._attached = True
+
+    def close(self) -> None:
+        """Stop the host's network: every packet arriving from now on is dropped."""
+        self._closed.update((0).to_bytes(4, "little"), (1).to_bytes(8, "little"))
+
+    def open(self) -> None:
+        """Let packets through again."""
+        self._closed.update((0).to_bytes(4, "little"), (0).to_bytes(8, "little"))
+
+    def dropped(self) -> int:
+        """Packets dropped while closed, so far."""
+        return self._dropped.sum_u64(0)
+
+    def remove(self) -> None:
+        """Detach the program (idempotent); the host's network works as before."""
+        if not self._attached:
+            return
+        from ebpf.netlink import in_netns
+        from ebpf.tc import tc_detach
+
+        self._attached = False
+        try:
+            with in_netns(self._ns_fd):
+                tc_detach(self.ifname, NODEGATE_PREF)
+        finally:
+            os.close(self._ns_fd)
+            self._closed.close()
+            self._dropped.close()
+            self._obj.close()
 
 
 @dataclass(frozen=True)

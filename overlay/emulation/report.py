@@ -542,6 +542,16 @@ def write_report(out_dir: Path, doc: Mapping[str, Any], images: Mapping[str, str
     )
     parts.append("<h2>Configurations side by side</h2>")
     parts.append("<pre>" + html.escape(str(doc.get("table_text", ""))) + "</pre>")
+    paths = summary.get("data_paths") or {}
+    if paths:
+        parts.append(
+            "<p>Data paths (from every node's status): "
+            + "; ".join(
+                f"<b>{html.escape(str(c))}</b>: {html.escape(' | '.join(p) or '-')}"
+                for c, p in paths.items()
+            )
+            + ".</p>"
+        )
     parts.append("<h3>P(F) [95% Wilson CI] at other thresholds tau</h3>")
     parts.append("<pre>" + html.escape(str(doc.get("ladder_text", ""))) + "</pre>")
     for key, title in (

@@ -44,11 +44,18 @@ from jasper.topology import (
     parse_topology,
     stream_dict,
 )
-from overlay.emulation.faults import Fault, FaultEvent, FaultInjector, attach_linkloss
+from overlay.emulation.faults import (
+    Fault,
+    FaultEvent,
+    FaultInjector,
+    NodeGate,
+    attach_linkloss,
+)
 from overlay.emulation.netns import EmulatedNetwork, write_manifest
 from overlay.emulation.spawner import Spawner
 from overlay.emulation.timeref import TimeReference
 from overlay.recordlog import load_releases, load_run_releases, save_releases
+from overlay.report_page import data_paths
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +81,11 @@ DEFAULT_LINK_MODEL: dict[str, Any] = {
     "loss": 0.0,
     "lemon_fraction": 0.02,
     "lemon_factor": 2.5,
+    "emulated_at": "receivers",
 }
-"""Cloud-like links (intra-region one-way delays of tens of µs, rare stalls, 2% lemon VMs)."""
+"""Cloud-like links (intra-region one-way delays of tens of µs, rare stalls, 2% lemon VMs),
+emulated over the whole path at the (native) receivers so relays forward at once, in the kernel
+where eBPF loads (docs/link-model.md); `jasper emulate` switches to "hops" for Python receivers."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,7 +196,8 @@ class EmulationSettings:
     link_model: Mapping[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_LINK_MODEL))
     controller: bool = True
     """Start the controller and subscribe MPs through its REST API when it is available."""
-    fast_path: str = "user"
+    fast_path: str = "auto"
+    """Relays' and receivers' --fast-path: eBPF where it loads (auto), required, or user."""
     receiver_args: tuple[str, ...] = ()
     """Extra arguments for every `jasper receiver` (e.g. --spin-us 20)."""
     seed: int = 1
@@ -345,6 +356,9 @@ class BlockResult:
     """The controller's CPU while the publisher sent (heartbeats, config polls, hold)."""
     events: list[FaultEvent] = field(default_factory=list)
     daemon_errors: list[str] = field(default_factory=list)
+    data_paths: str = ""
+    """Which data path the block's nodes ran, e.g. "receivers native x3; relays ebpf x5; link
+    model emulated at receivers" (from their status files; overlay.report_page.data_paths)."""
 
     def scored(self, warmup: int) -> tuple[np.ndarray, Releases]:
         """Records without the block's warm-up messages (a datagram that straddles the end of
@@ -928,12 +942,15 @@ class Emulation:
             agents=spec.agents,
         )
         injector = None
+        gates: dict[str, NodeGate] = {}
         if fault is not None:
+            gates = self._gates_for(fault)
             injector = FaultInjector(
                 [fault],
                 dict(self.live),
                 link_loss=self._link_loss,
                 clock_step=lambda node, step_ns: self._clock_step(block_dir, node, step_ns),
+                gates=gates,
             )
             injector.start()
         pub_pid = self.live["pub"]
@@ -963,6 +980,12 @@ class Emulation:
         # Let the last messages clear the tree and the hold before stopping.
         time.sleep(0.3 + hold_ns / 1e9)
         errors = self._stop_daemons(index)
+        for node, gate in gates.items():
+            self.notes.append(
+                f"block {index}: {node}'s network gate dropped {gate.dropped()} packets while "
+                "its relay was down or paused"
+            )
+            gate.remove()
         if spec.agents:
             self._normalize_agent_records(block_dir)
         sent, releases = load_records(block_dir)
@@ -986,6 +1009,7 @@ class Emulation:
             wall_s=t1 - t0,
             events=list(injector.events) if injector else [],
             daemon_errors=errors,
+            data_paths=data_paths(_block_statuses(block_dir)),
         )
         self.blocks.append(result)
         (block_dir / "block.json").write_text(
@@ -1027,6 +1051,13 @@ class Emulation:
         tmp.write_text(str(int(step_ns)))
         tmp.replace(step_file)
         os.kill(self.live[node], signal.SIGUSR1)
+
+    def _gates_for(self, fault: Fault) -> dict[str, NodeGate]:
+        """A network gate on the host of a relay that the fault kills or pauses, when relays may
+        forward in the kernel (there the process's death or stop alone stops nothing)."""
+        if fault.kind not in ("kill-relay", "pause-relay") or self.s.fast_path == "user":
+            return {}
+        return {fault.target: NodeGate(self.net.hosts[fault.target].netns)}
 
     def _link_loss(self, src: str, dst: str, loss: float) -> Callable[[], None]:
         detach = attach_linkloss(self.net.hosts[dst].netns, "eth0", self.net.hosts[src].addr, loss)
@@ -1237,7 +1268,19 @@ def block_meta(b: BlockResult) -> dict[str, Any]:
         "controller_cpu_s": b.controller_cpu_s,
         "events": [{**asdict(e), "fault": asdict(e.fault)} for e in b.events],
         "daemon_errors": b.daemon_errors,
+        "data_paths": b.data_paths,
     }
+
+
+def _block_statuses(block_dir: Path) -> dict[str, Any]:
+    """The status files the block's daemons wrote when they stopped, by node."""
+    out: dict[str, Any] = {}
+    for path in sorted(block_dir.glob("status-*.json")):
+        try:
+            out[path.stem.removeprefix("status-")] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a daemon killed by a fault writes none, or half of one
+    return out
 
 
 def reload_run(out_dir: Path, settings: EmulationSettings | None = None) -> Emulation:
@@ -1337,6 +1380,7 @@ def reload_run(out_dir: Path, settings: EmulationSettings | None = None) -> Emul
                 controller_cpu_s=float(meta.get("controller_cpu_s", 0.0)),
                 events=events,
                 daemon_errors=list(meta.get("daemon_errors", [])),
+                data_paths=str(meta.get("data_paths", "")),
             )
         )
         em.processes += [ProcessStat(**p) for p in meta.get("processes", [])]
@@ -1444,6 +1488,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         ctl = [b.controller_cpu_s / max(1e-9, b.wall_s * ncpu) for b in blocks]
         row["controller_cpu_percent"] = round(100 * float(np.mean(ctl)), 1) if ctl else None
         row["hold_us"] = [round(b.hold_ns / 1e3) for b in blocks] if em.specs[name].hold else None
+        row["data_paths"] = sorted({b.data_paths for b in blocks if b.data_paths})
     taus_us = rp.table_taus_us(tau_ns / 1e3)
     for row, c in zip(rows, configs, strict=True):
         row["p_fair_at"] = rp.p_fair_columns(c, taus_us)
@@ -1590,6 +1635,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         "jasper_vs_baselines": comparisons,
         "lemons": lemon_nodes,
         "trees_from": "controller (REST)" if em.tree_topos else "jasper.tree.tree_shape",
+        "data_paths": {r["config"]: r["data_paths"] for r in rows},
         "control_plane": em.control_summary,
         "notes": em.notes,
     }
