@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from controller import store
-from jasper.wire_spec import MALFORMED_REASONS, REJECT_REASONS
+from jasper.wire_spec import MALFORMED_REASONS, NAK_REASONS, REJECT_REASONS
 
 if TYPE_CHECKING:
     from controller.planner import Planner
@@ -199,6 +199,22 @@ SERIES: tuple[Series, ...] = (
     Series("jasper_datagrams_malformed_total", "counter",
            "Datagrams dropped as not Jasper, by reason",
            "endpoints", _k("malformed.{reason}"), values=MALFORMED_REASONS),
+    # Loss recovery (docs/recovery.md): jasper.recovery.RECOVERY_COUNTER_NAMES.
+    Series("jasper_receiver_naks_sent_total", "counter",
+           "NAK datagrams receiver endpoints sent to the publisher", "endpoints",
+           _k("naks_sent")),
+    Series("jasper_receiver_naks_coalesced_total", "counter",
+           "Missing ranges asked for in a NAK beside its first range", "endpoints",
+           _k("naks_coalesced")),
+    Series("jasper_receiver_recovered_total", "counter",
+           "Messages a retransmission brought before their deadline (released on time)",
+           "endpoints", _k("recovered")),
+    Series("jasper_receiver_recovered_late_total", "counter",
+           "Messages a retransmission brought after their deadline (released late)",
+           "endpoints", _k("recovered_late")),
+    Series("jasper_receiver_unrecoverable_total", "counter",
+           "Missing messages given up (NAKs spent, hole too wide, new session)",
+           "endpoints", _k("unrecoverable")),
     Series("jasper_receiver_endpoints", "gauge",
            "Endpoints the receiver host reports", "endpoints", _k("endpoint")),
     # --- receivers, per endpoint (bounded) ---------------------------------------------------
@@ -243,6 +259,20 @@ SERIES: tuple[Series, ...] = (
     Series("jasper_publisher_hold_seconds", "gauge",
            "Hold the publisher stamps with now (deadline - send time)", "publisher",
            _k("hold_ns"), scale=1e-9),
+    Series("jasper_publisher_naks_received_total", "counter",
+           "NAKs the publisher accepted", "publisher", _k("recovery.naks_received")),
+    Series("jasper_publisher_naks_refused_total", "counter",
+           "NAKs the publisher refused, by reason", "publisher",
+           _k("recovery.naks_refused.{reason}"), values=NAK_REASONS),
+    Series("jasper_publisher_retransmits_total", "counter",
+           "Datagrams the publisher sent again answering NAKs", "publisher",
+           _k("recovery.retransmits_sent")),
+    Series("jasper_publisher_retransmits_coalesced_total", "counter",
+           "Retransmissions not sent twice to one endpoint within the coalescing window",
+           "publisher", _k("recovery.retransmits_coalesced")),
+    Series("jasper_publisher_retransmits_missing_total", "counter",
+           "Sequence numbers asked for that the retransmit buffer no longer held",
+           "publisher", _k("recovery.retransmits_missing")),
     Series("jasper_publisher_ingress_malformed_total", "counter",
            "Ingress messages from the matching engine dropped as malformed", "publisher",
            _k("ingress.malformed")),

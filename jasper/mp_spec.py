@@ -18,14 +18,15 @@ MP_FLAG_GAP_BEFORE = 0x02
 """The sequence number before this one (same stream and session) was never delivered to this
 endpoint before this message: one or more messages are missing (or come later, out of order)."""
 MP_FLAG_RECOVERED = 0x04
-"""Reserved for NAK recovery: the message came from a retransmission. Never set yet."""
+"""The message came from a retransmission (NAK recovery, docs/recovery.md): with LATE it was
+recovered after its deadline; without, in time and released at the deadline like any copy."""
 MP_KNOWN_FLAGS = MP_FLAG_LATE | MP_FLAG_GAP_BEFORE | MP_FLAG_RECOVERED
 
 # Every field sits at an offset that is a multiple of its size (no implicit padding in C).
 MP_FIELDS: tuple[Field, ...] = (
     Field("magic", "__u16", "0x4A4D ('JM'); anything else is not a Jasper MP message"),
     Field("version", "__u8", "framing version, 1"),
-    Field("flags", "__u8", "bit 0 late, bit 1 gap before, bit 2 recovered (reserved); others 0"),
+    Field("flags", "__u8", "bit 0 late, bit 1 gap before, bit 2 recovered; others 0"),
     Field("stream_id", "__u32", "market-data stream"),
     Field("seq", "__u64", "sequence number of this message within (stream, session), from 1"),
     Field("release_ns", "__u64", "receiver clock when released, ns since the Unix epoch"),
@@ -78,6 +79,11 @@ class MpMessage:
     def gap_before(self) -> bool:
         """The previous sequence number was not delivered before this message."""
         return bool(self.flags & MP_FLAG_GAP_BEFORE)
+
+    @property
+    def recovered(self) -> bool:
+        """The message came from a retransmission (a NAK recovered it)."""
+        return bool(self.flags & MP_FLAG_RECOVERED)
 
 
 class MpFormatError(ValueError):

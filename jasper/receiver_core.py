@@ -11,12 +11,14 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from jasper.dedup import AHEAD_WINDOW, DedupRing, Verdict
-from jasper.mp_spec import MP_FLAG_GAP_BEFORE, MP_FLAG_LATE, GapTracker
+from jasper.mp_spec import MP_FLAG_GAP_BEFORE, MP_FLAG_LATE, MP_FLAG_RECOVERED, GapTracker
+from jasper.recovery import RECOVERY_COUNTER_NAMES, NakTracker, RecoveryConfig
 from jasper.schedule import ReleaseSchedule
-from jasper.wire import mac_of
+from jasper.wire import encode_nak, mac_of
 from jasper.wire_spec import (
     BLOCK_HEADER_LEN,
     FLAG_HEARTBEAT,
+    FLAG_RETRANSMIT,
     HEADER_LEN,
     KEY_LEN,
     KNOWN_FLAGS,
@@ -78,9 +80,23 @@ class CoreRelease(NamedTuple):
     payload: bytes
     """The message blocks: every byte after the header."""
     flags: int = 0
-    """MP flags of the delivery (jasper.mp_spec): MP_FLAG_LATE for a LATE release, and
-    MP_FLAG_GAP_BEFORE when its first seq lies beyond the next one expected for its endpoint
-    and stream (it applies to the first message only)."""
+    """MP flags of the delivery (jasper.mp_spec): MP_FLAG_LATE for a LATE release,
+    MP_FLAG_RECOVERED when the kept copy was a retransmission, and MP_FLAG_GAP_BEFORE when its
+    first seq lies beyond the next one expected for its endpoint and stream (it applies to the
+    first message only)."""
+
+
+class CoreNak(NamedTuple):
+    """One NAK datagram to send from an endpoint's socket to the publisher."""
+
+    endpoint: int
+    """Index of the endpoint whose socket sends it (the retransmission comes back there)."""
+    stream_id: int
+    """Stream of the ranges."""
+    session: int
+    """Publisher session of the ranges."""
+    data: bytes
+    """The datagram (jasper.wire.encode_nak, signed with the stream's newest key epoch)."""
 
 
 COUNTER_NAMES: tuple[str, ...] = (
@@ -139,9 +155,9 @@ _UNKNOWN_FLAGS = ~KNOWN_FLAGS & 0xFF
 _Fields = tuple[int, int, int, int, int, int, int, int]
 """(flags, stream_id, session, seq, send_time_ns, deadline_ns, msg_count, key_epoch)."""
 
-_Held = tuple[int, int, int, int, int, bytes]
+_Held = tuple[int, int, int, int, int, bytes, int]
 """What the hold keeps beside (deadline, stream, seq, endpoint): (parent, session, count,
-send_ns, arrival_ns, payload)."""
+send_ns, arrival_ns, payload, MP flags known when held: MP_FLAG_RECOVERED or 0)."""
 
 _Pending = tuple[int, int, int, bytes, int]
 """(arrival_ns, receipt number, endpoint, data, parent): sorts by emulated arrival, then by the
@@ -213,6 +229,7 @@ class ReceiverCore:
         hold_capacity: int = 65536,
         pending_capacity: int = 65536,
         ahead_window: int = AHEAD_WINDOW,
+        recovery: RecoveryConfig | None = None,
     ) -> None:
         if ahead_window < 1:
             raise ValueError(f"ahead_window must be >= 1, got {ahead_window}")
@@ -240,6 +257,11 @@ class ReceiverCore:
         # stream id -> (keys by epoch, or None for an unauthenticated stream; announced
         # session, or None to follow the newest session seen).
         self._streams: dict[int, tuple[dict[int, bytes] | None, int | None]] = {}
+        self._naks = NakTracker(recovery, endpoints=endpoints) if recovery is not None else None
+        """Loss recovery (docs/recovery.md): None when the plan names no publisher to NAK."""
+        self._nak_out: list[CoreNak] = []
+        self._recovered: list[list[int]] = [[0, 0] for _ in range(endpoints)]
+        """Per endpoint: messages recovered in time, recovered late."""
 
     # Inputs
 
@@ -318,6 +340,7 @@ class ReceiverCore:
         # Nothing else is due: process it directly rather than through the heap.
         self._process(endpoint, data, parent, arrival_ns, now_ns)
         self._release_due(now_ns)
+        self._poll_naks(now_ns)
 
     def timer(self, now_ns: int) -> None:
         """Time passed: process due copies and release due messages."""
@@ -331,6 +354,9 @@ class ReceiverCore:
             self._counts.append([0] * len(COUNTER_NAMES))
             self._rings.append({})
             self._parents.append({})
+            self._recovered.append([0, 0])
+        if self._naks is not None:
+            self._naks.set_endpoints(endpoints)
         self._endpoints = endpoints
         self._hold.endpoints = endpoints
 
@@ -353,15 +379,38 @@ class ReceiverCore:
         self._releases = []
         return out
 
+    def naks(self) -> list[CoreNak]:
+        """Every NAK due since the last call, in the order they became due."""
+        out = self._nak_out
+        self._nak_out = []
+        return out
+
     def get_timer(self) -> int | None:
-        """The earliest of the next pending arrival and the next held deadline, in ns; None
-        when nothing waits."""
+        """The earliest of the next pending arrival, the next held deadline and the next NAK
+        due, in ns; None when nothing waits."""
         deadline = self._hold.get_timer()
         if self._pending:
             arrival = self._pending[0][0]
             if deadline is None or arrival < deadline:
-                return arrival
+                deadline = arrival
+        if self._naks is not None:
+            due = self._naks.next_due()
+            if due is not None and (deadline is None or due < deadline):
+                return due
         return deadline
+
+    def recovery_counters(self, endpoint: int) -> dict[str, int]:
+        """The recovery counters of one endpoint, keyed by RECOVERY_COUNTER_NAMES (zeros when
+        recovery is off)."""
+        self._check_endpoint(endpoint)
+        sent, coalesced, lost = self._naks.counts(endpoint) if self._naks else (0, 0, 0)
+        ok, late = self._recovered[endpoint]
+        return dict(zip(RECOVERY_COUNTER_NAMES, (sent, coalesced, ok, late, lost), strict=True))
+
+    @property
+    def open_gaps(self) -> int:
+        """Ranges of missing sequence numbers waiting for a copy or a NAK."""
+        return self._naks.open_gaps if self._naks is not None else 0
 
     def counters(self, endpoint: int) -> dict[str, int]:
         """The counters of one endpoint, keyed by COUNTER_NAMES (zeros included)."""
@@ -405,6 +454,24 @@ class ReceiverCore:
             arrival, _receipt, endpoint, data, parent = heapq.heappop(pending)
             self._process(endpoint, data, parent, arrival, now_ns)
         self._release_due(now_ns)
+        self._poll_naks(now_ns)
+
+    def _poll_naks(self, now_ns: int) -> None:
+        tracker = self._naks
+        if tracker is None:
+            return
+        due = tracker.next_due()
+        if due is None or due > now_ns:
+            return
+        for req in tracker.poll(now_ns):
+            config = self._streams.get(req.stream_id)
+            keys = config[0] if config is not None else None
+            key = (max(keys), keys[max(keys)]) if keys else None
+            data = encode_nak(
+                stream_id=req.stream_id, session=req.session, ranges=req.ranges,
+                send_time_ns=now_ns, key_bytes=key,
+            )  # fmt: skip
+            self._nak_out.append(CoreNak(req.endpoint, req.stream_id, req.session, data))
 
     def _release_due(self, now_ns: int) -> None:
         hold = self._hold
@@ -417,10 +484,10 @@ class ReceiverCore:
     def _release_held(
         self, endpoint: int, stream: int, seq: int, deadline: int, item: _Held, now_ns: int
     ) -> None:
-        parent, session, count, sent, arrival, payload = item
+        parent, session, count, sent, arrival, payload, held_flags = item
         counts = self._counts[endpoint]
         counts[_RELEASED] += count
-        flags = self._gap_flag(counts, endpoint, stream, session, seq, count)
+        flags = self._gap_flag(counts, endpoint, stream, session, seq, count) | held_flags
         self._releases.append(
             CoreRelease(
                 endpoint, parent, stream, session, seq, count, ReleaseKind.ON_TIME, deadline,
@@ -483,6 +550,8 @@ class ReceiverCore:
         seen[0] += 1
         if flags & FLAG_HEARTBEAT:
             counts[_HEARTBEATS] += 1
+            if self._naks is not None:
+                self._naks.heartbeat(endpoint, stream, session, seq, now_ns)
             return
         rings = self._rings[endpoint]
         ring = rings.get(stream)
@@ -499,6 +568,10 @@ class ReceiverCore:
             return
         counts[_ACCEPTED] += 1
         seen[1] += 1
+        if self._naks is not None:
+            self._naks.data(endpoint, stream, session, seq, count, now_ns)
+        retransmitted = flags & FLAG_RETRANSMIT
+        mp_flags = MP_FLAG_RECOVERED if retransmitted else 0
         payload = data[HEADER_LEN:]
         if deadline == 0:
             kind = ReleaseKind.UNSTAMPED
@@ -510,14 +583,19 @@ class ReceiverCore:
             stream_id=stream,
             seq=seq,
             endpoint=endpoint,
-            item=(parent, session, count, sent, arrival, payload),
+            item=(parent, session, count, sent, arrival, payload, mp_flags),
+            clamp=not retransmitted,
         ):
+            if retransmitted:
+                self._recovered[endpoint][0] += count
             return
         else:
             kind = ReleaseKind.OVERFLOW
             counts[_HOLD_OVERFLOW] += 1
+        if retransmitted:
+            self._recovered[endpoint][kind is ReleaseKind.LATE] += count
         counts[_RELEASED] += count
-        flags = self._gap_flag(counts, endpoint, stream, session, seq, count)
+        flags = self._gap_flag(counts, endpoint, stream, session, seq, count) | mp_flags
         if kind is ReleaseKind.LATE:
             flags |= MP_FLAG_LATE
         self._releases.append(
@@ -528,4 +606,4 @@ class ReceiverCore:
         )  # fmt: skip
 
 
-__all__ = ["COUNTER_NAMES", "CoreRelease", "ReceiverCore", "ReleaseKind"]
+__all__ = ["COUNTER_NAMES", "CoreNak", "CoreRelease", "ReceiverCore", "ReleaseKind"]

@@ -71,15 +71,25 @@ class ReleaseSchedule(Generic[T]):
     def __len__(self) -> int:
         return len(self._heap)
 
-    def push(self, *, deadline_ns: int, stream_id: int, seq: int, endpoint: int, item: T) -> bool:
-        """Hold `item` for `endpoint` until the deadline. False (and counted) when full."""
+    def push(
+        self,
+        *,
+        deadline_ns: int,
+        stream_id: int,
+        seq: int,
+        endpoint: int,
+        item: T,
+        clamp: bool = True,
+    ) -> bool:
+        """Hold `item` for `endpoint` until the deadline. False (and counted) when full.
+        `clamp=False`: a recovered message keeps its own deadline (see `order`)."""
         if not 0 <= endpoint < self.endpoints:
             raise ValueError(f"endpoint {endpoint} out of range 0..{self.endpoints - 1}")
         if len(self._heap) >= self.capacity:
             self.counters.overflow += 1
             return False
         deadline_ns, rank = self.order(
-            deadline_ns=deadline_ns, stream_id=stream_id, seq=seq, endpoint=endpoint
+            deadline_ns=deadline_ns, stream_id=stream_id, seq=seq, endpoint=endpoint, clamp=clamp
         )
         entry = (deadline_ns, stream_id, seq, rank, next(self._tiebreak), endpoint, item)
         heapq.heappush(self._heap, entry)
@@ -87,13 +97,20 @@ class ReleaseSchedule(Generic[T]):
         return True
 
     def order(
-        self, *, deadline_ns: int, stream_id: int, seq: int, endpoint: int
+        self, *, deadline_ns: int, stream_id: int, seq: int, endpoint: int, clamp: bool = True
     ) -> tuple[int, int]:
         """The deadline in force and the endpoint's rank among those sharing it.
 
         Entries sort by (deadline, stream, seq, rank). Used by `push`, and by a release queue
         kept elsewhere (the receiver's C release thread) so both order releases alike.
+
+        `clamp=False` (a retransmitted copy that fills a hole) keeps the message's own deadline
+        and leaves the stream's floor alone: its deadline lies below the floor only because
+        later messages were held before it came, and it is still released before them (they
+        sort after it), at the instant every other MP gets it.
         """
+        if not clamp:
+            return deadline_ns, (endpoint - seq) % self.endpoints
         # A shrinking hold must not let a later message overtake an earlier one.
         floor = self._last_deadline.get(stream_id, 0)
         if deadline_ns < floor:

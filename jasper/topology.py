@@ -20,6 +20,10 @@ class TopologyError(ValueError):
 MAX_HOLD_NS = 10_000_000_000
 """The longest hold a topology may carry (10 s): beyond it a stream is not a live feed."""
 
+DEFAULT_HOLD_NS = 500_000
+"""The hold of a stream that names none (500 µs): the lab's layouts, a topology document
+without `hold_ns`, and the controller's new streams."""
+
 
 @dataclass(frozen=True)
 class Target:
@@ -41,7 +45,7 @@ class StreamConfig:
     """Human name."""
     hedge: int = 2
     """Hedging H: every endpoint gets H+1 copies where the tree allows."""
-    hold_ns: int = 500_000
+    hold_ns: int = DEFAULT_HOLD_NS
     """Time from root send to release (deadline − send time), in nanoseconds."""
     auth: StreamAuth | None = None
     """The stream's MAC keys; None: an unauthenticated lab stream (the controller always issues
@@ -80,6 +84,14 @@ class PublisherConfig:
     name: str
     addr: str
     targets: tuple[Target, ...]
+    port: int | None = None
+    """UDP port the publisher sends from and takes NAKs on (docs/recovery.md); None: no loss
+    recovery (receivers send no NAKs, the publisher keeps no retransmit buffer)."""
+
+    @property
+    def nak_addr(self) -> tuple[str, int] | None:
+        """Where receivers send NAKs, or None when the plan names no publisher port."""
+        return None if self.port is None else (self.addr, self.port)
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,7 @@ class Topology:
                 "name": self.publisher.name,
                 "addr": self.publisher.addr,
                 "targets": targets(self.publisher.targets),
+                **({"port": self.publisher.port} if self.publisher.port is not None else {}),
             },
             "relays": [
                 {"name": r.name, "addr": r.addr, "port": r.port, "targets": targets(r.targets)}
@@ -359,7 +372,7 @@ def parse_topology(doc: Mapping[str, Any]) -> Topology:
         id=_get(s, "id", int, sp),
         name=_opt(s, "name", str, sp, "default"),
         hedge=_opt(s, "hedge", int, sp, 2),
-        hold_ns=_opt(s, "hold_ns", int, sp, 500_000),
+        hold_ns=_opt(s, "hold_ns", int, sp, DEFAULT_HOLD_NS),
         auth=_auth(s["auth"], f"{sp}.auth") if s.get("auth") is not None else None,
         session=session,
     )
@@ -371,10 +384,12 @@ def parse_topology(doc: Mapping[str, Any]) -> Topology:
         raise TopologyError(f"$.stream.hold_ns: {stream.hold_ns} out of range 0..10 s")
 
     pub = _get(doc, "publisher", dict, p)
+    pub_port = _opt(pub, "port", int, "$.publisher", None)
     publisher = PublisherConfig(
         name=_name(_get(pub, "name", str, "$.publisher"), "$.publisher.name"),
         addr=_addr(_get(pub, "addr", str, "$.publisher"), "$.publisher.addr"),
         targets=_targets(pub, "$.publisher"),
+        port=None if pub_port is None else _port(pub_port, "$.publisher.port"),
     )
 
     relays = []
@@ -458,6 +473,9 @@ def _check_references(topo: Topology) -> None:
                 )
             names[e.name] = f"$.receivers[{i}].endpoints[{j}]"
     seen: dict[tuple[str, int], str] = {}
+    if topo.publisher.nak_addr is not None:
+        seen[topo.publisher.nak_addr] = topo.publisher.name
+        names[topo.publisher.name] = "$.publisher"
     for node, addr in topo.addresses().items():
         if addr in seen:
             raise TopologyError(

@@ -13,6 +13,8 @@ from jasper.wire_spec import (
     BLOCK_HEADER_LEN,
     FLAG_HEARTBEAT,
     FLAG_HEDGE_COPY,
+    FLAG_NAK,
+    FLAG_RETRANSMIT,
     HEADER_LEN,
     KEY_LEN,
     KNOWN_FLAGS,
@@ -20,7 +22,11 @@ from jasper.wire_spec import (
     MAC_LEN,
     MAC_OFFSET,
     MAGIC,
+    MAX_NAK_COUNT,
+    MAX_NAK_RANGES,
     MAX_PAYLOAD,
+    NAK_RANGE_FORMAT,
+    NAK_RANGE_LEN,
     STRUCT_FORMAT,
     VERSION,
     offsets,
@@ -388,22 +394,132 @@ def peek(data: bytes) -> PeekFields:
     return flags, stream, session, epoch, seq, sent, deadline, count
 
 
+_NAK_RANGE = struct.Struct(NAK_RANGE_FORMAT)
+
+
+@dataclass(frozen=True, slots=True)
+class NakRange:
+    """Sequence numbers a receiver endpoint misses: first_seq .. first_seq + count - 1."""
+
+    first_seq: int
+    """First missing sequence number."""
+    count: int
+    """How many from first_seq on (1..MAX_NAK_COUNT)."""
+    attempt: int = 1
+    """1 for the first NAK of this range, then 2, 3, ... (retries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Nak:
+    """A decoded NAK (docs/recovery.md)."""
+
+    stream_id: int
+    """Stream the ranges belong to."""
+    session: int
+    """Publisher session of the sequence numbers."""
+    send_time_ns: int
+    """The receiver's clock when it sent the NAK, in ns since the epoch."""
+    ranges: tuple[NakRange, ...]
+    """What is asked for, in the order the receiver listed it."""
+    key_epoch: int = 0
+    """Key epoch of the MAC (0: unsigned)."""
+
+
+def encode_nak(
+    *,
+    stream_id: int,
+    session: int,
+    ranges: Sequence[NakRange],
+    send_time_ns: int,
+    key: StreamKey | None = None,
+    key_bytes: tuple[int, bytes] | None = None,
+) -> bytes:
+    """A NAK datagram for `ranges` (1..MAX_NAK_RANGES), signed with `key` (or `key_bytes`:
+    (epoch, key) as the cores hold them). ValueError on misuse."""
+    if not 1 <= len(ranges) <= MAX_NAK_RANGES:
+        raise ValueError(f"a NAK carries 1..{MAX_NAK_RANGES} ranges, got {len(ranges)}")
+    body = bytearray()
+    for r in ranges:
+        _check_range("first_seq", r.first_seq, U64_MAX)
+        if not 1 <= r.count <= MAX_NAK_COUNT:
+            raise ValueError(f"range of {r.count} sequence numbers, expected 1..{MAX_NAK_COUNT}")
+        _check_range("attempt", r.attempt, 0xFFFF)
+        body += _NAK_RANGE.pack(r.first_seq, r.count, r.attempt, 0)
+    _check_range("stream_id", stream_id, U32_MAX)
+    _check_range("session", session, U32_MAX)
+    _check_range("send_time_ns", send_time_ns, U64_MAX)
+    datagram = (
+        _HEADER.pack(
+            MAGIC, VERSION, FLAG_NAK, stream_id, session, 0, ranges[0].first_seq, send_time_ns,
+            0, len(body), len(ranges), 0, _NO_MAC,
+        )
+        + bytes(body)
+    )  # fmt: skip
+    if key is not None:
+        return sign(datagram, key)
+    if key_bytes is not None:
+        return sign(datagram, StreamKey(key_bytes[0], key_bytes[1]))
+    return datagram
+
+
+def decode_nak(data: bytes | bytearray | memoryview) -> Nak:
+    """Parse a NAK; raises only WireError ("short", "magic", "version", "flags": not exactly
+    FLAG_NAK, "length", "count": the ranges do not fill the payload or a range is empty or
+    wider than MAX_NAK_COUNT). The MAC is the caller's to check (mac_matches)."""
+    n = len(data)
+    if n < HEADER_LEN:
+        raise WireError("short", f"{n} bytes, header needs {HEADER_LEN}")
+    (magic, version, flags, stream, session, _e, _seq, sent, _d, plen, count, kep, _m) = (
+        _HEADER.unpack_from(data)
+    )
+    if magic != MAGIC:
+        raise WireError("magic", f"0x{magic:04x}")
+    if version != VERSION:
+        raise WireError("version", f"{version}")
+    if flags != FLAG_NAK:
+        raise WireError("flags", f"flags 0x{flags:02x} on a NAK")
+    if plen != n - HEADER_LEN or plen > MAX_PAYLOAD:
+        raise WireError("length", f"payload_len {plen}, got {n - HEADER_LEN} bytes")
+    if not 1 <= count <= MAX_NAK_RANGES or plen != count * NAK_RANGE_LEN:
+        raise WireError("count", f"{count} ranges in {plen} bytes")
+    ranges = []
+    for i in range(count):
+        first, many, attempt, _r = _NAK_RANGE.unpack_from(data, HEADER_LEN + i * NAK_RANGE_LEN)
+        if not 1 <= many <= MAX_NAK_COUNT or first == 0 or first + many - 1 > U64_MAX:
+            raise WireError("count", f"range {i}: {many} from {first}")
+        ranges.append(NakRange(first, many, attempt))
+    return Nak(stream, session, sent, tuple(ranges), kep)
+
+
+def retransmission(datagram: bytes, key: StreamKey | None) -> bytes:
+    """A stored data datagram marked FLAG_RETRANSMIT (hedge bit clear) and signed again: the
+    flag is covered by the MAC, so a receiver knows the publisher sent it as a retransmission."""
+    flags = (datagram[_FLAGS_OFFSET] | FLAG_RETRANSMIT) & ~FLAG_HEDGE_COPY
+    out = set_flags(datagram, flags)
+    return sign(out, key) if key is not None else out
+
+
 __all__ = [
     "HEADER_LEN",
     "MAX_PAYLOAD",
     "Header",
     "Message",
+    "Nak",
+    "NakRange",
     "StreamKey",
     "WireError",
     "decode",
     "decode_header",
+    "decode_nak",
     "encode",
     "encode_batch",
+    "encode_nak",
     "key_epoch_of",
     "mac_matches",
     "mac_of",
     "pack_blocks",
     "peek",
+    "retransmission",
     "set_flags",
     "sign",
     "split_blocks",

@@ -14,10 +14,19 @@ a MAC over header and payload (`key_epoch`, `mac`)."""
 FLAG_HEDGE_COPY = 0x01
 """The copy was sent by a relay to a sibling's child (a hedge), not by the node's own parent."""
 FLAG_RETRANSMIT = 0x02
-"""The message was sent again by the publisher; receivers treat it like any other copy."""
+"""The datagram was sent again by the publisher, answering a NAK (docs/recovery.md): receivers
+treat it like any other copy (a duplicate of one they hold is dropped) and flag what it brings
+recovered."""
 FLAG_HEARTBEAT = 0x04
 """No market data: a keep-alive that carries send time and sequence only; never delivered to MPs."""
 KNOWN_FLAGS = FLAG_HEDGE_COPY | FLAG_RETRANSMIT | FLAG_HEARTBEAT
+"""The flags a data or heartbeat datagram may carry: what the data path (relays, receivers, the
+eBPF programs) takes. FLAG_NAK is not among them, so a NAK that reaches a data port is
+malformed ("flags") there and never forwarded."""
+FLAG_NAK = 0x08
+"""A NAK: a receiver endpoint asks the publisher for the sequence ranges in the payload (each a
+NAK_RANGE_FIELDS record). Same header, MAC'd with the stream key like data; sent to the
+publisher's port only, from the endpoint's own socket (the retransmission goes back there)."""
 
 # Largest datagram we send: Ethernet MTU minus the IPv4 and UDP headers.
 MTU = 1500
@@ -66,7 +75,7 @@ class Field:
 FIELDS: tuple[Field, ...] = (
     Field("magic", "__u16", "0x4A53 ('JS'); anything else is not a Jasper datagram"),
     Field("version", "__u8", "header version, 3; other versions are rejected"),
-    Field("flags", "__u8", "bit 0 hedge copy, bit 1 retransmit, bit 2 heartbeat; others zero"),
+    Field("flags", "__u8", "bit 0 hedge copy, 1 retransmit, 2 heartbeat, 3 NAK; others zero"),
     Field("stream_id", "__u32", "market-data stream"),
     Field("session", "__u32", "publisher session (epoch); a restarted publisher takes a new one"),
     Field("plan_epoch", "__u32", "tree plan the message was sent under (make-before-break)"),
@@ -139,6 +148,29 @@ mac: the MAC does not match; session: not the publisher session the control plan
 ahead: its sequence number lies further ahead of the newest accepted one than the window."""
 
 
+# The payload of a NAK (flags == FLAG_NAK): `msg_count` ranges back to back, filling it exactly;
+# the header's seq is the first range's first_seq, deadline_ns 0, send_time_ns the receiver's
+# clock when it sent the NAK. docs/recovery.md.
+NAK_RANGE_FIELDS: tuple[Field, ...] = (
+    Field("first_seq", "__u64", "first missing sequence number of the range"),
+    Field("count", "__u32", "missing sequence numbers from first_seq on, >= 1"),
+    Field("attempt", "__u16", "1 for the first NAK of the range, then 2, 3, ..."),
+    Field("reserved", "__u16", "0"),
+)
+NAK_RANGE_LEN = sum(f.size for f in NAK_RANGE_FIELDS)
+NAK_RANGE_FORMAT = "!" + "".join(f.struct_code for f in NAK_RANGE_FIELDS)
+MAX_NAK_RANGES = 32
+"""Most ranges one NAK carries (a receiver sends a second NAK for more)."""
+MAX_NAK_COUNT = 4096
+"""Most sequence numbers one range may ask for: a wider hole (an outage, not a loss) is not
+NAKed; the receiver reports it to the MP as a gap at once."""
+
+NAK_REASONS: tuple[str, ...] = ("malformed", "stream", "key", "mac", "session", "source")
+"""Why a publisher refused a NAK (stable counter names): malformed (not a NAK, or its ranges do
+not fill the payload, or a range is empty or too wide); stream; key; mac; session (not the one
+it sends under); source (not from an endpoint address of its plan)."""
+
+
 def c_header() -> str:
     """The C header the eBPF programs include; `jasper gen-header` writes it to ebpf/include/."""
     lines = [
@@ -154,6 +186,7 @@ def c_header() -> str:
         f"#define JASPER_FLAG_HEDGE_COPY 0x{FLAG_HEDGE_COPY:02X}",
         f"#define JASPER_FLAG_RETRANSMIT 0x{FLAG_RETRANSMIT:02X}",
         f"#define JASPER_FLAG_HEARTBEAT 0x{FLAG_HEARTBEAT:02X}",
+        f"#define JASPER_FLAG_NAK 0x{FLAG_NAK:02X}",
         f"#define JASPER_HEADER_LEN {HEADER_LEN}",
         f"#define JASPER_MAX_PAYLOAD {MAX_PAYLOAD}",
         f"#define JASPER_BLOCK_HEADER_LEN {BLOCK_HEADER_LEN}",
@@ -161,6 +194,9 @@ def c_header() -> str:
         f"#define JASPER_MAC_LEN {MAC_LEN}",
         f"#define JASPER_MAC_OFFSET {MAC_OFFSET}",
         f"#define JASPER_KEY_LEN {KEY_LEN}",
+        f"#define JASPER_NAK_RANGE_LEN {NAK_RANGE_LEN}",
+        f"#define JASPER_MAX_NAK_RANGES {MAX_NAK_RANGES}",
+        f"#define JASPER_MAX_NAK_COUNT {MAX_NAK_COUNT}",
         "",
         "/* All multi-byte fields are in network byte order. */",
         "struct jasper_hdr {",
@@ -174,6 +210,21 @@ def c_header() -> str:
         lines.append(
             f"_Static_assert(__builtin_offsetof(struct jasper_hdr, {name}) == {off}, "
             f'"jasper_hdr.{name} offset");'
+        )
+    lines += ["", "/* One range of a NAK's payload (flags == JASPER_FLAG_NAK). */"]
+    lines.append("struct jasper_nak_range {")
+    for f in NAK_RANGE_FIELDS:
+        lines.append(f"\t{f.c_declaration}; /* {f.doc} */")
+    lines.append("} __attribute__((packed));")
+    lines.append("")
+    lines.append(
+        f"_Static_assert(sizeof(struct jasper_nak_range) == {NAK_RANGE_LEN}, "
+        '"jasper_nak_range size");'
+    )
+    for name, off in offsets(NAK_RANGE_FIELDS).items():
+        lines.append(
+            f"_Static_assert(__builtin_offsetof(struct jasper_nak_range, {name}) == {off}, "
+            f'"jasper_nak_range.{name} offset");'
         )
     lines += ["", "#endif /* JASPER_WIRE_H */", ""]
     return "\n".join(lines)

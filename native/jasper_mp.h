@@ -17,7 +17,7 @@
 struct jasper_mp_hdr {
 	__u16 magic; /* 0x4A4D ('JM'); anything else is not a Jasper MP message */
 	__u8 version; /* framing version, 1 */
-	__u8 flags; /* bit 0 late, bit 1 gap before, bit 2 recovered (reserved); others 0 */
+	__u8 flags; /* bit 0 late, bit 1 gap before, bit 2 recovered; others 0 */
 	__u32 stream_id; /* market-data stream */
 	__u64 seq; /* sequence number of this message within (stream, session), from 1 */
 	__u64 release_ns; /* receiver clock when released, ns since the Unix epoch */

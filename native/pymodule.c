@@ -564,6 +564,26 @@ static PyObject *core_counters(CoreObject *self, PyObject *const *args, Py_ssize
 	return d;
 }
 
+static PyObject *core_recovery_counters(CoreObject *self, PyObject *const *args,
+					 Py_ssize_t nargs, PyObject *kwnames)
+{
+	static const char *const names[] = {"endpoint"};
+	PyObject *arg;
+	if (one_arg(args, nargs, kwnames, names, &arg, "recovery_counters") < 0)
+		return NULL;
+	uint32_t endpoint;
+	struct jc_counters c;
+	if (endpoint_arg(self, arg, &endpoint) < 0)
+		return NULL;
+	jc_counters(self->core, endpoint, &c);
+	/* jasper.recovery.RECOVERY_COUNTER_NAMES, in order. */
+	return Py_BuildValue("{sKsKsKsKsK}", "naks_sent", (unsigned long long)c.naks_sent,
+			     "naks_coalesced", (unsigned long long)c.naks_coalesced, "recovered",
+			     (unsigned long long)c.recovered, "recovered_late",
+			     (unsigned long long)c.recovered_late, "unrecoverable",
+			     (unsigned long long)c.unrecoverable);
+}
+
 static PyObject *core_parents(CoreObject *self, PyObject *const *args, Py_ssize_t nargs,
 				PyObject *kwnames)
 {
@@ -639,6 +659,9 @@ static PyMethodDef core_methods[] = {
 	 "releases()\n--\n\nEvery release since the last call (CoreRelease), in order."},
 	{"counters", (PyCFunction)(void (*)(void))core_counters, METH_FASTCALL | METH_KEYWORDS,
 	 "counters(endpoint)\n--\n\nThe counters of one endpoint."},
+	{"recovery_counters", (PyCFunction)(void (*)(void))core_recovery_counters,
+	 METH_FASTCALL | METH_KEYWORDS,
+	 "recovery_counters(endpoint)\n--\n\nThe loss-recovery counters of one endpoint."},
 	{"parents", (PyCFunction)(void (*)(void))core_parents, METH_FASTCALL | METH_KEYWORDS,
 	 "parents(endpoint)\n--\n\n(copies, kept) per parent id seen by one endpoint."},
 	{NULL, NULL, 0, NULL},

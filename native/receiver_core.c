@@ -752,6 +752,8 @@ static void emit(struct jc_core *c, const struct copy *cp, struct buf *b, uint8_
 	struct endpoint *ep = &c->eps[cp->endpoint];
 	ep->c.released += cp->h.msg_count;
 	e->r.mp_flags = kind == JC_LATE ? JASPER_MP_FLAG_LATE : 0;
+	if (cp->h.flags & JASPER_FLAG_RETRANSMIT)
+		e->r.mp_flags |= JASPER_MP_FLAG_RECOVERED;
 	/* The copy was accepted, so its ring exists (rings outlive a dropped stream). */
 	int64_t si = stream_find(c, cp->h.stream_id);
 	struct ring *r = si >= 0 && (uint32_t)si < ep->rings_cap ? ep->rings[si] : NULL;
@@ -909,7 +911,12 @@ static void process(struct jc_core *c, struct copy *cp, const uint8_t *data, str
 			goto drop;
 		}
 		struct stream *s = &c->streams[si];
-		if (deadline < s->floor) {
+		if (cp->h.flags & JASPER_FLAG_RETRANSMIT) {
+			/* A retransmission filling a hole keeps its own deadline and leaves the floor:
+			 * it is below the floor only because later messages were held before it came,
+			 * and it still sorts before them (ReleaseSchedule.order, clamp=False). */
+			ep->c.recovered += cp->h.msg_count;
+		} else if (deadline < s->floor) {
 			deadline = s->floor;
 			c->clamped++;
 		} else {
@@ -935,6 +942,12 @@ static void process(struct jc_core *c, struct copy *cp, const uint8_t *data, str
 	}
 	if (slot >= 0)
 		slot_put(c, (uint32_t)slot);
+	if (cp->h.flags & JASPER_FLAG_RETRANSMIT) {
+		if (kind == JC_LATE)
+			ep->c.recovered_late += cp->h.msg_count;
+		else
+			ep->c.recovered += cp->h.msg_count;
+	}
 	emit(c, cp, b, kind, deadline, now_ns);
 	return;
 drop:

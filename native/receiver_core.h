@@ -151,6 +151,12 @@ struct jc_counters {
 	uint64_t malformed[JC_MALFORMED_REASONS]; /* by jc_parse result - 1 */
 	uint64_t rejected[JC_REJECT_REASONS]; /* by enum jc_reject */
 	uint64_t nomem; /* native only: dropped, an allocation failed */
+	/* Loss recovery (jasper.recovery.RECOVERY_COUNTER_NAMES, docs/recovery.md). */
+	uint64_t naks_sent;
+	uint64_t naks_coalesced;
+	uint64_t recovered; /* messages a retransmission brought before their deadline */
+	uint64_t recovered_late; /* messages a retransmission brought after their deadline */
+	uint64_t unrecoverable;
 };
 
 /* Parent ids tracked per endpoint; further ids (and id JC_PARENT_OTHER) count under

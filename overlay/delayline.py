@@ -40,6 +40,8 @@ class SenderNames:
         for name, (ip, _port) in topo.addresses().items():
             ips.setdefault(ip, set()).add(name)
         ips.setdefault(topo.publisher.addr, set()).add(topo.publisher.name)
+        if topo.publisher.nak_addr is not None:  # its port is known: retransmissions
+            self.by_addr[topo.publisher.nak_addr] = topo.publisher.name
         # The publisher sends from an ephemeral port: name it by its address when unambiguous.
         self.by_ip = {ip: next(iter(names)) for ip, names in ips.items() if len(names) == 1}
         if topo.publisher.addr in ips and len(ips[topo.publisher.addr]) > 1:

@@ -16,8 +16,18 @@ from collections.abc import Callable
 from typing import Any
 
 from jasper.deadline import DeadlineStamper
+from jasper.recovery import RetransmitBuffer
 from jasper.topology import Topology
-from jasper.wire import Header, StreamKey, WireError, encode, encode_batch, unpack_blocks
+from jasper.wire import (
+    Header,
+    StreamKey,
+    WireError,
+    decode_nak,
+    encode,
+    encode_batch,
+    mac_matches,
+    unpack_blocks,
+)
 from jasper.wire_spec import BLOCK_HEADER_LEN, FLAG_HEARTBEAT, MAX_MESSAGE, MAX_PAYLOAD
 from overlay.common import process_figures
 from overlay.recordlog import RecordLog, sent_log
@@ -44,6 +54,8 @@ class Publisher:
         hold_ns: int | None = None,
         records: RecordLog | None = None,
         batch_ns: int = 0,
+        retransmit_capacity: int = 65536,
+        tail_heartbeat_ns: int = 1_000_000,
     ) -> None:
         self.topo = topo
         self.clock = clock
@@ -62,7 +74,26 @@ class Publisher:
         self.records = records if records is not None else sent_log()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        self.sock.bind((topo.publisher.addr, 0))
+        # With a port in the plan the publisher serves NAKs there (docs/recovery.md), and sends
+        # from it too, so receivers' source filters know the retransmissions' sender.
+        self.sock.bind((topo.publisher.addr, topo.publisher.port or 0))
+        self.retransmit: RetransmitBuffer | None = (
+            RetransmitBuffer(capacity=retransmit_capacity)
+            if topo.publisher.port is not None
+            else None
+        )
+        """The last datagrams sent, for NAKs (None: the plan names no publisher port)."""
+        self.nak_refused: Counter[str] = Counter()
+        """NAKs refused, by jasper.wire_spec.NAK_REASONS."""
+        self.tail_heartbeat_ns = tail_heartbeat_ns
+        """After this long without data, one heartbeat tells receivers the newest seq, so a
+        lost last message is NAKed before its deadline (0: never)."""
+        self.heartbeats = 0
+        self._last_data_mono = 0
+        self._tail_sent = True
+        self._next_tail_ns = 0
+        self._recovery_task: asyncio.Task[None] | None = None
+        self._endpoint_addrs: frozenset[tuple[str, int]] = frozenset()
         self.targets: list[tuple[str, int]] = []
         self.started_ns = time.time_ns()
         self.sent = 0
@@ -87,6 +118,9 @@ class Publisher:
         self.targets = [addrs[t.node] for t in topo.publisher.targets]
         self.plan_epoch = topo.plan_epoch
         self.topo = topo
+        # A NAK is served only to an endpoint of the plan: its source is where the
+        # retransmission goes, and nothing else may be sent data by asking.
+        self._endpoint_addrs = frozenset((h.addr, e.port) for h, e in topo.endpoints())
         # A rotation reaches the publisher as a new sign_epoch once every node holds the key.
         auth = topo.stream.auth
         self.key = auth.signing_key() if auth is not None else None
@@ -130,6 +164,10 @@ class Publisher:
         self.seq += len(payloads)
         self._send(data)
         self.datagrams += 1
+        if self.retransmit is not None:
+            self.retransmit.add(self.session, first, len(payloads), data)
+            self._last_data_mono = time.monotonic_ns()
+            self._tail_sent = False
         append = self.records.append
         for i in range(len(payloads)):
             append((h.stream_id, h.session, first + i, h.send_time_ns, h.deadline_ns))
@@ -148,6 +186,107 @@ class Publisher:
             flags=FLAG_HEARTBEAT,
         )
         self._send(encode(h, key=self.key))
+        self.heartbeats += 1
+
+    # -- loss recovery (docs/recovery.md) -------------------------------------------------
+
+    def start_recovery(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Serve NAKs on the publisher's socket and send tail heartbeats (when the plan names
+        a publisher port); idempotent."""
+        if self.retransmit is None or self._recovery_task is not None:
+            return
+        loop = loop or asyncio.get_running_loop()
+        loop.add_reader(self.sock.fileno(), self.serve_naks)
+        self._recovery_task = loop.create_task(self._tail_heartbeats())
+
+    def stop_recovery(self) -> None:
+        task, self._recovery_task = self._recovery_task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
+    async def linger(self, seconds: float) -> None:
+        """Keep serving NAKs for `seconds` after the last message (its loss is NAKed within
+        about one hold), then stop."""
+        if self.retransmit is None:
+            return
+        self.start_recovery()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.stop_recovery()
+
+    async def _tail_heartbeats(self) -> None:
+        # While idle, heartbeats at 1, 2, 4, ... tail intervals (up to 64): a lost heartbeat
+        # must not hide a lost last message for long, and an idle stream costs little.
+        gap = self.tail_heartbeat_ns
+        if gap <= 0:
+            return
+        wait = gap
+        while True:
+            await asyncio.sleep(gap / 1e9)
+            if self._tail_sent:
+                idle = time.monotonic_ns() - self._last_data_mono
+                if idle >= self._next_tail_ns:
+                    self.heartbeat()
+                    self._next_tail_ns = idle + min(wait := wait * 2, 64 * gap)
+                continue
+            if time.monotonic_ns() - self._last_data_mono >= gap:
+                self._tail_sent = True
+                wait = gap
+                self._next_tail_ns = 2 * gap
+                self.heartbeat()
+
+    def serve_naks(self) -> None:
+        """Answer the NAKs queued on the socket (a bounded number per call)."""
+        buf = self.retransmit
+        if buf is None:
+            return
+        refused = self.nak_refused
+        auth = self.topo.stream.auth
+        keys = auth.by_epoch() if auth is not None else None
+        for _ in range(256):
+            try:
+                data, src = self.sock.recvfrom(2048, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.send_errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
+                return
+            try:
+                nak = decode_nak(data)
+            except WireError:
+                refused["malformed"] += 1
+                continue
+            if nak.stream_id != self.stream_id:
+                refused["stream"] += 1
+                continue
+            if keys is not None and (reason := mac_matches(data, keys)) is not None:
+                refused[reason] += 1
+                continue
+            if nak.session != self.session:
+                refused["session"] += 1
+                continue
+            if src not in self._endpoint_addrs:
+                refused["source"] += 1
+                continue
+            for out in buf.serve(nak, src, time.monotonic_ns(), self.key):
+                try:
+                    self.sock.sendto(out, src)
+                except OSError as exc:
+                    self.send_errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
+
+    def recovery_status(self) -> dict[str, Any] | None:
+        """The publisher's recovery counters (None: recovery off)."""
+        if self.retransmit is None:
+            return None
+        out: dict[str, Any] = dict(self.retransmit.counts)
+        out["naks_refused"] = dict(self.nak_refused)
+        out["buffered"] = len(self.retransmit)
+        out["heartbeats"] = self.heartbeats
+        return out
 
     def _send(self, data: bytes) -> None:
         for addr in self.targets:
@@ -174,6 +313,7 @@ class Publisher:
         if rate <= 0:
             raise ValueError(f"rate must be > 0, got {rate}")
         make = payloads or OrderBook().update
+        self.start_recovery()
         period_ns = int(1e9 / rate)
         start = time.monotonic_ns()
         end = None if duration_s is None else start + int(duration_s * 1e9)
@@ -227,6 +367,7 @@ class Publisher:
         loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
         sock.setblocking(False)
+        self.start_recovery(loop)
         pending: list[bytes] = []
         flush_at: asyncio.TimerHandle | None = None
         published = 0
@@ -307,10 +448,12 @@ class Publisher:
             "hold_ns": self.hold_ns,
             "deadlines_clamped": self.stamper.clamped,
             "plan_epoch": self.plan_epoch,
+            "recovery": self.recovery_status(),
             "process": process_figures(self.started_ns),
         }
 
     def close(self) -> None:
+        self.stop_recovery()
         self.sock.close()
 
 

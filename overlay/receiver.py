@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import socket
@@ -18,13 +19,20 @@ from typing import Any
 
 from jasper.dedup import DedupRing
 from jasper.deliver import parse_target
-from jasper.mp_spec import MP_FLAG_GAP_BEFORE, MP_FLAG_LATE, GapTracker, MpMessage
+from jasper.mp_spec import (
+    MP_FLAG_GAP_BEFORE,
+    MP_FLAG_LATE,
+    MP_FLAG_RECOVERED,
+    GapTracker,
+    MpMessage,
+)
 from jasper.mp_spec import frame as mp_frame
 from jasper.owd import OwdCollector
+from jasper.recovery import NakTracker, RecoveryConfig
 from jasper.schedule import Release
 from jasper.topology import EndpointConfig, Topology, stream_rules
-from jasper.wire import HEADER_LEN, WireError, mac_matches, unpack_blocks
-from jasper.wire_spec import FLAG_HEARTBEAT
+from jasper.wire import HEADER_LEN, WireError, encode_nak, mac_matches, unpack_blocks
+from jasper.wire_spec import FLAG_HEARTBEAT, FLAG_RETRANSMIT
 from overlay.audit_log import ReleaseAuditor
 from overlay.common import CopyCounters, link_model_of, process_figures
 from overlay.delayline import DelayLine, SenderNames
@@ -105,6 +113,16 @@ class EndpointCounters(CopyCounters):
     """Deliveries flagged gap-before: a sequence number skipped at this endpoint."""
     gap_messages: int = 0
     """Sequence numbers so skipped (one may still come later, out of order)."""
+    naks_sent: int = 0
+    """NAK datagrams sent to the publisher (jasper.recovery.RECOVERY_COUNTER_NAMES)."""
+    naks_coalesced: int = 0
+    """Ranges asked for in a NAK beside its first one."""
+    recovered: int = 0
+    """Messages a retransmission brought before their deadline (released on time)."""
+    recovered_late: int = 0
+    """Messages a retransmission brought after their deadline (released late, recovered)."""
+    unrecoverable: int = 0
+    """Missing messages given up (NAKs spent, hole too wide, new session)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -137,9 +155,10 @@ class LagStats:
                 "over_1ms": self.over_1ms}  # fmt: skip
 
 
-_Held = tuple[int, int, int, int, bytes, int, str, int]
+_Held = tuple[int, int, int, int, bytes, int, str, int, int]
 """What waits in the release schedule: stream, session, first seq, deadline ns, payload (the
-message blocks), arrival ns, parent kept, message count."""
+message blocks), arrival ns, parent kept, message count, MP flags known when held
+(MP_FLAG_RECOVERED or 0)."""
 
 
 class Endpoint:
@@ -248,6 +267,7 @@ class Receiver:
         cpu_wakeup_us: int | None = None,
         release_threads: int = 1,
         datapath: str = "python",
+        recovery: RecoveryConfig | None = None,
     ) -> None:
         if datapath not in DATAPATHS:
             raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}, got {datapath!r}")
@@ -314,6 +334,16 @@ class Receiver:
         self._gaps = GapTracker()
         """Gap-before in release order where Python releases (the C threads track their own)."""
         self._gap_lock = threading.Lock()
+        self.naks: NakTracker | None = None
+        """Loss recovery on the Python path (docs/recovery.md); None: the plan names no
+        publisher port (the native path keeps its own in its core)."""
+        self._nak_addr = topo.publisher.nak_addr
+        self._nak_timer: asyncio.TimerHandle | None = None
+        self._nak_timer_at = 0
+        self._recovery = recovery or recovery_config(host)
+        """When to NAK (a seed of this host's own unless given)."""
+        if self._nak_addr is not None:
+            self.naks = NakTracker(self._recovery, endpoints=1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.native: NativeDatapath | None = None
         """The native data path (a C thread per receiver) when it runs; None: the Python one."""
@@ -334,6 +364,8 @@ class Receiver:
             else:
                 log.warning("native data path unavailable (%s): the Python path runs", why)
         self.datapath = "python" if self.native is None else "native"
+        if self.native is not None:
+            self.naks = None  # the native core keeps its own NAK schedule
         model = self.delay.model
         if self.native is None and model is not None and model.emulated_at == "receivers":
             log.warning(
@@ -390,6 +422,8 @@ class Receiver:
         ep.handle = self._handler(ep)
         self.endpoints.append(ep)
         self.by_name[ep.name] = ep
+        if self.naks is not None:
+            self.naks.set_endpoints(len(self.endpoints))
         if self.native is not None:
             self.native.add_endpoint(ep)
             return ep
@@ -493,6 +527,9 @@ class Receiver:
         self._book()
 
     def close(self) -> None:
+        if self._nak_timer is not None:
+            self._nak_timer.cancel()
+            self._nak_timer = None
         if self.native is not None:
             self.native.close()
         self.delay.close()
@@ -581,15 +618,33 @@ class Receiver:
             c.rejected["session"] += 1
             return
         c.copies_from[sender] += 1
+        naks = self.naks
         if flags & FLAG_HEARTBEAT:
             c.heartbeats += 1
+            if naks is not None:
+                naks.heartbeat(ep.index, stream, session, seq, self.clock())
+                self._arm_naks()
             return
         if not c.admit(ep.rings, ep.ring_size, stream, session, seq):
             return
         c.kept_from[sender] += 1
-        held: _Held = (stream, session, seq, deadline, data[HEADER_LEN:], arrival_ns, sender, count)
+        retransmitted = flags & FLAG_RETRANSMIT
+        held: _Held = (
+            stream, session, seq, deadline, data[HEADER_LEN:], arrival_ns, sender, count,
+            MP_FLAG_RECOVERED if retransmitted else 0,
+        )  # fmt: skip
         now = self.clock()
-        if self.owd is not None:
+        if naks is not None:
+            naks.data(ep.index, stream, session, seq, count, now)
+            if naks.open_gaps:
+                self._arm_naks()
+        if retransmitted:
+            if deadline != 0 and deadline <= now:
+                c.recovered_late += count
+            else:
+                c.recovered += count
+        # A retransmission's delay is the NAK's round trip, not the path's: no OWD sample.
+        if self.owd is not None and not retransmitted:
             self.owd.record(
                 endpoint=ep.index,
                 stream_id=stream,
@@ -608,13 +663,57 @@ class Receiver:
             if self._hold_in_c(ep, held, now):
                 return
         elif self.release.hold(
-            deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index, item=held
-        ):
+            deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index, item=held,
+            clamp=not retransmitted,
+        ):  # fmt: skip
             return
         c.hold_overflow += 1
         # Not through the C threads, which are full; gap-before of such a delivery is then
         # tracked apart from theirs (an overflow is already a fault to be counted).
         self._deliver_now(ep, held, late=False, via_queue=False)
+
+    # -- loss recovery (docs/recovery.md) ------------------------------------------------------
+
+    def _arm_naks(self) -> None:
+        """Wake the loop when the earliest open range wants its NAK."""
+        naks, loop = self.naks, self._loop
+        if naks is None or loop is None or loop.is_closed():
+            return
+        due = naks.next_due()
+        if due is None:
+            return
+        if self._nak_timer is not None:
+            if self._nak_timer_at <= due:
+                return
+            self._nak_timer.cancel()
+        self._nak_timer_at = due
+        self._nak_timer = loop.call_later(max(0, due - self.clock()) / 1e9, self._poll_naks)
+
+    def _poll_naks(self) -> None:
+        self._nak_timer = None
+        naks, addr = self.naks, self._nak_addr
+        if naks is None or addr is None:
+            return
+        now = self.clock()
+        for req in naks.poll(now):
+            keys = self.streams.get(req.stream_id, (None, None))[0]
+            key = (max(keys), keys[max(keys)]) if keys else None
+            data = encode_nak(
+                stream_id=req.stream_id, session=req.session, ranges=req.ranges,
+                send_time_ns=now, key_bytes=key,
+            )  # fmt: skip
+            ep = self.endpoints[req.endpoint]
+            try:  # from the endpoint's socket: the retransmission comes back to it
+                ep.sock.sendto(data, addr)
+            except OSError as exc:
+                ep.counters.deliver_dropped[f"nak_{errno.errorcode.get(exc.errno or 0, '?')}"] += 1
+        self._arm_naks()
+
+    def _recovery_counts(self, ep: Endpoint) -> None:
+        if self.naks is not None and ep.index < len(self.endpoints):
+            sent, coalesced, lost = self.naks.counts(ep.index)
+            ep.counters.naks_sent, ep.counters.naks_coalesced = sent, coalesced
+            ep.counters.unrecoverable = lost
 
     def _hold_in_c(
         self, ep: Endpoint, held: _Held, now: int, *, at_once: bool = False, late: bool = False
@@ -622,13 +721,14 @@ class Receiver:
         """Queue one delivery on the C release thread (in process: its time stamp); False when
         it is full. `at_once`: first in line (deadline 0); `late`: flagged late."""
         queues = self._queues
-        stream, session, seq, deadline, _payload, _arrival, _parent, count = held
+        stream, session, seq, deadline, _payload, _arrival, _parent, count, held_flags = held
         if at_once:
             deadline, rank = 0, 0
         else:
             deadline, rank = self.release.schedule.order(
-                deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index
-            )
+                deadline_ns=deadline, stream_id=stream, seq=seq, endpoint=ep.index,
+                clamp=not held_flags & MP_FLAG_RECOVERED,
+            )  # fmt: skip
         token = self._next_token
         self._next_token += 1
         # The C thread waits on the kernel clock; the node clock may be offset from it. The
@@ -638,7 +738,7 @@ class Receiver:
         node_ns = self.reading_then(kernel_ns) if self._clock_arithmetic else now
         framed = b""
         if ep.out_fd >= 0:  # the C thread writes the release time and gap-before
-            framed = self._framed(held, MP_FLAG_LATE if late else 0, 0)
+            framed = self._framed(held, MP_FLAG_LATE if late else 0, 0)  # + held flags
         rc = queues[ep.index % len(queues)].push(
             deadline_ns=deadline - (node_ns - kernel_ns) if deadline else 0,
             stream_id=stream,
@@ -660,15 +760,16 @@ class Receiver:
 
     @staticmethod
     def _framed(held: _Held, flags: int, release_ns: int) -> bytes:
-        stream, session, seq, deadline, payload, _arrival, _parent, count = held
+        stream, session, seq, deadline, payload, _arrival, _parent, count, held_flags = held
         return mp_frame(
-            payload, stream_id=stream, session=session, seq=seq, count=count, flags=flags,
+            payload, stream_id=stream, session=session, seq=seq, count=count,
+            flags=flags | held_flags,
             release_ns=release_ns, deadline_ns=deadline,
         )  # fmt: skip
 
     def _gap_flag(self, ep: Endpoint, held: _Held) -> int:
         """Book a Python release with the gap tracker: MP_FLAG_GAP_BEFORE or 0."""
-        stream, session, seq, _deadline, _payload, _arrival, _parent, count = held
+        stream, session, seq, _deadline, _payload, _arrival, _parent, count, _f = held
         with self._gap_lock:
             missed = self._gaps.released(ep.index, stream, session, seq, count)
             if not missed:
@@ -687,7 +788,7 @@ class Receiver:
                 ep, held, late = inflight.pop(token)
                 if err:
                     ep.counters.deliver_dropped[errno.errorcode.get(err, str(err))] += 1
-                flags = MP_FLAG_LATE if late else 0
+                flags = (MP_FLAG_LATE if late else 0) | held[8]
                 if gap:
                     ep.counters.gaps += 1
                     ep.counters.gap_messages += gap
@@ -704,7 +805,7 @@ class Receiver:
         queued = via_queue and self._queues
         if queued and self._hold_in_c(ep, held, self.clock(), at_once=True, late=late):
             return
-        flags = self._gap_flag(ep, held) | (MP_FLAG_LATE if late else 0)
+        flags = self._gap_flag(ep, held) | (MP_FLAG_LATE if late else 0) | held[8]
         ok = ep.hand_over(self._framed(held, flags, self.clock())) if ep.out_fd >= 0 else True
         release_ns = time.time_ns()
         self._after(ep, held, release_ns, late, ok, flags)
@@ -718,7 +819,7 @@ class Receiver:
         now = time.time_ns
         for r in batch:
             ep = eps[r.endpoint]
-            flags = self._gap_flag(ep, r.item)
+            flags = self._gap_flag(ep, r.item) | r.item[8]
             if ep.out_fd < 0:  # in process: the hand-over is the time stamp itself
                 append((ep, r.item, now(), True, flags))
             else:
@@ -754,7 +855,7 @@ class Receiver:
     def _after(
         self, ep: Endpoint, held: _Held, release_ns: int, late: bool, ok: bool, flags: int = 0
     ) -> None:
-        stream, session, seq, deadline, payload, arrival_ns, parent, count = held
+        stream, session, seq, deadline, payload, arrival_ns, parent, count, _f = held
         if ok:
             ep.counters.delivered += count
         if self.auditor is not None:
@@ -862,11 +963,18 @@ class Receiver:
     def _parent_rows(self) -> list[tuple[str, int]]:
         addrs = self.topo.addresses()
         rows = {addrs[p] for ep in self.endpoints for p in ep.config.parents if p in addrs}
+        # Retransmissions come straight from the publisher's port (docs/recovery.md).
+        if self.topo.publisher.nak_addr is not None:
+            rows.add(self.topo.publisher.nak_addr)
         return sorted(rows)
 
     def apply_topology(self, topo: Topology) -> None:
         """Take a new plan: endpoints keep their sockets, dedup state and held messages."""
         self.topo = topo
+        self._nak_addr = topo.publisher.nak_addr
+        if self._nak_addr is not None and self.naks is None and self.native is None:
+            self.naks = NakTracker(self._recovery, endpoints=1)
+            self.naks.set_endpoints(len(self.endpoints))
         self.streams = stream_rules(topo)
         self.senders = SenderNames(topo)
         if self._use_link_model:
@@ -943,6 +1051,8 @@ class Receiver:
                 "records": len(self.records),
                 "process": process_figures(self.started_ns),
             }
+        for ep in self.endpoints:
+            self._recovery_counts(ep)
         return {
             "kind": "receiver",
             "host": self.host.name,
@@ -972,6 +1082,13 @@ class Receiver:
             "receive_lag": self.lag.to_dict(),
             "process": process_figures(self.started_ns),
         }
+
+
+def recovery_config(host: str) -> RecoveryConfig:
+    """The NAK schedule of a receiver host: the defaults, with a jitter seed of its own (from
+    its name, so hosts that miss the same message draw different delays)."""
+    digest = hashlib.sha256(host.encode()).digest()
+    return RecoveryConfig(seed=int.from_bytes(digest[:8], "big"))
 
 
 def _summed(counters: list[dict[str, int]]) -> dict[str, int]:

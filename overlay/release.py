@@ -112,13 +112,24 @@ class PreciseRelease(Generic[T]):
     def start(self) -> None:
         self._thread.start()
 
-    def hold(self, *, deadline_ns: int, stream_id: int, seq: int, endpoint: int, item: T) -> bool:
-        """Queue one item for `endpoint`; False when the schedule is full (counted there)."""
+    def hold(
+        self,
+        *,
+        deadline_ns: int,
+        stream_id: int,
+        seq: int,
+        endpoint: int,
+        item: T,
+        clamp: bool = True,
+    ) -> bool:
+        """Queue one item for `endpoint`; False when the schedule is full (counted there).
+        `clamp=False`: a recovered message keeps its own deadline (ReleaseSchedule.order)."""
         with self._cond:
             earliest = self.schedule.get_timer()
             ok = self.schedule.push(
-                deadline_ns=deadline_ns, stream_id=stream_id, seq=seq, endpoint=endpoint, item=item
-            )
+                deadline_ns=deadline_ns, stream_id=stream_id, seq=seq, endpoint=endpoint,
+                item=item, clamp=clamp,
+            )  # fmt: skip
             # Wake the thread only when it may be sleeping past this deadline.
             if ok and (earliest is None or deadline_ns < earliest):
                 self._cond.notify()

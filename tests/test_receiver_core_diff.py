@@ -212,6 +212,7 @@ def state(core: Any) -> tuple[object, ...]:
     return (
         endpoints,
         [core.counters(e) for e in range(endpoints)],
+        [core.recovery_counters(e) for e in range(endpoints)],
         [core.parents(e) for e in range(endpoints)],
         core.get_timer(),
         core.held,
