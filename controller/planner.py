@@ -20,6 +20,7 @@ from controller.keys import GRACE_HOLDS, PUBLISHED, KeyPhase, RotationInProgress
 from controller.metrics import ControllerMetrics
 from controller.settings import Settings
 from controller.store import Database, NodeRow, StreamRow, SubscriptionRow
+from jasper.layout import Layout, Spot, topology_of
 from jasper.owd import OwdReport
 from jasper.placement import (
     Endpoint,
@@ -33,7 +34,7 @@ from jasper.placement import (
     predict_oml,
     rank_relays,
 )
-from jasper.topology import SCHEMA_VERSION, StreamConfig, stream_dict
+from jasper.topology import StreamConfig
 from jasper.wire import StreamKey
 from jasper.wire_spec import KEY_LEN
 
@@ -1000,102 +1001,52 @@ class Planner:
         subs = {s.id: s for s in store.list_subscriptions(db=db, stream_id=stream_id)}
         mps = {m.id: m.name for m in store.list_mps(db=db)}
         pub = self._publisher_of(db, stream)
-        pub_name = pub.name if pub else placement.publisher
         old = plans.active if previous and variant == PENDING else None
-
-        def rename(node: str) -> str:
-            return pub_name if node == placement.publisher else node
-
-        fwd = placement.forwarding()
-        relays = []
-        for name in placement.relay_nodes():
-            node = nodes.get(name)
-            if node is None:
-                continue
-            relays.append(
-                {
-                    "name": name,
-                    "addr": node.data_addr,
-                    "port": node.port,
-                    "targets": [{"node": f.target, "hedge": f.hedge} for f in fwd.get(name, ())],
-                }
-            )
+        tables = placement.tables()
         if old is not None:
-            # Relays only the old plan uses still send old-epoch copies during the switch;
-            # receivers accept them as parents, so the document names them (they forward by
-            # the old plan, which they keep: nothing to forward here).
-            listed = {r["name"] for r in relays}
-            for name in old.relay_nodes():
-                node = nodes.get(name)
-                if node is not None and name not in listed:
-                    relays.append(
-                        {"name": name, "addr": node.data_addr, "port": node.port, "targets": []}
-                    )
-        hosts: dict[str, list[dict[str, Any]]] = {
-            n.name: [] for n in nodes.values() if n.role == "receiver"
-        }
-        for key_ in placement.endpoints():
-            sub = subs.get(int(key_[1:]))
-            if sub is None:
-                continue
-            parents = [rename(p) for p in placement.parents(key_)]
-            if old is not None and key_ in old.where:
-                parents += [p for p in map(rename, old.parents(key_)) if p not in parents]
-            hosts.setdefault(sub.host, []).append(
-                {
-                    "name": key_,
-                    "port": sub.port,
-                    "parents": parents,
-                    "deliver": sub.deliver,
-                    "mp": mps.get(sub.mp_id),
-                }
-            )
-        receivers = [
-            {"name": h, "addr": nodes[h].data_addr, "endpoints": eps}
-            for h, eps in sorted(hosts.items())
-            if h in nodes
-        ]
-        doc: dict[str, Any] = {
-            "version": SCHEMA_VERSION,
-            "plan_epoch": placement.epoch,
+            tables = tables.during_switch_from(old.tables())
+        layout = Layout(
+            publisher=pub.name if pub else placement.publisher,
+            publisher_addr=pub.data_addr if pub else "0.0.0.0",
+            relays={n.name: (n.data_addr, n.port) for n in nodes.values()},
+            hosts={n: nodes[n].data_addr for n in sorted(nodes) if nodes[n].role == "receiver"},
+            endpoints={
+                endpoint_key(sub.id): Spot(sub.host, sub.port, sub.deliver, mps.get(sub.mp_id))
+                for sub in subs.values()
+            },
+        )
+        ring = self.keys.get(stream_id)
+        relays = sum(1 for n in nodes.values() if n.role == "relay" and n.alive)
+        topology = topology_of(
+            tables,
+            layout,
             # hold_ns is the stream's setting; the publisher's copy carries the hold in force
-            # (node_streams), so a moving hold does not change every node's document. The keys
-            # are the same in every document of the stream (also x-previous).
-            "stream": stream_dict(
-                StreamConfig(
-                    id=stream.id,
-                    name=stream.name,
-                    hedge=stream.hedge,
-                    hold_ns=stream.hold_ns,
-                    auth=ring.auth() if (ring := self.keys.get(stream_id)) else None,
-                    session=self.sessions.get(stream_id),
-                )
+            # (node_streams), so a moving hold does not change every node's document. The
+            # keys are the same in every document of the stream (also x-previous).
+            stream=StreamConfig(
+                id=stream.id,
+                name=stream.name,
+                hedge=stream.hedge,
+                hold_ns=stream.hold_ns,
+                auth=ring.auth() if ring else None,
+                session=self.sessions.get(stream_id),
             ),
-            "publisher": {
-                "name": pub_name,
-                "addr": pub.data_addr if pub else "0.0.0.0",
-                "targets": [
-                    {"node": f.target, "hedge": f.hedge} for f in fwd.get(placement.publisher, ())
-                ],
+            plan_epoch=placement.epoch,
+            link_model=self.link_model,
+            extra={
+                "x-hold-policy": stream.hold_policy,
+                "x-rate-hint": stream.rate_hint,
+                # Whether every endpoint gets H+1 copies from distinct parents, and if not why
+                # (too few relays, depth 1 asked, fan-out below H+1): a reader of the plan
+                # must not take H for granted.
+                "x-hedging": {
+                    "hedge": placement.shape.hedge,
+                    "parents_min": placement.parents_min(),
+                    "note": hedging_note(placement, relays=relays, depth=stream.depth),
+                },
             },
-            "relays": relays,
-            "receivers": receivers,
-            "link_model": self.link_model,
-            "x-hold-policy": stream.hold_policy,
-            "x-rate-hint": stream.rate_hint,
-            # Whether every endpoint gets H+1 copies from distinct parents, and if not why
-            # (too few relays, depth 1 asked, fan-out below H+1): a reader of the plan must
-            # not take H for granted.
-            "x-hedging": {
-                "hedge": placement.shape.hedge,
-                "parents_min": placement.parents_min(),
-                "note": hedging_note(
-                    placement,
-                    relays=sum(1 for n in nodes.values() if n.role == "relay" and n.alive),
-                    depth=stream.depth,
-                ),
-            },
-        }
+        )
+        doc = topology.to_dict()
         if old is not None:
             doc["x-previous"] = self.topology_doc(stream_id, ACTIVE)
         self._docs[key] = doc

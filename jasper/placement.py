@@ -8,7 +8,16 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from jasper.tree import Forward, Shape, build_shape, default_depth, level_counts
+from jasper.tree import (
+    DEFAULT_FANOUT,
+    DEFAULT_HEDGE,
+    Forward,
+    PlanTables,
+    Shape,
+    build_shape,
+    default_depth,
+    level_counts,
+)
 
 # Cost model of the paper (c5.2xlarge): a level costs about 30 µs, each copy a relay sends
 # before the one in question costs about 2.7 µs more.
@@ -221,6 +230,17 @@ class Placement:
             return self.shape.parents_per_leaf()
         return min(len({s, *self.shape.hedgers(s)}) for s in used)
 
+    def tables(self) -> PlanTables:
+        """The plan's forwarding (by node name) and every endpoint's parents, for
+        `jasper.layout.topology_of`."""
+        fwd = self.forwarding()
+        return PlanTables(
+            publisher=self.publisher,
+            publisher_targets=fwd.pop(self.publisher),
+            relays=tuple((node, fwd.get(node, ())) for node in self.relay_nodes()),
+            endpoints=tuple((key, self.parents(key)) for key in self.endpoints()),
+        )
+
     def relay_nodes(self) -> tuple[str, ...]:
         return tuple(self.slot_node[s] for level in self.shape.levels for s in level)
 
@@ -266,7 +286,9 @@ def _relays_in(leaves: int, fanout: int, depth: int) -> int:
     return sum(level_counts(max(1, leaves), fanout=fanout, depth=depth)[:-1])
 
 
-def choose_depth(leaves: int, relays: int, *, fanout: int = 10, depth: int | None = None) -> int:
+def choose_depth(
+    leaves: int, relays: int, *, fanout: int = DEFAULT_FANOUT, depth: int | None = None
+) -> int:
     """The paper's depth round(log_F N), reduced until the tree needs at most `relays` relays.
 
     With fewer relays than the ideal tree needs, a shallower tree with a larger fan-out costs
@@ -297,7 +319,12 @@ def _planned_leaves(endpoints: int, relays: int, *, fanout: int, depth: int | No
 
 
 def plan_shape(
-    endpoints: int, relays: int, *, fanout: int = 10, hedge: int = 2, depth: int | None = None
+    endpoints: int,
+    relays: int,
+    *,
+    fanout: int = DEFAULT_FANOUT,
+    hedge: int = DEFAULT_HEDGE,
+    depth: int | None = None,
 ) -> tuple[int, int]:
     """(leaves to shape the tree for, depth) of a full plan of `endpoints` over `relays`.
 
@@ -319,7 +346,12 @@ def plan_shape(
 
 
 def fresh_shape(
-    endpoints: int, relays: int, *, fanout: int = 10, hedge: int = 2, depth: int | None = None
+    endpoints: int,
+    relays: int,
+    *,
+    fanout: int = DEFAULT_FANOUT,
+    hedge: int = DEFAULT_HEDGE,
+    depth: int | None = None,
 ) -> Shape:
     """The relay levels a full plan of `endpoints` over `relays` would have (lemons aside):
     how many relays it uses, and how many distinct parents its endpoints get
@@ -367,8 +399,8 @@ def full_plan(
     *,
     publisher: str,
     matrix: LatencyMatrix | None = None,
-    fanout: int = 10,
-    hedge: int = 2,
+    fanout: int = DEFAULT_FANOUT,
+    hedge: int = DEFAULT_HEDGE,
     epoch: int = 1,
     lemon_factor: float = 2.0,
     depth: int | None = None,
@@ -470,8 +502,8 @@ def random_plan(
     *,
     publisher: str,
     rng: random.Random,
-    fanout: int = 10,
-    hedge: int = 2,
+    fanout: int = DEFAULT_FANOUT,
+    hedge: int = DEFAULT_HEDGE,
 ) -> Placement:
     """Baseline: the same shape as `full_plan`, relays (lemons included) and endpoints
     shuffled; what a placement blind to measurements would do."""

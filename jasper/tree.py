@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -13,6 +13,12 @@ if TYPE_CHECKING:
 
 RELAY_PREFIX = "r"
 LEAF_PREFIX = "e"
+
+DEFAULT_FANOUT = 10
+"""The paper's fan-out F: near optimal with depth round(log10 N) (DESIGN.md)."""
+DEFAULT_HEDGE = 2
+"""The paper's sibling hedging H: each endpoint gets H+1 copies; the default up to ~5000
+receivers."""
 
 # A deeper tree than this is never useful (F >= 2 covers any realistic N far earlier) and
 # would only let a typo build a huge chain of single relays.
@@ -54,6 +60,51 @@ class Forward:
     """Relay or leaf name the copy goes to."""
     hedge: bool
     """True when sent as a sibling hedge copy, False for the relay's own child."""
+
+
+@dataclass(frozen=True)
+class PlanTables:
+    """What a topology needs of any plan (a TreePlan, or the controller's Placement): who
+    sends to whom in send order, and who feeds each endpoint. `jasper.layout.topology_of`
+    puts it on addresses."""
+
+    publisher: str | None
+    """The name the plan gives its publisher (it may appear among parents); None: unnamed."""
+    publisher_targets: tuple[Forward, ...]
+    """What the publisher sends to: the root relay, or every endpoint when there is none."""
+    relays: tuple[tuple[str, tuple[Forward, ...]], ...]
+    """(relay, forwarding table) level by level, root first."""
+    endpoints: tuple[tuple[str, tuple[str, ...]], ...]
+    """(endpoint, its parents, own first) in the plan's leaf order."""
+
+    @classmethod
+    def direct(cls, publisher: str, endpoints: Iterable[str]) -> PlanTables:
+        """No relay: the publisher sends to every endpoint itself (direct unicast)."""
+        names = tuple(endpoints)
+        return cls(
+            publisher=publisher,
+            publisher_targets=tuple(Forward(e, False) for e in names),
+            relays=(),
+            endpoints=tuple((e, (publisher,)) for e in names),
+        )
+
+    def during_switch_from(self, old: PlanTables) -> PlanTables:
+        """This plan while the data plane still carries `old` (make before break): relays
+        only the old plan uses are named, with no targets (they forward by the old plan,
+        which they keep), and each endpoint accepts the parents of both plans."""
+        listed = {name for name, _ in self.relays}
+        gone = tuple((name, ()) for name, _ in old.relays if name not in listed)
+
+        def same(node: str) -> str:
+            # The old plan may name the publisher otherwise (say, before one registered).
+            return self.publisher if node == old.publisher and self.publisher else node
+
+        before = {name: tuple(map(same, ps)) for name, ps in old.endpoints}
+        endpoints = tuple(
+            (name, (*ps, *(p for p in before.get(name, ()) if p not in ps)))
+            for name, ps in self.endpoints
+        )
+        return replace(self, relays=(*self.relays, *gone), endpoints=endpoints)
 
 
 @dataclass(frozen=True)
@@ -114,6 +165,15 @@ class TreePlan:
     def sends_per_message(self, relay: str) -> int:
         """Copies `relay` sends for each message (own children plus hedge copies)."""
         return len(self.forwarding[relay])
+
+    def tables(self) -> PlanTables:
+        """The plan's forwarding and parents, for `jasper.layout.topology_of`."""
+        return PlanTables(
+            publisher=None,
+            publisher_targets=(Forward(self.levels[0][0], False),),
+            relays=tuple((r, self.forwarding[r]) for r in self.relays()),
+            endpoints=tuple((leaf, self.parents[leaf]) for leaf in self.leaf_names()),
+        )
 
 
 def default_depth(leaves: int, fanout: int) -> int:
@@ -322,7 +382,11 @@ def _relay_levels(
 
 
 def tree_shape(
-    leaves: int, *, fanout: int = 10, hedge: int = 2, depth: int | None = None
+    leaves: int,
+    *,
+    fanout: int = DEFAULT_FANOUT,
+    hedge: int = DEFAULT_HEDGE,
+    depth: int | None = None,
 ) -> TreePlan:
     """Build the relay tree for `leaves` endpoints.
 
