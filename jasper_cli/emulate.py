@@ -23,6 +23,7 @@ from jasper_cli.options import (
     output_dir,
     percentile,
 )
+from jasper_cli.publisher import window_us_arg
 
 # Machine CPU per message per endpoint in the H=2 blocks (tree-nohold and Jasper, the dearest:
 # three copies, the link model's delay line, dedup, release, 118 agents and the controller,
@@ -146,6 +147,13 @@ def add_parser(sub: Any) -> None:
         help="clock-step fault: jump of one receiver host's emulated clock, µs (default -10000)",
     )
     p.add_argument("--no-link-model", action="store_true", help="links without delay or loss")
+    p.add_argument(
+        "--batch-us",
+        type=window_us_arg,
+        default=0.0,
+        help="publisher batch window: messages due within it share a datagram, up to the MTU "
+        "(µs; default 0: one message per datagram)",
+    )
     p.add_argument(
         "--fast-path",
         choices=("auto", "ebpf", "user"),
@@ -318,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
         fault_block_messages=args.fault_messages or max(100, min(300, int(10 * rate))),
         link_model=None if args.no_link_model else _link_model(receiver_args),
         fast_path=args.fast_path,
+        batch_us=args.batch_us,
         receiver_args=receiver_args,
         tag=args.tag,
         out_dir=str(args.out),

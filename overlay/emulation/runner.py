@@ -196,6 +196,9 @@ class EmulationSettings:
     link_model: Mapping[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_LINK_MODEL))
     controller: bool = True
     """Start the controller and subscribe MPs through its REST API when it is available."""
+    batch_us: float = 0.0
+    """The publisher's --batch-us: messages due within this window share a datagram (0: one
+    message per datagram). Copies, not messages, are what the machine pays for."""
     fast_path: str = "auto"
     """Relays' and receivers' --fast-path: eBPF where it loads (auto), required, or user."""
     receiver_args: tuple[str, ...] = ()
@@ -779,8 +782,10 @@ class Emulation:
                     )
         self._manifest()
         assert self.spawner is not None
-        # Agents first register, then long-poll their plan: give a loaded machine time.
-        wait_s = 60 + (60 if spec.agents else 0)
+        # Agents first register, then long-poll their plan: give a loaded machine time. Each
+        # relay's eBPF program costs ~0.3 s of verifier CPU to load (measured here), and they
+        # all load at once.
+        wait_s = 60 + (60 if spec.agents else 0) + len(self.layout.relays)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if all(f.exists() for f in ready):
@@ -919,9 +924,11 @@ class Emulation:
         own0 = process_cpu_s(daemons)
         ctl0 = process_cpu_s([self.ctl_pid]) if self.ctl_pid else 0.0
         pub_extra: list[str] = []
+        if self.s.batch_us > 0:
+            pub_extra += ["--batch-us", f"{self.s.batch_us:g}"]
         if spec.agents:
             assert spec.hedge is not None
-            pub_extra = ["--stream", str(self.ctl_streams[spec.hedge])]
+            pub_extra += ["--stream", str(self.ctl_streams[spec.hedge])]
         self._spawn(
             "pub",
             self.net.hosts["pub"].netns,
