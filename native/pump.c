@@ -880,7 +880,10 @@ static int receive_batch(Pump *p, uint32_t idx)
 		if (p->lm.on) {
 			int fate = -1; /* path model: 1 emulated, 0 lost; -1 last hop only */
 			int64_t t = 0;
-			if (p->pm.on && parsed) {
+			/* A retransmission comes straight from the publisher, off the tree, and must not
+			 * draw the fate of its (stream, session, seq) again (lost once, lost forever):
+			 * its one hop takes the next draw of the link's own generator instead. */
+			if (p->pm.on && parsed && !(hdr.flags & JASPER_FLAG_RETRANSMIT)) {
 				int64_t send = hdr.send_time_ns > (uint64_t)INT64_MAX
 						       ? INT64_MAX
 						       : (int64_t)hdr.send_time_ns;

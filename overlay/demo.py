@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jasper.records import Releases, message_offsets
+from jasper.recovery import RECOVERY_COUNTER_NAMES
 from overlay.common import write_json
 from overlay.launch import Child, Cluster, free_port_base, jasper_argv
 from overlay.report_page import data_path_per_node, data_paths
@@ -487,7 +489,8 @@ def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
     cfg, out = run.cfg, run.out
     n_ports = ports_needed(plan)
     deliver_ports = cfg.receivers if cfg.deliver == "udp" else 0
-    base = _port_block(cfg.addr, n_ports + deliver_ports)
+    # One more port: the publisher's, where receivers send NAKs (docs/recovery.md).
+    base = _port_block(cfg.addr, n_ports + deliver_ports + 1)
     topo = topology_from_plan(
         plan,
         addr=cfg.addr,
@@ -499,6 +502,8 @@ def _start_static(run: _Run, plan: Any, stream: Any) -> tuple[str, ...]:
         # Without a controller the demo issues the stream key itself (in topology.json).
         auth=StreamAuth.fresh(),
     )
+    pub_port = base + n_ports + deliver_ports
+    topo = dataclasses.replace(topo, publisher=dataclasses.replace(topo.publisher, port=pub_port))
     topo_path = out / "topology.json"
     write_json(topo_path, topo.to_dict())
     groups = relay_groups(plan, cfg.relays_per_process)
@@ -970,6 +975,9 @@ def summarize_with_figures(
         "kernel_drops": total(endpoint_counters, "kernel_drops")
         + total(relay_counters, "kernel_drops"),
         "late_deliveries": total(endpoint_counters, "late"),
+        # Loss recovery (docs/recovery.md); the publisher's side is in its status.
+        **{key: total(endpoint_counters, key) for key in RECOVERY_COUNTER_NAMES},
+        "retransmits_sent": int((pub.get("recovery") or {}).get("retransmits_sent", 0)),
         "hold_overflow": total(endpoint_counters, "hold_overflow"),
         "relay_copies_sent": total(relay_counters, "sent"),
         "relay_hedge_copies_sent": total(relay_counters, "sent_hedge"),

@@ -694,6 +694,13 @@ class Receiver:
         naks, addr = self.naks, self._nak_addr
         if naks is None or addr is None:
             return
+        # Take what the kernel already queued first: on a receive path running behind, the
+        # copies that close a hole (or a retransmission) may be waiting there, and a NAK (or a
+        # range given up) for them would be a false one.
+        for ep in self.endpoints:
+            self._on_readable(ep)
+        if self.delay.model is not None:
+            self.delay.run_due()
         now = self.clock()
         for req in naks.poll(now):
             keys = self.streams.get(req.stream_id, (None, None))[0]

@@ -1004,3 +1004,25 @@ async def test_a_native_receiver_takes_its_keys_from_each_plan() -> None:
         tx.close()
         rx.stop()
         rx.close()
+
+
+def test_a_retransmission_is_not_drawn_by_the_path_model() -> None:
+    """The path model drops every copy from relay d (loss 1 into it), the fate of (stream,
+    session, seq) on that path. A retransmission of the same datagrams from the same sender is
+    off the tree (docs/recovery.md): it takes the last hop's own draw, no loss here, and
+    arrives; were it drawn again from the datagram's key it would be lost on every retry."""
+    from jasper.wire import retransmission
+
+    n = 20
+    with rig(parents=3, coalesce_ns=0) as r:
+        r.pump.set_link_model(median_ns=200_000, p99_ns=400_000, seed=3)
+        r.pump.set_path_model(**path_model_kwargs(PLAN_IDS, lossy_into="d"))
+        r.pump.start()
+        for seq in range(1, n + 1):
+            r.send(retransmission(datagram(seq, 0), None), parents=[1])
+        got = deliveries(r.pump, n)
+        assert sorted(d[3] for d in got) == list(range(1, n + 1))
+        wait_until(lambda: r.counters()["received"] == n and r.pump.pending == 0)
+        c = r.counters()
+        assert c["link_lost"] == 0
+        assert c["parents"][1] == (n, n)
