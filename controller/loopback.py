@@ -321,17 +321,14 @@ class LoopbackController:
     def wait_plan_over_relays(
         self, stream_id: int, relays: int = 2, timeout_s: float = 30.0
     ) -> set[str]:
-        """Re-plan `stream_id` until its settled plan uses at least `relays` relay nodes; their
-        names. The planner fits the depth to the relays it counts alive and to its early probes,
-        so a plan asked for right after start-up may use one relay (a depth-1 tree): ask again
-        every 2 s while that lasts."""
+        """Wait until `stream_id`'s settled plan (no switch pending) uses at least `relays`
+        relay nodes; their names. A stream created before its relays registered is first
+        planned over the first relay alone; the controller re-plans it as more relays join
+        and bring its endpoints more distinct parents (docs/controller.md, "Small trees keep
+        hedging"), so this only waits for that plan and its switch."""
         deadline = time.monotonic() + timeout_s
-        asked = -1.0
         tree: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            if time.monotonic() - asked > 2:
-                asked = time.monotonic()
-                self.call("POST", f"/v1/streams/{stream_id}/replan")
             tree = self.tree(stream_id)
             used = {s["node"] for level in tree["levels"] for s in level}
             if tree["pending_epoch"] is None and len(used) >= relays:
