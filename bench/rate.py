@@ -8,11 +8,15 @@ noisy, so only figures from one run are compared).
 Cases:
   a  one receiver host, 20 endpoints, H=2: a paced sender impersonates the three parents of
      every endpoint (3 copies per message and endpoint); the receiver process is the one under
-     test. CPU µs per copy and per message are the receiver process's own (/proc).
+     test. CPU µs per arriving copy and per message are the receiver process's own (/proc).
+     Paths: python, native, and native+ebpf (the native path behind the kernel's receiver
+     filter, which drops duplicates before user space; its own cost, ~0.17 µs per copy in
+     bench/fastpath.py, runs in the senders' softirq on loopback and is not in the figure).
   b  `jasper demo --receivers 100 --hedge 2` with the link model on.
   c  the same without the link model.
 
     .venv/bin/python bench/rate.py --case a --duration 5 --batch 20
+    .venv/bin/python bench/rate.py --case a --paths python,native,native+ebpf
 """
 
 from __future__ import annotations
@@ -100,7 +104,15 @@ def host_topology(hold_ns: int) -> Topology:
     )
 
 
-def run_host(path: str, rate: float, batch: int, duration: float, hold_ns: int) -> Trial:
+def run_host(
+    path: str, rate: float, batch: int, duration: float, hold_ns: int, spin_us: int | None = None
+) -> Trial:
+    # "native+ebpf": the native path behind the kernel's receiver filter, which drops the
+    # duplicate copies before user space (the copies' kernel work, filter included, runs in the
+    # senders' softirq on loopback, so it is not in the receiver's CPU: bench/fastpath.py
+    # measures the filter apart).
+    datapath, _, fast_path = path.partition("+")
+    fast_path = fast_path or "user"
     topo = host_topology(hold_ns)
     host = topo.receivers[0]
     with tempfile.TemporaryDirectory(prefix="jasper-rate-") as tmp:
@@ -111,9 +123,10 @@ def run_host(path: str, rate: float, batch: int, duration: float, hold_ns: int) 
         log = (out / "receiver.log").open("w")
         proc = subprocess.Popen(
             [sys.executable, "-m", "jasper_cli.main", "receiver", "--topology", str(topo_path),
-             "--node-name", host.name, "--datapath", path, "--deliver", "sink",
-             "--no-link-model", "--fast-path", "user", "--records", str(out),
-             "--ready-file", str(ready), "--status-interval", "0"],
+             "--node-name", host.name, "--datapath", datapath, "--deliver", "sink",
+             "--no-link-model", "--fast-path", fast_path, "--records", str(out),
+             "--ready-file", str(ready), "--status-interval", "0",
+             *(("--spin-us", str(spin_us)) if spin_us is not None else ())],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
         try:
@@ -150,7 +163,7 @@ def run_host(path: str, rate: float, batch: int, duration: float, hold_ns: int) 
     cpu = cpu1 - cpu0
     t = Trial(
         case="a",
-        path=status.get("datapath", path),
+        path=path,
         offered=rate,
         batch=batch,
         messages=sent,
@@ -161,11 +174,12 @@ def run_host(path: str, rate: float, batch: int, duration: float, hold_ns: int) 
         late_pairs=late,
         copies=received,
         cpu_s=cpu,
-        us_per_copy=cpu / max(1, received) * 1e6,
+        us_per_copy=cpu / max(1, copies) * 1e6,
         us_per_message=cpu / max(1, sent) * 1e6,
         kernel_drops=sum(int(e["kernel_drops"]) for e in eps.values()),
     )
     t.extra["copies_sent"] = copies
+    t.extra["copies_to_user_space"] = received
     if "native" in status:
         t.extra["native"] = {
             k: v for k, v in status["native"].items() if isinstance(v, int | float | bool)
@@ -313,6 +327,13 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=20, help="case a: messages per datagram (20)")
     p.add_argument("--batch-us", type=float, default=50.0, help="cases b/c: batch window (50)")
     p.add_argument("--hold-us", type=float, default=5000.0, help="case a: hold, µs (5000)")
+    p.add_argument(
+        "--spin-us",
+        type=int,
+        default=None,
+        help="case a: the receiver's --spin-us (default: its own, 100 µs of busy-wait before "
+        "each deadline, which at one deadline per datagram is most of its CPU)",
+    )
     p.add_argument("--start", type=float, default=1000.0, help="first offered rate (1000)")
     p.add_argument("--limit", type=float, default=2_000_000.0, help="highest rate tried")
     p.add_argument("--steps", type=int, default=3, help="bisection steps after a failure (3)")
@@ -329,7 +350,14 @@ def main() -> int:
             if case == "a":
 
                 def trial(rate: float, path: str = path) -> Trial:
-                    return run_host(path, rate, args.batch, args.duration, int(args.hold_us * 1e3))
+                    return run_host(
+                        path,
+                        rate,
+                        args.batch,
+                        args.duration,
+                        int(args.hold_us * 1e3),
+                        args.spin_us,
+                    )
             else:
 
                 def trial(rate: float, path: str = path, link: bool = case == "b") -> Trial:
