@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from jasper.layout import Layout as PlanLayout
+from jasper.layout import Spot, topology_of
 from jasper.records import (
     SENT_DTYPE,
     Releases,
@@ -42,8 +44,8 @@ from jasper.topology import (
     StreamConfig,
     Topology,
     parse_topology,
-    stream_dict,
 )
+from jasper.tree import PlanTables
 from overlay.emulation.faults import (
     Fault,
     FaultEvent,
@@ -255,51 +257,25 @@ def build_topology(
     """The static topology of one configuration. `plan` is a TreePlan, or None for direct
     unicast (the publisher's targets are then every endpoint). `auth`: the stream's keys (the
     emulation makes one per run, as the controller would)."""
-    host_eps = layout.hosts
-    if plan is None:
-        leaves = [e for _, eps in host_eps.values() for e in eps]
-        pub_targets: list[dict[str, Any]] = [{"node": e, "hedge": False} for e in leaves]
-        relays: list[dict[str, Any]] = []
-        parents: dict[str, list[str]] = {e: ["pub"] for e in leaves}
-    else:
-        pub_targets = [{"node": plan.levels[0][0], "hedge": False}]
-        relays = [
-            {
-                "name": r,
-                "addr": layout.relays[r],
-                "port": RELAY_PORT,
-                "targets": [{"node": f.target, "hedge": f.hedge} for f in plan.forwarding[r]],
-            }
-            for r in plan.relays()
-        ]
-        parents = {e: list(plan.parents[e]) for _, eps in host_eps.values() for e in eps}
-    doc: dict[str, Any] = {
-        "version": 1,
-        "plan_epoch": plan_epoch,
-        "stream": stream_dict(
-            StreamConfig(id=STREAM_ID, name="md", hedge=hedge, hold_ns=hold_ns, auth=auth)
-        ),
-        "publisher": {"name": "pub", "addr": layout.publisher, "targets": pub_targets},
-        "relays": relays,
-        "receivers": [
-            {
-                "name": h,
-                "addr": addr,
-                "endpoints": [
-                    {
-                        "name": e,
-                        "port": ENDPOINT_PORT_BASE + j,
-                        "parents": parents[e],
-                        "mp": f"mp-{e}",
-                    }
-                    for j, e in enumerate(eps)
-                ],
-            }
-            for h, (addr, eps) in host_eps.items()
-        ],
-        "link_model": dict(link_model) if link_model else None,
+    endpoints = {
+        e: Spot(host=h, port=ENDPOINT_PORT_BASE + j, mp=f"mp-{e}")
+        for h, (_, eps) in layout.hosts.items()
+        for j, e in enumerate(eps)
     }
-    return parse_topology(doc)
+    tables = plan.tables() if plan is not None else PlanTables.direct("pub", endpoints)
+    where = PlanLayout(
+        publisher="pub",
+        publisher_addr=layout.publisher,
+        relays={r: (a, RELAY_PORT) for r, a in layout.relays.items()},
+        hosts={h: a for h, (a, _) in layout.hosts.items()},
+        endpoints=endpoints,
+    )
+    stream = StreamConfig(id=STREAM_ID, name="md", hedge=hedge, hold_ns=hold_ns, auth=auth)
+    topo = topology_of(
+        tables, where, stream=stream, plan_epoch=plan_epoch, link_model=link_model or None
+    )
+    # Through the parser, as a file-started daemon reads it (validation included).
+    return parse_topology(topo.to_dict())
 
 
 # --- machine figures -------------------------------------------------------------------------
