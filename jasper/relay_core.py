@@ -46,6 +46,8 @@ class Forward(NamedTuple):
     """The datagram with the hedge flag set (children of siblings this relay hedges for)."""
     plan_epoch: int
     """The plan the message was sent under: its forwarding table is the one to use."""
+    stream_id: int
+    """The stream the message belongs to: a relay in several trees forwards by its table."""
 
 
 class RelayCore:
@@ -82,6 +84,17 @@ class RelayCore:
                     raise ValueError(f"a stream key has {KEY_LEN} bytes, got {len(key)}")
                 held[epoch] = bytes(key)
         self._streams[stream_id] = (held, session)
+
+    def drop_stream(self, stream_id: int) -> None:
+        """Refuse copies of `stream_id` from now on and forget its dedup state; other streams
+        keep theirs (the node no longer serves this stream)."""
+        self._streams.pop(stream_id, None)
+        self._rings.pop(stream_id, None)
+        self._last_heartbeat.pop(stream_id, None)
+
+    def streams(self) -> list[int]:
+        """The stream ids this core forwards."""
+        return sorted(self._streams)
 
     def datagram_received(self, data: bytes, sender: str) -> Forward | None:
         """One copy from `sender`: what to forward, or None (dropped and counted)."""
@@ -126,6 +139,6 @@ class RelayCore:
         c.kept_from[sender] += 1
         if flags & FLAG_HEDGE_COPY:
             own = data[:_FLAGS_AT] + bytes((flags & ~FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
-            return Forward(own, data, epoch)
+            return Forward(own, data, epoch, stream)
         hedge = data[:_FLAGS_AT] + bytes((flags | FLAG_HEDGE_COPY,)) + data[_FLAGS_AT + 1 :]
-        return Forward(data, hedge, epoch)
+        return Forward(data, hedge, epoch, stream)

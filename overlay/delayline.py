@@ -30,22 +30,31 @@ class DelayCounters:
 
 
 class SenderNames:
-    """Maps a datagram's source address to the topology name of the node that sent it."""
+    """Maps a datagram's source address to the topology name of the node that sent it.
 
-    def __init__(self, topo: Topology) -> None:
-        self.by_addr: dict[tuple[str, int], str] = {
-            addr: name for name, addr in topo.addresses().items()
-        }
+    A node serving several streams names senders from all their plans (`more`): the relays
+    and endpoints of each, and each stream's publisher.
+    """
+
+    def __init__(self, topo: Topology, *more: Topology) -> None:
+        self.by_addr: dict[tuple[str, int], str] = {}
         ips: dict[str, set[str]] = {}
-        for name, (ip, _port) in topo.addresses().items():
-            ips.setdefault(ip, set()).add(name)
-        ips.setdefault(topo.publisher.addr, set()).add(topo.publisher.name)
-        if topo.publisher.nak_addr is not None:  # its port is known: retransmissions
-            self.by_addr[topo.publisher.nak_addr] = topo.publisher.name
+        plans = (topo, *more)
+        for plan in plans:
+            for name, addr in plan.addresses().items():
+                self.by_addr.setdefault(addr, name)
+                ips.setdefault(addr[0], set()).add(name)
+        for plan in plans:
+            pub = plan.publisher
+            ips.setdefault(pub.addr, set()).add(pub.name)
+            if pub.nak_addr is not None:  # its port is known: retransmissions
+                self.by_addr[pub.nak_addr] = pub.name
         # The publisher sends from an ephemeral port: name it by its address when unambiguous.
         self.by_ip = {ip: next(iter(names)) for ip, names in ips.items() if len(names) == 1}
-        if topo.publisher.addr in ips and len(ips[topo.publisher.addr]) > 1:
-            self.by_ip.setdefault(topo.publisher.addr, topo.publisher.name)
+        for plan in plans:
+            pub = plan.publisher
+            if pub.addr in ips and len(ips[pub.addr]) > 1:
+                self.by_ip.setdefault(pub.addr, pub.name)
 
     def __call__(self, src: tuple[str, int]) -> str:
         name = self.by_addr.get(src)

@@ -45,8 +45,16 @@ class RelayCounters:
         return out
 
 
+_Table = tuple[list[tuple[str, int]], list[tuple[str, int]]]
+"""(own children, hedge targets) as socket addresses."""
+
+
 class RelayNode:
-    """One relay of the tree: its socket, forwarding table, dedup rings and counters."""
+    """One relay of the tree: its socket, forwarding tables, dedup rings and counters.
+
+    A relay may serve several streams (trees): each stream has its own tables and dedup ring,
+    and a copy follows the tables of the stream and plan epoch it carries.
+    """
 
     def __init__(self, config: RelayConfig, topo: Topology, *, ring_size: int = 4096) -> None:
         self.name = config.name
@@ -59,13 +67,11 @@ class RelayNode:
         """False when a kernel fast path replicates for this node."""
         self.handle: Callable[[bytes, tuple[str, int], int], None] = self.process_raw
         """What the event loop calls per datagram (the relay process puts its link model here)."""
-        self.own: list[tuple[str, int]] = []
-        self.hedges: list[tuple[str, int]] = []
-        self.epoch = topo.plan_epoch
-        """Plan epoch of `own` and `hedges` (the newest plan this node is in)."""
-        self.tables: dict[int, tuple[list[tuple[str, int]], list[tuple[str, int]]]] = {}
-        """Plan epoch -> (own, hedges): during a make-before-break switch, the old plan's
-        table too, so messages stamped with the old epoch still take the old tree."""
+        self.newest: dict[int, int] = {}
+        """Stream id -> plan epoch of the newest plan of that stream this node is in."""
+        self.tables: dict[int, dict[int, _Table]] = {}
+        """Stream id -> plan epoch -> (own, hedges): during a make-before-break switch, the old
+        plan's table too, so messages stamped with the old epoch still take the old tree."""
         self.set_targets(config, topo)
 
     def set_targets(
@@ -75,22 +81,38 @@ class RelayNode:
         *,
         previous: tuple[RelayConfig, Topology] | None = None,
     ) -> None:
-        """Forward by `config` from now on; with `previous` (the old plan's config for this
-        node), messages of the old epoch keep following the old plan."""
+        """Forward `topo`'s stream by `config` from now on; with `previous` (the old plan's
+        config for this node), messages of the old epoch keep following the old plan. Other
+        streams keep their tables and dedup state."""
         tables = {topo.plan_epoch: _table(config, topo)}
         if previous is not None and previous[1].plan_epoch != topo.plan_epoch:
             tables[previous[1].plan_epoch] = _table(*previous)
-        # Replace in one assignment each: a send loop in progress keeps the old ones.
-        self.tables = tables
-        self.own, self.hedges = tables[topo.plan_epoch]
-        self.epoch = topo.plan_epoch
+        stream = topo.stream.id
+        # Replace in one assignment: a send loop in progress keeps the old tables.
+        self.tables = {**self.tables, stream: tables}
+        self.newest = {**self.newest, stream: topo.plan_epoch}
         self.config = config
         auth = topo.stream.auth
         self.core.set_stream(
-            topo.stream.id,
+            stream,
             keys=auth.by_epoch() if auth is not None else None,
             session=topo.stream.session,
         )
+
+    def drop_stream(self, stream: int) -> None:
+        """Stop serving `stream`: its copies are refused and its tables and dedup state go."""
+        self.core.drop_stream(stream)
+        self.tables = {s: t for s, t in self.tables.items() if s != stream}
+        self.newest = {s: e for s, e in self.newest.items() if s != stream}
+
+    def table(self, stream: int, epoch: int | None = None) -> _Table:
+        """(own, hedges) for a copy of `stream` stamped with plan `epoch`; an epoch this node
+        has no table for (or None) takes the stream's newest plan."""
+        tables = self.tables.get(stream)
+        if not tables:
+            return [], []
+        found = tables.get(epoch) if epoch is not None else None
+        return found if found is not None else tables[self.newest[stream]]
 
     def process_raw(self, data: bytes, src: tuple[str, int], rx_ns: int) -> None:
         self.process(data, f"{src[0]}:{src[1]}", rx_ns)
@@ -102,13 +124,11 @@ class RelayNode:
             self.forward(fwd)
 
     def forward(self, fwd: Forward) -> None:
-        """Send to the children (and hedge targets) of the plan the message carries; an epoch
-        this node has no table for takes the newest plan."""
+        """Send to the children (and hedge targets) of the stream and plan the message
+        carries."""
         c = self.counters
         sendto = self.sock.sendto
-        epoch = fwd.plan_epoch
-        table = self.tables.get(epoch) if epoch != self.epoch else None
-        own_targets, hedge_targets = table if table is not None else (self.own, self.hedges)
+        own_targets, hedge_targets = self.table(fwd.stream_id, fwd.plan_epoch)
         own, hedge = fwd.own, fwd.hedge
         for addr in own_targets:
             try:
@@ -127,9 +147,7 @@ class RelayNode:
         self.sock.close()
 
 
-def _table(
-    config: RelayConfig, topo: Topology
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def _table(config: RelayConfig, topo: Topology) -> _Table:
     addrs = topo.addresses()
     own = [addrs[t.node] for t in config.targets if not t.hedge]
     hedges = [addrs[t.node] for t in config.targets if t.hedge]
@@ -178,6 +196,9 @@ class Relay:
         if not names:
             raise ValueError("a relay process needs at least one relay name")
         self.topo = topo
+        """The plan applied last (of any stream): its link model is the process's."""
+        self.plans: dict[int, Topology] = {topo.stream.id: topo}
+        """Stream id -> the plan this process runs for it (a relay may serve several trees)."""
         self.clock = clock
         self.started_ns = time.time_ns()
         self._use_link_model = link_model
@@ -194,6 +215,8 @@ class Relay:
             raise
         self.fast_path: dict[str, Any] = {}
         self.fast_path_mode = "user"
+        self.fast_path_off: dict[str, str] = {}
+        """Nodes whose kernel fast path was taken down while the process runs, and why."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -257,6 +280,9 @@ class Relay:
                     reason = str(why)
                 else:
                     for node in self.nodes.values():
+                        if len(node.tables) > 1:
+                            self._fast_path_down(node, None)
+                            continue
                         fp = loader.RelayFastPath(
                             node=node.name,
                             ifname=ifname or loader.interface_of(node.config.addr),
@@ -285,17 +311,21 @@ class Relay:
         return "ebpf"
 
     def apply_topology(self, topo: Topology) -> None:
-        """Swap forwarding tables (and link model) in place; held copies are not dropped.
+        """Take a (new) plan of `topo`'s stream: swap that stream's forwarding tables (and the
+        link model) in place; held copies are not dropped, other streams are not touched.
 
         During a make-before-break switch the plan carries the old one as "x-previous":
         messages stamped with the old epoch keep following the old plan until the publisher
         moves (the controller then sends the new plan alone, and the old table goes).
 
-        Relays named in this process but absent from the new topology keep their sockets and
-        last table until the process is told to stop (make-before-break is the caller's plan).
+        Relays named in this process but absent from the new plan keep their sockets and
+        last table of the stream until the process is told to stop or the stream is removed
+        (make-before-break is the caller's plan).
         """
+        stream = topo.stream.id
         self.topo = topo
-        self.senders = SenderNames(topo)
+        self.plans = {**self.plans, stream: topo}
+        self.senders = SenderNames(*self.plans.values())
         if self._use_link_model:
             self.delay.set_model(hop_model_of(topo))
         previous = _previous_plan(topo)
@@ -310,23 +340,70 @@ class Relay:
                     old = (previous.relay(node.name), previous)
                 except KeyError:
                     old = None
-            node.set_targets(cfg, topo, previous=old)
             fp = self.fast_path.get(node.name)
+            if fp is not None and node.tables and stream not in node.tables:
+                # Its kernel program would forward this stream by the other one's table.
+                self._fast_path_down(node, stream)
+                fp = None
+            node.set_targets(cfg, topo, previous=old)
             if fp is not None:
                 fp.set_targets(_target_rows(node))
 
+    def remove_stream(self, stream: int) -> None:
+        """Stop serving `stream` (no plan names it any more): its copies are refused, its
+        tables and dedup state go; the other streams keep theirs, and every socket stays."""
+        if stream not in self.plans:
+            return
+        self.plans = {s: t for s, t in self.plans.items() if s != stream}
+        for node in self.nodes.values():
+            node.drop_stream(stream)
+            fp = self.fast_path.get(node.name)
+            if fp is not None and not node.tables:
+                fp.set_targets([])  # the kernel drops what the node no longer serves
+        if self.plans:
+            self.senders = SenderNames(*self.plans.values())
+        log.info(
+            "relay process %s no longer serves stream %d (still %s)",
+            ",".join(self.nodes),
+            stream,
+            sorted(self.plans) or "none",
+        )
+
+    def _fast_path_down(self, node: RelayNode, stream: int | None) -> None:
+        """Forward `node` in user space from now on: its kernel table holds one stream's
+        targets, and this node serves several (`stream` is the one that makes it so)."""
+        streams = sorted({*node.tables, *(() if stream is None else (stream,))})
+        why = f"serves streams {', '.join(map(str, streams))}: the kernel table holds one"
+        fp = self.fast_path.pop(node.name, None)
+        if fp is not None:
+            try:
+                fp.close()
+            except Exception:
+                log.exception("closing fast path of %s", node.name)
+        node.forward_user_space = True
+        self.fast_path_off[node.name] = why
+        if not self.fast_path:
+            self.fast_path_mode = "user"
+        log.warning("relay %s: eBPF fast path off, relaying in user space (%s)", node.name, why)
+
     def status(self) -> dict[str, Any]:
         nodes = {name: n.counters.to_dict(n.core.counters) for name, n in self.nodes.items()}
+        for name, n in self.nodes.items():
+            nodes[name]["streams"] = {str(s): e for s, e in sorted(n.newest.items())}
         for name, fp in self.fast_path.items():
             try:
                 nodes[name]["fast_path"] = fp.counters()
             except Exception as exc:
                 nodes[name]["fast_path"] = {"error": str(exc)}
+        for name, why in self.fast_path_off.items():
+            nodes[name]["fast_path_off"] = why
         return {
             "kind": "relay",
             "nodes": nodes,
             "plan_epoch": self.topo.plan_epoch,
+            "streams": {str(s): t.plan_epoch for s, t in sorted(self.plans.items())},
             "fast_path": self.fast_path_mode,
+            "fast_path_off": len(self.fast_path_off),
             "link_model": self.delay.model is not None,
             "link_model_at": _model_at(self.topo) if self._use_link_model else None,
             "delay_line": vars(self.delay.counters).copy(),
@@ -345,4 +422,6 @@ class Relay:
 
 
 def _target_rows(node: RelayNode) -> list[tuple[str, int, bool]]:
-    return [(a, p, False) for a, p in node.own] + [(a, p, True) for a, p in node.hedges]
+    """The kernel table of a node that serves one stream (or none): its newest targets."""
+    own, hedges = node.table(next(iter(node.tables))) if node.tables else ([], [])
+    return [(a, p, False) for a, p in own] + [(a, p, True) for a, p in hedges]

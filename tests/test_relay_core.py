@@ -101,3 +101,22 @@ def test_an_announced_session_and_the_window_ahead_bound_what_moves_state() -> N
     assert core.datagram_received(dgram(1 + (1 << 21), session=5), "a") is None
     assert core.datagram_received(dgram(2, session=5), "a") is not None
     assert dict(core.counters.rejected) == {"session": 1, "ahead": 1}
+
+
+def test_streams_of_one_relay_keep_separate_state_and_one_can_be_dropped() -> None:
+    core = RelayCore()
+    core.set_stream(2, keys=None)
+    one = core.datagram_received(dgram(1, stream=1), "a")
+    two = core.datagram_received(dgram(1, stream=2), "a")
+    # The same (session, seq) in two streams is two messages, each forwarded by its stream.
+    assert one is not None and one.stream_id == 1
+    assert two is not None and two.stream_id == 2
+    assert core.datagram_received(dgram(2, stream=1), "a") is not None
+    core.drop_stream(2)
+    assert core.streams() == [1]
+    assert core.datagram_received(dgram(2, stream=2), "a") is None
+    # Stream 1 kept its dedup state: its seen copies are still duplicates.
+    assert core.datagram_received(dgram(2, stream=1), "b") is None
+    assert core.datagram_received(dgram(3, stream=1), "b") is not None
+    assert dict(core.counters.rejected) == {"stream": 1}
+    assert core.counters.duplicates == 1
