@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from controller.deliver import validate_deliver
+from jasper.topology import DEFAULT_HOLD_NS
+from jasper.tree import DEFAULT_FANOUT, DEFAULT_HEDGE
 
 NodeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$", examples=["relay-1"])]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -137,11 +139,13 @@ class StreamCreate(Body):
     id: int = Field(ge=0, le=2**32 - 1, description="Stream id on the wire (u32)")
     name: Annotated[str, Field(min_length=1, max_length=64)]
     rate_hint: float = Field(100.0, ge=0, le=1e7, description="Expected messages per second")
-    hedge: int = Field(2, ge=0, le=16, description="Sibling hedging H")
-    fanout: int | None = Field(None, ge=2, le=1000, description="Fan-out F (default 10)")
+    hedge: int = Field(DEFAULT_HEDGE, ge=0, le=16, description="Sibling hedging H")
+    fanout: int | None = Field(
+        None, ge=2, le=1000, description=f"Fan-out F (default {DEFAULT_FANOUT})"
+    )
     depth: int | None = Field(None, ge=1, le=8, description="Levels D (default round(log_F N))")
     hold_ns: int = Field(
-        500_000,
+        DEFAULT_HOLD_NS,
         ge=0,
         le=10_000_000_000,
         description=(

@@ -8,6 +8,8 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jasper.tree import DEFAULT_FANOUT
+
 
 class Settings(BaseSettings):
     """Everything the controller needs to start; read once, passed to `create_app`."""
@@ -33,7 +35,7 @@ class Settings(BaseSettings):
     """How often dead nodes and pending plans are checked."""
     lemon_factor: float = Field(2.0, gt=1)
     """A relay scoring above this multiple of the median latency is kept out of the tree."""
-    default_fanout: int = Field(10, ge=2, le=1000)
+    default_fanout: int = Field(DEFAULT_FANOUT, ge=2, le=1000)
     """Fan-out F for streams that do not set one."""
     hold_window_s: float = Field(2.0, gt=0)
     """Adaptive hold: a delay window closes when every receiver host of the stream reported,

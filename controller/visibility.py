@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TOPOLOGY_KEYS = ("version", "plan_epoch", "x-hold-policy", "x-rate-hint")
+TOPOLOGY_KEYS = ("version", "plan_epoch", "x-hold-policy", "x-rate-hint", "x-hedging")
 """Top-level topology fields an MP sees as they are; anything else is rebuilt or left out, so
 a field added to node documents later (keys, say) never reaches MPs by default."""
 
