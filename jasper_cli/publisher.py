@@ -56,6 +56,14 @@ def add_parser(sub: Any) -> None:
         "--start-at", type=non_negative("s"), default=None, help="start at this Unix time (seconds)"
     )
     p.add_argument(
+        "--session-wait-s",
+        type=non_negative("s"),
+        default=10.0,
+        help="under --controller: wait up to this long for every node to run the config that "
+        "announces this publisher's session before sending (default 10; a thousand-node "
+        "tree on a small machine takes longer)",
+    )
+    p.add_argument(
         "--realtime",
         action="store_true",
         help="run in SCHED_FIFO (needs CAP_SYS_NICE): sends are not delayed by other processes",

@@ -25,7 +25,8 @@ log = logging.getLogger("jasper.agent")
 
 SESSION_WAIT_S = 10.0
 """How long a publisher under the controller waits for its session to be in force at every
-node before it sends anyway (a node that never applies plans must not stop the feed)."""
+node before it sends anyway (a node that never applies plans must not stop the feed); the
+default of --session-wait-s."""
 
 
 class AppliesTopology(Protocol):
@@ -789,13 +790,14 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
             # The tree takes only the session the controller announced: send once every node
             # runs the config that announces ours (its status reports it, the heartbeat goes
             # now), or copies would be refused by session until they poll it.
-            if not await agent.wait_session(daemon.session, stop, SESSION_WAIT_S):
+            wait_s = float(getattr(args, "session_wait_s", SESSION_WAIT_S))
+            if not await agent.wait_session(daemon.session, stop, wait_s):
                 if not stop.is_set():
                     log.warning(
                         "session %d not in force at every node after %.0f s; sending anyway "
                         "(nodes that do not run it yet refuse its copies)",
                         daemon.session,
-                        SESSION_WAIT_S,
+                        wait_s,
                     )
             elif agent.session_state()[1]:
                 log.info("session %d in force at every node of the stream", daemon.session)

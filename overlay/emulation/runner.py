@@ -905,6 +905,11 @@ class Emulation:
         if spec.agents:
             assert spec.hedge is not None
             pub_extra += ["--stream", str(self.ctl_streams[spec.hedge])]
+            # Its new session reaches every node in a new config: at N=1000 that takes the
+            # controller and 125 agents more than the default 10 s on 2 cores, and a
+            # publisher that sends before would have its copies refused by the nodes.
+            nodes = len(self.layout.relays) + len(self.layout.hosts)
+            pub_extra += ["--session-wait-s", f"{30 + nodes:g}"]
         self._spawn(
             "pub",
             self.net.hosts["pub"].netns,
