@@ -568,9 +568,11 @@ class ReceiverCore:
             return
         counts[_ACCEPTED] += 1
         seen[1] += 1
-        if self._naks is not None:
-            self._naks.data(endpoint, stream, session, seq, count, now_ns)
         retransmitted = flags & FLAG_RETRANSMIT
+        if self._naks is not None:
+            self._naks.data(
+                endpoint, stream, session, seq, count, now_ns, retransmit=bool(retransmitted)
+            )
         mp_flags = MP_FLAG_RECOVERED if retransmitted else 0
         payload = data[HEADER_LEN:]
         if deadline == 0:

@@ -155,10 +155,20 @@ class NakTracker:
         )
 
     def data(
-        self, endpoint: int, stream: int, session: int, seq: int, count: int, now_ns: int
-    ) -> bool:
-        """An accepted data copy of `count` messages from `seq`; True when it filled (part of)
-        an open range."""
+        self,
+        endpoint: int,
+        stream: int,
+        session: int,
+        seq: int,
+        count: int,
+        now_ns: int,
+        *,
+        retransmit: bool = False,
+    ) -> int:
+        """An accepted data copy of `count` messages from `seq`; the number of its messages
+        that were in an open range. `retransmit`: the copy answers a NAK, so its messages
+        before the next one expected that were in no open range had been given up: they
+        leave `unrecoverable` (they came after all, counted recovered by the core)."""
         key = (endpoint, stream)
         got = self._expected.get(key)
         end = seq + count
@@ -170,16 +180,20 @@ class NakTracker:
             # messages were lost here (a node joining mid-stream sees a larger seq, no hole).
             if 1 < seq <= HEAD_WINDOW:
                 self._open(endpoint, stream, session, 1, seq - 1, now_ns)
-            return False
+            return 0
         expected = got[1]
         if seq >= expected:
             if seq > expected:
                 self._open(endpoint, stream, session, expected, seq - expected, now_ns)
             self._expected[key] = (session, end)
-            return False
+            return 0
         if end > expected:
             self._expected[key] = (session, end)
-        return self._fill(endpoint, stream, seq, end) if self._gaps else False
+        filled = self._fill(endpoint, stream, seq, end) if self._gaps else 0
+        if retransmit:
+            counts = self._counts[endpoint]
+            counts[2] = max(0, counts[2] - (min(end, expected) - seq - filled))
+        return filled
 
     def heartbeat(self, endpoint: int, stream: int, session: int, seq: int, now_ns: int) -> None:
         """An authenticated heartbeat: `seq` is the newest the publisher had sent, so anything
@@ -261,24 +275,31 @@ class NakTracker:
         )
         self._gaps.append(_Gap(endpoint, stream, session, first, count, due))
 
-    def _fill(self, endpoint: int, stream: int, seq: int, end: int) -> bool:
-        """Take [seq, end) out of the endpoint's open ranges of `stream`."""
-        filled = False
+    def _fill(self, endpoint: int, stream: int, seq: int, end: int) -> int:
+        """Take [seq, end) out of the endpoint's open ranges of `stream`; the number of
+        messages taken."""
+        filled = 0
+        # Open ranges counting this call's changes so far: a split never takes the table
+        # past max_gaps (counting only the ranges kept so far did, by the ranges after it).
+        total = len(self._gaps)
         kept: list[_Gap] = []
         for g in self._gaps:
             g_end = g.first + g.count
             if g.endpoint != endpoint or g.stream != stream or end <= g.first or seq >= g_end:
                 kept.append(g)
                 continue
-            filled = True
+            filled += min(end, g_end) - max(seq, g.first)
+            total -= 1
             if g.first < seq:  # the part before the copy stays open
                 left = _Gap(endpoint, stream, g.session, g.first, seq - g.first, g.due)
                 left.attempt = g.attempt
                 kept.append(left)
+                total += 1
             if end < g_end:  # and the part after it
-                if len(kept) >= self.config.max_gaps:
+                if total >= self.config.max_gaps:
                     self._counts[endpoint][2] += g_end - end
                     continue
+                total += 1
                 right = _Gap(endpoint, stream, g.session, end, g_end - end, g.due)
                 right.attempt = g.attempt
                 kept.append(right)

@@ -11,8 +11,13 @@
  *   'S' stream u8, nkeys u8 (255: unkeyed, else % 6), has_session u8, session u8, then one
  *       epoch u8 per key: jc_set_stream, each key fuzz_key(epoch)
  *   'X' stream u8: jc_drop_stream
+ *   'R' off u8 (odd: recovery off), delay u16, jitter u16, retry u16, attempts u8, max_gaps u16,
+ *       seed u64: jc_set_recovery
+ *   'K' max u8: jc_take_naks (each NAK is checked: a well-formed NAK header and ranges)
  * Initial streams: 1 keyed with epoch 1, 2 and 3 unkeyed (tests/test_native_sanitizers.py signs
  * part of its stream-1 datagrams with fuzz_key(1), so the MAC path accepts as well as refuses).
+ * Every new core starts with recovery on (INITIAL_RECOVERY), so holes open, NAKs fall due, are
+ * retried, coalesced and given up along any corpus of datagrams.
  * After every call the driver reads every payload byte it was handed and checks the bounds
  * the header promises; a broken promise aborts. tests/test_native_sanitizers.py builds it with
  * ASan and UBSan and feeds it random and mutated datagrams.
@@ -53,6 +58,46 @@ static void fuzz_key(uint32_t epoch, uint8_t *key)
 		key[j] = (uint8_t)(epoch * 31 + (uint32_t)j);
 }
 
+static const struct jc_recovery INITIAL_RECOVERY = {
+	.nak_delay_ns = 50, .nak_jitter_ns = 30, .retry_ns = 200, .attempts = 3, .max_gaps = 8,
+	.seed = 7,
+};
+static uint32_t gap_bound; /* the largest max_gaps set since recovery was last off */
+static uint64_t naks_taken;
+
+static uint64_t load_be(const uint8_t *p, int bytes)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < bytes; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+
+/* A NAK as the publisher parses it (jasper.wire.decode_nak): what the core queued is sound. */
+static void check_nak(const struct jc_nak *k, uint32_t endpoints)
+{
+	CHECK(k->endpoint < endpoints);
+	CHECK(k->len >= JASPER_HEADER_LEN + JASPER_NAK_RANGE_LEN && k->len <= JC_MAX_NAK);
+	const uint8_t *d = k->data;
+	CHECK(load_be(d, 2) == JASPER_MAGIC && d[2] == JASPER_VERSION && d[3] == JASPER_FLAG_NAK);
+	size_t n = (size_t)load_be(d + 42, 2);
+	CHECK(n >= 1 && n <= JASPER_MAX_NAK_RANGES);
+	CHECK(load_be(d + 40, 2) == n * JASPER_NAK_RANGE_LEN);
+	CHECK(k->len == JASPER_HEADER_LEN + n * JASPER_NAK_RANGE_LEN);
+	CHECK(load_be(d + 4, 4) == k->stream_id && load_be(d + 8, 4) == k->session);
+	CHECK(load_be(d + 16, 8) == load_be(d + JASPER_HEADER_LEN, 8));
+	uint64_t last_end = 0;
+	for (size_t i = 0; i < n; i++) {
+		const uint8_t *r = d + JASPER_HEADER_LEN + i * JASPER_NAK_RANGE_LEN;
+		uint64_t first = load_be(r, 8), count = load_be(r + 8, 4);
+		CHECK(count >= 1 && count <= JASPER_MAX_NAK_COUNT);
+		CHECK(load_be(r + 12, 2) >= 1 && load_be(r + 14, 2) == 0);
+		CHECK(i == 0 || first >= last_end); /* in sequence order, disjoint */
+		last_end = first + count;
+	}
+	naks_taken++;
+}
+
 static void initial_streams(struct jc_core *core)
 {
 	struct jc_stream_key k = {.epoch = 1};
@@ -60,6 +105,8 @@ static void initial_streams(struct jc_core *core)
 	CHECK(jc_set_stream(core, 1, &k, 1, 0, 0) == 0);
 	CHECK(jc_set_stream(core, 2, NULL, -1, 0, 0) == 0);
 	CHECK(jc_set_stream(core, 3, NULL, -1, 0, 0) == 0);
+	CHECK(jc_set_recovery(core, &INITIAL_RECOVERY) == 0);
+	gap_bound = INITIAL_RECOVERY.max_gaps;
 }
 
 static struct jc_release out[256];
@@ -107,7 +154,11 @@ static void check_core(const struct jc_core *core, const struct jc_config *cfg)
 	CHECK(jc_counters(core, endpoints, &c) == JC_EINVAL);
 	uint64_t when;
 	int any = jc_get_timer(core, &when);
-	CHECK(any == (jc_held(core) || jc_pending(core)));
+	int64_t nak = jc_next_nak(core);
+	CHECK(any == (jc_held(core) || jc_pending(core) || nak != INT64_MAX));
+	CHECK(jc_open_gaps(core) <= gap_bound);
+	CHECK((nak == INT64_MAX) == (jc_open_gaps(core) == 0 || !gap_bound));
+	CHECK(!any || jc_next_copy_timer(core) >= jc_next_timer(core));
 	touch_releases(cfg, endpoints);
 }
 
@@ -187,6 +238,8 @@ int main(int argc, char **argv)
 				CHECK(rc1 == 0 || rc1 == JC_EFULL);
 				rc1 = jc_set_stream(core, 3, NULL, -1, 0, 0);
 				CHECK(rc1 == 0 || rc1 == JC_EFULL);
+				CHECK(jc_set_recovery(core, &INITIAL_RECOVERY) == 0);
+				gap_bound = INITIAL_RECOVERY.max_gaps;
 			}
 			break;
 		}
@@ -281,20 +334,61 @@ int main(int argc, char **argv)
 			nout = 0;
 			jc_drop_stream(core, (uint32_t)take(&r, 1) % 6);
 			break;
+		case 'R': {
+			int off = (int)(take(&r, 1) & 1);
+			struct jc_recovery rc2 = {
+				.nak_delay_ns = take(&r, 2),
+				.nak_jitter_ns = take(&r, 2),
+				.retry_ns = take(&r, 2),
+				.attempts = (uint32_t)take(&r, 1),
+				.max_gaps = (uint32_t)take(&r, 2),
+				.seed = take(&r, 8),
+			};
+			rc = jc_set_recovery(core, off ? NULL : &rc2);
+			if (off) {
+				CHECK(rc == 0 && jc_open_gaps(core) == 0);
+				gap_bound = 0;
+			} else if (rc2.attempts == 0 || rc2.max_gaps == 0) {
+				CHECK(rc == JC_EINVAL);
+			} else {
+				CHECK(rc == 0);
+				if (rc2.max_gaps > gap_bound)
+					gap_bound = rc2.max_gaps;
+				if (jc_open_gaps(core) > gap_bound) /* carried over from a larger one */
+					gap_bound = (uint32_t)jc_open_gaps(core);
+			}
+			break;
+		}
+		case 'K': {
+			static struct jc_nak naks[16];
+			size_t max = (size_t)take(&r, 1) % 17;
+			size_t got = jc_take_naks(core, naks, max);
+			CHECK(got <= max);
+			for (size_t i = 0; i < got; i++)
+				check_nak(&naks[i], jc_endpoints(core));
+			break;
+		}
 		default:
 			break;
 		}
 		check_core(core, &cfg);
 	}
 	nout = 0;
-	CHECK(jc_flush(core, now) == 0);
+	CHECK(jc_advance(core, now + 1000000) == 0); /* every open range NAKed or given up */
+	CHECK(jc_flush(core, now + 1000000) == 0);
 	while ((nout = jc_take_releases(core, out, 256)) > 0)
 		touch_releases(&cfg, jc_endpoints(core));
+	static struct jc_nak left[16];
+	size_t got;
+	while ((got = jc_take_naks(core, left, 16)) > 0)
+		for (size_t i = 0; i < got; i++)
+			check_nak(&left[i], jc_endpoints(core));
 	jc_free(core);
 	free(corpus);
-	printf("records %llu datagrams %llu checksum %llu keyed_accepted %llu mac_rejected %llu\n",
+	printf("records %llu datagrams %llu checksum %llu keyed_accepted %llu mac_rejected %llu "
+	       "naks %llu\n",
 	       (unsigned long long)records, (unsigned long long)datagrams,
 	       (unsigned long long)checksum, (unsigned long long)keyed_accepted,
-	       (unsigned long long)mac_rejected);
+	       (unsigned long long)mac_rejected, (unsigned long long)naks_taken);
 	return 0;
 }

@@ -22,6 +22,7 @@
 
 /* Imported lazily (jasper.receiver_core imports nothing native, but keep import order free). */
 static PyTypeObject *core_release_type;
+static PyObject *core_nak_type;
 static PyObject *release_kinds[4];
 static PyObject *wire_error;
 static PyObject *counter_names[COUNTERS];
@@ -60,6 +61,60 @@ fail:
 	Py_XDECREF(cls);
 	Py_XDECREF(kind);
 	return -1;
+}
+
+static int int_in(PyObject *obj, long long lo, long long hi, const char *what, long long *out);
+
+static int load_nak_type(void)
+{
+	if (core_nak_type)
+		return 0;
+	PyObject *mod = PyImport_ImportModule("jasper.receiver_core");
+	if (!mod)
+		return -1;
+	core_nak_type = PyObject_GetAttrString(mod, "CoreNak");
+	Py_DECREF(mod);
+	return core_nak_type ? 0 : -1;
+}
+
+/* A jasper.recovery.RecoveryConfig (validated by its own __post_init__) as the core's. */
+static int recovery_arg(PyObject *obj, struct jc_recovery *out)
+{
+	static const char *const u64[] = {"nak_delay_ns", "nak_jitter_ns", "retry_ns", "seed"};
+	uint64_t v[4];
+	for (int i = 0; i < 4; i++) {
+		PyObject *a = PyObject_GetAttrString(obj, u64[i]);
+		if (!a)
+			return -1;
+		v[i] = PyLong_AsUnsignedLongLong(a);
+		Py_DECREF(a);
+		if (v[i] == (uint64_t)-1 && PyErr_Occurred()) {
+			PyErr_Format(PyExc_ValueError, "recovery.%s must be in 0..2^64-1", u64[i]);
+			return -1;
+		}
+	}
+	long long attempts, max_gaps;
+	PyObject *a = PyObject_GetAttrString(obj, "attempts");
+	int rc = a ? int_in(a, 1, 0xFFFF, "recovery.attempts", &attempts) : -1;
+	Py_XDECREF(a);
+	if (rc < 0)
+		return -1;
+	a = PyObject_GetAttrString(obj, "max_gaps");
+	rc = a ? int_in(a, 1, 1 << 20, "recovery.max_gaps", &max_gaps) : -1;
+	Py_XDECREF(a);
+	if (rc < 0)
+		return -1;
+	*out = (struct jc_recovery){
+		.nak_delay_ns = v[0], .nak_jitter_ns = v[1], .retry_ns = v[2],
+		.attempts = (uint32_t)attempts, .max_gaps = (uint32_t)max_gaps, .seed = v[3],
+	};
+	const uint64_t most = JC_RECOVERY_MAX_WAIT;
+	if (v[1] > most || v[0] > most - v[1] || v[2] > most - v[1]) {
+		PyErr_SetString(PyExc_ValueError, "the native core takes nak_delay_ns + nak_jitter_ns "
+						  "and retry_ns + nak_jitter_ns up to 2^62");
+		return -1;
+	}
+	return 0;
 }
 
 static int load_wire_error(void)
@@ -196,11 +251,12 @@ static int check_rc(int rc)
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
 	static char *kwlist[] = {"endpoints", "ring_size", "hold_capacity", "pending_capacity",
-				 "ahead_window", NULL};
-	PyObject *endpoints = NULL, *ahead = NULL;
+				 "ahead_window", "recovery", NULL};
+	PyObject *endpoints = NULL, *ahead = NULL, *recovery = Py_None;
 	Py_ssize_t ring_size = 4096, hold_capacity = 65536, pending_capacity = 65536;
-	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OnnnO:ReceiverCore", kwlist, &endpoints,
-					 &ring_size, &hold_capacity, &pending_capacity, &ahead))
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OnnnOO:ReceiverCore", kwlist, &endpoints,
+					 &ring_size, &hold_capacity, &pending_capacity, &ahead,
+					 &recovery))
 		return NULL;
 	uint64_t ahead_window = JC_AHEAD_WINDOW;
 	if (ahead) {
@@ -242,6 +298,9 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 			     UINT32_MAX, pending_capacity);
 		return NULL;
 	}
+	struct jc_recovery rcfg;
+	if (recovery != Py_None && recovery_arg(recovery, &rcfg) < 0)
+		return NULL;
 	struct jc_config cfg = {
 		.endpoints = (uint32_t)n,
 		.ring_size = (uint32_t)ring_size,
@@ -257,6 +316,10 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 	if (!self->core) {
 		Py_DECREF(self);
 		return PyErr_NoMemory();
+	}
+	if (recovery != Py_None && check_rc(jc_set_recovery(self->core, &rcfg)) < 0) {
+		Py_DECREF(self);
+		return NULL;
 	}
 	return (PyObject *)self;
 }
@@ -529,6 +592,33 @@ static PyObject *core_releases(CoreObject *self, PyObject *Py_UNUSED(ignored))
 	return list;
 }
 
+static PyObject *core_naks(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+	if (load_nak_type() < 0)
+		return NULL;
+	PyObject *list = PyList_New(0);
+	if (!list)
+		return NULL;
+	struct jc_nak batch[8];
+	size_t got;
+	while ((got = jc_take_naks(self->core, batch, 8)) > 0) {
+		for (size_t i = 0; i < got; i++) {
+			const struct jc_nak *k = &batch[i];
+			PyObject *t = PyObject_CallFunction(core_nak_type, "IIIy#", k->endpoint,
+							    k->stream_id, k->session,
+							    (const char *)k->data, (Py_ssize_t)k->len);
+			/* On an error the rest of this batch is lost with it; the core stays sound. */
+			if (!t || PyList_Append(list, t) < 0) {
+				Py_XDECREF(t);
+				Py_DECREF(list);
+				return NULL;
+			}
+			Py_DECREF(t);
+		}
+	}
+	return list;
+}
+
 static PyObject *core_counters(CoreObject *self, PyObject *const *args, Py_ssize_t nargs,
 				PyObject *kwnames)
 {
@@ -635,6 +725,11 @@ static PyObject *core_get_clamped(CoreObject *self, void *Py_UNUSED(closure))
 	return PyLong_FromUnsignedLongLong(jc_clamped(self->core));
 }
 
+static PyObject *core_get_open_gaps(CoreObject *self, void *Py_UNUSED(closure))
+{
+	return PyLong_FromSize_t(jc_open_gaps(self->core));
+}
+
 static PyMethodDef core_methods[] = {
 	{"datagram_received", (PyCFunction)(void (*)(void))core_datagram_received,
 	 METH_FASTCALL | METH_KEYWORDS,
@@ -657,6 +752,8 @@ static PyMethodDef core_methods[] = {
 	 "get_timer()\n--\n\nThe next pending arrival or held deadline in ns, or None."},
 	{"releases", (PyCFunction)core_releases, METH_NOARGS,
 	 "releases()\n--\n\nEvery release since the last call (CoreRelease), in order."},
+	{"naks", (PyCFunction)core_naks, METH_NOARGS,
+	 "naks()\n--\n\nEvery NAK due since the last call (CoreNak), in the order they became due."},
 	{"counters", (PyCFunction)(void (*)(void))core_counters, METH_FASTCALL | METH_KEYWORDS,
 	 "counters(endpoint)\n--\n\nThe counters of one endpoint."},
 	{"recovery_counters", (PyCFunction)(void (*)(void))core_recovery_counters,
@@ -673,6 +770,8 @@ static PyGetSetDef core_getset[] = {
 	{"pending", (getter)core_get_pending, NULL, "Copies waiting for their arrival.", NULL},
 	{"clamped", (getter)core_get_clamped, NULL, "Held deadlines raised to the stream's floor.",
 	 NULL},
+	{"open_gaps", (getter)core_get_open_gaps, NULL,
+	 "Ranges of missing sequence numbers waiting for a copy or a NAK.", NULL},
 	{NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -683,7 +782,7 @@ static PyTypeObject CoreType = {
 	.tp_dealloc = (destructor)core_dealloc,
 	.tp_flags = Py_TPFLAGS_DEFAULT,
 	.tp_doc = "ReceiverCore(*, endpoints, ring_size=4096, hold_capacity=65536, "
-		  "pending_capacity=65536, ahead_window=1 << 20)\n--\n\n"
+		  "pending_capacity=65536, ahead_window=1 << 20, recovery=None)\n--\n\n"
 		  "The receiver core in C; jasper.receiver_core.ReceiverCore is its specification.",
 	.tp_methods = core_methods,
 	.tp_getset = core_getset,

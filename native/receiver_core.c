@@ -118,6 +118,8 @@ int jc_parse(const uint8_t *data, size_t n, struct jc_header *h)
 	return at != n ? JC_MALFORMED_COUNT : JC_PARSE_OK;
 }
 
+__extension__ typedef unsigned __int128 u128;
+
 /* ---- pools ------------------------------------------------------------------------------- */
 
 /* A datagram buffer; `next` links it on the free or lent list. */
@@ -160,6 +162,26 @@ struct held_key {
 	uint32_t slot;
 };
 
+/* One open range of missing sequence numbers of an endpoint's stream (jasper.recovery._Gap). */
+struct gap {
+	uint64_t first;
+	uint64_t due; /* when it wants its next NAK (or to be given up) */
+	uint32_t endpoint, stream_id, session, count;
+	uint16_t attempt; /* NAKs sent for it so far */
+	bool dead; /* given up by the poll under way */
+};
+
+struct gap_ref {
+	uint32_t endpoint, stream_id, session, idx;
+	uint64_t first;
+};
+
+struct nak_range {
+	uint64_t first;
+	uint32_t count;
+	uint16_t attempt;
+};
+
 struct release_entry {
 	struct jc_release r;
 	struct buf *buf;
@@ -176,6 +198,11 @@ struct ring {
 	bool gap_started;
 	uint32_t gap_session;
 	uint64_t gap_next;
+	/* The NAK schedule's next seq expected of nak_session, in processing order (NakTracker
+	 * _expected); 128 bits: a copy ending at 2^64 expects 2^64, as Python's ints do. */
+	bool nak_started;
+	uint32_t nak_session;
+	u128 nak_expected;
 	uint64_t slots[];
 };
 
@@ -237,6 +264,18 @@ struct jc_core {
 	struct buf_chunk *chunks;
 
 	EVP_MAC *hmac; /* fetched on the first keyed stream */
+
+	/* Loss recovery (jasper.recovery.NakTracker): open ranges in the Python list's order. */
+	bool recovery_on;
+	struct jc_recovery rcfg;
+	struct gap *gaps;
+	size_t ngaps, gaps_cap;
+	uint64_t nak_next; /* the smallest due of gaps[], valid when ngaps */
+	struct gap_ref *refs; /* poll's scratch: the gaps sorted by (endpoint, stream, ...) */
+	struct nak_range *ranges; /* poll's scratch: one NAK's ranges */
+	size_t scratch_cap;
+	struct jc_nak *naks;
+	size_t nak_head, nak_len, nak_cap;
 
 	int status; /* JC_ENOMEM seen during the current call */
 };
@@ -513,18 +552,24 @@ static enum verdict ring_check(struct ring *r, uint32_t mask, uint32_t session, 
 
 /* 1 when the copy's MAC is the HMAC-SHA256 (truncated) of its header before the MAC, hedge bit
  * cleared, then its payload, under `mac` (a keyed context); compared in constant time. */
-static bool mac_ok(EVP_MAC_CTX *mac, const uint8_t *data, size_t len)
+/* The MAC of a datagram (jasper.wire.mac_of) into tag[EVP_MAX_MD_SIZE]; false: libcrypto failed. */
+static bool mac_compute(EVP_MAC_CTX *mac, const uint8_t *data, size_t len, uint8_t *tag)
 {
-	uint8_t head[JASPER_MAC_OFFSET], tag[EVP_MAX_MD_SIZE];
+	uint8_t head[JASPER_MAC_OFFSET];
 	size_t n = 0;
 	memcpy(head, data, sizeof head);
 	head[AT(flags)] &= (uint8_t)~JASPER_FLAG_HEDGE_COPY;
 	/* init with no key re-uses the key schedule made by jc_set_stream. */
-	if (!EVP_MAC_init(mac, NULL, 0, NULL) || !EVP_MAC_update(mac, head, sizeof head) ||
-	    !EVP_MAC_update(mac, data + JASPER_HEADER_LEN, len - JASPER_HEADER_LEN) ||
-	    !EVP_MAC_final(mac, tag, &n, sizeof tag) || n < JASPER_MAC_LEN)
-		return false;
-	return CRYPTO_memcmp(tag, data + JASPER_MAC_OFFSET, JASPER_MAC_LEN) == 0;
+	return EVP_MAC_init(mac, NULL, 0, NULL) && EVP_MAC_update(mac, head, sizeof head) &&
+	       EVP_MAC_update(mac, data + JASPER_HEADER_LEN, len - JASPER_HEADER_LEN) &&
+	       EVP_MAC_final(mac, tag, &n, EVP_MAX_MD_SIZE) && n >= JASPER_MAC_LEN;
+}
+
+static bool mac_ok(EVP_MAC_CTX *mac, const uint8_t *data, size_t len)
+{
+	uint8_t tag[EVP_MAX_MD_SIZE];
+	return mac_compute(mac, data, len, tag) &&
+	       CRYPTO_memcmp(tag, data + JASPER_MAC_OFFSET, JASPER_MAC_LEN) == 0;
 }
 
 static void stream_forget_keys(struct stream *s)
@@ -616,6 +661,413 @@ void jc_drop_stream(struct jc_core *c, uint32_t stream_id)
 	s->session = 0;
 }
 
+/* ---- loss recovery: the NAK schedule (jasper/recovery.py NakTracker is the spec) ---------- */
+
+static inline void store16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+static inline void store32(uint8_t *p, uint32_t v)
+{
+	store16(p, (uint16_t)(v >> 16));
+	store16(p + 2, (uint16_t)v);
+}
+
+static inline void store64(uint8_t *p, uint64_t v)
+{
+	store32(p, (uint32_t)(v >> 32));
+	store32(p + 4, (uint32_t)v);
+}
+
+/* splitmix64's finalizer (jasper.recovery.mix64). */
+static inline uint64_t mix64(uint64_t x)
+{
+	uint64_t z = x + UINT64_C(0x9E3779B97F4A7C15);
+	z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+	z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+	return z ^ (z >> 31);
+}
+
+/* jasper.recovery.jitter_ns: uniform in [0, nak_jitter_ns] from a hash of the NAK's identity. */
+static uint64_t nak_jitter(const struct jc_recovery *r, uint32_t endpoint, uint32_t stream,
+			   uint64_t first, uint32_t attempt)
+{
+	uint64_t span = r->nak_jitter_ns;
+	if (!span)
+		return 0;
+	uint64_t h = mix64(r->seed ^ endpoint);
+	h = mix64(h ^ stream);
+	h = mix64(h ^ first);
+	h = mix64(h ^ attempt);
+	return span == UINT64_MAX ? h : h % (span + 1);
+}
+
+/* Count `n` missing messages of an endpoint as given up (saturating: a counter, not a sum that
+ * may wrap; n reaches 2^64 only for a hole up to a seq near 2^64). */
+static void give_up(struct jc_core *c, uint32_t endpoint, u128 n)
+{
+	uint64_t *u = &c->eps[endpoint].c.unrecoverable;
+	*u = n >= (u128)(UINT64_MAX - *u) ? UINT64_MAX : *u + (uint64_t)n;
+}
+
+static void nak_next_update(struct jc_core *c)
+{
+	uint64_t m = UINT64_MAX;
+	for (size_t i = 0; i < c->ngaps; i++)
+		if (c->gaps[i].due < m)
+			m = c->gaps[i].due;
+	c->nak_next = m;
+}
+
+/* NakTracker._open: a new range of `count` from `first`, first NAK after delay plus jitter. */
+static void gap_open(struct jc_core *c, uint32_t endpoint, uint32_t stream, uint32_t session,
+		     uint64_t first, u128 count, int64_t now_ns)
+{
+	if (count > JASPER_MAX_NAK_COUNT || c->ngaps >= c->rcfg.max_gaps) {
+		give_up(c, endpoint, count);
+		return;
+	}
+	if (!grow((void **)&c->gaps, &c->gaps_cap, c->ngaps + 1, sizeof *c->gaps)) {
+		give_up(c, endpoint, count); /* the table cannot grow: as if it were full */
+		c->eps[endpoint].c.nomem++;
+		c->status = JC_ENOMEM;
+		return;
+	}
+	uint64_t due = (uint64_t)now_ns + c->rcfg.nak_delay_ns +
+		       nak_jitter(&c->rcfg, endpoint, stream, first, 0);
+	c->gaps[c->ngaps++] = (struct gap){
+		.first = first, .due = due, .endpoint = endpoint, .stream_id = stream,
+		.session = session, .count = (uint32_t)count, .attempt = 0, .dead = false,
+	};
+	if (c->ngaps == 1 || due < c->nak_next)
+		c->nak_next = due;
+}
+
+/* NakTracker._forget: a new session, the old one's open ranges can no longer be asked for. */
+static void gaps_forget(struct jc_core *c, uint32_t endpoint, uint32_t stream)
+{
+	size_t k = 0;
+	for (size_t i = 0; i < c->ngaps; i++) {
+		struct gap *g = &c->gaps[i];
+		if (g->endpoint == endpoint && g->stream_id == stream)
+			give_up(c, endpoint, g->count);
+		else
+			c->gaps[k++] = *g;
+	}
+	if (k != c->ngaps) {
+		c->ngaps = k;
+		nak_next_update(c);
+	}
+}
+
+/* NakTracker._fill: take [seq, end) out of the endpoint's open ranges of `stream`, keeping
+ * the list's order (a split puts the part before the copy, then the part after it, in the
+ * range's place); the messages taken. */
+static u128 gaps_fill(struct jc_core *c, uint32_t endpoint, uint32_t stream, uint64_t seq,
+		      u128 end)
+{
+	u128 filled = 0;
+	size_t total = c->ngaps; /* a split never takes the table past max_gaps */
+	size_t i = 0;
+	while (i < c->ngaps) {
+		struct gap *g = &c->gaps[i];
+		u128 g_end = (u128)g->first + g->count;
+		if (g->endpoint != endpoint || g->stream_id != stream || end <= g->first ||
+		    seq >= g_end) {
+			i++;
+			continue;
+		}
+		filled += (end < g_end ? end : g_end) - (seq > g->first ? seq : g->first);
+		total--;
+		bool left = g->first < seq, right = end < g_end;
+		if (right && left) {
+			if (total + 1 >= c->rcfg.max_gaps ||
+			    !grow((void **)&c->gaps, &c->gaps_cap, c->ngaps + 1, sizeof *c->gaps)) {
+				give_up(c, endpoint, g_end - end);
+				c->gaps[i].count = (uint32_t)(seq - c->gaps[i].first);
+				total++;
+				i++;
+				continue;
+			}
+			g = &c->gaps[i]; /* grow may have moved it */
+			struct gap r = *g;
+			r.first = (uint64_t)end;
+			r.count = (uint32_t)(g_end - end);
+			g->count = (uint32_t)(seq - g->first);
+			memmove(&c->gaps[i + 2], &c->gaps[i + 1],
+				(c->ngaps - i - 1) * sizeof *c->gaps);
+			c->gaps[i + 1] = r;
+			c->ngaps++;
+			total += 2;
+			i += 2;
+		} else if (left) {
+			g->count = (uint32_t)(seq - g->first);
+			total++;
+			i++;
+		} else if (right && total < c->rcfg.max_gaps) {
+			g->count = (uint32_t)(g_end - end);
+			g->first = (uint64_t)end;
+			total++;
+			i++;
+		} else {
+			if (right) /* only when max_gaps was lowered below the ranges open */
+				give_up(c, endpoint, g_end - end);
+			memmove(&c->gaps[i], &c->gaps[i + 1], (c->ngaps - i - 1) * sizeof *c->gaps);
+			c->ngaps--;
+		}
+	}
+	if (filled)
+		nak_next_update(c);
+	return filled;
+}
+
+/* NakTracker.data: an accepted data copy of `count` messages from `seq`. */
+static void nak_data(struct jc_core *c, uint32_t endpoint, struct ring *r, uint32_t stream,
+		     uint32_t session, uint64_t seq, uint32_t count, bool retransmit,
+		     int64_t now_ns)
+{
+	u128 end = (u128)seq + count;
+	if (!r->nak_started || r->nak_session != session) {
+		if (r->nak_started)
+			gaps_forget(c, endpoint, stream);
+		r->nak_started = true;
+		r->nak_session = session;
+		r->nak_expected = end;
+		/* A session starts at seq 1: a first copy a little later means its very first
+		 * messages were lost here (a node joining mid-stream sees a larger seq, no hole). */
+		if (seq > 1 && seq <= JC_HEAD_WINDOW)
+			gap_open(c, endpoint, stream, session, 1, seq - 1, now_ns);
+		return;
+	}
+	u128 expected = r->nak_expected;
+	if (seq >= expected) {
+		if (seq > expected)
+			gap_open(c, endpoint, stream, session, (uint64_t)expected, seq - expected,
+				 now_ns);
+		r->nak_expected = end;
+		return;
+	}
+	if (end > expected)
+		r->nak_expected = end;
+	u128 filled = c->ngaps ? gaps_fill(c, endpoint, stream, seq, end) : 0;
+	if (retransmit) {
+		/* Its messages before `expected` that were in no open range had been given up: they
+		 * came after all (counted recovered), so they leave unrecoverable. */
+		u128 back = (end < expected ? end : expected) - seq - filled;
+		uint64_t *u = &c->eps[endpoint].c.unrecoverable;
+		*u = back >= *u ? 0 : *u - (uint64_t)back;
+	}
+}
+
+/* NakTracker.heartbeat: the publisher's newest seq; anything up to it not seen yet is missing. */
+static void nak_heartbeat(struct jc_core *c, uint32_t endpoint, struct ring *r, uint32_t stream,
+			  uint32_t session, uint64_t seq, int64_t now_ns)
+{
+	if (!r || !r->nak_started || r->nak_session != session || seq < r->nak_expected)
+		return;
+	gap_open(c, endpoint, stream, session, (uint64_t)r->nak_expected,
+		 (u128)seq + 1 - r->nak_expected, now_ns);
+	r->nak_expected = (u128)seq + 1;
+}
+
+/* One NAK datagram (jasper.wire.encode_nak) into the queue, signed with the stream's newest
+ * key epoch when it is keyed (ReceiverCore._poll_naks). */
+static bool nak_emit(struct jc_core *c, uint32_t endpoint, uint32_t stream, uint32_t session,
+		     const struct nak_range *ranges, size_t n, int64_t now_ns)
+{
+	if (c->nak_head + c->nak_len == c->nak_cap && c->nak_head) {
+		memmove(c->naks, c->naks + c->nak_head, c->nak_len * sizeof *c->naks);
+		c->nak_head = 0;
+	}
+	if (!grow((void **)&c->naks, &c->nak_cap, c->nak_head + c->nak_len + 1, sizeof *c->naks)) {
+		c->eps[endpoint].c.nomem++;
+		c->status = JC_ENOMEM;
+		return false;
+	}
+	struct jc_nak *k = &c->naks[c->nak_head + c->nak_len++];
+	size_t len = JASPER_HEADER_LEN + n * JASPER_NAK_RANGE_LEN;
+	uint8_t *d = k->data;
+	memset(d, 0, JASPER_HEADER_LEN);
+	store16(d + AT(magic), JASPER_MAGIC);
+	d[AT(version)] = JASPER_VERSION;
+	d[AT(flags)] = JASPER_FLAG_NAK;
+	store32(d + AT(stream_id), stream);
+	store32(d + AT(session), session);
+	store64(d + AT(seq), ranges[0].first);
+	store64(d + AT(send_time_ns), (uint64_t)now_ns);
+	store16(d + AT(payload_len), (uint16_t)(n * JASPER_NAK_RANGE_LEN));
+	store16(d + AT(msg_count), (uint16_t)n);
+	for (size_t i = 0; i < n; i++) {
+		uint8_t *at = d + JASPER_HEADER_LEN + i * JASPER_NAK_RANGE_LEN;
+		store64(at, ranges[i].first);
+		store32(at + 8, ranges[i].count);
+		store16(at + 12, ranges[i].attempt);
+		store16(at + 14, 0);
+	}
+	int64_t si = stream_find(c, stream);
+	const struct stream *st = si < 0 ? NULL : &c->streams[si];
+	if (st && st->configured && st->keyed && st->nkeys > 0) {
+		int newest = 0;
+		for (int i = 1; i < st->nkeys; i++)
+			if (st->epochs[i] > st->epochs[newest])
+				newest = i;
+		uint8_t tag[EVP_MAX_MD_SIZE];
+		store32(d + AT(key_epoch), st->epochs[newest]);
+		/* libcrypto failing leaves the MAC zero: the publisher refuses it ("mac"). */
+		if (mac_compute(st->mac[newest], d, len, tag))
+			memcpy(d + JASPER_MAC_OFFSET, tag, JASPER_MAC_LEN);
+	}
+	k->endpoint = endpoint;
+	k->stream_id = stream;
+	k->session = session;
+	k->len = (uint16_t)len;
+	return true;
+}
+
+static int gap_ref_cmp(const void *pa, const void *pb)
+{
+	const struct gap_ref *a = pa, *b = pb;
+	if (a->endpoint != b->endpoint)
+		return a->endpoint < b->endpoint ? -1 : 1;
+	if (a->stream_id != b->stream_id)
+		return a->stream_id < b->stream_id ? -1 : 1;
+	if (a->session != b->session)
+		return a->session < b->session ? -1 : 1;
+	if (a->first != b->first)
+		return a->first < b->first ? -1 : 1;
+	return a->idx < b->idx ? -1 : a->idx > b->idx;
+}
+
+/*
+ * NakTracker.poll: the NAKs due at now_ns. Every (endpoint, stream, session) with a range due
+ * sends one NAK (per MAX_NAK_RANGES) with every range of its own due within the next jitter
+ * span, in sequence order; ranges whose attempts are spent are given up instead.
+ */
+static void poll_naks(struct jc_core *c, int64_t now_ns)
+{
+	if (!c->recovery_on || !c->ngaps || c->nak_next > (uint64_t)now_ns)
+		return;
+	size_t n = c->ngaps;
+	if (n > c->scratch_cap) {
+		size_t cap = c->scratch_cap, cap2 = c->scratch_cap;
+		if (!grow((void **)&c->refs, &cap, n, sizeof *c->refs) ||
+		    !grow((void **)&c->ranges, &cap2, n, sizeof *c->ranges)) {
+			c->status = JC_ENOMEM; /* nothing changed: the next call tries again */
+			return;
+		}
+		c->scratch_cap = cap < cap2 ? cap : cap2;
+	}
+	for (size_t i = 0; i < n; i++) {
+		const struct gap *g = &c->gaps[i];
+		c->refs[i] = (struct gap_ref){g->endpoint, g->stream_id, g->session, (uint32_t)i,
+					      g->first};
+	}
+	qsort(c->refs, n, sizeof *c->refs, gap_ref_cmp);
+	const struct jc_recovery *cfg = &c->rcfg;
+	uint64_t now = (uint64_t)now_ns, horizon = now + cfg->nak_jitter_ns;
+	bool dead = false;
+	for (size_t a = 0, b; a < n; a = b) {
+		const struct gap_ref *key = &c->refs[a];
+		bool key_due = false;
+		for (b = a; b < n && c->refs[b].endpoint == key->endpoint &&
+			    c->refs[b].stream_id == key->stream_id &&
+			    c->refs[b].session == key->session;
+		     b++)
+			key_due |= c->gaps[c->refs[b].idx].due <= now;
+		if (!key_due)
+			continue;
+		struct endpoint *ep = &c->eps[key->endpoint];
+		size_t nr = 0;
+		for (size_t k = a; k < b; k++) {
+			struct gap *g = &c->gaps[c->refs[k].idx];
+			if (g->due > horizon)
+				continue;
+			if (g->attempt >= cfg->attempts) {
+				g->dead = dead = true;
+				give_up(c, g->endpoint, g->count);
+				continue;
+			}
+			g->attempt++;
+			g->due = now + cfg->retry_ns +
+				 nak_jitter(cfg, g->endpoint, g->stream_id, g->first, g->attempt);
+			c->ranges[nr++] = (struct nak_range){g->first, g->count, g->attempt};
+		}
+		for (size_t at = 0; at < nr; at += JASPER_MAX_NAK_RANGES) {
+			size_t m = nr - at < JASPER_MAX_NAK_RANGES ? nr - at : JASPER_MAX_NAK_RANGES;
+			if (nak_emit(c, key->endpoint, key->stream_id, key->session, c->ranges + at,
+				     m, now_ns)) {
+				ep->c.naks_sent++;
+				ep->c.naks_coalesced += m - 1;
+			}
+		}
+	}
+	if (dead) {
+		size_t k = 0;
+		for (size_t i = 0; i < c->ngaps; i++)
+			if (!c->gaps[i].dead)
+				c->gaps[k++] = c->gaps[i];
+		c->ngaps = k;
+	}
+	nak_next_update(c);
+}
+
+static void recovery_forget(struct jc_core *c)
+{
+	c->ngaps = 0;
+	for (uint32_t e = 0; e < c->endpoints; e++)
+		for (uint32_t s = 0; s < c->eps[e].rings_cap; s++)
+			if (c->eps[e].rings[s])
+				c->eps[e].rings[s]->nak_started = false;
+}
+
+int jc_set_recovery(struct jc_core *c, const struct jc_recovery *cfg)
+{
+	if (!cfg) {
+		c->recovery_on = false;
+		recovery_forget(c);
+		return 0;
+	}
+	if (cfg->attempts < 1 || cfg->attempts > 0xFFFF || cfg->max_gaps < 1 ||
+	    cfg->max_gaps > (UINT32_C(1) << 20) || cfg->nak_jitter_ns > JC_RECOVERY_MAX_WAIT ||
+	    cfg->nak_delay_ns > JC_RECOVERY_MAX_WAIT - cfg->nak_jitter_ns ||
+	    cfg->retry_ns > JC_RECOVERY_MAX_WAIT - cfg->nak_jitter_ns)
+		return JC_EINVAL;
+	c->rcfg = *cfg;
+	c->recovery_on = true;
+	return 0;
+}
+
+size_t jc_naks_waiting(const struct jc_core *c)
+{
+	return c->nak_len;
+}
+
+size_t jc_take_naks(struct jc_core *c, struct jc_nak *out, size_t max)
+{
+	size_t n = c->nak_len < max ? c->nak_len : max;
+	if (n)
+		memcpy(out, c->naks + c->nak_head, n * sizeof *out);
+	c->nak_head += n;
+	c->nak_len -= n;
+	if (!c->nak_len)
+		c->nak_head = 0;
+	return n;
+}
+
+int64_t jc_next_nak(const struct jc_core *c)
+{
+	if (!c->recovery_on || !c->ngaps || c->nak_next > (uint64_t)INT64_MAX)
+		return INT64_MAX;
+	return (int64_t)c->nak_next;
+}
+
+size_t jc_open_gaps(const struct jc_core *c)
+{
+	return c->ngaps;
+}
+
 static struct jc_parent *parent_for(struct endpoint *ep, uint32_t id)
 {
 	if (id != JC_PARENT_OTHER) {
@@ -696,6 +1148,10 @@ void jc_free(struct jc_core *c)
 	free(c->pending);
 	free(c->held);
 	free(c->rel);
+	free(c->gaps);
+	free(c->refs);
+	free(c->ranges);
+	free(c->naks);
 	while (c->chunks) {
 		struct buf_chunk *k = c->chunks;
 		c->chunks = k->next;
@@ -861,6 +1317,10 @@ static void process(struct jc_core *c, struct copy *cp, const uint8_t *data, str
 	par->copies++;
 	if (cp->h.flags & JASPER_FLAG_HEARTBEAT) {
 		ep->c.heartbeats++;
+		if (c->recovery_on)
+			nak_heartbeat(c, cp->endpoint,
+				      (uint32_t)si < ep->rings_cap ? ep->rings[si] : NULL,
+				      cp->h.stream_id, cp->h.session, cp->h.seq, now_ns);
 		goto drop;
 	}
 	struct ring *r = ring_for(c, ep, (uint32_t)si);
@@ -882,6 +1342,9 @@ static void process(struct jc_core *c, struct copy *cp, const uint8_t *data, str
 	}
 	ep->c.accepted++;
 	par->kept++;
+	if (c->recovery_on)
+		nak_data(c, cp->endpoint, r, cp->h.stream_id, cp->h.session, cp->h.seq,
+			 cp->h.msg_count, (cp->h.flags & JASPER_FLAG_RETRANSMIT) != 0, now_ns);
 	if (!b) {
 		b = buf_get(c);
 		if (!b) {
@@ -989,6 +1452,7 @@ static void advance(struct jc_core *c, int64_t now_ns)
 	while (c->npending && c->pending[0].arrival_ns <= now_ns)
 		pending_pop_process(c, now_ns);
 	release_due(c, now_ns);
+	poll_naks(c, now_ns);
 }
 
 static int finish(struct jc_core *c)
@@ -1091,10 +1555,11 @@ int jc_datagram(struct jc_core *c, uint32_t endpoint, const uint8_t *data, size_
 	/* Nothing else is due: process it straight from the caller's bytes. */
 	process(c, &cp, data, NULL, -1, now_ns);
 	release_due(c, now_ns);
+	poll_naks(c, now_ns);
 	return finish(c);
 }
 
-int jc_get_timer(const struct jc_core *c, uint64_t *when)
+static int copy_timer(const struct jc_core *c, uint64_t *when)
 {
 	bool any = false;
 	uint64_t t = 0;
@@ -1106,9 +1571,29 @@ int jc_get_timer(const struct jc_core *c, uint64_t *when)
 		t = (uint64_t)c->pending[0].arrival_ns;
 		any = true;
 	}
+	*when = t;
+	return any;
+}
+
+int jc_get_timer(const struct jc_core *c, uint64_t *when)
+{
+	uint64_t t;
+	bool any = copy_timer(c, &t);
+	if (c->recovery_on && c->ngaps && (!any || c->nak_next < t)) {
+		t = c->nak_next;
+		any = true;
+	}
 	if (any && when)
 		*when = t;
 	return any;
+}
+
+int64_t jc_next_copy_timer(const struct jc_core *c)
+{
+	uint64_t t;
+	if (!copy_timer(c, &t) || t > (uint64_t)INT64_MAX)
+		return INT64_MAX;
+	return (int64_t)t;
 }
 
 int64_t jc_next_timer(const struct jc_core *c)

@@ -23,6 +23,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "jasper_wire.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -227,11 +229,14 @@ int jc_advance(struct jc_core *core, int64_t now_ns);
 /* Shutdown: process every pending copy as at now_ns, then release every held entry ON_TIME. */
 int jc_flush(struct jc_core *core, int64_t now_ns);
 
-/* The earliest of the next pending arrival and the next held deadline: 1 and *when, or 0 when
- * nothing waits. */
+/* The earliest of the next pending arrival, the next held deadline and the next NAK due: 1 and
+ * *when, or 0 when nothing waits. */
 int jc_get_timer(const struct jc_core *core, uint64_t *when);
 /* The same as an int64: INT64_MAX when nothing waits (or the time is beyond INT64_MAX). */
 int64_t jc_next_timer(const struct jc_core *core);
+/* The earliest of the next pending arrival and the next held deadline only (INT64_MAX: none):
+ * what a pump plans its precise wake-ups from; a NAK due needs no spin. */
+int64_t jc_next_copy_timer(const struct jc_core *core);
 
 /* Releases waiting to be taken. */
 size_t jc_releases_waiting(const struct jc_core *core);
@@ -247,6 +252,49 @@ int jc_counters(const struct jc_core *core, uint32_t endpoint, struct jc_counter
 /* Parents seen on one endpoint (first seen first, JC_PARENT_OTHER last) into out[0..max): the
  * number written (<= JC_PARENT_SLOTS), or JC_EINVAL for an endpoint out of range. */
 int jc_parents(const struct jc_core *core, uint32_t endpoint, struct jc_parent *out, size_t max);
+
+/* ---- loss recovery: the NAK schedule (jasper.recovery.NakTracker, docs/recovery.md) ------- */
+
+/* When a receiver NAKs; times in ns (jasper.recovery.RecoveryConfig). */
+struct jc_recovery {
+	uint64_t nak_delay_ns; /* wait after a hole is seen before its first NAK */
+	uint64_t nak_jitter_ns; /* uniform extra wait in [0, nak_jitter_ns], hashed (no state) */
+	uint64_t retry_ns; /* wait for the retransmission before NAKing the range again */
+	uint32_t attempts; /* NAKs per range, 1..65535; then it is given up */
+	uint32_t max_gaps; /* open ranges kept (all endpoints), 1..2^20 */
+	uint64_t seed; /* seed of the jitter draws */
+};
+#define JC_RECOVERY_DEFAULT {100000, 100000, 1000000, 4, 1024, 0}
+/* Bound on nak_delay_ns + nak_jitter_ns and on retry_ns + nak_jitter_ns: a due time (now_ns <=
+ * INT64_MAX plus one of them) always fits a uint64. */
+#define JC_RECOVERY_MAX_WAIT (UINT64_C(1) << 62)
+#define JC_HEAD_WINDOW 64 /* jasper.recovery.HEAD_WINDOW */
+/* The longest NAK datagram: the header and JASPER_MAX_NAK_RANGES range records. */
+#define JC_MAX_NAK (JASPER_HEADER_LEN + JASPER_MAX_NAK_RANGES * JASPER_NAK_RANGE_LEN)
+
+/*
+ * Recovery on (a copy of *cfg; the open ranges and the next sequence number expected per
+ * endpoint and stream carry over from an earlier config) or off (cfg NULL: every open range
+ * and expectation is forgotten, uncounted). Off by default. JC_EINVAL: a field out of range.
+ */
+int jc_set_recovery(struct jc_core *core, const struct jc_recovery *cfg);
+
+/* One NAK to send from `endpoint`'s socket to the publisher (docs/recovery.md). */
+struct jc_nak {
+	uint32_t endpoint;
+	uint32_t stream_id;
+	uint32_t session;
+	uint16_t len; /* bytes of data */
+	uint8_t data[JC_MAX_NAK]; /* signed with the stream's newest key epoch, if it has keys */
+};
+
+/* NAKs waiting to be taken (they queue like releases: take them after every input call). */
+size_t jc_naks_waiting(const struct jc_core *core);
+/* Move up to `max` NAKs, oldest first, into out[]; returns how many. */
+size_t jc_take_naks(struct jc_core *core, struct jc_nak *out, size_t max);
+/* When the earliest open range wants its NAK (or to be given up): INT64_MAX when none. */
+int64_t jc_next_nak(const struct jc_core *core);
+size_t jc_open_gaps(const struct jc_core *core); /* ranges waiting for a copy or a NAK */
 
 size_t jc_held(const struct jc_core *core); /* held entries */
 size_t jc_pending(const struct jc_core *core); /* copies waiting for their arrival */

@@ -635,7 +635,7 @@ class Receiver:
         )  # fmt: skip
         now = self.clock()
         if naks is not None:
-            naks.data(ep.index, stream, session, seq, count, now)
+            naks.data(ep.index, stream, session, seq, count, now, retransmit=bool(retransmitted))
             if naks.open_gaps:
                 self._arm_naks()
         if retransmitted:

@@ -12,8 +12,10 @@ from collections.abc import Callable
 import pytest
 
 import tests.test_receiver_core as reference_tests
+import tests.test_recovery as recovery_tests
 from jasper import _native
-from jasper.receiver_core import COUNTER_NAMES, CoreRelease, ReleaseKind
+from jasper.receiver_core import COUNTER_NAMES, CoreNak, CoreRelease, ReleaseKind
+from jasper.recovery import RecoveryConfig
 from jasper.wire import Header, WireError, encode_batch
 from jasper.wire_spec import FLAG_HEARTBEAT, MALFORMED_REASONS, MAX_DATAGRAM, REJECT_REASONS
 from overlay.fastwire import peek
@@ -30,9 +32,16 @@ def native(**config: int) -> _native.ReceiverCore:
 
 
 def dgram(
-    seq: int, *, deadline: int = 0, stream: int = 1, msgs: tuple[bytes, ...] = (b"m",)
+    seq: int,
+    *,
+    deadline: int = 0,
+    stream: int = 1,
+    msgs: tuple[bytes, ...] = (b"m",),
+    session: int = 1,
 ) -> bytes:
-    header = Header(stream_id=stream, session=1, seq=seq, send_time_ns=5, deadline_ns=deadline)
+    header = Header(
+        stream_id=stream, session=session, seq=seq, send_time_ns=5, deadline_ns=deadline
+    )
     return encode_batch(header, msgs)
 
 
@@ -55,6 +64,62 @@ def test_reference_tests_pass_on_the_native_core(
 
 def test_reference_tests_were_found() -> None:
     assert len(REFERENCE_TESTS) >= 10
+
+
+RECOVERY_TESTS = sorted(
+    name
+    for name, fn in vars(recovery_tests).items()
+    if name.startswith("test_")
+    and callable(fn)
+    and any(w in inspect.getsource(fn) for w in ("ReceiverCore(", "Wired("))
+)
+
+
+@pytest.mark.parametrize("name", RECOVERY_TESTS)
+def test_recovery_tests_pass_on_the_native_core(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every loss-recovery test that drives a receiver core (its NAK schedule wired to a
+    publisher's buffer in memory), with the native core in its place."""
+    monkeypatch.setattr(recovery_tests, "ReceiverCore", _native.ReceiverCore)
+    test: Callable[[], None] = getattr(recovery_tests, name)
+    assert not inspect.signature(test).parameters, f"{name} takes fixtures"
+    test()
+    assert isinstance(recovery_tests.Wired().core, _native.ReceiverCore)
+
+
+def test_recovery_tests_were_found() -> None:
+    assert len(RECOVERY_TESTS) >= 5
+
+
+def test_recovery_arguments_and_naks_keep_no_references() -> None:
+    """The recovery config is read once (a field the native core cannot take is a ValueError);
+    NAKs come out as CoreNak, and pulling them leaks nothing."""
+    for bad in (
+        RecoveryConfig(nak_delay_ns=2**63),
+        RecoveryConfig(retry_ns=2**62, nak_jitter_ns=1),
+    ):
+        with pytest.raises(ValueError):
+            _native.ReceiverCore(endpoints=1, recovery=bad)
+    with pytest.raises(AttributeError):
+        _native.ReceiverCore(endpoints=1, recovery=object())  # type: ignore[arg-type]
+    config = RecoveryConfig(nak_delay_ns=0, nak_jitter_ns=0, retry_ns=10**9)
+    core = _native.ReceiverCore(endpoints=2, recovery=config)
+    assert core.open_gaps == 0 and core.naks() == []
+    core.set_stream(1, keys=None)
+    before = rss_kib()
+    now = 0
+    for round_ in range(2000):
+        for seq in (1, 3):  # seq 2 is missing on both endpoints, every session
+            for endpoint in (0, 1):
+                core.datagram_received(endpoint, dgram(seq, session=round_ + 1), 0, now, now)
+        naks = core.naks()  # due at once; a new session gives the last one's ranges up
+        now += 10**7
+        core.timer(now)
+        core.releases()
+        assert [type(n) for n in naks] == [CoreNak, CoreNak]
+        assert [(n.endpoint, n.session) for n in naks] == [(0, round_ + 1), (1, round_ + 1)]
+    assert rss_kib() - before < 2048
+    assert core.recovery_counters(0)["naks_sent"] == 2000
+    assert core.recovery_counters(0)["unrecoverable"] == 1999
 
 
 def test_counter_names_and_reasons_match_the_reference() -> None:

@@ -1,7 +1,8 @@
 """The native receiver core under AddressSanitizer and UBSan: native/fuzz_core.c drives
 native/receiver_core.c through a corpus of random, valid, signed, forged and mutated datagrams
-and the core's other calls (streams keyed, rotated and dropped); any out-of-bounds access, use
-after free, leak or undefined behaviour fails."""
+and the core's other calls (streams keyed, rotated and dropped; the NAK schedule on, off and
+changed, its NAKs taken and checked); any out-of-bounds access, use after free, leak or
+undefined behaviour fails."""
 
 from __future__ import annotations
 
@@ -140,10 +141,20 @@ def corpus(seed: int, records: int) -> bytes:
             dt = rnd.choice([0, 1, 10, 100, 1000])
             out.append(record(b"A" + struct.pack("<H", dt)))
             base += dt
-        elif roll < 0.9:
+        elif roll < 0.84:
             out.append(record(b"T" + bytes([rnd.choice([0, 1, 5, 255])])))
+        elif roll < 0.9:  # the NAKs due (the core's schedule runs on every call)
+            out.append(record(b"K" + bytes([rnd.choice([0, 1, 5, 16])])))
         elif roll < 0.93:
             out.append(record(b"F" + struct.pack("<H", rnd.randint(0, 50))))
+            # Nothing waits after a flush: a good stream-1 copy now is processed at once, so the
+            # driver sees the MAC path accept (keyed_accepted).
+            header = Header(
+                stream_id=1, session=1, seq=rnd.randint(1, 10**6), send_time_ns=base,
+                deadline_ns=base + 500,
+            )  # fmt: skip
+            good = sign(encode_batch(header, [b"ok"]), fuzz_key(1))
+            out.append(record(b"D" + struct.pack("<BIh", 0, 1, 0) + good))
         elif roll < 0.96:
             out.append(record(b"E" + bytes([rnd.randrange(4)])))
         elif roll < 0.97:
@@ -153,7 +164,14 @@ def corpus(seed: int, records: int) -> bytes:
             )  # fmt: skip
             out.append(record(b"N" + cfg))
         elif roll < 0.98:  # a new plan: keys rotate, a session is announced, a stream dropped
-            if rnd.random() < 0.2:
+            if rnd.random() < 0.15:  # recovery off, or another NAK schedule
+                cfg = struct.pack(
+                    "<BHHHBHQ", rnd.random() < 0.2, rnd.choice([0, 20, 300]),
+                    rnd.choice([0, 7, 100]), rnd.choice([0, 50, 1000]), rnd.choice([0, 1, 4]),
+                    rnd.choice([0, 1, 2, 64]), rnd.getrandbits(64),
+                )  # fmt: skip
+                out.append(record(b"R" + cfg))
+            elif rnd.random() < 0.2:
                 out.append(record(b"X" + bytes([rnd.randrange(6)])))
             else:
                 nkeys = rnd.choice([255, 0, 1, 1, 2, 2, 3, 4, 5])
@@ -181,6 +199,7 @@ def test_core_is_clean_under_asan_and_ubsan(fuzz_core: Path, tmp_path: Path, see
     assert counts["datagrams"] > 1000
     assert counts["keyed_accepted"] > 0  # signed copies passed the MAC check
     assert counts["mac_rejected"] > 0
+    assert counts["naks"] > 0  # holes were NAKed (each NAK checked as the publisher reads it)
 
 
 def test_random_files_are_valid_corpora(fuzz_core: Path, tmp_path: Path) -> None:

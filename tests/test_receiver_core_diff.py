@@ -4,8 +4,10 @@ This file is the definition of "the same" (docs/receiver-core.md): hypothesis dr
 with random sequences of copies (valid batches, duplicates, future arrivals, malformed
 mutations, heartbeats; signed with the right key, the wrong key or an unknown epoch, unsigned,
 tampered with after signing; far-ahead runs), timer calls, flushes, plan changes and stream
-changes (keyed, unkeyed, announced sessions, key rotation, dropped streams), and requires equal
-releases, counters, parents, timers and sizes after every step. The parsers are held to the same
+changes (keyed, unkeyed, announced sessions, key rotation, dropped streams), with loss recovery
+off or on (NAK schedules whose delays, retries and bounds bind within a run), and requires equal
+releases, NAK datagrams (signed bytes included), counters (recovery counters included), parents,
+timers, open ranges and sizes after every step. The parsers are held to the same
 verdicts (and error text) on arbitrary bytes and on mutated valid datagrams. Releases carry the
 MP flags (late, gap-before in release order), and every release frames to the same MP delivery
 bytes in C (jc_frame) as in jasper.mp_spec.
@@ -20,7 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jasper import _native, mp_spec
-from jasper.receiver_core import CoreRelease, ReceiverCore
+from jasper.receiver_core import CoreNak, CoreRelease, ReceiverCore
+from jasper.recovery import RecoveryConfig
 from jasper.wire import Header, StreamKey, WireError, encode_batch, sign, unpack_blocks
 from jasper.wire_spec import (
     FLAG_HEARTBEAT,
@@ -187,6 +190,20 @@ ops = st.tuples(
         ),
     ),
 )
+recoveries = st.one_of(
+    st.none(),
+    st.builds(
+        RecoveryConfig,
+        # Times of the order of the steps' (0..50 ns a step), so NAKs fall due, are retried
+        # and given up within a run.
+        nak_delay_ns=st.sampled_from([0, 5, 40]),
+        nak_jitter_ns=st.sampled_from([0, 3, 30]),
+        retry_ns=st.sampled_from([0, 10, 60, 300]),
+        attempts=st.sampled_from([1, 2, 4]),
+        max_gaps=st.sampled_from([1, 2, 3, 1024]),
+        seed=st.integers(0, 2**64 - 1),
+    ),
+)
 configs = st.fixed_dictionaries(
     {
         "endpoints": st.integers(1, 4),
@@ -194,6 +211,7 @@ configs = st.fixed_dictionaries(
         "hold_capacity": st.one_of(st.integers(1, 8), st.just(65536)),
         "pending_capacity": st.one_of(st.integers(0, 8), st.just(65536)),
         "ahead_window": st.sampled_from([1, 3, 16, 100, 1 << 20, 2**70]),
+        "recovery": recoveries,
     }
 )
 
@@ -218,6 +236,7 @@ def state(core: Any) -> tuple[object, ...]:
         core.held,
         core.pending,
         core.clamped,
+        core.open_gaps,
     )
 
 
@@ -283,6 +302,7 @@ def test_native_core_equals_reference(
             got = nat.releases()
             assert got == ref.releases(), f"step {i}: {op}"
             assert_same_framing(got)
+            assert nat.naks() == ref.naks(), f"step {i}: {op}"
         assert state(nat) == state(ref), f"step {i}: {op}"
     now += 1
     ref.flush(now)
@@ -292,6 +312,9 @@ def test_native_core_equals_reference(
     assert [type(r) for r in got] == [type(r) for r in want]
     assert state(nat) == state(ref)
     assert_same_framing(got)
+    naks = nat.naks()
+    assert naks == ref.naks()
+    assert [type(n) for n in naks] == [CoreNak] * len(naks)
 
 
 def mp_frame_of(r: CoreRelease) -> bytes:

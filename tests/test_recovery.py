@@ -130,7 +130,7 @@ def test_a_copy_that_comes_fills_the_hole_and_no_nak_goes() -> None:
     t = NakTracker(CFG, endpoints=1)
     t.data(0, 1, 1, 1, 1, 0)
     t.data(0, 1, 1, 5, 1, 0)  # 2..4 missing
-    assert t.data(0, 1, 1, 3, 1, 5) is True  # reordered, not lost
+    assert t.data(0, 1, 1, 3, 1, 5) == 1  # reordered, not lost
     assert t.missing(0, 1) == [(2, 1), (4, 1)]
     t.data(0, 1, 1, 2, 1, 6)
     t.data(0, 1, 1, 4, 1, 7)
@@ -170,6 +170,42 @@ def test_the_gap_table_is_bounded() -> None:
     for seq in (1, 3, 5, 7):
         t.data(0, 1, 1, seq, 1, 0)
     assert t.open_gaps == 2 and t.counts(0) == (0, 0, 1)
+
+
+def test_a_split_never_takes_the_gap_table_past_its_bound() -> None:
+    """A copy inside a range splits it in two; at max_gaps the part after the copy is given up
+    (the bound counts every range open, not only those before the split one)."""
+    t = NakTracker(RecoveryConfig(max_gaps=2), endpoints=1)
+    t.data(0, 1, 1, 1, 1, 0)
+    t.data(0, 1, 1, 10, 1, 0)  # 2..9 missing: the first range in the table
+    t.data(0, 1, 1, 12, 1, 0)  # 11: the second
+    assert t.data(0, 1, 1, 5, 1, 0) == 1  # splits 2..9
+    assert t.missing(0, 1) == [(2, 3), (11, 1)]
+    assert t.open_gaps == 2 and t.counts(0) == (0, 0, 4)  # 6..9 given up
+
+
+def test_a_retransmission_of_a_given_up_range_counts_recovered_not_unrecoverable() -> None:
+    """Its four NAKs spent, a range is given up; a retransmission answering one of them that
+    comes later still is counted once, as recovered (here in time: the hold is long)."""
+    w = Wired()
+    w.publish(1)
+    w.now = 100
+    w.publish(2, lost=True)
+    w.now = 200
+    w.publish(3)
+    # Every answer takes 5 us: the range is given up (3 NAKs, 1 us apart) before the first.
+    naks = w.step(20_000, delay=5_000)
+    assert len(naks) == CFG.attempts
+    out = w.core.releases()
+    assert [(r.seq, r.kind, r.flags) for r in out] == [
+        (1, ReleaseKind.ON_TIME, 0),
+        (2, ReleaseKind.ON_TIME, MP_FLAG_RECOVERED),
+        (3, ReleaseKind.ON_TIME, 0),
+    ]
+    c = w.core.recovery_counters(0)
+    assert (c["naks_sent"], c["recovered"], c["recovered_late"], c["unrecoverable"]) == (
+        CFG.attempts, 1, 0, 0,
+    )  # fmt: skip
 
 
 # --- the retransmit buffer ------------------------------------------------------------------
