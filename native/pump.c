@@ -533,12 +533,18 @@ static struct parent_entry *parent_slot(struct parent_entry *tab, size_t cap, ui
 
 /* ---- the pump ------------------------------------------------------------------------------ */
 
+/* Where the NAKs of one stream go: its publisher's port (docs/recovery.md). */
+struct nak_dest {
+	uint32_t stream_id;
+	struct sockaddr_in addr;
+};
+
 struct endpoint {
-	int fd; /* our dup of the receive socket, -1: none yet */
+	int fd; /* our dup of the receive socket, -1: none yet; NAKs are sent from it too */
 	int out_fd; /* our dup of the delivery socket, -1: in process */
 	socklen_t addr_len;
 	struct sockaddr_storage addr;
-	uint64_t kernel_drops, truncated, link_lost, delivered, recv_errors;
+	uint64_t kernel_drops, truncated, link_lost, delivered, recv_errors, nak_errors;
 	struct {
 		int err;
 		uint64_t n;
@@ -614,6 +620,10 @@ typedef struct {
 	struct mmsghdr *msgs;
 	struct jc_release rel[BATCH];
 	uint8_t *mp_out; /* one delivery datagram framed for an MP (JASPER_MP_MAX_DELIVERY) */
+	struct jc_nak naks[8]; /* NAKs taken from the core, being sent */
+	struct nak_dest *nak_dests; /* per stream, from set_recovery */
+	size_t nnak_dests;
+	uint64_t naks_sent, naks_unaddressed, nak_errors;
 
 	uint64_t recv_calls, datagrams, batches, link_lost, link_overflow, records_dropped,
 		deliveries_dropped, truncated, wakeups, warmups, rounds, rounds_cut, coalesced, spins,
@@ -795,6 +805,35 @@ static void release_all(Pump *p)
 	}
 }
 
+/* Send every NAK the core has due, from the socket of the endpoint that misses the messages
+ * (the publisher answers only an endpoint of the plan, at the address the NAK came from). */
+static void send_naks(Pump *p)
+{
+	size_t n;
+	while ((n = jc_take_naks(p->core, p->naks, sizeof p->naks / sizeof p->naks[0])) > 0) {
+		for (size_t i = 0; i < n; i++) {
+			const struct jc_nak *k = &p->naks[i];
+			const struct nak_dest *d = NULL;
+			for (size_t j = 0; j < p->nnak_dests && !d; j++)
+				if (p->nak_dests[j].stream_id == k->stream_id)
+					d = &p->nak_dests[j];
+			struct endpoint *e = k->endpoint < p->neps ? &p->eps[k->endpoint] : NULL;
+			if (!d || !e || e->fd < 0) {
+				/* a stream whose plan names no publisher port (or is gone) */
+				p->naks_unaddressed++;
+				continue;
+			}
+			if (sendto(e->fd, k->data, k->len, MSG_DONTWAIT, (const struct sockaddr *)&d->addr,
+				   sizeof d->addr) < 0) {
+				p->nak_errors++;
+				e->nak_errors++;
+			} else {
+				p->naks_sent++;
+			}
+		}
+	}
+}
+
 /* ---- receiving ----------------------------------------------------------------------------- */
 
 static uint32_t parent_of(const Pump *p, const struct sockaddr_storage *ss, socklen_t len)
@@ -922,6 +961,8 @@ static int receive_batch(Pump *p, uint32_t idx)
 		jc_datagram(p->core, idx, data, len, parent, arrival, now);
 		if (jc_releases_waiting(p->core))
 			release_all(p); /* LATE and UNSTAMPED copies that arrived before `now` */
+		if (jc_naks_waiting(p->core))
+			send_naks(p);
 	}
 	return n;
 }
@@ -935,6 +976,7 @@ static void tick(Pump *p, int64_t now)
 		jc_advance(p->core, now);
 		p->core_now = now;
 		release_all(p);
+		send_naks(p);
 	}
 	cand_pop_until(p, now);
 	if (!jc_held(p->core) && !jc_pending(p->core)) {
@@ -991,7 +1033,8 @@ static void warm_send_path(Pump *p)
  */
 static int64_t plan_wait(Pump *p, int64_t now, int *toward)
 {
-	int64_t timer = jc_next_timer(p->core);
+	/* NAKs due are planned apart: neither a spin nor the coalescing wait (below). */
+	int64_t timer = jc_next_copy_timer(p->core), nak = jc_next_nak(p->core);
 	/* Every held deadline and pending arrival is >= timer, so a smaller candidate releases
 	 * nothing (a pending copy processed after its deadline is late, never held). */
 	while (!p->cand_lossy && p->ncand && p->cand[0] < timer)
@@ -1001,6 +1044,8 @@ static int64_t plan_wait(Pump *p, int64_t now, int *toward)
 	*toward = 0;
 	if (timer < deadline) /* the next pending arrival */
 		wake_at = timer > INT64_MAX - p->coalesce_ns ? INT64_MAX : timer + p->coalesce_ns;
+	if (nak < wake_at) /* a NAK goes when due: its delay and jitter are the schedule's */
+		wake_at = nak;
 	if (deadline != INT64_MAX) {
 		if (deadline - now <= p->lead_ns) {
 			p->spin_for = deadline;
@@ -1049,7 +1094,7 @@ static void sleep_ns(int64_t ns)
 static int64_t next_deadline(Pump *p)
 {
 	if (p->cand_lossy)
-		return jc_next_timer(p->core);
+		return jc_next_copy_timer(p->core);
 	return p->ncand ? p->cand[0] : INT64_MAX;
 }
 
@@ -1303,6 +1348,9 @@ static void free_buffers(Pump *p)
 		free(p->dq);
 	}
 	free(p->ptab);
+	free(p->nak_dests);
+	p->nak_dests = NULL;
+	p->nnak_dests = 0;
 	free(p->streams);
 	p->streams = NULL;
 	p->nstreams = 0;
@@ -1821,6 +1869,98 @@ out:
 	free(ids);
 	Py_DECREF(seq);
 	return ret;
+}
+
+/* A jasper.recovery.RecoveryConfig as the core's (attributes read once; ValueError outside
+ * what jc_set_recovery takes). */
+static int recovery_of(PyObject *obj, struct jc_recovery *out)
+{
+	static const char *const names[] = {"nak_delay_ns", "nak_jitter_ns", "retry_ns",
+					    "attempts",     "max_gaps",	     "seed"};
+	uint64_t v[6];
+	for (int i = 0; i < 6; i++) {
+		PyObject *a = PyObject_GetAttrString(obj, names[i]);
+		if (!a)
+			return -1;
+		v[i] = PyLong_AsUnsignedLongLong(a);
+		Py_DECREF(a);
+		if (v[i] == (uint64_t)-1 && PyErr_Occurred()) {
+			PyErr_Format(PyExc_ValueError, "recovery.%s must be in 0..2^64-1", names[i]);
+			return -1;
+		}
+	}
+	*out = (struct jc_recovery){
+		.nak_delay_ns = v[0], .nak_jitter_ns = v[1], .retry_ns = v[2],
+		.attempts = v[3] > UINT32_MAX ? 0 : (uint32_t)v[3],
+		.max_gaps = v[4] > UINT32_MAX ? 0 : (uint32_t)v[4], .seed = v[5],
+	};
+	return 0;
+}
+
+static PyObject *pump_set_recovery(Pump *p, PyObject *args)
+{
+	PyObject *config, *dests;
+	if (!PyArg_ParseTuple(args, "OO:set_recovery", &config, &dests) || check_open(p))
+		return NULL;
+	struct jc_recovery rc;
+	if (config != Py_None && recovery_of(config, &rc) < 0)
+		return NULL;
+	PyObject *seq = PySequence_Fast(dests, "set_recovery() takes a list of (stream, ip, port)");
+	if (!seq)
+		return NULL;
+	Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+	struct nak_dest *tab = calloc(n ? (size_t)n : 1, sizeof *tab);
+	if (!tab) {
+		Py_DECREF(seq);
+		return PyErr_NoMemory();
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *ostream, *oport;
+		const char *ip;
+		long long stream, port;
+		if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "OsO", &ostream, &ip, &oport)) {
+			PyErr_Clear();
+			PyErr_Format(PyExc_TypeError,
+				     "set_recovery()[%zd]: expected (stream: int, ip: str, port: int)", i);
+			goto fail;
+		}
+		if (int_in(ostream, 0, UINT32_MAX, "stream", &stream) ||
+		    int_in(oport, 1, 65535, "port", &port))
+			goto fail;
+		tab[i].stream_id = (uint32_t)stream;
+		tab[i].addr.sin_family = AF_INET;
+		tab[i].addr.sin_port = htons((uint16_t)port);
+		if (inet_pton(AF_INET, ip, &tab[i].addr.sin_addr) != 1) {
+			PyErr_Format(PyExc_ValueError, "set_recovery()[%zd]: %s is not an IPv4 address",
+				     i, ip);
+			goto fail;
+		}
+	}
+	Py_DECREF(seq);
+	pthread_mutex_lock(&p->mu);
+	int rc2 = jc_set_recovery(p->core, config == Py_None ? NULL : &rc);
+	struct nak_dest *old = NULL;
+	if (rc2 == 0) {
+		old = p->nak_dests;
+		p->nak_dests = tab;
+		p->nnak_dests = (size_t)n;
+		tab = NULL;
+	}
+	pthread_mutex_unlock(&p->mu);
+	free(old);
+	free(tab);
+	if (rc2) {
+		PyErr_SetString(PyExc_ValueError,
+				"set_recovery: attempts 1..65535, max_gaps 1..2^20, nak_delay_ns + "
+				"nak_jitter_ns and retry_ns + nak_jitter_ns at most 2^62");
+		return NULL;
+	}
+	wake(p); /* the schedule may want the thread earlier than it planned */
+	Py_RETURN_NONE;
+fail:
+	Py_DECREF(seq);
+	free(tab);
+	return NULL;
 }
 
 static int get_float(PyObject *obj, double lo, double hi, const char *what, double *out)
@@ -2366,6 +2506,11 @@ static PyObject *endpoint_dict(const struct ep_snapshot *s)
 		if (set_u64(d, key, c->rejected[i]))
 			goto fail;
 	}
+	if (set_u64(d, "naks_sent", c->naks_sent) || set_u64(d, "naks_coalesced", c->naks_coalesced) ||
+	    set_u64(d, "recovered", c->recovered) || set_u64(d, "recovered_late", c->recovered_late) ||
+	    set_u64(d, "unrecoverable", c->unrecoverable) ||
+	    set_u64(d, "nak_errors", s->e.nak_errors))
+		goto fail;
 	if (set_u64(d, "kernel_drops", s->e.kernel_drops) ||
 	    set_u64(d, "truncated", s->e.truncated) || set_u64(d, "link_lost", s->e.link_lost) ||
 	    set_u64(d, "delivered", s->e.delivered) || set_u64(d, "recv_errors", s->e.recv_errors))
@@ -2431,7 +2576,8 @@ static PyObject *pump_counters(Pump *p, PyObject *Py_UNUSED(ignored))
 			     p->spins,		   p->spin_total_ns,	p->late_wakes,
 			     (uint64_t)p->lead_ns, p->rounds_cut,	p->path_copies,
 			     p->path_floored,	   p->pst.memo_hits,	p->pst.memo_misses,
-			     p->pst.too_deep};
+			     p->pst.too_deep,	   p->naks_sent,	p->naks_unaddressed,
+			     p->nak_errors,	   jc_open_gaps(p->core)};
 	const char *tkeys[] = {"recv_calls",	     "datagrams",     "batches",
 			       "link_lost",	     "link_overflow", "records_dropped",
 			       "deliveries_dropped", "truncated",     "wakeups",
@@ -2441,7 +2587,8 @@ static PyObject *pump_counters(Pump *p, PyObject *Py_UNUSED(ignored))
 			       "spins",		     "spin_ns",	      "late_wakes",
 			       "lead_ns",	     "rounds_cut",    "path_copies",
 			       "path_floored",	     "path_memo_hits", "path_memo_misses",
-			       "path_too_deep"};
+			       "path_too_deep",	     "naks_sent",      "naks_unaddressed",
+			       "nak_errors",	     "open_gaps"};
 	int realtime = p->realtime_ok, pinned = p->pinned, sched_errno = p->sched_errno,
 	    pin_errno = p->pin_errno;
 	pthread_mutex_unlock(&p->mu);
@@ -2560,6 +2707,12 @@ static PyMethodDef pump_methods[] = {
 	{"path_forward", (PyCFunction)pump_path_forward, METH_VARARGS,
 	 "path_forward(node_id, stream, session, seq, send_ns, /)\n--\n\n"
 	 "The emulated time the node forwards the datagram, None when it never does."},
+	{"set_recovery", (PyCFunction)pump_set_recovery, METH_VARARGS,
+	 "set_recovery(config, naks, /)\n--\n\n"
+	 "Loss recovery (docs/recovery.md): config a jasper.recovery.RecoveryConfig (the core's NAK\n"
+	 "schedule) or None (off: open ranges are forgotten); naks [(stream_id, ip, port)]: where\n"
+	 "each stream's NAKs go (its publisher's port), sent from the endpoint's own socket; NAKs\n"
+	 "of other streams are counted naks_unaddressed and not sent."},
 	{"set_clock_offset", (PyCFunction)pump_set_clock_offset, METH_O,
 	 "set_clock_offset(ns, /)\n--\n\nThe node clock minus CLOCK_REALTIME, in ns."},
 	{"start", (PyCFunction)pump_start, METH_NOARGS, "start()\n--\n\nStart the pump thread."},

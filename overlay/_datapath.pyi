@@ -1,9 +1,11 @@
 """Type stubs of overlay._datapath: the native receive pump (native/pump.c)."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from _typeshed import ReadableBuffer
+
+from jasper.recovery import RecoveryConfig
 
 RECORD_FIELDS: tuple[tuple[str, str], ...]
 """The release record as (name, numpy type) pairs: numpy.dtype(list(RECORD_FIELDS))."""
@@ -112,6 +114,12 @@ class ReceivePump:
         self, node_id: int, stream: int, session: int, seq: int, send_ns: int, /
     ) -> int | None:
         """E(node): the emulated time the node forwards the datagram; None if it never does."""
+    def set_recovery(
+        self, config: RecoveryConfig | None, naks: Sequence[tuple[int, str, int]], /
+    ) -> None:
+        """Loss recovery (docs/recovery.md): the core's NAK schedule (None: off, open ranges
+        forgotten) and [(stream_id, ip, port)] where each stream's NAKs go, sent from the
+        endpoint's own socket; NAKs of a stream not listed are counted, not sent."""
     def set_clock_offset(self, offset_ns: int, /) -> None:
         """The node clock minus CLOCK_REALTIME, in ns."""
     def start(self) -> None: ...
@@ -132,14 +140,18 @@ class ReceivePump:
         late_wakes (wake-ups toward a deadline later than the lead), lead_ns (the current
         lead), path_copies (copies given a whole-path arrival), path_floored (of which the
         emulated arrival was before the real one: floored), path_memo_hits, path_memo_misses,
-        path_too_deep (a sender chain deeper than 64: a cycle) (ints); realtime (SCHED_FIFO
+        path_too_deep (a sender chain deeper than 64: a cycle), naks_sent, naks_unaddressed
+        (NAKs of a stream set_recovery named no port for), nak_errors (sendto failed),
+        open_gaps (ranges the NAK schedule holds) (ints); realtime (SCHED_FIFO
         in force), pinned (bools); sched_error, pin_error (errno names, "" when none).
 
         "endpoints": a list, per endpoint a dict: the core's counters (received, heartbeats,
         accepted, duplicates, stale, released, late, hold_overflow, pending_overflow,
         nomem, malformed_<reason> and rejected_<reason> for every reason), kernel_drops (the
         socket's cumulative SO_RXQ_OVFL count), truncated (longer than SLOT_BYTES; also
-        malformed_length), link_lost, delivered, recv_errors, deliver_errors ({errno name: n};
+        malformed_length), link_lost, delivered, recv_errors, the recovery counters
+        (naks_sent, naks_coalesced, recovered, recovered_late, unrecoverable: the core's,
+        jasper.recovery.RECOVERY_COUNTER_NAMES), nak_errors, deliver_errors ({errno name: n};
         "ENOBUFS": in-process queue full; "other" past 8 names) and parents ({parent id:
         (copies, kept)}, as jc_parents).
         """

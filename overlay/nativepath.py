@@ -17,6 +17,7 @@ import numpy as np
 
 from jasper.linkmodel import LinkModel
 from jasper.records import RELEASE_DTYPE, Releases, expand_releases
+from jasper.recovery import RECOVERY_COUNTER_NAMES
 from jasper.topology import Topology, stream_rules
 from jasper.wire_spec import MALFORMED_REASONS, REJECT_REASONS
 from overlay.recordlog import RecordLog, save_releases
@@ -126,12 +127,15 @@ class NativeDatapath:
         pub = topo.publisher
         if not ips.get(pub.addr) or ips[pub.addr] == {pub.name}:
             rows.append((pub.addr, 0, self._parent_id(pub.name)))
+        if pub.nak_addr is not None:  # retransmissions come from the publisher's own port
+            rows.append((*pub.nak_addr, self._parent_id(pub.name)))
         self.pump.set_parents(rows)
         # What the core admits, as the Python path's stream_rules: a key rotation is a new plan
         # with two keys; a stream the plan no longer names is refused from now on.
         self.pump.set_streams(
             [(sid, keys, session) for sid, (keys, session) in stream_rules(topo).items()]
         )
+        self._set_recovery((topo,))
         if model is None:
             self.pump.set_link_model(None)
             self.pump.set_path_model(None)
@@ -160,6 +164,17 @@ class NativeDatapath:
             self.pump.set_path_model(**graph)
         else:
             self.pump.set_path_model(None)
+
+    def _set_recovery(self, plans: Sequence[Topology]) -> None:
+        """The core's NAK schedule and where each stream's NAKs go (docs/recovery.md): on while
+        a plan names its publisher's port, off (open ranges forgotten) when none does."""
+        dests = [
+            (plan.stream.id, addr[0], addr[1])
+            for plan in plans
+            if (addr := plan.publisher.nak_addr) is not None
+        ]
+        # The receiver's schedule (a jitter seed of the host's own unless it was given one).
+        self.pump.set_recovery(self.rx._recovery if dests else None, dests)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -336,6 +351,7 @@ class NativeDatapath:
                 "pending_overflow": e["pending_overflow"],
                 "gaps": e["gaps"],
                 "gap_messages": e["gap_messages"],
+                **{name: e[name] for name in RECOVERY_COUNTER_NAMES},
                 "deliver_dropped": errors,
                 "malformed_total": sum(malformed.values()),
                 "distinct_parents": len(copies_from),

@@ -1026,3 +1026,60 @@ def test_a_retransmission_is_not_drawn_by_the_path_model() -> None:
         c = r.counters()
         assert c["link_lost"] == 0
         assert c["parents"][1] == (n, n)
+
+
+def test_a_hole_is_naked_from_the_endpoints_socket_and_the_retransmission_released() -> None:
+    """Recovery on the native path (docs/recovery.md): seq 2 never comes; the pump NAKs it from
+    the endpoint's own socket to the publisher's port, signed with the stream key, after the
+    schedule's delay; the publisher's buffer answers and the retransmission is released on time,
+    flagged recovered. A stream no port is named for gets no NAK (counted, not sent)."""
+    from jasper.mp_spec import MP_FLAG_RECOVERED
+    from jasper.recovery import RecoveryConfig, RetransmitBuffer
+    from jasper.wire import NakRange, decode_nak, mac_matches
+
+    key = StreamKey(2, bytes(range(32)))
+    config = RecoveryConfig(nak_delay_ns=100_000, nak_jitter_ns=100_000, seed=5)
+    streams = [(STREAM, {1: bytes(32), 2: key.key}, None), (STREAM + 1, None, None)]
+    with rig(parents=1, coalesce_ns=0, streams=streams) as r:
+        publisher = r.tx[0]
+        publisher.settimeout(10.0)
+        port = publisher.getsockname()[1]
+        r.pump.set_recovery(config, [(STREAM, "127.0.0.1", port)])
+        r.pump.start()
+        buf = RetransmitBuffer()
+        deadline = time.time_ns() + 300 * MS
+        for seq in (1, 2, 3):
+            d = datagram(seq, deadline + seq, key=key)
+            buf.add(1, seq, 1, d)
+            if seq != 2:
+                r.send(d)
+        nak, source = publisher.recvfrom(MAX_DATAGRAM)
+        assert source == r.rx[0].getsockname()
+        assert mac_matches(nak, {2: key.key}) is None
+        got = decode_nak(nak)
+        assert (got.stream_id, got.session, got.ranges) == (STREAM, 1, (NakRange(2, 1, 1),))
+        for again in buf.serve(got, source, time.time_ns(), key):
+            publisher.sendto(again, source)
+        out = sorted(deliveries(r.pump, 3), key=lambda d: d[3])
+        assert [(d[3], d[5], d[9]) for d in out] == [
+            (1, 0, 0),
+            (2, 0, MP_FLAG_RECOVERED),
+            (3, 0, 0),
+        ]
+        c = r.counters()
+        assert (c["naks_sent"], c["recovered"], c["recovered_late"], c["unrecoverable"]) == (
+            1, 1, 0, 0,
+        )  # fmt: skip
+        # Stream STREAM + 1 has no publisher port: its hole is NAKed by the core (each attempt,
+        # then given up), never sent.
+        for seq in (1, 3):
+            r.send(datagram(seq, 0, stream=STREAM + 1))
+        wait_until(lambda: r.pump.counters()["open_gaps"] == 0 and r.counters()["unrecoverable"])
+        totals = r.pump.counters()
+        assert (totals["naks_sent"], totals["naks_unaddressed"], totals["nak_errors"]) == (
+            1, config.attempts, 0,
+        )  # fmt: skip
+        assert r.counters()["naks_sent"] == 1 + config.attempts
+        r.send(datagram(5, 0, stream=STREAM + 1))
+        r.pump.set_recovery(None, [])  # off: the open range is forgotten, uncounted
+        assert r.pump.counters()["open_gaps"] == 0

@@ -39,10 +39,12 @@ def lossy_topology(*, hedge: int, loss: float, hold_ns: int = 20_000_000) -> Top
 
 
 class System:
-    def __init__(self, topo: Topology, *, recovery: RecoveryConfig | None = None) -> None:
+    def __init__(
+        self, topo: Topology, *, recovery: RecoveryConfig | None = None, datapath: str = "python"
+    ) -> None:
         self.topo = topo
         self.relay = Relay(topo, [r.name for r in topo.relays])
-        self.rx = Receiver(topo, topo.receivers[0].name, datapath="python", recovery=recovery)
+        self.rx = Receiver(topo, topo.receivers[0].name, datapath=datapath, recovery=recovery)
         self.pub = Publisher(topo)
 
     async def run(self, messages: int, *, cut: range = range(0)) -> None:
@@ -102,11 +104,31 @@ class System:
         return naks, recovered
 
 
+def native_built() -> bool:
+    from overlay.nativepath import native_available
+
+    return native_available()[0]
+
+
+DATAPATHS = [
+    "python",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(not native_built(), reason="overlay._datapath is not built"),
+    ),
+]
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
 @pytest.mark.parametrize(("loss", "hedge"), [(0.01, 0), (0.10, 0), (0.10, 2), (0.30, 2)])
-async def test_seeded_loss_on_every_link_loses_no_message(loss: float, hedge: int) -> None:
+async def test_seeded_loss_on_every_link_loses_no_message(
+    loss: float, hedge: int, datapath: str
+) -> None:
+    """On the Python receive path and on the native one (its core's NAK schedule, NAKs sent by
+    the pump from each endpoint's socket): the same message-by-message check and counters."""
     # At 30% a retransmission is lost 3 times in 10: more attempts keep every hole recoverable.
     recovery = RecoveryConfig(attempts=8) if loss >= 0.3 else None
-    system = System(lossy_topology(hedge=hedge, loss=loss), recovery=recovery)
+    system = System(lossy_topology(hedge=hedge, loss=loss), recovery=recovery, datapath=datapath)
     await system.run(100)
     eps = system.check_every_message_once(100)
     naks, recovered = system.check_counters(eps)
@@ -117,10 +139,11 @@ async def test_seeded_loss_on_every_link_loses_no_message(loss: float, hedge: in
           f"{recovered} messages recovered")  # fmt: skip
 
 
-async def test_a_burst_cut_at_the_root_is_recovered_for_every_endpoint() -> None:
+@pytest.mark.parametrize("datapath", DATAPATHS)
+async def test_a_burst_cut_at_the_root_is_recovered_for_every_endpoint(datapath: str) -> None:
     """Ten consecutive messages never reach the root: every endpoint misses all ten (a shared
     loss); each NAKs one range, the publisher answers each, nothing is lost."""
-    system = System(lossy_topology(hedge=2, loss=0.0))
+    system = System(lossy_topology(hedge=2, loss=0.0), datapath=datapath)
     await system.run(60, cut=range(21, 31))
     eps = system.check_every_message_once(60)
     naks, recovered = system.check_counters(eps)
