@@ -487,12 +487,19 @@ static int64_t path_forward_time(const struct pathmodel *pm, const struct linkmo
  */
 static int path_arrival_of(const struct pathmodel *pm, const struct linkmodel *lm,
 			   uint32_t parent_id, uint32_t endpoint, uint32_t stream, uint32_t session,
-			   uint64_t seq, int64_t send_ns, int64_t *out, struct path_stats *st)
+			   uint64_t seq, int64_t send_ns, int heartbeat, int64_t *out,
+			   struct path_stats *st)
 {
 	int64_t node = path_lookup(pm, parent_id);
 	if (node < 0 || endpoint >= pm->neps || !pm->eps[endpoint].known)
 		return -1;
 	uint64_t mkey = datagram_key(stream, session, seq);
+	/* A heartbeat carries the newest seq: keyed like that message it would share its fate on
+	 * every link (the tail heartbeats of a message lost to an endpoint would all be lost there
+	 * too, and the loss never noticed). Its send time makes each heartbeat a datagram of its
+	 * own, the same on every host. */
+	if (heartbeat)
+		mkey = mix64(mkey ^ mix64((uint64_t)send_ns ^ UINT64_C(0x6865617274626561)));
 	int64_t from = path_forward_time(pm, lm, (uint32_t)node, stream, session, seq, mkey,
 					 send_ns, 0, st);
 	if (from == PATH_NEVER)
@@ -927,7 +934,9 @@ static int receive_batch(Pump *p, uint32_t idx)
 						       ? INT64_MAX
 						       : (int64_t)hdr.send_time_ns;
 				fate = path_arrival_of(&p->pm, &p->lm, parent, idx, hdr.stream_id,
-						       hdr.session, hdr.seq, send, &t, &p->pst);
+						       hdr.session, hdr.seq, send,
+						       (hdr.flags & JASPER_FLAG_HEARTBEAT) != 0, &t,
+						       &p->pst);
 			}
 			if (fate == 1) {
 				/* The copy is here: no emulated path can make it arrive earlier. */
@@ -2265,8 +2274,9 @@ static PyObject *path_query(Pump *p, PyObject *args, int arrival)
 	unsigned int who, endpoint = 0, stream, session;
 	unsigned long long seq;
 	long long send;
-	int ok = arrival ? PyArg_ParseTuple(args, "IIIIKL:path_arrival", &who, &endpoint, &stream,
-					    &session, &seq, &send)
+	int heartbeat = 0;
+	int ok = arrival ? PyArg_ParseTuple(args, "IIIIKL|p:path_arrival", &who, &endpoint, &stream,
+					    &session, &seq, &send, &heartbeat)
 			 : PyArg_ParseTuple(args, "IIIKL:path_forward", &who, &stream, &session, &seq,
 					    &send);
 	if (!ok || check_open(p))
@@ -2277,8 +2287,8 @@ static PyObject *path_query(Pump *p, PyObject *args, int arrival)
 	if (!p->pm.on || !p->lm.on) {
 		r = -2;
 	} else if (arrival) {
-		r = path_arrival_of(&p->pm, &p->lm, who, endpoint, stream, session, seq, send, &t,
-				    &p->pst);
+		r = path_arrival_of(&p->pm, &p->lm, who, endpoint, stream, session, seq, send,
+				    heartbeat, &t, &p->pst);
 	} else {
 		int64_t node = path_lookup(&p->pm, who);
 		r = -1;
@@ -2702,8 +2712,9 @@ static PyMethodDef pump_methods[] = {
 	 "[(src_id, dst_id[, loss])], endpoints [(index, key, factor)]. The link model's\n"
 	 "parameters (set_link_model) apply; parents outside the graph get the last hop only."},
 	{"path_arrival", (PyCFunction)pump_path_arrival, METH_VARARGS,
-	 "path_arrival(parent_id, endpoint, stream, session, seq, send_ns, /)\n--\n\n"
-	 "The emulated arrival (kernel clock, before the floor) of that copy, None when lost."},
+	 "path_arrival(parent_id, endpoint, stream, session, seq, send_ns, heartbeat=False, /)\n"
+	 "--\n\nThe emulated arrival (kernel clock, before the floor) of that copy, None when\n"
+	 "lost (heartbeat: of a heartbeat naming seq, drawn apart from the message's copy)."},
 	{"path_forward", (PyCFunction)pump_path_forward, METH_VARARGS,
 	 "path_forward(node_id, stream, session, seq, send_ns, /)\n--\n\n"
 	 "The emulated time the node forwards the datagram, None when it never does."},

@@ -106,10 +106,20 @@ class ReceivePump:
         A copy from a parent outside the graph gets the last-hop model.
         """
     def path_arrival(
-        self, parent_id: int, endpoint: int, stream: int, session: int, seq: int, send_ns: int, /
+        self,
+        parent_id: int,
+        endpoint: int,
+        stream: int,
+        session: int,
+        seq: int,
+        send_ns: int,
+        heartbeat: bool = False,
+        /,
     ) -> int | None:
         """Emulated arrival (kernel clock, before the floor at the real receive time) of the
-        copy `parent_id` sends `endpoint` of that datagram; None when it is lost on the way."""
+        copy `parent_id` sends `endpoint` of that datagram; None when it is lost on the way.
+        heartbeat: of a heartbeat naming `seq` sent at `send_ns` (drawn apart from the
+        message's own copy)."""
     def path_forward(
         self, node_id: int, stream: int, session: int, seq: int, send_ns: int, /
     ) -> int | None:

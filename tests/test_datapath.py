@@ -1083,3 +1083,33 @@ def test_a_hole_is_naked_from_the_endpoints_socket_and_the_retransmission_releas
         r.send(datagram(5, 0, stream=STREAM + 1))
         r.pump.set_recovery(None, [])  # off: the open range is forgotten, uncounted
         assert r.pump.counters()["open_gaps"] == 0
+
+
+def test_a_heartbeat_does_not_share_the_fate_of_the_message_it_names() -> None:
+    """A tail heartbeat carries the newest seq. Keyed by (stream, session, seq) alone it would
+    be lost on exactly the links the message was lost on, every time, and an endpoint that
+    missed the last message would never learn of it (docs/recovery.md). Each heartbeat is a
+    datagram of its own (its send time is in the key), the same on every host."""
+    pump = _datapath.ReceivePump(endpoints=1)
+    try:
+        pump.set_link_model(median_ns=MS, p99_ns=3 * MS, loss=0.1, seed=5)
+        pump.set_path_model(**path_model_kwargs(PLAN_IDS))
+        send = time.time_ns()
+        lost = [
+            seq
+            for seq in range(1, 200)
+            if pump.path_arrival(PLAN_IDS["d"], 0, STREAM, 1, seq, send) is None
+        ]
+        assert len(lost) > 10
+        for seq in lost[:10]:
+            beats = [
+                pump.path_arrival(PLAN_IDS["d"], 0, STREAM, 1, seq, send + k * MS, True)
+                for k in range(1, 21)
+            ]
+            assert sum(b is not None for b in beats) >= 10, seq
+            assert beats == [
+                pump.path_arrival(PLAN_IDS["d"], 0, STREAM, 1, seq, send + k * MS, True)
+                for k in range(1, 21)
+            ]  # deterministic
+    finally:
+        pump.close()
