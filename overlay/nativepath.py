@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from jasper.linkmodel import LinkModel
 from jasper.records import RELEASE_DTYPE, Releases, expand_releases
 from jasper.recovery import RECOVERY_COUNTER_NAMES
-from jasper.topology import Topology, stream_rules
+from jasper.topology import StreamRules, Topology, stream_rules
 from jasper.wire_spec import MALFORMED_REASONS, REJECT_REASONS
 from overlay.recordlog import RecordLog, save_releases
 
@@ -108,7 +108,13 @@ class NativeDatapath:
         return pid
 
     def apply_plan(
-        self, topo: Topology, model: LinkModel | None, *, whole_path: bool | None = None
+        self,
+        topo: Topology,
+        model: LinkModel | None,
+        *,
+        whole_path: bool | None = None,
+        also: Sequence[Topology] = (),
+        streams: Mapping[int, StreamRules] | None = None,
     ) -> None:
         """Sender addresses → parent ids, the streams admitted (keys, announced session), and
         the link model, of a (new) plan.
@@ -117,25 +123,28 @@ class NativeDatapath:
         hop only; None: when the model says so (emulated_at "receivers"). Faithful only when
         no relay applies the link model itself and every receiver host of the plan emulates
         the whole path too; see docs/link-model.md.
+
+        also: the plans of the host's other streams (their senders are named too); streams:
+        what is admitted, when not `topo`'s stream alone (a host serving several streams).
         """
         rows: list[tuple[str, int, int]] = []
         ips: dict[str, set[str]] = {}
-        for name, (ip, port) in topo.addresses().items():
-            rows.append((ip, port, self._parent_id(name)))
-            ips.setdefault(ip, set()).add(name)
+        for plan in (topo, *also):
+            for name, (ip, port) in plan.addresses().items():
+                rows.append((ip, port, self._parent_id(name)))
+                ips.setdefault(ip, set()).add(name)
         # The publisher sends from an ephemeral port: known by its address when unambiguous.
-        pub = topo.publisher
-        if not ips.get(pub.addr) or ips[pub.addr] == {pub.name}:
-            rows.append((pub.addr, 0, self._parent_id(pub.name)))
-        if pub.nak_addr is not None:  # retransmissions come from the publisher's own port
-            rows.append((*pub.nak_addr, self._parent_id(pub.name)))
+        for pub in {p.publisher.name: p.publisher for p in (topo, *also)}.values():
+            if not ips.get(pub.addr) or ips[pub.addr] == {pub.name}:
+                rows.append((pub.addr, 0, self._parent_id(pub.name)))
+            if pub.nak_addr is not None:  # retransmissions come from the publisher's own port
+                rows.append((*pub.nak_addr, self._parent_id(pub.name)))
         self.pump.set_parents(rows)
         # What the core admits, as the Python path's stream_rules: a key rotation is a new plan
         # with two keys; a stream the plan no longer names is refused from now on.
-        self.pump.set_streams(
-            [(sid, keys, session) for sid, (keys, session) in stream_rules(topo).items()]
-        )
-        self._set_recovery((topo,))
+        admitted = stream_rules(topo) if streams is None else streams
+        self.pump.set_streams([(sid, keys, session) for sid, (keys, session) in admitted.items()])
+        self._set_recovery((topo, *also))
         if model is None:
             self.pump.set_link_model(None)
             self.pump.set_path_model(None)

@@ -170,6 +170,9 @@ class Endpoint:
         self.name = config.name
         self.index = index
         self.config = config
+        self.stream_id: int | None = None
+        """The stream whose plan names this endpoint (None: any the host takes, as in a lab
+        topology's single stream); copies of other streams are refused here."""
         self.sock = open_udp(addr, config.port)
         self.counters = EndpointCounters()
         self.rings: dict[int, DedupRing] = {}
@@ -272,6 +275,10 @@ class Receiver:
         if datapath not in DATAPATHS:
             raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}, got {datapath!r}")
         self.topo = topo
+        """The plan applied last (of any stream): its link model is the host's."""
+        self.plans: dict[int, Topology] = {topo.stream.id: topo}
+        """Stream id -> the plan this host runs for it (a host may hold endpoints of several
+        streams)."""
         self.host = topo.receiver(host)
         self.streams = stream_rules(topo)
         """Stream id -> (keys by epoch or None, announced session or None): what the Python
@@ -337,12 +344,13 @@ class Receiver:
         self.naks: NakTracker | None = None
         """Loss recovery on the Python path (docs/recovery.md); None: the plan names no
         publisher port (the native path keeps its own in its core)."""
-        self._nak_addr = topo.publisher.nak_addr
+        self._nak_addrs = _nak_addrs(self.plans)
+        """Stream id -> where its NAKs go (the stream's publisher port)."""
         self._nak_timer: asyncio.TimerHandle | None = None
         self._nak_timer_at = 0
         self._recovery = recovery or recovery_config(host)
         """When to NAK (a seed of this host's own unless given)."""
-        if self._nak_addr is not None:
+        if self._nak_addrs:
             self.naks = NakTracker(self._recovery, endpoints=1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.native: NativeDatapath | None = None
@@ -379,7 +387,7 @@ class Receiver:
         try:
             for cfg in self.host.endpoints:
                 try:
-                    self._add_endpoint(cfg)
+                    self._add_endpoint(cfg, topo.stream.id)
                 except ValueError as exc:  # a malformed deliver target: this endpoint only
                     log.error("endpoint %s of plan %d left out: %s", cfg.name, topo.plan_epoch, exc)
                     self.plan_refused[cfg.name] = str(exc)
@@ -404,8 +412,8 @@ class Receiver:
         self.fast_path_mode = "user"
         self.fast_path: Any = None
 
-    def _add_endpoint(self, cfg: EndpointConfig) -> Endpoint:
-        """Open one endpoint's sockets and start receiving on it (if running)."""
+    def _add_endpoint(self, cfg: EndpointConfig, stream: int) -> Endpoint:
+        """Open one endpoint of `stream`'s plan and start receiving on it (if running)."""
         ep = Endpoint(
             cfg,
             len(self.endpoints),
@@ -413,6 +421,7 @@ class Receiver:
             ring_size=self._ring_size,
             queue_len=self._queue_len,
         )
+        ep.stream_id = stream
         try:
             if self._deliver_override != "topology":
                 ep.set_deliver(self._deliver_override)
@@ -486,7 +495,7 @@ class Receiver:
             else:
                 log.warning("CPU wake-up latency not set: %s", self.cpu_wakeup.error)
         if self.native is not None:
-            self.native.apply_plan(self.topo, self.delay.model)
+            self._apply_native()
             self.native.start(loop)
             return
         self.delay.start(loop)
@@ -499,7 +508,7 @@ class Receiver:
     def stop(self) -> None:
         """Stop receiving, process copies the link model still holds, release what is held."""
         if self.native is not None:
-            self.native.stop(timeout_s=self.topo.stream.hold_ns / 1e9 + 1.0)
+            self.native.stop(timeout_s=self._longest_hold_ns() / 1e9 + 1.0)
             return
         if self._loop is not None:
             for ep in self.endpoints:
@@ -512,7 +521,7 @@ class Receiver:
                         break
         self.delay.flush()
         # Held messages are released on time, so wait up to one hold for the last of them.
-        wait_s = self.topo.stream.hold_ns / 1e9 + 1.0
+        wait_s = self._longest_hold_ns() / 1e9 + 1.0
         self.release.stop(drain=True, timeout=wait_s)
         if self._queues:
             if self._loop is not None and not self._loop.is_closed():
@@ -608,7 +617,7 @@ class Receiver:
         # Authenticate before anything about the copy is believed (jasper.receiver_core's
         # order: stream, key, MAC, session).
         rules = self.streams.get(stream)
-        if rules is None:
+        if rules is None or (ep.stream_id is not None and stream != ep.stream_id):
             c.rejected["stream"] += 1
             return
         if rules[0] is not None and (reason := mac_matches(data, rules[0])) is not None:
@@ -691,8 +700,8 @@ class Receiver:
 
     def _poll_naks(self) -> None:
         self._nak_timer = None
-        naks, addr = self.naks, self._nak_addr
-        if naks is None or addr is None:
+        naks, addrs = self.naks, self._nak_addrs
+        if naks is None or not addrs:
             return
         # Take what the kernel already queued first: on a receive path running behind, the
         # copies that close a hole (or a retransmission) may be waiting there, and a NAK (or a
@@ -710,6 +719,9 @@ class Receiver:
                 send_time_ns=now, key_bytes=key,
             )  # fmt: skip
             ep = self.endpoints[req.endpoint]
+            addr = addrs.get(req.stream_id)
+            if addr is None:  # a stream whose plan names no publisher port (or is gone)
+                continue
             try:  # from the endpoint's socket: the retransmission comes back to it
                 ep.sock.sendto(data, addr)
             except OSError as exc:
@@ -968,22 +980,31 @@ class Receiver:
         return "ebpf"
 
     def _parent_rows(self) -> list[tuple[str, int]]:
-        addrs = self.topo.addresses()
-        rows = {addrs[p] for ep in self.endpoints for p in ep.config.parents if p in addrs}
-        # Retransmissions come straight from the publisher's port (docs/recovery.md).
-        if self.topo.publisher.nak_addr is not None:
-            rows.add(self.topo.publisher.nak_addr)
+        rows: set[tuple[str, int]] = set()
+        for topo in self.plans.values():
+            addrs = topo.addresses()
+            rows.update(
+                addrs[p]
+                for ep in self.endpoints
+                if ep.stream_id in (None, topo.stream.id)
+                for p in ep.config.parents
+                if p in addrs
+            )
+        # Retransmissions come straight from each stream's publisher port (docs/recovery.md).
+        rows.update(self._nak_addrs.values())
         return sorted(rows)
 
     def apply_topology(self, topo: Topology) -> None:
-        """Take a new plan: endpoints keep their sockets, dedup state and held messages."""
+        """Take a (new) plan of `topo`'s stream: endpoints keep their sockets, dedup state and
+        held messages, and the host's other streams are not touched."""
+        stream = topo.stream.id
         self.topo = topo
-        self._nak_addr = topo.publisher.nak_addr
-        if self._nak_addr is not None and self.naks is None and self.native is None:
+        self.plans = {**self.plans, stream: topo}
+        self._nak_addrs = _nak_addrs(self.plans)
+        if self._nak_addrs and self.naks is None and self.native is None:
             self.naks = NakTracker(self._recovery, endpoints=1)
             self.naks.set_endpoints(len(self.endpoints))
-        self.streams = stream_rules(topo)
-        self.senders = SenderNames(topo)
+        self._streams_changed()
         if self._use_link_model:
             self.delay.set_model(link_model_of(topo))
         try:
@@ -998,9 +1019,12 @@ class Receiver:
             ep = self.by_name.get(cfg.name)
             if ep is None:
                 try:
-                    self._add_endpoint(cfg)
+                    self._add_endpoint(cfg, stream)
                 except (OSError, ValueError) as exc:
                     refused[cfg.name] = str(exc)
+                continue
+            if ep.stream_id not in (None, stream):
+                refused[cfg.name] = f"endpoint of stream {ep.stream_id}, named by stream {stream}"
                 continue
             if self._deliver_override == "topology" and cfg.deliver != ep.config.deliver:
                 try:
@@ -1018,13 +1042,58 @@ class Receiver:
         for name, reason in refused.items():
             if self.plan_refused.get(name) != reason:
                 log.error("endpoint %s of plan %d left out: %s", name, topo.plan_epoch, reason)
-        self.plan_refused = refused
+        # Refusals of the other streams' plans stand until those plans change.
+        this_plan = {cfg.name for cfg in host.endpoints}
+        kept = {n: r for n, r in self.plan_refused.items() if n not in this_plan}
+        self.plan_refused = {**kept, **refused}
+        self._plans_changed()
+
+    def remove_stream(self, stream: int) -> None:
+        """Stop serving `stream` (no plan names it any more): its copies are refused from now
+        on. Its endpoints keep their sockets, idle, and what they hold is still released; the
+        host's other streams keep everything."""
+        if stream not in self.plans:
+            return
+        self.plans = {s: t for s, t in self.plans.items() if s != stream}
+        if self.plans:
+            self.topo = next(reversed(self.plans.values()))
+        # else the last plan stays in `topo` for its link model and host; nothing is admitted.
+        self._nak_addrs = _nak_addrs(self.plans)
+        self._streams_changed()
+        self._plans_changed()
+        log.info(
+            "receiver %s no longer serves stream %d (still %s)",
+            self.host.name,
+            stream,
+            sorted(self.plans) or "none",
+        )
+
+    def _streams_changed(self) -> None:
+        """Admission rules and sender names from the plans of every stream served."""
+        rules: dict[int, tuple[Any, Any]] = {}
+        for topo in self.plans.values():
+            rules.update(stream_rules(topo))
+        self.streams = rules
+        if self.plans:
+            self.senders = SenderNames(*self.plans.values())
+
+    def _plans_changed(self) -> None:
+        """Hand the streams now served to the native core and the kernel filter."""
         if self.native is not None:
-            self.native.apply_plan(topo, self.delay.model)
+            self._apply_native()
         if self.fast_path is not None:
             # Endpoints this plan added are filtered too, not only those of the first plan.
             self.fast_path.set_ports([ep.config.port for ep in self.endpoints])
             self.fast_path.set_parents(self._parent_rows())
+
+    def _apply_native(self) -> None:
+        assert self.native is not None
+        others = [t for t in self.plans.values() if t is not self.topo]
+        # The streams admitted are those served (`topo` may be a removed stream's last plan).
+        self.native.apply_plan(self.topo, self.delay.model, also=others, streams=self.streams)
+
+    def _longest_hold_ns(self) -> int:
+        return max(t.stream.hold_ns for t in (self.topo, *self.plans.values()))
 
     def owd_reports(self) -> list[dict[str, Any]]:
         """Delay windows closed since the last call, max-reduced per stream (heartbeat form)."""
@@ -1048,6 +1117,7 @@ class Receiver:
                 "refused": dict(self.plan_refused),
                 "endpoints": self.native.endpoint_status(),
                 "plan_epoch": self.topo.plan_epoch,
+                "streams": {str(s): t.plan_epoch for s, t in sorted(self.plans.items())},
                 "fast_path": self.fast_path_mode,
                 "kernel": self._kernel_counters(),
                 "link_model": self.delay.model is not None,
@@ -1068,6 +1138,7 @@ class Receiver:
             "refused": dict(self.plan_refused),
             "endpoints": {ep.name: ep.counters.to_dict() for ep in self.endpoints},
             "plan_epoch": self.topo.plan_epoch,
+            "streams": {str(s): t.plan_epoch for s, t in sorted(self.plans.items())},
             "fast_path": self.fast_path_mode,
             "kernel": self._kernel_counters(),
             "link_model": self.delay.model is not None,
@@ -1089,6 +1160,15 @@ class Receiver:
             "receive_lag": self.lag.to_dict(),
             "process": process_figures(self.started_ns),
         }
+
+
+def _nak_addrs(plans: dict[int, Topology]) -> dict[int, tuple[str, int]]:
+    """Stream id -> its publisher's NAK address, for the streams whose plan names one."""
+    return {
+        stream: topo.publisher.nak_addr
+        for stream, topo in plans.items()
+        if topo.publisher.nak_addr is not None
+    }
 
 
 def recovery_config(host: str) -> RecoveryConfig:
