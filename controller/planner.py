@@ -1008,6 +1008,9 @@ class Planner:
         layout = Layout(
             publisher=pub.name if pub else placement.publisher,
             publisher_addr=pub.data_addr if pub else "0.0.0.0",
+            # The port the publisher registered: it sends from it and serves NAKs there, so
+            # receivers recover losses (docs/recovery.md).
+            publisher_port=pub.port if pub else None,
             relays={n.name: (n.data_addr, n.port) for n in nodes.values()},
             hosts={n: nodes[n].data_addr for n in sorted(nodes) if nodes[n].role == "receiver"},
             endpoints={

@@ -52,6 +52,9 @@ class Layout:
     endpoints: Mapping[str, Spot]
     """Endpoint -> where it lives; an endpoint of the plan missing here, or on a host not in
     `hosts`, is left out."""
+    publisher_port: int | None = None
+    """The port the publisher sends from and takes NAKs on (docs/recovery.md); None: an
+    ephemeral one, and no loss recovery."""
 
 
 def topology_of(
@@ -102,6 +105,7 @@ def topology_of(
             name=layout.publisher,
             addr=layout.publisher_addr,
             targets=tuple(Target(node=f.target, hedge=f.hedge) for f in plan.publisher_targets),
+            port=layout.publisher_port,
         ),
         relays=relays,
         receivers=tuple(

@@ -7,6 +7,7 @@ from typing import Any
 
 from jasper_cli.options import (
     HOLD_US,
+    PORT_OR_ANY,
     RATE,
     STREAM_ID,
     Number,
@@ -32,6 +33,14 @@ def add_parser(sub: Any) -> None:
     add_common_arguments(p, kind="publisher")
     retype(p, daemon_types())
     p.add_argument("--stream", type=STREAM_ID, default=1, help="stream id (controller mode)")
+    p.add_argument(
+        "--port",
+        type=PORT_OR_ANY,
+        default=0,
+        help="controller mode: the UDP port the publisher sends from and takes NAKs on, "
+        "registered with the controller so receivers can ask for lost messages "
+        "(docs/recovery.md; default 0: a free one)",
+    )
     p.add_argument(
         "--source",
         type=source_arg,

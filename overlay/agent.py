@@ -718,6 +718,10 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
     tune_interpreter()
     data_addr = args.data_addr or "127.0.0.1"
     port = {"relay": getattr(args, "port", 7000), "receiver": getattr(args, "port_base", 7100)}
+    if kind == "publisher":  # registered, then bound by the Publisher once the plan names it
+        from overlay.publisher import registered_port
+
+        port["publisher"] = registered_port(args, data_addr)
     capacity = getattr(args, "endpoints", 1) if kind == "receiver" else 1
     # Probes go out from an ephemeral port unless told otherwise (-1: no prober at all); the
     # agent registers the port.
@@ -833,6 +837,10 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
                     await daemon.run(
                         rate=args.rate, duration_s=args.duration, stop=stop, progress=progress
                     )
+                if not stop.is_set() and daemon.retransmit is not None:
+                    # The last messages' losses are NAKed within about one hold: answer them
+                    # (as overlay/daemon.py does for a static topology).
+                    await daemon.linger(min(2.0, 0.2 + 20 * daemon.hold_ns / 1e9))
             finally:
                 if ingress is not None:
                     ingress.close()

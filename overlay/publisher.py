@@ -555,3 +555,15 @@ def session_after(announced: int | None, now_s: float) -> int:
 def batch_ns_of(args: Any) -> int:
     """The publisher's batch window in ns for `--batch-us` (0 when not given)."""
     return round(float(getattr(args, "batch_us", 0.0) or 0.0) * 1000)
+
+
+def registered_port(args: Any, addr: str) -> int:
+    """The UDP port a publisher under the controller registers for `--port`: it sends from it
+    and serves NAKs there once the plan names it (docs/recovery.md); 0 picks a free one."""
+    port = int(getattr(args, "port", 0) or 0)
+    if port:
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((addr, 0))
+        free: int = s.getsockname()[1]
+    return free

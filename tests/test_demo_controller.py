@@ -65,3 +65,29 @@ def test_demo_through_the_controller(tmp_path: Path) -> None:
     assert set(summary["exit_codes"].values()) == {0}
     assert processes_mentioning(str(out)) == []
     assert processes_mentioning(clocks["reference_dir"]) == []
+
+
+@pytest.mark.slow
+def test_controller_planned_stream_recovers_seeded_loss(tmp_path: Path) -> None:
+    """The controller's plan names the publisher's registered port (docs/recovery.md): the
+    publisher binds it, the (native) receivers NAK every hole there, and with 5% seeded loss
+    on every link and no hedging no pair is lost."""
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        demo_argv(out, "--rate", "100", "--duration", "2", "--hedge", "0", "--loss", "0.05"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["control"] == "controller"
+    # (topology.json is the plan before the publisher registered: no port in it yet.)
+    assert json.loads((out / "topology.json").read_text())["link_model"]["loss"] == 0.05
+    fair = summary["fairness"]
+    assert fair["expected_pairs"] == 200 * 20 and fair["lost_pairs"] == 0
+    c = summary["counters"]
+    # 5% of the root's single copy and of each last hop: ~10% of pairs miss their only copy.
+    assert c["naks_sent"] > 0 and c["recovered"] + c["recovered_late"] > 100
+    assert c["unrecoverable"] == 0
+    assert c["retransmits_sent"] >= c["recovered"] + c["recovered_late"]
