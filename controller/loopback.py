@@ -285,6 +285,9 @@ class LoopbackController:
         )
         return doc
 
+    def delete_stream(self, stream_id: int) -> None:
+        self.call("DELETE", f"/v1/streams/{stream_id}")
+
     def create_mp(self, name: str) -> tuple[int, str]:
         """(MP id, its token)."""
         doc = self.call("POST", "/v1/mps", json={"name": name})
@@ -395,6 +398,8 @@ class DeliverySink:
             s.settimeout(0.1)
             self.socks.append(s)
         self.times: dict[int, list[float]] = defaultdict(list)
+        self.datagrams: dict[int, list[bytes]] = defaultdict(list)
+        """What each socket received, in order (MP framing: jasper.mp_spec.parse)."""
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._drain, args=(i,), daemon=True) for i in range(n)
@@ -410,12 +415,13 @@ class DeliverySink:
         s = self.socks[i]
         while not self._stop.is_set():
             try:
-                s.recv(65536)
+                data = s.recv(65536)
             except TimeoutError:
                 continue
             except OSError:
                 return
             self.times[i].append(time.monotonic())
+            self.datagrams[i].append(data)
 
     def count_between(self, i: int, start: float, end: float) -> int:
         return sum(1 for t in list(self.times[i]) if start <= t <= end)

@@ -474,6 +474,30 @@ class Planner:
                 self._bump(db)
         return row
 
+    def delete_stream(self, stream_id: int) -> int:
+        """Delete a stream with its subscriptions, plans and keys; the subscriptions deleted.
+
+        Every node's next config no longer lists it: each node that served it stops (its
+        agent removes that stream from the daemon), and the node's other streams keep their
+        sockets, dedup state and held messages (docs/controller.md, "What a node serves").
+        """
+        with self.database.transaction() as db:
+            if store.get_stream(db=db, stream_id=stream_id) is None:
+                raise NotFound(f"stream {stream_id} not found")
+            subs = store.delete_stream(
+                db=db,
+                stream_id=stream_id,
+                meta_keys=(_hold_key(stream_id), _session_key(stream_id)),
+            )
+            self.plans.pop(stream_id, None)
+            self.keys.pop(stream_id, None)
+            self.sessions.pop(stream_id, None)
+            self.session_versions.pop(stream_id, None)
+            self.holds.streams.pop(stream_id, None)
+            self._bump(db)
+        log.info("stream %d deleted with %d subscriptions", stream_id, subs)
+        return subs
+
     def set_link_model(self, doc: dict[str, Any] | None) -> None:
         """Emulation: every node's link model from the next config on (a step change)."""
         from jasper.linkmodel import parse_link_model

@@ -570,6 +570,17 @@ def list_subscriptions(
     return [_sub(r) for r in db.execute(sql + " ORDER BY id", args)]
 
 
+def delete_stream(*, db: sqlite3.Connection, stream_id: int, meta_keys: tuple[str, ...]) -> int:
+    """Delete a stream with its subscriptions, plans, keys and `meta_keys` rows; the number of
+    subscriptions that went with it."""
+    subs = db.execute("DELETE FROM subscriptions WHERE stream_id = ?", (stream_id,)).rowcount
+    for table in ("plan_leaves", "plans", "stream_keys"):
+        db.execute(f"DELETE FROM {table} WHERE stream_id = ?", (stream_id,))
+    db.executemany("DELETE FROM meta WHERE key = ?", [(k,) for k in meta_keys])
+    db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
+    return int(subs)
+
+
 def delete_subscription(*, db: sqlite3.Connection, sub_id: int) -> None:
     db.execute("DELETE FROM plan_leaves WHERE subscription_id = ?", (sub_id,))
     db.execute("DELETE FROM subscriptions WHERE id = ?", (sub_id,))

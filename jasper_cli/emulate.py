@@ -443,6 +443,12 @@ def _print_summary(doc: dict[str, Any]) -> None:
     )
     for config, paths in (summ.get("data_paths") or {}).items():
         print(f"data paths {config}: {' | '.join(paths) or '-'}")
+    drops = {r["config"]: r.get("backlog_drops", 0) for r in doc["table"]}
+    if any(drops.values()):
+        print(
+            "kernel backlog drops (copies this machine dropped, not the link model): "
+            + ", ".join(f"{c} {n}" for c, n in drops.items())
+        )
     for p in doc["processes"]:
         print(
             f"process {p['role']:<9} x{p['count']:<4} CPU total {p['cpu_s_total']} s, "

@@ -30,7 +30,12 @@ default of --session-wait-s."""
 
 
 class AppliesTopology(Protocol):
-    """What the agent drives: a relay, receiver or publisher daemon object."""
+    """What the agent drives: a relay, receiver or publisher daemon object.
+
+    `apply_topology` takes one stream's plan and changes only that stream's state; a daemon
+    that serves several streams also has `remove_stream(stream_id)`, called when the
+    controller's config no longer lists a stream the daemon serves.
+    """
 
     def apply_topology(self, topo: Topology) -> None: ...
 
@@ -151,6 +156,7 @@ class AgentCounters:
     polls: int = 0
     poll_failures: int = 0
     configs_applied: int = 0
+    streams_removed: int = 0
     apply_errors: int = 0
     disconnects: int = 0
 
@@ -253,8 +259,10 @@ class Agent:
         """Config version last received from the controller."""
         self.applied_version = 0
         """Config version whose plan is in force here."""
-        self.topology: Topology | None = None
-        self.topology_doc: dict[str, Any] | None = None
+        self.topologies: dict[int, Topology] = {}
+        """Stream id -> the plan in force here, for every stream whose plan names this node."""
+        self.topology_docs: dict[int, dict[str, Any]] = {}
+        """Stream id -> the document of that plan, as the controller sent it."""
         self.connected = False
         self.registered = asyncio.Event()
         self.counters = AgentCounters()
@@ -290,6 +298,15 @@ class Agent:
                     log.error("agent loop failed: %r", t.exception())
             if self.prober is not None:
                 self.prober.close()
+
+    @property
+    def topology(self) -> Topology | None:
+        """The plan of the lowest stream id this node serves (a publisher's: its stream)."""
+        return self.topologies[min(self.topologies)] if self.topologies else None
+
+    @property
+    def topology_doc(self) -> dict[str, Any] | None:
+        return self.topology_docs[min(self.topology_docs)] if self.topology_docs else None
 
     async def wait_topology(self) -> Topology:
         """The first plan that names this node (relays wait here until they are used)."""
@@ -328,9 +345,18 @@ class Agent:
                 await asyncio.wait_for(stop.wait(), 0.01)
         return False
 
-    def attach(self, daemon: AppliesTopology) -> None:
-        """Hand plans to `daemon` from now on; it already runs the current one."""
+    def attach(self, daemon: AppliesTopology, running: Topology | None = None) -> None:
+        """Hand plans to `daemon` from now on. It runs `running` (the plan it was made with):
+        the plans of the node's other streams, and any newer one, are applied here."""
         self.daemon = daemon
+        for topo in list(self.topologies.values()):
+            if topo is running:
+                continue
+            try:
+                daemon.apply_topology(topo)
+            except Exception:
+                self.counters.apply_errors += 1
+                log.exception("applying stream %d's plan to the new daemon failed", topo.stream.id)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -338,6 +364,7 @@ class Agent:
             "version": self.version,
             "applied_version": self.applied_version,
             "plan_epoch": self.topology.plan_epoch if self.topology else None,
+            "streams": {str(s): t.plan_epoch for s, t in sorted(self.topologies.items())},
             **vars(self.counters),
         }
 
@@ -589,40 +616,61 @@ class Agent:
         return {**doc, "relays": [*doc.get("relays", ()), *idle]}
 
     def _take_config(self, config: dict[str, Any]) -> None:
+        """Apply every stream's plan that names this node, each on its own: a changed plan
+        changes only its stream's state in the daemon, and a stream the config no longer
+        lists is removed from it."""
         version = int(config.get("version", 0))
         # A lower version than ours comes from a controller that lost its database: new.
-        if version == self.version and self.topology is not None:
+        if version == self.version and self.topologies:
             return
-        chosen: dict[str, Any] | None = None
+        listed: set[int] = set()
+        chosen: dict[int, dict[str, Any]] = {}
         for entry in config.get("streams", ()):
             doc = entry.get("topology") or {}
-            if self.stream_id is not None and entry.get("stream_id") != self.stream_id:
+            stream_id = entry.get("stream_id")
+            if not isinstance(stream_id, int):
+                continue
+            listed.add(stream_id)
+            if self.stream_id is not None and stream_id != self.stream_id:
                 continue
             if self._mine(doc):
-                chosen = doc
-                break
+                chosen[stream_id] = doc
         if self.prober is not None:
             self.prober.set_peers(
                 (p["name"], p["addr"], int(p["probe_port"])) for p in config.get("peers", ())
             )
         self.version = version
-        if chosen is None:
-            # Not in any plan (a spare relay, or a stream not planned yet): keep what we run.
-            self.applied_version = version
-            self._ack.set()
+        failed = False
+        for stream_id, doc in sorted(chosen.items()):
+            if not self._apply_stream(stream_id, doc, version):
+                failed = True
+        # A config without any stream (a controller that lost its database, or every stream
+        # deleted) changes nothing: the data plane keeps its last plans, as when the
+        # controller is away. A stream gone from a config that lists others was deleted.
+        if listed:
+            for stream_id in sorted(set(self.topologies) - listed):
+                self._remove_stream(stream_id)
+        if failed:
             return
+        self.applied_version = version
+        if any(self._mine(doc, every=True) for doc in self.topology_docs.values()):
+            # A daemon hosting several nodes starts once a plan has them all.
+            self._have_topology.set()
+        self._ack.set()
+
+    def _apply_stream(self, stream_id: int, doc: dict[str, Any], version: int) -> bool:
+        """Hand one stream's plan to the daemon when it changed; False when it was refused
+        (the daemon keeps that stream's last plan)."""
         if self.role == "relay":
-            chosen = self._with_idle_co_nodes(chosen)
-        if chosen == self.topology_doc:
-            self.applied_version = version
-            self._ack.set()
-            return
+            doc = self._with_idle_co_nodes(doc)
+        if doc == self.topology_docs.get(stream_id):
+            return True
         try:
-            topo = parse_topology(chosen)
+            topo = parse_topology(doc)
         except TopologyError as exc:
             self.counters.apply_errors += 1
-            log.error("plan from the controller rejected: %s", exc)
-            return
+            log.error("plan of stream %d from the controller rejected: %s", stream_id, exc)
+            return False
         if self.daemon is not None:
             try:
                 self.daemon.apply_topology(topo)
@@ -633,16 +681,38 @@ class Agent:
                     set_hold(topo.stream.hold_ns)
             except Exception:
                 self.counters.apply_errors += 1
-                log.exception("applying plan epoch %d failed; keeping the last", topo.plan_epoch)
-                return
-        self.topology, self.topology_doc = topo, chosen
-        self.applied_version = version
+                log.exception(
+                    "applying stream %d plan epoch %d failed; keeping the last",
+                    stream_id,
+                    topo.plan_epoch,
+                )
+                return False
+        self.topologies = {**self.topologies, stream_id: topo}
+        self.topology_docs = {**self.topology_docs, stream_id: doc}
         self.counters.configs_applied += 1
-        if self._mine(chosen, every=True):
-            # A daemon hosting several nodes starts once a plan has them all.
-            self._have_topology.set()
-        self._ack.set()
-        log.info("%s runs plan epoch %d (config %d)", self.node_name, topo.plan_epoch, version)
+        log.info(
+            "%s runs stream %d plan epoch %d (config %d)",
+            self.node_name,
+            stream_id,
+            topo.plan_epoch,
+            version,
+        )
+        return True
+
+    def _remove_stream(self, stream_id: int) -> None:
+        """The controller no longer lists `stream_id`: the daemon stops serving it."""
+        remove = getattr(self.daemon, "remove_stream", None)
+        if remove is not None:
+            try:
+                remove(stream_id)
+            except Exception:
+                self.counters.apply_errors += 1
+                log.exception("removing stream %d failed", stream_id)
+                return
+        self.topologies = {s: t for s, t in self.topologies.items() if s != stream_id}
+        self.topology_docs = {s: d for s, d in self.topology_docs.items() if s != stream_id}
+        self.counters.streams_removed += 1
+        log.info("%s no longer serves stream %d", self.node_name, stream_id)
 
 
 # --- running a daemon under an agent (jasper relay/receiver/publisher --controller URL) ---------
@@ -690,6 +760,9 @@ class ReceiverHost:
 
     def apply_topology(self, topo: Topology) -> None:
         self.rx.apply_topology(topo)
+
+    def remove_stream(self, stream_id: int) -> None:
+        self.rx.remove_stream(stream_id)
 
     def owd_reports(self) -> list[dict[str, Any]]:
         reports: list[dict[str, Any]] = self.rx.owd_reports()
@@ -787,7 +860,7 @@ async def _serve(kind: str, args: argparse.Namespace) -> int:
                 hold_ns=None if hold is None else int(hold * 1000),
                 batch_ns=batch_ns_of(args),
             )
-        agent.attach(daemon)
+        agent.attach(daemon, topo)
         _ready(args.ready_file)
         log.info("%s %s up under the controller at %s", kind, args.node_name, args.controller)
         if kind == "publisher":

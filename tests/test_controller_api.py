@@ -283,6 +283,31 @@ def test_tree_json_and_node_configs_are_valid_topologies(client: TestClient) -> 
         parse_topology(cfg["streams"][0]["topology"])
 
 
+def test_a_deleted_stream_leaves_every_config_and_the_others_untouched(
+    client: TestClient,
+) -> None:
+    alpha, _ = setup_world(client)
+    assert client.post("/v1/streams", json={"id": 2, "name": "b"}, headers=ADMIN).status_code == 201
+    for port, stream in ((7100, 1), (7101, 2)):
+        r = client.post("/v1/subscriptions", json=sub_body(port, stream), headers=bearer(alpha))
+        assert r.status_code == 201
+    before = client.get("/v1/nodes/rx0/config?version=0&wait=0", headers=NODE).json()
+    assert [s["stream_id"] for s in before["streams"]] == [1, 2]
+    assert client.delete("/v1/streams/2", headers=bearer(alpha)).status_code == 403
+    assert client.delete("/v1/streams/2", headers=ADMIN).status_code == 204
+    assert client.delete("/v1/streams/2", headers=ADMIN).status_code == 404
+    assert client.get("/v1/streams/2", headers=ADMIN).status_code == 404
+    subs = client.get("/v1/subscriptions", headers=bearer(alpha)).json()
+    assert [s["stream_id"] for s in subs] == [1]
+    after = client.get("/v1/nodes/rx0/config?version=0&wait=0", headers=NODE).json()
+    assert after["version"] > before["version"]
+    # Stream 1's document is the same plan as before: nothing of it moved.
+    assert [s["stream_id"] for s in after["streams"]] == [1]
+    assert after["streams"][0]["topology"] == before["streams"][0]["topology"]
+    # The id is free again.
+    assert client.post("/v1/streams", json={"id": 2, "name": "c"}, headers=ADMIN).status_code == 201
+
+
 def test_incremental_attach_moves_nobody(client: TestClient) -> None:
     alpha, _ = setup_world(client, relays=12)
     client.patch("/v1/streams/1", json={"depth": 2, "fanout": 4}, headers=ADMIN)

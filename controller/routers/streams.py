@@ -83,6 +83,15 @@ async def update_stream(
     return public(planner.update_stream(replace(row, **changes)))
 
 
+@router.delete(
+    "/{stream_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a stream, its subscriptions, plans and keys",
+)
+async def delete_stream(stream_id: StreamPath, planner: PlannerDep, _: AdminDep) -> None:
+    planner.delete_stream(stream_id)
+
+
 def keys_public(planner: Planner, stream_id: int) -> StreamKeysPublic:
     """The stream's key epochs and rotation phase, without the secrets."""
     ring = planner.key_ring(stream_id)

@@ -53,7 +53,14 @@ from overlay.emulation.faults import (
     NodeGate,
     attach_linkloss,
 )
-from overlay.emulation.netns import EmulatedNetwork, write_manifest
+from overlay.emulation.netns import (
+    EMULATION_BACKLOG,
+    EmulatedNetwork,
+    backlog_drops,
+    raise_backlog,
+    restore_backlog,
+    write_manifest,
+)
 from overlay.emulation.spawner import Spawner
 from overlay.emulation.timeref import TimeReference
 from overlay.recordlog import load_releases, load_run_releases, save_releases
@@ -335,6 +342,8 @@ class BlockResult:
     """The controller's CPU while the publisher sent (heartbeats, config polls, hold)."""
     events: list[FaultEvent] = field(default_factory=list)
     daemon_errors: list[str] = field(default_factory=list)
+    backlog_drops: int = 0
+    """Packets the kernel dropped at a full per-CPU backlog during the block (whole machine)."""
     data_paths: str = ""
     """Which data path the block's nodes ran, e.g. "receivers native x3; relays ebpf x5; link
     model emulated at receivers" (from their status files; overlay.report_page.data_paths)."""
@@ -400,6 +409,7 @@ class Emulation:
         self.processes: list[ProcessStat] = []
         self.notes: list[str] = []
         self.closed = False
+        self._backlog_restore: int | None = None
         self.ctl_pid = 0
         self.timeref: TimeReference | None = None
         """The region's reference chronyd (for the clock-step fault's SNTP-corrected clock)."""
@@ -459,6 +469,12 @@ class Emulation:
             json.dumps({"settings": settings_dict(self.s), "tag": self.tag}, indent=1)
         )
         self.progress(f"building {len(self.net.hosts)} namespaces", 0.0)
+        self._backlog_restore = raise_backlog()
+        if self._backlog_restore is not None:
+            self.notes.append(
+                f"net.core.netdev_max_backlog raised from {self._backlog_restore} to "
+                f"{EMULATION_BACKLOG} for the run (restored at the end)"
+            )
         self.net.build()
         self.spawner = Spawner(
             [
@@ -655,6 +671,10 @@ class Emulation:
         if self.timeref is not None:
             self.timeref.stop()
         self.net.teardown()
+        try:
+            restore_backlog(self._backlog_restore)
+        except OSError:
+            log.exception("restoring net.core.netdev_max_backlog")
 
     # -- daemons ------------------------------------------------------------------------------
 
@@ -896,6 +916,7 @@ class Emulation:
         time.sleep(self.s.settle_s)
         t0 = time.monotonic()
         cpu0 = cpu_sample()
+        drops0 = backlog_drops()
         daemons = list(self.live.values())
         own0 = process_cpu_s(daemons)
         ctl0 = process_cpu_s([self.ctl_pid]) if self.ctl_pid else 0.0
@@ -998,6 +1019,7 @@ class Emulation:
             events=list(injector.events) if injector else [],
             daemon_errors=errors,
             data_paths=data_paths(_block_statuses(block_dir)),
+            backlog_drops=backlog_drops() - drops0,
         )
         self.blocks.append(result)
         (block_dir / "block.json").write_text(
@@ -1257,6 +1279,7 @@ def block_meta(b: BlockResult) -> dict[str, Any]:
         "events": [{**asdict(e), "fault": asdict(e.fault)} for e in b.events],
         "daemon_errors": b.daemon_errors,
         "data_paths": b.data_paths,
+        "backlog_drops": b.backlog_drops,
     }
 
 
@@ -1369,6 +1392,7 @@ def reload_run(out_dir: Path, settings: EmulationSettings | None = None) -> Emul
                 events=events,
                 daemon_errors=list(meta.get("daemon_errors", [])),
                 data_paths=str(meta.get("data_paths", "")),
+                backlog_drops=int(meta.get("backlog_drops", 0)),
             )
         )
         em.processes += [ProcessStat(**p) for p in meta.get("processes", [])]
@@ -1477,6 +1501,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
         row["controller_cpu_percent"] = round(100 * float(np.mean(ctl)), 1) if ctl else None
         row["hold_us"] = [round(b.hold_ns / 1e3) for b in blocks] if em.specs[name].hold else None
         row["data_paths"] = sorted({b.data_paths for b in blocks if b.data_paths})
+        row["backlog_drops"] = sum(b.backlog_drops for b in blocks)
     taus_us = rp.table_taus_us(tau_ns / 1e3)
     for row, c in zip(rows, configs, strict=True):
         row["p_fair_at"] = rp.p_fair_columns(c, taus_us)
@@ -1670,6 +1695,7 @@ def analyse(em: Emulation) -> tuple[dict[str, Any], dict[str, str]]:
                 "achieved_rate": round(b.achieved_rate, 2),
                 "machine_cpu_percent": round(100 * b.cpu_fraction, 1),
                 "own_cpu_percent": round(100 * b.own_cpu_fraction, 1),
+                "backlog_drops": b.backlog_drops,
                 "startup_s": round(b.startup_s, 2),
                 "wall_s": round(b.wall_s, 2),
                 "controller_cpu_percent": round(
