@@ -327,7 +327,7 @@ class FleetView:
 
     nodes: tuple[NodeReport, ...]
     relay_stream: Mapping[str, int]
-    """Relay node -> the stream it serves (a relay process runs one stream's plan)."""
+    """Relay node -> the lowest stream id it serves (its counters cover all its streams)."""
     endpoint_stream: Mapping[str, int]
     """Endpoint name -> stream of its subscription."""
     stream_hold_ns: Mapping[int, int]
@@ -531,7 +531,8 @@ def fleet_view(planner: Planner) -> FleetView:
             )
         )
     relay_stream: dict[str, int] = {}
-    # The agent applies the first stream (by id) whose plan names the node.
+    # A relay in several trees counts them together (its counters are per node): the series
+    # carry the lowest stream id whose plan names it.
     for sid, plans in sorted(planner.plans.items()):
         used = list(plans.active.relay_nodes())
         if plans.pending is not None:
