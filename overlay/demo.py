@@ -978,6 +978,8 @@ def summarize_with_figures(
         # Loss recovery (docs/recovery.md); the publisher's side is in its status.
         **{key: total(endpoint_counters, key) for key in RECOVERY_COUNTER_NAMES},
         "retransmits_sent": int((pub.get("recovery") or {}).get("retransmits_sent", 0)),
+        # NAKs the publisher's kernel dropped (receive buffer full): asked for, never answered.
+        "naks_dropped_publisher": int((pub.get("recovery") or {}).get("naks_dropped", 0)),
         "hold_overflow": total(endpoint_counters, "hold_overflow"),
         "relay_copies_sent": total(relay_counters, "sent"),
         "relay_hedge_copies_sent": total(relay_counters, "sent_hedge"),

@@ -96,7 +96,7 @@ class System:
             assert c["unrecoverable"] == 0, ep
             recovered += c["recovered"] + c["recovered_late"]
         # NAKs go straight to the publisher over loopback: none lost, none refused.
-        assert pub["naks_refused"] == {}
+        assert pub["naks_refused"] == {} and pub["naks_dropped"] == 0
         assert pub["naks_received"] == naks
         assert pub["ranges_requested"] == naks + sum(c["naks_coalesced"] for c in eps.values())
         assert pub["retransmits_missing"] == 0 and pub["retransmits_capped"] == 0
@@ -127,7 +127,14 @@ async def test_seeded_loss_on_every_link_loses_no_message(
     """On the Python receive path and on the native one (its core's NAK schedule, NAKs sent by
     the pump from each endpoint's socket): the same message-by-message check and counters."""
     # At 30% a retransmission is lost 3 times in 10: more attempts keep every hole recoverable.
-    recovery = RecoveryConfig(attempts=8) if loss >= 0.3 else None
+    # The native schedule runs in real time on the pump's thread while the publisher shares
+    # this test's loop: on a loaded host that loop stalls for milliseconds, NAKs queue, are
+    # answered once (coalesced) and four 1-ms attempts are spent before; a longer budget.
+    recovery = (
+        RecoveryConfig(attempts=8, retry_ns=2_000_000)
+        if loss >= 0.3 or datapath == "native"
+        else None
+    )
     system = System(lossy_topology(hedge=hedge, loss=loss), recovery=recovery, datapath=datapath)
     await system.run(100)
     eps = system.check_every_message_once(100)
