@@ -10,6 +10,9 @@
 #ifndef JASPER_RING_SLOTS
 #define JASPER_RING_SLOTS 65536 /* power of two: slot = hash & (SLOTS - 1) */
 #endif
+#ifndef JASPER_MAX_STREAMS
+#define JASPER_MAX_STREAMS 64 /* streams (trees) one relay node forwards with their own table */
+#endif
 #ifndef JASPER_MAX_PARENTS
 #define JASPER_MAX_PARENTS 256
 #endif

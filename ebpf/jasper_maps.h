@@ -18,6 +18,18 @@ struct {
 	__type(value, struct jasper_target_table);
 } relay_targets SEC(".maps");
 
+/* Stream id -> that stream's target table, for a relay node in several trees: a copy of a
+ * stream listed here follows its stream's table, any other the table above. Elements are
+ * swapped whole under RCU, like the one above. The listen port and table flags are the node's
+ * and are read from the table above. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, JASPER_MAX_STREAMS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct jasper_target_table);
+} relay_streams SEC(".maps");
+
 /* Duplicate ring shared by every CPU (a per-CPU ring would let two CPUs each forward one copy of
  * a hedged message). Slots hold a 64-bit fingerprint of (stream, session, seq), swapped with
  * compare-and-swap. */

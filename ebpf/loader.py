@@ -297,7 +297,10 @@ class RelayFastPath(_Attachment):
         self.listen_port = listen_port
         self.listen_addr = None if listen_addr in (None, "0.0.0.0") else listen_addr
         self.targets: tuple[ResolvedTarget, ...] = ()
-        """The table last written, with how each MAC was found."""
+        """The node's table last written (copies of streams without their own), with how each
+        MAC was found."""
+        self.stream_targets: dict[int, tuple[ResolvedTarget, ...]] = {}
+        """Stream id -> its own table, for a relay node in several trees."""
         self.unroutable: tuple[tuple[str, int, bool], ...] = ()
         """Targets left out because this namespace has no route to them."""
 
@@ -317,8 +320,8 @@ class RelayFastPath(_Attachment):
             raise
         log.info("relay fast path of %s attached on %s", self.node, self.ifname)
 
-    def _write_table(self, targets: Sequence[ResolvedTarget]) -> None:
-        m = self._map("relay_targets")
+    def _write_table(self, targets: Sequence[ResolvedTarget], stream: int | None = None) -> None:
+        m = self._map("relay_targets" if stream is None else "relay_streams")
         if len(targets) > self.max_targets:
             raise ValueError(f"{len(targets)} targets; the program holds {self.max_targets}")
         table_flags = TABLE_CSUM_HELPERS if self.csum_helpers else 0
@@ -336,16 +339,27 @@ class RelayFastPath(_Attachment):
                 flags,
             )
         # One element holds the whole table: the kernel swaps it in one step.
-        m.update(struct.pack("=I", 0), body.ljust(m.value_size, b"\0"))
-        self.targets = tuple(targets)
+        m.update(
+            struct.pack("=I", 0 if stream is None else stream), body.ljust(m.value_size, b"\0")
+        )
+        if stream is None:
+            self.targets = tuple(targets)
+        else:
+            self.stream_targets = {**self.stream_targets, stream: tuple(targets)}
 
     @off_event_loop
-    def set_targets(self, targets: Sequence[tuple[str, int, bool]]) -> None:
+    def set_targets(
+        self, targets: Sequence[tuple[str, int, bool]], *, stream: int | None = None
+    ) -> None:
         """Replace the copy targets: (IPv4, UDP port, is_hedge) each, resolved here and now.
 
+        stream: the table of that stream only (a relay node in several trees); None: the
+        node's table, which copies of every stream without a table of its own follow.
         A target whose next-hop MAC is not in the neighbour table is resolved per packet with
         bpf_fib_lookup (counted as fib_fallback, or no_neighbour when that fails too).
         """
+        if stream is not None and not 0 <= stream < 2**32:
+            raise ValueError(f"stream {stream} out of range")
         resolved: list[ResolvedTarget] = []
         unroutable: list[tuple[str, int, bool]] = []
         with in_netns(self._netns_fd), iproute() as ipr:
@@ -358,13 +372,22 @@ class RelayFastPath(_Attachment):
         if unroutable:
             log.warning("relay %s: no route to targets %s", self.node, unroutable)
         self.unroutable = tuple(unroutable)
-        self._write_table(resolved)
+        self._write_table(resolved, stream)
+
+    @off_event_loop
+    def remove_stream(self, stream: int) -> None:
+        """Drop `stream`'s own table: its copies follow the node's table from now on."""
+        if stream in self.stream_targets:
+            self._map("relay_streams").delete(struct.pack("=I", stream))
+            self.stream_targets = {s: t for s, t in self.stream_targets.items() if s != stream}
 
     def counters(self) -> dict[str, int]:
         """Kernel counters summed over CPUs, plus how the current targets were resolved."""
         c = self._counters("relay_stats", RELAY_COUNTERS)
-        c["targets"] = len(self.targets)
-        c["targets_fib"] = sum(1 for t in self.targets if t.dmac is None)
+        every = [t for table in (self.targets, *self.stream_targets.values()) for t in table]
+        c["targets"] = len(every)
+        c["targets_fib"] = sum(1 for t in every if t.dmac is None)
+        c["stream_tables"] = len(self.stream_targets)
         c["targets_unroutable"] = len(self.unroutable)
         return c
 

@@ -348,7 +348,12 @@ int jasper_relay(struct __sk_buff *skb)
 		n.duplicates++;
 		goto out;
 	}
-	if (!table->count) {
+	/* A relay in several trees: the copy's stream picks its own table. */
+	__u32 stream_id = p.stream_id;
+	struct jasper_target_table *targets = bpf_map_lookup_elem(&relay_streams, &stream_id);
+	if (!targets)
+		targets = table;
+	if (!targets->count) {
 		n.no_targets++;
 		goto out;
 	}
@@ -373,7 +378,7 @@ int jasper_relay(struct __sk_buff *skb)
 		goto out;
 	}
 	s.csum_mode = mode;
-	action = relay_fan_out(skb, &s, table, p.flags, own_mark, &n);
+	action = relay_fan_out(skb, &s, targets, p.flags, own_mark, &n);
 
 out:
 	jasper_count(&relay_stats, RELAY_IN, n.in);

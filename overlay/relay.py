@@ -280,17 +280,17 @@ class Relay:
                     reason = str(why)
                 else:
                     for node in self.nodes.values():
-                        if len(node.tables) > 1:
-                            self._fast_path_down(node, None)
-                            continue
                         fp = loader.RelayFastPath(
                             node=node.name,
                             ifname=ifname or loader.interface_of(node.config.addr),
                             listen_port=node.config.port,
                         )
                         fp.attach()
-                        fp.set_targets(_target_rows(node))
                         self.fast_path[node.name] = fp
+                        # A table per stream; the node's own table stays empty, so copies of
+                        # a stream it does not serve are dropped (no_targets).
+                        for stream in node.tables:
+                            fp.set_targets(_target_rows(node, stream), stream=stream)
                         node.forward_user_space = False
             except Exception as exc:  # ImportError, or the loader failing to attach
                 reason = f"{type(exc).__name__}: {exc}"
@@ -340,14 +340,13 @@ class Relay:
                     old = (previous.relay(node.name), previous)
                 except KeyError:
                     old = None
-            fp = self.fast_path.get(node.name)
-            if fp is not None and node.tables and stream not in node.tables:
-                # Its kernel program would forward this stream by the other one's table.
-                self._fast_path_down(node, stream)
-                fp = None
             node.set_targets(cfg, topo, previous=old)
+            fp = self.fast_path.get(node.name)
             if fp is not None:
-                fp.set_targets(_target_rows(node))
+                try:
+                    fp.set_targets(_target_rows(node, stream), stream=stream)
+                except OSError as exc:  # the kernel's stream table is full (JASPER_MAX_STREAMS)
+                    self._fast_path_down(node, f"stream {stream}'s table refused: {exc}")
 
     def remove_stream(self, stream: int) -> None:
         """Stop serving `stream` (no plan names it any more): its copies are refused, its
@@ -358,8 +357,8 @@ class Relay:
         for node in self.nodes.values():
             node.drop_stream(stream)
             fp = self.fast_path.get(node.name)
-            if fp is not None and not node.tables:
-                fp.set_targets([])  # the kernel drops what the node no longer serves
+            if fp is not None:
+                fp.remove_stream(stream)  # its copies meet the node's empty table: dropped
         if self.plans:
             self.senders = SenderNames(*self.plans.values())
         log.info(
@@ -369,11 +368,9 @@ class Relay:
             sorted(self.plans) or "none",
         )
 
-    def _fast_path_down(self, node: RelayNode, stream: int | None) -> None:
-        """Forward `node` in user space from now on: its kernel table holds one stream's
-        targets, and this node serves several (`stream` is the one that makes it so)."""
-        streams = sorted({*node.tables, *(() if stream is None else (stream,))})
-        why = f"serves streams {', '.join(map(str, streams))}: the kernel table holds one"
+    def _fast_path_down(self, node: RelayNode, why: str) -> None:
+        """Forward `node` in user space from now on, every stream (the kernel could not take
+        one of its tables)."""
         fp = self.fast_path.pop(node.name, None)
         if fp is not None:
             try:
@@ -421,7 +418,7 @@ class Relay:
         self.delay.flush()
 
 
-def _target_rows(node: RelayNode) -> list[tuple[str, int, bool]]:
-    """The kernel table of a node that serves one stream (or none): its newest targets."""
-    own, hedges = node.table(next(iter(node.tables))) if node.tables else ([], [])
+def _target_rows(node: RelayNode, stream: int) -> list[tuple[str, int, bool]]:
+    """The kernel table of one stream of `node`: its newest plan's targets."""
+    own, hedges = node.table(stream)
     return [(a, p, False) for a, p in own] + [(a, p, True) for a, p in hedges]

@@ -246,6 +246,8 @@ def relay(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
     with lab.entered(lab.ns):
         lab.relay.reset()
         lab.relay.set_targets([])
+        for stream in list(lab.relay.stream_targets):
+            lab.relay.remove_stream(stream)
     lab.drain(0.01)
     yield lab
 
@@ -301,6 +303,29 @@ def test_relay_forwards_only_first_copy_of_a_message(relay: Lab) -> None:
     assert [len(c) for _, c in sent] == [2, 0, 2, 2, 2, 0]
     c = counters(relay)
     assert (c["in"], c["copies"], c["duplicates"]) == (6, 8, 2)
+
+
+def test_relay_in_several_trees_forwards_each_stream_by_its_own_table(relay: Lab) -> None:
+    one, two = [("10.9.0.2", 9000, False)], [("10.9.0.3", 9001, False), ("10.9.0.4", 9002, True)]
+    with relay.entered(relay.ns):
+        relay.relay.set_targets(one, stream=1)
+        relay.relay.set_targets(two, stream=2)
+    for stream, table in ((1, one), (2, two)):
+        # The same (session, seq) in two streams: two messages, each copied by its own table.
+        pkt = jasper_packet(stream=stream, seq=9)
+        action, got = fan_out(relay, pkt)
+        assert action == TC_ACT_REDIRECT
+        assert sorted(got) == sorted(expected_copy(pkt, ip, p, h) for ip, p, h in table)
+    # A stream without a table of its own meets the node's table, empty here: dropped.
+    assert fan_out(relay, jasper_packet(stream=3, seq=9)) == (TC_ACT_SHOT, [])
+    assert counters(relay)["stream_tables"] == 2
+    with relay.entered(relay.ns):
+        relay.relay.remove_stream(2)
+    assert fan_out(relay, jasper_packet(stream=2, seq=10)) == (TC_ACT_SHOT, [])
+    pkt = jasper_packet(stream=1, seq=10)
+    assert fan_out(relay, pkt) == (TC_ACT_REDIRECT, [expected_copy(pkt, "10.9.0.2", 9000, False)])
+    c = counters(relay)
+    assert (c["in"], c["copies"], c["no_targets"], c["stream_tables"]) == (5, 4, 2, 1)
 
 
 def test_relay_reaches_thirty_and_more_targets(relay: Lab) -> None:

@@ -19,7 +19,8 @@ from controller.loopback import (
 from jasper.mp_spec import MpMessage, parse
 from overlay.nativepath import native_available
 
-RELAYS = ("r0", "r1", "r2")
+RELAYS = ("msr0", "msr1", "msr2")
+"""Relay nodes of one process (eBPF pins are machine-wide by node name: names of their own)."""
 STREAM_OF_ENDPOINT = (1, 1, 2, 2)
 """Endpoint i of the receiver host rx0 subscribes to this stream."""
 HOLD_NS = 1_000_000_000
@@ -42,11 +43,33 @@ def served(ctl: LoopbackController, name: str) -> set[int]:
     return {int(k.split(".")[1]) for k in node_status(ctl, name) if k.startswith("streams.")}
 
 
+def relay_sum(ctl: LoopbackController, suffix: str) -> float:
+    """A counter summed over the relay nodes of the process."""
+    status = node_status(ctl, RELAYS[0])
+    return sum(v for k, v in status.items() if k.startswith("nodes.") and k.endswith(suffix))
+
+
+def kernel_stream_tables(ctl: LoopbackController) -> list[float]:
+    """Per relay node of the process: the stream tables its eBPF program holds."""
+    status = node_status(ctl, RELAYS[0])
+    return [status.get(f"nodes.{r}.fast_path.stream_tables", -1.0) for r in RELAYS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("datapath", ["python", "native"])
-def test_two_streams_share_relays_and_a_receiver_host(tmp_path: Path, datapath: str) -> None:
+@pytest.mark.parametrize(
+    ("datapath", "relay_path"), [("python", "user"), ("native", "user"), ("native", "ebpf")]
+)
+def test_two_streams_share_relays_and_a_receiver_host(
+    tmp_path: Path, datapath: str, relay_path: str
+) -> None:
     if datapath == "native" and not native_available()[0]:
         pytest.skip(native_available()[1])
+    if relay_path == "ebpf":
+        from ebpf import loader
+
+        ok, why = loader.fast_path_available()
+        if not ok:
+            pytest.skip(str(why))
     ctl = LoopbackController(db_path=tmp_path / "controller.db", heartbeat_timeout_s=5)
     ctl.start()
     daemons = DaemonSet(ctl, tmp_path)
@@ -63,7 +86,7 @@ def test_two_streams_share_relays_and_a_receiver_host(tmp_path: Path, datapath: 
             )
         # One relay process hosting three relay nodes, one receiver process for both streams.
         daemons.start(
-            "relay", ",".join(RELAYS), "--port", str(free_udp_block(3)), "--fast-path", "user"
+            "relay", ",".join(RELAYS), "--port", str(free_udp_block(3)), "--fast-path", relay_path
         )
         base = free_udp_block(len(STREAM_OF_ENDPOINT))
         daemons.start(
@@ -88,14 +111,20 @@ def test_two_streams_share_relays_and_a_receiver_host(tmp_path: Path, datapath: 
         wait_for(
             lambda: all(len(messages(sink, i)) > 3 * RATE for i in range(4)), 90, "both streams"
         )
-        wait_for(lambda: served(ctl, "r0") == {1, 2}, 20, "the relays to report both streams")
+        wait_for(lambda: served(ctl, RELAYS[0]) == {1, 2}, 20, "the relays to report both")
         assert served(ctl, "rx0") == {1, 2}
+        if relay_path == "ebpf":
+            # Every relay forwards both streams in the kernel, each by its own table.
+            wait_for(lambda: kernel_stream_tables(ctl) == [2.0] * 3, 20, "kernel tables")
+            assert node_status(ctl, RELAYS[0])["fast_path_off"] == 0
 
         # Stream 2 goes; stream 1 keeps its relays' tables, dedup state and held messages.
         ctl.delete_stream(2)
-        ctl.wait_applied({"r0", "rx0"}, 30)
+        ctl.wait_applied({RELAYS[0], "rx0"}, 30)
         removed_ns = time.time_ns()
-        wait_for(lambda: served(ctl, "r0") == {1} and served(ctl, "rx0") == {1}, 20, "removal")
+        wait_for(lambda: served(ctl, RELAYS[0]) == {1} and served(ctl, "rx0") == {1}, 20, "removal")
+        if relay_path == "ebpf":
+            wait_for(lambda: kernel_stream_tables(ctl) == [1.0] * 3, 20, "a kernel table gone")
         delivered_before = [len(messages(sink, i)) for i in range(4)]
         wait_for(
             lambda: all(len(messages(sink, i)) > delivered_before[i] + 2 * RATE for i in range(2)),
@@ -126,17 +155,10 @@ def test_two_streams_share_relays_and_a_receiver_host(tmp_path: Path, datapath: 
         last_stream2 = max(m.deadline_ns for i in (2, 3) for m in messages(sink, i))
         assert last_stream2 - HOLD_NS <= removed_ns
         assert len(messages(sink, 2)) < RATE * DURATION_S
+        # User-space relays refuse it by stream; in the kernel it meets the node's empty table.
+        refused = ".fast_path.no_targets" if relay_path == "ebpf" else ".rejected.stream"
         wait_for(
-            lambda: (
-                sum(
-                    v
-                    for k, v in node_status(ctl, "r0").items()
-                    if k.startswith("nodes.") and k.endswith(".rejected.stream")
-                )
-                > 0
-            ),
-            20,
-            "the relays to refuse stream 2",
+            lambda: relay_sum(ctl, refused) > 0, 20, f"the relays to drop stream 2 ({refused})"
         )
         assert set(daemons.stop().values()) == {0}
     finally:
