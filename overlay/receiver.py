@@ -1024,8 +1024,13 @@ class Receiver:
                     refused[cfg.name] = str(exc)
                 continue
             if ep.stream_id not in (None, stream):
-                refused[cfg.name] = f"endpoint of stream {ep.stream_id}, named by stream {stream}"
-                continue
+                if ep.stream_id in self.plans:
+                    refused[cfg.name] = (
+                        f"endpoint of stream {ep.stream_id}, named by stream {stream} too"
+                    )
+                    continue
+                # Its stream was removed: the endpoint (socket, rings) serves this one now.
+                ep.stream_id = stream
             if self._deliver_override == "topology" and cfg.deliver != ep.config.deliver:
                 try:
                     ep.set_deliver(cfg.deliver)

@@ -109,6 +109,77 @@ def test_new_endpoint_opens_in_place_keeping_held_messages_and_records() -> None
     assert all(release >= deadline for _, _, release, deadline in rows)
 
 
+def _with_stream(doc: dict[str, Any], stream: int, endpoints: list[str]) -> dict[str, Any]:
+    """`doc` as the plan of `stream` whose receiver host has only `endpoints`."""
+    out = copy.deepcopy(doc)
+    out["stream"]["id"] = stream
+    host = out["receivers"][0]
+    host["endpoints"] = [e for e in host["endpoints"] if e["name"] in endpoints]
+    known = {r["name"] for r in out["relays"]} | set(endpoints)
+    for relay in out["relays"]:
+        relay["targets"] = [t for t in relay["targets"] if t["node"] in known]
+    return out
+
+
+def _copy_of(stream: int, seq: int, deadline_ns: int) -> bytes:
+    h = Header(
+        stream_id=stream, session=7, seq=seq, send_time_ns=time.time_ns(),
+        deadline_ns=deadline_ns, plan_epoch=2,
+    )  # fmt: skip
+    return encode(h, b"s%d-%d" % (stream, seq))
+
+
+def test_a_host_serves_endpoints_of_several_streams_and_one_can_go() -> None:
+    """Endpoint e0 in stream 1's plan, e1 in stream 2's: each takes its own stream only;
+    removing stream 2 leaves stream 1's held messages and state alone, releases what e1 held,
+    and e1's port can serve a later stream."""
+    _, full = _docs(0)
+    for e in full["receivers"][0]["endpoints"]:
+        e["deliver"] = None
+    port = {e["name"]: e["port"] for e in full["receivers"][0]["endpoints"]}
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    async def main() -> list[tuple[str, int, int]]:
+        rx = Receiver(
+            parse_topology(_with_stream(full, 1, ["e0"])), "h0", realtime=False, link_model=False
+        )
+        rx.start()
+        try:
+            rx.apply_topology(parse_topology(_with_stream(full, 2, ["e1"])))
+            assert set(rx.plans) == {1, 2} and set(rx.by_name) == {"e0", "e1"}
+            later = time.time_ns() + 400_000_000
+            sender.sendto(_copy_of(1, 1, later), (ADDR, port["e0"]))
+            sender.sendto(_copy_of(2, 1, later), (ADDR, port["e1"]))
+            sender.sendto(_copy_of(2, 2, later), (ADDR, port["e0"]))  # not e0's stream
+            await _until(lambda: rx.held() == 2, 10)
+            assert rx.by_name["e0"].counters.rejected["stream"] == 1
+
+            rx.remove_stream(2)
+            assert set(rx.plans) == {1} and rx.status()["streams"] == {"1": 2}
+            assert rx.held() == 2  # what e1 held is still released, at its deadline
+            sender.sendto(_copy_of(2, 3, later), (ADDR, port["e1"]))
+            sender.sendto(_copy_of(1, 2, later), (ADDR, port["e0"]))
+            await _until(lambda: rx.held() == 3, 10)
+            await _until(lambda: rx.by_name["e1"].counters.rejected["stream"] == 1, 10)
+
+            # A later stream's plan names e1's port again: the endpoint serves that stream.
+            rx.apply_topology(parse_topology(_with_stream(full, 3, ["e1"])))
+            assert not rx.plan_refused
+            sender.sendto(_copy_of(3, 1, later), (ADDR, port["e1"]))
+            await _until(lambda: rx.held() == 4, 10)
+        finally:
+            rx.stop()
+            rx.close()
+        arr = rx.records.array()
+        return [(str(r["endpoint"]), int(r["stream_id"]), int(r["seq"])) for r in arr]
+
+    try:
+        rows = asyncio.run(main())
+    finally:
+        sender.close()
+    assert sorted(rows) == [("e0", 1, 1), ("e0", 1, 2), ("e1", 2, 1), ("e1", 3, 1)]
+
+
 def test_relay_forwards_by_plan_epoch_during_a_switch() -> None:
     """Make-before-break at a relay that is in both plans: copies stamped with the old epoch
     still reach the old plan's endpoint, new-epoch copies the new one; once the switch is
