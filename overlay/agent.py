@@ -635,6 +635,10 @@ class Agent:
                 continue
             if self._mine(doc):
                 chosen[stream_id] = doc
+        if self.role == "publisher" and len(chosen) > 1:
+            # A publisher process sends one stream: without a stream id, the lowest naming it.
+            first = min(chosen)
+            chosen = {first: chosen[first]}
         if self.prober is not None:
             self.prober.set_peers(
                 (p["name"], p["addr"], int(p["probe_port"])) for p in config.get("peers", ())
