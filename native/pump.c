@@ -548,7 +548,7 @@ struct nak_dest {
 
 struct endpoint {
 	int fd; /* our dup of the receive socket, -1: none yet; NAKs are sent from it too */
-	int out_fd; /* our dup of the delivery socket, -1: in process */
+	int out_fd; /* our dup of the delivery socket, -1: in process, -2: in process, no reader */
 	socklen_t addr_len;
 	struct sockaddr_storage addr;
 	uint64_t kernel_drops, truncated, link_lost, delivered, recv_errors, nak_errors;
@@ -719,6 +719,8 @@ static void count_error(struct endpoint *e, int err)
 	e->errs_other++;
 }
 
+#define OUT_DISCARD (-2)
+
 static int deliver_in_process(Pump *p, const struct jc_release *r, int64_t handed)
 {
 	if (p->dq_len == p->dq_cap)
@@ -768,6 +770,10 @@ static void release_all(Pump *p)
 				handed = realtime_ns();
 				if (rc < 0)
 					err = len || !r->count ? (errno ? errno : EIO) : EMSGSIZE;
+			} else if (e && e->out_fd == OUT_DISCARD) {
+				/* Released in process with no reader (an emulated MP, records only):
+				 * stamped and counted, not copied into a queue Python would drain. */
+				handed = realtime_ns();
 			} else {
 				handed = realtime_ns();
 				err = deliver_in_process(p, r, handed);
@@ -1672,11 +1678,11 @@ static PyObject *pump_set_deliver(Pump *p, PyObject *args, PyObject *kwds)
 	struct sockaddr_storage ss;
 	socklen_t alen = 0;
 	if (check_open(p) || int_in(oi, 0, UINT32_MAX, "index", &index) ||
-	    int_in(oout, -1, INT32_MAX, "out_fd", &out_fd))
+	    int_in(oout, OUT_DISCARD, INT32_MAX, "out_fd", &out_fd))
 		return NULL;
 	if (oaddr && get_addr(oaddr, &ss, &alen))
 		return NULL;
-	int fd = -1;
+	int fd = out_fd == OUT_DISCARD ? OUT_DISCARD : -1;
 	if (out_fd >= 0 && (fd = dup_fd((int)out_fd)) < 0)
 		return NULL;
 	pthread_mutex_lock(&p->mu);
@@ -2688,7 +2694,8 @@ static PyMethodDef pump_methods[] = {
 	 "out_fd -1 delivers in process (take_deliveries), else sendto(out_fd, out_addr)."},
 	{"set_deliver", (PyCFunction)(void (*)(void))pump_set_deliver, METH_VARARGS | METH_KEYWORDS,
 	 "set_deliver(index, out_fd, out_addr=b'')\n--\n\n"
-	 "Where endpoint `index` delivers: out_fd -1 in process, else a socket (dup'ed) and a\n"
+	 "Where endpoint `index` delivers: out_fd -1 in process, -2 in process with no reader\n"
+	 "(stamped and counted, not queued), else a socket (dup'ed) and a\n"
 	 "struct sockaddr as bytes (b'' for a connected socket)."},
 	{"set_parents", (PyCFunction)pump_set_parents, METH_O,
 	 "set_parents(parents, /)\n--\n\n"

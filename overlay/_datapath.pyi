@@ -59,7 +59,8 @@ class ReceivePump:
     def add_endpoint(self, index: int, fd: int, out_fd: int = -1, out_addr: bytes = b"") -> None:
         """Receive endpoint `index` on UDP socket `fd`; index == endpoints grows by one."""
     def set_deliver(self, index: int, out_fd: int, out_addr: bytes = b"") -> None:
-        """Deliver endpoint `index` by sendto(out_fd, out_addr), or in process (out_fd -1)."""
+        """Deliver endpoint `index` by sendto(out_fd, out_addr), or in process (out_fd -1), or
+        stamp and count only (out_fd -2: in process with no reader)."""
     def set_parents(self, parents: list[tuple[str, int, int]], /) -> None:
         """[(ip, port, parent_id)]; port 0 matches any port of ip."""
     def set_streams(

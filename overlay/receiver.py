@@ -930,6 +930,8 @@ class Receiver:
         data path only endpoints delivered in process (no socket target) are iterated."""
         ep = self.by_name[endpoint]
         event = ep.consumer = asyncio.Event()
+        if self.native is not None:
+            self.native.set_deliver(ep)  # queue its releases from now on
         try:
             while True:
                 while ep.queue:
@@ -940,6 +942,8 @@ class Receiver:
                 await event.wait()
         finally:
             ep.consumer = None
+            if self.native is not None:
+                self.native.set_deliver(ep)
 
     # -- control ------------------------------------------------------------------------------
 

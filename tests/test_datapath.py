@@ -240,6 +240,29 @@ def test_in_process_deliveries_and_records_agree() -> None:
         assert (rec["ok"] == 1).all()
 
 
+def test_an_endpoint_without_a_reader_is_stamped_and_counted_not_queued() -> None:
+    with rig(parents=1) as r:
+        r.pump.set_deliver(0, -2)  # in process, nobody iterates it (NativeDatapath.set_deliver)
+        r.pump.start()
+        base = time.time_ns() + 5 * MS
+        for seq in (1, 2, 3):
+            r.send(datagram(seq, base, b"x"))
+        end = time.monotonic() + 10
+        parts = [r.records()]
+        while sum(len(p) for p in parts) < 3 and time.monotonic() < end:
+            time.sleep(0.01)
+            parts.append(r.records())
+        recs = np.concatenate(parts)
+        assert recs["seq"].tolist() == [1, 2, 3] and (recs["ok"] == 1).all()
+        assert (recs["handed_ns"] >= recs["deadline_ns"]).all()  # released at the deadline
+        assert r.counters()["delivered"] == 3
+        assert r.pump.take_deliveries() == []  # nothing copied for Python to drain
+        assert not select.select([r.pump.notify_fd], [], [], 0)[0]
+        r.pump.set_deliver(0, -1)  # a reader came: queued from now on
+        r.send(datagram(4, time.time_ns() + MS, b"y"))
+        assert [d[3] for d in deliveries(r.pump, 1)] == [4]
+
+
 def test_hedged_duplicates_release_once() -> None:
     n = 50
     with rig(parents=3) as r:
